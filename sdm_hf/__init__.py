@@ -1,0 +1,28 @@
+"""sdm_hf: Similarity-Distance-Magnitude activations and SDM estimators for Hugging Face users.
+
+The public entry points::
+
+    from sdm_hf import SDMConfig, SDMHead, SDMOutput, fit_sdm_head
+"""
+
+from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
+from .calibration import high_reliability_thresholds
+from .fit import fit_sdm_head
+from .head import CalibrationReport, LabelErrors, SDMConfig, SDMHead, SDMOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDMConfig",
+    "SDMHead",
+    "SDMOutput",
+    "CalibrationReport",
+    "LabelErrors",
+    "fit_sdm_head",
+    "sdm_activation",
+    "log_sdm",
+    "sdm_loss",
+    "rescaled_similarity",
+    "high_reliability_thresholds",
+    "__version__",
+]

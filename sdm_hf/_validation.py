@@ -1,0 +1,107 @@
+"""Input checks shared by the user-facing entry points.
+
+Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (wrong content) with
+a message that names the argument and says what to do, before anything reaches torch or
+FAISS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def as_features(x, name: str, dim: int | None = None) -> torch.Tensor:
+    """``x`` (tensor / ndarray / nested list) -> ``[N, D]`` float32 CPU-or-device tensor."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise TypeError(f"{name} must hold real numbers, got numpy dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        try:
+            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a 2-D array of numbers: {err}") from None
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape [n, features], got {type(x).__name__}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [n, features], got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"{name} has {x.shape[1]} features per row but the head expects input_dim={dim}; "
+            "pass features from the same model/pooling the head was built for"
+        )
+    x = x.detach().float()
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise ValueError(f"{name} contains NaN or infinite values in {bad} row(s); clean them first")
+    return x
+
+
+def as_labels(y, name: str, num_classes: int, length: int | None = None) -> torch.Tensor:
+    """``y`` -> ``[N]`` int64 CPU tensor with values in ``0..num_classes-1``."""
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(np.ascontiguousarray(y))
+    elif isinstance(y, Sequence) and not isinstance(y, (str, bytes)):
+        y = torch.as_tensor(np.asarray(y))
+    elif not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D tensor/array of integer labels, got {type(y).__name__}")
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point:
+        if y.numel() and not bool(torch.all(torch.isfinite(y) & (y == torch.round(y)))):
+            raise TypeError(f"{name} must hold integer class indices, got non-integer values")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{name} must hold integer class indices 0..{num_classes - 1}, got {y.dtype}")
+    y = y.detach().long().cpu()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must be in 0..{num_classes - 1} (num_classes={num_classes}); found "
+            f"values from {int(y.min())} to {int(y.max())}"
+        )
+    if length is not None and y.numel() != length:
+        raise ValueError(f"{name} has {y.numel()} labels but the features have {length} rows")
+    return y
+
+
+def check_class_counts(y: torch.Tensor, name: str, num_classes: int, minimum: int = 2) -> None:
+    """Every class must have at least ``minimum`` points in ``y``."""
+    counts = torch.bincount(y, minlength=num_classes)
+    short = [c for c in range(num_classes) if int(counts[c]) < minimum]
+    if short:
+        listing = ", ".join(f"class {c}: {int(counts[c])}" for c in short)
+        raise ValueError(
+            f"{name} needs at least {minimum} points of every class ({listing}); "
+            "add data for those classes or reduce num_classes"
+        )
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float in (0.5, 1], got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0.5 < alpha <= 1.0):
+        raise ValueError(f"alpha must satisfy 0.5 < alpha <= 1, got {alpha}")
+    return alpha
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_optional_list(values, name: str, length: int) -> list | None:
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != length:
+        raise ValueError(f"{name} has {len(values)} entries but the features have {length} rows")
+    return values

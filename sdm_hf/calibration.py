@@ -1,0 +1,217 @@
+"""Algorithm 1 (the HR region's thresholds), effective sample sizes and lower bounds (SPEC A5).
+
+Algorithm 1, as defined: for each candidate threshold ``t`` (the distinct ``q'`` values of
+the non-OOD calibration points, ascending) and each class ``c``, let ``S_c(t)`` be the
+sorted true-class SDM probabilities of the class-``c`` points with ``q' >= t`` and
+``psi_c(t) = S_c(t)[min(int((1 - alpha) |S_c|), |S_c| - 1)]`` (0 if empty). The first ``t``
+with ``psi_c(t) >= alpha`` for every class is ``q'_min``.
+
+Done literally that is O(N^2). Here it is O(N log N): ``psi_c(t) >= alpha`` holds exactly
+when at most ``k_c(t) = min(int((1 - alpha) n_c(t)), n_c(t) - 1)`` of the points in
+``S_c(t)`` lie below ``alpha`` (the element at sorted index ``k`` is ``>= alpha`` iff fewer
+than ``k + 1`` elements are ``< alpha``), and both ``n_c(t)`` and that count are suffix
+counts over ``q'``, read off sorted arrays with ``searchsorted``. ``psi`` itself is then
+taken once, at ``q'_min``. Comparisons with ``alpha`` are made in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .activation import is_out_of_distribution
+
+__all__ = [
+    "high_reliability_thresholds",
+    "explain_empty_region",
+    "required_points_per_class",
+    "class_rescaled_lists",
+    "effective_sample_sizes",
+    "lower_bound_margin",
+]
+
+
+def _k_index(n: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``min(int((1 - alpha) * n), n - 1)`` in double precision, elementwise (int64)."""
+    k = torch.trunc((1.0 - float(alpha)) * n.double()).long()
+    return torch.minimum(k, n.long() - 1)
+
+
+def _suffix_counts(sorted_values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Number of ``sorted_values >= t`` for each ``t`` in ``thresholds``."""
+    return sorted_values.numel() - torch.searchsorted(sorted_values, thresholds, side="left")
+
+
+def _prepare(
+    true_class_probability: torch.Tensor,
+    rescaled_similarity: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    alpha: float,
+):
+    p = torch.as_tensor(true_class_probability).detach().cpu().double()
+    r = torch.as_tensor(rescaled_similarity).detach().cpu().double()
+    y = torch.as_tensor(labels).detach().cpu().long()
+    if not (p.shape == r.shape == y.shape) or p.dim() != 1:
+        raise ValueError(
+            "true_class_probability, rescaled_similarity and labels must be 1-D and of equal "
+            f"length; got shapes {tuple(p.shape)}, {tuple(r.shape)}, {tuple(y.shape)}"
+        )
+    keep = ~is_out_of_distribution(r)
+    p, r, y = p[keep], r[keep], y[keep]
+    below = p.float() < torch.tensor(float(alpha), dtype=torch.float32)
+    per_class = []
+    for c in range(num_classes):  # a loop over classes, not points
+        in_c = y == c
+        per_class.append((torch.sort(r[in_c]).values, torch.sort(r[in_c & below]).values, p[in_c], r[in_c]))
+    return r, per_class
+
+
+def high_reliability_thresholds(
+    true_class_probability: torch.Tensor,
+    rescaled_similarity: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    alpha: float,
+) -> tuple[float, torch.Tensor]:
+    """Algorithm 1: ``(q'_min, psi)`` from the calibration arrays, in O(N log N).
+
+    Args:
+        true_class_probability: ``[N]`` ``sdm(z')_y``, the SDM probability of the TRUE class.
+        rescaled_similarity: ``[N]`` ``q'`` (OOD points, ``floor(q') <= 0``, are ignored).
+        labels: ``[N]`` true labels in ``0..C-1``.
+        num_classes: ``C``.
+        alpha: target accuracy in ``(0.5, 1]``.
+
+    Returns:
+        ``(q_min, thresholds)``: ``q_min`` a float (``inf`` when no candidate works) and
+        ``thresholds`` a ``[C]`` float64 tensor (zeros when no candidate works).
+
+    Example:
+        >>> import torch
+        >>> q_min, psi = high_reliability_thresholds(
+        ...     torch.tensor([0.99, 0.98, 0.97, 0.99]), torch.tensor([2.0, 3.0, 2.5, 4.0]),
+        ...     torch.tensor([0, 0, 1, 1]), num_classes=2, alpha=0.95)
+        >>> q_min, psi.tolist()
+        (2.0, [0.9800000190734863, 0.9700000286102295])
+    """
+    r, per_class = _prepare(true_class_probability, rescaled_similarity, labels, num_classes, alpha)
+    empty = (math.inf, torch.zeros(num_classes, dtype=torch.float64))
+    if r.numel() == 0 or num_classes == 0:
+        return empty
+    candidates = torch.unique(r)  # sorted ascending
+    works = torch.ones(candidates.shape, dtype=torch.bool)
+    for sorted_r, sorted_r_below, _, _ in per_class:
+        n = _suffix_counts(sorted_r, candidates)
+        n_below = _suffix_counts(sorted_r_below, candidates)
+        works &= (n > 0) & (n_below <= _k_index(n, alpha))
+    if not bool(works.any()):
+        return empty
+    q_min = float(candidates[int(works.nonzero()[0, 0])])
+    thresholds = torch.empty(num_classes, dtype=torch.float64)
+    for c, (_, _, p_c, r_c) in enumerate(per_class):
+        s = torch.sort(p_c[r_c >= q_min]).values
+        k = int(_k_index(torch.tensor(s.numel()), alpha))
+        thresholds[c] = float(s[k].float())
+    return q_min, thresholds
+
+
+def explain_empty_region(
+    true_class_probability: torch.Tensor,
+    rescaled_similarity: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    alpha: float,
+    id2label: dict[int, str] | None = None,
+) -> str:
+    """Plain-language reason why Algorithm 1 found no threshold (for warnings).
+
+    Names the classes that have no non-OOD calibration points, or whose quantile stays
+    below ``alpha`` even over all their non-OOD points, and how many calibration points per
+    class ``alpha`` needs at least.
+    """
+    _, per_class = _prepare(true_class_probability, rescaled_similarity, labels, num_classes, alpha)
+    name = (lambda c: repr(id2label.get(c, c))) if id2label else (lambda c: str(c))
+    reasons = []
+    for c, (sorted_r, sorted_r_below, _, _) in enumerate(per_class):
+        n = sorted_r.numel()
+        if n == 0:
+            reasons.append(f"class {name(c)} has no calibration point that is not OOD (q > 0)")
+            continue
+        k = int(_k_index(torch.tensor(n), alpha))
+        below = sorted_r_below.numel()
+        if below > k:
+            reasons.append(
+                f"class {name(c)}: {below} of its {n} non-OOD calibration points have a "
+                f"true-class SDM probability below alpha={alpha}, more than the {k} the "
+                f"{alpha:.0%} quantile tolerates"
+            )
+    if not reasons:
+        reasons.append("no single q' threshold leaves every class with enough points above alpha at once")
+    return (
+        "; ".join(reasons) + f". With alpha={alpha}, each class needs at least {required_points_per_class(alpha)} "
+        "non-OOD calibration points for its quantile to be able to reach alpha (and in "
+        "practice many more); add calibration data, improve the features, or recalibrate "
+        "with a lower alpha."
+    )
+
+
+def required_points_per_class(alpha: float) -> int:
+    """Smallest class size ``n`` for which ``int((1 - alpha) n) >= 1``: below that the
+    quantile index is 0 and a single point under ``alpha`` empties the region."""
+    if alpha >= 1.0:
+        return 1
+    return int(math.ceil(1.0 / (1.0 - float(alpha)) - 1e-9))
+
+
+def class_rescaled_lists(
+    rescaled_similarity: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> list[torch.Tensor]:
+    """Per-class sorted ``q'`` of ALL calibration points (OOD included), for
+    :func:`effective_sample_sizes`."""
+    r = rescaled_similarity.detach().cpu().double()
+    y = labels.detach().cpu().long()
+    return [torch.sort(r[y == c]).values for c in range(num_classes)]
+
+
+def effective_sample_sizes(rescaled: torch.Tensor, lists: list[torch.Tensor]) -> torch.Tensor:
+    """Effective sample size per class for each point (SPEC A5, lower-bound variant).
+
+    ``n_c(point)`` = number of class-``c`` calibration points (OOD included) whose ``q'`` is
+    strictly below the point's ``q'``, capped at ``n_c - 1`` (and at 0 from below).
+
+    Args:
+        rescaled: ``[B]`` the points' ``q'``.
+        lists: per-class sorted calibration ``q'`` from :func:`class_rescaled_lists`.
+
+    Returns:
+        ``[B, C]`` int64.
+    """
+    r = rescaled.detach().cpu().double()
+    columns = []
+    for reference in lists:
+        below = torch.searchsorted(reference, r, side="left")
+        columns.append(below.clamp(max=max(reference.numel() - 1, 0)))
+    if not columns:
+        return torch.zeros((r.numel(), 0), dtype=torch.long)
+    return torch.stack(columns, dim=1)
+
+
+def lower_bound_margin(sample_sizes: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))``; 1 where any ``n_c = 0`` or alpha = 1.
+
+    Args:
+        sample_sizes: ``[B, C]`` effective sample sizes.
+        alpha: target accuracy.
+
+    Returns:
+        ``[B]`` float32 margins in ``(0, 1]``.
+    """
+    n = sample_sizes.double()
+    if alpha >= 1.0 or n.shape[1] == 0:
+        return torch.ones(n.shape[0], dtype=torch.float32)
+    log_term = math.log(2.0 / (1.0 - float(alpha)))
+    eps = torch.sqrt(log_term / (2.0 * n.clamp(min=1))).max(dim=1).values
+    eps = torch.where((n == 0).any(dim=1), torch.ones_like(eps), eps)
+    return eps.clamp(max=1.0).float()

@@ -1,0 +1,56 @@
+"""Distance ``d``: the query's nearest-neighbour distance placed in class-wise eCDFs (SPEC A3).
+
+For each TRUE class ``c`` the reference list holds the sorted ``d_nearest`` values of the
+reference points (calibration points, or the training split during training) with label
+``c`` and ``q > 0``. Per class, ``d_c`` is the fraction of that list that is ``>=`` the
+query's ``d_nearest`` (ties count in the query's favour); an empty list gives ``d_c = 0``.
+``d`` is the minimum over classes, in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["class_distance_lists", "distance_quantile"]
+
+
+def class_distance_lists(
+    d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, num_classes: int
+) -> list[torch.Tensor]:
+    """Sorted per-class reference lists.
+
+    Args:
+        d_nearest: ``[N]`` squared L2 distances to the nearest support exemplar.
+        labels: ``[N]`` true labels in ``0..C-1``.
+        q: ``[N]`` similarity; points with ``q = 0`` (OOD) are left out.
+        num_classes: ``C``.
+
+    Returns:
+        ``C`` sorted 1-D float tensors (possibly empty).
+    """
+    keep = q > 0
+    values = d_nearest[keep]
+    lab = labels.long()[keep]
+    return [torch.sort(values[lab == c]).values for c in range(num_classes)]
+
+
+def distance_quantile(d_nearest: torch.Tensor, lists: list[torch.Tensor]) -> torch.Tensor:
+    """``d = min_c (1 - #{list_c < d_nearest} / |list_c|)``; 0 for an empty list.
+
+    Args:
+        d_nearest: ``[B]`` query distances.
+        lists: per-class sorted reference lists from :func:`class_distance_lists`.
+
+    Returns:
+        ``[B]`` float32 in ``[0, 1]``.
+    """
+    values = d_nearest.float()
+    if not lists or any(reference.numel() == 0 for reference in lists):
+        return torch.zeros_like(values)
+    d = torch.ones(values.shape, dtype=torch.float64, device=values.device)
+    for reference in lists:  # a loop over classes, not over points
+        reference = reference.to(device=values.device, dtype=values.dtype)
+        n = reference.numel()
+        at_or_above = n - torch.searchsorted(reference, values, side="left")
+        d = torch.minimum(d, at_or_above.double() / n)
+    return d.float()

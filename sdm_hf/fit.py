@@ -1,0 +1,305 @@
+"""``fit_sdm_head``: J shuffles x E epochs of SDM training, selection and calibration (SPEC A6).
+
+Per shuffle: (optionally) merge and re-split the data 50/50, fresh initialisation, Adam.
+Epoch 0 is plain cross-entropy (``q = e - 2``, ``d = 1``); after every epoch the support
+index is rebuilt and ``q``, ``d`` are recomputed for both splits with the new weights, and
+the next epoch trains with them. The state with the lowest class-balanced calibration SDM
+loss over all shuffles and epochs is kept (in memory; ties go to the later one), then the
+final head is built and calibrated on that state's own split.
+
+Speed: during training, distances are searched in the D-dimensional space ``L^T x`` with
+``L L^T = W^T W`` when ``D < M`` (SPEC A2), which gives the exemplar-space distances at
+``D / M`` of the cost; normalised features are computed once per shuffle.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import _validation as check
+from .activation import SOFTMAX_EQUIVALENT_Q, sdm_loss
+from .distance import class_distance_lists, distance_quantile
+from .head import SDMConfig, SDMHead
+from .index import SupportIndex, resolve_device
+from .similarity import compute_similarity
+
+__all__ = ["fit_sdm_head", "balanced_sdm_loss"]
+
+_MAX_SPLIT_DRAWS = 100
+
+
+def balanced_sdm_loss(per_point_loss: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean over classes of the per-class mean loss (classes with no point are
+    skipped)."""
+    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, per_point_loss.double())
+    counts = torch.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    return float((sums[present] / counts[present]).mean())
+
+
+def _search_space(head: SDMHead) -> torch.Tensor | None:
+    """``[D, D]`` matrix ``L`` with ``|L^T v| = |W v|`` when ``D < M``, else None.
+
+    Uses an eigendecomposition of ``W^T W`` (robust where a Cholesky factor would fail on a
+    near-singular Gram matrix)."""
+    weight = head.adaptor.weight.detach().double()  # [M, D]
+    if weight.shape[1] >= weight.shape[0]:
+        return None
+    eigenvalues, eigenvectors = torch.linalg.eigh(weight.T @ weight)
+    return eigenvectors * eigenvalues.clamp(min=0).sqrt()
+
+
+def _search_vectors(head: SDMHead, normalized: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """Vectors whose pairwise L2 distances equal the exemplars' (the bias cancels)."""
+    if projection is None:
+        return normalized @ head.adaptor.weight.detach().T
+    return (normalized.double() @ projection).float()
+
+
+def _draw_split(n_train, n_total, labels, num_classes, generator):
+    """50/50 split of the merged data (odd element to calibration) with >= 2 points of
+    every class on each side; redrawn (seeded) when a side comes up short."""
+    half = n_total // 2
+    for _ in range(_MAX_SPLIT_DRAWS):
+        perm = torch.randperm(n_total, generator=generator)
+        train_idx, calib_idx = perm[:half], perm[half:]
+        if all(int(torch.bincount(labels[part], minlength=num_classes).min()) >= 2 for part in (train_idx, calib_idx)):
+            return train_idx, calib_idx
+    raise ValueError(
+        "could not split the merged data 50/50 with at least 2 points of every class on each "
+        "side; add data for the rare classes or pass resplit=False"
+    )
+
+
+class _Shuffle:
+    """One shuffle's data on the training device, normalised once."""
+
+    def __init__(self, head, x_train, y_train, x_calib, y_calib):
+        self.y_train, self.y_calib = y_train, y_calib
+        self.x_train = head.normalize(x_train)
+        self.x_calib = head.normalize(x_calib)
+        n = x_train.shape[0]
+        self.q_train = torch.full((n,), SOFTMAX_EQUIVALENT_Q, device=x_train.device)
+        self.d_train = torch.ones(n, device=x_train.device)
+
+
+@torch.no_grad()
+def _refresh(head: SDMHead, data: _Shuffle, num_classes: int, max_q: int, initial_k: int) -> dict:
+    """Recompute exemplars/predictions, the support index, q, d for both splits and the
+    calibration loss with the current weights (SPEC A6, after every epoch)."""
+    logits_train = head.encode(data.x_train)[1]
+    logits_calib = head.encode(data.x_calib)[1]
+    pred_train = logits_train.argmax(1).cpu()
+    pred_calib = logits_calib.argmax(1).cpu()
+    projection = _search_space(head)
+    vec_train = _search_vectors(head, data.x_train, projection)
+    vec_calib = _search_vectors(head, data.x_calib, projection)
+    y_train, y_calib = data.y_train.cpu(), data.y_calib.cpu()
+    index = SupportIndex(vec_train, y_train, pred_train, device=vec_train.device)
+    own = torch.arange(vec_train.shape[0])
+    sim_train = compute_similarity(
+        index, vec_train, pred_train, y_train, pred_train, self_index=own, max_q=max_q, initial_k=initial_k
+    )
+    sim_calib = compute_similarity(index, vec_calib, pred_calib, y_train, pred_train, max_q=max_q, initial_k=initial_k)
+    d_train = distance_quantile(
+        sim_train.d_nearest, class_distance_lists(sim_train.d_nearest, y_train, sim_train.q, num_classes)
+    )
+    d_calib = distance_quantile(
+        sim_calib.d_nearest, class_distance_lists(sim_calib.d_nearest, y_calib, sim_calib.q, num_classes)
+    )
+    device = data.x_train.device
+    data.q_train = sim_train.q.float().to(device)
+    data.d_train = d_train.to(device)
+    calib_loss = sdm_loss(logits_calib.float().cpu(), y_calib, sim_calib.q.float(), d_calib, reduction="none")
+    return {
+        "calibration_loss": balanced_sdm_loss(calib_loss, y_calib, num_classes),
+        "train_accuracy": float((pred_train == y_train).float().mean()),
+        "calibration_accuracy": float((pred_calib == y_calib).float().mean()),
+        "calibration_ood_fraction": float((sim_calib.q == 0).float().mean()),
+        "calibration_mean_q": float(sim_calib.q.float().mean()),
+        "calibration_mean_d": float(d_calib.mean()),
+    }
+
+
+def fit_sdm_head(
+    train_x,
+    train_y,
+    calib_x,
+    calib_y,
+    config: SDMConfig | None = None,
+    *,
+    epochs: int = 200,
+    shuffles: int = 10,
+    batch_size: int = 50,
+    learning_rate: float = 1e-5,
+    resplit: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+    train_ids: list | None = None,
+    calib_ids: list | None = None,
+    train_texts: list | None = None,
+    calib_texts: list | None = None,
+) -> SDMHead:
+    """Train, select and calibrate an SDM head over frozen features (SPEC A6).
+
+    Args:
+        train_x: ``[N_train, D]`` training features (tensor or ndarray).
+        train_y: ``[N_train]`` integer labels ``0..C-1``.
+        calib_x: ``[N_calib, D]`` calibration features.
+        calib_y: ``[N_calib]`` labels.
+        config: the head's :class:`SDMConfig`; by default ``input_dim = D`` and
+            ``num_classes = max label + 1`` with the papers' other defaults.
+        epochs: E, epochs per shuffle (epoch 0 is plain cross-entropy).
+        shuffles: J, independent restarts; the best state over all of them is kept.
+        batch_size: minibatch size.
+        learning_rate: Adam learning rate (no weight decay).
+        resplit: True merges train and calibration and re-splits them 50/50 in every
+            shuffle (seeded; the odd element goes to calibration); False keeps the split.
+        seed: seeds the splits, initialisations and minibatch orders (fully reproducible).
+        device: ``None``/``"cpu"`` or ``"cuda"``; the returned head lives there.
+        progress: show a tqdm bar over shuffles x epochs.
+        callback: called after every epoch with that epoch's metrics dict.
+        train_ids, calib_ids, train_texts, calib_texts: optional per-row document ids /
+            texts; those of the rows that end up in the support set are stored for
+            explanations.
+
+    Returns:
+        A calibrated :class:`SDMHead`. ``head.training_history`` is the list of per-epoch
+        metric dicts (shuffle, epoch, train_loss, calibration_loss, accuracies, OOD
+        fraction, mean q and d, seconds); ``head.selection`` says which state was kept.
+
+    Example:
+        >>> import torch
+        >>> from sdm_hf import SDMConfig, fit_sdm_head
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(200, 4, generator=g); y = (x[:, 0] > 0).long()
+        >>> head = fit_sdm_head(x[:100], y[:100], x[100:], y[100:],
+        ...                     SDMConfig(input_dim=4, exemplar_dim=8, alpha=0.9),
+        ...                     epochs=3, shuffles=1, learning_rate=1e-3, progress=False)
+        >>> len(head.training_history)
+        3
+    """
+    train_x = check.as_features(train_x, "train_x")
+    calib_x = check.as_features(calib_x, "calib_x", train_x.shape[1])
+    if config is None:
+        num_classes = int(torch.as_tensor(train_y).max()) + 1 if len(train_y) else 2
+        config = SDMConfig(input_dim=train_x.shape[1], num_classes=max(num_classes, 2))
+    if not isinstance(config, SDMConfig):
+        raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
+    if train_x.shape[1] != config.input_dim:
+        raise ValueError(f"train_x has {train_x.shape[1]} features but config.input_dim={config.input_dim}")
+    num_classes = config.num_classes
+    train_y = check.as_labels(train_y, "train_y", num_classes, length=train_x.shape[0])
+    calib_y = check.as_labels(calib_y, "calib_y", num_classes, length=calib_x.shape[0])
+    check.check_class_counts(train_y, "train_y", num_classes)
+    check.check_class_counts(calib_y, "calib_y", num_classes)
+    epochs = check.check_positive_int(epochs, "epochs")
+    shuffles = check.check_positive_int(shuffles, "shuffles")
+    batch_size = check.check_positive_int(batch_size, "batch_size")
+    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    ids = _merge_optional(train_ids, calib_ids, "train_ids", "calib_ids", train_x.shape[0], calib_x.shape[0])
+    texts = _merge_optional(train_texts, calib_texts, "train_texts", "calib_texts", train_x.shape[0], calib_x.shape[0])
+    device = resolve_device(device)
+
+    all_x = torch.cat([train_x, calib_x])
+    all_y = torch.cat([train_y, calib_y])
+    n_train = train_x.shape[0]
+    generator = torch.Generator().manual_seed(int(seed))
+    history: list[dict] = []
+    best: dict | None = None
+    bar = tqdm(total=shuffles * epochs, desc="fit_sdm_head", unit="epoch", disable=not progress)
+    try:
+        for shuffle in range(shuffles):
+            if resplit:
+                train_idx, calib_idx = _draw_split(n_train, all_x.shape[0], all_y, num_classes, generator)
+            else:
+                train_idx = torch.arange(n_train)
+                calib_idx = torch.arange(n_train, all_x.shape[0])
+            x_tr, y_tr = all_x[train_idx].to(device), all_y[train_idx].to(device)
+            x_ca, y_ca = all_x[calib_idx].to(device), all_y[calib_idx].to(device)
+            head = SDMHead(copy.deepcopy(config), generator=generator).to(device)
+            head.set_normalization(*SDMHead.normalization_statistics(x_tr.cpu(), config.normalization))
+            data = _Shuffle(head, x_tr, y_tr, x_ca, y_ca)
+            optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=0.0)
+            for epoch in range(epochs):
+                started = time.perf_counter()
+                train_loss = _train_one_epoch(head, data, optimizer, batch_size, generator)
+                metrics = _refresh(head, data, num_classes, config.max_q, config.initial_k)
+                metrics.update(shuffle=shuffle, epoch=epoch, train_loss=train_loss)
+                metrics["seconds"] = time.perf_counter() - started
+                if best is None or metrics["calibration_loss"] <= best["calibration_loss"]:
+                    best = {
+                        "calibration_loss": metrics["calibration_loss"],
+                        "shuffle": shuffle,
+                        "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in head.state_dict().items()},
+                        "train_idx": train_idx,
+                        "calib_idx": calib_idx,
+                    }
+                history.append(metrics)
+                if callback is not None:
+                    callback(dict(metrics))
+                bar.update(1)
+                bar.set_postfix(
+                    shuffle=shuffle, loss=f"{metrics['calibration_loss']:.4f}", best=f"{best['calibration_loss']:.4f}"
+                )
+    finally:
+        bar.close()
+
+    final = SDMHead(copy.deepcopy(config)).to(device)
+    final.load_state_dict(best["state"])
+    train_idx, calib_idx = best["train_idx"], best["calib_idx"]
+    final.build_support(
+        all_x[train_idx],
+        all_y[train_idx],
+        ids=None if ids is None else [ids[i] for i in train_idx.tolist()],
+        texts=None if texts is None else [texts[i] for i in train_idx.tolist()],
+    )
+    final.calibrate(all_x[calib_idx], all_y[calib_idx])
+    final.training_history = history
+    final.selection = {
+        "shuffle": best["shuffle"],
+        "epoch": best["epoch"],
+        "calibration_loss": best["calibration_loss"],
+        "support_rows": train_idx.tolist(),
+        "calibration_rows": calib_idx.tolist(),
+    }
+    return final
+
+
+def _train_one_epoch(head, data: _Shuffle, optimizer, batch_size: int, generator) -> float:
+    """One pass over the training split in seeded random minibatches; mean minibatch loss."""
+    head.train()
+    n = data.x_train.shape[0]
+    order = torch.randperm(n, generator=generator).to(data.x_train.device)
+    total, batches = torch.zeros((), device=data.x_train.device), 0
+    for start in range(0, n, batch_size):  # minibatches, not points
+        rows = order[start : start + batch_size]
+        logits = head.encode(data.x_train[rows])[1]
+        loss = sdm_loss(logits, data.y_train[rows], data.q_train[rows], data.d_train[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        batches += 1
+    head.eval()
+    return float(total) / max(batches, 1)
+
+
+def _merge_optional(train_values, calib_values, train_name, calib_name, n_train, n_calib):
+    if train_values is None and calib_values is None:
+        return None
+    if train_values is None or calib_values is None:
+        raise ValueError(f"pass both {train_name} and {calib_name}, or neither")
+    return check.check_optional_list(train_values, train_name, n_train) + check.check_optional_list(
+        calib_values, calib_name, n_calib
+    )

@@ -1,0 +1,196 @@
+"""The support set: exemplar vectors with their true and predicted labels, behind FAISS.
+
+This module is also the ONE place that decides where neighbour search runs:
+
+* CPU (the default): ``faiss.IndexFlatL2`` (exact).
+* CUDA, with a FAISS GPU build installed (``faiss-gpu`` / ``faiss-gpu-cuvs``):
+  ``faiss.GpuIndexFlatL2`` on the tensor's device (exact).
+* CUDA without a FAISS GPU build: exact search with torch on the GPU (chunked matrix
+  product + ``topk``).
+
+Whatever the backend, results are returned as CPU tensors and each row is ordered by
+(squared distance, support row index), so ties resolve the same way every time. The index
+is never serialised: it is rebuilt from the stored exemplars (``SupportIndex.from_arrays``).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+__all__ = ["SupportIndex", "resolve_device", "faiss_gpu_available"]
+
+# FAISS's GPU k-selection supports at most this many neighbours per query.
+_FAISS_GPU_MAX_K = 2048
+# Bytes of distance matrix the torch fallback materialises per chunk of queries.
+_TORCH_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CPU; ``"cuda"`` -> the current CUDA device; otherwise ``torch.device``.
+
+    Raises:
+        ValueError: CUDA was asked for but is not available.
+    """
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "device='cuda' was requested but torch.cuda.is_available() is False; "
+                "pass device='cpu' or install a CUDA build of torch"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def faiss_gpu_available() -> bool:
+    """True when the installed FAISS is a GPU build and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each row by (distance, index): sort by index, then a stable sort by distance."""
+    by_index = torch.argsort(indices, dim=1)
+    distances = distances.gather(1, by_index)
+    indices = indices.gather(1, by_index)
+    by_distance = torch.sort(distances, dim=1, stable=True).indices
+    return distances.gather(1, by_distance), indices.gather(1, by_distance)
+
+
+class SupportIndex:
+    """Exemplar vectors + true labels + predicted labels, searchable by exact L2.
+
+    Args:
+        vectors: ``[N, M]`` float exemplars (kept as float32 on ``device``).
+        labels: ``[N]`` true labels.
+        predictions: ``[N]`` predicted labels under the head's current weights.
+        device: where the vectors live and the search runs (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> index = SupportIndex(torch.eye(3), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+        >>> distances, rows = index.search(torch.eye(3)[:1], k=2)
+        >>> rows.tolist(), distances.tolist()
+        ([[0, 1]], [[0.0, 2.0]])
+    """
+
+    def __init__(
+        self,
+        vectors: torch.Tensor,
+        labels: torch.Tensor,
+        predictions: torch.Tensor,
+        device: str | torch.device | None = None,
+    ):
+        self.device = resolve_device(device) if device is not None else vectors.device
+        self.vectors = vectors.detach().to(self.device, torch.float32).contiguous()
+        self.labels = labels.detach().long().cpu()
+        self.predictions = predictions.detach().long().cpu()
+        if not (self.vectors.shape[0] == self.labels.numel() == self.predictions.numel()):
+            raise ValueError(
+                "vectors, labels and predictions must have the same number of rows; got "
+                f"{self.vectors.shape[0]}, {self.labels.numel()}, {self.predictions.numel()}"
+            )
+        self._faiss = None
+        self._build()
+
+    # -- construction ---------------------------------------------------------------------
+    def _build(self) -> None:
+        dim = self.vectors.shape[1]
+        if self.device.type == "cpu":
+            self._faiss = faiss.IndexFlatL2(dim)
+        elif self.device.type == "cuda" and faiss_gpu_available():
+            self._gpu_resources = faiss.StandardGpuResources()
+            config = faiss.GpuIndexFlatConfig()
+            config.device = int(self.device.index or 0)
+            self._faiss = faiss.GpuIndexFlatL2(self._gpu_resources, dim, config)
+        else:
+            self._faiss = None  # torch exact search on the device
+        if self._faiss is not None and self.vectors.shape[0] > 0:
+            self._faiss.add(self._as_numpy(self.vectors))
+
+    @staticmethod
+    def _as_numpy(x: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def backend(self) -> str:
+        """``"faiss-cpu"``, ``"faiss-gpu"`` or ``"torch"``."""
+        if self._faiss is None:
+            return "torch"
+        return "faiss-cpu" if self.device.type == "cpu" else "faiss-gpu"
+
+    def to(self, device: str | torch.device) -> SupportIndex:
+        """Move the support set (and rebuild the index) on ``device``; returns self."""
+        device = resolve_device(device)
+        if device != self.device:
+            self.device = device
+            self.vectors = self.vectors.to(device)
+            self._build()
+        return self
+
+    def add(self, vectors: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> None:
+        """Append rows (SPEC A8). Existing row indices do not change."""
+        vectors = vectors.detach().to(self.device, torch.float32)
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected [n, {self.dim}] vectors, got {tuple(vectors.shape)}")
+        self.vectors = torch.cat([self.vectors, vectors]).contiguous()
+        self.labels = torch.cat([self.labels, labels.detach().long().cpu()])
+        self.predictions = torch.cat([self.predictions, predictions.detach().long().cpu()])
+        if self._faiss is not None:
+            self._faiss.add(self._as_numpy(vectors))
+
+    # -- search ---------------------------------------------------------------------------
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest neighbours.
+
+        Args:
+            queries: ``[B, M]`` vectors.
+            k: neighbours per query, ``1 <= k <= ntotal``.
+
+        Returns:
+            ``(distances [B, k] float32, rows [B, k] int64)`` on the CPU; squared L2
+            distances; each row ordered by (distance, row index).
+        """
+        k = int(k)
+        if not 1 <= k <= self.ntotal:
+            raise ValueError(f"k must be in [1, {self.ntotal}] (the support size), got {k}")
+        if queries.shape[0] == 0:
+            return torch.zeros((0, k)), torch.zeros((0, k), dtype=torch.long)
+        use_torch = self._faiss is None or (self.backend == "faiss-gpu" and k > _FAISS_GPU_MAX_K)
+        if use_torch:
+            distances, rows = self._torch_search(queries, k)
+        else:
+            d, i = self._faiss.search(self._as_numpy(queries), k)
+            distances, rows = torch.from_numpy(d), torch.from_numpy(i).long()
+        return _order_rows(distances.cpu(), rows.cpu())
+
+    def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = queries.detach().to(self.device, torch.float32)
+        support_norms = (self.vectors * self.vectors).sum(dim=1)
+        chunk = max(1, _TORCH_CHUNK_BYTES // (4 * max(self.ntotal, 1)))
+        out_d, out_i = [], []
+        for start in range(0, queries.shape[0], chunk):  # chunks bound memory
+            block = queries[start : start + chunk]
+            dist = (block * block).sum(1, keepdim=True) + support_norms - 2.0 * block @ self.vectors.T
+            d, i = torch.topk(dist.clamp(min=0), k, dim=1, largest=False, sorted=True)
+            out_d.append(d.cpu())
+            out_i.append(i.cpu())
+        return torch.cat(out_d), torch.cat(out_i)
+
+    def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2``, ``[B]`` float32."""
+        queries = queries.detach().to(self.device, torch.float32)
+        diff = queries - self.vectors[rows.to(self.device).long()]
+        return (diff * diff).sum(dim=1).float().cpu()

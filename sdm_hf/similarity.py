@@ -1,0 +1,177 @@
+"""Similarity ``q`` and the nearest-neighbour distance from a support-set search (SPEC A2).
+
+``q`` counts, walking from the nearest support exemplar outwards, the neighbours that were
+predicted correctly (``label == predicted``) AND share the query's prediction, stopping at
+the first one that does not. ``q = 0`` means the nearest neighbour already fails: the query
+is out of distribution.
+
+The search is adaptive: a small ``k`` first, widened (x ``growth``) only for the rows whose
+run reached the end of what was searched, up to ``max_q`` (plus one slot for the query's own
+row when it is a support point). A widened row is searched again in full, so all of one
+query's distances come from one search call (one kernel); the result equals a fixed search
+with ``k = max_q`` except at exact floating-point ties.
+
+Nothing here knows about FAISS: the search is any object with the small interface of
+:class:`NeighborSearcher` (``sdm_hf.index.SupportIndex`` is the real one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["NeighborSearcher", "SimilarityResult", "similarity_from_neighbors", "compute_similarity"]
+
+
+class NeighborSearcher(Protocol):
+    """What :func:`compute_similarity` needs from a neighbour index."""
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` queries -> ``([B, k]`` squared L2 distances, ``[B, k]`` row indices), each
+        row ordered by (distance, row index)."""
+        ...
+
+    def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 distance between ``queries[i]`` and support row ``rows[i]``."""
+        ...
+
+
+@dataclass
+class SimilarityResult:
+    """Output of :func:`compute_similarity` (all tensors on the CPU, length ``B``).
+
+    Attributes:
+        q: ``[B]`` int64 similarity, capped at ``max_q``.
+        nearest_index: ``[B]`` int64 row of the nearest support exemplar (self excluded);
+            -1 when the support holds no other row.
+        d_nearest: ``[B]`` float32 squared L2 distance to that exemplar (``inf`` when none).
+        searched_k: ``[B]`` int64 neighbours finally searched for the row (for diagnostics).
+    """
+
+    q: torch.Tensor
+    nearest_index: torch.Tensor
+    d_nearest: torch.Tensor
+    searched_k: torch.Tensor
+
+
+def similarity_from_neighbors(
+    neighbor_indices: torch.Tensor,
+    query_prediction: torch.Tensor,
+    support_labels: torch.Tensor,
+    support_predictions: torch.Tensor,
+    self_index: torch.Tensor | None = None,
+    max_q: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run length ``q`` over given neighbour lists.
+
+    Args:
+        neighbor_indices: ``[B, k]`` support rows in ascending distance; -1 marks "no row".
+        query_prediction: ``[B]`` predicted class of each query.
+        support_labels: ``[N]`` true labels of the support rows.
+        support_predictions: ``[N]`` predicted labels of the support rows.
+        self_index: ``[B]`` the query's own support row (skipped wherever it appears), or
+            None / -1 for queries that are not in the support.
+        max_q: optional cap on ``q``.
+
+    Returns:
+        ``(q [B] int64, nearest [B] int64, resolved [B] bool)``; ``resolved`` is True where
+        a failing neighbour was seen or the cap was reached, i.e. where searching further
+        cannot change ``q``.
+    """
+    idx = neighbor_indices.long()
+    batch, k = idx.shape
+    present = idx >= 0
+    if self_index is not None:
+        present &= idx != self_index.long().view(-1, 1)
+    safe = idx.clamp(min=0)
+    labels = support_labels.long()[safe]
+    preds = support_predictions.long()[safe]
+    ok = present & (labels == preds) & (preds == query_prediction.long().view(-1, 1))
+    fail = present & ~ok
+    positions = torch.arange(k, device=idx.device).expand(batch, k)
+    big = torch.full_like(positions, k)
+    first_fail = torch.where(fail, positions, big).min(dim=1).values
+    q = (ok & (positions < first_fail.view(-1, 1))).sum(dim=1)
+    resolved = first_fail < k
+    if max_q is not None:
+        resolved |= q >= max_q
+        q = q.clamp(max=max_q)
+    first_present = torch.where(present, positions, big).min(dim=1).values
+    nearest = torch.where(
+        first_present < k,
+        idx.gather(1, first_present.clamp(max=k - 1).view(-1, 1)).squeeze(1),
+        torch.full_like(first_present, -1),
+    )
+    return q, nearest, resolved
+
+
+def compute_similarity(
+    searcher: NeighborSearcher,
+    queries: torch.Tensor,
+    query_prediction: torch.Tensor,
+    support_labels: torch.Tensor,
+    support_predictions: torch.Tensor,
+    self_index: torch.Tensor | None = None,
+    max_q: int = 2048,
+    initial_k: int = 32,
+    growth: int = 4,
+) -> SimilarityResult:
+    """``q``, nearest exemplar and ``d_nearest`` for a batch, with adaptive widening.
+
+    Args:
+        searcher: the support index (see :class:`NeighborSearcher`).
+        queries: ``[B, D]`` vectors in the searcher's space.
+        query_prediction: ``[B]`` predicted classes.
+        support_labels: ``[N]`` true labels of the support rows.
+        support_predictions: ``[N]`` predictions of the support rows.
+        self_index: ``[B]`` own support row of each query (training split), else None.
+        max_q: cap on ``q``; the widest search is ``max_q`` neighbours (+1 with self).
+        initial_k: the first search's ``k``.
+        growth: factor by which ``k`` grows for unresolved rows.
+
+    Returns:
+        :class:`SimilarityResult`. ``d_nearest`` is recomputed exactly from the two vectors
+        (difference, then sum of squares), which avoids the cancellation of the
+        ``|a|^2 + |b|^2 - 2ab`` expansion used by BLAS-based search.
+    """
+    if growth < 2:
+        raise ValueError(f"growth must be >= 2, got {growth}")
+    batch = queries.shape[0]
+    ntotal = int(searcher.ntotal)
+    q = torch.zeros(batch, dtype=torch.long)
+    nearest = torch.full((batch,), -1, dtype=torch.long)
+    searched = torch.zeros(batch, dtype=torch.long)
+    if batch == 0 or ntotal == 0:
+        return SimilarityResult(q, nearest, torch.full((batch,), float("inf")), searched)
+    query_prediction = query_prediction.long().cpu()
+    support_labels = support_labels.long().cpu()
+    support_predictions = support_predictions.long().cpu()
+    own = None if self_index is None else self_index.long().cpu()
+    k_cap = min(ntotal, int(max_q) + (0 if own is None else 1))
+    k = min(max(int(initial_k), 1), k_cap)
+    pending = torch.arange(batch)
+    while pending.numel() > 0:
+        _, rows = searcher.search(queries[pending.to(queries.device)], k)
+        rows = rows.cpu()
+        sub_self = None if own is None else own[pending]
+        q_p, nearest_p, resolved = similarity_from_neighbors(
+            rows, query_prediction[pending], support_labels, support_predictions, sub_self, max_q
+        )
+        q[pending] = q_p
+        nearest[pending] = nearest_p
+        searched[pending] = k
+        if k >= k_cap:
+            break
+        pending = pending[~resolved]
+        k = min(k * growth, k_cap)
+    d_nearest = torch.full((batch,), float("inf"))
+    found = nearest >= 0
+    if bool(found.any()):
+        where = found.nonzero().squeeze(1)
+        d_nearest[where] = searcher.pair_distances(queries[where.to(queries.device)], nearest[where]).float().cpu()
+    return SimilarityResult(q, nearest, d_nearest, searched)
