@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+
+def gaussian_mixture(n, num_classes=2, dim=8, separation=3.0, label_noise=0.0, seed=0):
+    """Well-separated isotropic Gaussian clusters; ``label_noise`` flips labels uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234)) * separation
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, dim, generator=g)
+    if label_noise > 0:
+        flip = torch.rand(n, generator=g) < label_noise
+        shift = torch.randint(1, num_classes, (n,), generator=g)
+        y = torch.where(flip, (y + shift) % num_classes, y)
+    return x, y
+
+
+@pytest.fixture
+def mixture():
+    return gaussian_mixture
+
+
+@pytest.fixture(scope="session")
+def small_head():
+    """A quickly fitted 2-class head on a Gaussian mixture (shared, do not mutate)."""
+    from sdm_hf import SDMConfig, fit_sdm_head
+
+    x, y = gaussian_mixture(600, num_classes=2, dim=8, separation=1.5, label_noise=0.02, seed=3)
+    config = SDMConfig(input_dim=8, num_classes=2, exemplar_dim=32, alpha=0.9, id2label={0: "neg", 1: "pos"})
+    head = fit_sdm_head(x[:300], y[:300], x[300:], y[300:], config, epochs=30, shuffles=1,
+                        learning_rate=3e-3, resplit=False, progress=False)
+    return head, x, y

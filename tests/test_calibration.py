@@ -1,0 +1,88 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sdm_hf.calibration import (
+    class_rescaled_lists,
+    effective_sample_sizes,
+    explain_empty_region,
+    high_reliability_thresholds,
+    lower_bound_margin,
+)
+
+
+def reference_algorithm_1(p, r, y, num_classes, alpha):
+    """A direct transcription of SPEC A5's definition (quadratic, for tests only)."""
+    p, r, y = p.double().numpy(), r.double().numpy(), y.numpy()
+    keep = np.floor(r) > 0
+    p, r, y = p[keep], r[keep], y[keep]
+    for t in sorted(set(r.tolist())):
+        psi = []
+        for c in range(num_classes):
+            s = sorted(p[(y == c) & (r >= t)].tolist())
+            psi.append(0.0 if not s else s[min(int((1 - alpha) * len(s)), len(s) - 1)])
+        if all(np.float32(v) >= np.float32(alpha) for v in psi):
+            return t, [float(np.float32(v)) for v in psi]
+    return math.inf, [0.0] * num_classes
+
+
+def random_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(0, 300, (1,), generator=g))
+    num_classes = int(torch.randint(2, 5, (1,), generator=g))
+    alpha = [0.6, 0.8, 0.9, 0.95, 0.99, 1.0][seed % 6]
+    # probabilities concentrated near alpha, with exact ties (rounding) and exact alpha values
+    p = (alpha - 0.1 + 0.2 * torch.rand(n, generator=g)).clamp(0, 1).round(decimals=2)
+    p[torch.rand(n, generator=g) < 0.1] = alpha
+    q = torch.randint(0, 12, (n,), generator=g).double()
+    r = torch.minimum(q, (2 + q) ** p.double()).round(decimals=1)  # ties among q'
+    y = torch.randint(0, num_classes - (seed % 5 == 0), (n,), generator=g)  # some empty classes
+    return p.float(), r, y, num_classes, alpha
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_algorithm_1_equals_definition(seed):
+    p, r, y, num_classes, alpha = random_case(seed)
+    q_min, psi = high_reliability_thresholds(p, r, y, num_classes, alpha)
+    ref_q_min, ref_psi = reference_algorithm_1(p, r, y, num_classes, alpha)
+    assert q_min == ref_q_min
+    assert psi.tolist() == pytest.approx(ref_psi, abs=0)
+
+
+def test_found_and_not_found_cases_are_both_exercised():
+    outcomes = {math.isfinite(high_reliability_thresholds(*random_case(s))[0]) for s in range(300)}
+    assert outcomes == {True, False}
+
+
+def test_no_threshold_and_explanation():
+    p = torch.tensor([0.99, 0.5, 0.99, 0.99])
+    r = torch.tensor([3.0, 3.0, 3.0, 0.0])
+    y = torch.tensor([0, 0, 1, 1])
+    q_min, psi = high_reliability_thresholds(p, r, y, 3, 0.95)
+    assert q_min == math.inf and psi.tolist() == [0.0, 0.0, 0.0]
+    text = explain_empty_region(p, r, y, 3, 0.95, {0: "a", 1: "b", 2: "c"})
+    assert "'c' has no calibration point" in text and "20" in text
+
+
+def test_tiny_inputs():
+    assert high_reliability_thresholds(torch.tensor([]), torch.tensor([]), torch.tensor([], dtype=torch.long), 2, 0.9)[
+        0
+    ] == math.inf
+    q_min, psi = high_reliability_thresholds(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), 2, 0.9)
+    assert q_min == 1.0 and psi.tolist() == [1.0, 1.0]
+
+
+def test_effective_sample_sizes_and_margin():
+    lists = class_rescaled_lists(torch.tensor([0.0, 1.0, 2.0, 2.0, 5.0, 1.5]), torch.tensor([0, 0, 0, 0, 1, 1]), 2)
+    ess = effective_sample_sizes(torch.tensor([0.0, 2.0, 10.0]), lists)
+    # strictly below, capped at n_c - 1 (class 0 has 4 points, class 1 has 2)
+    assert ess.tolist() == [[0, 0], [2, 1], [3, 1]]
+    eps = lower_bound_margin(ess, 0.9)
+    assert eps[0] == 1.0
+    torch.testing.assert_close(eps[1], torch.tensor(math.sqrt(math.log(20) / 2)).clamp(max=1.0))
+    torch.testing.assert_close(eps[2], torch.tensor(min(1.0, math.sqrt(math.log(20) / 2))))
+    assert lower_bound_margin(ess, 1.0).tolist() == [1.0, 1.0, 1.0]
+    big = effective_sample_sizes(torch.tensor([1e9]), class_rescaled_lists(torch.arange(1000.0), torch.zeros(1000).long(), 1))
+    torch.testing.assert_close(lower_bound_margin(big, 0.95)[0], torch.tensor(math.sqrt(math.log(40) / (2 * 999))))
