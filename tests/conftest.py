@@ -27,6 +27,16 @@ def small_head():
 
     x, y = gaussian_mixture(600, num_classes=2, dim=8, separation=1.5, label_noise=0.02, seed=3)
     config = SDMConfig(input_dim=8, num_classes=2, exemplar_dim=32, alpha=0.9, id2label={0: "neg", 1: "pos"})
-    head = fit_sdm_head(x[:300], y[:300], x[300:], y[300:], config, epochs=30, shuffles=1,
-                        learning_rate=3e-3, resplit=False, progress=False)
+    head = fit_sdm_head(
+        x[:300],
+        y[:300],
+        x[300:],
+        y[300:],
+        config,
+        epochs=30,
+        shuffles=1,
+        learning_rate=3e-3,
+        resplit=False,
+        progress=False,
+    )
     return head, x, y

@@ -67,10 +67,13 @@ def test_no_threshold_and_explanation():
 
 
 def test_tiny_inputs():
-    assert high_reliability_thresholds(torch.tensor([]), torch.tensor([]), torch.tensor([], dtype=torch.long), 2, 0.9)[
-        0
-    ] == math.inf
-    q_min, psi = high_reliability_thresholds(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), 2, 0.9)
+    assert (
+        high_reliability_thresholds(torch.tensor([]), torch.tensor([]), torch.tensor([], dtype=torch.long), 2, 0.9)[0]
+        == math.inf
+    )
+    q_min, psi = high_reliability_thresholds(
+        torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), 2, 0.9
+    )
     assert q_min == 1.0 and psi.tolist() == [1.0, 1.0]
 
 
@@ -84,5 +87,7 @@ def test_effective_sample_sizes_and_margin():
     torch.testing.assert_close(eps[1], torch.tensor(math.sqrt(math.log(20) / 2)).clamp(max=1.0))
     torch.testing.assert_close(eps[2], torch.tensor(min(1.0, math.sqrt(math.log(20) / 2))))
     assert lower_bound_margin(ess, 1.0).tolist() == [1.0, 1.0, 1.0]
-    big = effective_sample_sizes(torch.tensor([1e9]), class_rescaled_lists(torch.arange(1000.0), torch.zeros(1000).long(), 1))
+    big = effective_sample_sizes(
+        torch.tensor([1e9]), class_rescaled_lists(torch.arange(1000.0), torch.zeros(1000).long(), 1)
+    )
     torch.testing.assert_close(lower_bound_margin(big, 0.95)[0], torch.tensor(math.sqrt(math.log(40) / (2 * 999))))

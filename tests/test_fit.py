@@ -23,8 +23,9 @@ def test_deterministic():
     b = fit_sdm_head(*data, cfg, seed=7, **FAST)
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
-    assert a.training_history == [dict(h, seconds=a.training_history[i]["seconds"]) for i, h in
-                                  enumerate(b.training_history)]
+    assert a.training_history == [
+        dict(h, seconds=a.training_history[i]["seconds"]) for i, h in enumerate(b.training_history)
+    ]
     out_a, out_b = a.predict(data[2]), b.predict(data[2])
     for field in ("probabilities", "q", "d", "in_hr", "in_hr_lower"):
         assert torch.equal(getattr(out_a, field), getattr(out_b, field))
@@ -60,8 +61,9 @@ def test_resplit_false_keeps_split_and_true_resplits():
 def test_four_classes():
     x, y = gaussian_mixture(1200, 4, 8, separation=3.0, label_noise=0.01, seed=1)
     cfg = SDMConfig(input_dim=8, num_classes=4, exemplar_dim=32, alpha=0.9)
-    head = fit_sdm_head(x[:400], y[:400], x[400:800], y[400:800], cfg, epochs=30, shuffles=1, learning_rate=3e-3,
-                        progress=False)
+    head = fit_sdm_head(
+        x[:400], y[:400], x[400:800], y[400:800], cfg, epochs=30, shuffles=1, learning_rate=3e-3, progress=False
+    )
     out = head.predict(x[800:])
     assert out.probabilities.shape == (400, 4) and head.thresholds.shape == (4,)
     assert set(out.prediction.tolist()) == {0, 1, 2, 3}
@@ -83,8 +85,16 @@ def test_search_space_trick_agrees_with_exemplar_space():
     results = []
     for vectors in (exemplars, low):
         index = SupportIndex(vectors[:200], y[:200], pred[:200])
-        results.append(compute_similarity(index, vectors, pred, y[:200], pred[:200],
-                                          self_index=torch.cat([torch.arange(200), torch.full((100,), -1)])))
+        results.append(
+            compute_similarity(
+                index,
+                vectors,
+                pred,
+                y[:200],
+                pred[:200],
+                self_index=torch.cat([torch.arange(200), torch.full((100,), -1)]),
+            )
+        )
     assert torch.equal(results[0].q, results[1].q)
     assert torch.equal(results[0].nearest_index, results[1].nearest_index)
     torch.testing.assert_close(results[0].d_nearest, results[1].d_nearest, rtol=1e-4, atol=1e-4)
