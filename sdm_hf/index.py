@@ -97,6 +97,17 @@ class SupportIndex:
         self._faiss = None
         self._build()
 
+    def __deepcopy__(self, memo) -> SupportIndex:
+        # Rebuild from the stored arrays: the FAISS object itself is never serialised (its
+        # Python wrapper would do so to copy it).
+        return SupportIndex(self.vectors.clone(), self.labels.clone(), self.predictions.clone(), self.device)
+
+    def __getstate__(self):
+        raise TypeError(
+            "SupportIndex is not picklable by design (a FAISS index is never serialised); store "
+            "its vectors, labels and predictions in safetensors and rebuild it with SupportIndex(...)"
+        )
+
     # -- construction ---------------------------------------------------------------------
     def _build(self) -> None:
         dim = self.vectors.shape[1]

@@ -1,0 +1,52 @@
+import copy
+import pickle
+
+import pytest
+import torch
+
+from sdm_hf.index import SupportIndex, resolve_device
+
+
+def test_search_orders_ties_by_row_index():
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [3.0, 3.0]])
+    index = SupportIndex(vectors, torch.zeros(5), torch.zeros(5))
+    distances, rows = index.search(torch.zeros(1, 2), 5)
+    assert rows.tolist() == [[0, 1, 2, 3, 4]]
+    assert distances[0, :4].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_add_and_bad_k():
+    index = SupportIndex(torch.eye(3), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]))
+    index.add(torch.tensor([[5.0, 5.0, 5.0]]), torch.tensor([0]), torch.tensor([1]))
+    assert index.ntotal == 4 and index.predictions.tolist() == [0, 1, 1, 1]
+    assert index.search(torch.tensor([[5.0, 5.0, 5.0]]), 1)[1].tolist() == [[3]]
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(torch.zeros(1, 3), 5)
+    with pytest.raises(ValueError, match="vectors"):
+        index.add(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0]))
+
+
+def test_torch_backend_matches_faiss():
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(500, 16, generator=g)
+    queries = torch.randn(40, 16, generator=g)
+    index = SupportIndex(support, torch.zeros(500), torch.zeros(500))
+    d_faiss, i_faiss = index.search(queries, 10)
+    d_torch, i_torch = index._torch_search(queries, 10)
+    assert torch.equal(i_faiss, i_torch)
+    torch.testing.assert_close(d_faiss, d_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_copy_rebuilds_and_pickle_is_refused():
+    index = SupportIndex(torch.eye(3), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]))
+    clone = copy.deepcopy(index)
+    assert clone._faiss is not index._faiss and clone.search(torch.eye(3), 1)[1].tolist() == [[0], [1], [2]]
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(index)
+
+
+def test_resolve_device():
+    assert resolve_device(None) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            resolve_device("cuda")
