@@ -87,6 +87,18 @@ class _Shuffle:
         n = x_train.shape[0]
         self.q_train = torch.full((n,), SOFTMAX_EQUIVALENT_Q, device=x_train.device)
         self.d_train = torch.ones(n, device=x_train.device)
+        # the previous refresh's q per point: it predicts this epoch's run lengths, so each
+        # row's first search can be about as wide as it will need (fewer widening passes)
+        self.last_q_train: torch.Tensor | None = None
+        self.last_q_calib: torch.Tensor | None = None
+
+
+def _first_widths(last_q: torch.Tensor | None, default: int) -> int | torch.Tensor:
+    """Per-row first search widths: the power of two >= 2 (q + 1), at least 8."""
+    if last_q is None:
+        return default
+    wanted = (2 * (last_q + 1)).clamp(min=8).double()
+    return torch.pow(2.0, torch.ceil(torch.log2(wanted))).long()
 
 
 @torch.no_grad()
@@ -104,9 +116,25 @@ def _refresh(head: SDMHead, data: _Shuffle, num_classes: int, max_q: int, initia
     index = SupportIndex(vec_train, y_train, pred_train, device=vec_train.device)
     own = torch.arange(vec_train.shape[0])
     sim_train = compute_similarity(
-        index, vec_train, pred_train, y_train, pred_train, self_index=own, max_q=max_q, initial_k=initial_k
+        index,
+        vec_train,
+        pred_train,
+        y_train,
+        pred_train,
+        self_index=own,
+        max_q=max_q,
+        initial_k=_first_widths(data.last_q_train, initial_k),
     )
-    sim_calib = compute_similarity(index, vec_calib, pred_calib, y_train, pred_train, max_q=max_q, initial_k=initial_k)
+    sim_calib = compute_similarity(
+        index,
+        vec_calib,
+        pred_calib,
+        y_train,
+        pred_train,
+        max_q=max_q,
+        initial_k=_first_widths(data.last_q_calib, initial_k),
+    )
+    data.last_q_train, data.last_q_calib = sim_train.q, sim_calib.q
     d_train = distance_quantile(
         sim_train.d_nearest, class_distance_lists(sim_train.d_nearest, y_train, sim_train.q, num_classes)
     )
@@ -229,7 +257,7 @@ def fit_sdm_head(
             head = SDMHead(copy.deepcopy(config), generator=generator).to(device)
             head.set_normalization(*SDMHead.normalization_statistics(x_tr.cpu(), config.normalization))
             data = _Shuffle(head, x_tr, y_tr, x_ca, y_ca)
-            optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=0.0)
+            optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=0.0, fused=True)
             for epoch in range(epochs):
                 started = time.perf_counter()
                 train_loss = _train_one_epoch(head, data, optimizer, batch_size, generator)

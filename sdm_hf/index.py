@@ -53,12 +53,20 @@ def faiss_gpu_available() -> bool:
 
 
 def _order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row by (distance, index): sort by index, then a stable sort by distance."""
-    by_index = torch.argsort(indices, dim=1)
-    distances = distances.gather(1, by_index)
-    indices = indices.gather(1, by_index)
-    by_distance = torch.sort(distances, dim=1, stable=True).indices
-    return distances.gather(1, by_distance), indices.gather(1, by_distance)
+    """Order each row by (distance, index). Search results are already sorted by distance, so
+    only rows with equal adjacent distances (ties) need the index tie-break."""
+    tied = (distances[:, 1:] == distances[:, :-1]).any(dim=1)
+    if not bool(tied.any()):
+        return distances, indices
+    rows = tied.nonzero().squeeze(1)
+    d, i = distances[rows], indices[rows]
+    by_index = torch.argsort(i, dim=1)
+    d, i = d.gather(1, by_index), i.gather(1, by_index)
+    by_distance = torch.sort(d, dim=1, stable=True).indices
+    distances, indices = distances.clone(), indices.clone()
+    distances[rows] = d.gather(1, by_distance)
+    indices[rows] = i.gather(1, by_distance)
+    return distances, indices
 
 
 class SupportIndex:

@@ -118,7 +118,7 @@ def compute_similarity(
     support_predictions: torch.Tensor,
     self_index: torch.Tensor | None = None,
     max_q: int = 2048,
-    initial_k: int = 32,
+    initial_k: int | torch.Tensor = 32,
     growth: int = 4,
 ) -> SimilarityResult:
     """``q``, nearest exemplar and ``d_nearest`` for a batch, with adaptive widening.
@@ -131,7 +131,9 @@ def compute_similarity(
         support_predictions: ``[N]`` predictions of the support rows.
         self_index: ``[B]`` own support row of each query (training split), else None.
         max_q: cap on ``q``; the widest search is ``max_q`` neighbours (+1 with self).
-        initial_k: the first search's ``k``.
+        initial_k: the first search's ``k``; or a ``[B]`` tensor of per-row first widths
+            (e.g. from a previous ``q``, as during training), rows with the same width being
+            searched together.
         growth: factor by which ``k`` grows for unresolved rows.
 
     Returns:
@@ -153,22 +155,31 @@ def compute_similarity(
     support_predictions = support_predictions.long().cpu()
     own = None if self_index is None else self_index.long().cpu()
     k_cap = min(ntotal, int(max_q) + (0 if own is None else 1))
-    k = min(max(int(initial_k), 1), k_cap)
+    if isinstance(initial_k, torch.Tensor):
+        k_row = initial_k.detach().long().cpu().clamp(1, k_cap)
+    else:
+        k_row = torch.full((batch,), min(max(int(initial_k), 1), k_cap), dtype=torch.long)
     pending = torch.arange(batch)
     while pending.numel() > 0:
-        _, rows = searcher.search(queries[pending.to(queries.device)], k)
-        rows = rows.cpu()
-        sub_self = None if own is None else own[pending]
-        q_p, nearest_p, resolved = similarity_from_neighbors(
-            rows, query_prediction[pending], support_labels, support_predictions, sub_self, max_q
-        )
-        q[pending] = q_p
-        nearest[pending] = nearest_p
-        searched[pending] = k
-        if k >= k_cap:
-            break
-        pending = pending[~resolved]
-        k = min(k * growth, k_cap)
+        unresolved = []
+        for k in torch.unique(k_row[pending]).tolist():  # a few distinct widths per round
+            group = pending[k_row[pending] == k]
+            _, rows = searcher.search(queries[group.to(queries.device)], k)
+            q_g, nearest_g, resolved = similarity_from_neighbors(
+                rows.cpu(),
+                query_prediction[group],
+                support_labels,
+                support_predictions,
+                None if own is None else own[group],
+                max_q,
+            )
+            q[group] = q_g
+            nearest[group] = nearest_g
+            searched[group] = k
+            if k < k_cap:
+                unresolved.append(group[~resolved])
+        pending = torch.cat(unresolved) if unresolved else pending[:0]
+        k_row[pending] = torch.clamp(k_row[pending] * growth, max=k_cap)
     d_nearest = torch.full((batch,), float("inf"))
     found = nearest >= 0
     if bool(found.any()):
