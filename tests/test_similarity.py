@@ -67,9 +67,10 @@ def _fixed(index, queries, pred, labels, preds, own, max_q):
     max_q=st.integers(1, 300),
     initial_k=st.integers(1, 40),
     self_search=st.booleans(),
+    per_row=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_adaptive_widening_equals_fixed_search(n, dim, classes, accuracy, max_q, initial_k, self_search, seed):
+def test_adaptive_widening_equals_fixed_search(n, dim, classes, accuracy, max_q, initial_k, self_search, per_row, seed):
     g = torch.Generator().manual_seed(seed)
     # few classes + mostly correct predictions give long runs, which exercise the widening
     support = torch.randn(n, dim, generator=g)
@@ -82,6 +83,8 @@ def test_adaptive_widening_equals_fixed_search(n, dim, classes, accuracy, max_q,
     else:
         queries = torch.randn(50, dim, generator=g)
         qpred, own = torch.randint(0, classes, (50,), generator=g) * 0, None
+    if per_row:  # per-row first widths, as fit_sdm_head uses from the previous epoch's q
+        initial_k = torch.randint(1, 64, (queries.shape[0],), generator=g)
     res = compute_similarity(index, queries, qpred, labels, preds, own, max_q=max_q, initial_k=initial_k)
     q, nearest = _fixed(index, queries, qpred, labels, preds, own, max_q)
     assert torch.equal(res.q, q)
