@@ -13,13 +13,20 @@ Shapes: ``B`` query rows, ``N`` support rows, ``D`` input width, ``M`` exemplar 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from torch import nn
 
 from . import _validation as check
+from . import persistence
 from .activation import (
     high_reliability_mask,
     rescaled_similarity,
@@ -33,7 +40,7 @@ from .calibration import (
     lower_bound_margin,
 )
 from .distance import class_distance_lists, distance_quantile
-from .index import SupportIndex
+from .index import SupportIndex, resolve_device
 from .similarity import compute_similarity
 
 __all__ = ["SDMConfig", "SDMHead", "SDMOutput", "CalibrationReport", "LabelErrors"]
@@ -62,6 +69,17 @@ class SDMConfig:
         metadata={"help": "'scalar' (one mean/std over all elements, the papers') or 'feature'."},
     )
     initial_k: int = field(default=32, metadata={"help": "First neighbour-search width; widened adaptively."})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Name or path of the model whose features the head reads."}
+    )
+    base_model_revision: str | None = field(default=None, metadata={"help": "Revision of base_model."})
+    feature_pooling: str | None = field(
+        default=None, metadata={"help": "How features were pooled: 'mean', 'last', 'cls', 'mean_last', ..."}
+    )
+    feature_layer: int | None = field(default=None, metadata={"help": "Hidden-state layer the features come from."})
+    feature_max_length: int | None = field(
+        default=None, metadata={"help": "Tokenizer max_length used for the features."}
+    )
 
     def __post_init__(self):
         self.input_dim = check.check_positive_int(self.input_dim, "input_dim")
@@ -292,7 +310,13 @@ class LabelErrors:
         ]
 
 
-class SDMHead(nn.Module):
+class SDMHead(
+    nn.Module,
+    ModelHubMixin,
+    library_name="sdm_hf",
+    tags=["sdm", "selective-classification", "uncertainty-quantification"],
+    paper_url="https://arxiv.org/abs/2509.12760",
+):
     """The SDM estimator: adaptor + classifier + support set + calibration.
 
     Build it with :func:`sdm_hf.fit_sdm_head`, or step by step::
@@ -308,6 +332,10 @@ class SDMHead(nn.Module):
         >>> out = head.predict(x[:3])
         >>> out.probabilities.shape
         torch.Size([3, 2])
+
+    Persistence (huggingface_hub's ``ModelHubMixin``): :meth:`save_pretrained`,
+    :meth:`from_pretrained` (local folder or Hub repo, optional ``subfolder``) and
+    :meth:`push_to_hub` store strict JSON + safetensors only (see ``sdm_hf.persistence``).
 
     Args:
         config: the :class:`SDMConfig`.
@@ -772,3 +800,189 @@ class SDMHead(nn.Module):
         else:
             calibration = f"alpha={self._calibration.alpha}, q_min={self._calibration.q_min:.4g}"
         return f"support={support}, {calibration}"
+
+    # -- persistence (SPEC C1) ------------------------------------------------------------
+    def save_pretrained(self, save_directory, *, push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs):
+        """Save the head (config.json, model.safetensors, optional support_documents.jsonl,
+        README.md model card) into ``save_directory``.
+
+        Files are first written to a temporary folder beside the target and only then moved
+        into place, so a failure never leaves a half-written head. Save a head that belongs
+        to a model into the model repository's ``sdm_head/`` subfolder (see
+        :func:`sdm_hf.hub.save_sdm_model`): never into the model's own root, whose
+        config.json it would replace.
+
+        Returns:
+            The commit URL when ``push_to_hub=True``, else None.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging."))
+        try:
+            self._save_pretrained(staging)
+            target.mkdir(exist_ok=True)
+            names = [n for n in (persistence.WEIGHTS_NAME, persistence.DOCUMENTS_NAME, persistence.CARD_NAME)]
+            for name in names + [persistence.CONFIG_NAME]:  # config.json last
+                if (staging / name).exists():
+                    (staging / name).replace(target / name)
+                elif name == persistence.DOCUMENTS_NAME:
+                    (target / name).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or target.name, **push_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # the Hub mixin's hook: write every file of the head into save_directory
+        config, tensors, documents = persistence.state_to_files(self)
+        card = str(self.generate_model_card())
+        persistence.write_files(Path(save_directory), config, tensors, documents, card)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir=None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        device: str | torch.device | None = None,
+    ) -> SDMHead:
+        """Load a head from a local folder or a Hub repository (strictly: a missing or
+        unexpected tensor, a newer format or any inconsistency raises
+        :class:`sdm_hf.persistence.SDMFormatError` naming the file).
+
+        Args:
+            pretrained_model_name_or_path: a folder, or a Hub repo id.
+            subfolder: folder inside it, e.g. ``"sdm_head"`` in an SDM-equipped model repo.
+            revision, cache_dir, force_download, local_files_only, token: as in
+                ``huggingface_hub.hf_hub_download``.
+            device: where the head (and its rebuilt FAISS index) lives; CPU by default.
+        """
+        source = str(pretrained_model_name_or_path)
+        where = f"{source}/{subfolder + '/' if subfolder else ''}"
+
+        def fetch(name: str) -> Path:
+            if Path(source).is_dir():
+                return Path(source) / (subfolder or "") / name
+            try:
+                return Path(
+                    hf_hub_download(
+                        source,
+                        name,
+                        subfolder=subfolder,
+                        revision=revision,
+                        cache_dir=cache_dir,
+                        force_download=force_download,
+                        local_files_only=local_files_only,
+                        token=token,
+                    )
+                )
+            except (HfHubHTTPError, OSError, ValueError) as err:
+                raise persistence.SDMFormatError(
+                    where + name, f"could not be fetched ({type(err).__name__}: {err})"
+                ) from err
+
+        config, tensors, documents, paths = persistence.read_files(fetch)
+        head = persistence.head_from_files(cls, config, tensors, documents, paths, resolve_device(device))
+        return head.to(resolve_device(device)).eval()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        commit_message: str = "Upload SDM head",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+    ) -> str:
+        """Upload the head to ``repo_id`` (into ``subfolder`` when given) in one commit.
+
+        The files are written to a temporary folder that is removed afterwards; nothing is
+        left behind locally on failure. Missing or invalid credentials raise the
+        huggingface_hub error with a hint.
+
+        Returns:
+            The commit URL.
+        """
+        api = HfApi(token=token)
+        try:
+            repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp) / "head"
+                self.save_pretrained(folder)
+                info = api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    path_in_repo=subfolder,
+                    commit_message=commit_message,
+                    revision=branch,
+                    create_pr=create_pr,
+                    repo_type="model",
+                )
+        except (LocalTokenNotFoundError, HfHubHTTPError) as err:
+            raise type(err)(
+                f"{err}\nHint: pushing needs a Hugging Face token with write access: run `hf auth "
+                "login`, set HF_TOKEN, or pass token=...",
+                **({"response": err.response} if isinstance(err, HfHubHTTPError) else {}),
+            ) from err
+        return str(getattr(info, "commit_url", info))
+
+    def generate_model_card(self, repo_hint: str | None = None, subfolder: str | None = None) -> ModelCard:
+        """The head's model card (Hub YAML metadata + calibration summary + the promise)."""
+        cfg = self.config
+        cal = self._calibration
+        card_data = ModelCardData(
+            library_name="sdm_hf",
+            tags=sorted(set(self._hub_mixin_info.model_card_data.tags or [])),
+            base_model=cfg.base_model,
+        )
+        support_counts = (
+            torch.bincount(self.support.labels, minlength=cfg.num_classes).tolist()
+            if self.support is not None
+            else [0] * cfg.num_classes
+        )
+        cal_counts = torch.bincount(cal.labels, minlength=cfg.num_classes).tolist() if cal else [0] * cfg.num_classes
+        if cal is not None:
+            report = self.calibration_report(alphas=sorted({0.9, cal.alpha}))
+            chosen = [r for r in report.rows if r["alpha"] == cal.alpha]
+            admitted = sum(r["admitted"] for r in chosen)
+            admission = f"{admitted} of {int(cal.labels.numel())} ({admitted / max(int(cal.labels.numel()), 1):.1%})"
+            report_md = report.to_markdown()
+            q_min = f"{cal.q_min:.4g}" if math.isfinite(cal.q_min) else "inf (empty region)"
+            thresholds = ", ".join(f"{cfg.label_name(c)}: {v:.4f}" for c, v in enumerate(cal.thresholds.tolist()))
+        else:
+            admission, report_md, q_min, thresholds = "not calibrated", "not calibrated", "-", "-"
+        template = resources.files("sdm_hf").joinpath("model_cards/sdm_head.md").read_text(encoding="utf-8")
+        return ModelCard.from_template(
+            card_data,
+            template_str=template,
+            title=f"SDM head{' for ' + cfg.base_model if cfg.base_model else ''}",
+            alpha=self.alpha,
+            q_min=q_min,
+            thresholds=thresholds,
+            empty_region=cal is not None and not math.isfinite(cal.q_min),
+            support_size=0 if self.support is None else self.support.ntotal,
+            calibration_size=0 if cal is None else int(cal.labels.numel()),
+            admission=admission,
+            report=report_md,
+            classes=[
+                {"index": c, "label": cfg.label_name(c), "support": support_counts[c], "calibration": cal_counts[c]}
+                for c in range(cfg.num_classes)
+            ],
+            base_model=cfg.base_model,
+            base_model_revision=cfg.base_model_revision,
+            feature_pooling=cfg.feature_pooling,
+            feature_layer=cfg.feature_layer,
+            feature_max_length=cfg.feature_max_length,
+            input_dim=cfg.input_dim,
+            exemplar_dim=cfg.exemplar_dim,
+            repo_hint=repo_hint or "path/or/repo-id",
+            subfolder=subfolder,
+        )

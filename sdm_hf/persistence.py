@@ -1,0 +1,349 @@
+"""Safe on-disk format of an SDM head (SPEC C1): strict JSON + safetensors, nothing else.
+
+A head directory holds:
+
+* ``config.json`` — strict JSON (no ``NaN``/``Infinity`` tokens; ``q'_min = inf`` is stored
+  as ``null``): the format version, the :class:`~sdm_hf.SDMConfig`, Algorithm 1's result
+  (alpha, ``q'_min``, ``psi``) and a few flags.
+* ``model.safetensors`` — the weights and EVERY array: support exemplars with true and
+  predicted labels, the per-point calibration arrays, the class-wise distance lists and
+  ``q'`` lists (flattened, with per-class offsets).
+* ``support_documents.jsonl`` — optional: one ``{"id": ..., "text": ...}`` per support row.
+* ``README.md`` — the model card.
+
+Loading never unpickles and never calls ``torch.load``; the FAISS index is rebuilt from the
+stored exemplars. Every problem (missing file, newer format, wrong dtype, mismatched
+lengths, non-finite values, unsorted lists, unexpected or missing tensors) raises
+:class:`SDMFormatError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DOCUMENTS_NAME = "support_documents.jsonl"
+CARD_NAME = "README.md"
+FORMAT_KEY = "sdm_hf_format_version"
+
+__all__ = ["SDMFormatError", "FORMAT_VERSION", "state_to_files", "read_files", "write_files"]
+
+
+class SDMFormatError(ValueError):
+    """A stored SDM head is missing, corrupted, inconsistent or from a newer format."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+# -- writing ------------------------------------------------------------------------------
+def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.cat([t.to(dtype) for t in lists]) if lists else torch.zeros(0, dtype=dtype)
+    offsets = torch.tensor([0] + [t.numel() for t in lists], dtype=torch.long).cumsum(0)
+    return values.contiguous(), offsets
+
+
+def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
+    """``(config_json, tensors, documents)`` describing ``head`` completely."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    support = head.support
+    config: dict = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "library": "sdm_hf",
+        "config": head.config.to_dict(),
+        "support": None,
+        "calibration": None,
+        "selection": None,
+    }
+    selection = getattr(head, "selection", None)
+    if selection:
+        config["selection"] = {k: selection[k] for k in ("shuffle", "epoch", "calibration_loss") if k in selection}
+    documents = None
+    if support is not None:
+        tensors["support.vectors"] = support.vectors.detach().cpu().float().contiguous()
+        tensors["support.labels"] = support.labels.long().contiguous()
+        tensors["support.predictions"] = support.predictions.long().contiguous()
+        config["support"] = {
+            "size": support.ntotal,
+            "has_ids": head.support_ids is not None,
+            "has_texts": head.support_texts is not None,
+        }
+        if head.support_ids is not None or head.support_texts is not None:
+            documents = [
+                {
+                    "id": None if head.support_ids is None else head.support_ids[i],
+                    "text": None if head.support_texts is None else head.support_texts[i],
+                }
+                for i in range(support.ntotal)
+            ]
+    cal = head._calibration
+    if cal is not None:
+        tensors.update(
+            {
+                "calibration.labels": cal.labels.long(),
+                "calibration.predictions": cal.predictions.long(),
+                "calibration.probabilities": cal.probabilities.float(),
+                "calibration.q": cal.q.long(),
+                "calibration.d": cal.d.float(),
+                "calibration.d_nearest": cal.d_nearest.float(),
+                "calibration.rescaled_similarity": cal.rescaled.float(),
+            }
+        )
+        values, offsets = _flatten(cal.distance_lists, torch.float32)
+        tensors["calibration.distance_lists"], tensors["calibration.distance_list_offsets"] = values, offsets
+        values, offsets = _flatten(cal.rescaled_lists, torch.float64)
+        tensors["calibration.rescaled_lists"], tensors["calibration.rescaled_list_offsets"] = values, offsets
+        if cal.features is not None:
+            tensors["calibration.features"] = cal.features.float()
+        config["calibration"] = {
+            "alpha": cal.alpha,
+            "q_min": cal.q_min if math.isfinite(cal.q_min) else None,
+            "thresholds": [float(v) for v in cal.thresholds.tolist()],
+            "stale": cal.stale,
+            "has_features": cal.features is not None,
+            "size": int(cal.labels.numel()),
+        }
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return config, tensors, documents
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a failure never
+    leaves a half-written file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_files(directory: Path, config: dict, tensors: dict, documents: list[dict] | None, card: str | None):
+    """Write a head's files into ``directory`` (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if documents is not None:
+        lines = "".join(json.dumps(d, ensure_ascii=False, allow_nan=False) + "\n" for d in documents)
+        _atomic_write(directory / DOCUMENTS_NAME, lambda p: Path(p).write_text(lines, encoding="utf-8"))
+    else:
+        (directory / DOCUMENTS_NAME).unlink(missing_ok=True)
+    if card is not None:
+        _atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(card, encoding="utf-8"))
+    # config.json last: a directory with a config.json is a complete head
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+
+
+# -- reading ------------------------------------------------------------------------------
+def _reject_constant(token: str):
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise SDMFormatError(path, "missing: this is not an SDM head directory (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SDMFormatError(path, f"not valid strict JSON ({err})") from None
+    if not isinstance(config, dict) or FORMAT_KEY not in config:
+        raise SDMFormatError(path, f"not an SDM head config (no {FORMAT_KEY!r} key)")
+    version = config[FORMAT_KEY]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SDMFormatError(path, f"{FORMAT_KEY} must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise SDMFormatError(
+            path,
+            f"written by a newer sdm_hf (format version {version}; this sdm_hf reads up to "
+            f"{FORMAT_VERSION}); upgrade sdm_hf",
+        )
+    if version < 1:
+        raise SDMFormatError(path, f"unknown format version {version}")
+    for key in ("config", "support", "calibration"):
+        if key not in config:
+            raise SDMFormatError(path, f"missing key {key!r}")
+    return config
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise SDMFormatError(path, "missing weights file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SDMFormatError(path, f"not a readable safetensors file ({err})") from None
+
+
+def read_documents(path: Path, size: int) -> list[dict]:
+    if not path.is_file():
+        raise SDMFormatError(path, "missing: config.json says the support set stores ids/texts")
+    documents = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    documents.append(json.loads(line, parse_constant=_reject_constant))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SDMFormatError(path, f"not valid JSON lines ({err})") from None
+    if len(documents) != size or not all(isinstance(d, dict) for d in documents):
+        raise SDMFormatError(path, f"expected {size} JSON objects (one per support row), found {len(documents)}")
+    return documents
+
+
+def read_files(fetch) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None, dict[str, Path]]:
+    """Read (but do not yet validate the contents of) a head's files.
+
+    Args:
+        fetch: callable ``name -> Path`` giving the local path of one of the head's files
+            (downloading it first when the head lives on the Hub); only the files the
+            config asks for are fetched.
+
+    Returns:
+        ``(config, tensors, documents, paths)``.
+    """
+    paths = {CONFIG_NAME: fetch(CONFIG_NAME)}
+    config = read_config(paths[CONFIG_NAME])
+    paths[WEIGHTS_NAME] = fetch(WEIGHTS_NAME)
+    tensors = read_tensors(paths[WEIGHTS_NAME])
+    documents = None
+    support = config.get("support")
+    if isinstance(support, dict) and (support.get("has_ids") or support.get("has_texts")):
+        paths[DOCUMENTS_NAME] = fetch(DOCUMENTS_NAME)
+        documents = read_documents(paths[DOCUMENTS_NAME], int(support.get("size", -1)))
+    return config, tensors, documents, paths
+
+
+class TensorChecker:
+    """Validates stored tensors against what the config says, naming the file on failure."""
+
+    def __init__(self, path, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def fail(self, problem: str):
+        raise SDMFormatError(self.path, problem)
+
+    def get(self, name: str, dtype: torch.dtype, shape: tuple, finite: bool = True) -> torch.Tensor:
+        if name not in self.tensors:
+            self.fail(f"missing tensor {name!r}")
+        value = self.tensors[name]
+        self.used.add(name)
+        if value.dtype != dtype:
+            self.fail(f"tensor {name!r} has dtype {value.dtype}, expected {dtype}")
+        if len(shape) != value.dim() or any(want is not None and want != got for want, got in zip(shape, value.shape)):
+            self.fail(f"tensor {name!r} has shape {tuple(value.shape)}, expected {shape} (None = any)")
+        if finite and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            self.fail(f"tensor {name!r} contains NaN or infinite values")
+        return value
+
+    def labels(self, name: str, length: int | None, num_classes: int) -> torch.Tensor:
+        value = self.get(name, torch.int64, (length,))
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_classes):
+            self.fail(f"tensor {name!r} has values outside 0..{num_classes - 1}")
+        return value
+
+    def lists(self, name: str, dtype, num_classes: int, total: int | None = None) -> list[torch.Tensor]:
+        values = self.get(name, dtype, (total,))
+        offsets = self.get(name.replace("_lists", "_list_offsets"), torch.int64, (num_classes + 1,))
+        if int(offsets[0]) != 0 or int(offsets[-1]) != values.numel() or bool((offsets[1:] < offsets[:-1]).any()):
+            self.fail(f"tensor {name!r}: offsets do not partition the {values.numel()} values")
+        out = [values[int(a) : int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+        if any(t.numel() > 1 and bool((t[1:] < t[:-1]).any()) for t in out):
+            self.fail(f"tensor {name!r}: a class's list is not sorted")
+        return out
+
+    def finish(self) -> None:
+        unexpected = sorted(set(self.tensors) - self.used)
+        if unexpected:
+            self.fail(f"unexpected tensor(s) {unexpected}")
+
+
+def head_from_files(cls, config: dict, tensors: dict, documents: list[dict] | None, paths: dict, device):
+    """Rebuild and validate a head of class ``cls`` from what :func:`read_files` returned."""
+    from .head import SDMConfig, _Calibration
+    from .index import SupportIndex
+
+    config_path, weights_path = paths[CONFIG_NAME], paths[WEIGHTS_NAME]
+    try:
+        sdm_config = SDMConfig.from_dict(dict(config["config"]))
+    except (TypeError, ValueError) as err:
+        raise SDMFormatError(config_path, f"invalid SDMConfig ({err})") from None
+    c, d_in, m = sdm_config.num_classes, sdm_config.input_dim, sdm_config.exemplar_dim
+    check = TensorChecker(weights_path, tensors)
+    head = cls(sdm_config)
+    state = {}
+    for name, value in head.state_dict().items():
+        state[name] = check.get(name, value.dtype, tuple(value.shape))
+    if bool((state["feature_std"] <= 0).any()):
+        check.fail("tensor 'feature_std' must be > 0")
+    head.load_state_dict(state, strict=True)
+
+    support_info = config["support"]
+    if support_info is not None:
+        if not isinstance(support_info, dict) or not isinstance(support_info.get("size"), int):
+            raise SDMFormatError(config_path, "'support' must be an object with an integer 'size'")
+        n = support_info["size"]
+        vectors = check.get("support.vectors", torch.float32, (n, m))
+        labels = check.labels("support.labels", n, c)
+        predictions = check.labels("support.predictions", n, c)
+        head.support = SupportIndex(vectors, labels, predictions, device=device)
+        if documents is not None:
+            head.support_ids = [doc.get("id") for doc in documents] if support_info.get("has_ids") else None
+            head.support_texts = [doc.get("text") for doc in documents] if support_info.get("has_texts") else None
+
+    cal_info = config["calibration"]
+    if cal_info is not None:
+        if support_info is None:
+            raise SDMFormatError(config_path, "a calibration is stored without a support set")
+        try:
+            alpha = float(cal_info["alpha"])
+            q_min = math.inf if cal_info["q_min"] is None else float(cal_info["q_min"])
+            thresholds = torch.tensor([float(v) for v in cal_info["thresholds"]], dtype=torch.float64)
+            n = int(cal_info["size"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SDMFormatError(config_path, f"invalid 'calibration' entry ({err})") from None
+        if thresholds.numel() != c or not bool(torch.isfinite(thresholds).all()) or math.isnan(q_min):
+            raise SDMFormatError(config_path, f"'thresholds' must be {c} finite numbers and 'q_min' a number or null")
+        if not 0.5 < alpha <= 1.0:
+            raise SDMFormatError(config_path, f"alpha must satisfy 0.5 < alpha <= 1, got {alpha}")
+        features = None
+        if cal_info.get("has_features"):
+            features = check.get("calibration.features", torch.float32, (n, d_in))
+        cal = _Calibration(
+            labels=check.labels("calibration.labels", n, c),
+            predictions=check.labels("calibration.predictions", n, c),
+            probabilities=check.get("calibration.probabilities", torch.float32, (n, c)),
+            q=check.get("calibration.q", torch.int64, (n,)),
+            d=check.get("calibration.d", torch.float32, (n,)),
+            d_nearest=check.get("calibration.d_nearest", torch.float32, (n,)),
+            rescaled=check.get("calibration.rescaled_similarity", torch.float32, (n,)),
+            features=features,
+            alpha=alpha,
+            q_min=q_min,
+            thresholds=thresholds,
+            distance_lists=check.lists("calibration.distance_lists", torch.float32, c),
+            rescaled_lists=check.lists("calibration.rescaled_lists", torch.float64, c, total=n),
+            stale=bool(cal_info.get("stale", False)),
+        )
+        if bool((cal.q < 0).any()):
+            check.fail("tensor 'calibration.q' has negative values")
+        head._calibration = cal
+    check.finish()
+    if config.get("selection") is not None:
+        head.selection = dict(config["selection"])
+    return head

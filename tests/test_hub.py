@@ -1,0 +1,172 @@
+import base64
+import json
+import warnings
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+import torch
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import _http
+from transformers import AutoModel, BertConfig, BertModel
+
+from sdm_hf import SDMConfig, SDMHead
+from sdm_hf.hub import load_sdm_model, push_sdm_model, save_sdm_model
+from tests.conftest import gaussian_mixture
+
+
+def tiny_bert():
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return BertModel(config)
+
+
+def tiny_head(input_dim=16, pooling="mean", base_model=None):
+    x, y = gaussian_mixture(120, 2, input_dim, separation=3.0, seed=0)
+    head = SDMHead(
+        SDMConfig(input_dim=input_dim, exemplar_dim=8, alpha=0.9, feature_pooling=pooling, base_model=base_model),
+        generator=torch.Generator().manual_seed(0),
+    )
+    head.build_support(x[:60], y[:60])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained head may have an empty HR region
+        head.calibrate(x[60:], y[60:])
+    return head, x
+
+
+def test_model_and_head_saved_side_by_side(tmp_path):
+    model, (head, x) = tiny_bert(), tiny_head()
+    save_sdm_model(model, head, tmp_path / "repo")
+    root = tmp_path / "repo"
+    assert (root / "config.json").is_file() and (root / "model.safetensors").is_file()
+    assert json.loads((root / "config.json").read_text())["model_type"] == "bert"  # model's config untouched
+    assert sorted(p.name for p in (root / "sdm_head").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "library_name: sdm_hf" in (root / "README.md").read_text()
+    reloaded = AutoModel.from_pretrained(root)
+    assert isinstance(reloaded, BertModel)
+    loaded = SDMHead.from_pretrained(root, subfolder="sdm_head")
+    assert torch.equal(loaded.predict(x).probabilities, head.predict(x).probabilities)
+    model2, head2 = load_sdm_model(root)
+    assert isinstance(model2, BertModel) and head2.config.input_dim == 16
+
+
+def test_mismatched_pairing(tmp_path):
+    model = tiny_bert()
+    head, _ = tiny_head(input_dim=16, pooling="mean_last")  # mean_last would need 32 dims
+    with pytest.raises(ValueError, match="32"):
+        save_sdm_model(model, head, tmp_path / "a")
+    good, _ = tiny_head(input_dim=16, base_model="someone/other-model")
+    save_sdm_model(model, good, tmp_path / "b")
+    with pytest.warns(UserWarning, match="other-model"):
+        load_sdm_model(tmp_path / "b")
+    with pytest.raises(ValueError, match="subfolder"):
+        save_sdm_model(model, good, tmp_path / "c", subfolder="../escape")
+
+
+class FakeHub:
+    """Answers huggingface_hub's HTTP calls for create_repo + upload_folder and records the
+    commit it would make."""
+
+    def __init__(self, fail_with=None):
+        self.fail_with = fail_with
+        self.commits = []
+        self.calls = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls.append((request.method, path))
+        if self.fail_with:
+            return httpx.Response(self.fail_with, json={"error": "Invalid credentials"}, request=request)
+        if path == "/api/repos/create":
+            name = json.loads(request.content)["name"]
+            return httpx.Response(200, json={"url": f"https://huggingface.co/user/{name}", "name": f"user/{name}"})
+        if path == "/api/validate-yaml":
+            return httpx.Response(200, json={})
+        if "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            return httpx.Response(
+                200,
+                json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+            )
+        if "/commit/" in path:
+            lines = [json.loads(line) for line in request.content.decode().splitlines()]
+            self.commits.append(lines)
+            return httpx.Response(
+                200,
+                json={
+                    "commitUrl": "https://huggingface.co/user/repo/commit/abc",
+                    "commitOid": "abc",
+                    "pullRequestUrl": None,
+                },
+            )
+        return httpx.Response(404, json={"error": f"not mocked: {path}"}, request=request)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    hubs = []
+
+    def install(fail_with=None):
+        hub = FakeHub(fail_with)
+        hubs.append(hub)
+        _http.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(hub)))
+        _http.close_session()
+        return hub
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield install
+    _http.set_client_factory(_http.default_client_factory)
+    _http.close_session()
+
+
+def _uploaded(commit):
+    files = {}
+    for line in commit:
+        if line.get("key") == "file":
+            files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+    return files
+
+
+def test_push_head_to_subfolder(fake_hub, tmp_path):
+    hub = fake_hub()
+    head, x = tiny_head()
+    url = head.push_to_hub("user/repo", subfolder="sdm_head", token="hf_fake")
+    assert url.endswith("/commit/abc")
+    files = _uploaded(hub.commits[0])
+    assert sorted(files) == ["sdm_head/README.md", "sdm_head/config.json", "sdm_head/model.safetensors"]
+    # what would be uploaded loads back to the same head
+    for name, content in files.items():
+        (tmp_path / Path(name).name).write_bytes(content)
+    loaded = SDMHead.from_pretrained(tmp_path)
+    assert torch.equal(loaded.predict(x).probabilities, head.predict(x).probabilities)
+
+
+def test_push_model_with_head(fake_hub):
+    hub = fake_hub()
+    model, (head, _) = tiny_bert(), tiny_head()
+    push_sdm_model(model, head, "user/repo", token="hf_fake")
+    files = sorted(_uploaded(hub.commits[0]))
+    assert files == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "sdm_head/README.md",
+        "sdm_head/config.json",
+        "sdm_head/model.safetensors",
+    ]
+
+
+def test_push_without_credentials_gives_hint(fake_hub, tmp_path, monkeypatch):
+    fake_hub(fail_with=401)
+    head, _ = tiny_head()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HfHubHTTPError, match="hf auth login"):
+        head.push_to_hub("user/repo", token="hf_bad")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written locally

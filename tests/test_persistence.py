@@ -1,0 +1,222 @@
+import builtins
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
+from sdm_hf.persistence import FORMAT_VERSION, SDMFormatError
+from tests.conftest import gaussian_mixture
+
+FIELDS = (
+    "logits",
+    "probabilities",
+    "q",
+    "d",
+    "d_nearest",
+    "nearest_index",
+    "rescaled_similarity",
+    "is_ood",
+    "in_hr",
+    "in_hr_lower",
+    "d_lower",
+    "probabilities_lower",
+    "effective_sample_size",
+)
+
+
+@pytest.fixture(scope="module")
+def heads():
+    out = {}
+    for classes in (2, 4):
+        x, y = gaussian_mixture(900, classes, 8, separation=3.0, label_noise=0.02, seed=classes)
+        cfg = SDMConfig(
+            input_dim=8, num_classes=classes, exemplar_dim=32, alpha=0.9, id2label={c: f"c{c}" for c in range(classes)}
+        )
+        head = fit_sdm_head(
+            x[:300],
+            y[:300],
+            x[300:600],
+            y[300:600],
+            cfg,
+            epochs=20,
+            shuffles=1,
+            learning_rate=3e-3,
+            resplit=False,
+            progress=False,
+            train_texts=[f"text {i}" for i in range(300)],
+            calib_texts=[f"text {i}" for i in range(300, 600)],
+            train_ids=list(range(300)),
+            calib_ids=list(range(300, 600)),
+        )
+        out[classes] = (head, x[600:])
+    return out
+
+
+def _same_outputs(a, b, x):
+    out_a, out_b = a.predict(x), b.predict(x)
+    for field in FIELDS:
+        assert torch.equal(getattr(out_a, field), getattr(out_b, field)), field
+    assert out_a.nearest_id == out_b.nearest_id
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+@pytest.mark.parametrize("texts", [True, False])
+def test_round_trip_is_bit_identical(heads, tmp_path, classes, texts):
+    head, x = heads[classes]
+    head = copy.deepcopy(head)
+    if not texts:
+        head.support_ids = head.support_texts = None
+    head.save_pretrained(tmp_path / "head")
+    files = sorted(p.name for p in (tmp_path / "head").iterdir())
+    expected = ["README.md", "config.json", "model.safetensors"] + (["support_documents.jsonl"] if texts else [])
+    assert files == sorted(expected)
+    loaded = SDMHead.from_pretrained(tmp_path / "head")
+    _same_outputs(head, loaded, x)
+    assert loaded.config == head.config and loaded.q_min == head.q_min
+    assert torch.equal(loaded.thresholds, head.thresholds)
+    assert loaded.calibration_report().to_dict() == head.calibration_report().to_dict()
+    # a loaded head recalibrates exactly like the original
+    for h in (head, loaded):
+        h.recalibrate(alpha=0.8)
+    _same_outputs(head, loaded, x)
+    loaded.recalibrate(recompute=True)  # stored calibration features make this possible
+    head.recalibrate(recompute=True)
+    _same_outputs(head, loaded, x)
+
+
+def test_strict_json_for_empty_region(heads, tmp_path):
+    head = copy.deepcopy(heads[2][0])
+    with pytest.warns(UserWarning):
+        head.recalibrate(alpha=1.0)
+    head.save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["calibration"]["q_min"] is None
+    assert SDMHead.from_pretrained(tmp_path).q_min == float("inf")
+    assert "empty" in (tmp_path / "README.md").read_text()
+
+
+def test_loading_never_unpickles(heads, tmp_path, monkeypatch):
+    heads[2][0].save_pretrained(tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle / torch.load used while loading an SDM head")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    real_open = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith((".pkl", ".pt", ".bin", ".pickle")):
+            raise AssertionError(f"opened {file}")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    SDMHead.from_pretrained(tmp_path).predict(heads[2][1][:5])
+
+
+def _corrupt_tensors(path, edit):
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t.__setitem__("calibration.d", t["calibration.d"].clone().fill_(float("nan"))), "NaN"),
+        (lambda t: t.__setitem__("support.labels", t["support.labels"][:-1].clone()), "support.labels"),
+        (lambda t: t.__setitem__("support.vectors", t["support.vectors"].double()), "dtype"),
+        (lambda t: t.pop("classifier.bias"), "missing tensor 'classifier.bias'"),
+        (lambda t: t.__setitem__("extra", torch.zeros(1)), "unexpected tensor"),
+        (lambda t: t.__setitem__("calibration.labels", t["calibration.labels"] + 5), "outside"),
+        (
+            lambda t: t.__setitem__("calibration.distance_lists", t["calibration.distance_lists"].flip(0).clone()),
+            "not sorted",
+        ),
+        (lambda t: t.__setitem__("feature_std", torch.tensor(0.0)), "feature_std"),
+    ],
+)
+def test_corrupted_tensors_are_detected(heads, tmp_path, edit, match):
+    heads[2][0].save_pretrained(tmp_path)
+    _corrupt_tensors(tmp_path, edit)
+    with pytest.raises(SDMFormatError, match=match) as info:
+        SDMHead.from_pretrained(tmp_path)
+    assert "model.safetensors" in str(info.value)
+
+
+def _edit_config(path, edit):
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.__setitem__("sdm_hf_format_version", FORMAT_VERSION + 1), "newer sdm_hf"),
+        (lambda c: c.pop("sdm_hf_format_version"), "not an SDM head config"),
+        (lambda c: c["config"].__setitem__("input_dim", 9), "shape"),
+        (lambda c: c["config"].__setitem__("alpha", 2.0), "invalid SDMConfig"),
+        (lambda c: c["calibration"].__setitem__("thresholds", [0.5]), "thresholds"),
+        (lambda c: c["support"].__setitem__("size", 3), "expected 3"),
+    ],
+)
+def test_corrupted_config_is_detected(heads, tmp_path, edit, match):
+    heads[2][0].save_pretrained(tmp_path)
+    _edit_config(tmp_path, edit)
+    with pytest.raises(SDMFormatError, match=match):
+        SDMHead.from_pretrained(tmp_path)
+
+
+def test_bad_files(heads, tmp_path):
+    with pytest.raises(SDMFormatError, match="not an SDM head directory"):
+        SDMHead.from_pretrained(tmp_path)
+    heads[2][0].save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"sdm_hf_format_version": 1, "x": Infinity}')
+    with pytest.raises(SDMFormatError, match="strict JSON"):
+        SDMHead.from_pretrained(tmp_path)
+    heads[2][0].save_pretrained(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(SDMFormatError, match="model.safetensors"):
+        SDMHead.from_pretrained(tmp_path)
+    heads[2][0].save_pretrained(tmp_path)
+    lines = (tmp_path / "support_documents.jsonl").read_text().splitlines()
+    (tmp_path / "support_documents.jsonl").write_text("\n".join(lines[:-1]))
+    with pytest.raises(SDMFormatError, match="support_documents.jsonl"):
+        SDMHead.from_pretrained(tmp_path)
+
+
+def test_failed_save_keeps_previous_head(heads, tmp_path, monkeypatch):
+    head = heads[2][0]
+    head.save_pretrained(tmp_path / "h")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()}
+    import sdm_hf.persistence as persistence
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(persistence, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        head.save_pretrained(tmp_path / "h")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]  # no staging folder left
+
+
+def test_model_card_contains_the_numbers(heads, tmp_path):
+    head = heads[4][0]
+    head.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: sdm_hf" in card
+    assert f"| alpha | {head.alpha} |" in card
+    assert f"{head.q_min:.4g}" in card
+    for c, v in enumerate(head.thresholds.tolist()):
+        assert f"c{c}: {v:.4f}" in card
+    assert "class-conditionally" in card and "Under distribution shift nothing is guaranteed" in card
+    assert "| support set (training exemplars) | 300 |" in card
