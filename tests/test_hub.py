@@ -170,3 +170,27 @@ def test_push_without_credentials_gives_hint(fake_hub, tmp_path, monkeypatch):
     with pytest.raises(HfHubHTTPError, match="hf auth login"):
         head.push_to_hub("user/repo", token="hf_bad")
     assert list(tmp_path.iterdir()) == []  # nothing half-written locally
+
+
+def test_peft_adapter_repository(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(
+        BertModel.from_pretrained(tmp_path / "base"), peft.LoraConfig(r=2, target_modules=["query", "value"])
+    )
+    head, x = tiny_head(base_model=str(tmp_path / "base"))
+    save_sdm_model(model, head, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "sdm_head" / "config.json").is_file()
+    reloaded = peft.PeftModel.from_pretrained(BertModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    loaded = SDMHead.from_pretrained(tmp_path / "adapter", subfolder="sdm_head")
+    assert torch.equal(loaded.predict(x).probabilities, head.predict(x).probabilities)
+    assert reloaded.peft_config["default"].r == 2
+
+
+def test_missing_hub_head_names_the_file():
+    from sdm_hf.persistence import SDMFormatError
+
+    with pytest.raises(SDMFormatError, match="sdm_head/config.json"):
+        SDMHead.from_pretrained("nobody/no-such-repo", subfolder="sdm_head", local_files_only=True)
