@@ -175,6 +175,7 @@ def fit_sdm_head(
     calib_ids: list | None = None,
     train_texts: list | None = None,
     calib_texts: list | None = None,
+    use_sdm_loss: bool = True,
 ) -> SDMHead:
     """Train, select and calibrate an SDM head over frozen features (SPEC A6).
 
@@ -198,6 +199,10 @@ def fit_sdm_head(
         train_ids, calib_ids, train_texts, calib_texts: optional per-row document ids /
             texts; those of the rows that end up in the support set are stored for
             explanations.
+        use_sdm_loss: False trains the same architecture with plain cross-entropy
+            (``q = e - 2``, ``d = 1`` throughout, no per-epoch neighbour search) and selects
+            on the balanced calibration cross-entropy: the "CE adaptor" baseline. The
+            returned head is still built and calibrated, so its SDM outputs exist too.
 
     Returns:
         A calibrated :class:`SDMHead`. ``head.training_history`` is the list of per-epoch
@@ -261,7 +266,10 @@ def fit_sdm_head(
             for epoch in range(epochs):
                 started = time.perf_counter()
                 train_loss = _train_one_epoch(head, data, optimizer, batch_size, generator)
-                metrics = _refresh(head, data, num_classes, config.max_q, config.initial_k)
+                if use_sdm_loss:
+                    metrics = _refresh(head, data, num_classes, config.max_q, config.initial_k)
+                else:
+                    metrics = _cross_entropy_metrics(head, data, num_classes)
                 metrics.update(shuffle=shuffle, epoch=epoch, train_loss=train_loss)
                 metrics["seconds"] = time.perf_counter() - started
                 if best is None or metrics["calibration_loss"] <= best["calibration_loss"]:
@@ -298,10 +306,24 @@ def fit_sdm_head(
         "shuffle": best["shuffle"],
         "epoch": best["epoch"],
         "calibration_loss": best["calibration_loss"],
-        "support_rows": train_idx.tolist(),
-        "calibration_rows": calib_idx.tolist(),
+        "support_rows": train_idx.clone(),
+        "calibration_rows": calib_idx.clone(),
     }
     return final
+
+
+@torch.no_grad()
+def _cross_entropy_metrics(head: SDMHead, data: _Shuffle, num_classes: int) -> dict:
+    """Selection metrics of the cross-entropy baseline (no neighbour search)."""
+    logits = head.encode(data.x_calib)[1].float()
+    y = data.y_calib
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").cpu()
+    train_pred = head.encode(data.x_train)[1].argmax(1)
+    return {
+        "calibration_loss": balanced_sdm_loss(loss, y.cpu(), num_classes),
+        "train_accuracy": float((train_pred == data.y_train).float().mean()),
+        "calibration_accuracy": float((logits.argmax(1) == y).float().mean()),
+    }
 
 
 def _train_one_epoch(head, data: _Shuffle, optimizer, batch_size: int, generator) -> float:

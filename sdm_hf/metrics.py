@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["selective_classification_report", "SelectiveClassificationReport"]
+__all__ = ["selective_classification_report", "SelectiveClassificationReport", "evaluate_module_path"]
+
+
+def evaluate_module_path() -> str:
+    """Folder of the optional `evaluate` metric module (``evaluate.load(evaluate_module_path())``)."""
+    from importlib import resources
+
+    return str(resources.files("sdm_hf").joinpath("evaluate_metrics/selective_classification"))
 
 
 def _group(correct: torch.Tensor, admitted: torch.Tensor, member: torch.Tensor, total: int) -> dict:

@@ -49,13 +49,13 @@ def test_resplit_false_keeps_split_and_true_resplits():
     x_tr, y_tr, x_ca, y_ca = _data(n=201)
     cfg = SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9)
     kept = fit_sdm_head(x_tr, y_tr, x_ca, y_ca, cfg, resplit=False, **FAST)
-    assert kept.selection["support_rows"] == list(range(100))
+    assert kept.selection["support_rows"].tolist() == list(range(100))
     assert kept.support.ntotal == 100
     mixed = fit_sdm_head(x_tr, y_tr, x_ca, y_ca, cfg, resplit=True, **FAST)
-    rows = mixed.selection["support_rows"]
-    assert len(rows) == 100 and len(mixed.selection["calibration_rows"]) == 101  # odd one to calibration
+    rows = mixed.selection["support_rows"].tolist()
+    assert len(rows) == 100 and mixed.selection["calibration_rows"].numel() == 101  # odd one to calibration
     assert set(rows) != set(range(100))
-    assert sorted(rows + mixed.selection["calibration_rows"]) == list(range(201))
+    assert sorted(rows + mixed.selection["calibration_rows"].tolist()) == list(range(201))
 
 
 def test_four_classes():

@@ -22,3 +22,15 @@ def test_report_groups_and_all_rejected():
     table = report.to_markdown()
     assert "| none | R | R | R | R | R |" in table and "y=no" in table
     json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_evaluate_module_loads_offline():
+    import pytest
+
+    evaluate = pytest.importorskip("evaluate")
+    from sdm_hf.metrics import evaluate_module_path
+
+    metric = evaluate.load(evaluate_module_path())
+    result = metric.compute(predictions=[0, 1, 1], references=[0, 0, 1], admitted=[True, True, False], num_classes=2)
+    assert result["marginal"] == {"admitted": 2, "proportion": 2 / 3, "accuracy": 0.5}
+    assert result["class_conditional"][1]["accuracy"] is None  # "R"
