@@ -11,7 +11,7 @@ A head directory holds:
 * ``support_documents.jsonl`` — optional: one ``{"id": ..., "text": ...}`` per support row.
 * ``README.md`` — the model card.
 
-Loading never unpickles and never calls ``torch.load``; the FAISS index is rebuilt from the
+Loading never deserialises Python objects and never calls ``torch.load``; the FAISS index is rebuilt from the
 stored exemplars. Every problem (missing file, newer format, wrong dtype, mismatched
 lengths, non-finite values, unsorted lists, unexpected or missing tensors) raises
 :class:`SDMFormatError` naming the file and the problem.

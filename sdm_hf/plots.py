@@ -37,12 +37,23 @@ def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 5.2), squeeze=False)
     cmap = plt.get_cmap("tab20")
+    lowest = min(
+        [0.45]
+        + [
+            g["accuracy"]
+            for report in reports.values()
+            for row in report.rows
+            for g in [row["marginal"], *row["class_conditional"]]
+            if g["accuracy"] is not None
+        ]
+    )
+    bottom = lowest - 0.05
     for ax, (name, report) in zip(axes[0], reports.items()):
         for i, row in enumerate(report.rows):
             color = cmap(i % 20)
             marginal = row["marginal"]
-            if marginal["accuracy"] is None:
-                ax.scatter([0], [0.5], marker="x", color=color, label=f"{row['estimator']} (R)")
+            if marginal["accuracy"] is None:  # all rejected: drawn on the floor of the panel
+                ax.scatter([0], [bottom + 0.01], marker="x", color=color, label=f"{row['estimator']} (R)")
                 continue
             worst = [g["accuracy"] for g in row["class_conditional"] if g["accuracy"] is not None]
             ax.scatter([marginal["proportion"]], [marginal["accuracy"]], color=color, s=60, label=row["estimator"])
@@ -52,8 +63,8 @@ def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, 
             ax.axhline(alpha, ls="--", color="grey", lw=1)
             ax.text(1.0, alpha, f" alpha={alpha}", va="bottom", ha="right", color="grey", fontsize=8)
         ax.set_xlim(-0.03, 1.03)
-        ax.set_ylim(0.45, 1.02)
-        ax.set_xlabel("admitted fraction of the test set")
+        ax.set_ylim(bottom, 1.02)
+        ax.set_xlabel("admitted fraction of the test set (x at the bottom: R, nothing admitted)")
         ax.set_ylabel("accuracy (filled: marginal, hollow: worst class)")
         ax.set_title(f"{name} (n={report.num_points})")
         ax.grid(alpha=0.3)
