@@ -3,12 +3,17 @@
 The public entry points::
 
     from sdm_hf import SDMConfig, SDMHead, SDMOutput, fit_sdm_head
+    from transformers import pipeline
+    pipeline("sdm-text-classification", model=...)   # registered on import
 """
 
 from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .calibration import high_reliability_thresholds
 from .fit import fit_sdm_head
 from .head import CalibrationReport, LabelErrors, SDMConfig, SDMHead, SDMOutput
+from .pipelines import register_pipelines
+
+register_pipelines()  # `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work
 
 __version__ = "0.1.0"
 

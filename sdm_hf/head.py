@@ -425,11 +425,20 @@ class SDMHead(
 
     @torch.no_grad()
     def _encode_batched(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exemplars and logits for inference, computed in float64 and rounded to float32.
+
+        BLAS results depend on the batch shape in the last bits; in double precision those
+        differences vanish when rounding to float32, so a point gets the same exemplar (and
+        an exact duplicate of a support point distance 0) whatever batch it arrives in."""
+        weights = [t.double() for t in (self.adaptor.weight, self.adaptor.bias)]
+        head_weights = [t.double() for t in (self.classifier.weight, self.classifier.bias)]
+        mean, std = self.feature_mean.double(), self.feature_std.double()
         exemplars, logits = [], []
         for start in range(0, x.shape[0], batch_size):  # bounded working set
-            e, z = self.encode(self.normalize(x[start : start + batch_size].to(self.device)))
-            exemplars.append(e)
-            logits.append(z)
+            normalized = (x[start : start + batch_size].to(self.device).double() - mean) / std
+            e = torch.nn.functional.linear(normalized, *weights)
+            exemplars.append(e.float())
+            logits.append(torch.nn.functional.linear(e, *head_weights).float())
         if not exemplars:
             m, c = self.config.exemplar_dim, self.config.num_classes
             return x.new_zeros((0, m)), x.new_zeros((0, c))

@@ -24,11 +24,12 @@ DEFAULT_HEAD_SUBFOLDER = "sdm_head"
 
 
 def expected_feature_width(model_config, pooling: str | None) -> int | None:
-    """Feature width an encoder config produces under ``pooling`` (``mean_last`` doubles it)."""
+    """Feature width a model config produces under ``pooling`` (``mean_last`` and the LM
+    verification pooling of SPEC B2 concatenate two states: twice the hidden width)."""
     hidden = getattr(model_config, "hidden_size", None)
     if hidden is None:
         return None
-    return 2 * int(hidden) if pooling == "mean_last" else int(hidden)
+    return 2 * int(hidden) if pooling in ("mean_last", "verification") else int(hidden)
 
 
 def check_pairing(model, head: SDMHead, model_name: str | None = None) -> None:

@@ -1,0 +1,144 @@
+"""Control tokens and document encoding for SDM language models (SPEC B1, B2).
+
+Every completion ends with a control suffix: ``<verified>Yes</verified>`` for a positive,
+``<verified>No</verified>`` for a negative (the strings are configurable and are added to
+the text, not necessarily as new vocabulary). The verification head reads a document up to
+``p``, the last token of the FINAL ``<verified>`` opening tag in the tokenized,
+chat-formatted sequence; it is located from tokenizer offsets, so a control string that
+also appears inside the prompt is never mistaken for the final one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..features import pool_hidden_states
+
+__all__ = ["ControlTokens", "format_document", "verification_positions", "verification_features"]
+
+
+@dataclass(frozen=True)
+class ControlTokens:
+    """The control strings: ``open + yes + close`` marks a positive, ``open + no + close`` a
+    negative."""
+
+    open: str = "<verified>"
+    yes: str = "Yes"
+    no: str = "No"
+    close: str = "</verified>"
+
+    def suffix(self, verified: bool) -> str:
+        return f"{self.open}{self.yes if verified else self.no}{self.close}"
+
+    def strip(self, completion: str) -> str:
+        """The completion without a trailing control suffix (and the whitespace before it).
+
+        Anything from the final opening tag on is removed when it is a (possibly truncated)
+        control suffix; other text is returned unchanged."""
+        text = completion.rstrip()
+        cut = text.rfind(self.open)
+        if cut >= 0 and any((self.open + answer + self.close).startswith(text[cut:]) for answer in (self.yes, self.no)):
+            return text[:cut].rstrip()
+        return text
+
+    def add(self, completion: str, verified: bool) -> str:
+        """``completion`` (any existing suffix replaced) followed by the suffix for ``verified``."""
+        return self.strip(completion) + self.suffix(verified)
+
+    def decision(self, completion: str) -> bool | None:
+        """What the completion's own trailing suffix says (True/False), or None if it has none."""
+        text = completion.rstrip()
+        for verified in (True, False):
+            if text.endswith(self.suffix(verified)):
+                return verified
+        return None
+
+
+def format_document(tokenizer, prompt, completion: str) -> str:
+    """The text the model sees for ``(prompt, completion)``.
+
+    With a chat template the prompt (a string, or a list of messages) becomes the user
+    turn(s) and the completion the assistant turn; without one, prompt and completion are
+    concatenated.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = messages + [{"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if not isinstance(prompt, str):
+        raise TypeError("conversational prompts need a tokenizer with a chat template")
+    return prompt + completion
+
+
+def verification_positions(tokenizer, texts: list[str], control: ControlTokens, max_length: int | None = None):
+    """Tokenize ``texts`` (no padding) and find ``p`` in each: the last token overlapping the
+    final ``control.open`` tag.
+
+    Returns:
+        ``(input_ids list, p list)``.
+
+    Raises:
+        ValueError: a text has no opening tag, or it lies beyond ``max_length`` tokens.
+    """
+    enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False, truncation=False)
+    ids_out, positions = [], []
+    for i, (text, ids, offsets) in enumerate(zip(texts, enc["input_ids"], enc["offset_mapping"])):
+        start = text.rfind(control.open)
+        if start < 0:
+            raise ValueError(f"document {i} has no {control.open!r} tag to verify at")
+        end = start + len(control.open)
+        p = max((j for j, (a, b) in enumerate(offsets) if a < end and b > a), default=-1)
+        if p < 0:
+            raise ValueError(f"document {i}: the {control.open!r} tag maps to no token")
+        if max_length is not None and p >= max_length:
+            raise ValueError(f"document {i}: its {control.open!r} tag lies beyond max_length={max_length} tokens")
+        ids_out.append(ids[: p + 1])
+        positions.append(p)
+    return ids_out, positions
+
+
+@torch.no_grad()
+def verification_features(
+    model,
+    tokenizer,
+    prompts,
+    completions,
+    control: ControlTokens | None = None,
+    batch_size: int = 8,
+    layer: int = -1,
+) -> torch.Tensor:
+    """SPEC B2 features of ``(prompt, completion)`` pairs for the verification head.
+
+    Each completion's control suffix is replaced by a neutral one (nothing after the opening
+    tag is read), the pair is chat-formatted, and the final-layer hidden states are pooled as
+    ``concat(mean over positions 0..p, state at p)``. Computed in eval mode (no dropout).
+
+    Returns:
+        ``[N, 2H]`` float32 CPU tensor.
+    """
+    control = control or ControlTokens()
+    texts = [format_document(tokenizer, p, control.add(c, True)) for p, c in zip(prompts, completions)]
+    if not texts:
+        raise ValueError("no documents to verify")
+    ids, positions = verification_positions(tokenizer, texts, control)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(ids), batch_size):  # right-padded batches of cut documents
+            batch = ids[start : start + batch_size]
+            width = max(len(x) for x in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):  # building a padded batch, not per-point maths
+                input_ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+            chunks.append(pool_hidden_states(out.hidden_states[layer], mask.to(device), "mean_last").cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks).float()
