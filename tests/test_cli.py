@@ -143,3 +143,46 @@ def test_error_exits(files):
     assert empty.returncode == 2 and "no input" in empty.stderr
     usage = run("fit-head")
     assert usage.returncode == 2 and "required" in usage.stderr  # argparse's own usage error
+
+
+def test_verify_with_a_tiny_lm_repository(tmp_path):
+    import torch
+
+    from sdm_hf import SDMConfig, SDMHead
+    from sdm_hf.hub import save_sdm_model
+    from sdm_hf.lm.encoding import ControlTokens, verification_features
+    from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer)
+    control = ControlTokens()
+    prompts = [f"Say {i}" for i in range(40)]
+    completions = [control.add(f"number {i}", bool(i % 2)) for i in range(40)]
+    feats = verification_features(model, tokenizer, prompts, completions)
+    labels = torch.arange(40) % 2
+    head = SDMHead(SDMConfig(input_dim=feats.shape[1], exemplar_dim=8, alpha=0.9, feature_pooling="verification"))
+    head.set_normalization(*SDMHead.normalization_statistics(feats))
+    head.build_support(feats[:20], labels[:20])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head.calibrate(feats[20:], labels[20:])
+    save_sdm_model(model, head, tmp_path / "lm", tokenizer=tokenizer)
+    lines = 'Say 3\n{"prompt": "Say 4", "completion": "number 4<verified>No</verified>"}\n'
+    res = run(
+        "verify",
+        "--head",
+        tmp_path / "lm" / "sdm_head",
+        "--model",
+        tmp_path / "lm",
+        "--max-new-tokens",
+        "4",
+        stdin=lines,
+    )
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(records) == 2 and records[1]["model_said"] is False
+    assert {"generated_text", "verified", "probability", "high_reliability", "nearest_exemplar"} <= set(records[0])
+    no_model = run("verify", "--head", tmp_path / "lm" / "sdm_head", stdin=lines)
+    assert no_model.returncode == 2 and "--model" in no_model.stderr
