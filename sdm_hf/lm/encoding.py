@@ -16,7 +16,15 @@ import torch
 
 from ..features import pool_hidden_states
 
-__all__ = ["ControlTokens", "format_document", "verification_positions", "verification_features"]
+__all__ = [
+    "ControlTokens",
+    "IGNORE_INDEX",
+    "format_document",
+    "full_text",
+    "encode_example",
+    "verification_positions",
+    "verification_features",
+]
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class ControlTokens:
     def suffix(self, verified: bool) -> str:
         return f"{self.open}{self.yes if verified else self.no}{self.close}"
 
-    def strip(self, completion: str) -> str:
+    def remove_suffix(self, completion: str) -> str:
         """The completion without a trailing control suffix (and the whitespace before it).
 
         Anything from the final opening tag on is removed when it is a (possibly truncated)
@@ -45,7 +53,7 @@ class ControlTokens:
 
     def add(self, completion: str, verified: bool) -> str:
         """``completion`` (any existing suffix replaced) followed by the suffix for ``verified``."""
-        return self.strip(completion) + self.suffix(verified)
+        return self.remove_suffix(completion) + self.suffix(verified)
 
     def decision(self, completion: str) -> bool | None:
         """What the completion's own trailing suffix says (True/False), or None if it has none."""
@@ -142,3 +150,86 @@ def verification_features(
     finally:
         model.train(was_training)
     return torch.cat(chunks).float()
+
+
+IGNORE_INDEX = -100
+
+
+def _prompt_prefix(tokenizer, prompt) -> str:
+    """The formatted text that precedes the completion."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise TypeError("conversational prompts need a tokenizer with a chat template")
+    return prompt
+
+
+def full_text(tokenizer, prompt, completion: str) -> tuple[str, int]:
+    """``(text, completion_start)``: the formatted document and where its completion starts.
+
+    Without a chat template the tokenizer's EOS text is appended (so that, as with a chat
+    template's end-of-turn tokens, the end of the document is trained)."""
+    prefix = _prompt_prefix(tokenizer, prompt)
+    if getattr(tokenizer, "chat_template", None):
+        text = format_document(tokenizer, prompt, completion)
+        if not text.startswith(prefix):
+            raise ValueError(
+                "the chat template renders the prompt differently with and without the assistant turn; "
+                "cannot locate where the completion starts"
+            )
+    else:
+        text = prefix + completion + (tokenizer.eos_token or "")
+    return text, len(prefix)
+
+
+def encode_example(
+    tokenizer,
+    prompt,
+    completion: str,
+    positive: bool,
+    control: ControlTokens | None = None,
+    max_length: int | None = None,
+) -> dict:
+    """Tokenize one document and build its contrastive loss mask (SPEC B1).
+
+    Prompt and template positions before the completion get label -100. A positive trains
+    every completion token (and the end-of-turn/EOS text after it); a negative trains only
+    the tokens from its final control string (``<verified>No</verified>``) onward; a token
+    straddling that boundary is trained iff its character offset starts at or after it.
+
+    Args:
+        completion: must already end with its control suffix.
+        positive: True for a positive (reward 1), False for a negative.
+
+    Returns:
+        ``{"input_ids", "labels", "verified_position", "reward"}`` (lists / ints), where
+        ``verified_position`` is ``p`` of SPEC B2.
+
+    Raises:
+        ValueError: the completion lacks its control suffix, the control string cannot be
+            located after tokenization, or ``max_length`` cuts it off.
+    """
+    control = control or ControlTokens()
+    expected = control.suffix(positive)
+    if not completion.rstrip().endswith(expected):
+        raise ValueError(f"the completion must end with {expected!r} (use ControlTokens.add)")
+    text, start = full_text(tokenizer, prompt, completion)
+    if positive:
+        boundary = start
+    else:
+        boundary = text.rfind(expected)
+        if boundary < start:
+            raise ValueError("the negative's control string was not found inside its completion")
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if (a >= boundary and b > a) else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
+    _, positions = verification_positions(tokenizer, [text], control)
+    p = positions[0]
+    if not any(label != IGNORE_INDEX for label in labels):
+        raise ValueError("no token of the completion's control string could be located after tokenization")
+    if max_length is not None and len(ids) > max_length:
+        if p >= max_length or not any(label != IGNORE_INDEX for label in labels[:max_length]):
+            raise ValueError(f"max_length={max_length} cuts the document before its control tokens")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": list(ids), "labels": labels, "verified_position": p, "reward": int(positive)}

