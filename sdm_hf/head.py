@@ -357,6 +357,7 @@ class SDMHead(
         self.support_ids: list | None = None
         self.support_texts: list | None = None
         self._calibration: _Calibration | None = None
+        self._training_lists: list[torch.Tensor] | None = None
         self.training_history: list[dict] = []
 
     # -- parameters -----------------------------------------------------------------------
@@ -472,6 +473,7 @@ class SDMHead(
         self.support = SupportIndex(exemplars, y, logits.argmax(dim=1), device=self.device)
         self.support_ids, self.support_texts = ids, texts
         self._calibration = None
+        self._training_lists = None
 
     def add_to_support(self, x, y, ids: list | None = None, texts: list | None = None) -> None:
         """Append labelled points to the support set without retraining (SPEC A8).
@@ -497,6 +499,7 @@ class SDMHead(
             self.support_ids = self.support_ids + ids
         if texts is not None:
             self.support_texts = self.support_texts + texts
+        self._training_lists = None
         if self._calibration is not None:
             self._calibration.stale = True
 
@@ -516,8 +519,9 @@ class SDMHead(
 
     # -- the core computation -------------------------------------------------------------
     @torch.no_grad()
-    def _neighbourhood(self, x: torch.Tensor, batch_size: int):
-        """logits, predictions, q, nearest index and d_nearest for raw features ``x``."""
+    def _neighbourhood(self, x: torch.Tensor, batch_size: int, self_index: torch.Tensor | None = None):
+        """logits, predictions, q, nearest index and d_nearest for raw features ``x``
+        (``self_index``: each row's own support row, -1 for none, excluded from its search)."""
         exemplars, logits = self._encode_batched(x, batch_size)
         prediction = logits.argmax(dim=1)
         sim = compute_similarity(
@@ -526,6 +530,7 @@ class SDMHead(
             prediction,
             self.support.labels,
             self.support.predictions,
+            self_index=self_index,
             max_q=self.config.max_q,
             initial_k=self.config.initial_k,
         )
@@ -665,7 +670,29 @@ class SDMHead(
         }
 
     # -- inference ------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 8192, k_neighbors: int = 1) -> SDMOutput:
+    @torch.no_grad()
+    def compute_training_distance_lists(self) -> list[torch.Tensor]:
+        """Class-wise distance lists of the support set itself, each point's own row excluded
+        (SPEC A3: support points use them during training). Stored for
+        ``predict(..., support_rows=...)`` and returned."""
+        self._require_support()
+        rows = torch.arange(self.support.ntotal)
+        sim = compute_similarity(
+            self.support,
+            self.support.vectors,
+            self.support.predictions,
+            self.support.labels,
+            self.support.predictions,
+            self_index=rows,
+            max_q=self.config.max_q,
+            initial_k=self.config.initial_k,
+        )
+        self._training_lists = class_distance_lists(sim.d_nearest, self.support.labels, sim.q, self.config.num_classes)
+        return self._training_lists
+
+    def predict(
+        self, x, batch_size: int = 8192, k_neighbors: int = 1, support_rows: torch.Tensor | None = None
+    ) -> SDMOutput:
         """SDM inference for a batch (SPEC A7).
 
         Args:
@@ -673,6 +700,10 @@ class SDMHead(
             batch_size: rows encoded at a time.
             k_neighbors: also return the ``k`` nearest support rows and distances (for
                 explanations) when > 1.
+            support_rows: ``[B]`` for points that ARE support points (training time): each
+                row's own support row (-1 for others). It is excluded from that row's search
+                by identity, and those rows' ``d`` uses the training-split distance lists
+                (:meth:`compute_training_distance_lists`), as SPEC A2/A3 prescribe.
 
         Returns:
             :class:`SDMOutput` with CPU tensors.
@@ -680,8 +711,19 @@ class SDMHead(
         cal = self._require_calibration()
         x = check.as_features(x, "x", self.config.input_dim)
         k_neighbors = check.check_positive_int(k_neighbors, "k_neighbors")
-        exemplars, logits, prediction, sim = self._neighbourhood(x, batch_size)
+        own = None
+        if support_rows is not None:
+            own = torch.as_tensor(support_rows).long().cpu()
+            if own.shape != (x.shape[0],):
+                raise ValueError(f"support_rows must have shape [{x.shape[0]}], got {tuple(own.shape)}")
+        exemplars, logits, prediction, sim = self._neighbourhood(x, batch_size, own)
         d = distance_quantile(sim.d_nearest, cal.distance_lists)
+        if own is not None and bool((own >= 0).any()):
+            lists = self._training_lists
+            if lists is None:
+                lists = self.compute_training_distance_lists()
+            in_support = own >= 0
+            d[in_support] = distance_quantile(sim.d_nearest[in_support], lists)
         q = sim.q
         probabilities = sdm_activation(logits, q.float(), d)
         predicted_p = probabilities.gather(1, prediction.view(-1, 1)).squeeze(1)

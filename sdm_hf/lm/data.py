@@ -1,0 +1,105 @@
+"""Preference data -> documents (SPEC B1): TRL's paired and unpaired formats.
+
+* paired: ``{"prompt", "chosen", "rejected"}`` — one document per row (the chosen completion is
+  its positive, the rejected one a static negative);
+* unpaired: ``{"prompt", "completion", "label"}`` — rows grouped by prompt; each positive row
+  forms a document whose static negatives are that prompt's negative rows. Prompts with no
+  positive are kept aside (``Documents.negative_only``) and counted in a warning.
+
+Plain text and conversational rows (lists of ``{"role", "content"}`` messages) are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+
+from .encoding import ControlTokens
+
+__all__ = ["Document", "prepare_documents"]
+
+
+@dataclass
+class Document:
+    """One prompt with its positive completion and static negatives (suffixes included)."""
+
+    id: int
+    prompt: object
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+
+
+def _content(value, column: str, row: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
+        return str(value[-1]["content"])
+    raise ValueError(f"row {row}: column {column!r} must be a string or a list of messages")
+
+
+def _with_suffix(text: str, verified: bool, control: ControlTokens, append: bool, row: int) -> str:
+    if control.decision(text) == verified:
+        return text
+    if control.decision(text) is not None:
+        raise ValueError(f"row {row}: a {'positive' if verified else 'negative'} ends with the opposite control suffix")
+    if not append:
+        raise ValueError(
+            f"row {row}: completion lacks its control suffix {control.suffix(verified)!r}; "
+            "pass append_control=True to add it"
+        )
+    return control.add(text, verified)
+
+
+def prepare_documents(dataset, control: ControlTokens | None = None, append_control: bool = True):
+    """Documents from a TRL preference dataset (paired or unpaired).
+
+    Returns:
+        ``(documents, negative_only)``: the trainable documents and the prompts that had only
+        negatives (usable for verification-head data only).
+    """
+    control = control or ControlTokens()
+    columns = set(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
+    paired = {"prompt", "chosen", "rejected"} <= columns
+    unpaired = {"prompt", "completion", "label"} <= columns
+    if not (paired or unpaired):
+        missing = sorted({"prompt", "chosen", "rejected"} - columns)
+        raise ValueError(
+            f"the dataset needs columns prompt/chosen/rejected (paired) or prompt/completion/label "
+            f"(unpaired); it has {sorted(columns)} (missing for the paired format: {missing})"
+        )
+    documents: list[Document] = []
+    if paired:
+        for i, row in enumerate(dataset):
+            documents.append(
+                Document(
+                    id=len(documents),
+                    prompt=row["prompt"],
+                    positive=_with_suffix(_content(row["chosen"], "chosen", i), True, control, append_control, i),
+                    negatives=[
+                        _with_suffix(_content(row["rejected"], "rejected", i), False, control, append_control, i)
+                    ],
+                )
+            )
+        return documents, []
+    groups: dict[str, dict] = {}
+    for i, row in enumerate(dataset):
+        key = json.dumps(row["prompt"], sort_keys=True)
+        group = groups.setdefault(key, {"prompt": row["prompt"], "pos": [], "neg": []})
+        verified = bool(row["label"])
+        text = _with_suffix(_content(row["completion"], "completion", i), verified, control, append_control, i)
+        group["pos" if verified else "neg"].append(text)
+    negative_only = []
+    for group in groups.values():
+        if not group["pos"]:
+            negative_only.append(group)
+            continue
+        for positive in group["pos"]:
+            documents.append(Document(len(documents), group["prompt"], positive, list(group["neg"])))
+    if negative_only:
+        warnings.warn(
+            f"{len(negative_only)} prompt(s) have no positive completion: they are not trained on",
+            UserWarning,
+            stacklevel=2,
+        )
+    return documents, negative_only

@@ -1,0 +1,47 @@
+"""``SDMTrainingArguments``: transformers' ``TrainingArguments`` plus the SDM settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["SDMTrainingArguments"]
+
+
+@dataclass
+class SDMTrainingArguments(TrainingArguments):
+    """Training arguments of :class:`~sdm_hf.lm.SDMTrainer` (SPEC B2-B5).
+
+    ``remove_unused_columns`` is forced to False (the collator's metadata columns must reach
+    the trainer) and ``prediction_loss_only`` defaults to True (evaluation needs the loss, not
+    the vocabulary logits).
+    """
+
+    use_sdm_loss: bool = field(default=True, metadata={"help": "False: plain cross-entropy baseline, no heads."})
+    alpha: float = field(default=0.95, metadata={"help": "Target accuracy of the verification head's HR region."})
+    head_exemplar_dim: int = field(default=1000, metadata={"help": "Exemplar width M of the verification head."})
+    head_epochs: int = field(default=200, metadata={"help": "Epochs of each verification-head fit."})
+    head_shuffles: int = field(default=1, metadata={"help": "Shuffles of each verification-head fit."})
+    head_batch_size: int = field(default=50, metadata={"help": "Minibatch size of the head fit."})
+    head_learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate of the head fit."})
+    gamma_pos: float = field(default=0.5, metadata={"help": "Probability of training a document's positive."})
+    gamma_gen: float = field(default=0.5, metadata={"help": "Probability of generating a hard negative."})
+    gamma_diversity: float = field(
+        default=0.5, metadata={"help": "Probability that a wrong generation replaces the static negative."}
+    )
+    hard_negatives_from_epoch: int = field(default=1, metadata={"help": "First epoch (0-based) that generates."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation length for hard negatives."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate documents to this many tokens."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation returns only the loss."})
+
+    def __post_init__(self):
+        for name in ("gamma_pos", "gamma_gen", "gamma_diversity"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.5 < float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must satisfy 0.5 < alpha <= 1, got {self.alpha}")
+        self.remove_unused_columns = False
+        super().__post_init__()

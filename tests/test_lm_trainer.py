@@ -1,0 +1,215 @@
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, verification_features
+from sdm_hf.lm.encoding import ControlTokens
+from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer
+
+SENTENCES = [line for line in open("data/harvard_sentences.txt").read().splitlines() if line.strip()][:48]
+
+
+def preference(sentences):
+    return Dataset.from_list(
+        [{"prompt": f"Repeat: {s}", "chosen": s, "rejected": " ".join(reversed(s.split()))} for s in sentences]
+    )
+
+
+def make_args(tmp_path, **changes):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        head_epochs=3,
+        head_exemplar_dim=16,
+        head_learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_new_tokens=6,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(changes)
+    return SDMTrainingArguments(**values)
+
+
+def make_trainer(tmp_path, eval_data=True, model=None, **changes):
+    tok = tiny_tokenizer()
+    model = model if model is not None else tiny_causal_lm(tok)
+    return SDMTrainer(
+        model=model,
+        args=make_args(tmp_path, **changes),
+        train_dataset=preference(SENTENCES[:32]),
+        eval_dataset=preference(SENTENCES[32:]) if eval_data else None,
+        processing_class=tok,
+    )
+
+
+def test_beta_e_is_the_standard_cross_entropy(tmp_path):
+    trainer = make_trainer(tmp_path, use_sdm_loss=False)
+    batch = trainer.data_collator(trainer.train_dataset.rows[:8])
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    reference = trainer.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
+    torch.testing.assert_close(loss, reference)
+
+
+def test_sdm_loss_uses_the_head_and_same_forward_features(tmp_path):
+    trainer = make_trainer(tmp_path)
+    rows = trainer.train_dataset.rows[:6]
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():
+        out = trainer.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+    same_forward = trainer._pool(out.hidden_states[-1], batch["verified_position"])
+    docs = [trainer.documents[r["document_id"]] for r in rows]
+    texts = [trainer._tokenizer.decode(r["input_ids"]) for r in rows]
+    completions = [t.split("<|assistant|>")[1].replace("<|end|>", "") for t in texts]
+    separate = verification_features(trainer.model, trainer._tokenizer, [d.prompt for d in docs], completions)
+    torch.testing.assert_close(same_forward, separate, rtol=1e-4, atol=1e-5)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    ce = make_trainer(tmp_path, use_sdm_loss=False, model=trainer.model).compute_loss(trainer.model, dict(batch))
+    assert torch.isfinite(loss) and not torch.isclose(loss, ce)  # beta in [2, 3] changes the loss
+
+
+def test_gradient_accumulation_does_not_change_the_update(tmp_path):
+    weights = []
+    for batch_size, steps in ((8, 1), (4, 2)):
+        tok = tiny_tokenizer()
+        trainer = SDMTrainer(
+            model=tiny_causal_lm(tok),
+            processing_class=tok,
+            train_dataset=preference(SENTENCES[:32]),
+            args=make_args(
+                tmp_path,
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=steps,
+                max_steps=1,
+                optim="sgd",
+                learning_rate=0.5,
+                lr_scheduler_type="constant",
+            ),
+        )
+        trainer.train()
+        weights.append(trainer.model.model.embed_tokens.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
+
+
+def test_epochs_refresh_head_and_generate_hard_negatives(tmp_path):
+    trainer = make_trainer(tmp_path, gamma_gen=1.0, hard_negatives_from_epoch=1, num_train_epochs=3)
+    heads = []
+    original = trainer._fit_head
+
+    def spy(rows, seed):
+        result = original(rows, seed)
+        heads.append(seed)
+        return result
+
+    trainer._fit_head = spy
+    trainer.train()
+    assert [e["epoch"] for e in trainer.epoch_log] == [0, 1, 2]
+    assert trainer.epoch_log[0]["generated"] == 0 and trainer.epoch_log[1]["generated"] > 0
+    assert len([s for s in heads if s < 77]) == 2  # epochs 1 and 2 (epoch 0 was fitted at construction)
+    for negatives in trainer.hard_negatives.values():
+        assert all(n.endswith("<verified>No</verified>") for n in negatives)
+
+
+def test_correct_generations_are_never_negatives(tmp_path):
+    tok = tiny_tokenizer()
+    trainer = SDMTrainer(
+        model=tiny_causal_lm(tok),
+        processing_class=tok,
+        train_dataset=preference(SENTENCES[:32]),
+        args=make_args(tmp_path, gamma_gen=1.0, hard_negatives_from_epoch=0),
+        verifier=lambda positive, generation: True,
+    )
+    assert trainer.epoch_log[0]["generated"] > 0 and trainer.hard_negatives == {}
+
+
+def test_evaluate_and_best_checkpoint(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and "eval_head_hr_admission" in metrics
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and (tmp_path / "out").exists()
+    from pathlib import Path
+
+    assert (Path(best) / "sdm_head" / "config.json").is_file()
+    head = trainer.build_final_head()
+    assert head.support.ntotal > 0
+    saved = trainer.save_sdm_model(tmp_path / "final")
+    assert (saved / "sdm_head" / "model.safetensors").is_file() and (saved / "config.json").is_file()
+
+
+def test_lora_model_trains(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = tiny_tokenizer()
+    model = peft.get_peft_model(tiny_causal_lm(tok), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainer = SDMTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=preference(SENTENCES[:32]),
+        args=make_args(tmp_path, num_train_epochs=1),
+    )
+    trainer.train()
+    assert trainer.head is not None
+
+
+def test_bad_input(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="gamma_pos"):
+        make_args(tmp_path, gamma_pos=1.5)
+    with pytest.raises(ValueError, match="prompt/chosen/rejected"):
+        SDMTrainer(
+            model=tiny_causal_lm(tok),
+            processing_class=tok,
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_list([{"text": "x"}]),
+        )
+    bad = Dataset.from_list([{"prompt": "p", "chosen": "a" + ControlTokens().suffix(False), "rejected": "b"}])
+    with pytest.raises(ValueError, match="opposite control suffix"):
+        SDMTrainer(model=tiny_causal_lm(tok), processing_class=tok, args=make_args(tmp_path), train_dataset=bad)
+    with pytest.raises(ValueError, match="lacks its control suffix"):
+        SDMTrainer(
+            model=tiny_causal_lm(tok),
+            processing_class=tok,
+            args=make_args(tmp_path),
+            train_dataset=preference(SENTENCES[:8]),
+            append_control=False,
+        )
+
+
+def test_unpaired_format_groups_by_prompt():
+    from sdm_hf.lm import prepare_documents
+
+    rows = Dataset.from_list(
+        [
+            {"prompt": "p1", "completion": "good", "label": True},
+            {"prompt": "p1", "completion": "bad", "label": False},
+            {"prompt": "p1", "completion": "worse", "label": False},
+            {
+                "prompt": [{"role": "user", "content": "p2"}],
+                "completion": [{"role": "assistant", "content": "ok"}],
+                "label": True,
+            },
+            {"prompt": "p3", "completion": "only bad", "label": False},
+        ]
+    )
+    with pytest.warns(UserWarning, match="1 prompt"):
+        documents, negative_only = prepare_documents(rows)
+    assert len(documents) == 2 and len(negative_only) == 1
+    assert documents[0].negatives == ["bad<verified>No</verified>", "worse<verified>No</verified>"]
+    assert documents[1].positive == "ok<verified>Yes</verified>" and documents[1].negatives == []
