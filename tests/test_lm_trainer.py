@@ -195,7 +195,8 @@ def test_bad_input(tmp_path):
 def test_unpaired_format_groups_by_prompt():
     from sdm_hf.lm import prepare_documents
 
-    rows = Dataset.from_list(
+    # a plain list of rows: arrow cannot mix string and message-list cells in one column
+    rows = list(
         [
             {"prompt": "p1", "completion": "good", "label": True},
             {"prompt": "p1", "completion": "bad", "label": False},
