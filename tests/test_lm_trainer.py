@@ -214,3 +214,37 @@ def test_unpaired_format_groups_by_prompt():
     assert len(documents) == 2 and len(negative_only) == 1
     assert documents[0].negatives == ["bad<verified>No</verified>", "worse<verified>No</verified>"]
     assert documents[1].positive == "ok<verified>Yes</verified>" and documents[1].negatives == []
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    common = dict(num_train_epochs=3, save_strategy="epoch", gamma_gen=1.0, hard_negatives_from_epoch=1)
+    tok = tiny_tokenizer()
+    full = SDMTrainer(
+        model=tiny_causal_lm(tok),
+        processing_class=tok,
+        train_dataset=preference(SENTENCES[:32]),
+        args=make_args(tmp_path / "a", **common),
+    )
+    full.train()
+    expected = full.model.model.embed_tokens.weight.detach().clone()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-8"  # end of epoch 2 of 3 (4 steps per epoch)
+    assert (checkpoint / "sdm_trainer_state.json").is_file() and (checkpoint / "sdm_head").is_dir()
+    tok = tiny_tokenizer()
+    resumed = SDMTrainer(
+        model=tiny_causal_lm(tok, seed=5),
+        processing_class=tok,
+        train_dataset=preference(SENTENCES[:32]),
+        args=make_args(tmp_path / "b", **common),
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    torch.testing.assert_close(resumed.model.model.embed_tokens.weight, expected, rtol=1e-5, atol=1e-6)
+    assert resumed.hard_negatives == full.hard_negatives
+
+
+def test_final_head_uses_wrong_generations(tmp_path):
+    trainer = make_trainer(tmp_path, num_train_epochs=1)
+    trainer.train()
+    head = trainer.build_final_head(generate=True)
+    assert trainer.final_head_generated_negatives > 0  # an untrained tiny LM is wrong
+    positives, negatives = 16, 16 + trainer.final_head_generated_negatives
+    assert head.support.ntotal + head.calibration_arrays["labels"].numel() == positives + negatives

@@ -19,6 +19,7 @@ head on the documents split 50/50 (seeded per epoch).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from .loss import sdm_next_token_loss
 from .sdm_config import SDMTrainingArguments
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
+
+_STATE_NAME = "sdm_trainer_state.json"
 
 
 def exact_match_verifier(positive: str, generation: str) -> bool:
@@ -163,6 +166,7 @@ class SDMTrainer(Trainer):
                 self._tokenizer, doc.prompt, text, positive, self.control_tokens, max_length=self.args.max_length
             )
             row["document_id"] = doc.id
+            row["text"] = text  # kept for checkpoints; the collator ignores it
             self._encoded[key] = row
         return self._encoded[key]
 
@@ -221,24 +225,24 @@ class SDMTrainer(Trainer):
         )
 
     @torch.no_grad()
-    def _hard_negatives(self, indices: list[int], texts: list[str], rng) -> None:
-        """Greedy batched generation for ``indices``; wrong generations become negatives."""
+    def generate_completions(self, documents: list[Document]) -> list[str]:
+        """Greedy, batched, left-padded generation (KV cache on) from each document's prompt."""
         model, tok = self.model, self._tokenizer
         was_training = model.training
         model.eval()
         side, tok.padding_side = tok.padding_side, "left"
+        completions = []
         try:
             batch_size = max(1, self.args.per_device_eval_batch_size)
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
+            for start in range(0, len(documents), batch_size):
                 prompts = []
-                for i in chunk:
-                    prompt = self.documents[i].prompt
+                for doc in documents[start : start + batch_size]:
                     if getattr(tok, "chat_template", None):
+                        prompt = doc.prompt
                         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
                         prompts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
                     else:
-                        prompts.append(format_document(tok, prompt, ""))
+                        prompts.append(format_document(tok, doc.prompt, ""))
                 enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
                 out = model.generate(
                     **enc,
@@ -247,19 +251,31 @@ class SDMTrainer(Trainer):
                     use_cache=True,
                     pad_token_id=tok.pad_token_id,
                 )
-                generations = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                for i, generation in zip(chunk, generations):
-                    doc = self.documents[i]
-                    content = self.control_tokens.remove_suffix(generation)
-                    if self.verifier(self.control_tokens.remove_suffix(doc.positive), content):
-                        continue  # a correct generation is never a negative
-                    negative = self.control_tokens.add(content, False)
-                    self.hard_negatives.setdefault(doc.id, []).append(negative)
-                    if rng.random() < self.args.gamma_diversity:
-                        texts[i] = negative
+                completions.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         finally:
             tok.padding_side = side
             model.train(was_training)
+        return completions
+
+    def wrong_generation(self, doc: Document, generation: str) -> str | None:
+        """The generation as a negative (suffix forced to No), or None when the verifier r
+        judges its content correct (a correct generation is never a negative)."""
+        content = self.control_tokens.remove_suffix(generation)
+        if self.verifier(self.control_tokens.remove_suffix(doc.positive), content):
+            return None
+        return self.control_tokens.add(content, False)
+
+    def _hard_negatives(self, indices: list[int], texts: list[str], rng) -> None:
+        """SPEC B4 for the documents at ``indices`` (all on the negative branch)."""
+        generations = self.generate_completions([self.documents[i] for i in indices])
+        for i, generation in zip(indices, generations):
+            doc = self.documents[i]
+            negative = self.wrong_generation(doc, generation)
+            if negative is None:
+                continue
+            self.hard_negatives.setdefault(doc.id, []).append(negative)
+            if rng.random() < self.args.gamma_diversity:
+                texts[i] = negative
 
     # -- verification head ----------------------------------------------------------------
     @torch.no_grad()
@@ -405,28 +421,65 @@ class SDMTrainer(Trainer):
 
     # -- saving ---------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
-        # Overridden: checkpoints and saved models also carry the current verification head.
+        # Overridden: checkpoints and saved models also carry the current verification head and
+        # the epoch's SDM state (document versions, hard-negative caches), so that
+        # resume_from_checkpoint continues exactly.
         super()._save(output_dir, state_dict=state_dict)
+        folder = Path(output_dir or self.args.output_dir)
         if self.head is not None:
-            self.head.save_pretrained(Path(output_dir or self.args.output_dir) / "sdm_head")
+            self.head.save_pretrained(folder / "sdm_head")
+        state = {
+            "format": 1,
+            "prepared_epoch": getattr(self, "_prepared_epoch", None),
+            "versions": [[r["document_id"], r["text"], bool(r["reward"])] for r in self._train_versions.rows],
+            "hard_negatives": {str(k): v for k, v in self.hard_negatives.items()},
+            "previous_hard_negatives": {str(k): v for k, v in self._previous_hard_negatives.items()},
+            "support_row": None if self._support_row is None else self._support_row.tolist(),
+        }
+        (folder / _STATE_NAME).write_text(json.dumps(state, allow_nan=False), encoding="utf-8")
 
-    def build_final_head(self) -> SDMHead:
-        """The test-time head (SPEC B5) on the evaluation (calibration) documents; with
-        ``gamma_gen`` it still uses their static negatives (generation for the final head is
-        not implemented yet)."""
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Overridden: also restore the verification head and the SDM state saved by _save.
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        folder = Path(resume_from_checkpoint)
+        path = folder / _STATE_NAME
+        if not path.is_file():
+            warnings.warn(f"{path} is missing: the SDM state restarts from the next epoch", UserWarning, stacklevel=2)
+            return
+        state = json.loads(path.read_text(encoding="utf-8"))
+        self._prepared_epoch = state["prepared_epoch"]
+        self.hard_negatives = {int(k): v for k, v in state["hard_negatives"].items()}
+        self._previous_hard_negatives = {int(k): v for k, v in state["previous_hard_negatives"].items()}
+        self._train_versions.rows = [
+            self._encode(self.documents[doc_id], text, reward) for doc_id, text, reward in state["versions"]
+        ]
+        if (folder / "sdm_head" / "config.json").is_file():
+            self.head = SDMHead.from_pretrained(folder / "sdm_head")
+            self._active_head = self.head
+            self._support_row = torch.tensor(state["support_row"], dtype=torch.long)
+
+    def build_final_head(self, generate: bool = True) -> SDMHead:
+        """The test-time verification head (SPEC B5), fitted on the evaluation (calibration)
+        documents only: every positive, every static negative and, with ``generate``, every
+        wrong greedy generation as a further negative (gamma_gen = gamma_diversity = 1).
+        It becomes ``self.head`` (saved by :meth:`save_sdm_model`)."""
         if not self._eval_versions.rows:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
+        extra: dict[int, list[str]] = {}
+        if generate:
+            for doc, generation in zip(self.eval_documents, self.generate_completions(self.eval_documents)):
+                negative = self.wrong_generation(doc, generation)
+                if negative is not None:
+                    extra.setdefault(doc.id, []).append(negative)
         rows = []
         for doc in self.eval_documents:
             rows.append(self._encode(doc, doc.positive, True))
-            rows.extend(self._encode(doc, negative, False) for negative in doc.negatives)
-        for i, row in enumerate(rows):
-            row = dict(row)
-            row["document_id"] = i  # every version is its own document for the final head
-            rows[i] = row
+            rows.extend(self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, []))
+        rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
         head, _ = self._fit_head(rows, seed=int(self.args.seed) + 99)
         if head is None:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
+        self.final_head_generated_negatives = sum(len(v) for v in extra.values())
         self.head = head
         return head
 
