@@ -158,6 +158,42 @@ class SDMTrainer(Trainer):
         self.add_callback(_EpochStart(self))
         self.start_epoch(0)  # datasets must be non-empty before the Trainer sizes its loader
 
+    # -- several processes (accelerate / torchrun) ---------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this process."""
+        state = getattr(self, "accelerator", None)
+        if state is None or getattr(state, "num_processes", 1) <= 1:
+            return 0, 1
+        return int(state.process_index), int(state.num_processes)
+
+    def _gather(self, local: list) -> list:
+        """Every process's ``local`` list, concatenated in rank order."""
+        rank, world = self._world()
+        if world == 1:
+            return list(local)
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, local)
+        return [item for part in parts for item in part]
+
+    def _broadcast_head(self, head: SDMHead | None, support_row: torch.Tensor):
+        """The main process's head (rebuilt from its safe arrays) on every process."""
+        from .. import persistence
+
+        rank, world = self._world()
+        if world == 1:
+            return head, support_row
+        payload = [None]
+        if rank == 0:
+            payload = [None if head is None else (*persistence.state_to_files(head)[:2], support_row.tolist())]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        if payload[0] is None:
+            return None, support_row
+        config, tensors, rows = payload[0]
+        names = {name: f"<broadcast {name}>" for name in (persistence.CONFIG_NAME, persistence.WEIGHTS_NAME)}
+        head = persistence.head_from_files(SDMHead, config, tensors, None, names, torch.device("cpu"))
+        head.compute_training_distance_lists()
+        return head, torch.tensor(rows, dtype=torch.long)
+
     # -- documents and versions -----------------------------------------------------------
     def _encode(self, doc: Document, text: str, positive: bool) -> dict:
         key = (doc.id, text)
@@ -214,7 +250,10 @@ class SDMTrainer(Trainer):
                 self.documents, head_rng, lambda d: d.negatives + self._previous_hard_negatives.get(d.id, [])
             )
             rows = [self._encode(d, t, r) for d, t, r in zip(self.documents, h_texts, h_rewards)]
-            self.head, self._support_row = self._fit_head(rows, seed=int(args.seed) * 1000 + epoch)
+            head, support_row = (None, torch.full((len(self.documents),), -1, dtype=torch.long))
+            if self._world()[0] == 0:  # trained once, on the main process, then broadcast
+                head, support_row = self._fit_head(rows, seed=int(args.seed) * 1000 + epoch)
+            self.head, self._support_row = self._broadcast_head(head, support_row)
             self._active_head = self.head
         self.epoch_log.append(
             {
@@ -266,9 +305,13 @@ class SDMTrainer(Trainer):
         return self.control_tokens.add(content, False)
 
     def _hard_negatives(self, indices: list[int], texts: list[str], rng) -> None:
-        """SPEC B4 for the documents at ``indices`` (all on the negative branch)."""
-        generations = self.generate_completions([self.documents[i] for i in indices])
-        for i, generation in zip(indices, generations):
+        """SPEC B4 for the documents at ``indices`` (all on the negative branch). With several
+        processes each generates for its share and the results are merged, in document order,
+        on every process (so the caches agree)."""
+        rank, world = self._world()
+        mine = indices[rank::world]
+        generated = self._gather(list(zip(mine, self.generate_completions([self.documents[i] for i in mine]))))
+        for i, generation in sorted(generated):
             doc = self.documents[i]
             negative = self.wrong_generation(doc, generation)
             if negative is None:

@@ -1,0 +1,67 @@
+"""Run by tests/test_lm_distributed.py under torchrun (gloo, CPU) and once on its own.
+
+Writes ``<out>/rank<r>.json`` with what must agree across processes: the epoch-0 head (fitted
+before any training step), the final head and the merged hard-negative cache.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sdm_hf.lm import SDMTrainer, SDMTrainingArguments  # noqa: E402
+from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from tests.test_lm_trainer import SENTENCES, preference  # noqa: E402
+
+
+def main(out: str) -> None:
+    tok = tiny_tokenizer()
+    args = SDMTrainingArguments(
+        output_dir=str(Path(out) / "run"),
+        num_train_epochs=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        head_epochs=3,
+        head_exemplar_dim=16,
+        head_learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_new_tokens=6,
+        seed=0,
+        disable_tqdm=True,
+        gamma_gen=1.0,
+        hard_negatives_from_epoch=1,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    trainer = SDMTrainer(
+        model=tiny_causal_lm(tok), args=args, train_dataset=preference(SENTENCES[:32]), processing_class=tok
+    )
+    first = trainer.head
+    record = {
+        "epoch0_head": [
+            float(first.adaptor.weight.sum()),
+            float(first.classifier.weight.sum()),
+            first.support.ntotal,
+            first.q_min if first.q_min != float("inf") else None,
+        ]
+    }
+    trainer.train()
+    rank, world = trainer._world()
+    record.update(
+        rank=rank,
+        world=world,
+        final_head=[float(trainer.head.adaptor.weight.sum()), trainer.head.support.ntotal],
+        hard_negatives={str(k): v for k, v in sorted(trainer.hard_negatives.items())},
+        generated=[e["generated"] for e in trainer.epoch_log],
+        loss_finite=bool(torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))),
+    )
+    (Path(out) / f"rank{rank}_of{world}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

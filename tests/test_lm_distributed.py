@@ -1,0 +1,38 @@
+"""SDMTrainer with 2 processes (torchrun, gloo on CPU) against a single-process run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args, out):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, *args, str(ROOT / "tests" / "distributed_worker.py"), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_two_processes_share_one_head_and_one_cache(tmp_path):
+    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"], tmp_path)
+    _run([], tmp_path)
+    r0, r1, single = (
+        json.loads((tmp_path / name).read_text()) for name in ("rank0_of2.json", "rank1_of2.json", "rank0_of1.json")
+    )
+    assert (r0["world"], r1["world"], single["world"]) == (2, 2, 1)
+    # one head (fitted on the main process, broadcast) and one merged cache on every process
+    assert r0["epoch0_head"] == r1["epoch0_head"] and r0["final_head"] == r1["final_head"]
+    assert r0["hard_negatives"] == r1["hard_negatives"] and r0["generated"] == r1["generated"]
+    # before any training step the distributed run equals the single-process one
+    assert r0["epoch0_head"] == single["epoch0_head"]
+    assert r0["generated"][0] == single["generated"][0] == 0 and r0["generated"][1] > 0
+    assert r0["loss_finite"] and r1["loss_finite"]
