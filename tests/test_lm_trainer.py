@@ -248,3 +248,41 @@ def test_final_head_uses_wrong_generations(tmp_path):
     assert trainer.final_head_generated_negatives > 0  # an untrained tiny LM is wrong
     positives, negatives = 16, 16 + trainer.final_head_generated_negatives
     assert head.support.ntotal + head.calibration_arrays["labels"].numel() == positives + negatives
+
+
+def test_gpt2_style_model_trains_and_verifies(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=256,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    trainer = SDMTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=preference(SENTENCES[:32]),
+        args=make_args(tmp_path, num_train_epochs=1, gamma_gen=1.0, hard_negatives_from_epoch=0),
+    )
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # disable_dropout
+    trainer.train()
+    assert trainer.head is not None and trainer.epoch_log[0]["generated"] > 0
+
+
+@pytest.mark.parametrize("diversity", [0.0, 1.0])
+def test_gamma_diversity_decides_whether_wrong_generations_replace_the_negative(tmp_path, diversity):
+    trainer = make_trainer(tmp_path, gamma_gen=1.0, hard_negatives_from_epoch=0, gamma_diversity=diversity)
+    generated = {doc_id: set(v) for doc_id, v in trainer.hard_negatives.items()}
+    assert generated  # an untrained LM is wrong
+    used = [row["text"] in generated.get(row["document_id"], ()) for row in trainer.train_dataset.rows]
+    assert any(used) == (diversity == 1.0)
+    if diversity == 1.0:  # every wrong generation replaced its document's static negative
+        assert sum(used) == len(generated)
