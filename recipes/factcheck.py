@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import saplma_data  # noqa: E402
 
 from sdm_hf import SDMConfig, fit_sdm_head  # noqa: E402
+from sdm_hf._io import prepare_output_dir  # noqa: E402
 from sdm_hf.baselines import (  # noqa: E402
     conformal_rule,
     conformal_threshold,
@@ -71,12 +71,10 @@ def parse_args(argv=None):
 
 
 def prepare_output(path: Path, overwrite: bool) -> Path:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise SystemExit(f"error: output folder {path} exists; pass --overwrite to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        return prepare_output_dir(path, overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def load_splits(args):

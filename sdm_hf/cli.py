@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from ._io import prepare_output_dir
 
 __all__ = ["main"]
 
@@ -118,12 +119,10 @@ def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
 
 
 def prepare_output(path: Path, overwrite: bool) -> Path:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        return prepare_output_dir(path, overwrite)
+    except FileExistsError as err:
+        raise CLIError(str(err)) from None
 
 
 # -- subcommands --------------------------------------------------------------------------
@@ -132,8 +131,8 @@ def cmd_fit_head(args) -> int:
     from .head import SDMConfig
 
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise CLIError(f"output folder {output} exists and is not empty; pass --overwrite")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:  # fail before the long fit
+        raise CLIError(f"output folder {output} exists and is not empty; pass --overwrite to replace it")
     train, calib = load_table(args.train), load_table(args.calibration)
     x_tr, bundle = features_of(train, args, args.train)
     x_ca, _ = features_of(calib, args, args.calibration, model_bundle=bundle)
