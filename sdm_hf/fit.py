@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -303,7 +304,11 @@ def fit_sdm_head(
         ids=None if ids is None else [ids[i] for i in train_idx.tolist()],
         texts=None if texts is None else [texts[i] for i in train_idx.tolist()],
     )
-    final.calibrate(all_x[calib_idx], all_y[calib_idx])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final.calibrate(all_x[calib_idx], all_y[calib_idx])
+    for w in caught:  # re-issued so that the warning points at the caller of fit_sdm_head
+        warnings.warn(w.message, w.category, stacklevel=2)
     final.training_history = history
     final.selection = {
         "shuffle": best["shuffle"],
