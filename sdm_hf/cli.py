@@ -201,6 +201,9 @@ def cmd_evaluate(args) -> int:
         y, sdm_rules(out, head.alpha), head.config.num_classes, head.config.id2label
     )
     text = f"alpha = {head.alpha}, q'_min = {head.q_min:.4g}, n = {len(y)}\n\n{report.to_markdown()}\n"
+    if args.agreement:
+        agreement = head.index_agreement(x)
+        text += "\nagreement with exact search: " + json.dumps(agreement) + "\n"
     print(text)
     if args.output:
         folder = prepare_output(Path(args.output), args.overwrite)
@@ -322,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="+", required=True)
     data_args(ev, "test")
     ev.add_argument("--alpha", type=float, default=None, help="recalibrate at this alpha first")
+    ev.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also report how often the head's (approximate/float16) index agrees with exact search",
+    )
     ev.add_argument("--output", help="folder for report.md/json and plots")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

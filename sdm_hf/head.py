@@ -40,7 +40,7 @@ from .calibration import (
     lower_bound_margin,
 )
 from .distance import class_distance_lists, distance_quantile
-from .index import SupportIndex, resolve_device
+from .index import SupportIndex, index_parameters, resolve_device
 from .similarity import compute_similarity
 
 __all__ = ["SDMConfig", "SDMHead", "SDMOutput", "CalibrationReport", "LabelErrors"]
@@ -69,6 +69,16 @@ class SDMConfig:
         metadata={"help": "'scalar' (one mean/std over all elements, the papers') or 'feature'."},
     )
     initial_k: int = field(default=32, metadata={"help": "First neighbour-search width; widened adaptively."})
+    index_type: str = field(
+        default="flat", metadata={"help": "Support index: 'flat' (exact), 'ivf' or 'hnsw' (approximate, FAISS)."}
+    )
+    index_params: dict | None = field(
+        default=None,
+        metadata={"help": "ivf: nlist, nprobe; hnsw: M, efConstruction, efSearch (defaults filled in)."},
+    )
+    support_storage: str = field(
+        default="float32", metadata={"help": "Exemplar storage: 'float32' or 'float16' (half the memory)."}
+    )
     base_model: str | None = field(
         default=None, metadata={"help": "Name or path of the model whose features the head reads."}
     )
@@ -88,6 +98,11 @@ class SDMConfig:
         self.max_q = check.check_positive_int(self.max_q, "max_q")
         self.initial_k = check.check_positive_int(self.initial_k, "initial_k")
         self.alpha = check.check_alpha(self.alpha)
+        if self.support_storage not in ("float32", "float16"):
+            raise ValueError(f"support_storage must be 'float32' or 'float16', got {self.support_storage!r}")
+        index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
+        if self.index_params is not None:
+            self.index_params = dict(self.index_params)
         if self.normalization not in _NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {self.normalization!r}")
         if self.id2label is not None:
@@ -470,10 +485,23 @@ class SDMHead(
         ids = check.check_optional_list(ids, "ids", x.shape[0])
         texts = check.check_optional_list(texts, "texts", x.shape[0])
         exemplars, logits = self._encode_batched(x, batch_size)
-        self.support = SupportIndex(exemplars, y, logits.argmax(dim=1), device=self.device)
+        self.support = self._support_index(exemplars, y, logits.argmax(dim=1))
         self.support_ids, self.support_texts = ids, texts
         self._calibration = None
         self._training_lists = None
+
+    def _support_index(self, vectors, labels, predictions, device=None) -> SupportIndex:
+        """The support index the config asks for (type, parameters, storage)."""
+        cfg = self.config
+        return SupportIndex(
+            vectors,
+            labels,
+            predictions,
+            device=device or self.device,
+            index_type=cfg.index_type,
+            index_params=cfg.index_params,
+            storage=cfg.support_storage,
+        )
 
     def add_to_support(self, x, y, ids: list | None = None, texts: list | None = None) -> None:
         """Append labelled points to the support set without retraining (SPEC A8).
@@ -795,6 +823,41 @@ class SDMHead(
             probability=out.predicted_probability[rows],
             rescaled_similarity=out.rescaled_similarity[rows],
         )
+
+    def index_agreement(self, x, batch_size: int = 8192) -> dict:
+        """How often this head's support index (approximate, or float16) gives the same
+        answers as an exact float32 search over the same exemplars, on points ``x``.
+
+        Returns:
+            dict with the fractions of points whose ``q``, ``d``, nearest exemplar, HR and
+            HR-lower decisions are equal (``same_q``, ``same_d``, ``same_nearest``,
+            ``same_hr``, ``same_hr_lower``), and ``n``.
+        """
+        self._require_calibration()
+        approximate = self.predict(x, batch_size=batch_size)
+        exact = SupportIndex(
+            self.support.vectors.float(), self.support.labels, self.support.predictions, device=self.device
+        )
+        saved, self.support = self.support, exact
+        try:
+            reference = self.predict(x, batch_size=batch_size)
+        finally:
+            self.support = saved
+        n = len(reference)
+
+        def share(a, b):
+            return float((a == b).float().mean()) if n else 1.0
+
+        return {
+            "n": n,
+            "index_type": self.support.index_type,
+            "storage": self.support.storage,
+            "same_q": share(approximate.q, reference.q),
+            "same_d": share(approximate.d, reference.d),
+            "same_nearest": share(approximate.nearest_index, reference.nearest_index),
+            "same_hr": share(approximate.in_hr, reference.in_hr),
+            "same_hr_lower": share(approximate.in_hr_lower, reference.in_hr_lower),
+        }
 
     # -- reporting ------------------------------------------------------------------------
     def calibration_report(self, alphas=(0.8, 0.9, 0.95)) -> CalibrationReport:

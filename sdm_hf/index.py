@@ -15,11 +15,13 @@ is never serialised: it is rebuilt from the stored exemplars (``SupportIndex.fro
 
 from __future__ import annotations
 
+import math
+
 import faiss
 import numpy as np
 import torch
 
-__all__ = ["SupportIndex", "resolve_device", "faiss_gpu_available"]
+__all__ = ["SupportIndex", "resolve_device", "faiss_gpu_available", "index_parameters", "INDEX_TYPES"]
 
 # FAISS's GPU k-selection supports at most this many neighbours per query.
 _FAISS_GPU_MAX_K = 2048
@@ -69,14 +71,44 @@ def _order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.T
     return distances, indices
 
 
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_DEFAULT_PARAMS = {"ivf": {"nlist": None, "nprobe": 16}, "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128}}
+
+
+def index_parameters(index_type: str, params: dict | None, ntotal: int) -> dict:
+    """Validated parameters of an index type, defaults filled in (``nlist`` defaults to
+    about ``4 sqrt(N)``)."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+    defaults = dict(_DEFAULT_PARAMS.get(index_type, {}))
+    unknown = sorted(set(params or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {index_type} index parameter(s) {unknown}; valid: {sorted(defaults)}")
+    values = {**defaults, **(params or {})}
+    if index_type == "ivf" and values["nlist"] is None:
+        values["nlist"] = max(1, min(int(4 * math.sqrt(max(ntotal, 1))), max(ntotal // 39, 1)))
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{index_type} index parameter {key} must be a positive integer, got {value!r}")
+    return values
+
+
 class SupportIndex:
-    """Exemplar vectors + true labels + predicted labels, searchable by exact L2.
+    """Exemplar vectors + true labels + predicted labels, searchable by L2.
 
     Args:
-        vectors: ``[N, M]`` float exemplars (kept as float32 on ``device``).
+        vectors: ``[N, M]`` float exemplars (kept on ``device`` in the ``storage`` dtype).
         labels: ``[N]`` true labels.
         predictions: ``[N]`` predicted labels under the head's current weights.
         device: where the vectors live and the search runs (see the module docstring).
+        index_type: ``"flat"`` (exact, the default), ``"ivf"`` (FAISS IVF, parameters
+            ``nlist``, ``nprobe``) or ``"hnsw"`` (FAISS HNSW, ``M``, ``efConstruction``,
+            ``efSearch``). Approximate indexes search on the CPU even for a CUDA head; see
+            ``SDMHead.index_agreement`` for how often they change q, d and the HR decision.
+        index_params: parameters of the index type.
+        storage: ``"float32"`` or ``"float16"`` (half the memory; FAISS then stores fp16
+            codes too and distances carry fp16 rounding).
 
     Example:
         >>> import torch
@@ -92,9 +124,15 @@ class SupportIndex:
         labels: torch.Tensor,
         predictions: torch.Tensor,
         device: str | torch.device | None = None,
+        index_type: str = "flat",
+        index_params: dict | None = None,
+        storage: str = "float32",
     ):
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.device = resolve_device(device) if device is not None else vectors.device
-        self.vectors = vectors.detach().to(self.device, torch.float32).contiguous()
+        self.storage = storage
+        self.vectors = vectors.detach().to(self.device, STORAGE_DTYPES[storage]).contiguous()
         self.labels = labels.detach().long().cpu()
         self.predictions = predictions.detach().long().cpu()
         if not (self.vectors.shape[0] == self.labels.numel() == self.predictions.numel()):
@@ -102,13 +140,23 @@ class SupportIndex:
                 "vectors, labels and predictions must have the same number of rows; got "
                 f"{self.vectors.shape[0]}, {self.labels.numel()}, {self.predictions.numel()}"
             )
+        self.index_type = index_type
+        self.index_params = index_parameters(index_type, index_params, self.vectors.shape[0])
         self._faiss = None
         self._build()
 
     def __deepcopy__(self, memo) -> SupportIndex:
         # Rebuild from the stored arrays: the FAISS object itself is never serialised (its
         # Python wrapper would do so to copy it).
-        return SupportIndex(self.vectors.clone(), self.labels.clone(), self.predictions.clone(), self.device)
+        return SupportIndex(
+            self.vectors.clone(),
+            self.labels.clone(),
+            self.predictions.clone(),
+            self.device,
+            self.index_type,
+            dict(self.index_params),
+            self.storage,
+        )
 
     def __getstate__(self):
         raise TypeError(
@@ -116,20 +164,53 @@ class SupportIndex:
             "its vectors, labels and predictions in safetensors and rebuild it with SupportIndex(...)"
         )
 
+    @property
+    def exact(self) -> bool:
+        """True for exact float32 search (the default)."""
+        return self.index_type == "flat" and self.storage == "float32"
+
     # -- construction ---------------------------------------------------------------------
+    def _cpu_index(self, dim: int):
+        fp16 = self.storage == "float16"
+        params = self.index_params
+        if self.index_type == "flat":
+            if fp16:
+                return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+            return faiss.IndexFlatL2(dim)
+        if self.index_type == "ivf":
+            self._quantizer = faiss.IndexFlatL2(dim)
+            nlist = min(params["nlist"], max(self.vectors.shape[0], 1))
+            if fp16:
+                index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16)
+            else:
+                index = faiss.IndexIVFFlat(self._quantizer, dim, nlist)
+            index.nprobe = min(params["nprobe"], nlist)
+            return index
+        if fp16:
+            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, params["M"])
+        else:
+            index = faiss.IndexHNSWFlat(dim, params["M"])
+        index.hnsw.efConstruction = params["efConstruction"]
+        return index
+
     def _build(self) -> None:
         dim = self.vectors.shape[1]
-        if self.device.type == "cpu":
-            self._faiss = faiss.IndexFlatL2(dim)
-        elif self.device.type == "cuda" and faiss_gpu_available():
+        if self.device.type == "cuda" and self.exact and faiss_gpu_available():
             self._gpu_resources = faiss.StandardGpuResources()
             config = faiss.GpuIndexFlatConfig()
             config.device = int(self.device.index or 0)
             self._faiss = faiss.GpuIndexFlatL2(self._gpu_resources, dim, config)
-        else:
+        elif self.device.type == "cuda" and self.exact:
             self._faiss = None  # torch exact search on the device
+        else:
+            self._faiss = self._cpu_index(dim)
         if self._faiss is not None and self.vectors.shape[0] > 0:
-            self._faiss.add(self._as_numpy(self.vectors))
+            data = self._as_numpy(self.vectors)
+            if not self._faiss.is_trained:  # IVF: k-means on a seeded subsample
+                take = min(data.shape[0], 256 * self.index_params.get("nlist", 1))
+                rows = np.random.default_rng(0).permutation(data.shape[0])[:take]
+                self._faiss.train(data[np.sort(rows)])
+            self._faiss.add(data)
 
     @staticmethod
     def _as_numpy(x: torch.Tensor) -> np.ndarray:
@@ -148,7 +229,7 @@ class SupportIndex:
         """``"faiss-cpu"``, ``"faiss-gpu"`` or ``"torch"``."""
         if self._faiss is None:
             return "torch"
-        return "faiss-cpu" if self.device.type == "cpu" else "faiss-gpu"
+        return "faiss-gpu" if hasattr(self, "_gpu_resources") and self.device.type == "cuda" else "faiss-cpu"
 
     def to(self, device: str | torch.device) -> SupportIndex:
         """Move the support set (and rebuild the index) on ``device``; returns self."""
@@ -161,7 +242,7 @@ class SupportIndex:
 
     def add(self, vectors: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> None:
         """Append rows (SPEC A8). Existing row indices do not change."""
-        vectors = vectors.detach().to(self.device, torch.float32)
+        vectors = vectors.detach().to(self.device, STORAGE_DTYPES[self.storage])
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] vectors, got {tuple(vectors.shape)}")
         self.vectors = torch.cat([self.vectors, vectors]).contiguous()
@@ -191,18 +272,21 @@ class SupportIndex:
         if use_torch:
             distances, rows = self._torch_search(queries, k)
         else:
+            if self.index_type == "hnsw":  # HNSW needs a search beam at least k wide
+                self._faiss.hnsw.efSearch = max(self.index_params["efSearch"], k)
             d, i = self._faiss.search(self._as_numpy(queries), k)
             distances, rows = torch.from_numpy(d), torch.from_numpy(i).long()
         return _order_rows(distances.cpu(), rows.cpu())
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.detach().to(self.device, torch.float32)
-        support_norms = (self.vectors * self.vectors).sum(dim=1)
+        vectors = self.vectors.float()
+        support_norms = (vectors * vectors).sum(dim=1)
         chunk = max(1, _TORCH_CHUNK_BYTES // (4 * max(self.ntotal, 1)))
         out_d, out_i = [], []
         for start in range(0, queries.shape[0], chunk):  # chunks bound memory
             block = queries[start : start + chunk]
-            dist = (block * block).sum(1, keepdim=True) + support_norms - 2.0 * block @ self.vectors.T
+            dist = (block * block).sum(1, keepdim=True) + support_norms - 2.0 * block @ vectors.T
             d, i = torch.topk(dist.clamp(min=0), k, dim=1, largest=False, sorted=True)
             out_d.append(d.cpu())
             out_i.append(i.cpu())
@@ -211,5 +295,5 @@ class SupportIndex:
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2``, ``[B]`` float32."""
         queries = queries.detach().to(self.device, torch.float32)
-        diff = queries - self.vectors[rows.to(self.device).long()]
+        diff = queries - self.vectors[rows.to(self.device).long()].float()
         return (diff * diff).sum(dim=1).float().cpu()

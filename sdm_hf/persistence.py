@@ -72,7 +72,7 @@ def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | No
         config["selection"] = {k: selection[k] for k in ("shuffle", "epoch", "calibration_loss") if k in selection}
     documents = None
     if support is not None:
-        tensors["support.vectors"] = support.vectors.detach().cpu().float().contiguous()
+        tensors["support.vectors"] = support.vectors.detach().cpu().contiguous()  # float32 or float16
         tensors["support.labels"] = support.labels.long().contiguous()
         tensors["support.predictions"] = support.predictions.long().contiguous()
         config["support"] = {
@@ -276,7 +276,6 @@ class TensorChecker:
 def head_from_files(cls, config: dict, tensors: dict, documents: list[dict] | None, paths: dict, device):
     """Rebuild and validate a head of class ``cls`` from what :func:`read_files` returned."""
     from .head import SDMConfig, _Calibration
-    from .index import SupportIndex
 
     config_path, weights_path = paths[CONFIG_NAME], paths[WEIGHTS_NAME]
     try:
@@ -298,10 +297,11 @@ def head_from_files(cls, config: dict, tensors: dict, documents: list[dict] | No
         if not isinstance(support_info, dict) or not isinstance(support_info.get("size"), int):
             raise SDMFormatError(config_path, "'support' must be an object with an integer 'size'")
         n = support_info["size"]
-        vectors = check.get("support.vectors", torch.float32, (n, m))
+        storage = torch.float16 if sdm_config.support_storage == "float16" else torch.float32
+        vectors = check.get("support.vectors", storage, (n, m))
         labels = check.labels("support.labels", n, c)
         predictions = check.labels("support.predictions", n, c)
-        head.support = SupportIndex(vectors, labels, predictions, device=device)
+        head.support = head._support_index(vectors, labels, predictions, device=device)
         if documents is not None:
             head.support_ids = [doc.get("id") for doc in documents] if support_info.get("has_ids") else None
             head.support_texts = [doc.get("text") for doc in documents] if support_info.get("has_texts") else None

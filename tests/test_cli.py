@@ -67,8 +67,11 @@ def test_fit_evaluate_with_vectors(files):
     again = run("fit-head", "--train", files["train"], "--calibration", files["calib"], *common, "--output", head)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
     report = files["dir"] / "report"
-    res = run("evaluate", "--head", head, "--data", files["test"], "--vector-column", "vec", "--output", report)
+    res = run(
+        "evaluate", "--head", head, "--data", files["test"], "--vector-column", "vec", "--output", report, "--agreement"
+    )
     assert res.returncode == 0, res.stderr
+    assert '"same_hr": 1.0' in res.stdout  # the default index is exact
     assert sorted(p.name for p in report.iterdir()) == [
         "accuracy_vs_admission.png",
         "report.json",

@@ -170,3 +170,28 @@ def test_device_move_keeps_support_with_weights(small_head):
         assert head.support.device.type == "cuda"
         out = head.predict(small_head[1][:10])
         assert out.prediction.device.type == "cpu"
+
+
+@pytest.mark.parametrize("index_type, storage", [("ivf", "float32"), ("hnsw", "float16"), ("flat", "float16")])
+def test_index_choices_agreement_and_round_trip(small_head, tmp_path, index_type, storage):
+    head, x, y = small_head
+    cfg = SDMConfig.from_dict(
+        {
+            **head.config.to_dict(),
+            "index_type": index_type,
+            "support_storage": storage,
+            "index_params": {"nlist": 8, "nprobe": 4} if index_type == "ivf" else None,
+        }
+    )
+    other = SDMHead(cfg)
+    other.load_state_dict(head.state_dict())
+    other.build_support(x[:300], y[:300])
+    other.calibrate(x[300:], y[300:])
+    assert other.support.index_type == index_type and other.support.storage == storage
+    report = other.index_agreement(x[300:])
+    assert report["n"] == 300 and report["same_hr"] >= 0.9 and report["same_q"] >= 0.8
+    other.save_pretrained(tmp_path / "h")
+    loaded = SDMHead.from_pretrained(tmp_path / "h")
+    assert loaded.config.index_type == index_type and loaded.support.vectors.dtype == other.support.vectors.dtype
+    if index_type != "hnsw":  # HNSW construction is multi-threaded; IVF and flat rebuild identically
+        assert torch.equal(loaded.predict(x[:50]).q, other.predict(x[:50]).q)

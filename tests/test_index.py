@@ -50,3 +50,36 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             resolve_device("cuda")
+
+
+def _clustered(n=3000, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(10, dim, generator=g) * 3
+    cluster = torch.randint(0, 10, (n,), generator=g)
+    return centers[cluster] + torch.randn(n, dim, generator=g), cluster % 2
+
+
+@pytest.mark.parametrize("index_type, params", [("ivf", {"nlist": 16, "nprobe": 8}), ("hnsw", {"M": 16})])
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_approximate_indexes_find_the_exact_neighbours(index_type, params, storage):
+    x, y = _clustered()
+    exact = SupportIndex(x[:2500], y[:2500], y[:2500])
+    approx = SupportIndex(x[:2500], y[:2500], y[:2500], index_type=index_type, index_params=params, storage=storage)
+    assert approx.vectors.dtype == (torch.float16 if storage == "float16" else torch.float32)
+    _, rows_exact = exact.search(x[2500:], 5)
+    d, rows = approx.search(x[2500:], 5)
+    recall = (rows[:, :1] == rows_exact[:, :1]).float().mean()
+    assert recall > 0.95
+    assert bool((d[:, 1:] >= d[:, :-1]).all())  # still ordered by distance
+
+
+def test_index_parameters_are_checked():
+    from sdm_hf.index import index_parameters
+
+    assert index_parameters("ivf", None, 10_000)["nlist"] == 256  # min(4 sqrt(N), N / 39)
+    with pytest.raises(ValueError, match="unknown ivf index parameter"):
+        index_parameters("ivf", {"nprobes": 3}, 100)
+    with pytest.raises(ValueError, match="index_type"):
+        index_parameters("lsh", None, 100)
+    with pytest.raises(ValueError, match="positive integer"):
+        index_parameters("hnsw", {"M": 0}, 100)
