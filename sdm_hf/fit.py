@@ -66,7 +66,7 @@ def _search_vectors(head: SDMHead, normalized: torch.Tensor, projection: torch.T
     return (normalized.double() @ projection).float()
 
 
-def _draw_split(n_train, n_total, labels, num_classes, generator):
+def _draw_split(n_total, labels, num_classes, generator):
     """50/50 split of the merged data (odd element to calibration) with >= 2 points of
     every class on each side; redrawn (seeded) when a side comes up short."""
     half = n_total // 2
@@ -257,7 +257,7 @@ def fit_sdm_head(
     try:
         for shuffle in range(shuffles):
             if resplit:
-                train_idx, calib_idx = _draw_split(n_train, all_x.shape[0], all_y, num_classes, generator)
+                train_idx, calib_idx = _draw_split(all_x.shape[0], all_y, num_classes, generator)
             else:
                 train_idx = torch.arange(n_train)
                 calib_idx = torch.arange(n_train, all_x.shape[0])

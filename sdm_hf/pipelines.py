@@ -275,9 +275,6 @@ class SDMVerifyPipeline(_SDMPipelineBase):
         return rows
 
 
-SDMTextClassificationPipeline._options = ()
-
-
 def register_pipelines() -> None:
     """Register ``sdm-verify`` and ``sdm-text-classification`` (idempotent)."""
     for task, cls, model_class in (
