@@ -23,7 +23,7 @@ def _run(args, out):
 
 
 def test_two_processes_share_one_head_and_one_cache(tmp_path):
-    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"], tmp_path)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path)  # a free local port
     _run([], tmp_path)
     r0, r1, single = (
         json.loads((tmp_path / name).read_text()) for name in ("rank0_of2.json", "rank1_of2.json", "rank0_of1.json")
