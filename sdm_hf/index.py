@@ -132,16 +132,20 @@ class SupportIndex:
             raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.device = resolve_device(device) if device is not None else vectors.device
         self.storage = storage
-        self.vectors = vectors.detach().to(self.device, STORAGE_DTYPES[storage]).contiguous()
+        # our own copy of the exemplars; dropped when they can be read in place inside FAISS
+        self._own: torch.Tensor | None = vectors.detach().to(self.device, STORAGE_DTYPES[storage]).contiguous()
         self.labels = labels.detach().long().cpu()
         self.predictions = predictions.detach().long().cpu()
-        if not (self.vectors.shape[0] == self.labels.numel() == self.predictions.numel()):
+        if not (self._own.shape[0] == self.labels.numel() == self.predictions.numel()):
             raise ValueError(
                 "vectors, labels and predictions must have the same number of rows; got "
-                f"{self.vectors.shape[0]}, {self.labels.numel()}, {self.predictions.numel()}"
+                f"{self._own.shape[0]}, {self.labels.numel()}, {self.predictions.numel()}"
             )
+        if self._own.dim() != 2:
+            raise ValueError(f"vectors must be [N, M], got shape {tuple(self._own.shape)}")
+        self._dim = int(self._own.shape[1])
         self.index_type = index_type
-        self.index_params = index_parameters(index_type, index_params, self.vectors.shape[0])
+        self.index_params = index_parameters(index_type, index_params, self._own.shape[0])
         self._faiss = None
         self._build()
 
@@ -149,7 +153,7 @@ class SupportIndex:
         # Rebuild from the stored arrays: the FAISS object itself is never serialised (its
         # Python wrapper would do so to copy it).
         return SupportIndex(
-            self.vectors.clone(),
+            self._stored().clone(),
             self.labels.clone(),
             self.predictions.clone(),
             self.device,
@@ -163,6 +167,27 @@ class SupportIndex:
             "SupportIndex is not picklable by design (a FAISS index is never serialised); store "
             "its vectors, labels and predictions in safetensors and rebuild it with SupportIndex(...)"
         )
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """``[N, M]`` exemplars in the storage dtype (a copy when they live inside FAISS)."""
+        stored = self._stored()
+        return stored if self._own is not None else stored.clone()
+
+    def _stored(self) -> torch.Tensor:
+        """The exemplars without copying: our tensor, or a view of the FAISS index's storage
+        (valid until the index changes; used immediately, never handed out)."""
+        if self._own is not None:
+            return self._own
+        index, n = self._faiss, int(self._faiss.ntotal)
+        if n == 0:
+            return torch.zeros((0, self._dim), dtype=STORAGE_DTYPES[self.storage])
+        if self.storage == "float32":
+            array = faiss.rev_swig_ptr(index.get_xb(), n * self._dim).reshape(n, self._dim)
+        else:
+            raw = faiss.rev_swig_ptr(index.codes.data(), n * index.code_size)
+            array = raw.view(np.float16).reshape(n, self._dim)
+        return torch.from_numpy(array)
 
     @property
     def exact(self) -> bool:
@@ -179,7 +204,7 @@ class SupportIndex:
             return faiss.IndexFlatL2(dim)
         if self.index_type == "ivf":
             self._quantizer = faiss.IndexFlatL2(dim)
-            nlist = min(params["nlist"], max(self.vectors.shape[0], 1))
+            nlist = min(params["nlist"], max(self._own.shape[0], 1))
             if fp16:
                 index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16)
             else:
@@ -194,7 +219,7 @@ class SupportIndex:
         return index
 
     def _build(self) -> None:
-        dim = self.vectors.shape[1]
+        dim = self._dim
         if self.device.type == "cuda" and self.exact and faiss_gpu_available():
             self._gpu_resources = faiss.StandardGpuResources()
             config = faiss.GpuIndexFlatConfig()
@@ -204,13 +229,15 @@ class SupportIndex:
             self._faiss = None  # torch exact search on the device
         else:
             self._faiss = self._cpu_index(dim)
-        if self._faiss is not None and self.vectors.shape[0] > 0:
-            data = self._as_numpy(self.vectors)
+        if self._faiss is not None and self._own.shape[0] > 0:
+            data = self._as_numpy(self._own)
             if not self._faiss.is_trained:  # IVF: k-means on a seeded subsample
                 take = min(data.shape[0], 256 * self.index_params.get("nlist", 1))
                 rows = np.random.default_rng(0).permutation(data.shape[0])[:take]
                 self._faiss.train(data[np.sort(rows)])
             self._faiss.add(data)
+        if self._faiss is not None and self.device.type == "cpu" and self.index_type == "flat":
+            self._own = None  # FAISS's flat storage holds exactly these values: read it in place
 
     @staticmethod
     def _as_numpy(x: torch.Tensor) -> np.ndarray:
@@ -218,11 +245,11 @@ class SupportIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self.vectors.shape[0])
+        return int(self._own.shape[0]) if self._own is not None else int(self._faiss.ntotal)
 
     @property
     def dim(self) -> int:
-        return int(self.vectors.shape[1])
+        return self._dim
 
     @property
     def backend(self) -> str:
@@ -235,8 +262,8 @@ class SupportIndex:
         """Move the support set (and rebuild the index) on ``device``; returns self."""
         device = resolve_device(device)
         if device != self.device:
+            self._own = self._stored().to(device).contiguous()
             self.device = device
-            self.vectors = self.vectors.to(device)
             self._build()
         return self
 
@@ -245,7 +272,8 @@ class SupportIndex:
         vectors = vectors.detach().to(self.device, STORAGE_DTYPES[self.storage])
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] vectors, got {tuple(vectors.shape)}")
-        self.vectors = torch.cat([self.vectors, vectors]).contiguous()
+        if self._own is not None:
+            self._own = torch.cat([self._own, vectors]).contiguous()
         self.labels = torch.cat([self.labels, labels.detach().long().cpu()])
         self.predictions = torch.cat([self.predictions, predictions.detach().long().cpu()])
         if self._faiss is not None:
@@ -280,7 +308,7 @@ class SupportIndex:
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.detach().to(self.device, torch.float32)
-        vectors = self.vectors.float()
+        vectors = self._stored().float()
         support_norms = (vectors * vectors).sum(dim=1)
         chunk = max(1, _TORCH_CHUNK_BYTES // (4 * max(self.ntotal, 1)))
         out_d, out_i = [], []
@@ -295,5 +323,5 @@ class SupportIndex:
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2``, ``[B]`` float32."""
         queries = queries.detach().to(self.device, torch.float32)
-        diff = queries - self.vectors[rows.to(self.device).long()].float()
+        diff = queries - self._stored()[rows.to(self.device).long()].float()
         return (diff * diff).sum(dim=1).float().cpu()

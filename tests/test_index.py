@@ -83,3 +83,18 @@ def test_index_parameters_are_checked():
         index_parameters("lsh", None, 100)
     with pytest.raises(ValueError, match="positive integer"):
         index_parameters("hnsw", {"M": 0}, 100)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_flat_exemplars_are_read_in_place_and_copies_stay_valid(storage):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g)
+    index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage)
+    assert index._own is None  # no second copy beside FAISS's
+    dtype = torch.float16 if storage == "float16" else torch.float32
+    torch.testing.assert_close(index.vectors, x.to(dtype))
+    before = index.vectors
+    index.add(torch.ones(3, 8), torch.zeros(3), torch.zeros(3))  # may move FAISS's storage
+    assert index.ntotal == 53 and torch.equal(index.vectors[50:], torch.ones(3, 8, dtype=dtype))
+    torch.testing.assert_close(before, x.to(dtype))  # the copy handed out earlier is still valid
+    torch.testing.assert_close(index.pair_distances(torch.ones(1, 8), torch.tensor([52])), torch.zeros(1))
