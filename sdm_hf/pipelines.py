@@ -227,6 +227,24 @@ class SDMVerifyPipeline(_SDMPipelineBase):
             self.tokenizer.padding_side = side
         return completions
 
+    def _check_lengths(self, prompts, completions) -> None:
+        """Refuse documents longer than the model's context: truncating a prompt or completion
+        would verify a different text, so it is an error naming the input, not a silent cut."""
+        from .lm.encoding import format_document
+
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not limit:
+            return
+        texts = [format_document(self.tokenizer, p, self.control.add(c, True)) for p, c in zip(prompts, completions)]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+        if too_long:
+            i, n = too_long[0]
+            raise ValueError(
+                f"input {i} is {n} tokens long with its completion; the model reads at most {limit}: "
+                "shorten the prompt or lower max_new_tokens"
+            )
+
     def _run(self, items, batch_size, max_new_tokens=64, force_decode=False, generate_kwargs=None):
         prompts, completions, to_generate = [], [], []
         for i, item in enumerate(items):
@@ -247,6 +265,7 @@ class SDMVerifyPipeline(_SDMPipelineBase):
             )
             for i, text in zip(to_generate, generated):
                 completions[i] = text
+        self._check_lengths(prompts, completions)
         feats = verification_features(
             self.model, self.tokenizer, prompts, completions, self.control, batch_size=batch_size
         )

@@ -152,6 +152,8 @@ def test_verify_force_decode_and_errors(lm_repo):
         verify({"prompt": "x"})
     with pytest.raises(ValueError, match="valid options"):
         verify("x", top_k=3)
+    with pytest.raises(ValueError, match="input 0 is .* tokens long"):
+        verify({"prompt": "the birch canoe " * 200, "completion": "x"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
