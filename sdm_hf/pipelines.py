@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import AutoModel, AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .features import extract_features
 from .head import SDMHead
 from .hub import DEFAULT_HEAD_SUBFOLDER, check_pairing
-from .lm.encoding import ControlTokens, verification_features
+from .lm.encoding import ControlTokens, generate_greedy, verification_features
 
 __all__ = ["SDMTextClassificationPipeline", "SDMVerifyPipeline", "register_pipelines"]
 
@@ -193,40 +192,6 @@ class SDMVerifyPipeline(_SDMPipelineBase):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def _generate(self, prompts, batch_size, max_new_tokens, generate_kwargs):
-        from .lm.encoding import format_document
-
-        completions = []
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"  # decoder-only batched generation
-        try:
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                texts = []
-                for prompt in batch:
-                    if getattr(self.tokenizer, "chat_template", None):
-                        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-                        texts.append(
-                            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                        )
-                    else:
-                        texts.append(format_document(self.tokenizer, prompt, ""))
-                enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                with torch.no_grad():
-                    output = self.model.generate(
-                        **enc,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        use_cache=True,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        **generate_kwargs,
-                    )
-                new_tokens = output[:, enc["input_ids"].shape[1] :]
-                completions.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        finally:
-            self.tokenizer.padding_side = side
-        return completions
-
     def _check_lengths(self, prompts, completions) -> None:
         """Refuse documents longer than the model's context: truncating a prompt or completion
         would verify a different text, so it is an error naming the input, not a silent cut."""
@@ -260,8 +225,13 @@ class SDMVerifyPipeline(_SDMPipelineBase):
             else:
                 raise TypeError(f"input {i}: expected a prompt string, chat messages or a dict, got {type(item)}")
         if to_generate:
-            generated = self._generate(
-                [prompts[i] for i in to_generate], batch_size, max_new_tokens, dict(generate_kwargs or {})
+            generated = generate_greedy(
+                self.model,
+                self.tokenizer,
+                [prompts[i] for i in to_generate],
+                max_new_tokens,
+                batch_size,
+                **dict(generate_kwargs or {}),
             )
             for i, text in zip(to_generate, generated):
                 completions[i] = text

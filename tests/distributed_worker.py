@@ -13,27 +13,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sdm_hf.lm import SDMTrainer, SDMTrainingArguments  # noqa: E402
+from sdm_hf.lm import SDMTrainer  # noqa: E402
 from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer  # noqa: E402
-from tests.test_lm_trainer import SENTENCES, preference  # noqa: E402
+from tests.test_lm_trainer import SENTENCES, make_args, preference  # noqa: E402
 
 
 def main(out: str) -> None:
     tok = tiny_tokenizer()
-    args = SDMTrainingArguments(
-        output_dir=str(Path(out) / "run"),
-        num_train_epochs=2,
+    args = make_args(
+        Path(out),
         per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        head_epochs=3,
-        head_exemplar_dim=16,
-        head_learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        max_new_tokens=6,
-        seed=0,
-        disable_tqdm=True,
         gamma_gen=1.0,
         hard_negatives_from_epoch=1,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,

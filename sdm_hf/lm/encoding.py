@@ -22,6 +22,8 @@ __all__ = [
     "format_document",
     "full_text",
     "encode_example",
+    "generation_prompt",
+    "generate_greedy",
     "verification_positions",
     "verification_features",
 ]
@@ -155,8 +157,8 @@ def verification_features(
 IGNORE_INDEX = -100
 
 
-def _prompt_prefix(tokenizer, prompt) -> str:
-    """The formatted text that precedes the completion."""
+def generation_prompt(tokenizer, prompt) -> str:
+    """The formatted text that precedes the completion (the generation prompt)."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -170,7 +172,7 @@ def full_text(tokenizer, prompt, completion: str) -> tuple[str, int]:
 
     Without a chat template the tokenizer's EOS text is appended (so that, as with a chat
     template's end-of-turn tokens, the end of the document is trained)."""
-    prefix = _prompt_prefix(tokenizer, prompt)
+    prefix = generation_prompt(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
         text = format_document(tokenizer, prompt, completion)
         if not text.startswith(prefix):
@@ -233,3 +235,38 @@ def encode_example(
             raise ValueError(f"max_length={max_length} cuts the document before its control tokens")
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": list(ids), "labels": labels, "verified_position": p, "reward": int(positive)}
+
+
+@torch.no_grad()
+def generate_greedy(
+    model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 8, **generate_kwargs
+) -> list[str]:
+    """Greedy, batched, left-padded generation with the KV cache, in eval mode.
+
+    Args:
+        prompts: strings or chat-message lists (formatted with :func:`generation_prompt`).
+
+    Returns:
+        The decoded new text of each prompt (special tokens skipped).
+    """
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only batching
+    completions = []
+    try:
+        for start in range(0, len(prompts), max(1, batch_size)):
+            texts = [generation_prompt(tokenizer, p) for p in prompts[start : start + max(1, batch_size)]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+            completions.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return completions

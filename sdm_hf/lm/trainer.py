@@ -30,11 +30,12 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
+from ..features import pool_hidden_states
 from ..fit import fit_sdm_head
 from ..head import SDMConfig, SDMHead
 from .collator import ContrastiveMaskingCollator
 from .data import Document, prepare_documents
-from .encoding import ControlTokens, encode_example, format_document
+from .encoding import ControlTokens, encode_example, generate_greedy
 from .loss import sdm_next_token_loss
 from .sdm_config import SDMTrainingArguments
 
@@ -263,38 +264,15 @@ class SDMTrainer(Trainer):
             }
         )
 
-    @torch.no_grad()
     def generate_completions(self, documents: list[Document]) -> list[str]:
         """Greedy, batched, left-padded generation (KV cache on) from each document's prompt."""
-        model, tok = self.model, self._tokenizer
-        was_training = model.training
-        model.eval()
-        side, tok.padding_side = tok.padding_side, "left"
-        completions = []
-        try:
-            batch_size = max(1, self.args.per_device_eval_batch_size)
-            for start in range(0, len(documents), batch_size):
-                prompts = []
-                for doc in documents[start : start + batch_size]:
-                    if getattr(tok, "chat_template", None):
-                        prompt = doc.prompt
-                        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-                        prompts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-                    else:
-                        prompts.append(format_document(tok, doc.prompt, ""))
-                enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=self.args.max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    pad_token_id=tok.pad_token_id,
-                )
-                completions.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-        finally:
-            tok.padding_side = side
-            model.train(was_training)
-        return completions
+        return generate_greedy(
+            self.model,
+            self._tokenizer,
+            [doc.prompt for doc in documents],
+            self.args.max_new_tokens,
+            self.args.per_device_eval_batch_size,
+        )
 
     def wrong_generation(self, doc: Document, generation: str) -> str | None:
         """The generation as a negative (suffix forced to No), or None when the verifier r
@@ -347,10 +325,7 @@ class SDMTrainer(Trainer):
     def _pool(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``concat(mean of hidden[0..p], hidden[p])`` per row; ``[B, T, H]`` -> ``[B, 2H]``."""
         steps = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
-        mask = (steps <= positions.view(-1, 1)).to(hidden.dtype).unsqueeze(-1)
-        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-        return torch.cat([mean, last], dim=1).float()
+        return pool_hidden_states(hidden, (steps <= positions.view(-1, 1)).long(), "mean_last")
 
     def _fit_head(self, rows: list[dict], seed: int) -> tuple[SDMHead | None, torch.Tensor]:
         """Fit a verification head on ``rows`` split 50/50 (seeded); returns the head and the
