@@ -1,0 +1,461 @@
+"""The SDM language-model experiment end to end (paper: Schmaltz, SDM language models, Tables 2-3).
+
+    make lm-demo     # = python recipes/word_ordering/word_order_experiment.py --demo --overwrite
+    python recipes/word_ordering/word_order_experiment.py --demo --resume   # continue an interrupted demo
+    python recipes/word_ordering/word_order_experiment.py --out outputs/word_ordering_full --overwrite
+    python recipes/word_ordering/word_order_experiment.py --base-model microsoft/Phi-3.5-mini-instruct \\
+        --out outputs/wo_phi --epochs 5 --batch-size 8 --learning-rate 1e-5 --head-epochs 200   # on a GPU
+
+Starting from one base model (default: the committed CPU model in ``base_model/``, trained by
+``train_base_model.py``), four fine-tuning runs with identical budgets (data, epochs, steps,
+learning rate, seed):
+
+* ``FT(CM)``          cross-entropy, contrastive masking, static negatives only;
+* ``FT(CM+HN)``       cross-entropy, plus online hard negatives (gamma_gen = 0.5 from epoch 2);
+* ``SDM+FT(CM)``      the SDM next-token loss (verification head refreshed every epoch);
+* ``SDM+FT(CM+HN)``   the SDM loss plus online hard negatives;
+
+and ``base`` (no fine-tuning) for reference. For each: the final test-time head on the
+calibration set with the model's wrong greedy generations as extra negatives (SPEC B5), then
+``pipeline("sdm-verify")`` on every test set: greedy generation, ground truth
+``y = r(positive, generation)`` (exact match of the content), the head's verdict and HR flag.
+Written to ``--out``: ``tables.md`` / ``results.json`` (Table 2: HR accuracy and admitted
+proportion n/|D|; Table 3: marginal sentence and exact-match accuracy; the heads' calibration
+summaries), ``admitted.png`` and ``accuracy_vs_admission.png``, ``command.txt``, and per run
+its metrics and generations (``runs/<run>/``). ``--resume`` keeps finished runs of an
+earlier call with the same settings; without it an existing folder is refused (or replaced
+with ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+
+import word_order_data as wod  # noqa: E402
+
+from sdm_hf.lm import ControlTokens, SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
+from sdm_hf.metrics import selective_classification_report  # noqa: E402
+
+RUNS = {
+    "base": {"train": False, "use_sdm_loss": False, "hard_negatives": False},
+    "FT(CM)": {"train": True, "use_sdm_loss": False, "hard_negatives": False},
+    "FT(CM+HN)": {"train": True, "use_sdm_loss": False, "hard_negatives": True},
+    "SDM+FT(CM)": {"train": True, "use_sdm_loss": True, "hard_negatives": False},
+    "SDM+FT(CM+HN)": {"train": True, "use_sdm_loss": True, "hard_negatives": True},
+}
+TEST_SETS = ("test", "harvard", "shifted")
+TEST_NAMES = {"test": "SAPLMA (in-distribution)", "harvard": "Harvard", "shifted": "SAPLMA longest (shifted)"}
+# settings that must agree for --resume to reuse a finished run
+SETTINGS = (
+    "base_model",
+    "train_size",
+    "calibration_size",
+    "test_size",
+    "harvard_size",
+    "shifted_size",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "head_epochs",
+    "head_exemplar_dim",
+    "max_new_tokens",
+    "alpha",
+    "gamma_gen",
+    "hard_negatives_from_epoch",
+    "seed",
+    "select_best",
+)
+DEMO = {"train_size": 800, "calibration_size": 500, "test_size": 300, "harvard_size": 300, "shifted_size": 200}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model", default=str(HERE / "base_model"), help="AutoModelForCausalLM name or path")
+    p.add_argument("--out", type=Path, default=None, help="default: results/ (--demo) or outputs/word_ordering")
+    p.add_argument("--demo", action="store_true", help=f"the reduced version of `make lm-demo`: {DEMO}")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--train-size", type=int, default=1200)
+    p.add_argument("--calibration-size", type=int, default=1000)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--harvard-size", type=int, default=720)
+    p.add_argument("--shifted-size", type=int, default=400)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--head-epochs", type=int, default=200, help="epochs of every verification-head fit (paper: 200)")
+    p.add_argument("--head-exemplar-dim", type=int, default=1000)
+    p.add_argument("--max-new-tokens", type=int, default=72)
+    p.add_argument("--alpha", type=float, default=0.95)
+    p.add_argument("--gamma-gen", type=float, default=0.5, help="hard-negative generation rate of the +HN runs")
+    p.add_argument("--hard-negatives-from-epoch", type=int, default=1, help="0-based; the paper: the second epoch")
+    p.add_argument("--select-best", action="store_true", help="evaluate every epoch and keep the lowest eval_loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier call (same settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    if args.demo:
+        for key, value in DEMO.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    if args.out is None:
+        args.out = HERE / "results" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    for name in ("train_size", "calibration_size", "epochs", "batch_size", "head_epochs", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def slug(run: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", run).strip("_").lower()
+
+
+def settings_of(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in SETTINGS}
+
+
+def prepare_folder(args) -> Path:
+    """Create, resume or refuse ``args.out`` (nothing of an earlier run is lost silently)."""
+    out = Path(args.out)
+    saved = out / "settings.json"
+    if out.exists() and any(out.iterdir()):
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif not args.resume:
+            raise FileExistsError(
+                f"output folder {out} exists and is not empty; pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+        elif saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != settings_of(args):
+            raise ValueError(f"{out} was produced with other settings ({saved}); use another --out or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings_of(args), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def data_splits(args):
+    sizes = {"sft": 2400, "train": 1200, "calibration": 1000, "test": -1}  # fixed partition (the base model's)
+    splits, summary = wod.build_splits(sizes, seed=args.seed)
+    take = {
+        "train": args.train_size,
+        "calibration": args.calibration_size,
+        "test": args.test_size,
+        "harvard": args.harvard_size,
+        "shifted": args.shifted_size,
+    }
+    for name, n in take.items():
+        if n > len(splits[name]):
+            raise ValueError(f"--{name}-size {n} exceeds the {len(splits[name])} sentences of the {name} split")
+        splits[name] = splits[name].select(range(n))  # splits are already shuffled (seeded)
+    summary["used"] = take
+    return splits, summary
+
+
+def load_base(name: str):
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer
+
+
+def trainer_for(run: str, args, out: Path, splits) -> SDMTrainer:
+    spec = RUNS[run]
+    model, tokenizer = load_base(args.base_model)
+    train_args = SDMTrainingArguments(
+        output_dir=str(out / "runs" / slug(run) / "trainer"),
+        use_sdm_loss=spec["use_sdm_loss"],
+        gamma_gen=args.gamma_gen if spec["hard_negatives"] else 0.0,
+        hard_negatives_from_epoch=args.hard_negatives_from_epoch,
+        max_new_tokens=args.max_new_tokens,
+        alpha=args.alpha,
+        head_epochs=args.head_epochs,
+        head_exemplar_dim=args.head_exemplar_dim,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=10,
+        logging_steps=25,
+        eval_strategy="epoch" if args.select_best else "no",
+        save_strategy="epoch" if args.select_best else "no",
+        save_total_limit=1 if args.select_best else None,
+        load_best_model_at_end=args.select_best,
+        metric_for_best_model="eval_loss" if args.select_best else None,
+        report_to=[],
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+    )
+    columns = ["prompt", "chosen", "rejected"]
+    return SDMTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=splits["train"].select_columns(columns),
+        eval_dataset=splits["calibration"].select_columns(columns),
+        processing_class=tokenizer,
+    )
+
+
+def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, list[dict]]:
+    """Greedy generation + verification with ``pipeline("sdm-verify")`` on one test set."""
+    control = ControlTokens()
+    verifier = pipeline(
+        "sdm-verify",
+        model=trainer.model,
+        tokenizer=trainer.processing_class,
+        sdm_head=head,
+        device=trainer.model.device,
+    )
+    outputs = verifier(list(dataset["prompt"]), batch_size=64, max_new_tokens=args.max_new_tokens)
+    golds = [c[-1]["content"] for c in dataset["chosen"]]
+    generations = [o["generated_text"] for o in outputs]
+    y = torch.tensor(
+        [exact_match_verifier(control.remove_suffix(g), control.remove_suffix(s)) for g, s in zip(golds, generations)]
+    ).long()
+    verified = torch.tensor([o["verified"] for o in outputs]).long()
+    admitted = torch.tensor([o["high_reliability"] for o in outputs])
+    said = torch.tensor([o["model_said"] is True for o in outputs]).long()
+    report = selective_classification_report(
+        y,
+        {
+            "SDM HR region": (verified, admitted),
+            "SDM head, no rejection": (verified, torch.ones_like(admitted)),
+            "LM's own <verified> text": (said, torch.ones_like(admitted)),
+        },
+        2,
+        {0: "No", 1: "Yes"},
+    )
+    sentence_correct = [wod.sentence_of(g) == s for g, s in zip(generations, dataset["sentence"])]
+    exact = [g.strip() == gold.strip() for g, gold in zip(generations, golds)]
+    n = len(generations)
+    metrics = {
+        "n": n,
+        "sentence_accuracy": sum(sentence_correct) / n,
+        "exact_match_accuracy": sum(exact) / n,
+        "content_correct_rate": float(y.float().mean()),
+        "ood": sum(o["is_ood"] for o in outputs),
+        "report": report.to_dict(),
+    }
+    records = [
+        {
+            "sentence": s,
+            "generation": g,
+            "y": int(label),
+            "verified": o["verified"],
+            "probability": o["probability"],
+            "high_reliability": o["high_reliability"],
+            "q": o["q"],
+            "d": o["d"],
+        }
+        for s, g, label, o in zip(dataset["sentence"], generations, y.tolist(), outputs)
+    ]
+    return metrics, records
+
+
+def run_one(run: str, args, out: Path, splits) -> dict:
+    folder = out / "runs" / slug(run)
+    done = folder / "metrics.json"
+    if done.is_file():
+        print(f"[{run}] finished earlier: {done}")
+        return json.loads(done.read_text(encoding="utf-8"))
+    if folder.exists():
+        shutil.rmtree(folder)  # an interrupted run starts again
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    trainer = trainer_for(run, args, out, splits)
+    train_seconds = 0.0
+    if RUNS[run]["train"]:
+        result = trainer.train()
+        train_seconds = float(result.metrics["train_runtime"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an empty HR region is reported in the tables
+        head = trainer.build_final_head(generate=True)
+    calibration = head.calibration_report(alphas=())
+    admitted = sum(r["admitted"] for r in calibration.rows)
+    cal_n = sum(r["n"] for r in calibration.rows)
+    metrics = {
+        "run": run,
+        "train_runtime_seconds": train_seconds,
+        "epoch_log": trainer.epoch_log,
+        "final_head": {
+            "q_min": head.q_min if math.isfinite(head.q_min) else None,
+            "psi": [v if math.isfinite(v) else None for v in head.thresholds.tolist()],
+            "calibration_points": cal_n,
+            "calibration_hr_admitted": admitted,
+            "generated_negatives": trainer.final_head_generated_negatives,
+            "support_points": int(head.support.labels.numel()),
+        },
+        "test": {},
+    }
+    for name in TEST_SETS:
+        metrics["test"][name], records = verify_test_set(trainer, head, splits[name], args)
+        with (folder / f"generations_{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+    metrics["total_seconds"] = time.perf_counter() - started
+    shutil.rmtree(folder / "trainer", ignore_errors=True)
+    done.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    print(f"[{run}] done in {metrics['total_seconds']:.0f} s")
+    return metrics
+
+
+def _fmt(value, pct=False) -> str:
+    if value is None:
+        return "R"
+    return f"{value:.1%}" if pct else f"{value:.3f}"
+
+
+def tables(results: dict, args, summary: dict) -> str:
+    lines = [
+        "# Word ordering: SDM fine-tuning vs standard fine-tuning",
+        "",
+        f"Base model `{Path(args.base_model).name if Path(args.base_model).exists() else args.base_model}`; "
+        f"train {args.train_size}, calibration {args.calibration_size} sentences; {args.epochs} epochs, batch "
+        f"{args.batch_size}, lr {args.learning_rate}; heads: {args.head_epochs} epochs, M = {args.head_exemplar_dim}; "
+        f"alpha = {args.alpha}. y = r(positive, generation) (exact match of the sentence content).",
+        "",
+        "## HR region of the test-time head (paper Table 2)",
+        "",
+        "Accuracy of the head's verdict among admitted generations (R: nothing admitted) and the admitted "
+        "proportion n/|D|; higher n/|D| is better provided the accuracy is >= alpha.",
+        "",
+        "| test set | run | HR accuracy | n/|D| | n | |D| | worst class-cond. acc. |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in TEST_SETS:
+        for run, m in results.items():
+            t = m["test"][name]
+            hr = t["report"]["estimators"][0]
+            worst = [g["accuracy"] for g in hr["class_conditional"] if g["accuracy"] is not None]
+            lines.append(
+                f"| {TEST_NAMES[name]} | {run} | {_fmt(hr['marginal']['accuracy'])} | "
+                f"{hr['marginal']['proportion']:.3f} | {hr['marginal']['admitted']} | {t['n']} | "
+                f"{_fmt(min(worst) if worst else None)} |"
+            )
+    lines += [
+        "",
+        "## Generations, no selection (paper Table 3)",
+        "",
+        "| test set | run | sentence accuracy | exact match | head accuracy, no rejection | LM's own Yes/No accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in TEST_SETS:
+        for run, m in results.items():
+            t = m["test"][name]
+            est = t["report"]["estimators"]
+            lines.append(
+                f"| {TEST_NAMES[name]} | {run} | {t['sentence_accuracy']:.3f} | {t['exact_match_accuracy']:.3f} | "
+                f"{_fmt(est[1]['marginal']['accuracy'])} | {_fmt(est[2]['marginal']['accuracy'])} |"
+            )
+    lines += [
+        "",
+        "## Test-time heads on the calibration set (paper Table 5)",
+        "",
+        "| run | q'_min | psi | calibration points | HR admitted (calibration) | generated negatives | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run, m in results.items():
+        h = m["final_head"]
+        psi = ", ".join("inf" if v is None else f"{v:.3f}" for v in h["psi"])
+        q = "inf" if h["q_min"] is None else f"{h['q_min']:.2f}"
+        lines.append(
+            f"| {run} | {q} | {psi} | {h['calibration_points']} | {h['calibration_hr_admitted']} | "
+            f"{h['generated_negatives']} | {m['train_runtime_seconds']:.0f} s |"
+        )
+    lines += ["", f"Data: {json.dumps(summary['used'])}; skipped lines: {json.dumps(summary['skipped'])}.", ""]
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path, alpha: float) -> None:
+    try:
+        from sdm_hf.metrics import SelectiveClassificationReport
+        from sdm_hf.plots import _pyplot, plot_accuracy_vs_admission
+    except ImportError:  # pragma: no cover - plots are optional
+        return
+    reports = {}
+    for name in TEST_SETS:
+        rows = []
+        for run, m in results.items():
+            row = dict(m["test"][name]["report"]["estimators"][0])
+            row["estimator"] = run
+            rows.append(row)
+        reports[TEST_NAMES[name]] = SelectiveClassificationReport(
+            rows, results[next(iter(results))]["test"][name]["n"], ["No", "Yes"]
+        )
+    plot_accuracy_vs_admission(reports, out / "accuracy_vs_admission.png", alpha=alpha, title="HR region per run")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(len(results), 1)
+    for i, (run, m) in enumerate(results.items()):
+        values = [m["test"][name]["report"]["estimators"][0]["marginal"]["proportion"] for name in TEST_SETS]
+        bars = ax.bar([j + i * width for j in range(len(TEST_SETS))], values, width, label=run)
+        for bar, name in zip(bars, TEST_SETS):
+            acc = m["test"][name]["report"]["estimators"][0]["marginal"]["accuracy"]
+            ax.annotate(
+                "R" if acc is None else f"{acc:.2f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(TEST_SETS))])
+    ax.set_xticklabels([TEST_NAMES[n] for n in TEST_SETS])
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("admitted proportion n/|D| (label: HR accuracy)")
+    ax.set_title(f"Generations in the high-reliability region (alpha = {alpha})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "admitted.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = prepare_folder(args)
+    command = "python recipes/word_ordering/word_order_experiment.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    (out / "command.txt").write_text(command + "\n", encoding="utf-8")
+    torch.manual_seed(args.seed)
+    splits, summary = data_splits(args)
+    (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    started = time.perf_counter()
+    results = {run: run_one(run, args, out, splits) for run in args.runs}
+    text = tables(results, args, summary)
+    (out / "tables.md").write_text(text + f"\nCommand: `{command}`\n", encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps(
+            {"command": command, "settings": settings_of(args), "data": summary, "runs": results},
+            indent=2,
+            allow_nan=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    plots(results, out, args.alpha)
+    print(text)
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

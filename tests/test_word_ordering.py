@@ -1,0 +1,190 @@
+"""The word-ordering recipe (recipes/word_ordering): data invariants and a smoke run."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes" / "word_ordering"))
+
+import train_base_model  # noqa: E402
+import word_order_data as wod  # noqa: E402
+import word_order_experiment as woe  # noqa: E402
+
+from sdm_hf.lm import ControlTokens, encode_example  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return wod.build_splits(seed=0)
+
+
+def _content(message_list):
+    return message_list[-1]["content"]
+
+
+def test_negative_is_never_gold_and_shuffle_is_a_permutation(splits):
+    data, _ = splits
+    control = ControlTokens()
+    for name in data:
+        for row in data[name]:
+            words = row["sentence"].split()
+            gold_suffix = words[-3:]
+            assert sorted(row["shuffled"].split()) == sorted(gold_suffix)
+            assert row["prefix"] == " ".join(words[:-3])
+            assert _content(row["chosen"]) == f"<sentence>{row['sentence']}</sentence>{wod.YES}"
+            rejected = control.remove_suffix(_content(row["rejected"]))
+            assert _content(row["rejected"]).endswith(wod.NO)
+            bare = rejected.replace("<sentence>", "").replace("</sentence>", "")
+            assert bare != row["sentence"]
+            assert sorted(bare.split()) == sorted(words)
+            assert bare.startswith(row["prefix"] + " ")
+
+
+def test_tag_noise_rate_and_kinds(splits):
+    data, _ = splits
+    rejected = [_content(r) for name in data for r in data[name]["rejected"]]
+    opening = np.array([not r.startswith("<sentence>") for r in rejected])
+    closing = np.array(["</sentence>" not in r for r in rejected])
+    noisy = opening | closing
+    n = len(rejected)
+    rate = noisy.mean()
+    se = np.sqrt(wod.TAG_NOISE * (1 - wod.TAG_NOISE) / n)
+    assert abs(rate - wod.TAG_NOISE) < 4 * se, rate
+    kinds = [(opening & ~closing).sum(), (~opening & closing).sum(), (opening & closing).sum()]
+    assert min(kinds) > 0.2 * noisy.sum()  # each of the three kinds ~ a third
+
+
+def test_splits_are_disjoint_and_shifted_holds_the_longest(splits):
+    data, summary = splits
+    seen = {}
+    for name in ("sft", "train", "calibration", "test", "shifted"):
+        for s in data[name]["sentence"]:
+            assert s not in seen, (s, name, seen.get(s))
+            seen[s] = name
+    longest_other = max(len(s.split()) for n in ("sft", "train", "calibration", "test") for s in data[n]["sentence"])
+    assert summary["shifted_min_words"] >= longest_other
+    assert len(data["harvard"]) == summary["sentences"]["harvard"] == 720
+    assert summary["skipped"]["too_short"] > 0  # the shipped data has a few short statements
+
+
+def test_bad_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "sentences.txt"
+    path.write_bytes(
+        b"The cat sat on the mat.\nToo short here\n\xff\xfe not utf-8 at all\nWe saw it it it\n"
+        b"The cat   sat on the mat.\n"
+    )
+    skipped = wod.SkipCounts()
+    kept = wod.usable(wod.read_lines(path, skipped), skipped)
+    assert kept == ["The cat sat on the mat."]
+    assert skipped.as_dict() == {"too_short": 1, "no_wrong_order": 1, "not_utf8": 1, "duplicate": 1}
+    with pytest.raises(ValueError, match="no wrong order"):
+        wod.make_example("We saw it it it", np.random.default_rng(0))
+
+
+def test_sentence_parser():
+    assert wod.sentence_of("<sentence> a b c </sentence><verified>Yes</verified>") == "a b c"
+    assert wod.sentence_of("a b c</sentence>") is None
+    assert wod.sentence_of("<sentence>a b c") is None
+
+
+def test_contrastive_mask_on_task_documents(tmp_path):
+    """The prompt contains both control strings; a negative trains only its final suffix onward."""
+    tokenizer = train_base_model.train_tokenizer(["The birch canoe slid on the smooth planks."] * 5, 400)
+    row = wod.make_example("The birch canoe slid on the smooth planks.", np.random.default_rng(1))
+    control = ControlTokens()
+    assert control.yes in row["prompt"][0]["content"] and control.no in row["prompt"][0]["content"]
+    for column, positive in (("chosen", True), ("rejected", False)):
+        enc = encode_example(tokenizer, row["prompt"], _content(row[column]), positive, control)
+        trained = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != -100]
+        text = tokenizer.decode(trained)
+        if positive:
+            assert text == _content(row["chosen"]) + "<|end|>"
+        else:
+            assert text == "<verified>No</verified><|end|>"
+
+
+def test_output_folder_is_refused_or_resumed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(FileExistsError, match="--resume"):
+        woe.prepare_folder(woe.parse_args(["--out", str(out)]))
+    woe.prepare_folder(woe.parse_args(["--out", str(out), "--resume"]))  # first resume records settings
+    with pytest.raises(ValueError, match="other settings"):
+        woe.prepare_folder(woe.parse_args(["--out", str(out), "--resume", "--epochs", "7"]))
+    woe.prepare_folder(woe.parse_args(["--out", str(out), "--overwrite", "--epochs", "7"]))
+    assert not (out / "something").exists()
+
+
+def test_smoke_run_of_the_whole_recipe(tmp_path):
+    base = tmp_path / "base"
+    train_base_model.main(
+        [
+            "--out",
+            str(base),
+            "--limit",
+            "16",
+            "--epochs",
+            "1",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--intermediate",
+            "64",
+            "--vocab-size",
+            "400",
+            "--eval-size",
+            "4",
+        ]
+    )
+    report = json.loads((base / "training_report.json").read_text())
+    assert report["sft_rows"] == 16 * 4 and (base / "model.safetensors").is_file()
+    out = tmp_path / "exp"
+    argv = [
+        "--base-model",
+        str(base),
+        "--out",
+        str(out),
+        "--train-size",
+        "12",
+        "--calibration-size",
+        "12",
+        "--test-size",
+        "6",
+        "--harvard-size",
+        "6",
+        "--shifted-size",
+        "6",
+        "--epochs",
+        "1",
+        "--head-epochs",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--hard-negatives-from-epoch",
+        "0",
+        "--runs",
+        "FT(CM+HN)",
+        "SDM+FT(CM+HN)",
+    ]
+    assert woe.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {"FT(CM+HN)", "SDM+FT(CM+HN)"}
+    for run in results["runs"].values():
+        assert set(run["test"]) == {"test", "harvard", "shifted"}
+        assert run["test"]["harvard"]["n"] == 6
+        assert run["epoch_log"][0]["generated"] > 0  # hard negatives were generated from epoch 0
+    table = (out / "tables.md").read_text()
+    assert "HR accuracy" in table and "sentence accuracy" in table and "SDM+FT(CM+HN)" in table
+    assert (out / "admitted.png").is_file() and (out / "command.txt").is_file()
+    done = out / "runs" / "sdm_ft_cm_hn" / "metrics.json"
+    stamp = done.stat().st_mtime_ns
+    assert woe.main(argv + ["--resume"]) == 0  # finished runs are reused, not redone
+    assert done.stat().st_mtime_ns == stamp
