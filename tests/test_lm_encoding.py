@@ -107,3 +107,22 @@ def test_loss_with_beta_e_is_cross_entropy_and_accumulation_invariant():
     n = int((labels[:, 1:] != IGNORE_INDEX).sum())
     parts = sum(sdm_next_token_loss(logits[i : i + 2], labels[i : i + 2], beta[i : i + 2], n) for i in (0, 2))
     torch.testing.assert_close(parts, whole)  # two micro-batches with the global count = one batch
+
+
+def test_prefix_features_batch_in_length_order_and_return_in_input_order():
+    from sdm_hf.lm.encoding import _forward_options, prefix_features
+    from tests.lm_fixtures import tiny_causal_lm
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tok)
+    assert _forward_options(model) == {"logits_to_keep": 1}  # no [B, T, vocab] logits for features
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(6, len(tok), (n,), generator=g).tolist() for n in (9, 3, 14, 5, 3, 11, 7)]
+    batched = prefix_features(model, ids, tok.pad_token_id, batch_size=3)
+    alone = torch.cat([prefix_features(model, [seq], tok.pad_token_id, batch_size=1) for seq in ids])
+    assert batched.shape == (len(ids), 2 * model.config.hidden_size)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    hidden = model(input_ids=torch.tensor([ids[2]]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(batched[2], torch.cat([hidden.mean(0), hidden[-1]]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no sequences"):
+        prefix_features(model, [], tok.pad_token_id)

@@ -26,6 +26,7 @@ __all__ = [
     "generate_greedy",
     "verification_positions",
     "verification_features",
+    "prefix_features",
 ]
 
 
@@ -132,26 +133,63 @@ def verification_features(
     texts = [format_document(tokenizer, p, control.add(c, True)) for p, c in zip(prompts, completions)]
     if not texts:
         raise ValueError("no documents to verify")
-    ids, positions = verification_positions(tokenizer, texts, control)
-    device = next(model.parameters()).device
+    ids, _ = verification_positions(tokenizer, texts, control)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return prefix_features(model, ids, pad, batch_size=batch_size, layer=layer)
+
+
+def _forward_options(model) -> dict:
+    """``logits_to_keep=1`` when the model's forward takes it (transformers >= 4.50 causal
+    LMs; through a PEFT wrapper too): the features need hidden states, not the
+    ``[B, T, vocab]`` logits, which for a large vocabulary are a sizeable part of a forward."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepted = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+
+
+@torch.no_grad()
+def prefix_features(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, layer: int = -1):
+    """SPEC B2 pooling of token sequences already cut after ``p`` (each ends at its ``p``):
+    ``concat(mean of hidden[0..p], hidden[p])``, in eval mode.
+
+    Sequences are batched in order of length (less padding; results are returned in the
+    input order), right-padded, and the vocabulary projection is skipped where possible.
+
+    Returns:
+        ``[N, 2H]`` float32 CPU tensor.
+    """
+    if not ids:
+        raise ValueError("no sequences to embed")
+    device = next(model.parameters()).device
+    options = _forward_options(model)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     was_training = model.training
     model.eval()
     chunks = []
     try:
-        for start in range(0, len(ids), batch_size):  # right-padded batches of cut documents
-            batch = ids[start : start + batch_size]
+        for start in range(0, len(order), max(1, batch_size)):  # right-padded batches of cut documents
+            batch = [ids[i] for i in order[start : start + max(1, batch_size)]]
             width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, seq in enumerate(batch):  # building a padded batch, not per-point maths
-                input_ids[row, : len(seq)] = torch.tensor(seq)
+                input_ids[row, : len(seq)] = torch.as_tensor(seq)
                 mask[row, : len(seq)] = 1
-            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-            chunks.append(pool_hidden_states(out.hidden_states[layer], mask.to(device), "mean_last").cpu())
+            out = model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, **options
+            )
+            chunks.append(pool_hidden_states(out.hidden_states[layer], mask.to(device), "mean_last").float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(chunks).float()
+    feats = torch.cat(chunks)
+    result = torch.empty_like(feats)
+    result[torch.as_tensor(order)] = feats
+    return result
 
 
 IGNORE_INDEX = -100

@@ -35,7 +35,7 @@ from ..fit import fit_sdm_head
 from ..head import SDMConfig, SDMHead
 from .collator import ContrastiveMaskingCollator
 from .data import Document, prepare_documents
-from .encoding import ControlTokens, encode_example, generate_greedy
+from .encoding import ControlTokens, encode_example, generate_greedy, prefix_features
 from .loss import sdm_next_token_loss
 from .sdm_config import SDMTrainingArguments
 
@@ -299,27 +299,12 @@ class SDMTrainer(Trainer):
                 texts[i] = negative
 
     # -- verification head ----------------------------------------------------------------
-    @torch.no_grad()
     def verification_features_of(self, rows: list[dict]) -> torch.Tensor:
-        """SPEC B2 features of encoded rows (eval mode, cut at each row's ``p``)."""
-        model = self.model
-        was_training = model.training
-        model.eval()
-        feats = []
-        try:
-            batch_size = max(1, self.args.per_device_eval_batch_size)
-            collate = self.data_collator
-            for start in range(0, len(rows), batch_size):
-                batch = collate(rows[start : start + batch_size])
-                out = model(
-                    input_ids=batch["input_ids"].to(model.device),
-                    attention_mask=batch["attention_mask"].to(model.device),
-                    output_hidden_states=True,
-                )
-                feats.append(self._pool(out.hidden_states[-1], batch["verified_position"].to(model.device)).cpu())
-        finally:
-            model.train(was_training)
-        return torch.cat(feats).float()
+        """SPEC B2 features of encoded rows (eval mode, each row cut after its ``p``)."""
+        ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
+        return prefix_features(
+            self.model, ids, self._tokenizer.pad_token_id, batch_size=max(1, self.args.per_device_eval_batch_size)
+        )
 
     @staticmethod
     def _pool(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
