@@ -8,6 +8,10 @@ This module is also the ONE place that decides where neighbour search runs:
 * CUDA without a FAISS GPU build: exact search with torch on the GPU (chunked matrix
   product + ``topk``).
 
+On the CPU, flat and HNSW indexes hold the only copy of the exemplars (read in place from
+FAISS's storage); IVF keeps its own copy beside the inverted lists. Exemplars are handed to
+FAISS in bounded float32 chunks, so a float16 support never exists whole in float32.
+
 Whatever the backend, results are returned as CPU tensors and each row is ordered by
 (squared distance, support row index), so ties resolve the same way every time. The index
 is never serialised: it is rebuilt from the stored exemplars (``SupportIndex.from_arrays``).
@@ -27,6 +31,7 @@ __all__ = ["SupportIndex", "resolve_device", "faiss_gpu_available", "index_param
 _FAISS_GPU_MAX_K = 2048
 # Bytes of distance matrix the torch fallback materialises per chunk of queries.
 _TORCH_CHUNK_BYTES = 256 * 1024 * 1024
+_ADD_CHUNK_BYTES = 64 * 1024 * 1024  # float32 staging buffer when adding to FAISS
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -180,6 +185,8 @@ class SupportIndex:
         if self._own is not None:
             return self._own
         index, n = self._faiss, int(self._faiss.ntotal)
+        if self.index_type == "hnsw":  # HNSW keeps the vectors in a flat storage index, in row order
+            index = faiss.downcast_index(index.storage)
         if n == 0:
             return torch.zeros((0, self._dim), dtype=STORAGE_DTYPES[self.storage])
         if self.storage == "float32":
@@ -230,14 +237,22 @@ class SupportIndex:
         else:
             self._faiss = self._cpu_index(dim)
         if self._faiss is not None and self._own.shape[0] > 0:
-            data = self._as_numpy(self._own)
             if not self._faiss.is_trained:  # IVF: k-means on a seeded subsample
-                take = min(data.shape[0], 256 * self.index_params.get("nlist", 1))
-                rows = np.random.default_rng(0).permutation(data.shape[0])[:take]
-                self._faiss.train(data[np.sort(rows)])
-            self._faiss.add(data)
-        if self._faiss is not None and self.device.type == "cpu" and self.index_type == "flat":
-            self._own = None  # FAISS's flat storage holds exactly these values: read it in place
+                n = self._own.shape[0]
+                take = min(n, 256 * self.index_params.get("nlist", 1))
+                rows = np.sort(np.random.default_rng(0).permutation(n)[:take])
+                self._faiss.train(self._as_numpy(self._own[torch.from_numpy(rows)]))
+            self._add_chunked(self._own)
+        if self._faiss is not None and self.device.type == "cpu" and self.index_type in ("flat", "hnsw"):
+            # FAISS's flat storage (HNSW's too) holds exactly these values: read it in place
+            self._own = None
+
+    def _add_chunked(self, vectors: torch.Tensor) -> None:
+        """Add to FAISS in float32 chunks, so a float16 support never exists whole in float32
+        (FAISS takes float32 input): the working set stays bounded whatever N is."""
+        rows = max(1, _ADD_CHUNK_BYTES // (4 * max(self._dim, 1)))
+        for start in range(0, vectors.shape[0], rows):
+            self._faiss.add(self._as_numpy(vectors[start : start + rows]))
 
     @staticmethod
     def _as_numpy(x: torch.Tensor) -> np.ndarray:
@@ -277,7 +292,7 @@ class SupportIndex:
         self.labels = torch.cat([self.labels, labels.detach().long().cpu()])
         self.predictions = torch.cat([self.predictions, predictions.detach().long().cpu()])
         if self._faiss is not None:
-            self._faiss.add(self._as_numpy(vectors))
+            self._add_chunked(vectors)
 
     # -- search ---------------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

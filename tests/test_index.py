@@ -85,11 +85,15 @@ def test_index_parameters_are_checked():
         index_parameters("hnsw", {"M": 0}, 100)
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
 @pytest.mark.parametrize("storage", ["float32", "float16"])
-def test_flat_exemplars_are_read_in_place_and_copies_stay_valid(storage):
+def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, monkeypatch):
+    import sdm_hf.index
+
+    monkeypatch.setattr(sdm_hf.index, "_ADD_CHUNK_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g)
-    index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage)
+    index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage, index_type=index_type)
     assert index._own is None  # no second copy beside FAISS's
     dtype = torch.float16 if storage == "float16" else torch.float32
     torch.testing.assert_close(index.vectors, x.to(dtype))
