@@ -1,7 +1,9 @@
 """Scale benchmarks (issue: large support sets): predict throughput, agreement and memory.
 
-    python benchmarks/run_scale.py                       # 10^4 and 10^5, then 10^6 (float16)
-    python benchmarks/run_scale.py --sizes 10000 100000  # skip 10^6
+    python benchmarks/run_scale.py --one 100000 ivf float32 '{"nlist": 256, "nprobe": 16}'
+
+One configuration per process (benchmarks/run_bench.py, i.e. `make bench`, runs them all);
+prints one JSON line.
 
 Synthetic clustered data (40 Gaussian clusters in 64 dims, labels by cluster parity, 5%
 label noise), an SDM head (M = 1000) trained briefly on 4,000 points, whose support is then
@@ -10,33 +12,25 @@ batched queries and 50 one-at-a-time queries. For each index (exact flat, IVF, H
 float32 or float16 storage) it reports build time, batched predict time, the time of the
 bare FAISS search the prediction contains (one k = 32 search of the same exemplars),
 batch-of-one latency, agreement with exact search (q, d, HR) and the process's resident
-memory after the build. Results are appended to benchmarks/results/scale.md after every
-configuration, so a partial run still leaves numbers.
+memory after predict and the peak. benchmarks/results/scale.md holds an earlier, single-process
+run of these measurements.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import json
 import time
 import warnings
 from pathlib import Path
 
-import faiss
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
+from sdm_hf.index import SupportIndex
 
 OUT = Path(__file__).resolve().parent / "results" / "scale.md"
 DIM = 64
-
-
-def rss_gb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def data(n: int, seed: int):
@@ -102,13 +96,22 @@ def head_for(n: int, index_type: str, storage: str, params: dict | None):
     return head, time.perf_counter() - started
 
 
-def measure(n: int, index_type: str, storage: str, params: dict | None) -> str:
+def status_gb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in GiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:
+    """One configuration, measured in this process (run it in a fresh one for memory)."""
     head, build = head_for(n, index_type, storage, params)
-    memory = rss_gb()
     queries, _ = data(2000, seed=424242)
     started = time.perf_counter()
     out = head.predict(queries)
     predict = time.perf_counter() - started
+    rss_after = status_gb("VmRSS")
     exemplars, _ = head._encode_batched(queries, 8192)
     started = time.perf_counter()
     head.support.search(exemplars, 32)
@@ -117,52 +120,49 @@ def measure(n: int, index_type: str, storage: str, params: dict | None) -> str:
     for i in range(50):
         head.predict(queries[i : i + 1])
     single = (time.perf_counter() - started) / 50
-    agreement = head.index_agreement(queries) if not head.support.exact else None
-    agree = (
-        "exact"
-        if agreement is None
-        else (f"q {agreement['same_q']:.3f}, d {agreement['same_d']:.3f}, HR {agreement['same_hr']:.3f}")
-    )
-    name = index_type + (f" {params}" if params else "")
-    return (
-        f"| {n:,} | {name} | {storage} | {build:.1f} s | {predict:.2f} s ({2000 / predict:,.0f}/s) | "
-        f"{bare:.2f} s | {predict / bare:.2f}x | {single * 1000:.1f} ms | {agree} | "
-        f"{int(out.in_hr.sum())} | {memory:.2f} GB |"
-    )
+    peak = status_gb("VmHWM")  # before the exact reference below is built
+    row = {
+        "support": n,
+        "index": index_type,
+        "storage": storage,
+        "params": head.support.index_params if index_type != "flat" else None,
+        "build_seconds": build,
+        "predict_seconds": predict,
+        "bare_seconds": bare,
+        "single_ms": single * 1000,
+        "hr_admitted": int(out.in_hr.sum()),
+        "rss_after_predict_gb": rss_after,
+        "peak_rss_gb": peak,
+        "agreement": None,
+        "speedup_vs_exact": 1.0 if head.support.exact else None,
+    }
+    if not head.support.exact:  # the exact float32 reference over the same exemplars
+        approximate = head.support
+        head.support = SupportIndex(approximate.vectors.float(), approximate.labels, approximate.predictions)
+        started = time.perf_counter()
+        reference = head.predict(queries)
+        exact_seconds = time.perf_counter() - started
+
+        def same(a, b):
+            return float((a == b).float().mean())
+
+        row["agreement"] = {
+            "same_q": same(out.q, reference.q),
+            "same_d": same(out.d, reference.d),
+            "same_hr": same(out.in_hr, reference.in_hr),
+            "same_hr_lower": same(out.in_hr_lower, reference.in_hr_lower),
+        }
+        row["exact_seconds"] = exact_seconds
+        row["speedup_vs_exact"] = exact_seconds / predict
+    return row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--one", nargs=4, metavar=("N", "INDEX", "STORAGE", "PARAMS_JSON"), required=True)
     args = parser.parse_args(argv)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    header = [
-        "# Scale benchmarks",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, faiss {faiss.__version__}; "
-        f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/run_scale.py --sizes "
-        + " ".join(map(str, args.sizes)),
-        "",
-        "| support | index | storage | build | predict 2,000 (batched) | bare search | ratio | batch-of-one "
-        "| agreement with exact | HR admitted | RSS after build |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    OUT.write_text("\n".join(header) + "\n")
-    configs = []
-    for n in args.sizes:
-        if n <= 100_000:
-            configs += [
-                (n, "flat", "float32", None),
-                (n, "ivf", "float32", {"nlist": 256, "nprobe": 16}),
-                (n, "hnsw", "float32", {"M": 32, "efConstruction": 80, "efSearch": 128}),
-            ]
-        else:
-            configs += [(n, "ivf", "float16", {"nlist": 1024, "nprobe": 16}), (n, "flat", "float16", None)]
-    for config in configs:
-        line = measure(*config)
-        print(line, flush=True)
-        with OUT.open("a") as handle:
-            handle.write(line + "\n")
+    n, index_type, storage, params = args.one
+    print(json.dumps(measure(int(n), index_type, storage, json.loads(params))), flush=True)
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,11 @@ class SDMTrainer(Trainer):
         verifier: ``r(positive, generation) -> bool`` on suffix-stripped content
             (default: exact match after stripping outer whitespace).
         append_control: add missing control suffixes (True) or reject such rows.
+
+    After construction and at every epoch start, ``epoch_log`` gains one dict: ``epoch``,
+    ``generated`` (hard-negative generations), ``hard_negatives`` (wrong ones cached), and the
+    seconds spent on ``generation``, ``head_features`` (the feature pass of the head refresh)
+    and ``head_fit``.
 
     Example::
 
@@ -234,8 +240,11 @@ class SDMTrainer(Trainer):
             for i, positive in enumerate(rewards)
             if not positive and epoch >= args.hard_negatives_from_epoch and rng.random() < args.gamma_gen
         ]
+        timing = {"generation_seconds": 0.0, "head_features_seconds": 0.0, "head_fit_seconds": 0.0}
+        started = time.perf_counter()
         if generate:
             self._hard_negatives(generate, texts, rng)
+        timing["generation_seconds"] = time.perf_counter() - started
         self._train_versions.rows = [
             self._encode(doc, text, positive) for doc, text, positive in zip(self.documents, texts, rewards)
         ]
@@ -253,7 +262,7 @@ class SDMTrainer(Trainer):
             rows = [self._encode(d, t, r) for d, t, r in zip(self.documents, h_texts, h_rewards)]
             head, support_row = (None, torch.full((len(self.documents),), -1, dtype=torch.long))
             if self._world()[0] == 0:  # trained once, on the main process, then broadcast
-                head, support_row = self._fit_head(rows, seed=int(args.seed) * 1000 + epoch)
+                head, support_row = self._fit_head(rows, seed=int(args.seed) * 1000 + epoch, timing=timing)
             self.head, self._support_row = self._broadcast_head(head, support_row)
             self._active_head = self.head
         self.epoch_log.append(
@@ -261,6 +270,7 @@ class SDMTrainer(Trainer):
                 "epoch": epoch,
                 "generated": len(generate),
                 "hard_negatives": sum(len(v) for v in self.hard_negatives.values()),
+                **timing,
             }
         )
 
@@ -312,10 +322,15 @@ class SDMTrainer(Trainer):
         steps = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
         return pool_hidden_states(hidden, (steps <= positions.view(-1, 1)).long(), "mean_last")
 
-    def _fit_head(self, rows: list[dict], seed: int) -> tuple[SDMHead | None, torch.Tensor]:
+    def _fit_head(self, rows: list[dict], seed: int, timing: dict | None = None) -> tuple[SDMHead | None, torch.Tensor]:
         """Fit a verification head on ``rows`` split 50/50 (seeded); returns the head and the
-        support row of every document id (-1 for documents in the calibration half)."""
+        support row of every document id (-1 for documents in the calibration half).
+        ``timing`` (optional) receives ``head_features_seconds`` and ``head_fit_seconds``."""
+        timing = timing if timing is not None else {}
+        started = time.perf_counter()
         feats = self.verification_features_of(rows)
+        timing["head_features_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
         labels = torch.tensor([r["reward"] for r in rows])
         doc_ids = torch.tensor([r["document_id"] for r in rows])
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
@@ -357,6 +372,7 @@ class SDMTrainer(Trainer):
             )
         support_row[doc_ids[train_idx]] = torch.arange(half)
         head.compute_training_distance_lists()
+        timing["head_fit_seconds"] = time.perf_counter() - started
         return head, support_row
 
     # -- loss -----------------------------------------------------------------------------
