@@ -106,14 +106,15 @@ def test_epochs_refresh_head_and_generate_hard_negatives(tmp_path):
     heads = []
     original = trainer._fit_head
 
-    def spy(rows, seed):
-        result = original(rows, seed)
+    def spy(rows, seed, timing=None):
+        result = original(rows, seed, timing)
         heads.append(seed)
         return result
 
     trainer._fit_head = spy
     trainer.train()
     assert [e["epoch"] for e in trainer.epoch_log] == [0, 1, 2]
+    assert all(e["head_fit_seconds"] > 0 and e["head_features_seconds"] > 0 for e in trainer.epoch_log)
     assert trainer.epoch_log[0]["generated"] == 0 and trainer.epoch_log[1]["generated"] > 0
     assert len([s for s in heads if s < 77]) == 2  # epochs 1 and 2 (epoch 0 was fitted at construction)
     for negatives in trainer.hard_negatives.values():
