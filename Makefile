@@ -31,8 +31,9 @@ test: $(STAMP)
 	$(PY) -m ruff check sdm_hf tests benchmarks recipes
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# the benchmark suite in one command (~25 min on 2 cores): benchmarks/results/bench.md
 bench: $(STAMP)
-	$(PY) benchmarks/run_core.py
+	$(PY) benchmarks/run_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -75,12 +75,21 @@ SETTINGS = (
     "head_exemplar_dim",
     "max_new_tokens",
     "alpha",
+    "extra_alphas",
     "gamma_gen",
     "hard_negatives_from_epoch",
     "seed",
     "select_best",
 )
-DEMO = {"train_size": 800, "calibration_size": 500, "test_size": 300, "harvard_size": 300, "shifted_size": 200}
+FULL = {"train_size": 1200, "calibration_size": 1000, "test_size": 1000, "harvard_size": 720, "shifted_size": 400}
+DEMO = {
+    "train_size": 1200,
+    "calibration_size": 1000,
+    "test_size": 500,
+    "harvard_size": 720,
+    "shifted_size": 400,
+    "epochs": 5,
+}
 
 
 def parse_args(argv=None):
@@ -89,18 +98,19 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="default: results/ (--demo) or outputs/word_ordering")
     p.add_argument("--demo", action="store_true", help=f"the reduced version of `make lm-demo`: {DEMO}")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--train-size", type=int, default=1200)
-    p.add_argument("--calibration-size", type=int, default=1000)
-    p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--harvard-size", type=int, default=720)
-    p.add_argument("--shifted-size", type=int, default=400)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=None, help="default 1200")
+    p.add_argument("--calibration-size", type=int, default=None, help="default 1000")
+    p.add_argument("--test-size", type=int, default=None, help="default 1000 (--demo: 500)")
+    p.add_argument("--harvard-size", type=int, default=None, help="default 720")
+    p.add_argument("--shifted-size", type=int, default=None, help="default 400")
+    p.add_argument("--epochs", type=int, default=None, help="default 8 (--demo: 5)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--head-epochs", type=int, default=200, help="epochs of every verification-head fit (paper: 200)")
     p.add_argument("--head-exemplar-dim", type=int, default=1000)
     p.add_argument("--max-new-tokens", type=int, default=72)
     p.add_argument("--alpha", type=float, default=0.95)
+    p.add_argument("--extra-alphas", type=float, nargs="*", default=[0.9], help="also report the HR region here")
     p.add_argument("--gamma-gen", type=float, default=0.5, help="hard-negative generation rate of the +HN runs")
     p.add_argument("--hard-negatives-from-epoch", type=int, default=1, help="0-based; the paper: the second epoch")
     p.add_argument("--select-best", action="store_true", help="evaluate every epoch and keep the lowest eval_loss")
@@ -108,10 +118,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier call (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    if args.demo:
-        for key, value in DEMO.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
+    preset = {**FULL, "epochs": 8, **(DEMO if args.demo else {})}
+    for key, value in preset.items():  # only what the command line left unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.out is None:
         args.out = HERE / "results" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
     if args.resume and args.overwrite:
@@ -253,7 +263,29 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
         "content_correct_rate": float(y.float().mean()),
         "ood": sum(o["is_ood"] for o in outputs),
         "report": report.to_dict(),
+        "hr_at": {},
     }
+    # the same generations verified by the same head recalibrated at other alphas (Algorithm 1
+    # only; nothing is regenerated)
+    pairs = [{"prompt": p, "completion": g} for p, g in zip(dataset["prompt"], generations)]
+    for alpha in args.extra_alphas:
+        head.recalibrate(alpha=alpha)
+        try:
+            again = verifier(pairs, batch_size=64)
+        finally:
+            head.recalibrate(alpha=args.alpha)
+        at = selective_classification_report(
+            y,
+            {
+                "SDM HR region": (
+                    torch.tensor([o["verified"] for o in again]).long(),
+                    torch.tensor([o["high_reliability"] for o in again]),
+                )
+            },
+            2,
+            {0: "No", 1: "Yes"},
+        )
+        metrics["hr_at"][str(alpha)] = at.rows[0]
     records = [
         {
             "sentence": s,
@@ -288,9 +320,13 @@ def run_one(run: str, args, out: Path, splits) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty HR region is reported in the tables
         head = trainer.build_final_head(generate=True)
-    calibration = head.calibration_report(alphas=())
-    admitted = sum(r["admitted"] for r in calibration.rows)
-    cal_n = sum(r["n"] for r in calibration.rows)
+    calibration = head.calibration_report(alphas=args.extra_alphas)
+    admitted_at = {
+        str(a): sum(r["admitted"] for r in calibration.rows if r["alpha"] == a)
+        for a in [args.alpha, *args.extra_alphas]
+    }
+    admitted = admitted_at[str(args.alpha)]
+    cal_n = sum(r["n"] for r in calibration.rows if r["alpha"] == args.alpha)
     metrics = {
         "run": run,
         "train_runtime_seconds": train_seconds,
@@ -300,6 +336,7 @@ def run_one(run: str, args, out: Path, splits) -> dict:
             "psi": [v if math.isfinite(v) else None for v in head.thresholds.tolist()],
             "calibration_points": cal_n,
             "calibration_hr_admitted": admitted,
+            "calibration_hr_admitted_at": admitted_at,
             "generated_negatives": trainer.final_head_generated_negatives,
             "support_points": int(head.support.labels.numel()),
         },
@@ -337,18 +374,23 @@ def tables(results: dict, args, summary: dict) -> str:
         "Accuracy of the head's verdict among admitted generations (R: nothing admitted) and the admitted "
         "proportion n/|D|; higher n/|D| is better provided the accuracy is >= alpha.",
         "",
-        "| test set | run | HR accuracy | n/|D| | n | |D| | worst class-cond. acc. |",
-        "|---|---|---|---|---|---|---|",
+        "| test set | run | HR accuracy | n/|D| | n | |D| | worst class-cond. acc. | "
+        + " | ".join(f"at alpha {a}: HR acc. / n/|D|" for a in args.extra_alphas)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(args.extra_alphas),
     ]
     for name in TEST_SETS:
         for run, m in results.items():
             t = m["test"][name]
             hr = t["report"]["estimators"][0]
             worst = [g["accuracy"] for g in hr["class_conditional"] if g["accuracy"] is not None]
+            extra = [t["hr_at"][str(a)]["marginal"] for a in args.extra_alphas]
             lines.append(
                 f"| {TEST_NAMES[name]} | {run} | {_fmt(hr['marginal']['accuracy'])} | "
                 f"{hr['marginal']['proportion']:.3f} | {hr['marginal']['admitted']} | {t['n']} | "
-                f"{_fmt(min(worst) if worst else None)} |"
+                f"{_fmt(min(worst) if worst else None)} | "
+                + " | ".join(f"{_fmt(g['accuracy'])} / {g['proportion']:.3f}" for g in extra)
+                + " |"
             )
     lines += [
         "",
@@ -369,8 +411,10 @@ def tables(results: dict, args, summary: dict) -> str:
         "",
         "## Test-time heads on the calibration set (paper Table 5)",
         "",
-        "| run | q'_min | psi | calibration points | HR admitted (calibration) | generated negatives | train time |",
-        "|---|---|---|---|---|---|---|",
+        "| run | q'_min | psi | calibration points | HR admitted (calibration) | "
+        + " | ".join(f"HR admitted at {a}" for a in args.extra_alphas)
+        + " | generated negatives | train time |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(args.extra_alphas),
     ]
     for run, m in results.items():
         h = m["final_head"]
@@ -378,7 +422,8 @@ def tables(results: dict, args, summary: dict) -> str:
         q = "inf" if h["q_min"] is None else f"{h['q_min']:.2f}"
         lines.append(
             f"| {run} | {q} | {psi} | {h['calibration_points']} | {h['calibration_hr_admitted']} | "
-            f"{h['generated_negatives']} | {m['train_runtime_seconds']:.0f} s |"
+            + "".join(f"{h['calibration_hr_admitted_at'][str(a)]} | " for a in args.extra_alphas)
+            + f"{h['generated_negatives']} | {m['train_runtime_seconds']:.0f} s |"
         )
     lines += ["", f"Data: {json.dumps(summary['used'])}; skipped lines: {json.dumps(summary['skipped'])}.", ""]
     return "\n".join(lines)
