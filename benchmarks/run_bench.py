@@ -93,6 +93,18 @@ def run_one(config: tuple, timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
+def import_rss_gb() -> float:
+    """Resident memory of a fresh process that only imports sdm_hf (the floor under every
+    memory figure below), in GiB."""
+    code = (
+        "import sdm_hf\n"
+        "for line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmRSS:'): print(line.split()[1])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 2**20
+
+
 def _s(value, digits=2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -145,9 +157,17 @@ def markdown(results: dict) -> str:
             f"{2000 / r['predict_seconds']:,.0f} | {r['bare_seconds']:.2f} s | "
             f"{r['predict_seconds'] / r['bare_seconds']:.2f}x | {r['single_ms']:.1f} ms | "
             f"{_s(agree.get('same_q'), 3)} | {_s(agree.get('same_d'), 3)} | {_s(agree.get('same_hr'), 4)} | "
-            f"{_s(r.get('speedup_vs_exact'), 1)}x | {r['rss_after_predict_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB |"
+            f"{_s(r.get('speedup_vs_exact'), 1)}x | {r['rss_after_predict_gb']:.2f} GiB | {r['peak_rss_gb']:.2f} GiB |"
         )
-    return "\n".join(lines) + "\n"
+    notes = [""]
+    if "import_rss_gb" in results:
+        notes.append(
+            f"Memory is the process's resident set in GiB; a process that only imports sdm_hf (torch, "
+            f"transformers' pipelines, FAISS) already holds {results['import_rss_gb']:.2f} GiB."
+        )
+    if "total_minutes" in results:
+        notes.append(f"The whole suite took {results['total_minutes']:.1f} minutes.")
+    return "\n".join(lines + notes) + "\n"
 
 
 def main(argv=None) -> int:
@@ -161,6 +181,7 @@ def main(argv=None) -> int:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/run_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "import_rss_gb": import_rss_gb(),
         "fit": [],
         "alg1": [],
         "predict": [],
