@@ -102,3 +102,24 @@ def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, 
     assert index.ntotal == 53 and torch.equal(index.vectors[50:], torch.ones(3, 8, dtype=dtype))
     torch.testing.assert_close(before, x.to(dtype))  # the copy handed out earlier is still valid
     torch.testing.assert_close(index.pair_distances(torch.ones(1, 8), torch.tensor([52])), torch.zeros(1))
+
+
+def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
+    import faiss
+    import numpy as np
+
+    import sdm_hf.index
+
+    x, y = _clustered(n=700, dim=12, seed=3)
+    x = torch.cat([x, x[:5]])  # exact duplicates: ties must resolve by row
+    index = SupportIndex(x, torch.zeros(len(x)), torch.zeros(len(x)), storage="float16")
+    monkeypatch.setattr(sdm_hf.index, "_ADD_CHUNK_BYTES", 4 * 12 * 50)  # 50-row blocks
+    queries = torch.cat([x[:5], torch.randn(40, 12)])
+    d, rows = index.search(queries, 9)
+    reference = faiss.IndexFlatL2(12)
+    reference.add(np.ascontiguousarray(index.vectors.float().numpy()))
+    d_ref, rows_ref = reference.search(np.ascontiguousarray(queries.numpy()), 9)
+    assert torch.equal(rows[5:], torch.from_numpy(rows_ref[5:]).long())
+    torch.testing.assert_close(d, torch.from_numpy(d_ref), atol=1e-3, rtol=1e-4)
+    assert rows[:5, :2].tolist() == [[i, 700 + i] for i in range(5)]  # a point and its duplicate, lower row first
+    assert torch.equal(d[:5, 0], d[:5, 1]) and bool((d[:5, 0] < 1e-4).all())  # float16 rounding only
