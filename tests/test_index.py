@@ -115,7 +115,10 @@ def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
     index = SupportIndex(x, torch.zeros(len(x)), torch.zeros(len(x)), storage="float16")
     monkeypatch.setattr(sdm_hf.index, "_ADD_CHUNK_BYTES", 4 * 12 * 50)  # 50-row blocks
     queries = torch.cat([x[:5], torch.randn(40, 12)])
+    _, scanned = index.search(queries, 9)  # fewer than _BLOCKED_MIN_QUERIES: FAISS's scan
+    monkeypatch.setattr(sdm_hf.index, "_BLOCKED_MIN_QUERIES", 1)
     d, rows = index.search(queries, 9)
+    assert torch.equal(rows, scanned)
     reference = faiss.IndexFlatL2(12)
     reference.add(np.ascontiguousarray(index.vectors.float().numpy()))
     d_ref, rows_ref = reference.search(np.ascontiguousarray(queries.numpy()), 9)
