@@ -352,8 +352,8 @@ class SupportIndex:
         n = stored.shape[0]
         block = max(k, _ADD_CHUNK_BYTES // (4 * max(self._dim, 1)))
         query_norms = (queries * queries).sum(1, keepdim=True)
-        best_d = torch.empty((queries.shape[0], 0))
-        best_i = torch.empty((queries.shape[0], 0), dtype=torch.long)
+        best_d = torch.empty((queries.shape[0], 0), device=queries.device)
+        best_i = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
         for start in range(0, n, block):  # blocks of the support: bounded float32 working set
             vectors = stored[start : start + block].float()
             dist = (query_norms + (vectors * vectors).sum(1) - 2.0 * queries @ vectors.T).clamp(min=0)

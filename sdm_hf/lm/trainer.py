@@ -89,9 +89,9 @@ class SDMTrainer(Trainer):
         append_control: add missing control suffixes (True) or reject such rows.
 
     After construction and at every epoch start, ``epoch_log`` gains one dict: ``epoch``,
-    ``generated`` (hard-negative generations), ``hard_negatives`` (wrong ones cached), and the
-    seconds spent on ``generation``, ``head_features`` (the feature pass of the head refresh)
-    and ``head_fit``.
+    ``generated`` (hard-negative generations), ``hard_negatives`` (wrong ones cached), and
+    ``generation_seconds``, ``head_features_seconds`` (the feature pass of the head refresh)
+    and ``head_fit_seconds``.
 
     Example::
 
