@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -197,7 +196,6 @@ def main(argv=None) -> int:
         write()
     results["alg1"] = [{"n": r["n"], "seconds": r["seconds"]} for r in bench_alg1(direct=False)]
     write()
-    torch.set_num_threads(torch.get_num_threads())
     for config in predict_configs(args.sizes):
         row = run_one(config, args.timeout)
         results["predict"].append(row)

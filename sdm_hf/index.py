@@ -31,7 +31,8 @@ __all__ = ["SupportIndex", "resolve_device", "faiss_gpu_available", "index_param
 _FAISS_GPU_MAX_K = 2048
 # Bytes of distance matrix the torch fallback materialises per chunk of queries.
 _TORCH_CHUNK_BYTES = 256 * 1024 * 1024
-_ADD_CHUNK_BYTES = 64 * 1024 * 1024  # float32 staging buffer when adding to FAISS
+# Bytes of float32 staging for exemplars (adding to FAISS, blocked float16 search).
+_STAGING_BYTES = 64 * 1024 * 1024
 # Float16 flat search: from this many queries, widening blocks of exemplars to float32 for
 # matrix products beats FAISS's float16 scan (measured at 10^6 x 1000: ~3 s fixed cost per
 # call against ~70 ms per query for the scan); smaller batches use the scan.
@@ -56,6 +57,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _rows_within(budget_bytes: int, row_floats: int) -> int:
+    """How many float32 rows of ``row_floats`` values fit in ``budget_bytes`` (at least 1)."""
+    return max(1, budget_bytes // (4 * max(row_floats, 1)))
 
 
 def faiss_gpu_available() -> bool:
@@ -254,7 +260,7 @@ class SupportIndex:
     def _add_chunked(self, vectors: torch.Tensor) -> None:
         """Add to FAISS in float32 chunks, so a float16 support never exists whole in float32
         (FAISS takes float32 input): the working set stays bounded whatever N is."""
-        rows = max(1, _ADD_CHUNK_BYTES // (4 * max(self._dim, 1)))
+        rows = _rows_within(_STAGING_BYTES, self._dim)
         for start in range(0, vectors.shape[0], rows):
             self._faiss.add(self._as_numpy(vectors[start : start + rows]))
 
@@ -331,7 +337,7 @@ class SupportIndex:
         queries = queries.detach().to(self.device, torch.float32)
         vectors = self._stored().float()
         support_norms = (vectors * vectors).sum(dim=1)
-        chunk = max(1, _TORCH_CHUNK_BYTES // (4 * max(self.ntotal, 1)))
+        chunk = _rows_within(_TORCH_CHUNK_BYTES, self.ntotal)
         out_d, out_i = [], []
         for start in range(0, queries.shape[0], chunk):  # chunks bound memory
             block = queries[start : start + chunk]
@@ -350,7 +356,7 @@ class SupportIndex:
         queries = queries.detach().to(self.device, torch.float32)
         stored = self._stored()
         n = stored.shape[0]
-        block = max(k, _ADD_CHUNK_BYTES // (4 * max(self._dim, 1)))
+        block = max(k, _rows_within(_STAGING_BYTES, self._dim))
         query_norms = (queries * queries).sum(1, keepdim=True)
         best_d = torch.empty((queries.shape[0], 0), device=queries.device)
         best_i = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
@@ -364,7 +370,7 @@ class SupportIndex:
             order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
             best_d, best_i = merged_d.gather(1, order), merged_i.gather(1, order)
         exact = torch.empty_like(best_d)
-        rows_per_chunk = max(1, _TORCH_CHUNK_BYTES // (4 * k * max(self._dim, 1)))
+        rows_per_chunk = _rows_within(_TORCH_CHUNK_BYTES, k * self._dim)
         for start in range(0, queries.shape[0], rows_per_chunk):  # [b, k, M] at a time: bounded memory
             stop = start + rows_per_chunk
             diff = queries[start:stop].unsqueeze(1) - stored[best_i[start:stop]].float()

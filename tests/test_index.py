@@ -90,7 +90,7 @@ def test_index_parameters_are_checked():
 def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, monkeypatch):
     import sdm_hf.index
 
-    monkeypatch.setattr(sdm_hf.index, "_ADD_CHUNK_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
+    monkeypatch.setattr(sdm_hf.index, "_STAGING_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g)
     index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage, index_type=index_type)
@@ -113,7 +113,7 @@ def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
     x, y = _clustered(n=700, dim=12, seed=3)
     x = torch.cat([x, x[:5]])  # exact duplicates: ties must resolve by row
     index = SupportIndex(x, torch.zeros(len(x)), torch.zeros(len(x)), storage="float16")
-    monkeypatch.setattr(sdm_hf.index, "_ADD_CHUNK_BYTES", 4 * 12 * 50)  # 50-row blocks
+    monkeypatch.setattr(sdm_hf.index, "_STAGING_BYTES", 4 * 12 * 50)  # 50-row blocks
     queries = torch.cat([x[:5], torch.randn(40, 12)])
     _, scanned = index.search(queries, 9)  # fewer than _BLOCKED_MIN_QUERIES: FAISS's scan
     monkeypatch.setattr(sdm_hf.index, "_BLOCKED_MIN_QUERIES", 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,9 +101,7 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
 def generation_accuracy(model, tokenizer, dataset, batch_size: int = 32) -> dict:
     """Greedy generations on ``dataset``: sentence accuracy and exact match."""
     generations = generate_greedy(model, tokenizer, list(dataset["prompt"]), max_new_tokens=64, batch_size=batch_size)
-    golds = [c[-1]["content"] for c in dataset["chosen"]]
-    sentence = [wod.sentence_of(g) == s for g, s in zip(generations, dataset["sentence"])]
-    exact = [g.strip() == c.strip() for g, c in zip(generations, golds)]
+    sentence, exact = wod.score_generations(generations, dataset)
     return {
         "n": len(generations),
         "sentence_accuracy": sum(sentence) / max(len(sentence), 1),
@@ -166,10 +165,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    for leftover in (out / "_trainer").glob("*"):
-        leftover.unlink() if leftover.is_file() else None
-    if (out / "_trainer").exists() and not any((out / "_trainer").iterdir()):
-        (out / "_trainer").rmdir()
+    shutil.rmtree(out / "_trainer", ignore_errors=True)
     print(json.dumps({k: v for k, v in report.items() if k != "data"}, indent=2))
     return 0
 

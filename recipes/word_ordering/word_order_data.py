@@ -26,7 +26,7 @@ one user message / one assistant message) plus ``sentence``, ``prefix``, ``shuff
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,6 @@ class SkipCounts:
     no_wrong_order: int = 0
     not_utf8: int = 0
     duplicate: int = 0
-    examples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("too_short", "no_wrong_order", "not_utf8", "duplicate")}
@@ -224,6 +223,15 @@ def sft_rows(dataset: Dataset, copies: int, seed: int, template: str = SHORT_PRO
             example = make_example(sentence, np.random.default_rng([seed, 99, i, c]), template)
             rows.append({"prompt": example["prompt"], "completion": example["chosen"], "label": True})
     return Dataset.from_list(rows)
+
+
+def score_generations(generations: list[str], dataset) -> tuple[list[bool], list[bool]]:
+    """Per generation: is its first tagged sentence the gold sentence, and is it verbatim the
+    gold completion (sentence, tags and ``<verified>Yes</verified>``)?"""
+    golds = [c[-1]["content"] for c in dataset["chosen"]]
+    sentence = [sentence_of(g) == s for g, s in zip(generations, dataset["sentence"])]
+    exact = [g.strip() == gold.strip() for g, gold in zip(generations, golds)]
+    return sentence, exact
 
 
 def sentence_of(completion: str) -> str | None:

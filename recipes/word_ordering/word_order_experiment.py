@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 import word_order_data as wod  # noqa: E402
 
-from sdm_hf.lm import ControlTokens, SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
+from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
 from sdm_hf.metrics import selective_classification_report  # noqa: E402
 
 RUNS = {
@@ -226,7 +226,7 @@ def trainer_for(run: str, args, out: Path, splits) -> SDMTrainer:
 
 def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, list[dict]]:
     """Greedy generation + verification with ``pipeline("sdm-verify")`` on one test set."""
-    control = ControlTokens()
+    control = trainer.control_tokens
     verifier = pipeline(
         "sdm-verify",
         model=trainer.model,
@@ -253,8 +253,7 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
         2,
         {0: "No", 1: "Yes"},
     )
-    sentence_correct = [wod.sentence_of(g) == s for g, s in zip(generations, dataset["sentence"])]
-    exact = [g.strip() == gold.strip() for g, gold in zip(generations, golds)]
+    sentence_correct, exact = wod.score_generations(generations, dataset)
     n = len(generations)
     metrics = {
         "n": n,
@@ -354,10 +353,10 @@ def run_one(run: str, args, out: Path, splits) -> dict:
     return metrics
 
 
-def _fmt(value, pct=False) -> str:
+def _fmt(value) -> str:
     if value is None:
         return "R"
-    return f"{value:.1%}" if pct else f"{value:.3f}"
+    return f"{value:.3f}"
 
 
 def tables(results: dict, args, summary: dict) -> str:
