@@ -50,6 +50,11 @@ def main(out: str) -> None:
         loss_finite=bool(torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))),
     )
     (Path(out) / f"rank{rank}_of{world}.json").write_text(json.dumps(record))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leave together and close gloo's threads before the interpreter exits: a rank that
+        # exits while its process group is alive can abort in C++ teardown (seen once in CI)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def _run(args, out):
         env=env,
         timeout=600,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stderr[-8000:]
 
 
 def test_two_processes_share_one_head_and_one_cache(tmp_path):
