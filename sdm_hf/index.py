@@ -8,9 +8,11 @@ This module is also the ONE place that decides where neighbour search runs:
 * CUDA without a FAISS GPU build: exact search with torch on the GPU (chunked matrix
   product + ``topk``).
 
-On the CPU, flat and HNSW indexes hold the only copy of the exemplars (read in place from
-FAISS's storage); IVF keeps its own copy beside the inverted lists. Exemplars are handed to
-FAISS in bounded float32 chunks, so a float16 support never exists whole in float32.
+On the CPU, the FAISS index holds the only copy of the exemplars: flat and HNSW storage is
+read in place; IVF rows are decoded back through FAISS's direct map (row -> list position),
+exactly, since float32 and float16 codes are lossless for the stored values. Exemplars are
+handed to FAISS in bounded float32 chunks, so a float16 support never exists whole in
+float32.
 
 Whatever the backend, results are returned as CPU tensors and each row is ordered by
 (squared distance, support row index), so ties resolve the same way every time. The index
@@ -168,7 +170,7 @@ class SupportIndex:
         # Rebuild from the stored arrays: the FAISS object itself is never serialised (its
         # Python wrapper would do so to copy it).
         return SupportIndex(
-            self._stored().clone(),
+            self._own.clone() if self._own is not None else self.vectors,
             self.labels.clone(),
             self.predictions.clone(),
             self.device,
@@ -187,14 +189,16 @@ class SupportIndex:
     def vectors(self) -> torch.Tensor:
         """``[N, M]`` exemplars in the storage dtype (a copy when they live inside FAISS)."""
         stored = self._stored()
-        return stored if self._own is not None else stored.clone()
+        return stored if self._own is not None or self.index_type == "ivf" else stored.clone()
 
     def _stored(self) -> torch.Tensor:
-        """The exemplars without copying: our tensor, or a view of the FAISS index's storage
-        (valid until the index changes; used immediately, never handed out)."""
+        """The exemplars: our tensor, a view of the FAISS index's flat storage (valid until
+        the index changes; used immediately, never handed out) or, for IVF, a decoded copy."""
         if self._own is not None:
             return self._own
         index, n = self._faiss, int(self._faiss.ntotal)
+        if self.index_type == "ivf":
+            return self._rows(torch.arange(n))
         if self.index_type == "hnsw":  # HNSW keeps the vectors in a flat storage index, in row order
             index = faiss.downcast_index(index.storage)
         if n == 0:
@@ -224,6 +228,10 @@ class SupportIndex:
             nlist = min(params["nlist"], max(self._own.shape[0], 1))
             if fp16:
                 index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16)
+                # codes of the vectors themselves, not of residuals to the centroid: exactly the
+                # float16 values that are saved, searched and decoded back (FAISS's default
+                # residual encoding would round differently and not decode to them)
+                index.by_residual = False
             else:
                 index = faiss.IndexIVFFlat(self._quantizer, dim, nlist)
             index.nprobe = min(params["nprobe"], nlist)
@@ -253,9 +261,24 @@ class SupportIndex:
                 rows = np.sort(np.random.default_rng(0).permutation(n)[:take])
                 self._faiss.train(self._as_numpy(self._own[torch.from_numpy(rows)]))
             self._add_chunked(self._own)
-        if self._faiss is not None and self.device.type == "cpu" and self.index_type in ("flat", "hnsw"):
-            # FAISS's flat storage (HNSW's too) holds exactly these values: read it in place
+        if self._faiss is not None and self.index_type == "ivf":
+            self._faiss.make_direct_map()  # row -> (list, offset), so rows can be decoded back
+        if self._faiss is not None and self.device.type == "cpu":
+            # FAISS holds exactly these values (flat/HNSW storage in place, IVF through the
+            # direct map): no second copy
             self._own = None
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[len(rows), M]`` exemplars of ``rows`` in the storage dtype, on ``self.device``."""
+        rows = rows.long()
+        if self._own is None and self.index_type == "ivf":
+            out = torch.empty((rows.numel(), self._dim), dtype=STORAGE_DTYPES[self.storage])
+            step = _rows_within(_STAGING_BYTES, self._dim)
+            for start in range(0, rows.numel(), step):  # bounded float32 staging
+                chunk = np.ascontiguousarray(rows[start : start + step].cpu().numpy(), dtype=np.int64)
+                out[start : start + step] = torch.from_numpy(self._faiss.reconstruct_batch(chunk))
+            return out
+        return self._stored()[rows.to(self.device)]
 
     def _add_chunked(self, vectors: torch.Tensor) -> None:
         """Add to FAISS in float32 chunks, so a float16 support never exists whole in float32
@@ -381,5 +404,5 @@ class SupportIndex:
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2``, ``[B]`` float32."""
         queries = queries.detach().to(self.device, torch.float32)
-        diff = queries - self._stored()[rows.to(self.device).long()].float()
+        diff = queries - self._rows(rows).to(self.device).float()
         return (diff * diff).sum(dim=1).float().cpu()

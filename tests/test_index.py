@@ -85,7 +85,7 @@ def test_index_parameters_are_checked():
         index_parameters("hnsw", {"M": 0}, 100)
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
 @pytest.mark.parametrize("storage", ["float32", "float16"])
 def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, monkeypatch):
     import sdm_hf.index
@@ -102,6 +102,13 @@ def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, 
     assert index.ntotal == 53 and torch.equal(index.vectors[50:], torch.ones(3, 8, dtype=dtype))
     torch.testing.assert_close(before, x.to(dtype))  # the copy handed out earlier is still valid
     torch.testing.assert_close(index.pair_distances(torch.ones(1, 8), torch.tensor([52])), torch.zeros(1))
+    rows = torch.tensor([3, 51, 0, 3])  # any order, repeats (IVF decodes them through its direct map)
+    expected = ((x[0] - index.vectors[rows].float()) ** 2).sum(1)
+    torch.testing.assert_close(index.pair_distances(x[:1].expand(4, 8), rows), expected)
+    copied = copy.deepcopy(index)
+    assert torch.equal(copied.vectors, index.vectors) and torch.equal(
+        copied.search(x[:4], 3)[1], index.search(x[:4], 3)[1]
+    )
 
 
 def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
