@@ -161,6 +161,22 @@ def markdown(results: dict) -> str:
             f"{_s(agree.get('same_q'), 3)} | {_s(agree.get('same_d'), 3)} | {_s(agree.get('same_hr'), 4)} | "
             f"{_s(r.get('speedup_vs_exact'), 1)}x | {r['rss_after_predict_gb']:.2f} GiB | {r['peak_rss_gb']:.2f} GiB |"
         )
+    served = [r for r in results["predict"] if "loaded" in r and "error" not in r["loaded"]]
+    if served:
+        lines += [
+            "",
+            "## Serving: a fresh process loads the saved head (`SDMHead.from_pretrained`) and predicts 2,000 queries",
+            "",
+            "| support | index | storage | load | predict 2,000 | RSS after load | RSS after predict | peak RSS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in served:
+            s = r["loaded"]
+            lines.append(
+                f"| {r['support']:,} | {r['index']} | {r['storage']} | {s['load_seconds']:.1f} s | "
+                f"{s['predict_seconds']:.2f} s | {s['rss_after_load_gb']:.2f} GiB | "
+                f"{s['rss_after_predict_gb']:.2f} GiB | {s['peak_rss_gb']:.2f} GiB |"
+            )
     notes = [""]
     if "import_rss_gb" in results:
         notes.append(
@@ -195,9 +211,10 @@ def remeasure(config: tuple, timeout: int) -> dict:
             f"{o.get('speedup_vs_exact') or 0:.1f}x, RSS after predict {o['rss_after_predict_gb']:.2f} GiB)"
         )
     n, index_type, storage, params = config
+    results["import_rss_gb"] = import_rss_gb()  # the floor, with the code of that day
     results.setdefault("notes", []).append(
         f"Re-measured on {time.strftime('%Y-%m-%d')}: {n:,} {index_type} {storage} {json.dumps(params)}, "
-        f"own process, with the code of that day{before}."
+        f"own process, with the code of that day{before}; the import floor was re-measured with it."
     )
     (RESULTS / "bench.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (RESULTS / "bench.md").write_text(markdown(results))

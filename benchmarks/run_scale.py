@@ -12,7 +12,8 @@ batched queries and 50 one-at-a-time queries. For each index (exact flat, IVF, H
 float32 or float16 storage) it reports build time, batched predict time, the time of the
 bare FAISS search the prediction contains (one k = 32 search of the same exemplars),
 batch-of-one latency, agreement with exact search (q, d, HR) and the process's resident
-memory after predict and the peak. benchmarks/results/scale.md holds an earlier, single-process
+memory after predict and the peak; for float16 flat storage also a fresh process that loads
+the saved head and predicts (what a serving process holds). benchmarks/results/scale.md holds an earlier, single-process
 run of these measurements.
 """
 
@@ -20,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -104,6 +108,41 @@ def status_gb(field: str) -> float:
     return float("nan")
 
 
+def load_and_predict(folder: str) -> dict:
+    """What a serving process holds: a fresh process that imports sdm_hf, loads the saved
+    head and predicts the 2,000 queries (run with ``--load-predict FOLDER``)."""
+    started = time.perf_counter()
+    head = SDMHead.from_pretrained(folder)
+    load = time.perf_counter() - started
+    rss_loaded = status_gb("VmRSS")
+    queries, _ = data(2000, seed=424242)
+    started = time.perf_counter()
+    head.predict(queries)
+    return {
+        "load_seconds": load,
+        "predict_seconds": time.perf_counter() - started,
+        "rss_after_load_gb": rss_loaded,
+        "rss_after_predict_gb": status_gb("VmRSS"),
+        "peak_rss_gb": status_gb("VmHWM"),
+    }
+
+
+def saved_then_loaded(head: SDMHead) -> dict:
+    """Save ``head`` to a temporary folder and measure :func:`load_and_predict` on it."""
+    with tempfile.TemporaryDirectory() as folder:
+        head.save_pretrained(folder)
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--load-predict", folder],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout)[-400:]}
+    return json.loads(lines[-1])
+
+
 def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:
     """One configuration, measured in this process (run it in a fresh one for memory)."""
     head, build = head_for(n, index_type, storage, params)
@@ -136,6 +175,8 @@ def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:
         "agreement": None,
         "speedup_vs_exact": 1.0 if head.support.exact else None,
     }
+    if index_type == "flat" and storage == "float16":  # the memory target: measured as served
+        row["loaded"] = saved_then_loaded(head)
     if not head.support.exact:  # the exact float32 reference over the same exemplars
         approximate = head.support
         head.support = SupportIndex(approximate.vectors.float(), approximate.labels, approximate.predictions)
@@ -159,8 +200,13 @@ def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--one", nargs=4, metavar=("N", "INDEX", "STORAGE", "PARAMS_JSON"), required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--one", nargs=4, metavar=("N", "INDEX", "STORAGE", "PARAMS_JSON"))
+    mode.add_argument("--load-predict", metavar="FOLDER", help="load a saved head and predict (used by --one)")
     args = parser.parse_args(argv)
+    if args.load_predict:
+        print(json.dumps(load_and_predict(args.load_predict)), flush=True)
+        return 0
     n, index_type, storage, params = args.one
     print(json.dumps(measure(int(n), index_type, storage, json.loads(params))), flush=True)
     return 0

@@ -385,7 +385,8 @@ class SupportIndex:
         best_i = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
         for start in range(0, n, block):  # blocks of the support: bounded float32 working set
             vectors = stored[start : start + block].float()
-            dist = (query_norms + (vectors * vectors).sum(1) - 2.0 * queries @ vectors.T).clamp(min=0)
+            dist = queries @ vectors.T  # the one [B, block] buffer: the rest is done in place
+            dist.mul_(-2.0).add_(query_norms).add_((vectors * vectors).sum(1)).clamp_(min=0)
             take = min(k, dist.shape[1])
             d, i = torch.topk(dist, take, dim=1, largest=False, sorted=True)
             merged_d = torch.cat([best_d, d], dim=1)
@@ -393,11 +394,12 @@ class SupportIndex:
             order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
             best_d, best_i = merged_d.gather(1, order), merged_i.gather(1, order)
         exact = torch.empty_like(best_d)
-        rows_per_chunk = _rows_within(_TORCH_CHUNK_BYTES, k * self._dim)
-        for start in range(0, queries.shape[0], rows_per_chunk):  # [b, k, M] at a time: bounded memory
+        # one [b, k, M] float32 block of differences at a time, squared in place: bounded memory
+        rows_per_chunk = _rows_within(_STAGING_BYTES, k * self._dim)
+        for start in range(0, queries.shape[0], rows_per_chunk):
             stop = start + rows_per_chunk
-            diff = queries[start:stop].unsqueeze(1) - stored[best_i[start:stop]].float()
-            exact[start:stop] = (diff * diff).sum(-1)
+            diff = stored[best_i[start:stop]].float().sub_(queries[start:stop].unsqueeze(1))
+            exact[start:stop] = diff.mul_(diff).sum(-1)
         order = torch.sort(exact, dim=1, stable=True).indices
         return exact.gather(1, order), best_i.gather(1, order)
 

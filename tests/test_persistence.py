@@ -88,6 +88,47 @@ def test_round_trip_is_bit_identical(heads, tmp_path, classes, texts):
     _same_outputs(head, loaded, x)
 
 
+def test_loaded_head_keeps_nothing_of_the_file_mapped(heads, tmp_path, monkeypatch):
+    """safetensors hands out views of ONE memory map of the file: any view the head kept
+    (labels, say) would keep the whole file mapped, and its read pages (the exemplars,
+    gigabytes at scale) resident beside FAISS's own copy."""
+    import dataclasses
+
+    import sdm_hf.persistence
+
+    monkeypatch.setattr(sdm_hf.persistence, "_FINITE_CHUNK", 7)  # the chunked NaN check, many chunks
+    head = copy.deepcopy(heads[2][0])
+    head.save_pretrained(tmp_path)
+    loaded = SDMHead.from_pretrained(tmp_path)
+    kept = dict(loaded.state_dict(), labels=loaded.support.labels, predictions=loaded.support.predictions)
+    kept.update(
+        (f.name, getattr(loaded._calibration, f.name))
+        for f in dataclasses.fields(loaded._calibration)
+        if isinstance(getattr(loaded._calibration, f.name), torch.Tensor)
+    )
+    kept.update((f"list{i}", t) for i, t in enumerate(loaded._calibration.distance_lists))
+    assert len(kept) > 15
+    mapping = (tmp_path / "model.safetensors").stat().st_size
+    for name, tensor in kept.items():  # a view into the file's mapping would see all of it
+        assert tensor.untyped_storage().nbytes() < mapping // 2, name
+    assert loaded.support._own is None  # and the exemplars live in FAISS only
+
+
+def test_nan_anywhere_in_the_exemplars_is_detected(heads, tmp_path, monkeypatch):
+    import sdm_hf.persistence
+
+    monkeypatch.setattr(sdm_hf.persistence, "_FINITE_CHUNK", 5)
+    head = copy.deepcopy(heads[2][0])
+    head.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    vectors = tensors["support.vectors"].clone()
+    vectors[-1, -1] = float("nan")  # in the last chunk
+    tensors["support.vectors"] = vectors
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SDMFormatError, match="NaN"):
+        SDMHead.from_pretrained(tmp_path)
+
+
 def test_strict_json_for_empty_region(heads, tmp_path):
     head = copy.deepcopy(heads[2][0])
     with pytest.warns(UserWarning):
