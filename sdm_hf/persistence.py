@@ -56,7 +56,10 @@ def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tens
 
 
 def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
-    """``(config_json, tensors, documents)`` describing ``head`` completely."""
+    """``(config_json, tensors, documents)`` describing ``head`` completely.
+
+    The support vectors are, on the CPU, a view of the index's own storage (no copy of what
+    can be gigabytes): use the result at once, before the head's support changes."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     support = head.support
     config: dict = {
@@ -72,7 +75,7 @@ def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | No
         config["selection"] = {k: selection[k] for k in ("shuffle", "epoch", "calibration_loss") if k in selection}
     documents = None
     if support is not None:
-        tensors["support.vectors"] = support.vectors.detach().cpu().contiguous()  # float32 or float16
+        tensors["support.vectors"] = support._stored().detach().cpu().contiguous()  # float32 or float16
         tensors["support.labels"] = support.labels.long().contiguous()
         tensors["support.predictions"] = support.predictions.long().contiguous()
         config["support"] = {

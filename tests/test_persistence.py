@@ -114,6 +114,16 @@ def test_loaded_head_keeps_nothing_of_the_file_mapped(heads, tmp_path, monkeypat
     assert loaded.support._own is None  # and the exemplars live in FAISS only
 
 
+def test_saving_reads_the_exemplars_in_place(heads):
+    from sdm_hf.persistence import state_to_files
+
+    head = heads[2][0]
+    tensors = state_to_files(head)[1]
+    # no copy of the (possibly gigabytes of) exemplars: the tensor written is FAISS's storage
+    assert tensors["support.vectors"].data_ptr() == head.support._stored().data_ptr()
+    assert torch.equal(tensors["support.vectors"], head.support.vectors)
+
+
 def test_nan_anywhere_in_the_exemplars_is_detected(heads, tmp_path, monkeypatch):
     import sdm_hf.persistence
 
