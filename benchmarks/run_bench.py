@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from run_core import bench_alg1, machine  # noqa: E402
-from run_scale import DIM, data  # noqa: E402
+from run_scale import DIM, child_result, data  # noqa: E402
 
 from sdm_hf import SDMConfig, fit_sdm_head  # noqa: E402
 
@@ -88,11 +88,10 @@ def run_one(config: tuple, timeout: int) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"support": n, "index": index_type, "storage": storage, "params": params, "error": "timed out"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout)[-400:]
-        return {"support": n, "index": index_type, "storage": storage, "params": params, "error": tail}
-    return json.loads(lines[-1])
+    row = child_result(done)
+    if "error" in row:
+        return {"support": n, "index": index_type, "storage": storage, "params": params, **row}
+    return row
 
 
 def import_rss_gb() -> float:
@@ -201,11 +200,15 @@ def remeasure(config: tuple, timeout: int) -> dict:
     if "error" in row:
         raise SystemExit(f"the measurement failed, nothing was changed: {row['error']}")
     key = (row["support"], row["index"], row["storage"])
-    old = [r for r in results["predict"] if (r["support"], r["index"], r["storage"]) == key]
-    results["predict"] = [r if r not in old else row for r in results["predict"]] if old else results["predict"] + [row]
+    rows = results["predict"]
+    where = next((i for i, r in enumerate(rows) if (r["support"], r["index"], r["storage"]) == key), None)
+    o = None if where is None else rows[where]  # the row being replaced
+    if where is None:
+        rows.append(row)
+    else:
+        rows[where] = row
     before = ""
-    if old and "predict_seconds" in old[0]:
-        o = old[0]
+    if o is not None and "predict_seconds" in o:
         before = (
             f" (it was: params {o.get('params')}, predict {o['predict_seconds']:.2f} s, speed-up "
             f"{o.get('speedup_vs_exact') or 0:.1f}x, RSS after predict {o['rss_after_predict_gb']:.2f} GiB)"

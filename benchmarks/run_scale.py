@@ -127,6 +127,15 @@ def load_and_predict(folder: str) -> dict:
     }
 
 
+def child_result(done: subprocess.CompletedProcess) -> dict:
+    """The JSON object a child benchmark process printed last, or ``{"error": <its output's
+    tail>}`` when it failed or printed none."""
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout)[-400:]}
+    return json.loads(lines[-1])
+
+
 def saved_then_loaded(head: SDMHead) -> dict:
     """Save ``head`` to a temporary folder and measure :func:`load_and_predict` on it."""
     with tempfile.TemporaryDirectory() as folder:
@@ -137,10 +146,7 @@ def saved_then_loaded(head: SDMHead) -> dict:
             text=True,
             check=False,
         )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr or done.stdout)[-400:]}
-    return json.loads(lines[-1])
+    return child_result(done)
 
 
 def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:

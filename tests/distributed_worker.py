@@ -56,8 +56,8 @@ def main(out: str) -> None:
         torch.distributed.barrier()  # every rank has written its results
     # Leave without interpreter finalization. Under torchrun, tearing down gloo's worker
     # threads while Python finalises can abort the process (SIGABRT, "terminate called
-    # without an active exception") after all the work is done and written: seen in 2 of ~6
-    # full-suite runs here and in CI, with and without destroy_process_group(), never in 15
+    # without an active exception") after all the work is done and written: seen in CI and
+    # in 1 of 4 full-suite runs here, also after destroy_process_group(), never in 26
     # isolated runs; a known PyTorch shutdown-order problem, not something SDMTrainer does.
     sys.stdout.flush()
     sys.stderr.flush()
