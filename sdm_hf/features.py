@@ -136,6 +136,17 @@ def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int:
     return int(limit)
 
 
+def _check_layer(model, layer, n_layers: int | None) -> None:
+    """Raise unless ``layer`` indexes one of the ``n_layers + 1`` hidden states (any int when unknown)."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if n_layers is not None and not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(
+            f"layer={layer} is out of range for {type(model).__name__} with {n_layers} hidden layers: pass "
+            f"-{n_layers + 1} <= layer <= {n_layers} (0 = embeddings, {n_layers} or -1 = final layer after the norm)"
+        )
+
+
 class _StopForward(Exception):
     """Raised by a forward hook once the requested layer's output is captured (ends the forward early)."""
 
@@ -359,15 +370,9 @@ def extract_features(
         raise ValueError("tokenizer is required for a transformers model")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
     body = model_body(model)
     n_layers = num_hidden_layers(body)
-    if n_layers is not None and not -(n_layers + 1) <= layer <= n_layers:
-        raise ValueError(
-            f"layer={layer} is out of range for {type(model).__name__} with {n_layers} hidden layers: pass "
-            f"-{n_layers + 1} <= layer <= {n_layers} (0 = embeddings, {n_layers} or -1 = final layer after the norm)"
-        )
+    _check_layer(model, layer, n_layers)
     if device is not None:
         model = model.to(resolve_device(device))
     run_device = next(model.parameters()).device
@@ -433,7 +438,7 @@ def extract_features(
         warnings.warn(
             f"{truncated} of {len(texts)} texts were longer than max_length={limit} tokens and were truncated",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of the no_grad wrapper
         )
     feats = torch.cat(chunks).float()
     result = torch.empty_like(feats)
