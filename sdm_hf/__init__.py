@@ -9,6 +9,7 @@ The public entry points::
 
 from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .calibration import high_reliability_thresholds
+from .feature_cache import cached_features, default_cache_dir, load_causal_lm
 from .fit import fit_sdm_head
 from .head import CalibrationReport, LabelErrors, SDMConfig, SDMHead, SDMOutput
 from .pipelines import register_pipelines
@@ -29,5 +30,8 @@ __all__ = [
     "sdm_loss",
     "rescaled_similarity",
     "high_reliability_thresholds",
+    "load_causal_lm",
+    "cached_features",
+    "default_cache_dir",
     "__version__",
 ]
