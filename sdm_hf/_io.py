@@ -2,21 +2,49 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+MARKER = ".sdm_hf_output.json"
 
-def prepare_output_dir(path, overwrite: bool) -> Path:
-    """Create ``path`` for fresh results; an existing non-empty folder is replaced only with
-    ``overwrite`` (results are never silently overwritten).
 
-    Raises:
-        FileExistsError: the folder exists, is not empty and ``overwrite`` is False.
-    """
+def check_output_dir(path, overwrite: bool) -> Path:
+    """Raise now (before any long work) if :func:`prepare_output_dir` would refuse ``path``;
+    changes nothing on disk."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output path {path} exists and is a file, not a folder; choose another output")
     if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).is_file():
+            raise FileExistsError(
+                f"output folder {path} exists, is not empty and was not written by sdm_hf (no {MARKER}); "
+                "refusing to touch it: choose another output folder or empty it yourself"
+            )
         if not overwrite:
             raise FileExistsError(f"output folder {path} exists and is not empty; pass --overwrite to replace it")
+    return path
+
+
+def prepare_output_dir(path, overwrite: bool, program: str = "sdm_hf") -> Path:
+    """Create ``path`` for fresh results and mark it as ours.
+
+    An existing non-empty folder is replaced only with ``overwrite`` AND only when it carries
+    the marker file (``.sdm_hf_output.json``) that this function writes: a folder written by
+    another program (or by hand) is never deleted, whatever ``overwrite`` says.
+
+    Args:
+        path: the output folder.
+        overwrite: replace an existing folder that sdm_hf wrote.
+        program: recorded in the marker (which command wrote the folder).
+
+    Raises:
+        FileExistsError: the folder exists, is not empty, and ``overwrite`` is False or the
+            folder was not written by sdm_hf.
+    """
+    path = check_output_dir(path, overwrite)
+    if path.exists() and any(path.iterdir()):
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text(json.dumps({"written_by": "sdm_hf", "program": program}) + "\n", encoding="utf-8")
     return path

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import prepare_output_dir
+from ._io import check_output_dir, prepare_output_dir
 
 __all__ = ["main"]
 
@@ -131,8 +131,10 @@ def cmd_fit_head(args) -> int:
     from .head import SDMConfig
 
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:  # fail before the long fit
-        raise CLIError(f"output folder {output} exists and is not empty; pass --overwrite to replace it")
+    try:  # fail before the long fit
+        check_output_dir(output, args.overwrite)
+    except FileExistsError as err:
+        raise CLIError(str(err)) from None
     train, calib = load_table(args.train), load_table(args.calibration)
     x_tr, bundle = features_of(train, args, args.train)
     x_ca, _ = features_of(calib, args, args.calibration, model_bundle=bundle)

@@ -6,11 +6,12 @@ non-interactive Agg backend, so nothing here needs a display.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-__all__ = ["plot_accuracy_vs_admission", "plot_similarity_distance"]
+__all__ = ["plot_accuracy_vs_admission", "plot_similarity_distance", "plot_risk_coverage", "plot_training_history"]
 
 
 def _pyplot():
@@ -112,5 +113,127 @@ def plot_similarity_distance(outputs: dict, path, title: str | None = None) -> P
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _worst_class_accuracy(row: dict) -> float | None:
+    accs = [g["correct"] / g["admitted"] for g in row["per_class"].values() if g["admitted"] > 0]
+    return min(accs) if accs else None
+
+
+def plot_risk_coverage(rows: list[dict], path, estimators: dict[str, str] | None = None, title: str | None = None):
+    """Risk-coverage curves: per (feature set, test set) panel, each estimator's admitted share
+    of the test set (x) against its lowest class-conditional accuracy (y), one point per alpha,
+    joined in order of alpha; grey dotted lines mark the alphas.
+
+    Alphas at which an estimator admits nothing ("R") have no accuracy and are NOT drawn:
+    the legend counts them instead, so a rejected estimator never looks like an accuracy.
+
+    Args:
+        rows: summary rows with keys ``features``, ``test_set``, ``estimator``, ``alpha``,
+            ``n``, ``admitted`` and ``per_class`` (``{label: {"n", "admitted", "correct"}}``).
+        path: output PNG.
+        estimators: key -> display name (and which estimators to draw; default: all).
+    """
+    plt = _pyplot()
+    panels = list(dict.fromkeys((r["features"], r["test_set"]) for r in rows))
+    if not panels:
+        raise ValueError("rows is empty: nothing to plot")
+    keys = list(estimators) if estimators else list(dict.fromkeys(r["estimator"] for r in rows))
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.4 * nrows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    alphas = sorted({r["alpha"] for r in rows})
+    for ax, (features, test_set) in zip(axes.flat, panels):
+        for i, key in enumerate(keys):
+            mine = sorted(
+                (r for r in rows if r["features"] == features and r["test_set"] == test_set and r["estimator"] == key),
+                key=lambda r: r["alpha"],
+            )
+            points = [(r["admitted"] / r["n"], _worst_class_accuracy(r)) for r in mine if r["n"]]
+            drawn = [(x, y) for x, y in points if y is not None]
+            rejected = len(points) - len(drawn)
+            label = (estimators or {}).get(key, key) + (
+                f" (R at {rejected} alpha{'s' * (rejected > 1)})" if rejected else ""
+            )
+            style = "-" if key.startswith("sdm_hr") else "--"
+            if drawn:
+                xs, ys = zip(*drawn)
+                ax.plot(
+                    xs, ys, style, marker="o", ms=3.5, color=cmap(i % 10), lw=1.6 if style == "-" else 1.0, label=label
+                )
+            else:
+                ax.plot([], [], style, color=cmap(i % 10), label=label)
+        for a in alphas:
+            ax.axhline(a, color="grey", lw=0.6, ls=":")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlabel("admitted share of the test set")
+        ax.set_ylabel("lowest class-conditional accuracy")
+        ax.set_title(f"{features}: {test_set}", fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=6.5, loc="lower left")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title or f"Risk-coverage over alpha in {alphas} (R: nothing admitted, not drawn)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_history(histories: dict, path, selections: dict | None = None, title: str | None = None) -> Path:
+    """The SDM head's training, per feature set: the balanced calibration SDM loss (the model
+    selection criterion) and the calibration accuracy and OOD fraction, per epoch and shuffle.
+
+    Args:
+        histories: name -> ``head.training_history`` (dicts with ``shuffle``, ``epoch``,
+            ``calibration_loss``, ``calibration_accuracy``, ``calibration_ood_fraction``).
+        path: output PNG.
+        selections: name -> ``head.selection`` (marks the kept state with a star).
+    """
+    plt = _pyplot()
+    if not histories:
+        raise ValueError("histories is empty: nothing to plot")
+    fig, axes = plt.subplots(2, len(histories), figsize=(5.2 * len(histories), 6.4), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for col, (name, history) in enumerate(histories.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        for shuffle in sorted({h["shuffle"] for h in history}):
+            mine = [h for h in history if h["shuffle"] == shuffle]
+            epochs = [h["epoch"] for h in mine]
+            color = cmap(shuffle % 10)
+            top.plot(epochs, [h["calibration_loss"] for h in mine], color=color, label=f"shuffle {shuffle}")
+            bottom.plot(
+                epochs, [h["calibration_accuracy"] for h in mine], color=color, label=f"accuracy, shuffle {shuffle}"
+            )
+            bottom.plot(
+                epochs,
+                [h["calibration_ood_fraction"] for h in mine],
+                color=color,
+                ls=":",
+                label=f"OOD share, {shuffle}",
+            )
+        chosen = (selections or {}).get(name)
+        if chosen:
+            kept = [h for h in history if h["shuffle"] == chosen["shuffle"] and h["epoch"] == chosen["epoch"]]
+            if kept:
+                top.scatter(
+                    [chosen["epoch"]], [kept[0]["calibration_loss"]], marker="*", s=140, color="black", zorder=5
+                )
+        top.set_title(f"{name}: balanced calibration loss (* kept)", fontsize=10)
+        bottom.set_xlabel("epoch (epoch 0: cross-entropy)")
+        bottom.set_ylim(0, 1)
+        bottom.set_title("calibration accuracy (solid) and OOD share (dotted)", fontsize=10)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.25)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -73,6 +73,7 @@ def test_fit_evaluate_with_vectors(files):
     assert res.returncode == 0, res.stderr
     assert '"same_hr": 1.0' in res.stdout  # the default index is exact
     assert sorted(p.name for p in report.iterdir()) == [
+        ".sdm_hf_output.json",
         "accuracy_vs_admission.png",
         "report.json",
         "report.md",

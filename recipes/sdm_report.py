@@ -1,0 +1,137 @@
+"""Markdown tables and the headline findings, rendered from summary rows only.
+
+A cell is ``accuracy (admitted share of the test set)``; ``R`` means nothing was admitted
+(there is no accuracy to show); a ``↓`` marks an accuracy more than two binomial standard
+errors below alpha (``sdm_hf.metrics.significantly_below``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdm_experiment import ESTIMATORS, SOFTMAX_TYPE  # noqa: E402
+
+from sdm_hf.metrics import significantly_below  # noqa: E402
+
+
+def cell(group: dict, n_total: int, alpha: float) -> str:
+    """``"0.962 (31.4%)"``, ``"0.750↓ (6.5%)"`` or ``"R"``."""
+    if group["admitted"] == 0:
+        return "R"
+    mark = "↓" if significantly_below(group["correct"], group["admitted"], alpha) else ""
+    return f"{group['correct'] / group['admitted']:.3f}{mark} ({group['admitted'] / max(n_total, 1):.1%})"
+
+
+def class_ok(row: dict) -> bool:
+    """Every class has admitted points and none is significantly below alpha."""
+    groups = list(row["per_class"].values())
+    return all(g["admitted"] > 0 for g in groups) and not any(
+        significantly_below(g["correct"], g["admitted"], row["alpha"]) for g in groups
+    )
+
+
+def any_class_below(row: dict) -> list[str]:
+    return [
+        name for name, g in row["per_class"].items() if significantly_below(g["correct"], g["admitted"], row["alpha"])
+    ]
+
+
+def estimator_table(rows: list[dict], alpha: float) -> str:
+    """One test set's rows at one alpha: every estimator, marginal, per true and predicted class."""
+    mine = [r for r in rows if r["alpha"] == alpha]
+    labels = list(mine[0]["per_class"])
+    head = ["estimator", "marginal"] + [f"y={c}" for c in labels] + [f"ŷ={c}" for c in labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in mine:
+        marginal = {"admitted": r["admitted"], "correct": r["correct"]}
+        cells = [cell(marginal, r["n"], alpha)]
+        cells += [cell(r["per_class"][c], r["n"], alpha) for c in labels]
+        cells += [cell(r["per_prediction"][c], r["n"], alpha) for c in labels]
+        name = ESTIMATORS.get(r["estimator"], r["estimator"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hr_sweep_table(rows: list[dict], estimator: str = "sdm_hr") -> str:
+    """The HR region per alpha (rows) and test set (columns): marginal and worst class."""
+    tests = list(dict.fromkeys(r["test_set"] for r in rows))
+    alphas = sorted({r["alpha"] for r in rows})
+    lines = ["| alpha | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
+    for a in alphas:
+        cells = []
+        for t in tests:
+            r = next(x for x in rows if x["alpha"] == a and x["test_set"] == t and x["estimator"] == estimator)
+            if r["admitted"] == 0:
+                cells.append("R")
+                continue
+            worst = min(
+                r["per_class"].values(),
+                key=lambda g: g["correct"] / g["admitted"] if g["admitted"] else 2.0,
+            )
+            worst_text = cell(worst, r["n"], a).split(" ")[0] if worst["admitted"] else "R"
+            cells.append(f"{cell(r, r['n'], a)}; worst class {worst_text}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict], min_share: float = 0.10) -> dict:
+    """The two faces of the method, found in the rows (nothing is chosen by hand).
+
+    * ``in_distribution``: (features, test set, alpha) where the HR region admits at least
+      ``min_share`` of an in-distribution test set with every class admitted and none
+      significantly below alpha;
+    * ``shifted``: (features, test set, alpha, baseline, classes) where a softmax-type
+      baseline is significantly below alpha on some class of a shifted set while the HR
+      region is not on any class.
+    """
+    found_in, found_shift = [], []
+    for r in rows:
+        if r["estimator"] != "sdm_hr":
+            continue
+        if not r["shifted"] and r["admitted"] >= min_share * r["n"] and class_ok(r):
+            found_in.append((r["features"], r["test_set"], r["alpha"], r["admitted"] / r["n"]))
+        if r["shifted"] and not any_class_below(r):
+            for b in rows:
+                if (
+                    b["estimator"] in SOFTMAX_TYPE
+                    and (b["features"], b["test_set"], b["alpha"]) == (r["features"], r["test_set"], r["alpha"])
+                    and any_class_below(b)
+                ):
+                    found_shift.append((r["features"], r["test_set"], r["alpha"], b["estimator"], any_class_below(b)))
+    return {"in_distribution": found_in, "shifted": found_shift}
+
+
+def render_findings(rows: list[dict]) -> str:
+    f = findings(rows)
+    lines = ["## What this run shows\n"]
+    if f["in_distribution"]:
+        best = {}
+        for features, test, alpha, share in f["in_distribution"]:
+            key = (features, test)
+            if key not in best or share > best[key][1]:
+                best[key] = (alpha, share)
+        for (features, test), (alpha, share) in best.items():
+            lines.append(
+                f"- In distribution ({features}, {test}): the HR region admits {share:.1%} of the test set at "
+                f"alpha={alpha} with every class admitted and none significantly below alpha."
+            )
+    else:
+        lines.append(
+            "- In distribution: no HR region admitted >= 10% of a test set with every class at alpha "
+            "(see the tables: R = empty region)."
+        )
+    if f["shifted"]:
+        grouped: dict = {}
+        for features, test, alpha, baseline, classes in f["shifted"]:
+            grouped.setdefault((features, test), {}).setdefault(baseline, []).append(f"{alpha} ({', '.join(classes)})")
+        for (features, test), by_baseline in grouped.items():
+            listed = "; ".join(f"{ESTIMATORS[b]} at alpha {', '.join(a)}" for b, a in by_baseline.items())
+            lines.append(
+                f"- Shifted ({features}, {test}): significantly below alpha on a class (in brackets) while the HR "
+                f"region is not below alpha on any class: {listed}."
+            )
+    else:
+        lines.append("- Shifted: no softmax-type baseline was significantly below alpha where the HR region was not.")
+    return "\n".join(lines) + "\n"
