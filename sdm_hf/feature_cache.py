@@ -20,8 +20,8 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -97,9 +97,9 @@ def _json_text(value) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created with the umask's mode, unlike mkstemp
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -127,10 +127,21 @@ def _check_gguf_file(path: Path) -> None:
 
 
 def _read_gguf(path: Path):
-    """De-quantise a GGUF file with transformers: ``(float32 model, tokenizer)``."""
+    """De-quantise a GGUF file with transformers: ``(float32 model, tokenizer)``.
+
+    The weights are unpacked into a plain dense model (``GgufConfig(dequantize=True)`` where
+    transformers has it): a model that keeps GGUF blocks cannot be saved with ``save_pretrained``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    options = {}
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # pragma: no cover - transformers versions that always de-quantise
+        pass
+    else:
+        options["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **options)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tokenizer
 
@@ -184,7 +195,8 @@ def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool
     """Save ``model`` + ``tokenizer`` into ``folder`` atomically; the marker JSON is written last."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(folder.parent, folder.name)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()  # the umask's mode (mkdtemp would make it private)
     try:
         _say(f"saving the converted copy to {folder}", progress)
         start = time.perf_counter()
@@ -256,7 +268,7 @@ def _load_gguf(path: Path, cache_dir, progress: bool, torch_dtype):
         }
         try:
             _save_converted(model, tokenizer, folder, marker, progress)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # a full disk; a model transformers refuses to serialise
             warnings.warn(
                 f"could not save the converted copy to {folder} ({err}); the next call converts {path.name} again",
                 UserWarning,
