@@ -5,7 +5,7 @@ in batches, and pools one hidden-state layer:
 
 * ``"mean"``: mean over the non-padding tokens;
 * ``"last"``: the last non-padding token (decoder LMs; padding side is handled);
-* ``"cls"``: the first token;
+* ``"cls"``: the first (non-padding) token;
 * ``"mean_last"``: ``concat(mean, last)`` (twice the hidden width).
 
 Only the model's body runs: for a model with a head (``*ForCausalLM``, ``*ForMaskedLM``,
@@ -52,16 +52,19 @@ def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooli
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     hidden = hidden.float()
-    if pooling == "cls":
-        return hidden[:, 0]
-    keep = attention_mask.bool().unsqueeze(-1)
+    valid = attention_mask.bool()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
+    if pooling == "cls":  # the first non-padding position (position 0 unless the batch is left-padded)
+        first_index = torch.where(valid, positions, torch.full_like(positions, hidden.shape[1])).min(dim=1).values
+        return hidden[rows, first_index.clamp(max=hidden.shape[1] - 1)]
+    keep = valid.unsqueeze(-1)
     mean = torch.where(keep, hidden, 0.0).sum(1) / keep.sum(1).clamp(min=1).float()
     if pooling == "mean":
         return mean
     # last non-padding position, whichever side the padding is on
-    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
-    last_index = torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.clamp(min=0)]
+    last_index = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+    last = hidden[rows, last_index.clamp(min=0)]
     return last if pooling == "last" else torch.cat([mean, last], dim=1)
 
 
@@ -431,6 +434,8 @@ def extract_features(
                         f"hidden states; pass -{len(hidden_states)} <= layer <= {len(hidden_states) - 1}"
                     )
                 hidden = hidden_states[layer]
+                if hidden is None:
+                    raise ValueError(f"{type(model).__name__} returned no hidden state at layer={layer}")
             chunks.append(pool_hidden_states(hidden, inputs["attention_mask"], pooling).cpu())
     finally:
         model.train(was_training)

@@ -31,7 +31,7 @@ def test_pooling_by_hand():
     torch.testing.assert_close(pool_hidden_states(hidden, mask, "mean")[0], (hidden[0, 0] + hidden[0, 1]) / 2)
     torch.testing.assert_close(pool_hidden_states(hidden, mask, "last")[0], hidden[0, 1])
     torch.testing.assert_close(pool_hidden_states(hidden, mask, "last")[1], hidden[1, 2])
-    torch.testing.assert_close(pool_hidden_states(hidden, mask, "cls"), hidden[:, 0])
+    torch.testing.assert_close(pool_hidden_states(hidden, mask, "cls"), hidden[[0, 1], [0, 1]])  # first non-pad
     assert pool_hidden_states(hidden, mask, "mean_last").shape == (2, 8)
     with pytest.raises(ValueError, match="pooling"):
         pool_hidden_states(hidden, mask, "max")
@@ -141,6 +141,16 @@ def gemma(bpe):
     return Gemma3ForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def gpt2(bpe):
+    """Learned absolute positions and no `layers` list: the full-forward path, position ids matter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(bpe), n_embd=16, n_layer=3, n_head=2, n_positions=64)
+    torch.manual_seed(2)
+    return GPT2LMHeadModel(config).eval()
+
+
 def with_side(tokenizer, side):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = side
@@ -156,10 +166,12 @@ def by_hand(model, tokenizer, text, layer):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("lm", ["llama", "gemma"])
+@pytest.mark.parametrize("lm", ["llama", "gemma", "gpt2"])
 def test_causal_lm_matches_a_hand_computation(request, bpe, lm, side):
     model, tokenizer = request.getfixturevalue(lm), with_side(bpe, side)
-    for layer in [0, 1, 2, 3, -1, -2, -4]:  # 1 and 2 stop the forward early; 3 and -1 are the final layer
+    # Llama/Gemma: 0, 1 and 2 stop the forward early; 3 and -1 are the final layer. GPT-2 (no `layers` list, learned
+    # absolute positions) takes the full-forward path for any layer, so two layers suffice there.
+    for layer in [2, -1] if lm == "gpt2" else [0, 1, 2, 3, -1, -2, -4]:
         feats = extract_features(
             model, tokenizer, TEXTS, pooling="mean_last", layer=layer, batch_size=3, progress=False
         )
@@ -192,6 +204,17 @@ def test_early_stop_equals_output_hidden_states_exactly(request, bpe, lm, side):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_cls_is_the_first_real_token_whichever_side_pads(bpe, llama):
+    texts = ["glue the sheet to the dark blue background", "a"]
+    expected = []
+    for text in texts:
+        with torch.no_grad():
+            expected.append(llama(**bpe(text, return_tensors="pt"), output_hidden_states=True).hidden_states[1][0, 0])
+    for side in ("right", "left"):
+        feats = extract_features(llama, with_side(bpe, side), texts, pooling="cls", layer=1, progress=False)
+        torch.testing.assert_close(feats, torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_vocabulary_projection_is_not_run(bpe, llama):
