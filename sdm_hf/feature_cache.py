@@ -512,7 +512,8 @@ def cached_features(
             else ``model.config._name_or_path``; required for a model built from a config).
         revision: the weights' version in the key (default: the GGUF sha256 recorded by
             :func:`load_causal_lm`, else ``config._commit_hash``). Pass it when the weights at a
-            local path change.
+            local path change or the model was modified in memory (fine-tuned, adapters merged):
+            the cache cannot see that.
         cache_dir: the cache root (default: :func:`default_cache_dir`).
         use_cache: False computes without reading or writing the cache.
 
