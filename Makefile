@@ -18,9 +18,11 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
-# the main job on shipped data; --overwrite so that it can be run again
+# the main job on shipped data and real models (fact checking over the Mixtral attributes and
+# Gemma 3 270M, sentiment over MiniLM); --overwrite so that it can be run again. Features and the
+# de-quantised Gemma are cached (~/.cache/huggingface/sdm_hf, or $SDM_HF_CACHE): a re-run skips them.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) recipes/factcheck.py --overwrite
+	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --overwrite
 
 # the SDM language-model experiment (word ordering), reduced to < 20 min on 2 CPU cores; it
 # rewrites recipes/word_ordering/results (an interrupted run continues with --demo --resume)

@@ -34,15 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import saplma_data  # noqa: E402
 import sentiment_data  # noqa: E402
-from sdm_experiment import FeatureSet, EvalSet  # noqa: E402
+from sdm_experiment import EvalSet, FeatureSet  # noqa: E402
 
 FEATURES = ("attributes", "gemma", "minilm")
 GEMMA_NAME = "google/gemma-3-270m (GGUF Q4_K_M, de-quantised)"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-# Gemma 3 270M has 18 decoder layers; see DEFAULT_GEMMA_LAYER's comment in README.md for the choice.
-DEFAULT_GEMMA_LAYER = 12
-MINILM_MAX_LENGTH = 256  # what sentence-transformers uses for this model
-GEMMA_MAX_LENGTH = 256
+# Gemma 3 270M has 18 decoder layers. Layer 9 was chosen on training/calibration data only
+# (benchmarks/gemma_layer_choice.py: a linear probe trained on the training topics is 0.61 accurate
+# on the calibration topics at layers 9-12, 0.54 at the final layer); 9 is the cheapest of those.
+DEFAULT_GEMMA_LAYER = 9
+# MiniLM reviews are truncated to 128 word pieces by default (sentence-transformers uses 256; 128
+# halves the demo's extraction time; --max-length 256 for the full length).
+DEFAULT_MAX_LENGTH = 128
 
 _MODELS: dict[str, tuple] = {}
 
@@ -75,12 +78,20 @@ def factcheck_splits(seed: int = 0, test_fraction: float = 0.1, limit: int | Non
     return splits
 
 
-def sentiment_splits(seed: int = 0, limit: int | None = None) -> dict:
+def sentiment_splits(seed: int = 0, limit: int | None = None, tweets_per_class: int | None = None) -> dict:
     """name -> Dataset: train / calibration (a pair-preserving 50/50 split of train + dev),
-    in-distribution (test reviews), tweets (shifted), shuffled reviews (far-OOD)."""
+    in-distribution (test reviews), tweets (shifted; binary, balanced, at most
+    ``tweets_per_class`` per class, a seeded sample), shuffled reviews (far-OOD)."""
     pooled = sentiment_data.pooled_reviews()
     test = sentiment_data.load_reviews(("test",))["test"]
     tweets = sentiment_data.load_tweets(seed=seed)
+    if tweets_per_class:
+        labels = np.asarray(_column(tweets, "label"))
+        g = np.random.default_rng(seed)
+        keep = np.concatenate(
+            [g.permutation(np.flatnonzero(labels == c))[:tweets_per_class] for c in sorted(set(labels.tolist()))]
+        )
+        tweets = tweets.select(np.sort(keep).tolist())
     if limit:  # whole pairs, then a balanced slice of tweets
         pooled = pooled.select(range(min(2 * (limit // 2), len(pooled))))
         test = test.select(range(min(2 * (limit // 2), len(test))))
@@ -127,7 +138,7 @@ def minilm_model():
     return _MODELS["minilm"]
 
 
-def recipe_of(features: str, layer: int) -> dict:
+def recipe_of(features: str, layer: int, max_length: int = DEFAULT_MAX_LENGTH) -> dict:
     """The feature provenance recorded in the head's config."""
     if features == "attributes":
         return {"base_model": "mixtral-8x7b-instruct-derived attributes (ReexpressAI/Example_Data)"}
@@ -136,17 +147,19 @@ def recipe_of(features: str, layer: int) -> dict:
             "base_model": GEMMA_NAME,
             "feature_pooling": "mean_last",
             "feature_layer": layer,
-            "feature_max_length": GEMMA_MAX_LENGTH,
+            "feature_max_length": max_length,
         }
     return {
         "base_model": MINILM_NAME,
         "feature_pooling": "mean",
         "feature_layer": -1,
-        "feature_max_length": MINILM_MAX_LENGTH,
+        "feature_max_length": max_length,
     }
 
 
-def embed(features: str, texts: list[str], layer: int, progress: bool = True) -> torch.Tensor:
+def embed(
+    features: str, texts: list[str], layer: int, max_length: int = DEFAULT_MAX_LENGTH, progress: bool = True
+) -> torch.Tensor:
     """``[N, D]`` features of ``texts`` (cached on disk by model, layer, pooling, length and texts)."""
     from sdm_hf.feature_cache import cached_features
 
@@ -158,7 +171,7 @@ def embed(features: str, texts: list[str], layer: int, progress: bool = True) ->
             texts,
             pooling="mean_last",
             layer=layer,
-            max_length=GEMMA_MAX_LENGTH,
+            max_length=max_length,
             batch_size=32,
             model_id=GEMMA_NAME,
             progress=progress,
@@ -171,7 +184,7 @@ def embed(features: str, texts: list[str], layer: int, progress: bool = True) ->
             texts,
             pooling="mean",
             layer=-1,
-            max_length=MINILM_MAX_LENGTH,
+            max_length=max_length,
             batch_size=64,
             model_id=MINILM_NAME,
             progress=progress,
@@ -184,6 +197,7 @@ def build_feature_set(
     features: str,
     splits: dict,
     layer: int = DEFAULT_GEMMA_LAYER,
+    max_length: int = DEFAULT_MAX_LENGTH,
     progress: bool = True,
 ) -> FeatureSet:
     """The :class:`FeatureSet` of ``features`` over a task's splits."""
@@ -196,7 +210,7 @@ def build_feature_set(
         if features == "attributes":
             xs[name] = torch.from_numpy(np.asarray(_column(data, "attributes"), dtype=np.float32))
         else:
-            xs[name] = embed(features, _column(data, "document"), layer, progress)
+            xs[name] = embed(features, _column(data, "document"), layer, max_length, progress)
     ys = {name: torch.tensor(_column(data, "label"), dtype=torch.long) for name, data in splits.items()}
     tests = {
         name: EvalSet(x=xs[name], y=ys[name], texts=_column(data, "document"), shifted=name in SHIFTED)
@@ -215,7 +229,7 @@ def build_feature_set(
         id2label=id2label,
         train_texts=_column(splits["train"], "document"),
         calib_texts=_column(splits["calibration"], "document"),
-        recipe=recipe_of(features, layer),
+        recipe=recipe_of(features, layer, max_length),
         resplit=task == "factcheck",  # review pairs must stay on one side: keep the pair-aware split
         seconds=time.perf_counter() - started,
     )

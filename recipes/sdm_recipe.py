@@ -36,8 +36,12 @@ def add_common_arguments(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--alpha", type=float, default=0.95, help="the alpha the heads are fitted and explained at")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="alpha grid of the tables")
-    p.add_argument("--gemma-layer", type=int, default=feature_sets.DEFAULT_GEMMA_LAYER)
+    p.add_argument("--gemma-layer", type=int, default=feature_sets.DEFAULT_GEMMA_LAYER, help="Gemma layer to pool")
+    p.add_argument(
+        "--max-length", type=int, default=feature_sets.DEFAULT_MAX_LENGTH, help="truncate texts to this many tokens"
+    )
     p.add_argument("--limit", type=int, default=None, help="at most this many rows per file (smoke runs)")
+    p.add_argument("--tweets-per-class", type=int, default=None, help="sample the shifted tweets (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=output)
     p.add_argument("--overwrite", action="store_true", help="replace an output folder this program wrote")
@@ -82,13 +86,17 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
             splits_cache[task] = (
                 feature_sets.factcheck_splits(seed=args.seed, limit=args.limit)
                 if task == "factcheck"
-                else feature_sets.sentiment_splits(seed=args.seed, limit=args.limit)
+                else feature_sets.sentiment_splits(
+                    seed=args.seed, limit=args.limit, tweets_per_class=args.tweets_per_class
+                )
             )
         splits = splits_cache[task]
         print(f"\n== {task}: {features} ==", flush=True)
         for name, data in splits.items():
             print(f"  {name:30s} {len(data):6d} rows")
-        fs = feature_sets.build_feature_set(task, features, splits, layer=args.gemma_layer, progress=progress)
+        fs = feature_sets.build_feature_set(
+            task, features, splits, layer=args.gemma_layer, max_length=args.max_length, progress=progress
+        )
         print(f"  features: {fs.train_x.shape[1]} dims ({fs.seconds:.0f} s)", flush=True)
         est = fit_estimators(fs, settings, args.alpha)
         job_rows, outputs = evaluate(fs, est, args.alphas)
@@ -118,7 +126,9 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
             "alpha": args.alpha,
             "alphas": sorted(set(args.alphas) | {args.alpha}),
             "gemma_layer": args.gemma_layer,
+            "max_length": args.max_length,
             "limit": args.limit,
+            "tweets_per_class": args.tweets_per_class,
         },
         "timings": timings,
     }
@@ -148,6 +158,13 @@ def render_markdown(rows, title, settings, timings, notes, explanations) -> str:
         "standard errors below alpha. y=c: class-conditional (true label c), ŷ=c: prediction-conditional.\n"
     )
     lines.append(sdm_report.render_findings(rows))
+    for alpha in TABLE_ALPHAS:
+        if any(r["alpha"] == alpha for r in rows):
+            lines.append(
+                f"\n### At alpha = {alpha}: lowest class-conditional accuracy (admitted share); R = nothing admitted; "
+                "↓ = significantly below alpha. A class with no admitted point counts as R.\n"
+            )
+            lines.append(sdm_report.headline_table(rows, alpha))
     for task, features in dict.fromkeys((r["task"], r["features"]) for r in rows):
         mine = [r for r in rows if r["task"] == task and r["features"] == features]
         lines.append(f"\n## {task}: {features}\n")

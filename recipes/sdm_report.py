@@ -110,7 +110,7 @@ def render_findings(rows: list[dict]) -> str:
         best = {}
         for features, test, alpha, share in f["in_distribution"]:
             key = (features, test)
-            if key not in best or share > best[key][1]:
+            if key not in best or (alpha, share) > best[key]:  # the highest alpha that works
                 best[key] = (alpha, share)
         for (features, test), (alpha, share) in best.items():
             lines.append(
@@ -135,3 +135,39 @@ def render_findings(rows: list[dict]) -> str:
     else:
         lines.append("- Shifted: no softmax-type baseline was significantly below alpha where the HR region was not.")
     return "\n".join(lines) + "\n"
+
+
+HEADLINE = ("probe_softmax", "ce_temperature", "ce_aps", "sdm_threshold", "sdm_hr", "sdm_hr_lower")
+
+
+def headline_table(rows: list[dict], alpha: float, estimators=HEADLINE) -> str:
+    """One line per (feature set, test set) at one alpha: for each estimator its admitted share
+    and its LOWEST class-conditional accuracy (the number the HR region promises to keep >= alpha)."""
+    pairs = list(dict.fromkeys((r["task"], r["features"], r["test_set"]) for r in rows))
+    head = ["task", "features", "test set", "n"] + [ESTIMATORS[e] for e in estimators]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, features, test in pairs:
+        cells, n = [], 0
+        for e in estimators:
+            r = next(
+                (
+                    x
+                    for x in rows
+                    if (x["task"], x["features"], x["test_set"], x["estimator"]) == (task, features, test, e)
+                    and x["alpha"] == alpha
+                ),
+                None,
+            )
+            if r is None:
+                cells.append("-")
+                continue
+            n = r["n"]
+            if r["admitted"] == 0:
+                cells.append("R")
+                continue
+            groups = [g for g in r["per_class"].values()]
+            worst = min(groups, key=lambda g: g["correct"] / g["admitted"] if g["admitted"] else -1.0)
+            shown = "R" if worst["admitted"] == 0 else cell(worst, r["n"], alpha).split(" ")[0]
+            cells.append(f"{shown} ({r['admitted'] / r['n']:.1%})")
+        lines.append(f"| {task} | {features} | {test} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import factcheck  # noqa: E402
 import saplma_data  # noqa: E402
 import sdm_report  # noqa: E402
 import sentiment  # noqa: E402
-from sdm_experiment import ESTIMATORS, FeatureSet, FitSettings, EvalSet, fit_estimators, resample_validity  # noqa: E402
+from sdm_experiment import ESTIMATORS, EvalSet, FeatureSet, FitSettings, fit_estimators, resample_validity  # noqa: E402
 
 QUICK = ["--epochs", "2", "--shuffles", "1", "--no-progress", "--alphas", "0.8", "0.9", "--learning-rate", "1e-3"]
 ROW_KEYS = {"features", "test_set", "shifted", "estimator", "alpha", "n", "admitted", "per_class"}
