@@ -148,3 +148,30 @@ def test_bad_data_line_names_the_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "label": 3, "document": "d", "attributes": [0.0] * 32}) + "\n")
     with pytest.raises(ValueError, match=":1: label"):
         saplma_data.read_statements(path)
+
+
+def test_per_alpha_masks_equal_a_recalibrated_predict():
+    import warnings
+
+    from sdm_experiment import _hr_masks
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 3, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    fs = FeatureSet(
+        name="toy", task="toy", train_x=x[:300], train_y=y[:300], calib_x=x[300:500], calib_y=y[300:500],
+        tests={}, id2label={0: "n", 1: "p"},
+    )  # fmt: skip
+    est = fit_estimators(fs, FitSettings(epochs=6, shuffles=1, learning_rate=1e-2, progress=False), 0.9)
+    head, test_x = est.head, x[500:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for alpha in (0.7, 0.8, 0.9):
+            head.recalibrate(alpha=alpha)
+            expected = head.predict(test_x)
+            q_min, psi = head.q_min, head.thresholds
+            head.recalibrate(alpha=0.95)
+            in_hr, in_hr_lower = _hr_masks(head.predict(test_x), alpha, q_min, psi)
+            assert torch.equal(in_hr, expected.in_hr) and torch.equal(in_hr_lower, expected.in_hr_lower)
+    head.recalibrate(alpha=0.7)
+    assert head.predict(test_x).in_hr.any()  # not a vacuous comparison
