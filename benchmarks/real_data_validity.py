@@ -71,6 +71,8 @@ def run(args, write=None) -> list[dict]:
         for r in res:
             r["fit_seconds"], r["resample_seconds"] = round(fit_s, 1), round(time.perf_counter() - started, 1)
         results += res
+        if write is not None:  # after every feature set, so a long run keeps what it finished
+            write(results)
         print(
             f"{task}:{fs.name}: fit {fit_s:.0f} s, {args.draws} draws {time.perf_counter() - started:.0f} s", flush=True
         )
