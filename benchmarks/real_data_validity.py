@@ -53,11 +53,7 @@ def run(args, write=None) -> list[dict]:
     settings = FitSettings(epochs=args.epochs, shuffles=args.shuffles, seed=args.seed, progress=not args.no_progress)
     results = []
     for task, features in jobs:
-        splits = (
-            feature_sets.factcheck_splits(seed=args.seed, limit=args.limit)
-            if task == "factcheck"
-            else feature_sets.sentiment_splits(seed=args.seed, limit=args.limit)
-        )
+        splits = feature_sets.task_splits(task, args.seed, args.limit)
         fs = feature_sets.build_feature_set(
             task, features, splits, layer=args.gemma_layer, progress=not args.no_progress
         )

@@ -50,10 +50,6 @@ DEFAULT_MAX_LENGTH = 128
 _MODELS: dict[str, tuple] = {}
 
 
-def _column(dataset, name) -> list:
-    return dataset[name][:]
-
-
 # -- splits -------------------------------------------------------------------------------
 def factcheck_splits(seed: int = 0, test_fraction: float = 0.1, limit: int | None = None) -> dict:
     """name -> (Dataset, role) with roles train / calibration / test / shifted."""
@@ -86,7 +82,7 @@ def sentiment_splits(seed: int = 0, limit: int | None = None, tweets_per_class: 
     test = sentiment_data.load_reviews(("test",))["test"]
     tweets = sentiment_data.load_tweets(seed=seed)
     if tweets_per_class:
-        labels = np.asarray(_column(tweets, "label"))
+        labels = np.asarray(sentiment_data.column(tweets, "label"))
         g = np.random.default_rng(seed)
         keep = np.concatenate(
             [g.permutation(np.flatnonzero(labels == c))[:tweets_per_class] for c in sorted(set(labels.tolist()))]
@@ -105,6 +101,16 @@ def sentiment_splits(seed: int = 0, limit: int | None = None, tweets_per_class: 
         "tweets (shifted)": tweets,
         "shuffled reviews (far-OOD)": sentiment_data.shuffled_reviews(test, seed=seed),
     }
+
+
+def task_splits(task: str, seed: int = 0, limit: int | None = None, tweets_per_class: int | None = None) -> dict:
+    """The splits of ``task`` ("factcheck" or "sentiment"), as :func:`factcheck_splits` /
+    :func:`sentiment_splits` build them."""
+    if task == "factcheck":
+        return factcheck_splits(seed=seed, limit=limit)
+    if task == "sentiment":
+        return sentiment_splits(seed=seed, limit=limit, tweets_per_class=tweets_per_class)
+    raise ValueError(f"task must be 'factcheck' or 'sentiment', got {task!r}")
 
 
 SHIFTED = {"generated (shifted)", "tweets (shifted)", "shuffled reviews (far-OOD)"}
@@ -208,12 +214,12 @@ def build_feature_set(
     xs = {}
     for name, data in splits.items():
         if features == "attributes":
-            xs[name] = torch.from_numpy(np.asarray(_column(data, "attributes"), dtype=np.float32))
+            xs[name] = torch.from_numpy(np.asarray(sentiment_data.column(data, "attributes"), dtype=np.float32))
         else:
-            xs[name] = embed(features, _column(data, "document"), layer, max_length, progress)
-    ys = {name: torch.tensor(_column(data, "label"), dtype=torch.long) for name, data in splits.items()}
+            xs[name] = embed(features, sentiment_data.column(data, "document"), layer, max_length, progress)
+    ys = {name: torch.tensor(sentiment_data.column(data, "label"), dtype=torch.long) for name, data in splits.items()}
     tests = {
-        name: EvalSet(x=xs[name], y=ys[name], texts=_column(data, "document"), shifted=name in SHIFTED)
+        name: EvalSet(x=xs[name], y=ys[name], texts=sentiment_data.column(data, "document"), shifted=name in SHIFTED)
         for name, data in splits.items()
         if name not in ("train", "calibration")
     }
@@ -227,8 +233,8 @@ def build_feature_set(
         calib_y=ys["calibration"],
         tests=tests,
         id2label=id2label,
-        train_texts=_column(splits["train"], "document"),
-        calib_texts=_column(splits["calibration"], "document"),
+        train_texts=sentiment_data.column(splits["train"], "document"),
+        calib_texts=sentiment_data.column(splits["calibration"], "document"),
         recipe=recipe_of(features, layer, max_length),
         resplit=task == "factcheck",  # review pairs must stay on one side: keep the pair-aware split
         seconds=time.perf_counter() - started,

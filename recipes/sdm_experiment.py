@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ from sdm_hf.baselines import (
     conformal_threshold,
     fit_linear_probe,
     fit_temperature,
+    sdm_rules,
     softmax_rule,
 )
 from sdm_hf.calibration import lower_bound_margin
@@ -130,8 +132,6 @@ class Estimators:
 def fit_estimators(fs: FeatureSet, settings: FitSettings, alpha: float) -> Estimators:
     """Fit the SDM head and every baseline on ``fs`` (the baselines use the split the SDM
     head kept, so every estimator sees the same training and calibration points)."""
-    import time
-
     started = time.perf_counter()
     config = SDMConfig(
         input_dim=fs.train_x.shape[1], num_classes=len(fs.id2label), alpha=alpha, id2label=fs.id2label, **fs.recipe
@@ -204,16 +204,14 @@ def _baseline_decisions(est: Estimators, x: torch.Tensor, alpha: float) -> dict[
     }
 
 
-def _sdm_decisions(out, alpha: float) -> dict[str, tuple]:
-    z, pred = out.logits.float(), out.prediction
-    scaled = torch.softmax(z * out.d.view(-1, 1), dim=1).gather(1, pred.view(-1, 1)).squeeze(1)
-    return {
-        "sdm_softmax": softmax_rule(z, alpha),
-        "sdm_softmax_d": (pred, scaled >= alpha),
-        "sdm_threshold": (pred, out.predicted_probability >= alpha),
-        "sdm_hr": (pred, out.in_hr),
-        "sdm_hr_lower": (pred, out.in_hr_lower),
-    }
+# sdm_hf.baselines.sdm_rules' names -> summary keys
+SDM_RULE_KEYS = {
+    "softmax(z') >= alpha": "sdm_softmax",
+    "softmax(d z') >= alpha": "sdm_softmax_d",
+    "sdm >= alpha": "sdm_threshold",
+    "sdm HR": "sdm_hr",
+    "sdm HR lower": "sdm_hr_lower",
+}
 
 
 @torch.no_grad()
@@ -233,7 +231,8 @@ def evaluate(fs: FeatureSet, est: Estimators, alphas) -> tuple[list[dict], dict]
             out = est.head.predict(test.x)
             if math.isclose(alpha, est.alpha):
                 outputs[name] = out
-            decisions = {**_baseline_decisions(est, test.x, alpha), **_sdm_decisions(out, alpha)}
+            decisions = _baseline_decisions(est, test.x, alpha)
+            decisions.update({SDM_RULE_KEYS[name]: rule for name, rule in sdm_rules(out, alpha).items()})
             for key in ESTIMATORS:
                 prediction, admit = decisions[key]
                 counts = selective_counts(test.y, prediction, admit, len(fs.id2label), fs.id2label)
@@ -346,10 +345,8 @@ def resample_validity(
                 warnings.simplefilter("ignore")
                 head.recalibrate(alpha=alpha)
             for v, admit in enumerate(_hr_masks(out, alpha, head.q_min, head.thresholds)):
-                correct = admit & (out.prediction == y)
-                counts[draw, a, v, :, 0] = torch.bincount(y, minlength=num_classes)
-                counts[draw, a, v, :, 1] = torch.bincount(y[admit], minlength=num_classes)
-                counts[draw, a, v, :, 2] = torch.bincount(y[correct], minlength=num_classes)
+                per_class = selective_counts(y, out.prediction, admit, num_classes)["per_class"].values()
+                counts[draw, a, v] = torch.tensor([[g["n"], g["admitted"], g["correct"]] for g in per_class])
     results = []
     for a, alpha in enumerate(alphas):
         for v, variant in enumerate(("sdm_hr", "sdm_hr_lower")):

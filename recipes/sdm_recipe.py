@@ -83,13 +83,7 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
     splits_cache = {}
     for task, features in jobs:
         if task not in splits_cache:
-            splits_cache[task] = (
-                feature_sets.factcheck_splits(seed=args.seed, limit=args.limit)
-                if task == "factcheck"
-                else feature_sets.sentiment_splits(
-                    seed=args.seed, limit=args.limit, tweets_per_class=args.tweets_per_class
-                )
-            )
+            splits_cache[task] = feature_sets.task_splits(task, args.seed, args.limit, args.tweets_per_class)
         splits = splits_cache[task]
         print(f"\n== {task}: {features} ==", flush=True)
         for name, data in splits.items():

@@ -24,6 +24,16 @@ def cell(group: dict, n_total: int, alpha: float) -> str:
     return f"{group['correct'] / group['admitted']:.3f}{mark} ({group['admitted'] / max(n_total, 1):.1%})"
 
 
+def worst_class(row: dict, rejected_is_worst: bool) -> str:
+    """The lowest class-conditional accuracy of a row that admits something, as ``"0.917"`` or
+    ``"0.750↓"``; a class with nothing admitted is ignored, or (``rejected_is_worst``) shown as ``"R"``."""
+    groups = list(row["per_class"].values())
+    if rejected_is_worst and any(g["admitted"] == 0 for g in groups):
+        return "R"
+    worst = min((g for g in groups if g["admitted"]), key=lambda g: g["correct"] / g["admitted"])
+    return cell(worst, row["n"], row["alpha"]).split(" ")[0]
+
+
 def class_ok(row: dict) -> bool:
     """Every class has admitted points and none is significantly below alpha."""
     groups = list(row["per_class"].values())
@@ -66,12 +76,7 @@ def hr_sweep_table(rows: list[dict], estimator: str = "sdm_hr") -> str:
             if r["admitted"] == 0:
                 cells.append("R")
                 continue
-            worst = min(
-                r["per_class"].values(),
-                key=lambda g: g["correct"] / g["admitted"] if g["admitted"] else 2.0,
-            )
-            worst_text = cell(worst, r["n"], a).split(" ")[0] if worst["admitted"] else "R"
-            cells.append(f"{cell(r, r['n'], a)}; worst class {worst_text}")
+            cells.append(f"{cell(r, r['n'], a)}; worst class {worst_class(r, rejected_is_worst=False)}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -165,9 +170,6 @@ def headline_table(rows: list[dict], alpha: float, estimators=HEADLINE) -> str:
             if r["admitted"] == 0:
                 cells.append("R")
                 continue
-            groups = [g for g in r["per_class"].values()]
-            worst = min(groups, key=lambda g: g["correct"] / g["admitted"] if g["admitted"] else -1.0)
-            shown = "R" if worst["admitted"] == 0 else cell(worst, r["n"], alpha).split(" ")[0]
-            cells.append(f"{shown} ({r['admitted'] / r['n']:.1%})")
+            cells.append(f"{worst_class(r, rejected_is_worst=True)} ({r['admitted'] / r['n']:.1%})")
         lines.append(f"| {task} | {features} | {test} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

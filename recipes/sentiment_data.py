@@ -49,7 +49,7 @@ TWEET_ID2LABEL = {0: "negative", 1: "neutral", 2: "positive"}  # SemEval-2017 Ta
 ID2LABEL = {0: "negative", 1: "positive"}
 
 
-def _column(dataset, name) -> list:
+def column(dataset, name) -> list:
     # datasets >= 4 returns a lazy Column whose iteration is row by row; a full slice is one Arrow conversion.
     return dataset[name][:]
 
@@ -129,9 +129,9 @@ def pair_stats(dataset) -> dict[str, int]:
     Keys: rows, pairs (distinct pair_ids), not_two_rows (pair_ids with a row count other than 2), same_label
     (two-row pairs whose labels are not opposite), identical_text (two-row pairs whose texts are equal).
     """
-    pair_ids = _column(dataset, "pair_id")
+    pair_ids = column(dataset, "pair_id")
     members = defaultdict(list)
-    for pair_id, label, text in zip(pair_ids, _column(dataset, "label"), _column(dataset, "document")):
+    for pair_id, label, text in zip(pair_ids, column(dataset, "label"), column(dataset, "document")):
         members[pair_id].append((label, text))
     twos = [rows for rows in members.values() if len(rows) == 2]
     return {
@@ -238,7 +238,7 @@ def shuffle_tokens(texts, seed=0) -> list[str]:
 
 def shuffled_reviews(dataset, seed=0) -> Dataset:
     """A copy of a reviews Dataset with `shuffle_tokens` applied to `document` (the far-OOD set)."""
-    documents = shuffle_tokens(_column(dataset, "document"), seed=seed)
+    documents = shuffle_tokens(column(dataset, "document"), seed=seed)
     return dataset.remove_columns("document").add_column("document", documents)
 
 
@@ -249,7 +249,7 @@ def group_split(dataset, fractions, seed=0) -> tuple[np.ndarray, ...]:
     a random order (numpy Generator seeded with `seed`) and cut at the cumulative `fractions` (positive,
     summing to 1) of the number of groups; each returned array holds the rows of its groups, ascending.
     """
-    groups = np.asarray(_column(dataset, "pair_id") if hasattr(dataset, "column_names") else list(dataset))
+    groups = np.asarray(column(dataset, "pair_id") if hasattr(dataset, "column_names") else list(dataset))
     fractions = np.asarray(fractions, dtype=np.float64)
     if fractions.ndim != 1 or len(fractions) == 0 or (fractions <= 0).any() or abs(fractions.sum() - 1) > 1e-6:
         raise ValueError(f"fractions must be positive and sum to 1, got {fractions.tolist()}")

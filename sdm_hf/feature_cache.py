@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .features import _check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
+from .features import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
 
 __all__ = ["default_cache_dir", "load_causal_lm", "cached_features", "feature_cache_key", "file_sha256"]
 
@@ -413,7 +413,7 @@ def feature_cache_key(
     """
     model_id, revision = _model_identity(model, model_id, revision)
     n_layers = num_hidden_layers(model_body(model)) if tokenizer is not None else None
-    _check_layer(model, layer, n_layers)
+    check_layer(model, layer, n_layers)
     fields = {
         "format": FEATURES_FORMAT,
         "model_id": model_id,
@@ -520,12 +520,7 @@ def cached_features(
     Returns:
         ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
     """
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: pass at least one string")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    texts = as_texts(texts)
 
     def compute() -> torch.Tensor:
         return extract_features(

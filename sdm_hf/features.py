@@ -139,7 +139,7 @@ def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int:
     return int(limit)
 
 
-def _check_layer(model, layer, n_layers: int | None) -> None:
+def check_layer(model, layer, n_layers: int | None) -> None:
     """Raise unless ``layer`` indexes one of the ``n_layers + 1`` hidden states (any int when unknown)."""
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int, got {type(layer).__name__}")
@@ -291,6 +291,21 @@ def _pad_token_id(tokenizer) -> int | None:
     return None
 
 
+def as_texts(texts: Iterable[str]) -> list[str]:
+    """``texts`` (a list, tuple or ``datasets`` column) as a non-empty list of strings.
+
+    Raises:
+        ValueError: no texts. TypeError: an item is not a string (the message names it).
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: pass at least one string")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return texts
+
+
 def _can_generate(model) -> bool:
     method = getattr(model, "can_generate", None)
     try:
@@ -355,12 +370,7 @@ def extract_features(
         model = AutoModelForCausalLM.from_pretrained(path); tokenizer = AutoTokenizer.from_pretrained(path)
         x = extract_features(model, tokenizer, ["a statement", "another"], pooling="mean_last", layer=9)  # [2, 2H]
     """
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: pass at least one string")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    texts = as_texts(texts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if _is_sentence_transformer(model):
@@ -375,7 +385,7 @@ def extract_features(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     body = model_body(model)
     n_layers = num_hidden_layers(body)
-    _check_layer(model, layer, n_layers)
+    check_layer(model, layer, n_layers)
     if device is not None:
         model = model.to(resolve_device(device))
     run_device = next(model.parameters()).device

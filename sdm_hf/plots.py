@@ -25,6 +25,17 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path, title: str | None, dpi: int, tight: bool = False) -> Path:
+    """Title, lay out, write ``fig`` to the PNG ``path``, close it and return the path."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, title: str | None = None) -> Path:
     """One panel per test set: each estimator's admission rate (x) against its marginal
     accuracy (filled marker) and its lowest class-conditional accuracy (hollow marker, the
@@ -70,13 +81,7 @@ def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, 
         ax.set_title(f"{name} (n={report.num_points})")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=120, tight=True)
 
 
 def plot_similarity_distance(outputs: dict, path, title: str | None = None) -> Path:
@@ -108,13 +113,7 @@ def plot_similarity_distance(outputs: dict, path, title: str | None = None) -> P
         ax.set_ylabel("fraction of points")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=120)
 
 
 def _worst_class_accuracy(row: dict) -> float | None:
@@ -176,12 +175,9 @@ def plot_risk_coverage(rows: list[dict], path, estimators: dict[str, str] | None
         ax.legend(fontsize=6.5, loc="lower left")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(title or f"Risk-coverage over alpha in {alphas} (R: nothing admitted, not drawn)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(
+        plt, fig, path, title or f"Risk-coverage over alpha in {alphas} (R: nothing admitted, not drawn)", dpi=110
+    )
 
 
 def plot_training_history(histories: dict, path, selections: dict | None = None, title: str | None = None) -> Path:
@@ -230,10 +226,4 @@ def plot_training_history(histories: dict, path, selections: dict | None = None,
         for ax in (top, bottom):
             ax.grid(alpha=0.25)
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=110)

@@ -33,9 +33,11 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_causal_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+def tiny_causal_lm(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCausalLM:
+    """A randomly initialised 16-wide Llama for ``tokenizer``; ``config_overrides`` replace
+    LlamaConfig fields (e.g. ``num_hidden_layers=3``)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=16,
         intermediate_size=32,
@@ -47,4 +49,4 @@ def tiny_causal_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides})).eval()

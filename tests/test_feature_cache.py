@@ -32,21 +32,9 @@ def bpe():
 
 @pytest.fixture(scope="module")
 def llama(bpe):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.lm_fixtures import tiny_causal_lm
 
-    config = LlamaConfig(
-        vocab_size=len(bpe),
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        pad_token_id=bpe.pad_token_id,
-        eos_token_id=bpe.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm(bpe, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)
 
 
 class Counter:
