@@ -5,7 +5,7 @@
 
 The promise: under exchangeability of calibration and test data, the HR region's
 class-conditional accuracy is at least alpha, up to finite-sample error. For each feature
-set the SDM head is fitted once (the demo's settings); then, >= 100 times, the pooled
+set the SDM head is fitted once (J = 1 x E = 40 by default); then, >= 100 times, the pooled
 in-distribution data (the head's calibration points + the in-distribution test set) is
 shuffled and split into a calibration set of the original size and a test set, the head is
 recalibrated on the former (eCDFs, q' arrays, Algorithm 1: no retraining) and evaluated on the
