@@ -40,3 +40,19 @@ def small_head():
         progress=False,
     )
     return head, x, y
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A tiny byte-level BPE tokenizer without a chat template (decoder-LM feature tests)."""
+    from tests.lm_fixtures import tiny_tokenizer
+
+    return tiny_tokenizer(chat_template=False)
+
+
+@pytest.fixture(scope="module")
+def llama(bpe):
+    """A 3-layer, 16-wide Llama for ``bpe`` (intermediate layers exist for the early-stop path)."""
+    from tests.lm_fixtures import tiny_causal_lm
+
+    return tiny_causal_lm(bpe, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)

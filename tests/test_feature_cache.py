@@ -23,20 +23,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SDM_HF_CACHE", str(tmp_path / "default-cache"))
 
 
-@pytest.fixture(scope="module")
-def bpe():
-    from tests.lm_fixtures import tiny_tokenizer
-
-    return tiny_tokenizer(chat_template=False)
-
-
-@pytest.fixture(scope="module")
-def llama(bpe):
-    from tests.lm_fixtures import tiny_causal_lm
-
-    return tiny_causal_lm(bpe, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)
-
-
 class Counter:
     """Counts forward passes of the model's body."""
 

@@ -98,20 +98,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def bpe():
-    from tests.lm_fixtures import tiny_tokenizer
-
-    return tiny_tokenizer(chat_template=False)
-
-
-@pytest.fixture(scope="module")
-def llama(bpe):
-    from tests.lm_fixtures import tiny_causal_lm
-
-    return tiny_causal_lm(bpe, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
 def gemma(bpe):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
