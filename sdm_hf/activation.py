@@ -1,4 +1,8 @@
-"""The SDM activation and the quantities built directly on it (SPEC A4, A5).
+"""The SDM activation and the quantities built directly on it.
+
+Reference: Schmaltz (2025), *Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
+Notation: ``z'`` the SDM head's logits, ``q`` the similarity (see :mod:`sdm_hf.similarity`),
+``d`` the distance quantile (see :mod:`sdm_hf.distance`), ``y_hat = argmax z'``.
 
 Pure tensor maths: nothing here searches neighbours, touches the disk or imports
 transformers. Every function accepts batched tensors and broadcasts ``q`` / ``d`` given
@@ -9,7 +13,16 @@ The activation is
     sdm(z')_i = (2 + q) ** (d * z'_i) / sum_c (2 + q) ** (d * z'_c)
 
 computed as ``softmax(z' * d * ln(2 + q))`` so that it never overflows. With
-``q = e - 2`` and ``d = 1`` it is exactly the softmax; with ``d = 0`` it is uniform.
+``q = e - 2`` and ``d = 1`` it is exactly the softmax; with ``d = 0`` it is uniform. The
+base ``2 + q`` grows with the number of correctly predicted neighbours that agree with the
+prediction, and ``d`` acts as an inverse temperature that shrinks towards 0 far from the
+labelled data.
+
+Built on it: the change-of-base loss ``-log_{2+q} sdm(z')_y`` (:func:`sdm_loss`), the
+rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})`` (:func:`rescaled_similarity`),
+the out-of-distribution flag ``floor(q') <= 0`` (:func:`is_out_of_distribution`) and the
+high-reliability rule (:func:`high_reliability_mask`), whose thresholds come from Algorithm 1
+(:func:`sdm_hf.calibration.high_reliability_thresholds`).
 """
 
 from __future__ import annotations
@@ -97,18 +110,25 @@ def sdm_loss(
     d,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SDM negative log-likelihood ``-log_{2+q} sdm(z')_y`` (SPEC A4).
+    """SDM negative log-likelihood ``-log_{2+q} sdm(z')_y``, the training loss of an SDM head.
 
-    ``q`` and ``d`` are treated as constants (detached). Its gradient with respect to the
-    logits is ``d * (sdm(z') - onehot(y))``. With ``q = e - 2`` and ``d = 1`` it equals
-    ``torch.nn.functional.cross_entropy``.
+    Equals ``-log_softmax(z' d ln(2+q))_y / ln(2+q)`` (the change-of-base formula applied to
+    the activation). ``q`` and ``d`` are treated as constants (detached): they come from a
+    neighbour search that has no gradient. Its gradient with respect to the logits is
+    ``d * (sdm(z') - onehot(y))``. With ``q = e - 2`` and ``d = 1`` it equals
+    ``torch.nn.functional.cross_entropy``. See Schmaltz (2025), *Similarity-Distance-Magnitude
+    Activations*.
 
     Args:
         logits: ``[B, C]``.
         labels: ``[B]`` integer class indices.
         q: ``[B]`` similarity values (detached).
         d: ``[B]`` distance quantiles (detached).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (returns ``[B]``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar (``"mean"``, ``"sum"``) or the ``[B]`` per-point losses (``"none"``), >= 0;
+        each point's loss is a logarithm in its own base ``2 + q``, not in nats.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -124,7 +144,13 @@ def sdm_loss(
 
 
 def rescaled_similarity(q: torch.Tensor, predicted_probability: torch.Tensor) -> torch.Tensor:
-    """Rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})`` (SPEC A5).
+    """Rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})``.
+
+    ``q'`` ties the similarity to the output's own confidence: since ``sdm(z')_{y_hat}`` lies
+    in ``[1/C, 1]``, ``(2 + q) ** sdm(z')_{y_hat}`` lies between ``(2 + q) ** (1/C)`` and
+    ``2 + q``: a large ``q`` survives in ``q'`` only when the prediction is also confident,
+    and ``q' <= q`` always. Algorithm 1 thresholds ``q'`` (``q' >= q'_min``). See Schmaltz (2025),
+    *Similarity-Distance-Magnitude Activations*.
 
     Args:
         q: ``[B]`` similarity.
@@ -149,11 +175,16 @@ def high_reliability_mask(
     q_min: float,
     thresholds: torch.Tensor,
 ) -> torch.Tensor:
-    """The high-reliability (HR) rule of SPEC A5.
+    """The high-reliability (HR) rule: which points the calibrated SDM estimator admits.
 
     A point is admitted iff calibration found a threshold (``q_min`` finite), the point is
-    not OOD, ``q' >= q_min`` and ``sdm(z')_{y_hat} >= psi_{y_hat}``. The probability
-    comparison is made in float32, as Algorithm 1's is.
+    not OOD, ``q' >= q_min`` and ``sdm(z')_{y_hat} >= psi_{y_hat}``. Because Algorithm 1
+    only succeeds with every ``psi_c >= alpha > 0.5``, at most one class can pass its
+    threshold, so the probability condition is the same as "the set
+    ``{c : sdm(z')_c >= psi_c}`` is exactly ``{y_hat}``". The probability comparison is made
+    in float32, as Algorithm 1's is, so that a calibration point lands on the same side of
+    ``psi`` at inference as it did during calibration.
+    See Schmaltz (2025), *Similarity-Distance-Magnitude Activations*, Algorithm 1.
 
     Args:
         predicted_probability: ``[B]`` SDM probability of the predicted class.

@@ -1,4 +1,9 @@
-"""Baseline selective classifiers to compare SDM heads against (SPEC C3).
+"""Baseline selective classifiers to compare SDM heads against.
+
+These are the kinds of estimator that Schmaltz (2025), *Similarity-Distance-Magnitude
+Activations*, compares with: softmax thresholds with and without the adaptor, temperature
+scaling, APS / RAPS conformal sets and the SDM head's own partial rules (``softmax(d z')``,
+``sdm >= alpha``), so a user can rerun that comparison on their own features.
 
 Every estimator ends in a ``(prediction [N], admit [N] bool)`` pair for
 :func:`sdm_hf.metrics.selective_classification_report`. All are defined on the same
@@ -39,7 +44,8 @@ __all__ = [
 
 
 def softmax_rule(logits: torch.Tensor, alpha: float, temperature: float = 1.0):
-    """``(argmax, max softmax(logits / T) >= alpha)`` for ``[N, C]`` logits."""
+    """``(prediction [N], admit [N] bool)``: ``argmax`` and ``max softmax(logits / T) >= alpha``
+    for ``[N, C]`` logits and a temperature ``T > 0``."""
     p = torch.softmax(logits.float() / temperature, dim=1)
     confidence, prediction = p.max(dim=1)
     return prediction, confidence >= alpha
@@ -55,7 +61,8 @@ def fit_linear_probe(
     seed: int = 0,
 ) -> nn.Module:
     """Linear softmax classifier on (standardised) raw features, full-batch Adam on the
-    cross-entropy. Returns a module mapping ``[N, D]`` features to ``[N, C]`` logits."""
+    cross-entropy, on ``x`` ``[N, D]`` and labels ``y`` ``[N]``. Returns a module (eval mode)
+    mapping ``[N, D]`` features to ``[N, C]`` logits."""
     x = torch.as_tensor(x).float()
     y = torch.as_tensor(y).long()
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
@@ -85,7 +92,8 @@ class _Standardize(nn.Module):
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """Temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` on held-out data."""
+    """Temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` on held-out data
+    (``[N, C]`` logits, ``[N]`` labels); fitted on ``log T`` so that ``T`` stays positive."""
     logits = torch.as_tensor(logits).detach().double()
     labels = torch.as_tensor(labels).long()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -105,7 +113,12 @@ def conformal_scores(probabilities: torch.Tensor, penalty: float = 0.0, k_reg: i
     """Non-conformity score of every class: the probability mass of the classes ranked at or
     above it (APS), plus ``penalty * max(0, rank - k_reg)`` (RAPS; rank is 1-based).
 
-    Returns ``[N, C]``.
+    Args:
+        probabilities: ``[N, C]`` class probabilities (rows sum to 1).
+        penalty, k_reg: RAPS's regularisation (``penalty = 0`` is APS).
+
+    Returns:
+        ``[N, C]`` float64 scores; lower means more conforming.
     """
     p = probabilities.double()
     order = torch.argsort(p, dim=1, descending=True, stable=True)
@@ -122,7 +135,9 @@ def conformal_threshold(
     probabilities: torch.Tensor, labels: torch.Tensor, alpha: float, penalty: float = 0.0, k_reg: int = 1
 ) -> float:
     """Split-conformal threshold at coverage ``alpha``: the ``ceil((n + 1) alpha)``-th smallest
-    calibration score of the true class (``inf`` when ``n`` is too small)."""
+    calibration score of the true class (``inf`` when ``n`` is too small).
+
+    ``probabilities`` is ``[n, C]`` and ``labels`` ``[n]`` on the calibration split."""
     scores = conformal_scores(probabilities, penalty, k_reg).gather(1, torch.as_tensor(labels).long().view(-1, 1))
     scores = torch.sort(scores.squeeze(1)).values
     rank = math.ceil((scores.numel() + 1) * alpha)
@@ -130,12 +145,13 @@ def conformal_threshold(
 
 
 def conformal_sets(probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1):
-    """``[N, C]`` bool membership of each class in the prediction set."""
+    """``[N, C]`` bool membership of each class in the prediction set, for ``[N, C]``
+    probabilities and a threshold from :func:`conformal_threshold`."""
     return conformal_scores(probabilities, penalty, k_reg) <= threshold
 
 
 def conformal_rule(probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1):
-    """``(argmax, set is exactly {argmax})``."""
+    """``(prediction [N], admit [N] bool)``: ``argmax`` and "the set is exactly {argmax}"."""
     sets = conformal_sets(probabilities, threshold, penalty, k_reg)
     prediction = probabilities.argmax(dim=1)
     singleton = (sets.sum(dim=1) == 1) & sets.gather(1, prediction.view(-1, 1)).squeeze(1)
@@ -143,7 +159,12 @@ def conformal_rule(probabilities: torch.Tensor, threshold: float, penalty: float
 
 
 def sdm_rules(output, alpha: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The SDM head's own estimators from an :class:`~sdm_hf.SDMOutput`."""
+    """The SDM head's own estimators from an :class:`~sdm_hf.SDMOutput`.
+
+    Returns:
+        estimator name -> ``(prediction [N], admit [N] bool)``; the prediction is always
+        ``argmax z'``.
+    """
     z = output.logits.float()
     pred = output.prediction
     return {

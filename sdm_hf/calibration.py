@@ -1,17 +1,36 @@
-"""Algorithm 1 (the HR region's thresholds), effective sample sizes and lower bounds (SPEC A5).
+"""Algorithm 1 (the HR region's thresholds), effective sample sizes and lower bounds.
 
-Algorithm 1, as defined: for each candidate threshold ``t`` (the distinct ``q'`` values of
-the non-OOD calibration points, ascending) and each class ``c``, let ``S_c(t)`` be the
-sorted true-class SDM probabilities of the class-``c`` points with ``q' >= t`` and
-``psi_c(t) = S_c(t)[min(int((1 - alpha) |S_c|), |S_c| - 1)]`` (0 if empty). The first ``t``
-with ``psi_c(t) >= alpha`` for every class is ``q'_min``.
+Reference: Schmaltz (2025), *Similarity-Distance-Magnitude Activations*, Algorithm 1 and the
+high-reliability (HR) region it defines.
 
-Done literally that is O(N^2). Here it is O(N log N): ``psi_c(t) >= alpha`` holds exactly
+Algorithm 1, as implemented here: OOD calibration points (``floor(q') <= 0``) are ignored.
+For each candidate threshold ``t`` (the distinct ``q'`` values of the non-OOD calibration
+points, ascending) and each class ``c``, let ``S_c(t)`` be the sorted true-class SDM
+probabilities ``sdm(z')_y`` of the class-``c`` points with ``q' >= t`` and
+``psi_c(t) = S_c(t)[min(int((1 - alpha) |S_c|), |S_c| - 1)]`` (0 if empty), i.e. roughly
+the ``(1 - alpha)`` quantile of the true-class probabilities of class ``c``. The first ``t``
+with ``psi_c(t) >= alpha`` for every class is ``q'_min``, and ``psi = psi(q'_min)`` are the
+class-wise thresholds. No such ``t``: ``q'_min = inf``, ``psi = 0`` and the HR region is
+empty (nothing is ever admitted); :func:`explain_empty_region` says why.
+
+Raising ``t`` keeps only the points with the strongest similarity, so the region
+shrinks until, within it, at least a fraction ``alpha`` of every class's points carry a
+true-class probability of at least ``alpha``. That is how the region targets an accuracy of
+at least ``alpha`` both per true class and per predicted class on data exchangeable with
+the calibration set, up to finite-sample error.
+
+Done literally, Algorithm 1 is O(N^2). Here it is O(N log N): ``psi_c(t) >= alpha`` holds exactly
 when at most ``k_c(t) = min(int((1 - alpha) n_c(t)), n_c(t) - 1)`` of the points in
 ``S_c(t)`` lie below ``alpha`` (the element at sorted index ``k`` is ``>= alpha`` iff fewer
 than ``k + 1`` elements are ``< alpha``), and both ``n_c(t)`` and that count are suffix
 counts over ``q'``, read off sorted arrays with ``searchsorted``. ``psi`` itself is then
 taken once, at ``q'_min``. Comparisons with ``alpha`` are made in float32.
+
+Lower-bound variant (accounts for the finite-sample error): per point, the effective sample sizes
+``n_c`` (:func:`effective_sample_sizes`) give a margin
+``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))`` (:func:`lower_bound_margin`); the
+SDM head recomputes the activation with ``d_lower = clip(d - eps, 0, 1)`` and applies the
+same HR rule to it.
 """
 
 from __future__ import annotations
@@ -130,6 +149,14 @@ def explain_empty_region(
     Names the classes that have no non-OOD calibration points, or whose quantile stays
     below ``alpha`` even over all their non-OOD points, and how many calibration points per
     class ``alpha`` needs at least.
+
+    Args:
+        true_class_probability, rescaled_similarity, labels, num_classes, alpha: as for
+            :func:`high_reliability_thresholds`.
+        id2label: optional class names for the message.
+
+    Returns:
+        One or more sentences of plain text.
     """
     _, per_class = _prepare(true_class_probability, rescaled_similarity, labels, num_classes, alpha)
     name = (lambda c: repr(id2label.get(c, c))) if id2label else (lambda c: str(c))
@@ -158,8 +185,11 @@ def explain_empty_region(
 
 
 def required_points_per_class(alpha: float) -> int:
-    """Smallest class size ``n`` for which ``int((1 - alpha) n) >= 1``: below that the
-    quantile index is 0 and a single point under ``alpha`` empties the region."""
+    """Smallest class size ``n`` for which ``int((1 - alpha) n) >= 1`` (20 at alpha = 0.95).
+
+    Below that the quantile index is 0: ``psi_c`` is the smallest true-class probability of
+    the class's points above a candidate threshold, so a single one of them under ``alpha``
+    rules that threshold out."""
     if alpha >= 1.0:
         return 1
     return int(math.ceil(1.0 / (1.0 - float(alpha)) - 1e-9))
@@ -169,17 +199,29 @@ def class_rescaled_lists(
     rescaled_similarity: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> list[torch.Tensor]:
     """Per-class sorted ``q'`` of ALL calibration points (OOD included), for
-    :func:`effective_sample_sizes`."""
+    :func:`effective_sample_sizes`.
+
+    Args:
+        rescaled_similarity: ``[N]`` calibration ``q'``.
+        labels: ``[N]`` true labels in ``0..C-1``.
+        num_classes: ``C``.
+
+    Returns:
+        ``C`` sorted 1-D float64 CPU tensors (possibly empty).
+    """
     r = rescaled_similarity.detach().cpu().double()
     y = labels.detach().cpu().long()
     return [torch.sort(r[y == c]).values for c in range(num_classes)]
 
 
 def effective_sample_sizes(rescaled: torch.Tensor, lists: list[torch.Tensor]) -> torch.Tensor:
-    """Effective sample size per class for each point (SPEC A5, lower-bound variant).
+    """Effective sample size per class for each point, for the lower-bound variant.
 
     ``n_c(point)`` = number of class-``c`` calibration points (OOD included) whose ``q'`` is
-    strictly below the point's ``q'``, capped at ``n_c - 1`` (and at 0 from below).
+    strictly below the point's ``q'``, capped at ``n_c - 1`` (and at 0 from below). It
+    measures how much calibration evidence sits below the point on the ``q'`` scale: few
+    points means a loose finite-sample bound (a large margin in :func:`lower_bound_margin`).
+    See Schmaltz (2025), *Similarity-Distance-Magnitude Activations*.
 
     Args:
         rescaled: ``[B]`` the points' ``q'``.

@@ -1,10 +1,18 @@
-"""Distance ``d``: the query's nearest-neighbour distance placed in class-wise eCDFs (SPEC A3).
+"""Distance ``d``: the query's nearest-neighbour distance placed in class-wise eCDFs.
 
-For each TRUE class ``c`` the reference list holds the sorted ``d_nearest`` values of the
-reference points (calibration points, or the training split during training) with label
-``c`` and ``q > 0``. Per class, ``d_c`` is the fraction of that list that is ``>=`` the
-query's ``d_nearest`` (ties count in the query's favour); an empty list gives ``d_c = 0``.
-``d`` is the minimum over classes, in ``[0, 1]``.
+``d_nearest`` is the squared L2 distance (FAISS's convention) from the query's exemplar to
+its nearest support exemplar. For each TRUE class ``c`` the reference list holds the sorted
+``d_nearest`` values of the reference points (calibration points, or the training split,
+self excluded, during training) with label ``c`` and ``q > 0``. Per class,
+
+    d_c = 1 - #{v in list_c : v < d_nearest} / |list_c|,
+
+the fraction of that list that is ``>=`` the query's ``d_nearest`` (ties count in the
+query's favour); an empty list gives ``d_c = 0``. ``d = min_c d_c``, in ``[0, 1]``: 1 for a
+query at least as close as every reference point, 0 for one farther than all of them. The
+minimum is the conservative choice: a query that is unusually far for any one class gets a
+small ``d``, which flattens the SDM activation towards uniform. See Schmaltz (2025),
+*Similarity-Distance-Magnitude Activations* (the Distance term).
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""``pipeline("sdm-verify")`` and ``pipeline("sdm-text-classification")`` (SPEC C2).
+"""``pipeline("sdm-verify")`` and ``pipeline("sdm-text-classification")``.
 
 ``import sdm_hf`` registers both tasks with transformers' ``PIPELINE_REGISTRY``. Each loads
 the model as usual and its SDM head from the model repository's ``sdm_head/`` subfolder, or
 from an explicit ``sdm_head=`` (an :class:`~sdm_hf.SDMHead`, a folder or a Hub repo id —
 needed for PEFT adapter repositories). Inputs are batched ``batch_size`` at a time through
 the model and then searched against the support set in one go.
+
+``sdm-verify`` is the test-time use of an SDM language model (Schmaltz (2025),
+*Similarity-Distance-Magnitude Language Models*, §3.4): generate greedily, then let the
+verification head, not the LM's own ``<verified>Yes/No</verified>`` text, decide whether
+the completion follows the instructions.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .features import extract_features
-from .head import SDMHead
+from .head.modeling import SDMHead
 from .hub import DEFAULT_HEAD_SUBFOLDER, check_pairing
 from .lm.encoding import ControlTokens, generate_greedy, verification_features
 

@@ -45,6 +45,10 @@ def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, 
         reports: test-set name -> :class:`~sdm_hf.metrics.SelectiveClassificationReport`.
         path: output PNG.
         alpha: draws the target accuracy as a dashed line.
+        title: optional figure title.
+
+    Returns:
+        ``Path`` of the PNG written.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 5.2), squeeze=False)
@@ -91,6 +95,10 @@ def plot_similarity_distance(outputs: dict, path, title: str | None = None) -> P
     Args:
         outputs: data-set name -> :class:`~sdm_hf.SDMOutput`.
         path: output PNG.
+        title: optional figure title.
+
+    Returns:
+        ``Path`` of the PNG written.
     """
     plt = _pyplot()
     fig, (ax_q, ax_d) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -134,6 +142,10 @@ def plot_risk_coverage(rows: list[dict], path, estimators: dict[str, str] | None
             ``n``, ``admitted`` and ``per_class`` (``{label: {"n", "admitted", "correct"}}``).
         path: output PNG.
         estimators: key -> display name (and which estimators to draw; default: all).
+        title: optional figure title (default: names the alphas).
+
+    Returns:
+        ``Path`` of the PNG written.
     """
     plt = _pyplot()
     panels = list(dict.fromkeys((r["features"], r["test_set"]) for r in rows))
@@ -189,6 +201,10 @@ def plot_training_history(histories: dict, path, selections: dict | None = None,
             ``calibration_loss``, ``calibration_accuracy``, ``calibration_ood_fraction``).
         path: output PNG.
         selections: name -> ``head.selection`` (marks the kept state with a star).
+        title: optional figure title.
+
+    Returns:
+        ``Path`` of the PNG written.
     """
     plt = _pyplot()
     if not histories:

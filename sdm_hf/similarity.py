@@ -1,9 +1,14 @@
-"""Similarity ``q`` and the nearest-neighbour distance from a support-set search (SPEC A2).
+"""Similarity ``q`` and the nearest-neighbour distance from a support-set search.
 
-``q`` counts, walking from the nearest support exemplar outwards, the neighbours that were
-predicted correctly (``label == predicted``) AND share the query's prediction, stopping at
-the first one that does not. ``q = 0`` means the nearest neighbour already fails: the query
-is out of distribution.
+The support set holds the training split's exemplar vectors (the adaptor's outputs) with
+their true labels and their predicted labels under the current weights. ``q`` counts,
+walking from the nearest support exemplar outwards in ascending L2 distance, the neighbours
+that were predicted correctly (``label == predicted``) AND share the query's prediction
+``y_hat``, stopping at the first one that does not: ``q`` is the length of that unbroken
+run, an integer in ``0..max_q``. ``q = 0`` means the nearest neighbour already fails: the
+query is treated as out of distribution (OOD). A query that is itself a support point skips
+its own row (by row index, so exact duplicates of it still count). See Schmaltz (2025),
+*Similarity-Distance-Magnitude Activations* (the Similarity term).
 
 The search is adaptive: a small ``k`` first, widened (x ``growth``) only for the rows whose
 run reached the end of what was searched, up to ``max_q`` (plus one slot for the query's own
@@ -37,7 +42,8 @@ class NeighborSearcher(Protocol):
         ...
 
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Exact squared L2 distance between ``queries[i]`` and support row ``rows[i]``."""
+        """``[B]`` exact squared L2 distances between ``queries[i]`` (``[B, D]``) and support
+        row ``rows[i]`` (``[B]`` int64)."""
         ...
 
 
