@@ -316,7 +316,11 @@ class SupportIndex:
         return self
 
     def add(self, vectors: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> None:
-        """Append rows (SPEC A8). Existing row indices do not change."""
+        """Append rows: ``vectors`` ``[n, M]``, ``labels`` and ``predictions`` ``[n]``.
+
+        This is how a trained head's support set grows without retraining
+        (``SDMHead.add_to_support``). Existing row indices do not change, so nearest-exemplar
+        indices reported earlier still name the same rows."""
         vectors = vectors.detach().to(self.device, STORAGE_DTYPES[self.storage])
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] vectors, got {tuple(vectors.shape)}")
@@ -404,7 +408,8 @@ class SupportIndex:
         return exact.gather(1, order), best_i.gather(1, order)
 
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2``, ``[B]`` float32."""
+        """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2`` for ``[B, M]``
+        queries and ``[B]`` rows; ``[B]`` float32 on the CPU."""
         queries = queries.detach().to(self.device, torch.float32)
         diff = queries - self._rows(rows).to(self.device).float()
         return (diff * diff).sum(dim=1).float().cpu()
