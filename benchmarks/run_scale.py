@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.index import SupportIndex
 
 OUT = Path(__file__).resolve().parent / "results" / "scale.md"
 DIM = 64
@@ -157,7 +156,7 @@ def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:
     out = head.predict(queries)
     predict = time.perf_counter() - started
     rss_after = status_gb("VmRSS")
-    exemplars, _ = head._encode_batched(queries, 8192)
+    exemplars, _ = head.encode_for_inference(queries, 8192)
     started = time.perf_counter()
     head.support.search(exemplars, 32)
     bare = time.perf_counter() - started
@@ -185,7 +184,7 @@ def measure(n: int, index_type: str, storage: str, params: dict | None) -> dict:
         row["loaded"] = saved_then_loaded(head)
     if not head.support.exact:  # the exact float32 reference over the same exemplars
         approximate = head.support
-        head.support = SupportIndex(approximate.vectors.float(), approximate.labels, approximate.predictions)
+        head.support = approximate.exact_copy()
         started = time.perf_counter()
         reference = head.predict(queries)
         exact_seconds = time.perf_counter() - started

@@ -14,8 +14,6 @@ import argparse
 import time
 from pathlib import Path
 
-from sdm_hf.index import SupportIndex
-
 try:
     from run_scale import OUT, data, head_for
 except ImportError:  # run from the repository root
@@ -49,7 +47,7 @@ def main(argv=None) -> int:
     head, build = head_for(args.size, args.index, args.storage, params)
     queries, _ = data(2000, seed=424242)
     approximate_index = head.support
-    exact = SupportIndex(approximate_index.vectors.float(), approximate_index.labels, approximate_index.predictions)
+    exact = approximate_index.exact_copy()
     head.support = exact
     started = time.perf_counter()
     reference = head.predict(queries)
@@ -64,10 +62,7 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for value in values:
-        if args.index == "ivf":
-            approximate_index._faiss.nprobe = min(value, args.nlist)
-        else:
-            approximate_index.index_params["efSearch"] = value
+        approximate_index.index.set_search_width(value)
         started = time.perf_counter()
         out = head.predict(queries)
         seconds = time.perf_counter() - started

@@ -11,7 +11,10 @@ from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .calibration import high_reliability_thresholds
 from .feature_cache import cached_features, default_cache_dir, load_causal_lm
 from .fit import fit_sdm_head
-from .head import CalibrationReport, LabelErrors, SDMConfig, SDMHead, SDMOutput
+from .head.config import SDMConfig
+from .head.diagnostics import CalibrationReport, LabelErrors
+from .head.inference import SDMOutput
+from .head.modeling import SDMHead
 from .pipelines import register_pipelines
 
 register_pipelines()  # `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work

@@ -128,7 +128,7 @@ def prepare_output(path: Path, overwrite: bool) -> Path:
 # -- subcommands --------------------------------------------------------------------------
 def cmd_fit_head(args) -> int:
     from .fit import fit_sdm_head
-    from .head import SDMConfig
+    from .head.config import SDMConfig
 
     output = Path(args.output)
     try:  # fail before the long fit
@@ -186,7 +186,7 @@ def cmd_fit_head(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .baselines import sdm_rules
-    from .head import SDMHead
+    from .head.modeling import SDMHead
     from .metrics import selective_classification_report
     from .plots import plot_accuracy_vs_admission, plot_similarity_distance
 
@@ -235,7 +235,7 @@ def _read_inputs(path: str | None) -> list[str]:
 
 
 def cmd_verify(args) -> int:
-    from .head import SDMHead
+    from .head.modeling import SDMHead
 
     head = SDMHead.from_pretrained(args.head)
     lines = _read_inputs(args.input)

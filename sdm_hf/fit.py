@@ -23,10 +23,11 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import _validation as check
+from . import validation as check
 from .activation import SOFTMAX_EQUIVALENT_Q, sdm_loss
 from .distance import class_distance_lists, distance_quantile
-from .head import SDMConfig, SDMHead
+from .head.config import SDMConfig
+from .head.modeling import SDMHead
 from .index import SupportIndex, resolve_device
 from .similarity import compute_similarity
 

@@ -1,5 +1,5 @@
 """SDM-equipped model repositories: a base model (or PEFT adapter) at the root, the SDM head
-in a subfolder (default ``sdm_head/``), and the repository's README.md model card (SPEC C1).
+in a subfolder (default ``sdm_head/``), and the repository's README.md model card.
 
 The head never writes into the model's own root (huggingface_hub's mixin would replace the
 model's config.json there). The head records the base model's name/revision and the feature
@@ -8,14 +8,11 @@ recipe; :func:`load_sdm_model` reports a mismatched pairing.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
-from huggingface_hub import HfApi
-
-from .head import SDMHead
+from .head.hub import upload_folder
+from .head.modeling import SDMHead
 from .persistence import CARD_NAME
 
 __all__ = ["DEFAULT_HEAD_SUBFOLDER", "save_sdm_model", "load_sdm_model", "push_sdm_model", "expected_feature_width"]
@@ -24,8 +21,9 @@ DEFAULT_HEAD_SUBFOLDER = "sdm_head"
 
 
 def expected_feature_width(model_config, pooling: str | None) -> int | None:
-    """Feature width a model config produces under ``pooling`` (``mean_last`` and the LM
-    verification pooling of SPEC B2 concatenate two states: twice the hidden width)."""
+    """Feature width a model config produces under ``pooling``: ``mean_last`` and the
+    ``verification`` pooling of SDM language models (the mean hidden state concatenated with
+    the hidden state at the ``<verified>`` token) give twice the hidden width."""
     hidden = getattr(model_config, "hidden_size", None)
     if hidden is None:
         return None
@@ -118,14 +116,12 @@ def push_sdm_model(
     token: str | None = None,
 ) -> str:
     """Save the model, tokenizer, head and model card to a temporary folder and upload it in
-    one commit; nothing is left behind locally. Returns the commit URL."""
-    api = HfApi(token=token)
-    tmp = Path(tempfile.mkdtemp(prefix="sdm_hf_push_"))
-    try:
-        folder = tmp / repo_id.split("/")[-1]
-        save_sdm_model(model, head, folder, tokenizer=tokenizer, subfolder=subfolder)
-        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(getattr(info, "commit_url", info))
+    one commit (the same upload path as :meth:`SDMHead.push_to_hub`); nothing is left behind
+    locally. Returns the commit URL."""
+    return upload_folder(
+        lambda folder: save_sdm_model(model, head, folder, tokenizer=tokenizer, subfolder=subfolder),
+        repo_id,
+        commit_message=commit_message,
+        private=private,
+        token=token,
+    )

@@ -188,12 +188,15 @@ class SupportIndex:
     @property
     def vectors(self) -> torch.Tensor:
         """``[N, M]`` exemplars in the storage dtype (a copy when they live inside FAISS)."""
-        stored = self._stored()
+        stored = self.stored_vectors()
         return stored if self._own is not None or self.index_type == "ivf" else stored.clone()
 
-    def _stored(self) -> torch.Tensor:
-        """The exemplars: our tensor, a view of the FAISS index's flat storage (valid until
-        the index changes; used immediately, never handed out) or, for IVF, a decoded copy."""
+    def stored_vectors(self) -> torch.Tensor:
+        """``[N, M]`` exemplars in the storage dtype without a copy where possible: our own
+        tensor, a view of the FAISS index's flat storage or, for IVF, a decoded copy.
+
+        The view is valid only until the index changes (:meth:`add`, :meth:`to`): use it at
+        once (saving, broadcasting), never keep it. :attr:`vectors` is the safe copy."""
         if self._own is not None:
             return self._own
         index, n = self._faiss, int(self._faiss.ntotal)
@@ -209,6 +212,28 @@ class SupportIndex:
             raw = faiss.rev_swig_ptr(index.codes.data(), n * index.code_size)
             array = raw.view(np.float16).reshape(n, self._dim)
         return torch.from_numpy(array)
+
+    def set_search_width(self, width: int) -> None:
+        """Change how widely an approximate index searches, without rebuilding it: ``nprobe``
+        (inverted lists visited, capped at ``nlist``) for IVF, ``efSearch`` (candidate list
+        length) for HNSW. Wider is slower and closer to exact search."""
+        width = int(width)
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        if self.index_type == "ivf":
+            self.index_params["nprobe"] = width
+            if self._faiss is not None:
+                self._faiss.nprobe = min(width, int(self._faiss.nlist))
+        elif self.index_type == "hnsw":
+            self.index_params["efSearch"] = width
+        else:
+            raise ValueError("set_search_width applies to approximate indexes ('ivf' or 'hnsw'), not 'flat'")
+
+    @property
+    def owns_vectors(self) -> bool:
+        """True when the index keeps its own tensor of the exemplars (torch search, or before
+        FAISS holds them); False when they are read in place inside FAISS (no second copy)."""
+        return self._own is not None
 
     @property
     def exact(self) -> bool:
@@ -278,7 +303,7 @@ class SupportIndex:
                 chunk = np.ascontiguousarray(rows[start : start + step].cpu().numpy(), dtype=np.int64)
                 out[start : start + step] = torch.from_numpy(self._faiss.reconstruct_batch(chunk))
             return out
-        return self._stored()[rows.to(self.device)]
+        return self.stored_vectors()[rows.to(self.device)]
 
     def _add_chunked(self, vectors: torch.Tensor) -> None:
         """Add to FAISS in float32 chunks, so a float16 support never exists whole in float32
@@ -310,7 +335,7 @@ class SupportIndex:
         """Move the support set (and rebuild the index) on ``device``; returns self."""
         device = resolve_device(device)
         if device != self.device:
-            self._own = self._stored().to(device).contiguous()
+            self._own = self.stored_vectors().to(device).contiguous()
             self.device = device
             self._build()
         return self
@@ -362,7 +387,7 @@ class SupportIndex:
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.detach().to(self.device, torch.float32)
-        vectors = self._stored().float()
+        vectors = self.stored_vectors().float()
         support_norms = (vectors * vectors).sum(dim=1)
         chunk = _rows_within(_TORCH_CHUNK_BYTES, self.ntotal)
         out_d, out_i = [], []
@@ -381,7 +406,7 @@ class SupportIndex:
         exact pair distances. FAISS's float16 flat index scans without BLAS (2.3x slower for
         2,000 queries at 10^6 x 1000 on 2 cores); used from ``_BLOCKED_MIN_QUERIES`` queries."""
         queries = queries.detach().to(self.device, torch.float32)
-        stored = self._stored()
+        stored = self.stored_vectors()
         n = stored.shape[0]
         block = max(k, _rows_within(_STAGING_BYTES, self._dim))
         query_norms = (queries * queries).sum(1, keepdim=True)

@@ -1,11 +1,18 @@
-"""Selective-classification tables (SPEC C3).
+"""Selective-classification reporting: the one place accuracy and admission are counted.
 
-For each estimator (a prediction and an admit mask over the same labelled points):
-class-conditional accuracy and admitted proportion (points whose TRUE label is c),
-prediction-conditional accuracy and admitted proportion (points PREDICTED c), marginal
-accuracy and admission rate ``n / |D|``. Proportions are over all ``|D|`` points. An
-estimator that admits nothing in a group is reported as ``"R"`` (all rejected), never as
-accuracy 0 or NaN; in JSON its accuracy is ``null``.
+A selective classifier predicts ``y_hat`` and admits (does not reject) some points. Over one
+labelled set of ``|D|`` points this module reports, per group:
+
+* class-conditional (points whose TRUE label is c) and prediction-conditional (points
+  PREDICTED c) accuracy among the admitted, and the admitted proportion ``n / |D|``;
+* the marginal accuracy and admission rate.
+
+A group with nothing admitted has no accuracy: it is reported as ``"R"`` (all rejected) in
+tables and ``None`` in JSON, never as 0 or NaN. The core is :func:`group_counts` (one
+``bincount`` per quantity), :func:`accuracy_or_none`, :func:`format_accuracy` and
+:func:`label_names`; the SDM head's calibration report, the recipes' tables, the model card
+and the pipelines derive from them. These are the tables of Schmaltz (2025),
+*Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "label_names",
+    "group_counts",
+    "accuracy_or_none",
+    "format_accuracy",
     "selective_classification_report",
     "SelectiveClassificationReport",
     "evaluate_module_path",
@@ -32,13 +43,68 @@ def evaluate_module_path() -> str:
     return str(resources.files("sdm_hf").joinpath("evaluate_metrics/selective_classification"))
 
 
-def _group(correct: torch.Tensor, admitted: torch.Tensor, member: torch.Tensor, total: int) -> dict:
-    n = int((admitted & member).sum())
-    return {
-        "admitted": n,
-        "proportion": n / total if total else 0.0,
-        "accuracy": float((admitted & member & correct).sum()) / n if n else None,
-    }
+def label_names(num_classes: int, id2label: dict[int, str] | None = None) -> list[str]:
+    """Display names of classes ``0..C-1``: ``id2label[c]``, or ``"c"`` when no names are set.
+
+    Example:
+        >>> label_names(3), label_names(2, {0: "no", 1: "yes"})
+        (['0', '1', '2'], ['no', 'yes'])
+    """
+    return [str(id2label[c]) if id2label else str(c) for c in range(num_classes)]
+
+
+def group_counts(
+    groups: torch.Tensor, admit: torch.Tensor, correct: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group counts ``(n, admitted, correct)``, each ``[C]`` int64.
+
+    Args:
+        groups: ``[N]`` int64 group of each point (its true label, or its prediction); points
+            outside ``0..C-1`` belong to no group.
+        admit: ``[N]`` bool, True where the point is admitted.
+        correct: ``[N]`` bool, True where the prediction is right (counted only if admitted).
+        num_classes: ``C``.
+
+    Example:
+        >>> import torch
+        >>> n, a, k = group_counts(torch.tensor([0, 1, 1]), torch.tensor([True, True, False]),
+        ...                        torch.tensor([True, False, True]), 2)
+        >>> n.tolist(), a.tolist(), k.tolist()
+        ([1, 2], [1, 1], [1, 0])
+    """
+    member = (groups >= 0) & (groups < num_classes)
+    n = torch.bincount(groups[member], minlength=num_classes)
+    admitted = torch.bincount(groups[member & admit], minlength=num_classes)
+    right = torch.bincount(groups[member & admit & correct], minlength=num_classes)
+    return n, admitted, right
+
+
+def accuracy_or_none(correct: int, admitted: int) -> float | None:
+    """``correct / admitted``, or None ("R": all rejected) when nothing is admitted."""
+    return float(correct) / admitted if admitted else None
+
+
+def format_accuracy(accuracy: float | None, digits: int = 3) -> str:
+    """An accuracy for a table: ``"0.962"``, or ``"R"`` when the group admits nothing.
+
+    Example:
+        >>> format_accuracy(0.96153), format_accuracy(None)
+        ('0.962', 'R')
+    """
+    return "R" if accuracy is None else f"{accuracy:.{digits}f}"
+
+
+def _groups(groups: torch.Tensor, admit: torch.Tensor, correct: torch.Tensor, num_classes: int, total: int):
+    """Report dicts ``{admitted, proportion, accuracy}`` of every group, over ``total`` points."""
+    _, admitted, right = group_counts(groups, admit, correct, num_classes)
+    return [
+        {
+            "admitted": int(a),
+            "proportion": int(a) / total if total else 0.0,
+            "accuracy": accuracy_or_none(int(k), int(a)),
+        }
+        for a, k in zip(admitted.tolist(), right.tolist())
+    ]
 
 
 @dataclass
@@ -57,8 +123,8 @@ class SelectiveClassificationReport:
     def to_markdown(self) -> str:
         def cell(g):
             if g["accuracy"] is None:
-                return "R"
-            return f"{g['accuracy']:.3f} ({g['proportion']:.1%})"
+                return format_accuracy(None)
+            return f"{format_accuracy(g['accuracy'])} ({g['proportion']:.1%})"
 
         cols = [f"y={name}" for name in self.labels] + [f"ŷ={name}" for name in self.labels]
         lines = [
@@ -97,7 +163,7 @@ def selective_classification_report(
     """
     y = torch.as_tensor(labels).long().cpu()
     total = int(y.numel())
-    names = [id2label[c] if id2label else str(c) for c in range(num_classes)]
+    names = label_names(num_classes, id2label)
     rows = []
     for name, (prediction, admit) in estimators.items():
         prediction = torch.as_tensor(prediction).long().cpu()
@@ -108,13 +174,13 @@ def selective_classification_report(
                 f"{tuple(prediction.shape)} and {tuple(admit.shape)}"
             )
         correct = prediction == y
-        everyone = torch.ones_like(admit)
+        everyone = torch.zeros_like(y)
         rows.append(
             {
                 "estimator": name,
-                "marginal": _group(correct, admit, everyone, total),
-                "class_conditional": [_group(correct, admit, y == c, total) for c in range(num_classes)],
-                "prediction_conditional": [_group(correct, admit, prediction == c, total) for c in range(num_classes)],
+                "marginal": _groups(everyone, admit, correct, 1, total)[0],
+                "class_conditional": _groups(y, admit, correct, num_classes, total),
+                "prediction_conditional": _groups(prediction, admit, correct, num_classes, total),
             }
         )
     return SelectiveClassificationReport(rows=rows, num_points=total, labels=names)
@@ -155,13 +221,10 @@ def selective_counts(labels, prediction, admit, num_classes: int, id2label: dict
             f"{tuple(prediction.shape)} and {tuple(admit.shape)}"
         )
     correct = admit & (prediction == y)
-    names = [id2label[c] if id2label else str(c) for c in range(num_classes)]
+    names = label_names(num_classes, id2label)
 
-    # one bincount per quantity: no Python loop over points
     def per(group: torch.Tensor) -> dict:
-        n = torch.bincount(group, minlength=num_classes)
-        a = torch.bincount(group[admit], minlength=num_classes)
-        k = torch.bincount(group[correct], minlength=num_classes)
+        n, a, k = group_counts(group, admit, correct, num_classes)
         return {names[c]: {"n": int(n[c]), "admitted": int(a[c]), "correct": int(k[c])} for c in range(num_classes)}
 
     return {

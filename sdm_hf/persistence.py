@@ -1,4 +1,8 @@
-"""Safe on-disk format of an SDM head (SPEC C1): strict JSON + safetensors, nothing else.
+"""Safe on-disk format of an SDM head: strict JSON + safetensors, nothing else.
+
+This module converts an :class:`~sdm_hf.head.state.SDMHeadState` to and from files; it knows
+the state types only (never the head class), so saving, loading and sending a head between
+processes all go through the same plain data.
 
 A head directory holds:
 
@@ -29,6 +33,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .head.config import SDMConfig
+from .head.state import CalibrationState, SDMHeadState, SupportState, weight_shapes
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,7 +43,17 @@ DOCUMENTS_NAME = "support_documents.jsonl"
 CARD_NAME = "README.md"
 FORMAT_KEY = "sdm_hf_format_version"
 
-__all__ = ["SDMFormatError", "FORMAT_VERSION", "state_to_files", "read_files", "write_files"]
+__all__ = [
+    "SDMFormatError",
+    "FORMAT_VERSION",
+    "state_to_files",
+    "state_from_files",
+    "read_files",
+    "write_files",
+    "SELECTION_KEYS",
+]
+
+SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss")  # what config.json keeps of head.selection
 
 
 class SDMFormatError(ValueError):
@@ -55,43 +72,41 @@ def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tens
     return values.contiguous(), offsets
 
 
-def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
-    """``(config_json, tensors, documents)`` describing ``head`` completely.
+def state_to_files(state: SDMHeadState) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
+    """``(config_json, tensors, documents)`` describing ``state`` completely.
 
-    The support vectors are, on the CPU, a view of the index's own storage (no copy of what
-    can be gigabytes): use the result at once, before the head's support changes."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    support = head.support
+    Tensors are not copied (the support vectors can be gigabytes): write them at once."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.weights.items()}
     config: dict = {
         FORMAT_KEY: FORMAT_VERSION,
         "library": "sdm_hf",
-        "config": head.config.to_dict(),
+        "config": state.config.to_dict(),
         "support": None,
         "calibration": None,
         "selection": None,
     }
-    selection = getattr(head, "selection", None)
-    if selection:
-        config["selection"] = {k: selection[k] for k in ("shuffle", "epoch", "calibration_loss") if k in selection}
+    if state.selection:
+        config["selection"] = {k: state.selection[k] for k in SELECTION_KEYS if k in state.selection}
     documents = None
+    support = state.support
     if support is not None:
-        tensors["support.vectors"] = support._stored().detach().cpu().contiguous()  # float32 or float16
+        tensors["support.vectors"] = support.vectors.detach().cpu().contiguous()  # float32 or float16
         tensors["support.labels"] = support.labels.long().contiguous()
         tensors["support.predictions"] = support.predictions.long().contiguous()
         config["support"] = {
-            "size": support.ntotal,
-            "has_ids": head.support_ids is not None,
-            "has_texts": head.support_texts is not None,
+            "size": support.size,
+            "has_ids": support.ids is not None,
+            "has_texts": support.texts is not None,
         }
-        if head.support_ids is not None or head.support_texts is not None:
+        if support.ids is not None or support.texts is not None:
             documents = [
                 {
-                    "id": None if head.support_ids is None else head.support_ids[i],
-                    "text": None if head.support_texts is None else head.support_texts[i],
+                    "id": None if support.ids is None else support.ids[i],
+                    "text": None if support.texts is None else support.texts[i],
                 }
-                for i in range(support.ntotal)
+                for i in range(support.size)
             ]
-    cal = head._calibration
+    cal = state.calibration
     if cal is not None:
         tensors.update(
             {
@@ -101,7 +116,7 @@ def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | No
                 "calibration.q": cal.q.long(),
                 "calibration.d": cal.d.float(),
                 "calibration.d_nearest": cal.d_nearest.float(),
-                "calibration.rescaled_similarity": cal.rescaled.float(),
+                "calibration.rescaled_similarity": cal.rescaled_similarity.float(),
             }
         )
         values, offsets = _flatten(cal.distance_lists, torch.float32)
@@ -116,7 +131,7 @@ def state_to_files(head) -> tuple[dict, dict[str, torch.Tensor], list[dict] | No
             "thresholds": [float(v) for v in cal.thresholds.tolist()],
             "stale": cal.stale,
             "has_features": cal.features is not None,
-            "size": int(cal.labels.numel()),
+            "size": cal.size,
         }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     return config, tensors, documents
@@ -289,78 +304,88 @@ class TensorChecker:
             self.fail(f"unexpected tensor(s) {unexpected}")
 
 
-def head_from_files(cls, config: dict, tensors: dict, documents: list[dict] | None, paths: dict, device):
-    """Rebuild and validate a head of class ``cls`` from what :func:`read_files` returned."""
-    from .head import SDMConfig, _Calibration
+def state_from_files(
+    config: dict, tensors: dict, documents: list[dict] | None, paths: dict | None = None
+) -> SDMHeadState:
+    """Validate what :func:`read_files` returned and turn it into an :class:`SDMHeadState`.
 
-    config_path, weights_path = paths[CONFIG_NAME], paths[WEIGHTS_NAME]
+    Args:
+        config, tensors, documents: the parsed ``config.json``, the safetensors tensors and
+            the support documents (or None).
+        paths: file name -> where it came from, for error messages (default: the bare names).
+    """
+    paths = paths or {}
+    config_path = paths.get(CONFIG_NAME, CONFIG_NAME)
+    weights_path = paths.get(WEIGHTS_NAME, WEIGHTS_NAME)
     try:
         sdm_config = SDMConfig.from_dict(dict(config["config"]))
     except (TypeError, ValueError) as err:
         raise SDMFormatError(config_path, f"invalid SDMConfig ({err})") from None
     c, d_in, m = sdm_config.num_classes, sdm_config.input_dim, sdm_config.exemplar_dim
     check = TensorChecker(weights_path, tensors)
-    head = cls(sdm_config)
-    state = {}
-    for name, value in head.state_dict().items():
-        state[name] = check.get(name, value.dtype, tuple(value.shape))
-    if bool((state["feature_std"] <= 0).any()):
+    weights = {name: check.get(name, torch.float32, shape) for name, shape in weight_shapes(sdm_config).items()}
+    if bool((weights["feature_std"] <= 0).any()):
         check.fail("tensor 'feature_std' must be > 0")
-    head.load_state_dict(state, strict=True)
 
+    support = None
     support_info = config["support"]
     if support_info is not None:
         if not isinstance(support_info, dict) or not isinstance(support_info.get("size"), int):
             raise SDMFormatError(config_path, "'support' must be an object with an integer 'size'")
         n = support_info["size"]
         storage = torch.float16 if sdm_config.support_storage == "float16" else torch.float32
-        # not copied: FAISS (or the device copy) takes the values and this view is released
-        vectors = check.get("support.vectors", storage, (n, m), copy=False)
-        labels = check.labels("support.labels", n, c)
-        predictions = check.labels("support.predictions", n, c)
-        head.support = head._support_index(vectors, labels, predictions, device=device)
+        support = SupportState(
+            # not copied: the index (FAISS, or the device copy) takes the values and this view is released
+            vectors=check.get("support.vectors", storage, (n, m), copy=False),
+            labels=check.labels("support.labels", n, c),
+            predictions=check.labels("support.predictions", n, c),
+        )
         if documents is not None:
-            head.support_ids = [doc.get("id") for doc in documents] if support_info.get("has_ids") else None
-            head.support_texts = [doc.get("text") for doc in documents] if support_info.get("has_texts") else None
+            support.ids = [doc.get("id") for doc in documents] if support_info.get("has_ids") else None
+            support.texts = [doc.get("text") for doc in documents] if support_info.get("has_texts") else None
 
+    calibration = None
     cal_info = config["calibration"]
     if cal_info is not None:
         if support_info is None:
             raise SDMFormatError(config_path, "a calibration is stored without a support set")
-        try:
-            alpha = float(cal_info["alpha"])
-            q_min = math.inf if cal_info["q_min"] is None else float(cal_info["q_min"])
-            thresholds = torch.tensor([float(v) for v in cal_info["thresholds"]], dtype=torch.float64)
-            n = int(cal_info["size"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SDMFormatError(config_path, f"invalid 'calibration' entry ({err})") from None
-        if thresholds.numel() != c or not bool(torch.isfinite(thresholds).all()) or math.isnan(q_min):
-            raise SDMFormatError(config_path, f"'thresholds' must be {c} finite numbers and 'q_min' a number or null")
-        if not 0.5 < alpha <= 1.0:
-            raise SDMFormatError(config_path, f"alpha must satisfy 0.5 < alpha <= 1, got {alpha}")
-        features = None
-        if cal_info.get("has_features"):
-            features = check.get("calibration.features", torch.float32, (n, d_in))
-        cal = _Calibration(
-            labels=check.labels("calibration.labels", n, c),
-            predictions=check.labels("calibration.predictions", n, c),
-            probabilities=check.get("calibration.probabilities", torch.float32, (n, c)),
-            q=check.get("calibration.q", torch.int64, (n,)),
-            d=check.get("calibration.d", torch.float32, (n,)),
-            d_nearest=check.get("calibration.d_nearest", torch.float32, (n,)),
-            rescaled=check.get("calibration.rescaled_similarity", torch.float32, (n,)),
-            features=features,
-            alpha=alpha,
-            q_min=q_min,
-            thresholds=thresholds,
-            distance_lists=check.lists("calibration.distance_lists", torch.float32, c),
-            rescaled_lists=check.lists("calibration.rescaled_lists", torch.float64, c, total=n),
-            stale=bool(cal_info.get("stale", False)),
-        )
-        if bool((cal.q < 0).any()):
-            check.fail("tensor 'calibration.q' has negative values")
-        head._calibration = cal
+        calibration = _calibration_from_files(cal_info, check, config_path, c, d_in)
     check.finish()
-    if config.get("selection") is not None:
-        head.selection = dict(config["selection"])
-    return head
+    selection = dict(config["selection"]) if config.get("selection") is not None else None
+    return SDMHeadState(sdm_config, weights, support, calibration, selection)
+
+
+def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c: int, d_in: int) -> CalibrationState:
+    try:
+        alpha = float(cal_info["alpha"])
+        q_min = math.inf if cal_info["q_min"] is None else float(cal_info["q_min"])
+        thresholds = torch.tensor([float(v) for v in cal_info["thresholds"]], dtype=torch.float64)
+        n = int(cal_info["size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SDMFormatError(config_path, f"invalid 'calibration' entry ({err})") from None
+    if thresholds.numel() != c or not bool(torch.isfinite(thresholds).all()) or math.isnan(q_min):
+        raise SDMFormatError(config_path, f"'thresholds' must be {c} finite numbers and 'q_min' a number or null")
+    if not 0.5 < alpha <= 1.0:
+        raise SDMFormatError(config_path, f"alpha must satisfy 0.5 < alpha <= 1, got {alpha}")
+    features = None
+    if cal_info.get("has_features"):
+        features = check.get("calibration.features", torch.float32, (n, d_in))
+    cal = CalibrationState(
+        labels=check.labels("calibration.labels", n, c),
+        predictions=check.labels("calibration.predictions", n, c),
+        probabilities=check.get("calibration.probabilities", torch.float32, (n, c)),
+        q=check.get("calibration.q", torch.int64, (n,)),
+        d=check.get("calibration.d", torch.float32, (n,)),
+        d_nearest=check.get("calibration.d_nearest", torch.float32, (n,)),
+        rescaled_similarity=check.get("calibration.rescaled_similarity", torch.float32, (n,)),
+        features=features,
+        alpha=alpha,
+        q_min=q_min,
+        thresholds=thresholds,
+        distance_lists=check.lists("calibration.distance_lists", torch.float32, c),
+        rescaled_lists=check.lists("calibration.rescaled_lists", torch.float64, c, total=n),
+        stale=bool(cal_info.get("stale", False)),
+    )
+    if bool((cal.q < 0).any()):
+        check.fail("tensor 'calibration.q' has negative values")
+    return cal

@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .features import extract_features
-from .head import SDMHead
+from .head.modeling import SDMHead
 from .hub import DEFAULT_HEAD_SUBFOLDER, check_pairing
 from .lm.encoding import ControlTokens, generate_greedy, verification_features
 

@@ -94,7 +94,7 @@ def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g)
     index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage, index_type=index_type)
-    assert index._own is None  # no second copy beside FAISS's
+    assert not index.owns_vectors  # no second copy beside FAISS's
     dtype = torch.float16 if storage == "float16" else torch.float32
     torch.testing.assert_close(index.vectors, x.to(dtype))
     before = index.vectors

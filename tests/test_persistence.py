@@ -102,25 +102,25 @@ def test_loaded_head_keeps_nothing_of_the_file_mapped(heads, tmp_path, monkeypat
     loaded = SDMHead.from_pretrained(tmp_path)
     kept = dict(loaded.state_dict(), labels=loaded.support.labels, predictions=loaded.support.predictions)
     kept.update(
-        (f.name, getattr(loaded._calibration, f.name))
-        for f in dataclasses.fields(loaded._calibration)
-        if isinstance(getattr(loaded._calibration, f.name), torch.Tensor)
+        (f.name, getattr(loaded.calibration, f.name))
+        for f in dataclasses.fields(loaded.calibration)
+        if isinstance(getattr(loaded.calibration, f.name), torch.Tensor)
     )
-    kept.update((f"list{i}", t) for i, t in enumerate(loaded._calibration.distance_lists))
+    kept.update((f"list{i}", t) for i, t in enumerate(loaded.calibration.distance_lists))
     assert len(kept) > 15
     mapping = (tmp_path / "model.safetensors").stat().st_size
     for name, tensor in kept.items():  # a view into the file's mapping would see all of it
         assert tensor.untyped_storage().nbytes() < mapping // 2, name
-    assert loaded.support._own is None  # and the exemplars live in FAISS only
+    assert not loaded.support.index.owns_vectors  # and the exemplars live in FAISS only
 
 
 def test_saving_reads_the_exemplars_in_place(heads):
     from sdm_hf.persistence import state_to_files
 
     head = heads[2][0]
-    tensors = state_to_files(head)[1]
+    tensors = state_to_files(head.to_state())[1]
     # no copy of the (possibly gigabytes of) exemplars: the tensor written is FAISS's storage
-    assert tensors["support.vectors"].data_ptr() == head.support._stored().data_ptr()
+    assert tensors["support.vectors"].data_ptr() == head.support.stored_vectors().data_ptr()
     assert torch.equal(tensors["support.vectors"], head.support.vectors)
 
 

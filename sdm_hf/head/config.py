@@ -1,0 +1,108 @@
+"""``SDMConfig``: everything needed to rebuild an (untrained) SDM head.
+
+Like a PEFT config, the dataclass is the single source of the settings: each field carries
+``help`` metadata, ``__post_init__`` validates it, and :meth:`SDMConfig.to_dict` /
+:meth:`SDMConfig.from_dict` are what the head's ``config.json`` stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .. import validation as check
+from ..index import index_parameters
+from ..metrics import label_names
+
+__all__ = ["SDMConfig", "NORMALIZATIONS"]
+
+NORMALIZATIONS = ("scalar", "feature")
+
+
+@dataclass
+class SDMConfig:
+    """Configuration of an SDM head; the config alone rebuilds the (untrained) module.
+
+    Example:
+        >>> cfg = SDMConfig(input_dim=32, num_classes=2, id2label={0: "false", 1: "true"})
+        >>> SDMConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    input_dim: int = field(metadata={"help": "Width D of the input features."})
+    num_classes: int = field(default=2, metadata={"help": "Number of classes C (>= 2)."})
+    exemplar_dim: int = field(default=1000, metadata={"help": "Width M of the exemplar vectors (adaptor output)."})
+    alpha: float = field(default=0.95, metadata={"help": "Target accuracy of the HR region, 0.5 < alpha <= 1."})
+    max_q: int = field(default=2048, metadata={"help": "Cap on the similarity q."})
+    id2label: dict[int, str] | None = field(default=None, metadata={"help": "Class index -> display name."})
+    normalization: str = field(
+        default="scalar",
+        metadata={"help": "'scalar' (one mean/std over all elements, the papers') or 'feature'."},
+    )
+    initial_k: int = field(default=32, metadata={"help": "First neighbour-search width; widened adaptively."})
+    index_type: str = field(
+        default="flat", metadata={"help": "Support index: 'flat' (exact), 'ivf' or 'hnsw' (approximate, FAISS)."}
+    )
+    index_params: dict | None = field(
+        default=None,
+        metadata={"help": "ivf: nlist, nprobe; hnsw: M, efConstruction, efSearch (defaults filled in)."},
+    )
+    support_storage: str = field(
+        default="float32", metadata={"help": "Exemplar storage: 'float32' or 'float16' (half the memory)."}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Name or path of the model whose features the head reads."}
+    )
+    base_model_revision: str | None = field(default=None, metadata={"help": "Revision of base_model."})
+    feature_pooling: str | None = field(
+        default=None, metadata={"help": "How features were pooled: 'mean', 'last', 'cls', 'mean_last', ..."}
+    )
+    feature_layer: int | None = field(default=None, metadata={"help": "Hidden-state layer the features come from."})
+    feature_max_length: int | None = field(
+        default=None, metadata={"help": "Tokenizer max_length used for the features."}
+    )
+
+    def __post_init__(self):
+        self.input_dim = check.check_positive_int(self.input_dim, "input_dim")
+        self.num_classes = check.check_positive_int(self.num_classes, "num_classes", minimum=2)
+        self.exemplar_dim = check.check_positive_int(self.exemplar_dim, "exemplar_dim")
+        self.max_q = check.check_positive_int(self.max_q, "max_q")
+        self.initial_k = check.check_positive_int(self.initial_k, "initial_k")
+        self.alpha = check.check_alpha(self.alpha)
+        if self.support_storage not in ("float32", "float16"):
+            raise ValueError(f"support_storage must be 'float32' or 'float16', got {self.support_storage!r}")
+        index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
+        if self.index_params is not None:
+            self.index_params = dict(self.index_params)
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            missing = sorted(set(range(self.num_classes)) - set(self.id2label))
+            if missing or len(self.id2label) != self.num_classes:
+                raise ValueError(
+                    f"id2label must name exactly the classes 0..{self.num_classes - 1}; "
+                    f"got keys {sorted(self.id2label)}"
+                )
+
+    @property
+    def label2id(self) -> dict[str, int] | None:
+        return None if self.id2label is None else {v: k for k, v in self.id2label.items()}
+
+    def label_name(self, index: int) -> str:
+        """Display name of class ``index`` (its number when no ``id2label`` is set)."""
+        return label_names(self.num_classes, self.id2label)[int(index)]
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (``id2label`` keys become strings, as in transformers configs)."""
+        out = asdict(self)
+        if self.id2label is not None:
+            out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SDMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SDMConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,234 @@
+"""Hub integration of the SDM head: huggingface_hub's ``ModelHubMixin`` with atomic local saves,
+``subfolder`` loading and the one upload path every push in sdm_hf goes through.
+
+A head folder is written into a staging folder beside the target and moved into place file by
+file, ``config.json`` last, so a failed save never leaves a half-written head (and a folder
+with a ``config.json`` is complete). Uploads write to a temporary folder and commit it in one
+``upload_folder`` call.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+from .. import persistence
+from .state import SDMHeadState
+
+__all__ = ["SDMHubMixin", "upload_folder", "fetcher"]
+
+
+def upload_folder(
+    write: Callable[[Path], None],
+    repo_id: str,
+    *,
+    path_in_repo: str | None = None,
+    commit_message: str,
+    private: bool | None = None,
+    token: str | None = None,
+    branch: str | None = None,
+    create_pr: bool | None = None,
+) -> str:
+    """Create ``repo_id`` if needed, let ``write(folder)`` fill a temporary folder, and upload
+    it (into ``path_in_repo`` when given) in one commit; nothing is left behind locally.
+
+    Missing or invalid credentials re-raise the huggingface_hub error with a hint.
+
+    Returns:
+        The commit URL.
+    """
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="sdm_hf_push_") as tmp:
+            folder = Path(tmp) / repo_id.split("/")[-1]
+            write(folder)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                path_in_repo=path_in_repo,
+                commit_message=commit_message,
+                revision=branch,
+                create_pr=create_pr,
+                repo_type="model",
+            )
+    except (LocalTokenNotFoundError, HfHubHTTPError) as err:
+        raise type(err)(
+            f"{err}\nHint: pushing needs a Hugging Face token with write access: run `hf auth "
+            "login`, set HF_TOKEN, or pass token=...",
+            **({"response": err.response} if isinstance(err, HfHubHTTPError) else {}),
+        ) from err
+    return str(getattr(info, "commit_url", info))
+
+
+def fetcher(
+    source: str,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir=None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Callable[[str], Path]:
+    """``name -> local path`` of a head's file in a local folder or a Hub repo (downloaded on
+    demand); a failed download raises :class:`~sdm_hf.persistence.SDMFormatError`."""
+    where = f"{source}/{subfolder + '/' if subfolder else ''}"
+
+    def fetch(name: str) -> Path:
+        if Path(source).is_dir():
+            return Path(source) / (subfolder or "") / name
+        try:
+            return Path(
+                hf_hub_download(
+                    source,
+                    name,
+                    subfolder=subfolder,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            )
+        except (HfHubHTTPError, OSError, ValueError) as err:
+            raise persistence.SDMFormatError(
+                where + name, f"could not be fetched ({type(err).__name__}: {err})"
+            ) from err
+
+    return fetch
+
+
+def save_state(state: SDMHeadState, card: str | None, save_directory) -> Path:
+    """Write a head's files into ``save_directory`` through a staging folder beside it."""
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging."))
+    try:
+        config, tensors, documents = persistence.state_to_files(state)
+        persistence.write_files(staging, config, tensors, documents, card)
+        target.mkdir(exist_ok=True)
+        names = [persistence.WEIGHTS_NAME, persistence.DOCUMENTS_NAME, persistence.CARD_NAME]
+        for name in names + [persistence.CONFIG_NAME]:  # config.json last
+            if (staging / name).exists():
+                (staging / name).replace(target / name)
+            elif name == persistence.DOCUMENTS_NAME:
+                (target / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+class SDMHubMixin(ModelHubMixin):
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for a class with
+    ``to_state()``, ``from_state(state, device)`` and ``generate_model_card()``.
+
+    The mixin's own serialisation hooks are replaced: an SDM head is more than a state dict
+    (support set, calibration arrays), and it is stored as strict JSON + safetensors only.
+    """
+
+    def to_state(self) -> SDMHeadState:  # pragma: no cover - provided by the model class
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: SDMHeadState, device=None):  # pragma: no cover - provided by the model class
+        raise NotImplementedError
+
+    def generate_model_card(self, repo_hint: str | None = None, subfolder: str | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory, *, push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs):
+        """Save the head (config.json, model.safetensors, optional support_documents.jsonl,
+        README.md model card) into ``save_directory``.
+
+        Files are first written to a temporary folder beside the target and only then moved
+        into place, so a failure never leaves a half-written head. Save a head that belongs
+        to a model into the model repository's ``sdm_head/`` subfolder (see
+        :func:`sdm_hf.hub.save_sdm_model`): never into the model's own root, whose
+        config.json it would replace.
+
+        Returns:
+            The commit URL when ``push_to_hub=True``, else None.
+        """
+        target = save_state(self.to_state(), str(self.generate_model_card()), save_directory)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or target.name, **push_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # huggingface_hub's hook (called by its default save paths): write every file of the head
+        config, tensors, documents = persistence.state_to_files(self.to_state())
+        persistence.write_files(Path(save_directory), config, tensors, documents, str(self.generate_model_card()))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir=None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        device=None,
+    ):
+        """Load a head from a local folder or a Hub repository (strictly: a missing or
+        unexpected tensor, a newer format or any inconsistency raises
+        :class:`sdm_hf.persistence.SDMFormatError` naming the file).
+
+        Args:
+            pretrained_model_name_or_path: a folder, or a Hub repo id.
+            subfolder: folder inside it, e.g. ``"sdm_head"`` in an SDM-equipped model repo.
+            revision, cache_dir, force_download, local_files_only, token: as in
+                ``huggingface_hub.hf_hub_download``.
+            device: where the head (and its rebuilt FAISS index) lives; CPU by default.
+        """
+        fetch = fetcher(
+            str(pretrained_model_name_or_path),
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        config, tensors, documents, paths = persistence.read_files(fetch)
+        state = persistence.state_from_files(config, tensors, documents, paths)
+        del tensors  # the support vectors are a view of the file's memory map: let the index own them
+        return cls.from_state(state, device=device).eval()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        commit_message: str = "Upload SDM head",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+    ) -> str:
+        """Upload the head to ``repo_id`` (into ``subfolder`` when given) in one commit.
+
+        The files are written to a temporary folder that is removed afterwards; nothing is
+        left behind locally on failure. Missing or invalid credentials raise the
+        huggingface_hub error with a hint.
+
+        Returns:
+            The commit URL.
+        """
+        return upload_folder(
+            self.save_pretrained,
+            repo_id,
+            path_in_repo=subfolder,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            branch=branch,
+            create_pr=create_pr,
+        )

@@ -1,0 +1,204 @@
+"""Assembling an :class:`SDMOutput` from logits, similarity and a calibration state.
+
+For a batch of ``B`` points with logits ``z'`` [B, C], prediction ``y_hat``, similarity ``q``
+and distance quantile ``d`` (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
+arXiv:2509.12760):
+
+* ``sdm(z')`` is the change-of-base softmax ``(2 + q)^{d z'_i} / sum_j (2 + q)^{d z'_j}``;
+  ``q'`` the rescaled similarity; a point is out of distribution (OOD) when ``q = 0``.
+* A point is in the high-reliability (HR) region when ``q' >= q'_min`` and
+  ``sdm(z')_{y_hat} >= psi_{y_hat}`` (Algorithm 1's thresholds).
+* The lower-bound variant moves ``d`` down by a margin ``eps`` that shrinks with the effective
+  sample size of the calibration points at least as similar as the point
+  (``d_lower = clip(d - eps, 0, 1)``), recomputes ``sdm`` and ``q'`` and applies the same rule.
+
+Every function is pure (tensors in, tensors out); :meth:`sdm_hf.SDMHead.predict` and the
+recipes that re-decide outputs under another ``alpha`` share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..activation import high_reliability_mask
+from ..calibration import effective_sample_sizes, lower_bound_margin
+from ..similarity import SimilarityResult
+from .state import CalibrationState, activate
+
+__all__ = ["SDMOutput", "LowerBound", "lower_bound", "hr_masks", "assemble_output"]
+
+
+@dataclass
+class SDMOutput:
+    """Batch inference output of :meth:`sdm_hf.SDMHead.predict`. All tensors on the CPU.
+
+    Attributes:
+        logits: ``[B, C]`` ``z'``.
+        prediction: ``[B]`` ``y_hat = argmax z'``.
+        probabilities: ``[B, C]`` ``sdm(z')``.
+        q: ``[B]`` similarity (int64).
+        d: ``[B]`` distance quantile in ``[0, 1]``.
+        d_nearest: ``[B]`` squared L2 distance to the nearest support exemplar.
+        nearest_index: ``[B]`` support row of that exemplar.
+        rescaled_similarity: ``[B]`` ``q'``.
+        is_ood: ``[B]`` bool, ``q = 0``.
+        in_hr: ``[B]`` bool, admitted to the HR region.
+        effective_sample_size: ``[B, C]`` per-class effective sample sizes.
+        d_lower, d_upper: ``[B]`` ``d -/+ eps`` clipped to ``[0, 1]``.
+        probabilities_lower: ``[B, C]`` ``sdm`` recomputed with ``d_lower``.
+        rescaled_similarity_lower: ``[B]`` ``q'`` from ``probabilities_lower``.
+        in_hr_lower: ``[B]`` bool, admitted by the lower-bound variant.
+        nearest_id: ids of the nearest exemplars when the support stores ids, else None.
+        neighbor_indices, neighbor_distances: ``[B, k]`` when ``k_neighbors > 1`` was asked.
+    """
+
+    logits: torch.Tensor
+    prediction: torch.Tensor
+    probabilities: torch.Tensor
+    q: torch.Tensor
+    d: torch.Tensor
+    d_nearest: torch.Tensor
+    nearest_index: torch.Tensor
+    rescaled_similarity: torch.Tensor
+    is_ood: torch.Tensor
+    in_hr: torch.Tensor
+    effective_sample_size: torch.Tensor
+    d_lower: torch.Tensor
+    d_upper: torch.Tensor
+    probabilities_lower: torch.Tensor
+    rescaled_similarity_lower: torch.Tensor
+    in_hr_lower: torch.Tensor
+    nearest_id: list | None = None
+    neighbor_indices: torch.Tensor | None = None
+    neighbor_distances: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.prediction.shape[0])
+
+    @property
+    def predicted_probability(self) -> torch.Tensor:
+        """``[B]`` ``sdm(z')_{y_hat}``."""
+        return self.probabilities.gather(1, self.prediction.view(-1, 1)).squeeze(1)
+
+    def to_list(self, id2label: dict[int, str] | None = None) -> list[dict]:
+        """One plain (JSON-serialisable) dict per row, with label names when given."""
+        name = (lambda c: id2label[int(c)]) if id2label else (lambda c: int(c))
+        p = self.probabilities.tolist()
+        p_lower = self.probabilities_lower.tolist()
+        rows = []
+        for i in range(len(self)):  # formatting output records, not a numeric hot path
+            row = {
+                "label": name(self.prediction[i]),
+                "prediction": int(self.prediction[i]),
+                "probability": float(self.predicted_probability[i]),
+                "probabilities": {str(name(c)): float(v) for c, v in enumerate(p[i])},
+                "high_reliability": bool(self.in_hr[i]),
+                "high_reliability_lower": bool(self.in_hr_lower[i]),
+                "is_ood": bool(self.is_ood[i]),
+                "q": int(self.q[i]),
+                "d": float(self.d[i]),
+                "d_nearest": float(self.d_nearest[i]),
+                "rescaled_similarity": float(self.rescaled_similarity[i]),
+                "d_lower": float(self.d_lower[i]),
+                "probability_lower": float(p_lower[i][int(self.prediction[i])]),
+                "nearest_index": int(self.nearest_index[i]),
+            }
+            if self.nearest_id is not None:
+                row["nearest_id"] = self.nearest_id[i]
+            rows.append(row)
+        return rows
+
+
+@dataclass
+class LowerBound:
+    """The lower-bound variant's quantities (all ``[B]`` except ``probabilities`` ``[B, C]``)."""
+
+    d_lower: torch.Tensor
+    d_upper: torch.Tensor
+    probabilities: torch.Tensor
+    predicted_probability: torch.Tensor
+    rescaled_similarity: torch.Tensor
+
+
+def lower_bound(
+    logits: torch.Tensor,
+    prediction: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    effective_sample_size: torch.Tensor,
+    alpha: float,
+) -> LowerBound:
+    """``d -/+ eps`` (``eps`` from the ``[B, C]`` effective sample sizes at ``alpha``), and
+    ``sdm`` / ``q'`` recomputed with ``d_lower``."""
+    eps = lower_bound_margin(effective_sample_size, alpha)
+    d_lower = (d - eps).clamp(0.0, 1.0)
+    probabilities, predicted, rescaled = activate(logits, prediction, q, d_lower)
+    return LowerBound(d_lower, (d + eps).clamp(0.0, 1.0), probabilities, predicted, rescaled)
+
+
+def hr_masks(
+    output: SDMOutput, alpha: float, q_min: float, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_hr [B], in_hr_lower [B])`` of ``output`` re-decided under another ``alpha``'s
+    ``q'_min`` and ``psi`` [C], without a new neighbour search (e.g. to sweep alpha)."""
+    in_hr = high_reliability_mask(
+        output.predicted_probability, output.prediction, output.rescaled_similarity, q_min, thresholds
+    )
+    low = lower_bound(output.logits, output.prediction, output.q, output.d, output.effective_sample_size, alpha)
+    in_hr_lower = high_reliability_mask(
+        low.predicted_probability, output.prediction, low.rescaled_similarity, q_min, thresholds
+    )
+    return in_hr, in_hr_lower
+
+
+def assemble_output(
+    logits: torch.Tensor,
+    prediction: torch.Tensor,
+    similarity: SimilarityResult,
+    d: torch.Tensor,
+    calibration: CalibrationState,
+    nearest_id: list | None = None,
+    neighbor_indices: torch.Tensor | None = None,
+    neighbor_distances: torch.Tensor | None = None,
+) -> SDMOutput:
+    """The full :class:`SDMOutput` of a batch.
+
+    Args:
+        logits: ``[B, C]`` CPU float32 ``z'``; prediction: ``[B]`` ``y_hat``.
+        similarity: the batch's ``q``, nearest rows and ``d_nearest``.
+        d: ``[B]`` distance quantiles.
+        calibration: the head's calibration (``q'_min``, ``psi``, ``alpha`` and the class-wise
+            ``q'`` lists the effective sample sizes are counted in).
+        nearest_id, neighbor_indices, neighbor_distances: optional explanation fields.
+    """
+    q = similarity.q
+    probabilities, predicted, rescaled = activate(logits, prediction, q, d)
+    in_hr = high_reliability_mask(predicted, prediction, rescaled, calibration.q_min, calibration.thresholds)
+    ess = effective_sample_sizes(rescaled, calibration.rescaled_lists)
+    low = lower_bound(logits, prediction, q, d, ess, calibration.alpha)
+    in_hr_lower = high_reliability_mask(
+        low.predicted_probability, prediction, low.rescaled_similarity, calibration.q_min, calibration.thresholds
+    )
+    return SDMOutput(
+        logits=logits,
+        prediction=prediction,
+        probabilities=probabilities,
+        q=q,
+        d=d,
+        d_nearest=similarity.d_nearest,
+        nearest_index=similarity.nearest_index,
+        rescaled_similarity=rescaled,
+        is_ood=q == 0,
+        in_hr=in_hr,
+        effective_sample_size=ess,
+        d_lower=low.d_lower,
+        d_upper=low.d_upper,
+        probabilities_lower=low.probabilities,
+        rescaled_similarity_lower=low.rescaled_similarity,
+        in_hr_lower=in_hr_lower,
+        nearest_id=nearest_id,
+        neighbor_indices=neighbor_indices,
+        neighbor_distances=neighbor_distances,
+    )

@@ -1,0 +1,544 @@
+"""``SDMHead``: the SDM estimator over frozen features, as an ``nn.Module`` with Hub persistence.
+
+The module (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760):
+feature normalisation ``(x - mean) / std``, an affine *adaptor* ``R^D -> R^M`` whose output is
+the exemplar vector used for neighbour search, and a linear classifier ``R^M -> R^C`` giving
+the logits ``z'``. After :meth:`SDMHead.build_support` (the training exemplars behind a FAISS
+index) and :meth:`SDMHead.calibrate` (held-out points, Algorithm 1) it predicts with
+Similarity ``q``, Distance ``d`` and Magnitude ``z'``, and admits points to the
+high-reliability (HR) region.
+
+The class delegates: the support set to :mod:`.support`, the calibration to the pure functions
+of :mod:`.state`, output assembly to :mod:`.inference`, reports to :mod:`.diagnostics`, the
+card to :mod:`.model_card` and files to :mod:`.hub`.
+
+Shapes: ``B`` query rows, ``N`` support rows, ``D`` input width, ``M`` exemplar width,
+``C`` classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import replace
+
+import torch
+from huggingface_hub import ModelCard
+from torch import nn
+
+from .. import validation as check
+from ..calibration import explain_empty_region
+from ..distance import distance_quantile
+from ..index import resolve_device
+from ..similarity import SimilarityResult
+from . import state as calibration_steps
+from .config import SDMConfig
+from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
+from .hub import SDMHubMixin
+from .inference import SDMOutput, assemble_output
+from .model_card import HUB_TAGS, card_data, render_model_card
+from .state import CalibrationState, SDMHeadState
+from .support import SupportSet
+
+__all__ = ["SDMHead"]
+
+
+class SDMHead(
+    nn.Module,
+    SDMHubMixin,
+    library_name="sdm_hf",
+    tags=list(HUB_TAGS),
+    paper_url="https://arxiv.org/abs/2509.12760",
+):
+    """The SDM estimator: adaptor + classifier + support set + calibration.
+
+    Build it with :func:`sdm_hf.fit_sdm_head`, or step by step::
+
+        >>> import torch
+        >>> from sdm_hf import SDMConfig, SDMHead
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(40, 8, generator=g); y = (x[:, 0] > 0).long()
+        >>> head = SDMHead(SDMConfig(input_dim=8, exemplar_dim=16, alpha=0.9))
+        >>> head.set_normalization(x.mean(), x.std())
+        >>> head.build_support(x[:20], y[:20])
+        >>> _ = head.calibrate(x[20:], y[20:])  # may warn that the HR region is empty
+        >>> out = head.predict(x[:3])
+        >>> out.probabilities.shape
+        torch.Size([3, 2])
+
+    Persistence (huggingface_hub's ``ModelHubMixin``): :meth:`save_pretrained`,
+    :meth:`from_pretrained` (local folder or Hub repo, optional ``subfolder``) and
+    :meth:`push_to_hub` store strict JSON + safetensors only (see ``sdm_hf.persistence``);
+    :meth:`to_state` / :meth:`from_state` give the same content as plain tensors.
+
+    Attributes:
+        config: the :class:`SDMConfig`.
+        support: the :class:`~sdm_hf.head.support.SupportSet` (None before ``build_support``).
+        calibration: the :class:`~sdm_hf.head.state.CalibrationState` (None before ``calibrate``).
+        training_history: per-epoch metrics of :func:`~sdm_hf.fit_sdm_head` (empty otherwise).
+        selection: which shuffle and epoch :func:`~sdm_hf.fit_sdm_head` kept (``shuffle``,
+            ``epoch``, ``calibration_loss``, and in memory ``support_rows`` /
+            ``calibration_rows``: the rows of the pooled data each split came from), or None.
+
+    Args:
+        config: the :class:`SDMConfig`.
+        generator: optional ``torch.Generator`` for the initial weights (reproducible init).
+    """
+
+    def __init__(self, config: SDMConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(config, SDMConfig):
+            raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
+        self.config = config
+        self.adaptor = nn.Linear(config.input_dim, config.exemplar_dim)
+        self.classifier = nn.Linear(config.exemplar_dim, config.num_classes)
+        shape = () if config.normalization == "scalar" else (config.input_dim,)
+        self.register_buffer("feature_mean", torch.zeros(shape))
+        self.register_buffer("feature_std", torch.ones(shape))
+        self.reset_parameters(generator)
+        self.support: SupportSet | None = None
+        self.calibration: CalibrationState | None = None
+        self.training_history: list[dict] = []
+        self.selection: dict | None = None
+
+    # -- parameters -----------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise both linear layers like ``nn.Linear`` does (uniform with bound
+        ``1/sqrt(fan_in)``), drawing from ``generator`` when given."""
+        for layer in (self.adaptor, self.classifier):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.uniform_(-bound, bound, generator=generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adaptor.weight.device
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to/.cuda/.cpu all end here: keep the support index beside the weights.
+        result = super()._apply(fn, recurse)
+        if self.support is not None and self.support.device != self.device:
+            self.support.to(self.device)
+        return result
+
+    def set_normalization(self, mean, std) -> None:
+        """Set the feature normalisation ``(x - mean) / std``.
+
+        Args:
+            mean, std: scalars (``normalization="scalar"``) or ``[D]`` tensors
+                (``normalization="feature"``); ``std`` must be positive.
+        """
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.as_tensor(std, dtype=torch.float32)
+        want = tuple(self.feature_mean.shape)
+        if tuple(mean.shape) != want or tuple(std.shape) != want:
+            raise ValueError(
+                f"mean and std must have shape {want} for normalization="
+                f"{self.config.normalization!r}; got {tuple(mean.shape)} and {tuple(std.shape)}"
+            )
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all() & (std > 0).all()):
+            raise ValueError("mean must be finite and std finite and > 0")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    @staticmethod
+    def normalization_statistics(x: torch.Tensor, normalization: str = "scalar"):
+        """``(mean, std)`` of training features: one scalar pair over all elements (unbiased
+        std), or per feature; zero std is replaced by 1."""
+        if normalization == "scalar":
+            mean, std = x.mean(), x.std()
+        else:
+            mean, std = x.mean(dim=0), x.std(dim=0)
+        return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` raw features -> normalised features."""
+        return (x - self.feature_mean) / self.feature_std
+
+    def encode(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` normalised features -> ``(exemplars [B, M], logits [B, C])``."""
+        exemplars = self.adaptor(normalized)
+        return exemplars, self.classifier(exemplars)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` raw features -> ``[B, C]`` logits ``z'`` (differentiable)."""
+        return self.encode(self.normalize(x))[1]
+
+    @torch.no_grad()
+    def encode_for_inference(self, x: torch.Tensor, batch_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` raw features -> ``(exemplars [B, M], logits [B, C])`` float32, computed in
+        float64 and ``batch_size`` rows at a time.
+
+        BLAS results depend on the batch shape in the last bits; in double precision those
+        differences vanish when rounding to float32, so a point gets the same exemplar (and
+        an exact duplicate of a support point distance 0) whatever batch it arrives in."""
+        weights = [t.double() for t in (self.adaptor.weight, self.adaptor.bias)]
+        head_weights = [t.double() for t in (self.classifier.weight, self.classifier.bias)]
+        mean, std = self.feature_mean.double(), self.feature_std.double()
+        exemplars, logits = [], []
+        for start in range(0, x.shape[0], batch_size):  # bounded working set
+            normalized = (x[start : start + batch_size].to(self.device).double() - mean) / std
+            e = torch.nn.functional.linear(normalized, *weights)
+            exemplars.append(e.float())
+            logits.append(torch.nn.functional.linear(e, *head_weights).float())
+        if not exemplars:
+            m, c = self.config.exemplar_dim, self.config.num_classes
+            return x.new_zeros((0, m)), x.new_zeros((0, c))
+        return torch.cat(exemplars), torch.cat(logits)
+
+    # -- support set ----------------------------------------------------------------------
+    @property
+    def support_ids(self) -> list | None:
+        """Per-row ids of the support set, or None."""
+        return None if self.support is None else self.support.ids
+
+    @support_ids.setter
+    def support_ids(self, ids: list | None) -> None:
+        support = self._require_support()
+        support.ids = check.check_optional_list(ids, "support_ids", support.ntotal)
+
+    @property
+    def support_texts(self) -> list | None:
+        """Per-row texts of the support set, or None."""
+        return None if self.support is None else self.support.texts
+
+    @support_texts.setter
+    def support_texts(self, texts: list | None) -> None:
+        support = self._require_support()
+        support.texts = check.check_optional_list(texts, "support_texts", support.ntotal)
+
+    def build_support(
+        self,
+        x,
+        y,
+        ids: list | None = None,
+        texts: list | None = None,
+        batch_size: int = 8192,
+    ) -> None:
+        """Make ``(x, y)`` the support set: exemplars, predictions and the index.
+
+        Any previous calibration is dropped (it referred to another support set).
+
+        Args:
+            x: ``[N, D]`` training features.
+            y: ``[N]`` true labels.
+            ids, texts: optional per-row document ids / texts (for explanations).
+            batch_size: rows encoded at a time.
+        """
+        x = check.as_features(x, "x", self.config.input_dim)
+        y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
+        check.check_class_counts(y, "the support set (y)", self.config.num_classes)
+        ids = check.check_optional_list(ids, "ids", x.shape[0])
+        texts = check.check_optional_list(texts, "texts", x.shape[0])
+        exemplars, logits = self.encode_for_inference(x, batch_size)
+        self.support = SupportSet.build(exemplars, y, logits.argmax(dim=1), self.config, self.device, ids, texts)
+        self.calibration = None
+
+    def add_to_support(self, x, y, ids: list | None = None, texts: list | None = None) -> None:
+        """Append labelled points to the support set without retraining (updatability: the
+        estimator grows with new labelled data, no gradient step needed).
+
+        The calibration stays as it was (and is marked stale); call
+        ``recalibrate(recompute=True)`` to recompute the calibration ``q`` against the grown
+        support.
+        """
+        support = self._require_support()
+        x = check.as_features(x, "x", self.config.input_dim)
+        y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
+        ids = check.check_optional_list(ids, "ids", x.shape[0])
+        texts = check.check_optional_list(texts, "texts", x.shape[0])
+        exemplars, logits = self.encode_for_inference(x, 8192)
+        support.add(exemplars, y, logits.argmax(dim=1), ids, texts)
+        if self.calibration is not None:
+            self.calibration.stale = True
+
+    def _require_support(self) -> SupportSet:
+        if self.support is None:
+            raise ValueError(
+                "the head has no support set yet; call build_support(train_x, train_y) (or use fit_sdm_head) first"
+            )
+        return self.support
+
+    def _require_calibration(self) -> CalibrationState:
+        self._require_support()
+        if self.calibration is None:
+            raise ValueError(
+                "the head is not calibrated; call calibrate(calib_x, calib_y) (or use fit_sdm_head) before predicting"
+            )
+        return self.calibration
+
+    @torch.no_grad()
+    def _neighbourhood(
+        self,
+        x: torch.Tensor,
+        batch_size: int,
+        self_index: torch.Tensor | None = None,
+        support: SupportSet | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SimilarityResult]:
+        """exemplars, CPU logits, CPU predictions and the similarity of raw features ``x``
+        (``self_index``: each row's own support row, -1 for none, excluded from its search)."""
+        support = support or self._require_support()
+        exemplars, logits = self.encode_for_inference(x, batch_size)
+        prediction = logits.argmax(dim=1)
+        sim = support.similarity(exemplars, prediction, self.config, self_index=self_index)
+        return exemplars, logits.float().cpu(), prediction.cpu(), sim
+
+    # -- calibration ----------------------------------------------------------------------
+    def calibrate(self, x, y, alpha: float | None = None, store_features: bool = True, batch_size: int = 8192):
+        """Calibrate on held-out labelled points: eCDFs, ``q'`` arrays and Algorithm 1.
+
+        Args:
+            x: ``[N, D]`` calibration features (not in the support set).
+            y: ``[N]`` true labels.
+            alpha: target accuracy (defaults to ``config.alpha``; stored in the config).
+            store_features: keep ``x`` so that ``recalibrate(recompute=True)`` can run
+                without being given the features again.
+            batch_size: rows encoded at a time.
+
+        Returns:
+            ``self`` (so calls chain). When Algorithm 1 finds no threshold a warning says why;
+            the head then admits nothing.
+        """
+        self._require_support()
+        alpha = check.check_alpha(self.config.alpha if alpha is None else alpha)
+        x = check.as_features(x, "x", self.config.input_dim)
+        y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
+        check.check_class_counts(y, "the calibration set (y)", self.config.num_classes)
+        _, logits, _, sim = self._neighbourhood(x, batch_size)
+        features = x.cpu() if store_features else None
+        self._set_calibration(
+            calibration_steps.calibrate(y, logits, sim.q, sim.d_nearest, self.config.num_classes, alpha, features)
+        )
+        return self
+
+    def _set_calibration(self, calibration: CalibrationState) -> None:
+        """Adopt ``calibration`` (its alpha becomes the config's) and warn when its HR region
+        is empty, saying why; the warning points at the caller of calibrate/recalibrate."""
+        self.calibration = calibration
+        self.config.alpha = calibration.alpha
+        if calibration.is_empty_region:
+            reason = explain_empty_region(
+                calibration.true_class_probability,
+                calibration.rescaled_similarity,
+                calibration.labels,
+                self.config.num_classes,
+                calibration.alpha,
+                self.config.id2label,
+            )
+            warnings.warn(
+                f"The high-reliability region is empty at alpha={calibration.alpha}: every point will be rejected. "
+                f"Why: {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def recalibrate(self, alpha: float | None = None, recompute: bool = False, x=None, y=None):
+        """Rerun calibration, e.g. at another alpha or after the support set grew.
+
+        * ``recompute=False``: only Algorithm 1 on the stored calibration arrays at the new
+          ``alpha`` (milliseconds).
+        * ``recompute=True``: recompute the calibration points' ``q``, ``d`` and ``q'``
+          against the current support (after :meth:`add_to_support`), using the stored
+          calibration features, or ``x`` / ``y`` when given, then Algorithm 1.
+
+        Returns:
+            ``self``.
+        """
+        cal = self._require_calibration()
+        alpha = check.check_alpha(cal.alpha if alpha is None else alpha)
+        if not recompute:
+            if x is not None or y is not None:
+                raise ValueError("x / y are only used with recompute=True")
+            self._set_calibration(calibration_steps.with_alpha(cal, alpha))
+            return self
+        if x is None:
+            if cal.features is None:
+                raise ValueError(
+                    "this head did not store its calibration features (store_features=False); "
+                    "pass them: recalibrate(recompute=True, x=calib_x, y=calib_y)"
+                )
+            x = cal.features
+        y = cal.labels if y is None else y
+        return self.calibrate(x, y, alpha=alpha, store_features=cal.features is not None or x is not None)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def calibration_is_stale(self) -> bool:
+        """True after :meth:`add_to_support` until the next recompute."""
+        return self.calibration is not None and self.calibration.stale
+
+    @property
+    def alpha(self) -> float:
+        return self.calibration.alpha if self.calibration is not None else self.config.alpha
+
+    @property
+    def q_min(self) -> float:
+        """Algorithm 1's ``q'_min`` (``inf`` when the HR region is empty)."""
+        return self._require_calibration().q_min
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """``[C]`` class-wise thresholds ``psi`` (float64)."""
+        return self._require_calibration().thresholds.clone()
+
+    @property
+    def calibration_arrays(self) -> dict[str, torch.Tensor]:
+        """The stored per-point calibration arrays (copies), keyed by name."""
+        return self._require_calibration().arrays()
+
+    # -- inference ------------------------------------------------------------------------
+    def compute_training_distance_lists(self) -> list[torch.Tensor]:
+        """Class-wise distance lists of the support set itself, each point's own row excluded:
+        a support point's ``d`` during training is read from these, not from the calibration
+        set's lists. Cached for ``predict(..., support_rows=...)`` and returned."""
+        return self._require_support().training_distance_lists(self.config, recompute=True)
+
+    def predict(
+        self, x, batch_size: int = 8192, k_neighbors: int = 1, support_rows: torch.Tensor | None = None
+    ) -> SDMOutput:
+        """SDM inference for a batch: prediction, ``sdm(z')``, ``q``, ``d``, ``q'``, OOD, HR and
+        its lower-bound variant, and the nearest exemplar.
+
+        Args:
+            x: ``[B, D]`` raw features of new points (not support points).
+            batch_size: rows encoded at a time.
+            k_neighbors: also return the ``k`` nearest support rows and distances (for
+                explanations) when > 1.
+            support_rows: ``[B]`` for points that ARE support points (training time): each
+                row's own support row (-1 for others). It is excluded from that row's search
+                by identity, and those rows' ``d`` is read from the support set's own distance
+                lists (:meth:`compute_training_distance_lists`), as during the head's training.
+
+        Returns:
+            :class:`SDMOutput` with CPU tensors.
+        """
+        return self._predict(x, batch_size, k_neighbors, support_rows, self._require_support())
+
+    def _predict(
+        self, x, batch_size: int, k_neighbors: int, support_rows: torch.Tensor | None, support: SupportSet
+    ) -> SDMOutput:
+        # predict() against a given support set (index_agreement compares two of them)
+        cal = self._require_calibration()
+        x = check.as_features(x, "x", self.config.input_dim)
+        k_neighbors = check.check_positive_int(k_neighbors, "k_neighbors")
+        own = None
+        if support_rows is not None:
+            own = torch.as_tensor(support_rows).long().cpu()
+            if own.shape != (x.shape[0],):
+                raise ValueError(f"support_rows must have shape [{x.shape[0]}], got {tuple(own.shape)}")
+        exemplars, logits, prediction, sim = self._neighbourhood(x, batch_size, own, support)
+        d = distance_quantile(sim.d_nearest, cal.distance_lists)
+        if own is not None and bool((own >= 0).any()):
+            in_support = own >= 0
+            lists = support.training_distance_lists(self.config)
+            d[in_support] = distance_quantile(sim.d_nearest[in_support], lists)
+        neighbor_indices = neighbor_distances = None
+        if k_neighbors > 1 and x.shape[0] > 0:
+            neighbor_distances, neighbor_indices = support.search(exemplars, min(k_neighbors, support.ntotal))
+        return assemble_output(
+            logits,
+            prediction,
+            sim,
+            d,
+            cal,
+            nearest_id=support.ids_of(sim.nearest_index),
+            neighbor_indices=neighbor_indices,
+            neighbor_distances=neighbor_distances,
+        )
+
+    def predict_records(self, x, **kwargs) -> list[dict]:
+        """:meth:`predict`, as one JSON-ready dict per row with label names."""
+        return self.predict(x, **kwargs).to_list(self.config.id2label)
+
+    # -- diagnostics ----------------------------------------------------------------------
+    def label_errors(self, x, y, batch_size: int = 8192) -> LabelErrors:
+        """Possible label errors among ``(x, y)``.
+
+        Returns the admitted (HR) points whose given label differs from the prediction,
+        sorted by ``(sdm(z')_{y_hat}, q')`` descending: the head is most sure that these
+        labels are wrong. Use it on points that are NOT in the support set.
+        """
+        x = check.as_features(x, "x", self.config.input_dim)
+        y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
+        return label_errors(self.predict(x, batch_size=batch_size), y)
+
+    def index_agreement(self, x, batch_size: int = 8192) -> dict:
+        """How often this head's support index (approximate, or float16) gives the same
+        answers as an exact float32 search over the same exemplars, on points ``x``.
+
+        Returns:
+            dict with the fractions of points whose ``q``, ``d``, nearest exemplar, HR and
+            HR-lower decisions are equal (``same_q``, ``same_d``, ``same_nearest``,
+            ``same_hr``, ``same_hr_lower``), ``n``, ``index_type`` and ``storage``.
+        """
+        self._require_calibration()
+        support = self._require_support()
+        approximate = self._predict(x, batch_size, 1, None, support)
+        reference = self._predict(x, batch_size, 1, None, support.exact_copy())
+        result = output_agreement(approximate, reference)
+        return {**result, "index_type": self.support.index_type, "storage": self.support.storage}
+
+    def calibration_report(self, alphas=(0.8, 0.9, 0.95)) -> CalibrationReport:
+        """Per class: calibration points, OOD count, HR admission and accuracy, at the chosen
+        alpha and at ``alphas`` (Algorithm 1 is rerun on the stored arrays for each).
+
+        The calibration set is the one the thresholds were fitted on, so these are
+        in-sample figures: they show the trade-off, not a test estimate.
+        """
+        cal = self._require_calibration()
+        return calibration_report(cal, [check.check_alpha(a) for a in alphas], self.config.id2label)
+
+    def extra_repr(self) -> str:
+        support = "none" if self.support is None else f"{self.support.ntotal} rows ({self.support.backend})"
+        if self.calibration is None:
+            calibration = "not calibrated"
+        else:
+            calibration = f"alpha={self.calibration.alpha}, q_min={self.calibration.q_min:.4g}"
+        return f"support={support}, {calibration}"
+
+    # -- state and persistence ------------------------------------------------------------
+    def to_state(self) -> SDMHeadState:
+        """The whole head as plain CPU tensors (what is saved, and what rebuilds it).
+
+        The support vectors are, on the CPU, a view of the index's own storage (no copy of
+        what can be gigabytes): use the state at once, before the head's support changes."""
+        return SDMHeadState(
+            config=self.config,
+            weights={k: v.detach().cpu() for k, v in self.state_dict().items()},
+            support=None if self.support is None else self.support.to_state(),
+            calibration=None if self.calibration is None else replace(self.calibration),
+            selection=None if self.selection is None else dict(self.selection),
+        )
+
+    @classmethod
+    def from_state(cls, state: SDMHeadState, device: str | torch.device | None = None) -> SDMHead:
+        """A head rebuilt from ``state`` (the FAISS index from the stored exemplars) on ``device``
+        (CPU by default)."""
+        if not isinstance(state, SDMHeadState):
+            raise TypeError(f"state must be an SDMHeadState, got {type(state).__name__}")
+        device = resolve_device(device)
+        head = cls(copy.deepcopy(state.config))
+        head.load_state_dict(state.weights, strict=True)
+        head.to(device)
+        if state.support is not None:
+            head.support = SupportSet.from_state(state.support, head.config, device)
+        head.calibration = None if state.calibration is None else replace(state.calibration)
+        head.selection = None if state.selection is None else dict(state.selection)
+        return head
+
+    def generate_model_card(self, repo_hint: str | None = None, subfolder: str | None = None) -> ModelCard:
+        """The head's model card (Hub YAML metadata + calibration summary + the promise)."""
+        data = card_data(
+            self.config,
+            self.alpha,
+            None if self.support is None else self.support.labels,
+            self.calibration,
+            repo_hint=repo_hint,
+            subfolder=subfolder,
+        )
+        return render_model_card(data)

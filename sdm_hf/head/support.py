@@ -1,0 +1,218 @@
+"""The support set of an SDM head: the training exemplars behind a FAISS index, with their true
+labels, the head's predictions for them and optional document ids / texts.
+
+Similarity ``q`` of a point (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
+arXiv:2509.12760) counts how many of its nearest exemplars, in distance order, both share the
+point's prediction and were themselves predicted correctly, stopping at the first that does
+not; the nearest exemplar's squared L2 distance feeds the Distance quantile ``d``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..distance import class_distance_lists
+from ..index import SupportIndex
+from ..similarity import SimilarityResult, compute_similarity
+from .config import SDMConfig
+from .state import SupportState
+
+__all__ = ["SupportSet"]
+
+
+class SupportSet:
+    """Exemplars ``[N, M]`` in a :class:`~sdm_hf.index.SupportIndex`, plus per-row metadata.
+
+    It satisfies the neighbour-search protocol of :func:`sdm_hf.similarity.compute_similarity`
+    (``ntotal``, ``search``, ``pair_distances``), so it can be searched directly.
+
+    Example:
+        >>> import torch
+        >>> from sdm_hf import SDMConfig
+        >>> cfg = SDMConfig(input_dim=4, exemplar_dim=3)
+        >>> s = SupportSet.build(torch.eye(3), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), cfg,
+        ...                      ids=["a", "b", "c"])
+        >>> s.ntotal, s.ids_of(torch.tensor([2, -1]))
+        (3, ['c', None])
+    """
+
+    def __init__(self, index: SupportIndex, ids: list | None = None, texts: list | None = None):
+        if not isinstance(index, SupportIndex):
+            raise TypeError(f"index must be a SupportIndex, got {type(index).__name__}")
+        for values, name in ((ids, "ids"), (texts, "texts")):
+            if values is not None and len(values) != index.ntotal:
+                raise ValueError(f"{name} must have one entry per support row ({index.ntotal}), got {len(values)}")
+        self.index = index
+        self.ids = None if ids is None else list(ids)
+        self.texts = None if texts is None else list(texts)
+        self._training_lists: list[torch.Tensor] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        exemplars: torch.Tensor,
+        labels: torch.Tensor,
+        predictions: torch.Tensor,
+        config: SDMConfig,
+        device: torch.device | None = None,
+        ids: list | None = None,
+        texts: list | None = None,
+    ) -> SupportSet:
+        """The index ``config`` asks for (type, parameters, storage) over ``exemplars`` [N, M]."""
+        index = SupportIndex(
+            exemplars,
+            labels,
+            predictions,
+            device=device if device is not None else exemplars.device,
+            index_type=config.index_type,
+            index_params=config.index_params,
+            storage=config.support_storage,
+        )
+        return cls(index, ids, texts)
+
+    @classmethod
+    def from_state(cls, state: SupportState, config: SDMConfig, device: torch.device | None = None) -> SupportSet:
+        """Rebuild the index from stored exemplars (FAISS indexes are never serialised)."""
+        return cls.build(state.vectors, state.labels, state.predictions, config, device, state.ids, state.texts)
+
+    def to_state(self) -> SupportState:
+        """The support set as plain CPU tensors. On the CPU ``vectors`` is a view of the index's
+        own storage (no copy of what can be gigabytes): use it at once."""
+        return SupportState(
+            vectors=self.index.stored_vectors().detach().cpu().contiguous(),
+            labels=self.labels.clone(),
+            predictions=self.predictions.clone(),
+            ids=None if self.ids is None else list(self.ids),
+            texts=None if self.texts is None else list(self.texts),
+        )
+
+    # -- what the index holds ---------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """``[N]`` int64 true labels."""
+        return self.index.labels
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """``[N]`` int64 predictions of the head for the exemplars."""
+        return self.index.predictions
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """``[N, M]`` exemplars in the storage dtype."""
+        return self.index.vectors
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    @property
+    def backend(self) -> str:
+        return self.index.backend
+
+    @property
+    def index_type(self) -> str:
+        return self.index.index_type
+
+    @property
+    def index_params(self) -> dict:
+        return self.index.index_params
+
+    @property
+    def storage(self) -> str:
+        return self.index.storage
+
+    @property
+    def exact(self) -> bool:
+        return self.index.exact
+
+    def stored_vectors(self) -> torch.Tensor:
+        return self.index.stored_vectors()
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index.search(queries, k)
+
+    def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.index.pair_distances(queries, rows)
+
+    def ids_of(self, rows: torch.Tensor) -> list | None:
+        """The stored ids of support ``rows`` (None for -1), or None when no ids are stored."""
+        if self.ids is None:
+            return None
+        return [self.ids[i] if i >= 0 else None for i in rows.tolist()]
+
+    # -- changes ----------------------------------------------------------------------------
+    def to(self, device: torch.device) -> SupportSet:
+        self.index.to(device)
+        return self
+
+    def add(
+        self,
+        exemplars: torch.Tensor,
+        labels: torch.Tensor,
+        predictions: torch.Tensor,
+        ids: list | None = None,
+        texts: list | None = None,
+    ) -> None:
+        """Append rows; existing row numbers do not change. ``ids`` / ``texts`` must be given
+        exactly when the set stores them."""
+        for values, name, stored in ((ids, "ids", self.ids), (texts, "texts", self.texts)):
+            if (values is None) != (stored is None):
+                raise ValueError(
+                    f"the support set {'stores' if stored is not None else 'has no'} {name}; "
+                    f"pass {name} {'for every new point' if stored is not None else 'only if it had them'}"
+                )
+            if values is not None and len(values) != exemplars.shape[0]:
+                raise ValueError(f"{name} must have one entry per new point ({exemplars.shape[0]}), got {len(values)}")
+        self.index.add(exemplars, labels, predictions)
+        if ids is not None and self.ids is not None:
+            self.ids = self.ids + list(ids)
+        if texts is not None and self.texts is not None:
+            self.texts = self.texts + list(texts)
+        self._training_lists = None
+
+    def exact_copy(self) -> SupportSet:
+        """The same exemplars behind an exact float32 flat index (the reference an approximate
+        or float16 index is compared with)."""
+        index = SupportIndex(self.index.vectors.float(), self.labels, self.predictions, device=self.device)
+        return SupportSet(index, self.ids, self.texts)
+
+    # -- similarity -------------------------------------------------------------------------
+    def similarity(
+        self,
+        exemplars: torch.Tensor,
+        prediction: torch.Tensor,
+        config: SDMConfig,
+        self_index: torch.Tensor | None = None,
+    ) -> SimilarityResult:
+        """``q``, nearest row and ``d_nearest`` of query ``exemplars`` [B, M] predicted
+        ``prediction`` [B]; ``self_index`` [B] is each row's own support row (-1: none),
+        excluded from its search."""
+        return compute_similarity(
+            self,
+            exemplars,
+            prediction,
+            self.labels,
+            self.predictions,
+            self_index=self_index,
+            max_q=config.max_q,
+            initial_k=config.initial_k,
+        )
+
+    def training_distance_lists(self, config: SDMConfig, recompute: bool = False) -> list[torch.Tensor]:
+        """Class-wise distance lists of the support points themselves, each point's own row
+        excluded from its search (what a support point's ``d`` is read from during training).
+        Cached until the set changes."""
+        if self._training_lists is None or recompute:
+            rows = torch.arange(self.ntotal)
+            sim = self.similarity(self.index.vectors, self.predictions, config, self_index=rows)
+            self._training_lists = class_distance_lists(sim.d_nearest, self.labels, sim.q, config.num_classes)
+        return self._training_lists
+
+    @property
+    def has_training_lists(self) -> bool:
+        return self._training_lists is not None
