@@ -1,0 +1,119 @@
+"""The trainable part of an SDM head: feature normalisation, adaptor and classifier.
+
+``x`` [B, D] raw features are normalised, ``(x - mean) / std`` (one scalar pair, the papers'
+choice, or per feature), mapped by the affine *adaptor* ``R^D -> R^M`` to exemplar vectors
+(the space the support set is searched in) and by a linear classifier ``R^M -> R^C`` to the
+logits ``z'`` (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import SDMConfig
+
+__all__ = ["SDMModule"]
+
+
+class SDMModule(nn.Module):
+    """Normalisation buffers + adaptor + classifier; :class:`~sdm_hf.SDMHead` adds the support
+    set and the calibration on top.
+
+    Args:
+        config: the :class:`~sdm_hf.SDMConfig` (``input_dim`` D, ``exemplar_dim`` M,
+            ``num_classes`` C, ``normalization``).
+        generator: optional ``torch.Generator`` for the initial weights (reproducible init).
+    """
+
+    def __init__(self, config: SDMConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(config, SDMConfig):
+            raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
+        self.config = config
+        self.adaptor = nn.Linear(config.input_dim, config.exemplar_dim)
+        self.classifier = nn.Linear(config.exemplar_dim, config.num_classes)
+        shape = () if config.normalization == "scalar" else (config.input_dim,)
+        self.register_buffer("feature_mean", torch.zeros(shape))
+        self.register_buffer("feature_std", torch.ones(shape))
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise both linear layers like ``nn.Linear`` does (uniform with bound
+        ``1/sqrt(fan_in)``), drawing from ``generator`` when given."""
+        for layer in (self.adaptor, self.classifier):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.uniform_(-bound, bound, generator=generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adaptor.weight.device
+
+    def set_normalization(self, mean, std) -> None:
+        """Set the feature normalisation ``(x - mean) / std``.
+
+        Args:
+            mean, std: scalars (``normalization="scalar"``) or ``[D]`` tensors
+                (``normalization="feature"``); ``std`` must be positive.
+        """
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.as_tensor(std, dtype=torch.float32)
+        want = tuple(self.feature_mean.shape)
+        if tuple(mean.shape) != want or tuple(std.shape) != want:
+            raise ValueError(
+                f"mean and std must have shape {want} for normalization="
+                f"{self.config.normalization!r}; got {tuple(mean.shape)} and {tuple(std.shape)}"
+            )
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all() & (std > 0).all()):
+            raise ValueError("mean must be finite and std finite and > 0")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    @staticmethod
+    def normalization_statistics(x: torch.Tensor, normalization: str = "scalar"):
+        """``(mean, std)`` of training features: one scalar pair over all elements (unbiased
+        std), or per feature; zero std is replaced by 1."""
+        if normalization == "scalar":
+            mean, std = x.mean(), x.std()
+        else:
+            mean, std = x.mean(dim=0), x.std(dim=0)
+        return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` raw features -> normalised features."""
+        return (x - self.feature_mean) / self.feature_std
+
+    def encode(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` normalised features -> ``(exemplars [B, M], logits [B, C])``."""
+        exemplars = self.adaptor(normalized)
+        return exemplars, self.classifier(exemplars)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` raw features -> ``[B, C]`` logits ``z'`` (differentiable)."""
+        return self.encode(self.normalize(x))[1]
+
+    @torch.no_grad()
+    def encode_for_inference(self, x: torch.Tensor, batch_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` raw features -> ``(exemplars [B, M], logits [B, C])`` float32, computed in
+        float64 and ``batch_size`` rows at a time.
+
+        BLAS results depend on the batch shape in the last bits; in double precision those
+        differences vanish when rounding to float32, so a point gets the same exemplar (and
+        an exact duplicate of a support point distance 0) whatever batch it arrives in."""
+        weights = [t.double() for t in (self.adaptor.weight, self.adaptor.bias)]
+        head_weights = [t.double() for t in (self.classifier.weight, self.classifier.bias)]
+        mean, std = self.feature_mean.double(), self.feature_std.double()
+        exemplars, logits = [], []
+        for start in range(0, x.shape[0], batch_size):  # bounded working set
+            normalized = (x[start : start + batch_size].to(self.device).double() - mean) / std
+            e = torch.nn.functional.linear(normalized, *weights)
+            exemplars.append(e.float())
+            logits.append(torch.nn.functional.linear(e, *head_weights).float())
+        if not exemplars:
+            m, c = self.config.exemplar_dim, self.config.num_classes
+            return x.new_zeros((0, m)), x.new_zeros((0, c))
+        return torch.cat(exemplars), torch.cat(logits)
