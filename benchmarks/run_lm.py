@@ -3,7 +3,7 @@
     python benchmarks/run_lm.py            # writes benchmarks/results/lm.md and lm.json
 
 Setting (fixed, documented in the output): a 4-layer, 256-wide Llama-style causal LM built
-from a config, the BPE tokenizer of tests/lm_fixtures.py (trained here on the Harvard
+from a config, the BPE tokenizer of tests/lm/fixtures.py (trained here on the Harvard
 sentences), 2,000 paired preference examples built from the SAPLMA statements ("Repeat: s"
 -> s, the negative with its last three words reversed), batch 16, one epoch each of:
 plain CE (use_sdm_loss=False), SDM loss without generation, SDM loss with hard negatives
@@ -30,7 +30,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments  # noqa: E402
-from tests.lm_fixtures import tiny_tokenizer  # noqa: E402
+from tests.lm.fixtures import tiny_tokenizer  # noqa: E402
 
 
 def data(n=2000):
@@ -126,7 +126,7 @@ def main() -> int:
         "",
         f"Cross-entropy ran first and last ({first['total_seconds']:.1f} s / {last['total_seconds']:.1f} s); "
         "the faster is the reference. The refresh columns are the epoch-0 refresh, which every "
-        "later epoch repeats (SPEC B2).",
+        "later epoch repeats (the training-time head is refitted at every epoch start).",
     ]
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Word-ordering task data (SPEC Part B experiments; paper: Schmaltz, SDM language models).
+"""Word-ordering task data (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183).
 
 The model sees a sentence's prefix and its last three words shuffled, and must reply with
 the whole sentence in ``<sentence>...</sentence>`` followed by ``<verified>Yes</verified>``

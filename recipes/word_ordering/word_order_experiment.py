@@ -16,7 +16,7 @@ learning rate, seed):
 * ``SDM+FT(CM+HN)``   the SDM loss plus online hard negatives;
 
 and ``base`` (no fine-tuning) for reference. For each: the final test-time head on the
-calibration set with the model's wrong greedy generations as extra negatives (SPEC B5), then
+calibration set with the model's wrong greedy generations as extra negatives (paper Sec. 3.4), then
 ``pipeline("sdm-verify")`` on every test set: greedy generation, ground truth
 ``y = r(positive, generation)`` (exact match of the content), the head's verdict and HR flag.
 Written to ``--out``: ``tables.md`` / ``results.json`` (Table 2: HR accuracy and admitted

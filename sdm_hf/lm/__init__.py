@@ -1,18 +1,37 @@
-"""SDM language models (SPEC Part B): contrastive masking, the change-of-base next-token
-loss, the verification head and ``SDMTrainer``."""
+"""SDM language models: contrastive masking, the change-of-base next-token loss, the
+document-level verification head and ``SDMTrainer`` (Schmaltz 2025,
+*Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183).
+
+Modules, in the layout of TRL's trainers: ``sdm_trainer`` (the trainer), ``sdm_config`` (its
+training arguments), ``callbacks`` (the per-epoch steps), ``state`` (what a checkpoint adds),
+``distributed`` (what several processes share), ``modeling`` (dropout removal),
+``verification`` (the head fit on split halves), and the trainer-free pieces ``data``,
+``encoding``, ``collator`` and ``loss``.
+"""
 
 from .collator import ContrastiveMaskingCollator
 from .data import Document, prepare_documents
-from .encoding import ControlTokens, encode_example, format_document, verification_features
+from .encoding import (
+    ControlTokens,
+    encode_example,
+    format_document,
+    pool_verification_states,
+    verification_features,
+)
 from .loss import sdm_next_token_loss
+from .modeling import disable_dropout
 
 # The trainer pulls in transformers.Trainer (and through it accelerate and datasets): imported
 # on first use, so that `import sdm_hf` (which registers the pipelines, whose LM verifier needs
-# .encoding) does not pay for it.
+# .encoding) does not pay for it. The callbacks (transformers' callback machinery) and the
+# checkpoint state are only used with the trainer, so they load with it.
 _LAZY = {
-    "SDMTrainer": ".trainer",
-    "exact_match_verifier": ".trainer",
+    "SDMTrainer": ".sdm_trainer",
+    "exact_match_verifier": ".sdm_trainer",
     "SDMTrainingArguments": ".sdm_config",
+    "HardNegativeCallback": ".callbacks",
+    "HeadRefreshCallback": ".callbacks",
+    "SDMEpochState": ".state",
 }
 
 
@@ -34,11 +53,16 @@ __all__ = [
     "ControlTokens",
     "ContrastiveMaskingCollator",
     "Document",
+    "HardNegativeCallback",
+    "HeadRefreshCallback",
+    "SDMEpochState",
     "SDMTrainer",
     "SDMTrainingArguments",
+    "disable_dropout",
     "encode_example",
     "exact_match_verifier",
     "format_document",
+    "pool_verification_states",
     "prepare_documents",
     "sdm_next_token_loss",
     "verification_features",

@@ -16,8 +16,9 @@ class ContrastiveMaskingCollator:
     """Pad a list of :func:`~sdm_hf.lm.encoding.encode_example` rows into a batch.
 
     Right-pads ``input_ids`` with ``pad_token_id``, ``labels`` with -100 and builds the
-    ``attention_mask``; carries ``reward`` ``[B]``, ``verified_position`` ``[B]`` (``p`` of
-    SPEC B2) and ``document_id`` ``[B]`` when the rows have them.
+    ``attention_mask``; carries ``reward`` ``[B]``, ``verified_position`` ``[B]`` (``p``, the
+    last token of the final ``<verified>`` tag, where the verification head reads each
+    document) and ``document_id`` ``[B]`` when the rows have them.
 
     Example:
         >>> c = ContrastiveMaskingCollator(pad_token_id=0)

@@ -1,10 +1,14 @@
-"""Preference data -> documents (SPEC B1): TRL's paired and unpaired formats.
+"""Preference data -> documents: TRL's paired and unpaired formats.
+
+A document is a prompt ``t`` with a positive completion ``s+`` (follows the instructions)
+and static negatives ``s-`` (do not), as in Schmaltz 2025, *Similarity-Distance-Magnitude
+Language Models*, arXiv:2510.26183, Sec. 2; both formats are read as they are:
 
 * paired: ``{"prompt", "chosen", "rejected"}`` — one document per row (the chosen completion is
   its positive, the rejected one a static negative);
 * unpaired: ``{"prompt", "completion", "label"}`` — rows grouped by prompt; each positive row
   forms a document whose static negatives are that prompt's negative rows. Prompts with no
-  positive are kept aside (``Documents.negative_only``) and counted in a warning.
+  positive are returned aside (``negative_only``) and counted in a warning.
 
 Plain text and conversational rows (lists of ``{"role", "content"}`` messages) are accepted.
 """

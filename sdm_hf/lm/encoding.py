@@ -1,11 +1,13 @@
-"""Control tokens and document encoding for SDM language models (SPEC B1, B2).
+"""Control tokens, contrastive masking and verification features for SDM language models.
 
 Every completion ends with a control suffix: ``<verified>Yes</verified>`` for a positive,
 ``<verified>No</verified>`` for a negative (the strings are configurable and are added to
-the text, not necessarily as new vocabulary). The verification head reads a document up to
+the text, not necessarily as new vocabulary). The loss mask of a negative trains only its
+final control string ("contrastive masking"; Schmaltz 2025, *Similarity-Distance-Magnitude
+Language Models*, arXiv:2510.26183, Sec. 3.1). The verification head reads a document up to
 ``p``, the last token of the FINAL ``<verified>`` opening tag in the tokenized,
-chat-formatted sequence; it is located from tokenizer offsets, so a control string that
-also appears inside the prompt is never mistaken for the final one.
+chat-formatted sequence (ibid., Sec. 3.2); ``p`` is located from tokenizer offsets, so a
+control string that also appears inside the prompt is never mistaken for the final one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ __all__ = [
     "verification_positions",
     "verification_features",
     "prefix_features",
+    "forward_options",
+    "pool_verification_states",
 ]
 
 
@@ -120,11 +124,13 @@ def verification_features(
     batch_size: int = 8,
     layer: int = -1,
 ) -> torch.Tensor:
-    """SPEC B2 features of ``(prompt, completion)`` pairs for the verification head.
+    """Verification-head features of ``(prompt, completion)`` pairs.
 
     Each completion's control suffix is replaced by a neutral one (nothing after the opening
     tag is read), the pair is chat-formatted, and the final-layer hidden states are pooled as
-    ``concat(mean over positions 0..p, state at p)``. Computed in eval mode (no dropout).
+    ``concat(mean over positions 0..p, state at p)``, the input of the document-level SDM
+    layer (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183,
+    Sec. 3.2). Computed in eval mode (no dropout).
 
     Returns:
         ``[N, 2H]`` float32 CPU tensor.
@@ -138,10 +144,11 @@ def verification_features(
     return prefix_features(model, ids, pad, batch_size=batch_size, layer=layer)
 
 
-def _forward_options(model) -> dict:
-    """``logits_to_keep=1`` when the model's forward takes it (transformers >= 4.50 causal
-    LMs; through a PEFT wrapper too): the features need hidden states, not the
-    ``[B, T, vocab]`` logits, which for a large vocabulary are a sizeable part of a forward."""
+def forward_options(model) -> dict:
+    """Extra forward arguments for a features-only pass: ``{"logits_to_keep": 1}`` when the
+    model's forward takes it (transformers >= 4.50 causal LMs; through a PEFT wrapper too),
+    else ``{}``. The features need hidden states, not the ``[B, T, vocab]`` logits, which for
+    a large vocabulary are a sizeable part of a forward."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -154,8 +161,9 @@ def _forward_options(model) -> dict:
 
 @torch.no_grad()
 def prefix_features(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, layer: int = -1):
-    """SPEC B2 pooling of token sequences already cut after ``p`` (each ends at its ``p``):
-    ``concat(mean of hidden[0..p], hidden[p])``, in eval mode.
+    """Verification-head features of token sequences already cut after ``p`` (each ends at
+    its ``p``): ``concat(mean of hidden[0..p], hidden[p])`` of the final layer (or ``layer``),
+    in eval mode.
 
     Sequences are batched in order of length (less padding; results are returned in the
     input order), right-padded, and the vocabulary projection is skipped where possible.
@@ -166,7 +174,7 @@ def prefix_features(model, ids: list[list[int]], pad_token_id: int, batch_size: 
     if not ids:
         raise ValueError("no sequences to embed")
     device = next(model.parameters()).device
-    options = _forward_options(model)
+    options = forward_options(model)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     was_training = model.training
     model.eval()
@@ -190,6 +198,26 @@ def prefix_features(model, ids: list[list[int]], pad_token_id: int, batch_size: 
     result = torch.empty_like(feats)
     result[torch.as_tensor(order)] = feats
     return result
+
+
+def pool_verification_states(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Verification-head features from the hidden states of whole (uncut) documents.
+
+    Row ``i`` is pooled over its positions ``0..positions[i]`` only:
+    ``concat(mean of hidden[i, 0..p], hidden[i, p])`` with ``p = positions[i]``. Because a
+    causal LM's state at ``t`` does not depend on later tokens, this equals
+    :func:`prefix_features` of the document cut after ``p``; it lets the trainer read the
+    features from the forward that computes the loss.
+
+    Args:
+        hidden: ``[B, T, H]`` hidden states (right-padded batch).
+        positions: ``[B]`` each row's ``p`` (``verified_position`` of :func:`encode_example`).
+
+    Returns:
+        ``[B, 2H]`` in ``hidden``'s dtype and device.
+    """
+    steps = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
+    return pool_hidden_states(hidden, (steps <= positions.to(hidden.device).view(-1, 1)).long(), "mean_last")
 
 
 IGNORE_INDEX = -100
@@ -231,7 +259,8 @@ def encode_example(
     control: ControlTokens | None = None,
     max_length: int | None = None,
 ) -> dict:
-    """Tokenize one document and build its contrastive loss mask (SPEC B1).
+    """Tokenize one document and build its contrastive loss mask (Schmaltz 2025, SDM
+    language models, Sec. 3.1).
 
     Prompt and template positions before the completion get label -100. A positive trains
     every completion token (and the end-of-turn/EOS text after it); a negative trains only
@@ -244,7 +273,8 @@ def encode_example(
 
     Returns:
         ``{"input_ids", "labels", "verified_position", "reward"}`` (lists / ints), where
-        ``verified_position`` is ``p`` of SPEC B2.
+        ``verified_position`` is ``p``, the last token of the final ``control.open`` tag
+        (where the verification head reads the document).
 
     Raises:
         ValueError: the completion lacks its control suffix, the control string cannot be

@@ -1,4 +1,5 @@
-"""The SDM next-token loss (change of base, SPEC B3).
+"""The SDM next-token loss: cross-entropy with a per-document change of base (Schmaltz
+2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.2, Eq. 1).
 
 For document ``n`` with reward label ``y_n`` and verification-head output for the current
 weights, ``beta_n = 2 + sdm(z')_{y_n}`` (detached, in [2, 3]); every unmasked position ``t``

@@ -11,7 +11,17 @@ __all__ = ["SDMTrainingArguments"]
 
 @dataclass
 class SDMTrainingArguments(TrainingArguments):
-    """Training arguments of :class:`~sdm_hf.lm.SDMTrainer` (SPEC B2-B5).
+    """Training arguments of :class:`~sdm_hf.lm.SDMTrainer`.
+
+    The SDM settings follow Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*
+    (arXiv:2510.26183): ``gamma_pos``, ``gamma_gen`` and ``gamma_diversity`` are the
+    probabilities of Sec. 3.3 (train the positive; generate on the negative branch; let a
+    wrong generation replace the static negative), generation starts at
+    ``hard_negatives_from_epoch`` (the paper: after the first epoch), and the head settings
+    default to the paper's verification layers (App. A.1: 1000 exemplar dimensions, 200
+    epochs, one shuffle, minibatch 50, Adam at 1e-5). ``alpha`` is the target accuracy of
+    the head's high-reliability region (Schmaltz 2025, *Similarity-Distance-Magnitude
+    Activations*, arXiv:2509.12760).
 
     ``remove_unused_columns`` is forced to False (the collator's metadata columns must reach
     the trainer) and ``prediction_loss_only`` defaults to True (evaluation needs the loss, not

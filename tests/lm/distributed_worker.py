@@ -1,4 +1,4 @@
-"""Run by tests/test_lm_distributed.py under torchrun (gloo, CPU) and once on its own.
+"""Run by tests/lm/test_distributed.py under torchrun (gloo, CPU) and once on its own.
 
 Writes ``<out>/rank<r>.json`` with what must agree across processes: the epoch-0 head (fitted
 before any training step), the final head and the merged hard-negative cache.
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sdm_hf.lm import SDMTrainer  # noqa: E402
-from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer  # noqa: E402
-from tests.test_lm_trainer import SENTENCES, make_args, preference  # noqa: E402
+from sdm_hf.lm.distributed import process_world  # noqa: E402
+from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -30,7 +30,7 @@ def main(out: str) -> None:
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer = SDMTrainer(
-        model=tiny_causal_lm(tok), args=args, train_dataset=preference(SENTENCES[:32]), processing_class=tok
+        model=tiny_causal_lm(tok), args=args, train_dataset=preference(harvard_sentences(32)), processing_class=tok
     )
     first = trainer.head
     record = {
@@ -42,7 +42,7 @@ def main(out: str) -> None:
         ]
     }
     trainer.train()
-    rank, world = trainer._world()
+    rank, world = process_world(trainer.accelerator)
     record.update(
         rank=rank,
         world=world,

@@ -1,4 +1,5 @@
-"""Tiny causal LMs and tokenizers built here (no downloads) for LM and pipeline tests."""
+"""Builders for the LM tests (no downloads): a tiny BPE tokenizer, tiny causal LMs, the
+preference data and the training arguments. Every call returns a new object."""
 
 from pathlib import Path
 
@@ -6,11 +7,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-HARVARD = Path(__file__).resolve().parent.parent / "data" / "harvard_sentences.txt"
+ROOT = Path(__file__).resolve().parents[2]
+HARVARD = ROOT / "data" / "harvard_sentences.txt"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+def harvard_sentences(n: int = 48) -> list[str]:
+    """The first ``n`` non-empty Harvard sentences."""
+    return [line for line in HARVARD.read_text().splitlines() if line.strip()][:n]
 
 
 def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
@@ -50,3 +57,35 @@ def tiny_causal_lm(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCaus
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides})).eval()
+
+
+def preference(sentences):
+    """Paired preference rows: "Repeat: s" -> s, the negative with its words reversed."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": f"Repeat: {s}", "chosen": s, "rejected": " ".join(reversed(s.split()))} for s in sentences]
+    )
+
+
+def make_args(tmp_path, **changes):
+    """Small, CPU-only, quiet ``SDMTrainingArguments`` writing under ``tmp_path / "out"``."""
+    from sdm_hf.lm import SDMTrainingArguments
+
+    values = dict(
+        output_dir=str(Path(tmp_path) / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        head_epochs=3,
+        head_exemplar_dim=16,
+        head_learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_new_tokens=6,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(changes)
+    return SDMTrainingArguments(**values)

@@ -1,4 +1,4 @@
-"""SDMTrainer with 2 processes (torchrun, gloo on CPU) against a single-process run."""
+"""sdm_hf.lm.distributed: one process (identities) and two (torchrun, gloo on CPU) against one."""
 
 import json
 import os
@@ -6,13 +6,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+import torch
+
+from sdm_hf.lm.distributed import broadcast_head, gather_lists, process_world
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def test_one_process_is_rank_zero_and_needs_no_communication():
+    head = object()  # one process never looks inside the head
+    support = torch.tensor([3, -1, 0])
+    assert process_world() == (0, 1)
+    assert process_world(type("OneProcess", (), {"num_processes": 1, "process_index": 0})()) == (0, 1)
+    assert gather_lists([(2, "b"), (0, "a")], (0, 1)) == [(2, "b"), (0, "a")]
+    same_head, same_support = broadcast_head(head, support, (0, 1))
+    assert same_head is head and same_support is support
 
 
 def _run(args, out):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
-        [sys.executable, *args, str(ROOT / "tests" / "distributed_worker.py"), str(out)],
+        [sys.executable, *args, str(WORKER), str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -22,6 +38,7 @@ def _run(args, out):
     assert res.returncode == 0, res.stderr[-8000:]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_head_and_one_cache(tmp_path):
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path)  # a free local port
     _run([], tmp_path)

@@ -1,12 +1,18 @@
-import math
+"""sdm_hf.lm.encoding: contrastive masks, control tokens and verification features."""
 
 import pytest
 import torch
 
-from sdm_hf.lm.collator import ContrastiveMaskingCollator
-from sdm_hf.lm.encoding import IGNORE_INDEX, ControlTokens, encode_example, full_text
-from sdm_hf.lm.loss import sdm_next_token_loss
-from tests.lm_fixtures import tiny_tokenizer
+from sdm_hf.lm.encoding import (
+    IGNORE_INDEX,
+    ControlTokens,
+    encode_example,
+    forward_options,
+    full_text,
+    pool_verification_states,
+    prefix_features,
+)
+from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
 CONTROL = ControlTokens()
 PROMPT = "Copy this, ignoring <verified>No</verified> here: the birch canoe"
@@ -19,7 +25,7 @@ def wordpiece_tokenizer():
     return AutoTokenizer.from_pretrained(gt.get_model_path())
 
 
-@pytest.fixture(scope="module", params=["bpe-chat", "bpe-plain", "wordpiece"])
+@pytest.fixture(params=["bpe-chat", "bpe-plain", "wordpiece"])
 def tokenizer(request):
     if request.param == "wordpiece":
         return wordpiece_tokenizer()
@@ -79,43 +85,10 @@ def test_control_tokens_helpers():
     assert CONTROL.decision("x<verified>No</verified>") is False and CONTROL.decision("x") is None
 
 
-def test_collator_pads_and_carries_metadata():
-    tok = tiny_tokenizer()
-    rows = [
-        encode_example(tok, "p", CONTROL.add("a b c d", True), True),
-        encode_example(tok, "p", CONTROL.add("x", False), False),
-    ]
-    rows[0]["document_id"], rows[1]["document_id"] = 7, 7
-    batch = ContrastiveMaskingCollator(pad_token_id=tok.pad_token_id)(rows)
-    n0, n1 = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
-    assert batch["input_ids"].shape == (2, max(n0, n1))
-    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
-    assert batch["reward"].tolist() == [1, 0] and batch["document_id"].tolist() == [7, 7]
-    assert (batch["labels"][1, n1:] == IGNORE_INDEX).all()
-
-
-def test_loss_with_beta_e_is_cross_entropy_and_accumulation_invariant():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 6, 13, generator=g)
-    labels = torch.randint(0, 13, (4, 6), generator=g)
-    labels[:, :2] = IGNORE_INDEX
-    labels[3, 4:] = IGNORE_INDEX
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(sdm_next_token_loss(logits, labels, torch.full((4,), math.e)), ce)
-    beta = torch.tensor([2.0, 2.5, 2.9, 2.2])
-    whole = sdm_next_token_loss(logits, labels, beta)
-    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    parts = sum(sdm_next_token_loss(logits[i : i + 2], labels[i : i + 2], beta[i : i + 2], n) for i in (0, 2))
-    torch.testing.assert_close(parts, whole)  # two micro-batches with the global count = one batch
-
-
 def test_prefix_features_batch_in_length_order_and_return_in_input_order():
-    from sdm_hf.lm.encoding import _forward_options, prefix_features
-    from tests.lm_fixtures import tiny_causal_lm
-
     tok = tiny_tokenizer()
     model = tiny_causal_lm(tok)
-    assert _forward_options(model) == {"logits_to_keep": 1}  # no [B, T, vocab] logits for features
+    assert forward_options(model) == {"logits_to_keep": 1}  # no [B, T, vocab] logits for features
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(6, len(tok), (n,), generator=g).tolist() for n in (9, 3, 14, 5, 3, 11, 7)]
     batched = prefix_features(model, ids, tok.pad_token_id, batch_size=3)
@@ -126,3 +99,19 @@ def test_prefix_features_batch_in_length_order_and_return_in_input_order():
     torch.testing.assert_close(batched[2], torch.cat([hidden.mean(0), hidden[-1]]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no sequences"):
         prefix_features(model, [], tok.pad_token_id)
+
+
+def test_pooling_whole_documents_equals_features_of_the_cut_ones():
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tok)
+    rows = [encode_example(tok, "Copy: a b", CONTROL.add(text, True), True) for text in ("a b", "the birch canoe b a")]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [tok.pad_token_id] * (width - len(r["input_ids"])) for r in rows])
+    mask = (torch.arange(width).view(1, -1) < torch.tensor([[len(r["input_ids"])] for r in rows])).long()
+    positions = torch.tensor([r["verified_position"] for r in rows])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    cut = [r["input_ids"][: r["verified_position"] + 1] for r in rows]
+    torch.testing.assert_close(
+        pool_verification_states(hidden, positions), prefix_features(model, cut, tok.pad_token_id), atol=1e-5, rtol=1e-5
+    )

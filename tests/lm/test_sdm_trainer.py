@@ -1,40 +1,26 @@
+"""SDMTrainer end to end on a tiny Llama: loss, epochs, evaluation, checkpoints, PEFT."""
+
 import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
 
-from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, verification_features
+from sdm_hf.lm import (
+    HardNegativeCallback,
+    HeadRefreshCallback,
+    SDMTrainer,
+    pool_verification_states,
+    verification_features,
+)
 from sdm_hf.lm.encoding import ControlTokens
-from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer
+from sdm_hf.lm.state import STATE_NAME
+from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
 
-SENTENCES = [line for line in open("data/harvard_sentences.txt").read().splitlines() if line.strip()][:48]
-
-
-def preference(sentences):
-    return Dataset.from_list(
-        [{"prompt": f"Repeat: {s}", "chosen": s, "rejected": " ".join(reversed(s.split()))} for s in sentences]
-    )
-
-
-def make_args(tmp_path, **changes):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        num_train_epochs=2,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        head_epochs=3,
-        head_exemplar_dim=16,
-        head_learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        max_new_tokens=6,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(changes)
-    return SDMTrainingArguments(**values)
+SENTENCES = harvard_sentences(48)
 
 
 def make_trainer(tmp_path, eval_data=True, model=None, **changes):
@@ -67,11 +53,12 @@ def test_sdm_loss_uses_the_head_and_same_forward_features(tmp_path):
         out = trainer.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
-    same_forward = trainer._pool(out.hidden_states[-1], batch["verified_position"])
+    same_forward = pool_verification_states(out.hidden_states[-1], batch["verified_position"])
     docs = [trainer.documents[r["document_id"]] for r in rows]
-    texts = [trainer._tokenizer.decode(r["input_ids"]) for r in rows]
+    tok = trainer.processing_class
+    texts = [tok.decode(r["input_ids"]) for r in rows]
     completions = [t.split("<|assistant|>")[1].replace("<|end|>", "") for t in texts]
-    separate = verification_features(trainer.model, trainer._tokenizer, [d.prompt for d in docs], completions)
+    separate = verification_features(trainer.model, tok, [d.prompt for d in docs], completions)
     torch.testing.assert_close(same_forward, separate, rtol=1e-4, atol=1e-5)
     loss = trainer.compute_loss(trainer.model, dict(batch))
     ce = make_trainer(tmp_path, use_sdm_loss=False, model=trainer.model).compute_loss(trainer.model, dict(batch))
@@ -104,14 +91,14 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path):
 def test_epochs_refresh_head_and_generate_hard_negatives(tmp_path):
     trainer = make_trainer(tmp_path, gamma_gen=1.0, hard_negatives_from_epoch=1, num_train_epochs=3)
     heads = []
-    original = trainer._fit_head
+    original = trainer.fit_verification_head
 
     def spy(rows, seed, timing=None):
         result = original(rows, seed, timing)
         heads.append(seed)
         return result
 
-    trainer._fit_head = spy
+    trainer.fit_verification_head = spy
     trainer.train()
     assert [e["epoch"] for e in trainer.epoch_log] == [0, 1, 2]
     assert all(e["head_fit_seconds"] > 0 and e["head_features_seconds"] > 0 for e in trainer.epoch_log)
@@ -146,8 +133,6 @@ def test_evaluate_and_best_checkpoint(tmp_path):
     assert math.isfinite(metrics["eval_loss"]) and "eval_head_hr_admission" in metrics
     best = trainer.state.best_model_checkpoint
     assert best is not None and (tmp_path / "out").exists()
-    from pathlib import Path
-
     assert (Path(best) / "sdm_head" / "config.json").is_file()
     head = trainer.build_final_head()
     assert head.support.ntotal > 0
@@ -229,7 +214,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     full.train()
     expected = full.model.model.embed_tokens.weight.detach().clone()
     checkpoint = tmp_path / "a" / "out" / "checkpoint-8"  # end of epoch 2 of 3 (4 steps per epoch)
-    assert (checkpoint / "sdm_trainer_state.json").is_file() and (checkpoint / "sdm_head").is_dir()
+    assert (checkpoint / STATE_NAME).is_file() and (checkpoint / "sdm_head").is_dir()
     tok = tiny_tokenizer()
     resumed = SDMTrainer(
         model=tiny_causal_lm(tok, seed=5),
@@ -240,6 +225,45 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     torch.testing.assert_close(resumed.model.model.embed_tokens.weight, expected, rtol=1e-5, atol=1e-6)
     assert resumed.hard_negatives == full.hard_negatives
+    assert resumed.epoch_state.versions == full.epoch_state.versions
+
+
+def test_resume_from_a_damaged_state_file_names_it(tmp_path):
+    tok = tiny_tokenizer()
+    args = make_args(tmp_path, num_train_epochs=1, save_strategy="epoch", use_sdm_loss=False)
+    SDMTrainer(
+        model=tiny_causal_lm(tok), processing_class=tok, train_dataset=preference(SENTENCES[:16]), args=args
+    ).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / STATE_NAME).write_text('{"format": 1, "prepared_epoch": NaN}')
+    tok = tiny_tokenizer()
+    again = SDMTrainer(
+        model=tiny_causal_lm(tok), processing_class=tok, train_dataset=preference(SENTENCES[:16]), args=args
+    )
+    with pytest.raises(ValueError, match=rf"{STATE_NAME}.*NaN"):
+        again.train(resume_from_checkpoint=str(damaged))
+
+
+def test_callbacks_get_the_trainer_and_each_epoch_is_prepared_once(tmp_path):
+    trainer = make_trainer(tmp_path, eval_data=False, gamma_gen=1.0, hard_negatives_from_epoch=1)
+    ours = [c for c in trainer.callback_handler.callbacks if isinstance(c, (HardNegativeCallback, HeadRefreshCallback))]
+    assert [type(cb) for cb in ours] == [HardNegativeCallback, HeadRefreshCallback]  # versions before the head
+    assert all(cb.trainer is trainer for cb in ours)
+    head, log = trainer.head, list(trainer.epoch_log)
+    trainer.start_epoch(0)  # already prepared at construction
+    assert trainer.head is head and trainer.epoch_log == log
+    with pytest.raises(ValueError, match="prepare_epoch_versions"):
+        trainer.refresh_verification_head(1)
+    epoch_one = SimpleNamespace(epoch=1.0)
+    for cb in ours:  # what the Trainer does at the start of the second epoch
+        cb.on_epoch_begin(trainer.args, epoch_one, trainer.control)
+    assert trainer.epoch_state.prepared_epoch == 1 and trainer.epoch_log[-1]["epoch"] == 1
+    assert trainer.epoch_log[-1]["generated"] > 0 and trainer.epoch_log[-1]["head_fit_seconds"] > 0
+    assert trainer.head is not head and trainer.epoch_state.previous_hard_negatives == {}
+    versions = [(r["document_id"], r["text"], bool(r["reward"])) for r in trainer.train_dataset.rows]
+    assert versions == trainer.epoch_state.versions
 
 
 def test_final_head_uses_wrong_generations(tmp_path):

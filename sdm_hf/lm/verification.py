@@ -1,0 +1,90 @@
+"""Fitting a document-level verification head on one set of documents split in halves.
+
+SDM fine-tuning fits such a head at every epoch start (on the training documents), before
+every evaluation (on the calibration documents) and once at the end (the test-time head):
+each time the documents are split at random into the head's own training and calibration
+halves (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183,
+Sec. 3.2 and App. A.1).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..fit import fit_sdm_head
+from ..head import SDMConfig, SDMHead
+
+__all__ = ["fit_split_head"]
+
+
+def fit_split_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    document_ids: torch.Tensor,
+    args,
+    seed: int,
+    base_model: str | None = None,
+) -> tuple[SDMHead | None, torch.Tensor]:
+    """Fit a 2-class (No/Yes) SDM head on ``features`` split 50/50 at random.
+
+    The split is a permutation seeded by ``seed`` (the first half trains the head, the rest
+    calibrates it); the fit uses the ``head_*`` settings and ``alpha`` of ``args`` with
+    ``resplit=False``, and warnings of an empty high-reliability region, normal early in
+    training, are silenced.
+
+    Args:
+        features: ``[N, D]`` verification features, one row per document version.
+        labels: ``[N]`` 1 for a positive, 0 for a negative.
+        document_ids: ``[N]`` non-negative ids (each document appears once).
+        args: :class:`~sdm_hf.lm.SDMTrainingArguments`.
+        seed: seeds the split and the fit.
+        base_model: recorded in the head's config (which model the features come from).
+
+    Returns:
+        ``(head, support_row)``: the head, or None (with a warning: beta = e) when a half has
+        fewer than two rows of a class; ``support_row[document_id]`` is the head's support
+        row of each document in its training half and -1 for the others, so a document is
+        not its own nearest neighbour when the loss reads the head.
+    """
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    half = len(labels) // 2
+    train_idx, calib_idx = perm[:half], perm[half:]
+    support_row = torch.full((int(document_ids.max()) + 1,), -1, dtype=torch.long)
+    counts = [torch.bincount(labels[part], minlength=2) for part in (train_idx, calib_idx)]
+    if any(int(c.min()) < 2 for c in counts):
+        warnings.warn(
+            "too few positives or negatives to fit a verification head this epoch: beta = e",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None, support_row
+    config = SDMConfig(
+        input_dim=features.shape[1],
+        num_classes=2,
+        exemplar_dim=args.head_exemplar_dim,
+        alpha=args.alpha,
+        id2label={0: "No", 1: "Yes"},
+        feature_pooling="verification",
+        base_model=base_model,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head = fit_sdm_head(
+            features[train_idx],
+            labels[train_idx],
+            features[calib_idx],
+            labels[calib_idx],
+            config,
+            epochs=args.head_epochs,
+            shuffles=args.head_shuffles,
+            batch_size=args.head_batch_size,
+            learning_rate=args.head_learning_rate,
+            resplit=False,
+            seed=seed,
+            progress=False,
+        )
+    support_row[document_ids[train_idx]] = torch.arange(half)
+    head.compute_training_distance_lists()
+    return head, support_row

@@ -1,0 +1,22 @@
+"""sdm_hf.lm.collator: padding and the SDM metadata columns."""
+
+from sdm_hf.lm.collator import ContrastiveMaskingCollator
+from sdm_hf.lm.encoding import IGNORE_INDEX, ControlTokens, encode_example
+from tests.lm.fixtures import tiny_tokenizer
+
+CONTROL = ControlTokens()
+
+
+def test_collator_pads_and_carries_metadata():
+    tok = tiny_tokenizer()
+    rows = [
+        encode_example(tok, "p", CONTROL.add("a b c d", True), True),
+        encode_example(tok, "p", CONTROL.add("x", False), False),
+    ]
+    rows[0]["document_id"], rows[1]["document_id"] = 7, 7
+    batch = ContrastiveMaskingCollator(pad_token_id=tok.pad_token_id)(rows)
+    n0, n1 = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
+    assert batch["reward"].tolist() == [1, 0] and batch["document_id"].tolist() == [7, 7]
+    assert (batch["labels"][1, n1:] == IGNORE_INDEX).all()

@@ -1,0 +1,34 @@
+"""sdm_hf.lm.verification.fit_split_head: the seeded halves and the support-row map."""
+
+import pytest
+import torch
+
+from sdm_hf.lm.verification import fit_split_head
+from tests.lm.fixtures import make_args
+
+
+def features(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    return torch.randn(n, 6, generator=g) + 2.0 * labels.view(-1, 1), labels
+
+
+def test_support_rows_map_the_training_half_only(tmp_path):
+    feats, labels = features(24)
+    ids = torch.arange(24) * 2  # ids need not be contiguous
+    args = make_args(tmp_path)
+    head, support_row = fit_split_head(feats, labels, ids, args, seed=4, base_model="tiny")
+    again, same_rows = fit_split_head(feats, labels, ids, args, seed=4)
+    assert torch.equal(support_row, same_rows)  # the split is seeded
+    assert support_row.numel() == 47 and sorted(support_row[support_row >= 0].tolist()) == list(range(12))
+    assert (support_row[1::2] == -1).all()  # odd ids are no document
+    assert head.support.ntotal == 12 and head.config.base_model == "tiny" and head.config.num_classes == 2
+    torch.testing.assert_close(head.adaptor.weight, again.adaptor.weight)
+
+
+def test_too_few_of_a_class_gives_no_head(tmp_path):
+    feats, _ = features(8)
+    labels = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0])
+    with pytest.warns(UserWarning, match="beta = e"):
+        head, support_row = fit_split_head(feats, labels, torch.arange(8), make_args(tmp_path), seed=0)
+    assert head is None and (support_row == -1).all()
