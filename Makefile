@@ -29,8 +29,11 @@ demo: $(STAMP)
 lm-demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) recipes/word_ordering/word_order_experiment.py --demo --overwrite
 
+# lint, formatting, types, then every test (the `slow` ones too; `pytest -m "not slow"` skips them)
 test: $(STAMP)
 	$(PY) -m ruff check sdm_hf tests benchmarks recipes
+	$(PY) -m ruff format --check sdm_hf tests benchmarks recipes
+	$(PY) -m mypy
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # the benchmark suite in one command (~25 min on 2 cores): benchmarks/results/bench.md

@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdm_hf import SDMConfig, SDMHead, fit_sdm_head, rescaled_similarity, sdm_activation
-from sdm_hf.activation import high_reliability_mask
+from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
 from sdm_hf.baselines import (
     conformal_rule,
     conformal_threshold,
@@ -46,7 +45,7 @@ from sdm_hf.baselines import (
     sdm_rules,
     softmax_rule,
 )
-from sdm_hf.calibration import lower_bound_margin
+from sdm_hf.head.inference import hr_masks
 from sdm_hf.metrics import selective_counts, significantly_below
 
 RAPS_PENALTY, RAPS_K = 0.01, 1
@@ -280,16 +279,6 @@ def _clip(text: str, limit: int = 140) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _hr_masks(out, alpha: float, q_min: float, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(in_hr, in_hr_lower)`` of an :class:`~sdm_hf.SDMOutput` under another alpha's
-    ``q'_min`` and ``psi`` (the same rules as ``SDMHead.predict``, without a new search)."""
-    in_hr = high_reliability_mask(out.predicted_probability, out.prediction, out.rescaled_similarity, q_min, thresholds)
-    d_lower = (out.d - lower_bound_margin(out.effective_sample_size, alpha)).clamp(0.0, 1.0)
-    p_lower = sdm_activation(out.logits, out.q.float(), d_lower).gather(1, out.prediction.view(-1, 1)).squeeze(1)
-    r_lower = rescaled_similarity(out.q, p_lower)
-    return in_hr, high_reliability_mask(p_lower, out.prediction, r_lower, q_min, thresholds)
-
-
 @torch.no_grad()
 def resample_validity(
     fs: FeatureSet,
@@ -344,7 +333,7 @@ def resample_validity(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 head.recalibrate(alpha=alpha)
-            for v, admit in enumerate(_hr_masks(out, alpha, head.q_min, head.thresholds)):
+            for v, admit in enumerate(hr_masks(out, alpha, head.q_min, head.thresholds)):
                 per_class = selective_counts(y, out.prediction, admit, num_classes)["per_class"].values()
                 counts[draw, a, v] = torch.tensor([[g["n"], g["admitted"], g["correct"]] for g in per_class])
     results = []

@@ -13,15 +13,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdm_experiment import ESTIMATORS, SOFTMAX_TYPE  # noqa: E402
 
-from sdm_hf.metrics import significantly_below  # noqa: E402
+from sdm_hf.metrics import accuracy_or_none, format_accuracy, significantly_below  # noqa: E402
+
+REJECTED = format_accuracy(None)  # "R": nothing admitted, no accuracy to show
 
 
 def cell(group: dict, n_total: int, alpha: float) -> str:
     """``"0.962 (31.4%)"``, ``"0.750↓ (6.5%)"`` or ``"R"``."""
-    if group["admitted"] == 0:
-        return "R"
+    accuracy = accuracy_or_none(group["correct"], group["admitted"])
+    if accuracy is None:
+        return REJECTED
     mark = "↓" if significantly_below(group["correct"], group["admitted"], alpha) else ""
-    return f"{group['correct'] / group['admitted']:.3f}{mark} ({group['admitted'] / max(n_total, 1):.1%})"
+    return f"{format_accuracy(accuracy)}{mark} ({group['admitted'] / max(n_total, 1):.1%})"
 
 
 def worst_class(row: dict, rejected_is_worst: bool) -> str:
@@ -29,7 +32,7 @@ def worst_class(row: dict, rejected_is_worst: bool) -> str:
     ``"0.750↓"``; a class with nothing admitted is ignored, or (``rejected_is_worst``) shown as ``"R"``."""
     groups = list(row["per_class"].values())
     if rejected_is_worst and any(g["admitted"] == 0 for g in groups):
-        return "R"
+        return REJECTED
     worst = min((g for g in groups if g["admitted"]), key=lambda g: g["correct"] / g["admitted"])
     return cell(worst, row["n"], row["alpha"]).split(" ")[0]
 
@@ -74,7 +77,7 @@ def hr_sweep_table(rows: list[dict], estimator: str = "sdm_hr") -> str:
         for t in tests:
             r = next(x for x in rows if x["alpha"] == a and x["test_set"] == t and x["estimator"] == estimator)
             if r["admitted"] == 0:
-                cells.append("R")
+                cells.append(REJECTED)
                 continue
             cells.append(f"{cell(r, r['n'], a)}; worst class {worst_class(r, rejected_is_worst=False)}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -168,7 +171,7 @@ def headline_table(rows: list[dict], alpha: float, estimators=HEADLINE) -> str:
                 continue
             n = r["n"]
             if r["admitted"] == 0:
-                cells.append("R")
+                cells.append(REJECTED)
                 continue
             cells.append(f"{worst_class(r, rejected_is_worst=True)} ({r['admitted'] / r['n']:.1%})")
         lines.append(f"| {task} | {features} | {test} | {n} | " + " | ".join(cells) + " |")

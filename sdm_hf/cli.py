@@ -19,10 +19,11 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ._io import check_output_dir, prepare_output_dir
+from .output_dir import check_output_dir, prepare_output_dir
 
 __all__ = ["main"]
 
@@ -154,7 +155,7 @@ def cmd_fit_head(args) -> int:
         feature_layer=None if bundle is None else -1,
         feature_max_length=args.max_length,
     )
-    texts = {}
+    texts: dict = {}
     if args.text_column:
         texts = {
             "train_texts": [str(t) for t in train[args.text_column]],
@@ -251,7 +252,8 @@ def cmd_verify(args) -> int:
             except ValueError:
                 raise CLIError(f"input line {number}: not valid JSON") from None
             items.append(item)
-        verify = pipeline(
+        make_pipeline: Any = pipeline  # "sdm-verify" is registered by sdm_hf, unknown to its typed overloads
+        verify = make_pipeline(
             "sdm-verify", model=args.model, sdm_head=head, device="cpu", max_new_tokens=args.max_new_tokens
         )
         results = verify(items, batch_size=args.batch_size)

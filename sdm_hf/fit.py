@@ -1,4 +1,9 @@
-"""``fit_sdm_head``: J shuffles x E epochs of SDM training, selection and calibration (SPEC A6).
+"""``fit_sdm_head``: J shuffles x E epochs of SDM training, selection and calibration.
+
+The training procedure of Schmaltz (2025), *Similarity-Distance-Magnitude Activations*
+(arXiv:2509.12760): the head is trained with the SDM loss (cross-entropy of the change-of-base
+activation ``sdm(z')``, whose base ``2 + q`` and exponent scale ``d`` come from the current
+support set), and the state with the lowest calibration loss is kept.
 
 Per shuffle: (optionally) merge and re-split the data 50/50, fresh initialisation, Adam.
 Epoch 0 is plain cross-entropy (``q = e - 2``, ``d = 1``); after every epoch the support
@@ -8,7 +13,8 @@ loss over all shuffles and epochs is kept (in memory; ties go to the later one),
 final head is built and calibrated on that state's own split.
 
 Speed: during training, distances are searched in the D-dimensional space ``L^T x`` with
-``L L^T = W^T W`` when ``D < M`` (SPEC A2), which gives the exemplar-space distances at
+``L L^T = W^T W`` when ``D < M`` (squared distances ``|W(x - x')|^2 = |L^T (x - x')|^2``,
+and the adaptor bias cancels), which gives the exemplar-space distances at
 ``D / M`` of the cost; normalised features are computed once per shuffle.
 """
 
@@ -109,7 +115,7 @@ def _first_widths(last_q: torch.Tensor | None, default: int) -> int | torch.Tens
 @torch.no_grad()
 def _refresh(head: SDMHead, data: _Shuffle, num_classes: int, max_q: int, initial_k: int) -> dict:
     """Recompute exemplars/predictions, the support index, q, d for both splits and the
-    calibration loss with the current weights (SPEC A6, after every epoch)."""
+    calibration loss with the current weights (after every epoch)."""
     logits_train = head.encode(data.x_train)[1]
     logits_calib = head.encode(data.x_calib)[1]
     pred_train = logits_train.argmax(1).cpu()
@@ -182,7 +188,7 @@ def fit_sdm_head(
     calib_texts: list | None = None,
     use_sdm_loss: bool = True,
 ) -> SDMHead:
-    """Train, select and calibrate an SDM head over frozen features (SPEC A6).
+    """Train, select and calibrate an SDM head over frozen features.
 
     Args:
         train_x: ``[N_train, D]`` training features (tensor or ndarray).
@@ -296,6 +302,8 @@ def fit_sdm_head(
     finally:
         bar.close()
 
+    if best is None:  # epochs >= 1 and shuffles >= 1 are validated above: unreachable in practice
+        raise ValueError("no epoch was trained; pass epochs >= 1 and shuffles >= 1")
     final = SDMHead(copy.deepcopy(config)).to(device)
     final.load_state_dict(best["state"])
     train_idx, calib_idx = best["train_idx"], best["calib_idx"]

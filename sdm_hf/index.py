@@ -22,6 +22,7 @@ is never serialised: it is rebuilt from the stored exemplars (``SupportIndex.fro
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import faiss
 import numpy as np
@@ -90,7 +91,10 @@ def _order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.T
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_DEFAULT_PARAMS = {"ivf": {"nlist": None, "nprobe": 16}, "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128}}
+_DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "ivf": {"nlist": None, "nprobe": 16},
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
+}
 
 
 def index_parameters(index_type: str, params: dict | None, ntotal: int) -> dict:
@@ -98,7 +102,7 @@ def index_parameters(index_type: str, params: dict | None, ntotal: int) -> dict:
     about ``4 sqrt(N)``)."""
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
-    defaults = dict(_DEFAULT_PARAMS.get(index_type, {}))
+    defaults: dict[str, Any] = dict(_DEFAULT_PARAMS.get(index_type, {}))
     unknown = sorted(set(params or {}) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {index_type} index parameter(s) {unknown}; valid: {sorted(defaults)}")
@@ -163,7 +167,8 @@ class SupportIndex:
         self._dim = int(self._own.shape[1])
         self.index_type = index_type
         self.index_params = index_parameters(index_type, index_params, self._own.shape[0])
-        self._faiss = None
+        # a FAISS index (its SWIG stubs type each index class separately, so kept as Any)
+        self._faiss: Any = None
         self._build()
 
     def __deepcopy__(self, memo) -> SupportIndex:
@@ -199,7 +204,8 @@ class SupportIndex:
         once (saving, broadcasting), never keep it. :attr:`vectors` is the safe copy."""
         if self._own is not None:
             return self._own
-        index, n = self._faiss, int(self._faiss.ntotal)
+        index: Any = self._faiss
+        n = int(index.ntotal)
         if self.index_type == "ivf":
             return self._rows(torch.arange(n))
         if self.index_type == "hnsw":  # HNSW keeps the vectors in a flat storage index, in row order
@@ -241,8 +247,9 @@ class SupportIndex:
         return self.index_type == "flat" and self.storage == "float32"
 
     # -- construction ---------------------------------------------------------------------
-    def _cpu_index(self, dim: int):
+    def _cpu_index(self, dim: int) -> Any:
         fp16 = self.storage == "float16"
+        index: Any
         params = self.index_params
         if self.index_type == "flat":
             if fp16:
@@ -250,7 +257,7 @@ class SupportIndex:
             return faiss.IndexFlatL2(dim)
         if self.index_type == "ivf":
             self._quantizer = faiss.IndexFlatL2(dim)
-            nlist = min(params["nlist"], max(self._own.shape[0], 1))
+            nlist = min(params["nlist"], max(self.ntotal, 1))
             if fp16:
                 index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16)
                 # codes of the vectors themselves, not of residuals to the centroid: exactly the
@@ -262,7 +269,8 @@ class SupportIndex:
             index.nprobe = min(params["nprobe"], nlist)
             return index
         if fp16:
-            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, params["M"])
+            # the stub types the quantizer argument as an object; FAISS takes the QT_* enum value
+            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, params["M"])  # type: ignore[arg-type]
         else:
             index = faiss.IndexHNSWFlat(dim, params["M"])
         index.hnsw.efConstruction = params["efConstruction"]
@@ -279,13 +287,14 @@ class SupportIndex:
             self._faiss = None  # torch exact search on the device
         else:
             self._faiss = self._cpu_index(dim)
-        if self._faiss is not None and self._own.shape[0] > 0:
+        own = self.stored_vectors()  # _build runs while the index still owns its vectors
+        if self._faiss is not None and own.shape[0] > 0:
             if not self._faiss.is_trained:  # IVF: k-means on a seeded subsample
-                n = self._own.shape[0]
+                n = own.shape[0]
                 take = min(n, 256 * self.index_params.get("nlist", 1))
                 rows = np.sort(np.random.default_rng(0).permutation(n)[:take])
-                self._faiss.train(self._as_numpy(self._own[torch.from_numpy(rows)]))
-            self._add_chunked(self._own)
+                self._faiss.train(self._as_numpy(own[torch.from_numpy(rows)]))
+            self._add_chunked(own)
         if self._faiss is not None and self.index_type == "ivf":
             self._faiss.make_direct_map()  # row -> (list, offset), so rows can be decoded back
         if self._faiss is not None and self.device.type == "cpu":

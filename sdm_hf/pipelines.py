@@ -15,6 +15,7 @@ the completion follows the instructions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoModel, AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -59,6 +60,10 @@ class _SDMPipelineBase(Pipeline):
     _load_tokenizer = True
     _options: tuple[str, ...] = ()
 
+    def _run(self, items: list, batch_size: int, **options) -> list:
+        """Results for ``items`` (one per item), ``batch_size`` at a time; each task defines it."""
+        raise NotImplementedError
+
     def __init__(self, *args, sdm_head=None, head_subfolder: str = DEFAULT_HEAD_SUBFOLDER, **kwargs):
         super().__init__(*args, **kwargs)
         self.sdm_head = _resolve_head(sdm_head, self.model, head_subfolder, self.device)
@@ -94,7 +99,7 @@ class _SDMPipelineBase(Pipeline):
 
     def _nearest(self, index: int) -> dict:
         head = self.sdm_head
-        if index < 0:
+        if index < 0 or head.support is None:
             return {"index": None, "id": None, "label": None, "text": None}
         label = int(head.support.labels[index])
         return {
@@ -194,6 +199,8 @@ class SDMVerifyPipeline(_SDMPipelineBase):
         super().__init__(*args, **kwargs)
         self.control = control_tokens or ControlTokens()
         self._postprocess_params = options
+        if self.tokenizer is None:
+            raise ValueError("the sdm-verify pipeline needs the model's tokenizer (pass tokenizer=...)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -205,8 +212,9 @@ class SDMVerifyPipeline(_SDMPipelineBase):
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if not limit:
             return
-        texts = [format_document(self.tokenizer, p, self.control.add(c, True)) for p, c in zip(prompts, completions)]
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        tokenizer: Any = self.tokenizer
+        texts = [format_document(tokenizer, p, self.control.add(c, True)) for p, c in zip(prompts, completions)]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
         if too_long:
             i, n = too_long[0]

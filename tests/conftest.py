@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -21,8 +23,8 @@ def mixture():
 
 
 @pytest.fixture(scope="session")
-def small_head():
-    """A quickly fitted 2-class head on a Gaussian mixture (shared, do not mutate)."""
+def _fitted_small_head():
+    # fitted once per session; tests get copies through small_head
     from sdm_hf import SDMConfig, fit_sdm_head
 
     x, y = gaussian_mixture(600, num_classes=2, dim=8, separation=1.5, label_noise=0.02, seed=3)
@@ -42,10 +44,18 @@ def small_head():
     return head, x, y
 
 
+@pytest.fixture
+def small_head(_fitted_small_head):
+    """``(head, x, y)``: a quickly fitted 2-class head on a Gaussian mixture (600 points, the
+    first 300 its support set, the rest its calibration set). A fresh copy for every test."""
+    head, x, y = _fitted_small_head
+    return copy.deepcopy(head), x.clone(), y.clone()
+
+
 @pytest.fixture(scope="module")
 def bpe():
     """A tiny byte-level BPE tokenizer without a chat template (decoder-LM feature tests)."""
-    from tests.lm_fixtures import tiny_tokenizer
+    from tests.lm.fixtures import tiny_tokenizer
 
     return tiny_tokenizer(chat_template=False)
 
@@ -53,6 +63,6 @@ def bpe():
 @pytest.fixture(scope="module")
 def llama(bpe):
     """A 3-layer, 16-wide Llama for ``bpe`` (intermediate layers exist for the early-stop path)."""
-    from tests.lm_fixtures import tiny_causal_lm
+    from tests.lm.fixtures import tiny_causal_lm
 
     return tiny_causal_lm(bpe, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)

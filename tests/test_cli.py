@@ -155,7 +155,7 @@ def test_verify_with_a_tiny_lm_repository(tmp_path):
     from sdm_hf import SDMConfig, SDMHead
     from sdm_hf.hub import save_sdm_model
     from sdm_hf.lm.encoding import ControlTokens, verification_features
-    from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer
+    from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     model = tiny_causal_lm(tokenizer)

@@ -9,7 +9,7 @@ from sdm_hf import SDMConfig, SDMHead
 from sdm_hf.features import extract_features
 from sdm_hf.hub import save_sdm_model
 from sdm_hf.lm.encoding import ControlTokens, verification_features
-from tests.lm_fixtures import tiny_causal_lm, tiny_tokenizer
+from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
 WORDS = [f"w{i}" for i in range(30)]
 

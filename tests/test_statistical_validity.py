@@ -30,6 +30,8 @@ import torch
 from sdm_hf import SDMConfig, fit_sdm_head
 from tests.conftest import gaussian_mixture
 
+pytestmark = pytest.mark.slow  # repeated fits and resampling: the HR region's promise checked statistically
+
 ALPHA = 0.9
 DRAWS = 100
 TRAIN = 3000

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
@@ -58,7 +59,8 @@ def upload_folder(
                 repo_type="model",
             )
     except (LocalTokenNotFoundError, HfHubHTTPError) as err:
-        raise type(err)(
+        same_kind: Any = type(err)  # re-raised as its own subclass (RepositoryNotFoundError, ...)
+        raise same_kind(
             f"{err}\nHint: pushing needs a Hugging Face token with write access: run `hf auth "
             "login`, set HF_TOKEN, or pass token=...",
             **({"response": err.response} if isinstance(err, HfHubHTTPError) else {}),
@@ -164,8 +166,10 @@ class SDMHubMixin(ModelHubMixin):
         config, tensors, documents = persistence.state_to_files(self.to_state())
         persistence.write_files(Path(save_directory), config, tensors, documents, str(self.generate_model_card()))
 
+    # keyword-only options and a device: the head reads its own files (config, tensors,
+    # documents), not the mixin's single weights file, so the signature differs on purpose
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
         pretrained_model_name_or_path,
         *,
@@ -202,7 +206,7 @@ class SDMHubMixin(ModelHubMixin):
         del tensors  # the support vectors are a view of the file's memory map: let the index own them
         return cls.from_state(state, device=device).eval()
 
-    def push_to_hub(
+    def push_to_hub(  # type: ignore[override]  # keyword-only, with subfolder
         self,
         repo_id: str,
         *,

@@ -392,7 +392,7 @@ class SDMHead(
         approximate = self._predict(x, batch_size, 1, None, support)
         reference = self._predict(x, batch_size, 1, None, support.exact_copy())
         result = output_agreement(approximate, reference)
-        return {**result, "index_type": self.support.index_type, "storage": self.support.storage}
+        return {**result, "index_type": support.index_type, "storage": support.storage}
 
     def calibration_report(self, alphas=(0.8, 0.9, 0.95)) -> CalibrationReport:
         """Per class: calibration points, OOD count, HR admission and accuracy, at the chosen

@@ -28,6 +28,11 @@ class SDMModule(nn.Module):
         generator: optional ``torch.Generator`` for the initial weights (reproducible init).
     """
 
+    adaptor: nn.Linear
+    classifier: nn.Linear
+    feature_mean: torch.Tensor  # buffer: () or [D]
+    feature_std: torch.Tensor  # buffer: () or [D], > 0
+
     def __init__(self, config: SDMConfig, generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(config, SDMConfig):

@@ -19,9 +19,11 @@ import json
 import warnings
 from dataclasses import dataclass, field
 
+from torch.utils.data import Dataset
+
 from .encoding import ControlTokens
 
-__all__ = ["Document", "prepare_documents"]
+__all__ = ["Document", "VersionDataset", "prepare_documents"]
 
 
 @dataclass
@@ -107,3 +109,17 @@ def prepare_documents(dataset, control: ControlTokens | None = None, append_cont
             stacklevel=2,
         )
     return documents, negative_only
+
+
+class VersionDataset(Dataset):
+    """The encoded version of each document for the current epoch (a map-style dataset whose
+    rows are replaced in place at every epoch start, so the Trainer's loader never changes)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]

@@ -9,6 +9,8 @@ process each of these is the identity and touches no ``torch.distributed`` call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..head.modeling import SDMHead
@@ -44,7 +46,7 @@ def gather_lists(local: list, world: tuple[int, int]) -> list:
     _, size = world
     if size == 1:
         return list(local)
-    parts = [None] * size
+    parts: list[Any] = [None] * size
     torch.distributed.all_gather_object(parts, list(local))
     return [item for part in parts for item in part]
 
@@ -72,7 +74,7 @@ def broadcast_head(
     rank, size = world
     if size == 1:
         return head, support_row
-    payload = [None]
+    payload: list[Any] = [None]
     if rank == 0:
         payload = [None if head is None else (head.to_state(), support_row.tolist())]
     torch.distributed.broadcast_object_list(payload, src=0)

@@ -29,16 +29,16 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer
 
-from ..head import SDMHead
+from ..head.modeling import SDMHead
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
-from .data import Document, prepare_documents
+from .data import Document, VersionDataset, prepare_documents
 from .distributed import broadcast_head, gather_lists, process_world
 from .encoding import ControlTokens, encode_example, generate_greedy, pool_verification_states, prefix_features
 from .loss import sdm_next_token_loss
@@ -54,20 +54,6 @@ def exact_match_verifier(positive: str, generation: str) -> bool:
     """Default verifier ``r``: exact match after stripping outer whitespace (both texts have
     their control suffixes removed before they get here)."""
     return positive.strip() == generation.strip()
-
-
-class _VersionDataset(Dataset):
-    """The encoded version of each document for the current epoch (a map-style dataset whose
-    rows are replaced in place at every epoch start, so the Trainer's loader never changes)."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
 
 
 class SDMTrainer(Trainer):
@@ -102,7 +88,14 @@ class SDMTrainer(Trainer):
         trainer.save_sdm_model("out/final")  # model + tokenizer + sdm_head/
     """
 
+    args: SDMTrainingArguments  # narrowed from TrainingArguments: __init__ accepts only these
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated batch's token count
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's (``processing_class``) padding id; ``__init__`` sets it to eos if unset."""
+        tokenizer: Any = self.processing_class
+        return int(tokenizer.pad_token_id)
 
     def __init__(
         self,
@@ -131,7 +124,7 @@ class SDMTrainer(Trainer):
         self.control_tokens = control_tokens or ControlTokens()
         self.verifier = verifier or exact_match_verifier
         self.documents, _ = prepare_documents(train_dataset, self.control_tokens, append_control)
-        self.eval_documents = None
+        self.eval_documents: list[Document] | None = None
         if eval_dataset is not None:
             self.eval_documents, _ = prepare_documents(eval_dataset, self.control_tokens, append_control)
         self._encoded: dict[tuple[int, str], dict] = {}
@@ -142,8 +135,8 @@ class SDMTrainer(Trainer):
         self._loss_head: SDMHead | None = None
         self._loss_support_row: torch.Tensor | None = None
         self.epoch_log: list[dict] = []
-        self._train_versions = _VersionDataset()
-        self._eval_versions = _VersionDataset()
+        self._train_versions = VersionDataset()
+        self._eval_versions = VersionDataset()
         super().__init__(
             model=model,
             args=args,
@@ -156,7 +149,7 @@ class SDMTrainer(Trainer):
         # compute_loss takes the accumulated batch's token count; this makes the Trainer pass it
         self.model_accepts_loss_kwargs = True
         if args.disable_dropout:
-            disable_dropout(self.model)
+            disable_dropout(model)
         self.add_callback(HardNegativeCallback(self))
         self.add_callback(HeadRefreshCallback(self))
         self.start_epoch(0)
@@ -334,7 +327,7 @@ class SDMTrainer(Trainer):
         return prefix_features(
             self.model,
             ids,
-            self.processing_class.pad_token_id,
+            self.pad_token_id,
             batch_size=max(1, self.args.per_device_eval_batch_size),
         )
 
@@ -442,7 +435,7 @@ class SDMTrainer(Trainer):
         # the epoch's SDM state (document versions, hard-negative caches, support rows), so
         # that resume_from_checkpoint continues exactly.
         super()._save(output_dir, state_dict=state_dict)
-        folder = Path(output_dir or self.args.output_dir)
+        folder = Path(output_dir or self.args.output_dir or ".")
         if self.head is not None:
             self.head.save_pretrained(folder / "sdm_head")
         (folder / STATE_NAME).write_text(self.epoch_state.to_json(), encoding="utf-8")
@@ -474,7 +467,7 @@ class SDMTrainer(Trainer):
         only: every positive, every static negative and, with ``generate``, every wrong greedy
         generation as a further negative (gamma_gen = gamma_diversity = 1); Schmaltz 2025, SDM
         language models, Sec. 3.4. It becomes ``self.head`` (saved by :meth:`save_sdm_model`)."""
-        if not self._eval_versions.rows:
+        if not self._eval_versions.rows or self.eval_documents is None:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
         extra: dict[int, list[str]] = {}
         if generate:

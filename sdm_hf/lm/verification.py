@@ -14,7 +14,8 @@ import warnings
 import torch
 
 from ..fit import fit_sdm_head
-from ..head import SDMConfig, SDMHead
+from ..head.config import SDMConfig
+from ..head.modeling import SDMHead
 
 __all__ = ["fit_split_head"]
 

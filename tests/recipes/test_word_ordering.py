@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes" / "word_ordering"))
 
 import train_base_model  # noqa: E402
@@ -15,6 +15,8 @@ import word_order_data as wod  # noqa: E402
 import word_order_experiment as woe  # noqa: E402
 
 from sdm_hf.lm import ControlTokens, encode_example  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the word-ordering experiment's pieces
 
 
 @pytest.fixture(scope="module")

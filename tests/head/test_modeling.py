@@ -11,22 +11,6 @@ from sdm_hf.activation import sdm_activation
 from tests.conftest import gaussian_mixture
 
 
-def test_config_roundtrip_and_validation():
-    cfg = SDMConfig(input_dim=4, num_classes=3, id2label={"0": "a", "1": "b", "2": "c"})
-    assert cfg.id2label == {0: "a", 1: "b", 2: "c"} and cfg.label2id == {"a": 0, "b": 1, "c": 2}
-    assert SDMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="alpha"):
-        SDMConfig(input_dim=4, alpha=0.5)
-    with pytest.raises(ValueError, match="alpha"):
-        SDMConfig(input_dim=4, alpha=1.01)
-    with pytest.raises(ValueError, match="num_classes"):
-        SDMConfig(input_dim=4, num_classes=1)
-    with pytest.raises(ValueError, match="id2label"):
-        SDMConfig(input_dim=4, num_classes=3, id2label={0: "a"})
-    with pytest.raises(ValueError, match="unknown SDMConfig"):
-        SDMConfig.from_dict({"input_dim": 4, "bogus": 1})
-
-
 def test_predict_fields_and_consistency(small_head):
     head, x, _ = small_head
     out = head.predict(x[:50], k_neighbors=3)

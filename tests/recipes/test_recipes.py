@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 import demo  # noqa: E402
@@ -14,6 +14,8 @@ import saplma_data  # noqa: E402
 import sdm_report  # noqa: E402
 import sentiment  # noqa: E402
 from sdm_experiment import ESTIMATORS, EvalSet, FeatureSet, FitSettings, fit_estimators, resample_validity  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the recipes end to end on shipped data
 
 QUICK = ["--epochs", "2", "--shuffles", "1", "--no-progress", "--alphas", "0.8", "0.9", "--learning-rate", "1e-3"]
 ROW_KEYS = {"features", "test_set", "shifted", "estimator", "alpha", "n", "admitted", "per_class"}
