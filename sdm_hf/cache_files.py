@@ -1,0 +1,112 @@
+"""File helpers shared by sdm_hf's disk caches (:mod:`sdm_hf.model_loading`, :mod:`sdm_hf.feature_cache`).
+
+* :func:`default_cache_dir` is ``$SDM_HF_CACHE``, else ``$HF_HOME/sdm_hf``; :func:`cache_root`
+  is a caller's ``cache_dir`` or that default.
+* :func:`file_sha256` hashes a file's content in chunks.
+* :func:`read_json` / :func:`json_text` read and write strict JSON (no NaN or Infinity).
+* :func:`atomic_write_bytes` writes a file through a temporary sibling and a rename, so an
+  interrupted run never leaves a half-written file that a later run trusts.
+* :func:`progress_message` prints an ``sdm_hf: ...`` line to stderr without breaking tqdm bars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+__all__ = [
+    "default_cache_dir",
+    "cache_root",
+    "file_sha256",
+    "read_json",
+    "json_text",
+    "atomic_write_bytes",
+    "progress_message",
+]
+
+_CHUNK = 8 * 1024 * 1024
+
+
+def default_cache_dir() -> Path:
+    """Where sdm_hf caches converted models and features.
+
+    Returns:
+        ``$SDM_HF_CACHE`` when that environment variable is set, else
+        ``huggingface_hub.constants.HF_HOME / "sdm_hf"`` (next to the Hugging Face caches).
+    """
+    env = os.environ.get("SDM_HF_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME).expanduser() / "sdm_hf"
+
+
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """The cache root to use: ``cache_dir`` (``~`` expanded) when given, else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def progress_message(message: str, progress: bool) -> None:
+    """Write ``sdm_hf: <message>`` to stderr (through ``tqdm.write``) when ``progress`` is true."""
+    if progress:
+        tqdm.write(f"sdm_hf: {message}", file=sys.stderr)
+
+
+def file_sha256(path: str | Path, progress: bool = False) -> str:
+    """Hex sha256 of a file's content, read in 8 MiB chunks (with a byte-count tqdm bar if ``progress``)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with (
+        path.open("rb") as handle,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"hashing {path.name}", disable=not progress
+        ) as bar,
+    ):
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def read_json(path: Path):
+    """Strict JSON (no NaN/Infinity) from ``path``; raises ValueError/OSError."""
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+
+
+def json_text(value) -> str:
+    """``value`` as strict JSON text: indented, keys sorted, a final newline; NaN/Infinity raise ValueError.
+
+    >>> print(json_text({"b": 1, "a": [0.5]}), end="")
+    {
+      "a": [
+        0.5
+      ],
+      "b": 1
+    }
+    """
+    return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created with the umask's mode, unlike mkstemp
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
