@@ -8,13 +8,15 @@ The public entry points::
 """
 
 from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
+from .cache_files import default_cache_dir
 from .calibration import high_reliability_thresholds
-from .feature_cache import cached_features, default_cache_dir, load_causal_lm
+from .feature_cache import cached_features
 from .fit import fit_sdm_head
 from .head.config import SDMConfig
 from .head.diagnostics import CalibrationReport, LabelErrors
 from .head.inference import SDMOutput
 from .head.modeling import SDMHead
+from .model_loading import load_causal_lm
 from .pipelines import register_pipelines
 
 register_pipelines()  # `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work

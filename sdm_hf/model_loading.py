@@ -17,6 +17,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,7 +143,7 @@ def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool
         raise
 
 
-def _load_folder(folder: Path, torch_dtype, **kwargs):
+def _load_folder(folder: str | Path, torch_dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
@@ -254,7 +255,7 @@ def load_causal_lm(
         model, tokenizer = load_causal_lm(assemble())  # first call converts, later calls load the copy
     """
     torch_dtype = _resolve_dtype(torch_dtype)
-    hub = {"local_files_only": local_files_only}
+    hub: dict[str, Any] = {"local_files_only": local_files_only}
     if revision is not None:
         hub["revision"] = revision
     name = str(path_or_name)

@@ -18,6 +18,13 @@ def gaussian_mixture(n, num_classes=2, dim=8, separation=3.0, label_noise=0.0, s
 
 
 @pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Point sdm_hf's cache ($SDM_HF_CACHE) at a temporary folder: nothing lands in the user's."""
+    monkeypatch.setenv("SDM_HF_CACHE", str(tmp_path / "default-cache"))
+    return tmp_path / "default-cache"
+
+
+@pytest.fixture
 def mixture():
     return gaussian_mixture
 

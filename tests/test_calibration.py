@@ -14,7 +14,7 @@ from sdm_hf.calibration import (
 
 
 def reference_algorithm_1(p, r, y, num_classes, alpha):
-    """A direct transcription of SPEC A5's definition (quadratic, for tests only)."""
+    """A direct transcription of Algorithm 1's definition (quadratic, for tests only)."""
     p, r, y = p.double().numpy(), r.double().numpy(), y.numpy()
     keep = np.floor(r) > 0
     p, r, y = p[keep], r[keep], y[keep]

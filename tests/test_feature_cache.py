@@ -11,31 +11,9 @@ import torch
 from sdm_hf import cache_files, feature_cache, model_loading
 from sdm_hf.feature_cache import cached_features, default_cache_dir, feature_cache_key
 from sdm_hf.features import extract_features
+from tests.feature_helpers import TEXTS, Counter
 
-TEXTS = ["the birch canoe slid on the smooth planks", "glue the sheet", "a", "rice is often served in round bowls"]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Nothing a test does lands in the user's cache."""
-    monkeypatch.setenv("SDM_HF_CACHE", str(tmp_path / "default-cache"))
-
-
-class Counter:
-    """Counts forward passes of the model's body."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.model.register_forward_pre_hook(self.hook)
-
-    def hook(self, *args):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache
 
 
 def entries(cache):

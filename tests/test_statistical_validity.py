@@ -1,4 +1,5 @@
-"""The promise of SPEC "What the method promises", tested on exchangeable synthetic data.
+"""The HR region's promise (class- and prediction-conditional accuracy >= alpha under
+exchangeability), tested on exchangeable synthetic data.
 
 One head per setting is trained once; calibration and test sets are then drawn afresh from
 the same distribution (a Gaussian mixture with uniform label noise) 100 times and the head

@@ -20,7 +20,7 @@ def test_predict_fields_and_consistency(small_head):
     assert torch.equal(out.is_ood, out.q == 0)
     assert bool((out.d >= 0).all() and (out.d <= 1).all())
     assert bool((out.d_lower <= out.d).all() and (out.d_upper >= out.d).all())
-    # HR <=> the set {c : sdm_c >= psi_c} is exactly {y_hat} (SPEC A5), given the q' rule
+    # HR <=> the set {c : sdm_c >= psi_c} is exactly {y_hat} (the HR rule), given the q' rule
     psi = head.thresholds.float()
     above = out.probabilities >= psi
     singleton = (above.sum(1) == 1) & above.gather(1, out.prediction[:, None]).squeeze(1)
