@@ -155,7 +155,7 @@ def test_bad_data_line_names_the_line(tmp_path):
 def test_per_alpha_masks_equal_a_recalibrated_predict():
     import warnings
 
-    from sdm_experiment import _hr_masks
+    from sdm_hf.head.inference import hr_masks
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(600, 3, generator=g)
@@ -173,7 +173,7 @@ def test_per_alpha_masks_equal_a_recalibrated_predict():
             expected = head.predict(test_x)
             q_min, psi = head.q_min, head.thresholds
             head.recalibrate(alpha=0.95)
-            in_hr, in_hr_lower = _hr_masks(head.predict(test_x), alpha, q_min, psi)
+            in_hr, in_hr_lower = hr_masks(head.predict(test_x), alpha, q_min, psi)
             assert torch.equal(in_hr, expected.in_hr) and torch.equal(in_hr_lower, expected.in_hr_lower)
     head.recalibrate(alpha=0.7)
     assert head.predict(test_x).in_hr.any()  # not a vacuous comparison
