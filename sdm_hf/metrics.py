@@ -43,14 +43,14 @@ def evaluate_module_path() -> str:
     return str(resources.files("sdm_hf").joinpath("evaluate_metrics/selective_classification"))
 
 
-def label_names(num_classes: int, id2label: dict[int, str] | None = None) -> list[str]:
+def label_names(num_classes: int, id2label: dict[int, str] | None = None) -> list:
     """Display names of classes ``0..C-1``: ``id2label[c]``, or ``"c"`` when no names are set.
 
     Example:
         >>> label_names(3), label_names(2, {0: "no", 1: "yes"})
         (['0', '1', '2'], ['no', 'yes'])
     """
-    return [str(id2label[c]) if id2label else str(c) for c in range(num_classes)]
+    return [id2label[c] if id2label else str(c) for c in range(num_classes)]
 
 
 def group_counts(
@@ -72,6 +72,7 @@ def group_counts(
         >>> n.tolist(), a.tolist(), k.tolist()
         ([1, 2], [1, 1], [1, 0])
     """
+    admit, correct = admit.bool(), correct.bool()
     member = (groups >= 0) & (groups < num_classes)
     n = torch.bincount(groups[member], minlength=num_classes)
     admitted = torch.bincount(groups[member & admit], minlength=num_classes)
@@ -220,6 +221,8 @@ def selective_counts(labels, prediction, admit, num_classes: int, id2label: dict
             f"labels, prediction and admit must be 1-D of one length, got {tuple(y.shape)}, "
             f"{tuple(prediction.shape)} and {tuple(admit.shape)}"
         )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must be integers in 0..{num_classes - 1}, got values {int(y.min())}..{int(y.max())}")
     correct = admit & (prediction == y)
     names = label_names(num_classes, id2label)
 

@@ -28,6 +28,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -72,10 +73,18 @@ def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tens
     return values.contiguous(), offsets
 
 
-def state_to_files(state: SDMHeadState) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
+def state_to_files(state: SDMHeadState | Any) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
     """``(config_json, tensors, documents)`` describing ``state`` completely.
 
+    Args:
+        state: an :class:`SDMHeadState`, or a head (anything with ``to_state(copy=...)``), whose
+            state is then taken without copies.
+
     Tensors are not copied (the support vectors can be gigabytes): write them at once."""
+    if not isinstance(state, SDMHeadState) and hasattr(state, "to_state"):
+        state = state.to_state(copy=False)
+    if not isinstance(state, SDMHeadState):
+        raise TypeError(f"state must be an SDMHeadState or a head, got {type(state).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.weights.items()}
     config: dict = {
         FORMAT_KEY: FORMAT_VERSION,

@@ -59,17 +59,23 @@ def small_head(_fitted_small_head):
     return copy.deepcopy(head), x.clone(), y.clone()
 
 
-@pytest.fixture(scope="module")
-def bpe():
-    """A tiny byte-level BPE tokenizer without a chat template (decoder-LM feature tests)."""
-    from tests.lm.fixtures import tiny_tokenizer
+@pytest.fixture(scope="session")
+def _tiny_decoder():
+    # built once per session (training the tokenizer is the slow part); tests get copies
+    from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
-    return tiny_tokenizer(chat_template=False)
+    tokenizer = tiny_tokenizer(chat_template=False)
+    model = tiny_causal_lm(tokenizer, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)
+    return tokenizer, model
 
 
-@pytest.fixture(scope="module")
-def llama(bpe):
-    """A 3-layer, 16-wide Llama for ``bpe`` (intermediate layers exist for the early-stop path)."""
-    from tests.lm.fixtures import tiny_causal_lm
+@pytest.fixture
+def bpe(_tiny_decoder):
+    """A tiny byte-level BPE tokenizer without a chat template (decoder-LM feature tests); a fresh copy."""
+    return copy.deepcopy(_tiny_decoder[0])
 
-    return tiny_causal_lm(bpe, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)
+
+@pytest.fixture
+def llama(_tiny_decoder):
+    """A 3-layer, 16-wide Llama for ``bpe`` (intermediate layers exist for the early-stop path); a fresh copy."""
+    return copy.deepcopy(_tiny_decoder[1])

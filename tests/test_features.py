@@ -7,7 +7,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from sdm_hf.features import extract_features, pool_hidden_states
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30)]
     path = tmp_path_factory.mktemp("tok") / "vocab.txt"
@@ -97,7 +97,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gemma(bpe):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -117,7 +117,7 @@ def gemma(bpe):
     return Gemma3ForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gpt2(bpe):
     """Learned absolute positions and no `layers` list: the full-forward path, position ids matter."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -194,3 +194,27 @@ def test_missing_hub_head_names_the_file():
 
     with pytest.raises(SDMFormatError, match="sdm_head/config.json"):
         SDMHead.from_pretrained("nobody/no-such-repo", subfolder="sdm_head", local_files_only=True)
+
+
+def test_a_failed_write_creates_nothing_on_the_hub(monkeypatch):
+    from sdm_hf.head import hub as head_hub
+
+    calls = []
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, **kwargs):
+            calls.append("create_repo")
+
+        def upload_folder(self, **kwargs):
+            calls.append("upload_folder")
+
+    def write(folder):
+        raise ValueError("the model could not be saved")
+
+    monkeypatch.setattr(head_hub, "HfApi", Api)
+    with pytest.raises(ValueError, match="could not be saved"):
+        head_hub.upload_folder(write, "me/repo", commit_message="x")
+    assert calls == []

@@ -34,3 +34,13 @@ def test_evaluate_module_loads_offline():
     result = metric.compute(predictions=[0, 1, 1], references=[0, 0, 1], admitted=[True, True, False], num_classes=2)
     assert result["marginal"] == {"admitted": 2, "proportion": 2 / 3, "accuracy": 0.5}
     assert result["class_conditional"][1]["accuracy"] is None  # "R"
+
+
+def test_selective_counts_rejects_labels_outside_the_classes():
+    import pytest
+    import torch
+
+    from sdm_hf.metrics import selective_counts
+
+    with pytest.raises(ValueError, match="labels must be integers in 0..1"):
+        selective_counts(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([True, True]), 2)

@@ -123,7 +123,7 @@ def test_saving_reads_the_exemplars_in_place(heads):
     from sdm_hf.persistence import state_to_files
 
     head = heads[2][0]
-    tensors = state_to_files(head.to_state())[1]
+    tensors = state_to_files(head)[1]  # a head is taken without copies, as saving does
     # no copy of the (possibly gigabytes of) exemplars: the tensor written is FAISS's storage
     assert tensors["support.vectors"].data_ptr() == head.support.stored_vectors().data_ptr()
     assert torch.equal(tensors["support.vectors"], head.support.vectors)

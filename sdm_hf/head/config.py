@@ -90,7 +90,10 @@ class SDMConfig:
 
     def label_name(self, index: int) -> str:
         """Display name of class ``index`` (its number when no ``id2label`` is set)."""
-        return label_names(self.num_classes, self.id2label)[int(index)]
+        index = int(index)
+        if not 0 <= index < self.num_classes:
+            raise ValueError(f"class index must be in 0..{self.num_classes - 1}, got {index}")
+        return label_names(self.num_classes, self.id2label)[index]
 
     def to_dict(self) -> dict:
         """JSON-ready dict (``id2label`` keys become strings, as in transformers configs)."""

@@ -35,8 +35,9 @@ def upload_folder(
     branch: str | None = None,
     create_pr: bool | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed, let ``write(folder)`` fill a temporary folder, and upload
-    it (into ``path_in_repo`` when given) in one commit; nothing is left behind locally.
+    """Let ``write(folder)`` fill a temporary folder, create ``repo_id`` if needed and upload the
+    folder (into ``path_in_repo`` when given) in one commit; nothing is left behind locally, and
+    a failure while writing creates nothing on the Hub.
 
     Missing or invalid credentials re-raise the huggingface_hub error with a hint.
 
@@ -44,11 +45,11 @@ def upload_folder(
         The commit URL.
     """
     api = HfApi(token=token)
-    try:
-        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory(prefix="sdm_hf_push_") as tmp:
-            folder = Path(tmp) / repo_id.split("/")[-1]
-            write(folder)
+    with tempfile.TemporaryDirectory(prefix="sdm_hf_push_") as tmp:
+        folder = Path(tmp) / repo_id.split("/")[-1]
+        write(folder)
+        try:
+            repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
@@ -58,13 +59,13 @@ def upload_folder(
                 create_pr=create_pr,
                 repo_type="model",
             )
-    except (LocalTokenNotFoundError, HfHubHTTPError) as err:
-        same_kind: Any = type(err)  # re-raised as its own subclass (RepositoryNotFoundError, ...)
-        raise same_kind(
-            f"{err}\nHint: pushing needs a Hugging Face token with write access: run `hf auth "
-            "login`, set HF_TOKEN, or pass token=...",
-            **({"response": err.response} if isinstance(err, HfHubHTTPError) else {}),
-        ) from err
+        except (LocalTokenNotFoundError, HfHubHTTPError) as err:
+            same_kind: Any = type(err)  # re-raised as its own subclass (RepositoryNotFoundError, ...)
+            raise same_kind(
+                f"{err}\nHint: pushing needs a Hugging Face token with write access: run `hf auth "
+                "login`, set HF_TOKEN, or pass token=...",
+                **({"response": err.response} if isinstance(err, HfHubHTTPError) else {}),
+            ) from err
     return str(getattr(info, "commit_url", info))
 
 
@@ -133,7 +134,7 @@ class SDMHubMixin(ModelHubMixin):
     (support set, calibration arrays), and it is stored as strict JSON + safetensors only.
     """
 
-    def to_state(self) -> SDMHeadState:  # pragma: no cover - provided by the model class
+    def to_state(self, copy: bool = True) -> SDMHeadState:  # pragma: no cover - provided by the model class
         raise NotImplementedError
 
     @classmethod
@@ -156,14 +157,14 @@ class SDMHubMixin(ModelHubMixin):
         Returns:
             The commit URL when ``push_to_hub=True``, else None.
         """
-        target = save_state(self.to_state(), str(self.generate_model_card()), save_directory)
+        target = save_state(self.to_state(copy=False), str(self.generate_model_card()), save_directory)
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, **push_kwargs)
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # huggingface_hub's hook (called by its default save paths): write every file of the head
-        config, tensors, documents = persistence.state_to_files(self.to_state())
+        config, tensors, documents = persistence.state_to_files(self.to_state(copy=False))
         persistence.write_files(Path(save_directory), config, tensors, documents, str(self.generate_model_card()))
 
     # keyword-only options and a device: the head reads its own files (config, tensors,
@@ -203,7 +204,6 @@ class SDMHubMixin(ModelHubMixin):
         )
         config, tensors, documents, paths = persistence.read_files(fetch)
         state = persistence.state_from_files(config, tensors, documents, paths)
-        del tensors  # the support vectors are a view of the file's memory map: let the index own them
         return cls.from_state(state, device=device).eval()
 
     def push_to_hub(  # type: ignore[override]  # keyword-only, with subfolder

@@ -18,8 +18,8 @@ Shapes: ``B`` query rows, ``N`` support rows, ``D`` input width, ``M`` exemplar 
 
 from __future__ import annotations
 
-import copy
 import warnings
+from copy import deepcopy
 from dataclasses import replace
 
 import torch
@@ -28,7 +28,7 @@ from huggingface_hub import ModelCard
 from .. import validation as check
 from ..calibration import explain_empty_region
 from ..distance import distance_quantile
-from ..index import resolve_device
+from ..index import SupportIndex, resolve_device
 from ..similarity import SimilarityResult
 from . import state as calibration_steps
 from .config import SDMConfig
@@ -101,12 +101,28 @@ class SDMHead(
 
     # -- support set ----------------------------------------------------------------------
     @property
+    def support(self) -> SupportSet | None:
+        """The support set (None before :meth:`build_support`)."""
+        return self._support
+
+    @support.setter
+    def support(self, value: SupportSet | SupportIndex | None) -> None:
+        # a bare SupportIndex (e.g. an exact reference index built by hand) is wrapped
+        if isinstance(value, SupportIndex):
+            value = SupportSet(value)
+        if value is not None and not isinstance(value, SupportSet):
+            raise TypeError(f"support must be a SupportSet or SupportIndex, got {type(value).__name__}")
+        self._support = value
+
+    @property
     def support_ids(self) -> list | None:
         """Per-row ids of the support set, or None."""
         return None if self.support is None else self.support.ids
 
     @support_ids.setter
     def support_ids(self, ids: list | None) -> None:
+        if ids is None and self.support is None:
+            return
         support = self._require_support()
         support.ids = check.check_optional_list(ids, "support_ids", support.ntotal)
 
@@ -117,6 +133,8 @@ class SDMHead(
 
     @support_texts.setter
     def support_texts(self, texts: list | None) -> None:
+        if texts is None and self.support is None:
+            return
         support = self._require_support()
         support.texts = check.check_optional_list(texts, "support_texts", support.ntotal)
 
@@ -190,7 +208,7 @@ class SDMHead(
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SimilarityResult]:
         """exemplars, CPU logits, CPU predictions and the similarity of raw features ``x``
         (``self_index``: each row's own support row, -1 for none, excluded from its search)."""
-        support = support or self._require_support()
+        support = support if support is not None else self._require_support()
         exemplars, logits = self.encode_for_inference(x, batch_size)
         prediction = logits.argmax(dim=1)
         sim = support.similarity(exemplars, prediction, self.config, self_index=self_index)
@@ -212,6 +230,11 @@ class SDMHead(
             ``self`` (so calls chain). When Algorithm 1 finds no threshold a warning says why;
             the head then admits nothing.
         """
+        return self._calibrate(x, y, alpha, store_features, batch_size, stacklevel=4)
+
+    def _calibrate(self, x, y, alpha, store_features: bool, batch_size: int, stacklevel: int) -> SDMHead:
+        # calibrate() for it and for recalibrate(recompute=True): the empty-region warning
+        # points ``stacklevel`` frames up, at the user's call of either
         self._require_support()
         alpha = check.check_alpha(self.config.alpha if alpha is None else alpha)
         x = check.as_features(x, "x", self.config.input_dim)
@@ -220,13 +243,14 @@ class SDMHead(
         _, logits, _, sim = self._neighbourhood(x, batch_size)
         features = x.cpu() if store_features else None
         self._set_calibration(
-            calibration_steps.calibrate(y, logits, sim.q, sim.d_nearest, self.config.num_classes, alpha, features)
+            calibration_steps.calibrate(y, logits, sim.q, sim.d_nearest, self.config.num_classes, alpha, features),
+            stacklevel=stacklevel,
         )
         return self
 
-    def _set_calibration(self, calibration: CalibrationState) -> None:
+    def _set_calibration(self, calibration: CalibrationState, stacklevel: int = 3) -> None:
         """Adopt ``calibration`` (its alpha becomes the config's) and warn when its HR region
-        is empty, saying why; the warning points at the caller of calibrate/recalibrate."""
+        is empty, saying why; the warning points ``stacklevel`` frames up (the user's call)."""
         self.calibration = calibration
         self.config.alpha = calibration.alpha
         if calibration.is_empty_region:
@@ -242,7 +266,7 @@ class SDMHead(
                 f"The high-reliability region is empty at alpha={calibration.alpha}: every point will be rejected. "
                 f"Why: {reason}",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def recalibrate(self, alpha: float | None = None, recompute: bool = False, x=None, y=None):
@@ -272,7 +296,8 @@ class SDMHead(
                 )
             x = cal.features
         y = cal.labels if y is None else y
-        return self.calibrate(x, y, alpha=alpha, store_features=cal.features is not None or x is not None)
+        keep = cal.features is not None or x is not None
+        return self._calibrate(x, y, alpha, keep, 8192, stacklevel=4)
 
     @property
     def is_calibrated(self) -> bool:
@@ -391,8 +416,8 @@ class SDMHead(
         support = self._require_support()
         approximate = self._predict(x, batch_size, 1, None, support)
         reference = self._predict(x, batch_size, 1, None, support.exact_copy())
-        result = output_agreement(approximate, reference)
-        return {**result, "index_type": support.index_type, "storage": support.storage}
+        agreement = output_agreement(approximate, reference)
+        return {"n": agreement.pop("n"), "index_type": support.index_type, "storage": support.storage, **agreement}
 
     def calibration_report(self, alphas=(0.8, 0.9, 0.95)) -> CalibrationReport:
         """Per class: calibration points, OOD count, HR admission and accuracy, at the chosen
@@ -413,27 +438,37 @@ class SDMHead(
         return f"support={support}, {calibration}"
 
     # -- state and persistence ------------------------------------------------------------
-    def to_state(self) -> SDMHeadState:
-        """The whole head as plain CPU tensors (what is saved, and what rebuilds it).
+    def to_state(self, copy: bool = True) -> SDMHeadState:
+        """The head as plain CPU tensors: what is saved, and what rebuilds it with
+        :meth:`from_state` (``training_history`` and cached search results are not part of it).
 
-        The support vectors are, on the CPU, a view of the index's own storage (no copy of
-        what can be gigabytes): use the state at once, before the head's support changes."""
-        return SDMHeadState(
+        Args:
+            copy: True (default) returns an independent snapshot. False shares storage with
+                the live head where it can (weights, calibration arrays, and on the CPU the
+                support vectors as a view into the FAISS index: no copy of what can be
+                gigabytes); such a state is valid only until the head changes, so write or
+                send it at once (this is what saving does).
+        """
+        weights = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        support = None if self.support is None else self.support.to_state()
+        state = SDMHeadState(
             config=self.config,
-            weights={k: v.detach().cpu() for k, v in self.state_dict().items()},
-            support=None if self.support is None else self.support.to_state(),
+            weights=weights,
+            support=support,
             calibration=None if self.calibration is None else replace(self.calibration),
             selection=None if self.selection is None else dict(self.selection),
         )
+        return deepcopy(state) if copy else state
 
     @classmethod
     def from_state(cls, state: SDMHeadState, device: str | torch.device | None = None) -> SDMHead:
         """A head rebuilt from ``state`` (the FAISS index from the stored exemplars) on ``device``
-        (CPU by default)."""
+        (CPU by default). The head takes over the state's calibration tensors (they are never
+        changed in place); pass ``to_state()`` (a copy) to keep the source head independent."""
         if not isinstance(state, SDMHeadState):
             raise TypeError(f"state must be an SDMHeadState, got {type(state).__name__}")
         device = resolve_device(device)
-        head = cls(copy.deepcopy(state.config))
+        head = cls(deepcopy(state.config))
         head.load_state_dict(state.weights, strict=True)
         head.to(device)
         if state.support is not None:
@@ -451,5 +486,6 @@ class SDMHead(
             self.calibration,
             repo_hint=repo_hint,
             subfolder=subfolder,
+            tags=self._hub_mixin_info.model_card_data.tags or HUB_TAGS,  # huggingface_hub adds its own tag
         )
         return render_model_card(data)

@@ -1,6 +1,7 @@
 """The state of an SDM head as plain data, and the calibration steps as pure functions.
 
-Everything a head knows beyond its config lives in three dataclasses of CPU tensors:
+What a head knows beyond its config is described by three dataclasses of CPU tensors (a live
+head keeps the support set behind a FAISS index, built from :class:`SupportState`):
 
 * :class:`SupportState` — the support set (training exemplars) as stored: vectors
   ``[N, M]`` in the storage dtype, true labels and predictions ``[N]``, optional ids/texts.
@@ -128,8 +129,9 @@ class CalibrationState:
 
 @dataclass
 class SDMHeadState:
-    """A whole head as plain data: enough to rebuild it exactly (the FAISS index is rebuilt
-    from ``support.vectors``).
+    """A whole head as plain data: enough to rebuild its predictions exactly (the FAISS index is
+    rebuilt from ``support.vectors``; ``training_history`` and cached search results are not
+    part of it).
 
     Attributes:
         config: the :class:`~sdm_hf.SDMConfig`.

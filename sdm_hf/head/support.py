@@ -130,8 +130,19 @@ class SupportSet:
     def exact(self) -> bool:
         return self.index.exact
 
+    @property
+    def owns_vectors(self) -> bool:
+        return self.index.owns_vectors
+
     def stored_vectors(self) -> torch.Tensor:
+        """The exemplars without a copy where possible (a view into FAISS on the CPU): valid
+        only until the set changes; use :attr:`vectors` to keep them."""
         return self.index.stored_vectors()
+
+    def set_search_width(self, width: int) -> None:
+        """``nprobe`` (IVF) or ``efSearch`` (HNSW) of the live index; not saved (a saved head
+        rebuilds its index from ``SDMConfig.index_params``)."""
+        self.index.set_search_width(width)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.index.search(queries, k)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from ..head.modeling import SDMHead
+from ..head.state import SDMHeadState
+from ..persistence import SELECTION_KEYS
 
 __all__ = ["broadcast_head", "gather_lists", "process_world"]
 
@@ -76,7 +78,7 @@ def broadcast_head(
         return head, support_row
     payload: list[Any] = [None]
     if rank == 0:
-        payload = [None if head is None else (head.to_state(), support_row.tolist())]
+        payload = [None if head is None else (_shareable_state(head), support_row.tolist())]
     torch.distributed.broadcast_object_list(payload, src=0)
     if payload[0] is None:
         return None, support_row
@@ -84,3 +86,14 @@ def broadcast_head(
     head = SDMHead.from_state(state, device="cpu")
     head.compute_training_distance_lists()
     return head, torch.tensor(rows, dtype=torch.long)
+
+
+def _shareable_state(head: SDMHead) -> SDMHeadState:
+    # what the other ranks need to compute the loss, as a saved head would have it: no support
+    # documents, and of the training selection only the keys a saved head keeps
+    state = head.to_state()
+    if state.support is not None:
+        state.support.ids = state.support.texts = None
+    if state.selection is not None:
+        state.selection = {k: state.selection[k] for k in SELECTION_KEYS if k in state.selection}
+    return state

@@ -179,3 +179,29 @@ def test_index_choices_agreement_and_round_trip(small_head, tmp_path, index_type
     assert loaded.config.index_type == index_type and loaded.support.vectors.dtype == other.support.vectors.dtype
     if index_type != "hnsw":  # HNSW construction is multi-threaded; IVF and flat rebuild identically
         assert torch.equal(loaded.predict(x[:50]).q, other.predict(x[:50]).q)
+
+
+def test_support_accepts_a_bare_index_and_recompute_warns_at_the_caller(small_head):
+    import warnings
+
+    from sdm_hf.head.support import SupportSet
+    from sdm_hf.index import SupportIndex
+
+    head, x, y = small_head
+    support = head.support
+    head.support = SupportIndex(support.vectors.float(), support.labels, support.predictions)
+    assert isinstance(head.support, SupportSet) and head.support.ntotal == support.ntotal
+    with pytest.raises(TypeError, match="SupportSet or SupportIndex"):
+        head.support = "not a support set"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head.recalibrate(alpha=1.0, recompute=True)  # nothing reaches accuracy 1.0 with a margin
+    empty = [w for w in caught if "high-reliability region is empty" in str(w.message)]
+    assert empty and all(w.filename == __file__ for w in empty)
+
+
+def test_model_card_keeps_the_hub_mixin_tags(small_head):
+    head, _, _ = small_head
+    text = str(head.generate_model_card())
+    for tag in ("model_hub_mixin", "sdm", "selective-classification", "uncertainty-quantification"):
+        assert f"- {tag}" in text, tag

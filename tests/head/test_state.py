@@ -59,3 +59,15 @@ def test_with_alpha_returns_a_new_state(small_head):
     assert torch.equal(other.rescaled_similarity, cal.rescaled_similarity)  # only Algorithm 1 reran
     head.recalibrate(alpha=0.8)
     assert head.q_min == other.q_min and torch.equal(head.thresholds, other.thresholds)
+
+
+def test_to_state_is_an_independent_snapshot_by_default(small_head):
+    head, x, y = small_head
+    state = head.to_state()
+    vectors = state.support.vectors.clone()
+    head.add_to_support(x[:50], y[:50])  # FAISS reallocates its storage
+    head.recalibrate(alpha=0.8)
+    assert torch.equal(state.support.vectors, vectors) and state.support.size == 300
+    assert state.config is not head.config and state.config.alpha == 0.9
+    shared = head.to_state(copy=False)  # the saving path: no copies
+    assert shared.config is head.config
