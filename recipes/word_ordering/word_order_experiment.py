@@ -50,6 +50,7 @@ import word_order_data as wod  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
 from sdm_hf.metrics import selective_classification_report  # noqa: E402
+from sdm_hf.output_dir import prepare_output_dir  # noqa: E402
 
 RUNS = {
     "base": {"train": False, "use_sdm_loss": False, "hard_negatives": False},
@@ -141,12 +142,13 @@ def settings_of(args) -> dict:
 
 
 def prepare_folder(args) -> Path:
-    """Create, resume or refuse ``args.out`` (nothing of an earlier run is lost silently)."""
+    """Create, resume or refuse ``args.out`` (nothing of an earlier run is lost silently, and
+    ``--overwrite`` replaces only a folder sdm_hf wrote: one with its marker file)."""
     out = Path(args.out)
     saved = out / "settings.json"
     if out.exists() and any(out.iterdir()):
         if args.overwrite:
-            shutil.rmtree(out)
+            prepare_output_dir(out, overwrite=True, program="word_order_experiment.py")
         elif not args.resume:
             raise FileExistsError(
                 f"output folder {out} exists and is not empty; pass --resume to continue it "
@@ -154,7 +156,8 @@ def prepare_folder(args) -> Path:
             )
         elif saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != settings_of(args):
             raise ValueError(f"{out} was produced with other settings ({saved}); use another --out or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or not any(out.iterdir()):
+        prepare_output_dir(out, overwrite=False, program="word_order_experiment.py")
     saved.write_text(json.dumps(settings_of(args), indent=2) + "\n", encoding="utf-8")
     return out
 

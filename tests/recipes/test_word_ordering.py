@@ -118,8 +118,16 @@ def test_output_folder_is_refused_or_resumed(tmp_path):
     woe.prepare_folder(woe.parse_args(["--out", str(out), "--resume"]))  # first resume records settings
     with pytest.raises(ValueError, match="other settings"):
         woe.prepare_folder(woe.parse_args(["--out", str(out), "--resume", "--epochs", "7"]))
-    woe.prepare_folder(woe.parse_args(["--out", str(out), "--overwrite", "--epochs", "7"]))
-    assert not (out / "something").exists()
+    # --overwrite never deletes a folder sdm_hf did not write (no marker file) ...
+    with pytest.raises(FileExistsError, match="not written by sdm_hf"):
+        woe.prepare_folder(woe.parse_args(["--out", str(out), "--overwrite", "--epochs", "7"]))
+    assert (out / "something").is_file()
+    # ... and replaces one it did
+    ours = tmp_path / "ours"
+    woe.prepare_folder(woe.parse_args(["--out", str(ours)]))
+    (ours / "runs").mkdir()
+    woe.prepare_folder(woe.parse_args(["--out", str(ours), "--overwrite", "--epochs", "7"]))
+    assert not (ours / "runs").exists() and (ours / ".sdm_hf_output.json").is_file()
 
 
 def test_smoke_run_of_the_whole_recipe(tmp_path):
