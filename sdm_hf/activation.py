@@ -55,7 +55,9 @@ def _as_column(value: torch.Tensor | float, logits: torch.Tensor) -> torch.Tenso
     return value
 
 
-def _scaled_logits(logits: torch.Tensor, q, d) -> tuple[torch.Tensor, torch.Tensor]:
+def _scaled_logits(
+    logits: torch.Tensor, q: torch.Tensor | float, d: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(z' * d * ln(2 + q), ln(2 + q))``, both broadcast to ``[B, C]`` / ``[B, 1]``."""
     q = _as_column(q, logits)
     d = _as_column(d, logits)
@@ -63,7 +65,7 @@ def _scaled_logits(logits: torch.Tensor, q, d) -> tuple[torch.Tensor, torch.Tens
     return logits * d * log_base, log_base
 
 
-def sdm_activation(logits: torch.Tensor, q, d) -> torch.Tensor:
+def sdm_activation(logits: torch.Tensor, q: torch.Tensor | float, d: torch.Tensor | float) -> torch.Tensor:
     """SDM activation.
 
     Args:
@@ -86,7 +88,7 @@ def sdm_activation(logits: torch.Tensor, q, d) -> torch.Tensor:
     return torch.softmax(scaled, dim=-1)
 
 
-def log_sdm(logits: torch.Tensor, q, d) -> torch.Tensor:
+def log_sdm(logits: torch.Tensor, q: torch.Tensor | float, d: torch.Tensor | float) -> torch.Tensor:
     """Change-of-base log of the SDM activation: ``log_{2+q} sdm(z')``.
 
     Computed as ``log_softmax(z' d ln(2+q)) / ln(2+q)``, which is numerically stable.
@@ -106,8 +108,8 @@ def log_sdm(logits: torch.Tensor, q, d) -> torch.Tensor:
 def sdm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    q,
-    d,
+    q: torch.Tensor | float,
+    d: torch.Tensor | float,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """SDM negative log-likelihood ``-log_{2+q} sdm(z')_y``, the training loss of an SDM head.

@@ -27,9 +27,13 @@ features and splits as the SDM head:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .head.inference import SDMOutput
 
 __all__ = [
     "softmax_rule",
@@ -43,7 +47,7 @@ __all__ = [
 ]
 
 
-def softmax_rule(logits: torch.Tensor, alpha: float, temperature: float = 1.0):
+def softmax_rule(logits: torch.Tensor, alpha: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prediction [N], admit [N] bool)``: ``argmax`` and ``max softmax(logits / T) >= alpha``
     for ``[N, C]`` logits and a temperature ``T > 0``."""
     p = torch.softmax(logits.float() / temperature, dim=1)
@@ -144,13 +148,15 @@ def conformal_threshold(
     return math.inf if rank > scores.numel() else float(scores[rank - 1])
 
 
-def conformal_sets(probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1):
+def conformal_sets(probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1) -> torch.Tensor:
     """``[N, C]`` bool membership of each class in the prediction set, for ``[N, C]``
     probabilities and a threshold from :func:`conformal_threshold`."""
     return conformal_scores(probabilities, penalty, k_reg) <= threshold
 
 
-def conformal_rule(probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1):
+def conformal_rule(
+    probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prediction [N], admit [N] bool)``: ``argmax`` and "the set is exactly {argmax}"."""
     sets = conformal_sets(probabilities, threshold, penalty, k_reg)
     prediction = probabilities.argmax(dim=1)
@@ -158,7 +164,7 @@ def conformal_rule(probabilities: torch.Tensor, threshold: float, penalty: float
     return prediction, singleton
 
 
-def sdm_rules(output, alpha: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def sdm_rules(output: SDMOutput, alpha: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The SDM head's own estimators from an :class:`~sdm_hf.SDMOutput`.
 
     Returns:

@@ -17,6 +17,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
@@ -75,16 +76,16 @@ def file_sha256(path: str | Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _reject_constant(token: str):
+def _reject_constant(token: str) -> NoReturn:
     raise ValueError(f"non-standard JSON token {token}")
 
 
-def read_json(path: Path):
+def read_json(path: Path) -> Any:
     """Strict JSON (no NaN/Infinity) from ``path``; raises ValueError/OSError."""
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
 
 
-def json_text(value) -> str:
+def json_text(value: Any) -> str:
     """``value`` as strict JSON text: indented, keys sorted, a final newline; NaN/Infinity raise ValueError.
 
     >>> print(json_text({"b": 1, "a": [0.5]}), end="")

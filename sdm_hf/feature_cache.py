@@ -18,12 +18,16 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .cache_files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
 from .features import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
 from .model_loading import SOURCE_ATTRIBUTE, load_causal_lm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # load_causal_lm, default_cache_dir and file_sha256 live in model_loading / cache_files; they are
 # re-exported so that their older import path (sdm_hf.feature_cache) keeps working.
@@ -72,8 +76,8 @@ def _parameter_dtype(model) -> str | None:
 
 
 def feature_cache_key(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
     texts: list[str],
     *,
     pooling: str = "mean",
@@ -164,8 +168,8 @@ def _write_entry(weights: Path, meta_path: Path, key: str, fields: dict, feature
 
 
 def cached_features(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
     texts: Iterable[str],
     *,
     pooling: str = "mean",

@@ -22,11 +22,15 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .index import resolve_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "extract_features",
@@ -72,7 +76,7 @@ def _is_sentence_transformer(model) -> bool:
     return type(model).__name__ == "SentenceTransformer" and hasattr(model, "encode")
 
 
-def model_body(model) -> torch.nn.Module:
+def model_body(model: torch.nn.Module) -> torch.nn.Module:
     """The module of ``model`` that computes its hidden states, without any task head.
 
     For a transformers model with a head this is ``model.base_model`` (``Gemma3ForCausalLM.model``,
@@ -89,7 +93,8 @@ def model_body(model) -> torch.nn.Module:
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel) and hasattr(model, "get_base_model"):
-        inner = model.get_base_model()
+        wrapper: Any = model  # a PEFT model: nn.Module's typed attributes do not include get_base_model
+        inner = wrapper.get_base_model()
         if isinstance(inner, PreTrainedModel):
             model = inner
     if isinstance(model, PreTrainedModel):
@@ -99,7 +104,7 @@ def model_body(model) -> torch.nn.Module:
     return model
 
 
-def num_hidden_layers(model) -> int | None:
+def num_hidden_layers(model: torch.nn.Module) -> int | None:
     """``num_hidden_layers`` of ``model``'s (text) config, or None when the config does not say.
 
     ``output_hidden_states`` then has ``num_hidden_layers + 1`` entries: 0 is the embedding
@@ -117,7 +122,9 @@ def num_hidden_layers(model) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int:
+def resolve_max_length(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, max_length: int | None = None
+) -> int:
     """The truncation length :func:`extract_features` uses.
 
     Args:
@@ -316,8 +323,8 @@ def _can_generate(model) -> bool:
 
 @torch.no_grad()
 def extract_features(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
     texts: Iterable[str],
     pooling: str = "mean",
     layer: int = -1,
@@ -377,7 +384,8 @@ def extract_features(
         if tokenizer is not None:
             raise ValueError("pass tokenizer=None with a SentenceTransformer (it has its own)")
         kwargs = {"device": str(resolve_device(device))} if device is not None else {}
-        out = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress, **kwargs)
+        encoder: Any = model  # a SentenceTransformer: nn.Module's typed attributes do not include encode
+        out = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress, **kwargs)
         return out.detach().float().cpu()
     if tokenizer is None:
         raise ValueError("tokenizer is required for a transformers model")

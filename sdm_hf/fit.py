@@ -36,6 +36,7 @@ from .head.config import SDMConfig
 from .head.modeling import SDMHead
 from .index import SupportIndex, resolve_device
 from .similarity import compute_similarity
+from .validation import FeaturesLike, LabelsLike
 
 __all__ = ["fit_sdm_head", "balanced_sdm_loss"]
 
@@ -167,10 +168,10 @@ def _refresh(head: SDMHead, data: _Shuffle, num_classes: int, max_q: int, initia
 
 
 def fit_sdm_head(
-    train_x,
-    train_y,
-    calib_x,
-    calib_y,
+    train_x: FeaturesLike,
+    train_y: LabelsLike,
+    calib_x: FeaturesLike,
+    calib_y: LabelsLike,
     config: SDMConfig | None = None,
     *,
     epochs: int = 200,

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .head.hub import upload_folder
 from .head.modeling import SDMHead
 from .persistence import CARD_NAME
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 __all__ = ["DEFAULT_HEAD_SUBFOLDER", "save_sdm_model", "load_sdm_model", "push_sdm_model", "expected_feature_width"]
 
 DEFAULT_HEAD_SUBFOLDER = "sdm_head"
 
 
-def expected_feature_width(model_config, pooling: str | None) -> int | None:
+def expected_feature_width(model_config: PretrainedConfig | None, pooling: str | None) -> int | None:
     """Feature width a model config produces under ``pooling``: ``mean_last`` and the
     ``verification`` pooling of SDM language models (the mean hidden state concatenated with
     the hidden state at the ``<verified>`` token) give twice the hidden width."""
@@ -30,7 +36,7 @@ def expected_feature_width(model_config, pooling: str | None) -> int | None:
     return 2 * int(hidden) if pooling in ("mean_last", "verification") else int(hidden)
 
 
-def check_pairing(model, head: SDMHead, model_name: str | None = None) -> None:
+def check_pairing(model: torch.nn.Module, head: SDMHead, model_name: str | None = None) -> None:
     """Raise when the head cannot read the model's features; warn when the recorded base
     model differs from the one it is paired with."""
     cfg = head.config
@@ -50,7 +56,13 @@ def check_pairing(model, head: SDMHead, model_name: str | None = None) -> None:
         )
 
 
-def save_sdm_model(model, head: SDMHead, save_directory, tokenizer=None, subfolder: str = DEFAULT_HEAD_SUBFOLDER):
+def save_sdm_model(
+    model: torch.nn.Module,
+    head: SDMHead,
+    save_directory: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    subfolder: str = DEFAULT_HEAD_SUBFOLDER,
+) -> Path:
     """Save ``model`` (a transformers model or PEFT adapter, via its ``save_pretrained``) at
     the root of ``save_directory``, its ``tokenizer`` beside it, the head in ``subfolder``, and
     the repository's README.md model card from the head.
@@ -63,7 +75,8 @@ def save_sdm_model(model, head: SDMHead, save_directory, tokenizer=None, subfold
     check_pairing(model, head)
     if head.config.base_model is None:
         head.config.base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    model.save_pretrained(root)
+    pretrained: Any = model  # a transformers or PEFT model: nn.Module's typed attributes lack save_pretrained
+    pretrained.save_pretrained(root)
     if tokenizer is not None:
         tokenizer.save_pretrained(root)
     head.save_pretrained(root / subfolder)
@@ -72,13 +85,13 @@ def save_sdm_model(model, head: SDMHead, save_directory, tokenizer=None, subfold
 
 
 def load_sdm_model(
-    pretrained_model_name_or_path,
-    model_class=None,
+    pretrained_model_name_or_path: str | Path,
+    model_class: Any = None,
     subfolder: str = DEFAULT_HEAD_SUBFOLDER,
-    sdm_head: SDMHead | str | None = None,
-    device=None,
-    **model_kwargs,
-):
+    sdm_head: SDMHead | str | Path | None = None,
+    device: str | torch.device | None = None,
+    **model_kwargs: Any,
+) -> tuple[Any, SDMHead]:
     """Load ``(model, head)`` from an SDM-equipped repository (local folder or Hub id).
 
     Args:
@@ -106,10 +119,10 @@ def load_sdm_model(
 
 
 def push_sdm_model(
-    model,
+    model: torch.nn.Module,
     head: SDMHead,
     repo_id: str,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     subfolder: str = DEFAULT_HEAD_SUBFOLDER,
     commit_message: str = "Upload SDM-equipped model",
     private: bool | None = None,

@@ -18,9 +18,12 @@ and the pipelines derive from them. These are the tables of Schmaltz (2025),
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from .validation import ArrayLike, LabelsLike
 
 __all__ = [
     "label_names",
@@ -142,8 +145,8 @@ class SelectiveClassificationReport:
 
 
 def selective_classification_report(
-    labels,
-    estimators: dict[str, tuple],
+    labels: LabelsLike,
+    estimators: Mapping[str, tuple[ArrayLike, ArrayLike]],
     num_classes: int,
     id2label: dict[int, str] | None = None,
 ) -> SelectiveClassificationReport:
@@ -187,7 +190,13 @@ def selective_classification_report(
     return SelectiveClassificationReport(rows=rows, num_points=total, labels=names)
 
 
-def selective_counts(labels, prediction, admit, num_classes: int, id2label: dict[int, str] | None = None) -> dict:
+def selective_counts(
+    labels: LabelsLike,
+    prediction: LabelsLike,
+    admit: ArrayLike,
+    num_classes: int,
+    id2label: dict[int, str] | None = None,
+) -> dict:
     """Raw counts of one selective classifier, per true class and per predicted class.
 
     Counts (not rates) are what later significance checks and re-aggregation need; an

@@ -17,11 +17,14 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cache_files import cache_root, file_sha256, json_text, progress_message, read_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["load_causal_lm"]
 
@@ -217,7 +220,7 @@ def load_causal_lm(
     torch_dtype: torch.dtype | str = torch.float32,
     revision: str | None = None,
     local_files_only: bool = False,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, converting a GGUF file once and caching the result.
 
     A path ending in ``.gguf`` (or ``gguf_file=`` naming a file inside the folder or Hub repo

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,9 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_files(directory: Path, config: dict, tensors: dict, documents: list[dict] | None, card: str | None):
+def write_files(
+    directory: Path, config: dict, tensors: dict[str, torch.Tensor], documents: list[dict] | None, card: str | None
+) -> None:
     """Write a head's files into ``directory`` (created if needed)."""
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
@@ -231,7 +234,9 @@ def read_documents(path: Path, size: int) -> list[dict]:
     return documents
 
 
-def read_files(fetch) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None, dict[str, Path]]:
+def read_files(
+    fetch: Callable[[str], Path],
+) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None, dict[str, Path]]:
     """Read (but do not yet validate the contents of) a head's files.
 
     Args:

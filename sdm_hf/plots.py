@@ -7,9 +7,15 @@ non-interactive Agg backend, so nothing here needs a display.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .head.inference import SDMOutput
+    from .metrics import SelectiveClassificationReport
 
 __all__ = ["plot_accuracy_vs_admission", "plot_similarity_distance", "plot_risk_coverage", "plot_training_history"]
 
@@ -36,7 +42,12 @@ def _save(plt, fig, path, title: str | None, dpi: int, tight: bool = False) -> P
     return path
 
 
-def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, title: str | None = None) -> Path:
+def plot_accuracy_vs_admission(
+    reports: Mapping[str, SelectiveClassificationReport],
+    path: str | Path,
+    alpha: float | None = None,
+    title: str | None = None,
+) -> Path:
     """One panel per test set: each estimator's admission rate (x) against its marginal
     accuracy (filled marker) and its lowest class-conditional accuracy (hollow marker, the
     number the HR region promises). Estimators that admit nothing sit at x = 0 marked "R".
@@ -88,7 +99,7 @@ def plot_accuracy_vs_admission(reports: dict, path, alpha: float | None = None, 
     return _save(plt, fig, path, title, dpi=120, tight=True)
 
 
-def plot_similarity_distance(outputs: dict, path, title: str | None = None) -> Path:
+def plot_similarity_distance(outputs: Mapping[str, SDMOutput], path: str | Path, title: str | None = None) -> Path:
     """Histograms of ``q`` (log scale, ``q + 1``) and ``d`` per data set, e.g. in-distribution
     vs shifted test data.
 
@@ -129,7 +140,9 @@ def _worst_class_accuracy(row: dict) -> float | None:
     return min(accs) if accs else None
 
 
-def plot_risk_coverage(rows: list[dict], path, estimators: dict[str, str] | None = None, title: str | None = None):
+def plot_risk_coverage(
+    rows: list[dict], path: str | Path, estimators: dict[str, str] | None = None, title: str | None = None
+) -> Path:
     """Risk-coverage curves: per (feature set, test set) panel, each estimator's admitted share
     of the test set (x) against its lowest class-conditional accuracy (y), one point per alpha,
     joined in order of alpha; grey dotted lines mark the alphas.
@@ -192,7 +205,12 @@ def plot_risk_coverage(rows: list[dict], path, estimators: dict[str, str] | None
     )
 
 
-def plot_training_history(histories: dict, path, selections: dict | None = None, title: str | None = None) -> Path:
+def plot_training_history(
+    histories: Mapping[str, list[dict]],
+    path: str | Path,
+    selections: Mapping[str, dict | None] | None = None,
+    title: str | None = None,
+) -> Path:
     """The SDM head's training, per feature set: the balanced calibration SDM loss (the model
     selection criterion) and the calibration accuracy and OOD fraction, per epoch and shuffle.
 

@@ -3,18 +3,32 @@
 Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (wrong content) with
 a message that names the argument and says what to do, before anything reaches torch or
 FAISS.
+
+The aliases below name what the user-facing entry points accept for arrays:
+
+* :data:`ArrayLike` — a ``torch.Tensor``, a numpy array or a (nested) sequence of numbers;
+* :data:`FeaturesLike` — the same, holding ``[N, D]`` features (checked by :func:`as_features`);
+* :data:`LabelsLike` — the same, holding ``[N]`` integer labels (checked by :func:`as_labels`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 
+#: A tensor, a numpy array or a (nested) sequence of numbers.
+ArrayLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[Any]
+#: ``[N, D]`` features as a tensor, a numpy array or a nested list of numbers.
+FeaturesLike: TypeAlias = ArrayLike
+#: ``[N]`` integer class labels as a tensor, a numpy array or a list of ints.
+LabelsLike: TypeAlias = ArrayLike
 
-def as_features(x, name: str, dim: int | None = None) -> torch.Tensor:
+
+def as_features(x: FeaturesLike, name: str, dim: int | None = None) -> torch.Tensor:
     """``x`` (tensor / ndarray / nested list) -> ``[N, D]`` float32 CPU-or-device tensor."""
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
@@ -43,7 +57,7 @@ def as_features(x, name: str, dim: int | None = None) -> torch.Tensor:
     return x
 
 
-def as_labels(y, name: str, num_classes: int, length: int | None = None) -> torch.Tensor:
+def as_labels(y: LabelsLike, name: str, num_classes: int, length: int | None = None) -> torch.Tensor:
     """``y`` -> ``[N]`` int64 CPU tensor with values in ``0..num_classes-1``."""
     if isinstance(y, np.ndarray):
         y = torch.from_numpy(np.ascontiguousarray(y))
@@ -81,7 +95,7 @@ def check_class_counts(y: torch.Tensor, name: str, num_classes: int, minimum: in
         )
 
 
-def check_alpha(alpha) -> float:
+def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float in (0.5, 1], got {type(alpha).__name__}")
     alpha = float(alpha)
@@ -90,7 +104,7 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
-def check_positive_int(value, name: str, minimum: int = 1) -> int:
+def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if int(value) < minimum:
@@ -98,7 +112,7 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_optional_list(values, name: str, length: int) -> list | None:
+def check_optional_list(values: Iterable[Any] | None, name: str, length: int) -> list | None:
     if values is None:
         return None
     values = list(values)

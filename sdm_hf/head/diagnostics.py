@@ -8,6 +8,7 @@ All are computed from plain state (:class:`~sdm_hf.head.state.CalibrationState`,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ class CalibrationReport:
 
 
 def calibration_report(
-    calibration: CalibrationState, alphas, id2label: dict[int, str] | None = None
+    calibration: CalibrationState, alphas: Iterable[float], id2label: dict[int, str] | None = None
 ) -> CalibrationReport:
     """Per class: calibration points, OOD count, HR admission and accuracy at the chosen alpha
     and at each of ``alphas`` (Algorithm 1 rerun on the stored arrays for each)."""

@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
-from huggingface_hub import HfApi, ModelHubMixin, hf_hub_download
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from .. import persistence
@@ -25,7 +26,7 @@ __all__ = ["SDMHubMixin", "upload_folder", "fetcher"]
 
 
 def upload_folder(
-    write: Callable[[Path], None],
+    write: Callable[[Path], object],
     repo_id: str,
     *,
     path_in_repo: str | None = None,
@@ -73,7 +74,7 @@ def fetcher(
     source: str,
     subfolder: str | None = None,
     revision: str | None = None,
-    cache_dir=None,
+    cache_dir: str | Path | None = None,
     force_download: bool = False,
     local_files_only: bool = False,
     token: str | bool | None = None,
@@ -106,7 +107,7 @@ def fetcher(
     return fetch
 
 
-def save_state(state: SDMHeadState, card: str | None, save_directory) -> Path:
+def save_state(state: SDMHeadState, card: str | None, save_directory: str | Path) -> Path:
     """Write a head's files into ``save_directory`` through a staging folder beside it."""
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,14 +138,29 @@ class SDMHubMixin(ModelHubMixin):
     def to_state(self, copy: bool = True) -> SDMHeadState:  # pragma: no cover - provided by the model class
         raise NotImplementedError
 
+    if TYPE_CHECKING:  # provided by torch.nn.Module in the model class
+
+        def eval(self) -> Self: ...
+
     @classmethod
-    def from_state(cls, state: SDMHeadState, device=None):  # pragma: no cover - provided by the model class
+    def from_state(  # pragma: no cover - provided by the model class
+        cls, state: SDMHeadState, device: str | torch.device | None = None
+    ) -> Self:
         raise NotImplementedError
 
-    def generate_model_card(self, repo_hint: str | None = None, subfolder: str | None = None):  # pragma: no cover
+    def generate_model_card(  # pragma: no cover - provided by the model class
+        self, repo_hint: str | None = None, subfolder: str | None = None
+    ) -> ModelCard:
         raise NotImplementedError
 
-    def save_pretrained(self, save_directory, *, push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
+    ) -> str | None:
         """Save the head (config.json, model.safetensors, optional support_documents.jsonl,
         README.md model card) into ``save_directory``.
 
@@ -172,16 +188,16 @@ class SDMHubMixin(ModelHubMixin):
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
-        pretrained_model_name_or_path,
+        pretrained_model_name_or_path: str | Path,
         *,
         subfolder: str | None = None,
         revision: str | None = None,
-        cache_dir=None,
+        cache_dir: str | Path | None = None,
         force_download: bool = False,
         local_files_only: bool = False,
         token: str | bool | None = None,
-        device=None,
-    ):
+        device: str | torch.device | None = None,
+    ) -> Self:
         """Load a head from a local folder or a Hub repository (strictly: a missing or
         unexpected tensor, a newer format or any inconsistency raises
         :class:`sdm_hf.persistence.SDMFormatError` naming the file).

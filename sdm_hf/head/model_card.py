@@ -5,6 +5,7 @@ rendered with huggingface_hub's ``ModelCard.from_template`` and the packaged tem
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
@@ -54,7 +55,7 @@ def card_data(
     calibration: CalibrationState | None,
     repo_hint: str | None = None,
     subfolder: str | None = None,
-    tags=HUB_TAGS,
+    tags: Iterable[str] = HUB_TAGS,
 ) -> SDMCardData:
     """The card's contents for a head with ``config``, current ``alpha``, support labels
     ``[N]`` (None before ``build_support``) and calibration (None before ``calibrate``)."""

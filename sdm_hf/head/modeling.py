@@ -19,8 +19,10 @@ Shapes: ``B`` query rows, ``N`` support rows, ``D`` input width, ``M`` exemplar 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from copy import deepcopy
 from dataclasses import replace
+from typing import Any
 
 import torch
 from huggingface_hub import ModelCard
@@ -30,6 +32,7 @@ from ..calibration import explain_empty_region
 from ..distance import distance_quantile
 from ..index import SupportIndex, resolve_device
 from ..similarity import SimilarityResult
+from ..validation import FeaturesLike, LabelsLike
 from . import state as calibration_steps
 from .config import SDMConfig
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
@@ -44,11 +47,7 @@ __all__ = ["SDMHead"]
 
 
 class SDMHead(
-    SDMModule,
-    SDMHubMixin,
-    library_name="sdm_hf",
-    tags=list(HUB_TAGS),
-    paper_url="https://arxiv.org/abs/2509.12760",
+    SDMModule, SDMHubMixin, library_name="sdm_hf", tags=list(HUB_TAGS), paper_url="https://arxiv.org/abs/2509.12760"
 ):
     """The SDM estimator: adaptor + classifier + support set + calibration.
 
@@ -139,12 +138,7 @@ class SDMHead(
         support.texts = check.check_optional_list(texts, "support_texts", support.ntotal)
 
     def build_support(
-        self,
-        x,
-        y,
-        ids: list | None = None,
-        texts: list | None = None,
-        batch_size: int = 8192,
+        self, x: FeaturesLike, y: LabelsLike, ids: list | None = None, texts: list | None = None, batch_size: int = 8192
     ) -> None:
         """Make ``(x, y)`` the support set: exemplars, predictions and the index.
 
@@ -165,7 +159,9 @@ class SDMHead(
         self.support = SupportSet.build(exemplars, y, logits.argmax(dim=1), self.config, self.device, ids, texts)
         self.calibration = None
 
-    def add_to_support(self, x, y, ids: list | None = None, texts: list | None = None) -> None:
+    def add_to_support(
+        self, x: FeaturesLike, y: LabelsLike, ids: list | None = None, texts: list | None = None
+    ) -> None:
         """Append labelled points to the support set without retraining (updatability: the
         estimator grows with new labelled data, no gradient step needed).
 
@@ -215,7 +211,14 @@ class SDMHead(
         return exemplars, logits.float().cpu(), prediction.cpu(), sim
 
     # -- calibration ----------------------------------------------------------------------
-    def calibrate(self, x, y, alpha: float | None = None, store_features: bool = True, batch_size: int = 8192):
+    def calibrate(
+        self,
+        x: FeaturesLike,
+        y: LabelsLike,
+        alpha: float | None = None,
+        store_features: bool = True,
+        batch_size: int = 8192,
+    ) -> SDMHead:
         """Calibrate on held-out labelled points: eCDFs, ``q'`` arrays and Algorithm 1.
 
         Args:
@@ -269,7 +272,13 @@ class SDMHead(
                 stacklevel=stacklevel,
             )
 
-    def recalibrate(self, alpha: float | None = None, recompute: bool = False, x=None, y=None):
+    def recalibrate(
+        self,
+        alpha: float | None = None,
+        recompute: bool = False,
+        x: FeaturesLike | None = None,
+        y: LabelsLike | None = None,
+    ) -> SDMHead:
         """Rerun calibration, e.g. at another alpha or after the support set grew.
 
         * ``recompute=False``: only Algorithm 1 on the stored calibration arrays at the new
@@ -335,7 +344,7 @@ class SDMHead(
         return self._require_support().training_distance_lists(self.config, recompute=True)
 
     def predict(
-        self, x, batch_size: int = 8192, k_neighbors: int = 1, support_rows: torch.Tensor | None = None
+        self, x: FeaturesLike, batch_size: int = 8192, k_neighbors: int = 1, support_rows: torch.Tensor | None = None
     ) -> SDMOutput:
         """SDM inference for a batch: prediction, ``sdm(z')``, ``q``, ``d``, ``q'``, OOD, HR and
         its lower-bound variant, and the nearest exemplar.
@@ -356,7 +365,7 @@ class SDMHead(
         return self._predict(x, batch_size, k_neighbors, support_rows, self._require_support())
 
     def _predict(
-        self, x, batch_size: int, k_neighbors: int, support_rows: torch.Tensor | None, support: SupportSet
+        self, x: FeaturesLike, batch_size: int, k_neighbors: int, support_rows: torch.Tensor | None, support: SupportSet
     ) -> SDMOutput:
         # predict() against a given support set (index_agreement compares two of them)
         cal = self._require_calibration()
@@ -387,12 +396,12 @@ class SDMHead(
             neighbor_distances=neighbor_distances,
         )
 
-    def predict_records(self, x, **kwargs) -> list[dict]:
+    def predict_records(self, x: FeaturesLike, **kwargs: Any) -> list[dict]:
         """:meth:`predict`, as one JSON-ready dict per row with label names."""
         return self.predict(x, **kwargs).to_list(self.config.id2label)
 
     # -- diagnostics ----------------------------------------------------------------------
-    def label_errors(self, x, y, batch_size: int = 8192) -> LabelErrors:
+    def label_errors(self, x: FeaturesLike, y: LabelsLike, batch_size: int = 8192) -> LabelErrors:
         """Possible label errors among ``(x, y)``.
 
         Returns the admitted (HR) points whose given label differs from the prediction,
@@ -403,7 +412,7 @@ class SDMHead(
         y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
         return label_errors(self.predict(x, batch_size=batch_size), y)
 
-    def index_agreement(self, x, batch_size: int = 8192) -> dict:
+    def index_agreement(self, x: FeaturesLike, batch_size: int = 8192) -> dict:
         """How often this head's support index (approximate, or float16) gives the same
         answers as an exact float32 search over the same exemplars, on points ``x``.
 
@@ -419,7 +428,7 @@ class SDMHead(
         agreement = output_agreement(approximate, reference)
         return {"n": agreement.pop("n"), "index_type": support.index_type, "storage": support.storage, **agreement}
 
-    def calibration_report(self, alphas=(0.8, 0.9, 0.95)) -> CalibrationReport:
+    def calibration_report(self, alphas: Iterable[float] = (0.8, 0.9, 0.95)) -> CalibrationReport:
         """Per class: calibration points, OOD count, HR admission and accuracy, at the chosen
         alpha and at ``alphas`` (Algorithm 1 is rerun on the stored arrays for each).
 

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..validation import ArrayLike
 from .config import SDMConfig
 
 __all__ = ["SDMModule"]
@@ -58,7 +59,7 @@ class SDMModule(nn.Module):
     def device(self) -> torch.device:
         return self.adaptor.weight.device
 
-    def set_normalization(self, mean, std) -> None:
+    def set_normalization(self, mean: ArrayLike | float, std: ArrayLike | float) -> None:
         """Set the feature normalisation ``(x - mean) / std``.
 
         Args:
@@ -79,7 +80,7 @@ class SDMModule(nn.Module):
         self.feature_std.copy_(std)
 
     @staticmethod
-    def normalization_statistics(x: torch.Tensor, normalization: str = "scalar"):
+    def normalization_statistics(x: torch.Tensor, normalization: str = "scalar") -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, std)`` of training features: one scalar pair over all elements (unbiased
         std), or per feature; zero std is replaced by 1."""
         if normalization == "scalar":

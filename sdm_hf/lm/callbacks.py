@@ -19,17 +19,19 @@ prepared) draws nothing twice.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
     from .sdm_trainer import SDMTrainer
 
 __all__ = ["HardNegativeCallback", "HeadRefreshCallback", "epoch_index"]
 
 
-def epoch_index(state) -> int:
+def epoch_index(state: TrainerState) -> int:
     """The 0-based epoch that is beginning, from a ``TrainerState`` (whose ``epoch`` is a
     float: the tolerance keeps a rounding error just below a whole number from counting as
     the epoch before)."""
@@ -49,7 +51,9 @@ class HardNegativeCallback(TrainerCallback):
     def __init__(self, trainer: SDMTrainer):
         self.trainer = trainer
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.trainer.prepare_epoch_versions(epoch_index(state))
 
 
@@ -66,5 +70,7 @@ class HeadRefreshCallback(TrainerCallback):
     def __init__(self, trainer: SDMTrainer):
         self.trainer = trainer
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.trainer.refresh_verification_head(epoch_index(state))

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
-from .encoding import ControlTokens
+from .encoding import ControlTokens, Prompt
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = ["Document", "VersionDataset", "prepare_documents"]
 
@@ -31,7 +36,7 @@ class Document:
     """One prompt with its positive completion and static negatives (suffixes included)."""
 
     id: int
-    prompt: object
+    prompt: Prompt
     positive: str
     negatives: list[str] = field(default_factory=list)
 
@@ -57,7 +62,11 @@ def _with_suffix(text: str, verified: bool, control: ControlTokens, append: bool
     return control.add(text, verified)
 
 
-def prepare_documents(dataset, control: ControlTokens | None = None, append_control: bool = True):
+def prepare_documents(
+    dataset: datasets.Dataset | Sequence[Mapping[str, Any]],
+    control: ControlTokens | None = None,
+    append_control: bool = True,
+) -> tuple[list[Document], list[dict]]:
     """Documents from a TRL preference dataset (paired or unpaired).
 
     Returns:

@@ -9,7 +9,7 @@ process each of these is the identity and touches no ``torch.distributed`` call.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,10 +17,13 @@ from ..head.modeling import SDMHead
 from ..head.state import SDMHeadState
 from ..persistence import SELECTION_KEYS
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 __all__ = ["broadcast_head", "gather_lists", "process_world"]
 
 
-def process_world(accelerator=None) -> tuple[int, int]:
+def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process.
 
     Args:

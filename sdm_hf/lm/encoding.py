@@ -12,14 +12,20 @@ control string that also appears inside the prompt is never mistaken for the fin
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import torch
 
 from ..features import pool_hidden_states
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = [
     "ControlTokens",
+    "Prompt",
     "IGNORE_INDEX",
     "format_document",
     "full_text",
@@ -32,6 +38,10 @@ __all__ = [
     "forward_options",
     "pool_verification_states",
 ]
+
+
+#: A prompt: a string, or a conversation (a list of ``{"role", "content"}`` messages).
+Prompt: TypeAlias = str | Sequence[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class ControlTokens:
         return None
 
 
-def format_document(tokenizer, prompt, completion: str) -> str:
+def format_document(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> str:
     """The text the model sees for ``(prompt, completion)``.
 
     With a chat template the prompt (a string, or a list of messages) becomes the user
@@ -81,13 +91,15 @@ def format_document(tokenizer, prompt, completion: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages = messages + [{"role": "assistant", "content": completion}]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return cast(str, tokenizer.apply_chat_template(messages, tokenize=False))  # a str with tokenize=False
     if not isinstance(prompt, str):
         raise TypeError("conversational prompts need a tokenizer with a chat template")
     return prompt + completion
 
 
-def verification_positions(tokenizer, texts: list[str], control: ControlTokens, max_length: int | None = None):
+def verification_positions(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], control: ControlTokens, max_length: int | None = None
+) -> tuple[list[list[int]], list[int]]:
     """Tokenize ``texts`` (no padding) and find ``p`` in each: the last token overlapping the
     final ``control.open`` tag.
 
@@ -116,10 +128,10 @@ def verification_positions(tokenizer, texts: list[str], control: ControlTokens, 
 
 @torch.no_grad()
 def verification_features(
-    model,
-    tokenizer,
-    prompts,
-    completions,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Iterable[Prompt],
+    completions: Iterable[str],
     control: ControlTokens | None = None,
     batch_size: int = 8,
     layer: int = -1,
@@ -144,14 +156,15 @@ def verification_features(
     return prefix_features(model, ids, pad, batch_size=batch_size, layer=layer)
 
 
-def forward_options(model) -> dict:
+def forward_options(model: torch.nn.Module) -> dict:
     """Extra forward arguments for a features-only pass: ``{"logits_to_keep": 1}`` when the
     model's forward takes it (transformers >= 4.50 causal LMs; through a PEFT wrapper too),
     else ``{}``. The features need hidden states, not the ``[B, T, vocab]`` logits, which for
     a large vocabulary are a sizeable part of a forward."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrapper: Any = model  # maybe a PEFT model: nn.Module's typed attributes do not include get_base_model
+    base = wrapper.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         accepted = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
@@ -160,7 +173,9 @@ def forward_options(model) -> dict:
 
 
 @torch.no_grad()
-def prefix_features(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, layer: int = -1):
+def prefix_features(
+    model: torch.nn.Module, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, layer: int = -1
+) -> torch.Tensor:
     """Verification-head features of token sequences already cut after ``p`` (each ends at
     its ``p``): ``concat(mean of hidden[0..p], hidden[p])`` of the final layer (or ``layer``),
     in eval mode.
@@ -223,17 +238,17 @@ def pool_verification_states(hidden: torch.Tensor, positions: torch.Tensor) -> t
 IGNORE_INDEX = -100
 
 
-def generation_prompt(tokenizer, prompt) -> str:
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The formatted text that precedes the completion (the generation prompt)."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     if not isinstance(prompt, str):
         raise TypeError("conversational prompts need a tokenizer with a chat template")
     return prompt
 
 
-def full_text(tokenizer, prompt, completion: str) -> tuple[str, int]:
+def full_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> tuple[str, int]:
     """``(text, completion_start)``: the formatted document and where its completion starts.
 
     Without a chat template the tokenizer's EOS text is appended (so that, as with a chat
@@ -252,8 +267,8 @@ def full_text(tokenizer, prompt, completion: str) -> tuple[str, int]:
 
 
 def encode_example(
-    tokenizer,
-    prompt,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt,
     completion: str,
     positive: bool,
     control: ControlTokens | None = None,
@@ -307,7 +322,12 @@ def encode_example(
 
 @torch.no_grad()
 def generate_greedy(
-    model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 8, **generate_kwargs
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    **generate_kwargs: Any,
 ) -> list[str]:
     """Greedy, batched, left-padded generation with the KV cache, in eval mode.
 
@@ -319,13 +339,14 @@ def generate_greedy(
     """
     was_training = model.training
     model.eval()
+    generator: Any = model  # a causal LM (maybe PEFT-wrapped): nn.Module's typed attributes lack generate/device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only batching
     completions = []
     try:
         for start in range(0, len(prompts), max(1, batch_size)):
             texts = [generation_prompt(tokenizer, p) for p in prompts[start : start + max(1, batch_size)]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(generator.device)
+            out = generator.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,

@@ -1,8 +1,7 @@
 """``SDMTrainer``: fine-tune a causal LM with the SDM next-token loss.
 
 The method is that of Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*
-(arXiv:2510.26183), Sec. 3: a ``transformers.Trainer`` subclass that overrides only what it
-must:
+(arXiv:2510.26183), Sec. 3: a ``transformers.Trainer`` subclass that overrides only what it must:
 
 * ``compute_loss`` — the change-of-base loss (Sec. 3.2, Eq. 1) with ``beta_n = 2 +
   sdm(z')_{y_n}`` from the verification head, on features taken from the SAME forward pass
@@ -33,7 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase, Trainer
 
 from ..head.modeling import SDMHead
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
@@ -89,13 +89,14 @@ class SDMTrainer(Trainer):
     """
 
     args: SDMTrainingArguments  # narrowed from TrainingArguments: __init__ accepts only these
+    model: torch.nn.Module  # narrowed from Optional: __init__ requires a model
+    processing_class: PreTrainedTokenizerBase  # narrowed: __init__ requires the tokenizer
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated batch's token count
 
     @property
     def pad_token_id(self) -> int:
         """The tokenizer's (``processing_class``) padding id; ``__init__`` sets it to eos if unset."""
-        tokenizer: Any = self.processing_class
-        return int(tokenizer.pad_token_id)
+        return int(self.processing_class.pad_token_id)
 
     def __init__(
         self,
@@ -167,12 +168,7 @@ class SDMTrainer(Trainer):
         key = (doc.id, text)
         if key not in self._encoded:
             row = encode_example(
-                self.processing_class,
-                doc.prompt,
-                text,
-                positive,
-                self.control_tokens,
-                max_length=self.args.max_length,
+                self.processing_class, doc.prompt, text, positive, self.control_tokens, max_length=self.args.max_length
             )
             row["document_id"] = doc.id
             row["text"] = text  # kept for checkpoints; the collator ignores it
@@ -325,10 +321,7 @@ class SDMTrainer(Trainer):
         hidden[p])`` of the final layer, in eval mode. ``[N, 2H]`` float32 on CPU."""
         ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
         return prefix_features(
-            self.model,
-            ids,
-            self.pad_token_id,
-            batch_size=max(1, self.args.per_device_eval_batch_size),
+            self.model, ids, self.pad_token_id, batch_size=max(1, self.args.per_device_eval_batch_size)
         )
 
     def fit_verification_head(
@@ -361,7 +354,13 @@ class SDMTrainer(Trainer):
         return head, support_row
 
     # -- loss -----------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         # Overridden: the SDM loss needs beta from the verification head, on features of this
         # very forward pass (a causal LM's prefix states do not depend on what follows, so no
         # second forward), and the metadata columns must not reach the model.
@@ -397,14 +396,19 @@ class SDMTrainer(Trainer):
             model.train()
 
     # -- evaluation -----------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def evaluate(
+        self,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
         # Overridden: eval_loss is the SDM loss under a head fitted on the evaluation
         # (calibration) documents just before, so it is computed with that head in place of
         # the training one (Schmaltz 2025, SDM language models, Sec. 3.2), and the head's
         # q_min and high-reliability admission are logged with it.
         if eval_dataset is not None:
             raise ValueError("pass the evaluation data to SDMTrainer(eval_dataset=...) so it can be prepared")
-        extra = {}
+        extra: dict[str, float] = {}
         if self.args.use_sdm_loss and self._eval_versions.rows:
             eval_head, eval_support = self.fit_verification_head(
                 self._eval_versions.rows, seed=int(self.args.seed) + 77
@@ -487,7 +491,7 @@ class SDMTrainer(Trainer):
         self.head = head
         return head
 
-    def save_sdm_model(self, output_dir) -> Path:
+    def save_sdm_model(self, output_dir: str | Path) -> Path:
         """Save model, tokenizer and the current head (``sdm_head/``) into ``output_dir``."""
         from ..hub import save_sdm_model
 

@@ -10,12 +10,16 @@ Sec. 3.2 and App. A.1).
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..fit import fit_sdm_head
 from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
+
+if TYPE_CHECKING:
+    from .sdm_config import SDMTrainingArguments
 
 __all__ = ["fit_split_head"]
 
@@ -24,7 +28,7 @@ def fit_split_head(
     features: torch.Tensor,
     labels: torch.Tensor,
     document_ids: torch.Tensor,
-    args,
+    args: SDMTrainingArguments,
     seed: int,
     base_model: str | None = None,
 ) -> tuple[SDMHead | None, torch.Tensor]:
