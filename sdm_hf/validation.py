@@ -14,6 +14,7 @@ The aliases below name what the user-facing entry points accept for arrays:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
@@ -119,3 +120,9 @@ def check_optional_list(values: Iterable[Any] | None, name: str, length: int) ->
     if len(values) != length:
         raise ValueError(f"{name} has {len(values)} entries but the features have {length} rows")
     return values
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """True when ``name`` can be a Hugging Face Hub repo id (``name`` or ``namespace/name``),
+    False for what can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``)."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "/", "~"))

@@ -1,6 +1,7 @@
 import builtins
 import copy
 import json
+import math
 import pickle
 
 import pytest
@@ -276,3 +277,47 @@ def test_model_card_contains_the_numbers(heads, tmp_path):
         assert f"c{c}: {v:.4f}" in card
     assert "class-conditionally" in card and "Under distribution shift nothing is guaranteed" in card
     assert "| support set (training exemplars) | 300 |" in card
+
+
+def _edit_config(folder, edit):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["calibration"].update(q_min=-1), "'q_min' must be >= 0"),
+        (lambda c: c["calibration"].update(thresholds=[1.5, 0.2]), r"must lie in \[0, 1\]"),
+        (lambda c: c["calibration"].update(alpha=0.8), "Algorithm 1"),
+        (lambda c: c["config"].update(input_dim=10**9), "adaptor.weight"),  # refused before any allocation
+    ],
+)
+def test_tampered_configs_are_refused_naming_the_field(small_head, tmp_path, edit, match):
+    head, _, _ = small_head
+    assert math.isfinite(head.q_min)  # a non-empty region, so alpha and psi are checkable
+    head.save_pretrained(tmp_path / "h")
+    _edit_config(tmp_path / "h", edit)
+    with pytest.raises(SDMFormatError, match=match):
+        SDMHead.from_pretrained(tmp_path / "h")
+
+
+def test_config_of_one_head_beside_the_tensors_of_another_is_refused(small_head, tmp_path):
+    head, x, y = small_head
+    head.save_pretrained(tmp_path / "a")
+    g = torch.Generator().manual_seed(5)
+    head.calibrate(x[300:] + 0.05 * torch.randn(x[300:].shape, generator=g), y[300:])  # same sizes, other arrays
+    head.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_bytes((tmp_path / "a" / "config.json").read_bytes())
+    with pytest.raises(SDMFormatError, match="do not belong to the same head|does not follow"):
+        SDMHead.from_pretrained(tmp_path / "b")
+
+
+def test_missing_local_paths_say_so_instead_of_asking_the_hub(tmp_path):
+    with pytest.raises(SDMFormatError, match="no such folder"):
+        SDMHead.from_pretrained(tmp_path / "not" / "here")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SDMFormatError, match="is a file"):
+        SDMHead.from_pretrained(tmp_path / "file")

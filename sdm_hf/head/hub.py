@@ -20,6 +20,7 @@ from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from .. import persistence
+from ..validation import looks_like_repo_id
 from .state import SDMHeadState
 
 __all__ = ["SDMHubMixin", "upload_folder", "fetcher"]
@@ -84,8 +85,12 @@ def fetcher(
     where = f"{source}/{subfolder + '/' if subfolder else ''}"
 
     def fetch(name: str) -> Path:
-        if Path(source).is_dir():
-            return Path(source) / (subfolder or "") / name
+        if Path(source).expanduser().is_dir():
+            return Path(source).expanduser() / (subfolder or "") / name
+        if Path(source).expanduser().exists():
+            raise persistence.SDMFormatError(source, "is a file; pass the folder that holds config.json")
+        if not looks_like_repo_id(source):
+            raise persistence.SDMFormatError(source, "no such folder (and it cannot be a Hub repo id)")
         try:
             return Path(
                 hf_hub_download(
