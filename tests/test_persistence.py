@@ -100,9 +100,9 @@ def test_loaded_head_keeps_nothing_of_the_file_mapped(heads, tmp_path, monkeypat
     gigabytes at scale) resident beside FAISS's own copy."""
     import dataclasses
 
-    import sdm_hf.persistence
+    import sdm_hf.persistence_checks
 
-    monkeypatch.setattr(sdm_hf.persistence, "_FINITE_CHUNK", 7)  # the chunked NaN check, many chunks
+    monkeypatch.setattr(sdm_hf.persistence_checks, "_FINITE_CHUNK", 7)  # the chunked NaN check, many chunks
     head = copy.deepcopy(heads[2][0])
     head.save_pretrained(tmp_path)
     loaded = SDMHead.from_pretrained(tmp_path)
@@ -131,9 +131,9 @@ def test_saving_reads_the_exemplars_in_place(heads):
 
 
 def test_nan_anywhere_in_the_exemplars_is_detected(heads, tmp_path, monkeypatch):
-    import sdm_hf.persistence
+    import sdm_hf.persistence_checks
 
-    monkeypatch.setattr(sdm_hf.persistence, "_FINITE_CHUNK", 5)
+    monkeypatch.setattr(sdm_hf.persistence_checks, "_FINITE_CHUNK", 5)
     head = copy.deepcopy(heads[2][0])
     head.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
@@ -207,10 +207,21 @@ def test_corrupted_tensors_are_detected(heads, tmp_path, edit, match):
     assert "model.safetensors" in str(info.value)
 
 
-def _edit_config(path, edit):
-    config = json.loads((path / "config.json").read_text())
+def _edit_config(folder, edit):
+    """Edit a saved head's config where loading reads it: the copy embedded in
+    model.safetensors' metadata (and its config.json mirror, so the two agree)."""
+    from safetensors import safe_open
+
+    from sdm_hf.persistence import EMBEDDED_CONFIG_KEY
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    config = json.loads(metadata[EMBEDDED_CONFIG_KEY])
     edit(config)
-    (path / "config.json").write_text(json.dumps(config))
+    text = json.dumps(config)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={**metadata, EMBEDDED_CONFIG_KEY: text})
+    (folder / "config.json").write_text(text)
 
 
 @pytest.mark.parametrize(
@@ -246,6 +257,10 @@ def test_bad_files(heads, tmp_path):
     heads[2][0].save_pretrained(tmp_path)
     lines = (tmp_path / "support_documents.jsonl").read_text().splitlines()
     (tmp_path / "support_documents.jsonl").write_text("\n".join(lines[:-1]))
+    # the documents load from model.safetensors (the jsonl is a mirror) ...
+    assert SDMHead.from_pretrained(tmp_path).support_texts == heads[2][0].support_texts
+    # ... unless the tensors were rewritten without the embedded config (format-1 layout)
+    _corrupt_tensors(tmp_path, lambda t: None)
     with pytest.raises(SDMFormatError, match="support_documents.jsonl"):
         SDMHead.from_pretrained(tmp_path)
 
@@ -279,13 +294,6 @@ def test_model_card_contains_the_numbers(heads, tmp_path):
     assert "| support set (training exemplars) | 300 |" in card
 
 
-def _edit_config(folder, edit):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -311,6 +319,11 @@ def test_config_of_one_head_beside_the_tensors_of_another_is_refused(small_head,
     head.calibrate(x[300:] + 0.05 * torch.randn(x[300:].shape, generator=g), y[300:])  # same sizes, other arrays
     head.save_pretrained(tmp_path / "b")
     (tmp_path / "b" / "config.json").write_bytes((tmp_path / "a" / "config.json").read_bytes())
+    with pytest.warns(UserWarning, match="differs from the config stored in"):
+        loaded = SDMHead.from_pretrained(tmp_path / "b")  # model.safetensors is one complete save: b
+    assert loaded.q_min == head.q_min and torch.equal(loaded.thresholds, head.thresholds)
+    # with the tensors rewritten without their embedded config, the cross-check catches the mix
+    _corrupt_tensors(tmp_path / "b", lambda t: None)
     with pytest.raises(SDMFormatError, match="do not belong to the same head|does not follow"):
         SDMHead.from_pretrained(tmp_path / "b")
 
@@ -321,3 +334,13 @@ def test_missing_local_paths_say_so_instead_of_asking_the_hub(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SDMFormatError, match="is a file"):
         SDMHead.from_pretrained(tmp_path / "file")
+
+
+def test_format_1_heads_still_load(heads, tmp_path):
+    head, x = heads[2]
+    head.save_pretrained(tmp_path)
+    _corrupt_tensors(tmp_path, lambda t: t.pop("support.documents"))  # no metadata: the split files
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sdm_hf_format_version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _same_outputs(head, SDMHead.from_pretrained(tmp_path), x)

@@ -9,7 +9,7 @@ with a ``config.json`` is complete). Uploads write to a temporary folder and com
 
 from __future__ import annotations
 
-import shutil
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -112,24 +112,41 @@ def fetcher(
     return fetch
 
 
-def save_state(state: SDMHeadState, card: str | None, save_directory: str | Path) -> Path:
-    """Write a head's files into ``save_directory`` through a staging folder beside it."""
+def save_state(
+    state: SDMHeadState, card: str | None, save_directory: str | Path, overwrite_foreign: bool = False
+) -> Path:
+    """Write a head's files into ``save_directory``.
+
+    Each file goes through a temporary file and a rename, and ``model.safetensors`` (renamed
+    first) holds the whole head: at every moment the folder loads as the old head or the new
+    one. A folder whose files were not written by sdm_hf (a transformers model's config.json and
+    weights, say) is refused unless ``overwrite_foreign``.
+    """
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging."))
-    try:
-        config, tensors, documents = persistence.state_to_files(state)
-        persistence.write_files(staging, config, tensors, documents, card)
-        target.mkdir(exist_ok=True)
-        names = [persistence.WEIGHTS_NAME, persistence.DOCUMENTS_NAME, persistence.CARD_NAME]
-        for name in names + [persistence.CONFIG_NAME]:  # config.json last
-            if (staging / name).exists():
-                (staging / name).replace(target / name)
-            elif name == persistence.DOCUMENTS_NAME:
-                (target / name).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not overwrite_foreign:
+        check_not_foreign(target)
+    config, tensors, documents = persistence.state_to_files(state)
+    persistence.write_files(target, config, tensors, documents, card)
     return target
+
+
+def check_not_foreign(target: Path) -> None:
+    """Raise when saving a head into ``target`` would replace files sdm_hf did not write."""
+    ours = (persistence.CONFIG_NAME, persistence.WEIGHTS_NAME, persistence.DOCUMENTS_NAME, persistence.CARD_NAME)
+    present = [name for name in ours if (target / name).exists()]
+    if not present:
+        return
+    config = target / persistence.CONFIG_NAME
+    try:
+        is_head = config.is_file() and persistence.FORMAT_KEY in json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        is_head = False
+    if not is_head:
+        raise FileExistsError(
+            f"{target} holds {', '.join(present)} not written by sdm_hf (a model's files?); saving the head there "
+            f"would replace them. Save it into a subfolder instead (e.g. {target / 'sdm_head'}, which "
+            "load_sdm_model and the pipelines find), or pass overwrite_foreign=True"
+        )
 
 
 class SDMHubMixin(ModelHubMixin):
@@ -164,21 +181,27 @@ class SDMHubMixin(ModelHubMixin):
         *,
         push_to_hub: bool = False,
         repo_id: str | None = None,
+        overwrite_foreign: bool = False,
         **push_kwargs: Any,
     ) -> str | None:
-        """Save the head (config.json, model.safetensors, optional support_documents.jsonl,
+        """Save the head (model.safetensors, config.json, optional support_documents.jsonl,
         README.md model card) into ``save_directory``.
 
-        Files are first written to a temporary folder beside the target and only then moved
-        into place, so a failure never leaves a half-written head. Save a head that belongs
-        to a model into the model repository's ``sdm_head/`` subfolder (see
-        :func:`sdm_hf.hub.save_sdm_model`): never into the model's own root, whose
-        config.json it would replace.
+        ``model.safetensors`` holds the whole head (weights, support set, calibration, the
+        config in its metadata, the documents as a tensor) and is replaced by one atomic
+        rename, so a failed, killed or concurrent save never leaves a folder that loads as a
+        mix of two heads: it loads as the old one or the new one. config.json and
+        support_documents.jsonl are readable mirrors.
+
+        Save a head that belongs to a model into the model repository's ``sdm_head/``
+        subfolder (see :func:`sdm_hf.hub.save_sdm_model`): a folder with files sdm_hf did not
+        write (a model's config.json and weights) is refused, unless ``overwrite_foreign``.
 
         Returns:
             The commit URL when ``push_to_hub=True``, else None.
         """
-        target = save_state(self.to_state(copy=False), str(self.generate_model_card()), save_directory)
+        card = str(self.generate_model_card())
+        target = save_state(self.to_state(copy=False), card, save_directory, overwrite_foreign)
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, **push_kwargs)
         return None

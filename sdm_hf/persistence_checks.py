@@ -1,0 +1,213 @@
+"""Validation of a stored SDM head before anything is built from it.
+
+Every tensor is checked against what the config declares (name, dtype, shape, finite values,
+label ranges, sorted lists) before a head is allocated, and the calibration is cross-checked
+against its own arrays: the predictions are the argmax of the stored SDM probabilities, ``q'``
+follows from ``q`` and those probabilities, the class-wise distance lists and ``q'`` lists follow
+from the per-point arrays, and Algorithm 1 (Schmaltz 2025, *Similarity-Distance-Magnitude
+Activations*, arXiv:2509.12760) run on them at the stored alpha gives exactly the stored
+``q'_min`` and ``psi``. Every failure is an :class:`~sdm_hf.format_errors.SDMFormatError` naming
+the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .activation import rescaled_similarity
+from .calibration import class_rescaled_lists, high_reliability_thresholds
+from .distance import class_distance_lists, distance_quantile
+from .format_errors import SDMFormatError
+from .head.config import SDMConfig
+from .head.state import CalibrationState, SDMHeadState, SupportState, weight_shapes
+
+__all__ = ["TensorChecker", "state_from_files", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_FINITE_CHUNK = 1 << 24  # elements checked at a time: a bounded mask, whatever the tensor's size
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    flat = value.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+class TensorChecker:
+    """Validates stored tensors against what the config says, naming the file on failure."""
+
+    def __init__(self, path, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def fail(self, problem: str):
+        raise SDMFormatError(self.path, problem)
+
+    def get(self, name: str, dtype: torch.dtype, shape: tuple, finite: bool = True, copy: bool = True) -> torch.Tensor:
+        """The validated tensor ``name``. ``copy=True`` returns a copy: tensors read by
+        safetensors share ONE memory map of the file, so keeping any of them (labels, say)
+        would keep the whole file mapped and its read pages resident (at 10^6 x 1000 float16
+        exemplars, 1.9 GiB beside FAISS's own copy). Pass ``copy=False`` only for a tensor
+        that is consumed and released while loading (the support vectors)."""
+        if name not in self.tensors:
+            self.fail(f"missing tensor {name!r}")
+        value = self.tensors[name]
+        self.used.add(name)
+        if value.dtype != dtype:
+            self.fail(f"tensor {name!r} has dtype {value.dtype}, expected {dtype}")
+        if len(shape) != value.dim() or any(want is not None and want != got for want, got in zip(shape, value.shape)):
+            self.fail(f"tensor {name!r} has shape {tuple(value.shape)}, expected {shape} (None = any)")
+        if finite and value.is_floating_point() and not _all_finite(value):
+            self.fail(f"tensor {name!r} contains NaN or infinite values")
+        return value.clone() if copy else value
+
+    def labels(self, name: str, length: int | None, num_classes: int) -> torch.Tensor:
+        value = self.get(name, torch.int64, (length,))
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_classes):
+            self.fail(f"tensor {name!r} has values outside 0..{num_classes - 1}")
+        return value
+
+    def lists(self, name: str, dtype, num_classes: int, total: int | None = None) -> list[torch.Tensor]:
+        values = self.get(name, dtype, (total,))
+        offsets = self.get(name.replace("_lists", "_list_offsets"), torch.int64, (num_classes + 1,))
+        if int(offsets[0]) != 0 or int(offsets[-1]) != values.numel() or bool((offsets[1:] < offsets[:-1]).any()):
+            self.fail(f"tensor {name!r}: offsets do not partition the {values.numel()} values")
+        out = [values[int(a) : int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+        if any(t.numel() > 1 and bool((t[1:] < t[:-1]).any()) for t in out):
+            self.fail(f"tensor {name!r}: a class's list is not sorted")
+        return out
+
+    def finish(self) -> None:
+        unexpected = sorted(set(self.tensors) - self.used)
+        if unexpected:
+            self.fail(f"unexpected tensor(s) {unexpected}")
+
+
+def state_from_files(
+    config: dict, tensors: dict, documents: list[dict] | None, paths: dict | None = None
+) -> SDMHeadState:
+    """Validate what :func:`read_files` returned and turn it into an :class:`SDMHeadState`.
+
+    Args:
+        config, tensors, documents: the parsed ``config.json``, the safetensors tensors and
+            the support documents (or None).
+        paths: file name -> where it came from, for error messages (default: the bare names).
+    """
+    paths = paths or {}
+    config_path = paths.get(CONFIG_NAME, CONFIG_NAME)
+    weights_path = paths.get(WEIGHTS_NAME, WEIGHTS_NAME)
+    try:
+        sdm_config = SDMConfig.from_dict(dict(config["config"]))
+    except (TypeError, ValueError) as err:
+        raise SDMFormatError(config_path, f"invalid SDMConfig ({err})") from None
+    c, d_in, m = sdm_config.num_classes, sdm_config.input_dim, sdm_config.exemplar_dim
+    check = TensorChecker(weights_path, tensors)
+    weights = {name: check.get(name, torch.float32, shape) for name, shape in weight_shapes(sdm_config).items()}
+    if bool((weights["feature_std"] <= 0).any()):
+        check.fail("tensor 'feature_std' must be > 0")
+
+    support = None
+    support_info = config["support"]
+    if support_info is not None:
+        if not isinstance(support_info, dict) or not isinstance(support_info.get("size"), int):
+            raise SDMFormatError(config_path, "'support' must be an object with an integer 'size'")
+        n = support_info["size"]
+        storage = torch.float16 if sdm_config.support_storage == "float16" else torch.float32
+        support = SupportState(
+            # not copied: the index (FAISS, or the device copy) takes the values and this view is released
+            vectors=check.get("support.vectors", storage, (n, m), copy=False),
+            labels=check.labels("support.labels", n, c),
+            predictions=check.labels("support.predictions", n, c),
+        )
+        if documents is not None:
+            support.ids = [doc.get("id") for doc in documents] if support_info.get("has_ids") else None
+            support.texts = [doc.get("text") for doc in documents] if support_info.get("has_texts") else None
+
+    calibration = None
+    cal_info = config["calibration"]
+    if cal_info is not None:
+        if support_info is None:
+            raise SDMFormatError(config_path, "a calibration is stored without a support set")
+        calibration = _calibration_from_files(cal_info, check, config_path, c, d_in)
+    check.finish()
+    selection = dict(config["selection"]) if config.get("selection") is not None else None
+    return SDMHeadState(sdm_config, weights, support, calibration, selection)
+
+
+def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c: int, d_in: int) -> CalibrationState:
+    try:
+        alpha = float(cal_info["alpha"])
+        q_min = math.inf if cal_info["q_min"] is None else float(cal_info["q_min"])
+        thresholds = torch.tensor([float(v) for v in cal_info["thresholds"]], dtype=torch.float64)
+        n = int(cal_info["size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SDMFormatError(config_path, f"invalid 'calibration' entry ({err})") from None
+    if thresholds.numel() != c or not bool(torch.isfinite(thresholds).all()) or math.isnan(q_min):
+        raise SDMFormatError(config_path, f"'thresholds' must be {c} finite numbers and 'q_min' a number or null")
+    if not q_min >= 0.0:
+        raise SDMFormatError(config_path, f"'q_min' must be >= 0 or null (empty region), got {q_min}")
+    if bool(((thresholds < 0.0) | (thresholds > 1.0)).any()):
+        raise SDMFormatError(
+            config_path, f"'thresholds' are probabilities and must lie in [0, 1], got {thresholds.tolist()}"
+        )
+    if not 0.5 < alpha <= 1.0:
+        raise SDMFormatError(config_path, f"alpha must satisfy 0.5 < alpha <= 1, got {alpha}")
+    features = None
+    if cal_info.get("has_features"):
+        features = check.get("calibration.features", torch.float32, (n, d_in))
+    cal = CalibrationState(
+        labels=check.labels("calibration.labels", n, c),
+        predictions=check.labels("calibration.predictions", n, c),
+        probabilities=check.get("calibration.probabilities", torch.float32, (n, c)),
+        q=check.get("calibration.q", torch.int64, (n,)),
+        d=check.get("calibration.d", torch.float32, (n,)),
+        d_nearest=check.get("calibration.d_nearest", torch.float32, (n,)),
+        rescaled_similarity=check.get("calibration.rescaled_similarity", torch.float32, (n,)),
+        features=features,
+        alpha=alpha,
+        q_min=q_min,
+        thresholds=thresholds,
+        distance_lists=check.lists("calibration.distance_lists", torch.float32, c),
+        rescaled_lists=check.lists("calibration.rescaled_lists", torch.float64, c, total=n),
+        stale=bool(cal_info.get("stale", False)),
+    )
+    if bool((cal.q < 0).any()):
+        check.fail("tensor 'calibration.q' has negative values")
+    _check_calibration_consistency(cal, check, config_path)
+    return cal
+
+
+def _check_calibration_consistency(cal: CalibrationState, check: TensorChecker, config_path) -> None:
+    """Recompute what the stored calibration arrays determine and compare it with what is
+    stored: every step is deterministic, so a head whose files do not belong together (a
+    config.json of one head beside the tensors of another, or edited values) is refused
+    instead of loading with thresholds that do not describe its arrays. Cost O(N log N)."""
+    c = len(cal.distance_lists)
+    predicted = cal.probabilities.gather(1, cal.predictions.view(-1, 1)).squeeze(1)
+    if bool((predicted < cal.probabilities.max(dim=1).values).any()):
+        check.fail("tensor 'calibration.predictions' is not the argmax of 'calibration.probabilities'")
+    if not torch.equal(rescaled_similarity(cal.q, predicted), cal.rescaled_similarity):
+        check.fail("tensor 'calibration.rescaled_similarity' does not follow from 'calibration.q' and probabilities")
+    lists = class_distance_lists(cal.d_nearest, cal.labels, cal.q, c)
+    if any(not torch.equal(a, b) for a, b in zip(lists, cal.distance_lists)):
+        check.fail("tensor 'calibration.distance_lists' does not follow from the stored nearest distances")
+    if not torch.equal(distance_quantile(cal.d_nearest, cal.distance_lists), cal.d):
+        check.fail("tensor 'calibration.d' does not follow from the stored distance lists")
+    rescaled_lists = class_rescaled_lists(cal.rescaled_similarity, cal.labels, c)
+    if any(not torch.equal(a, b) for a, b in zip(rescaled_lists, cal.rescaled_lists)):
+        check.fail("tensor 'calibration.rescaled_lists' does not follow from 'calibration.rescaled_similarity'")
+    q_min, thresholds = high_reliability_thresholds(
+        cal.true_class_probability, cal.rescaled_similarity, cal.labels, c, cal.alpha
+    )
+    same_q_min = q_min == cal.q_min or (math.isinf(q_min) and math.isinf(cal.q_min))
+    if not same_q_min or not torch.equal(thresholds, cal.thresholds):
+        raise SDMFormatError(
+            config_path,
+            f"'q_min' / 'thresholds' ({cal.q_min}, {cal.thresholds.tolist()}) are not what Algorithm 1 gives on "
+            f"the stored calibration arrays at alpha={cal.alpha} ({q_min}, {thresholds.tolist()}): the config and "
+            "the tensors do not belong to the same head; save it again",
+        )
