@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .output_dir import check_output_dir, prepare_output_dir
@@ -43,6 +44,8 @@ def load_table(paths: list[str]):
     for path in paths:
         if not Path(path).exists():
             raise CLIError(f"no such file or folder: {path}")
+        if Path(path).is_file() and Path(path).stat().st_size < 65536 and not Path(path).read_bytes().strip():
+            raise CLIError(f"{path}: the file is empty (no rows)")
     if len(paths) == 1 and Path(paths[0]).is_dir():
         try:
             data = datasets.load_from_disk(paths[0])
@@ -56,7 +59,25 @@ def load_table(paths: list[str]):
     try:
         return datasets.load_dataset(kinds[suffixes.pop()], data_files=list(paths), split="train")
     except Exception as err:  # noqa: BLE001 - arrow/json parse errors come in many types
+        for path in paths:  # name the first bad line where we can find it
+            _check_json_lines(path)
         raise CLIError(f"could not read {', '.join(paths)}: {type(err).__name__}: {err}".splitlines()[0]) from None
+
+
+def _check_json_lines(path: str) -> None:
+    """Raise naming ``path:line`` of the first line of a JSON-lines file that is not a JSON object."""
+    if Path(path).suffix.lower() != ".jsonl":
+        return
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):  # only after the fast reader failed
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise CLIError(f"{path}:{number}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise CLIError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
 
 
 def column(data, name: str, paths) -> list:
@@ -109,14 +130,44 @@ def features_of(data, args, paths, head_config=None, model_bundle=None):
     return feats, model_bundle
 
 
+def _row(paths, index: int) -> str:
+    """Where data row ``index`` (0-based) is: the file, and the line for CSV (after the header)
+    and JSON lines; for several files or a datasets folder, the row number."""
+    if len(paths) == 1 and Path(paths[0]).suffix.lower() in (".csv", ".jsonl"):
+        line = index + (2 if Path(paths[0]).suffix.lower() == ".csv" else 1)
+        return f"{paths[0]}:{line}"
+    return f"{', '.join(paths)}: row {index + 1}"
+
+
 def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
-    values = column(data, args.label_column, paths)
-    try:
-        y = torch.tensor([int(v) for v in values])
-    except (TypeError, ValueError):
-        raise CLIError(f"column {args.label_column!r} must hold integer class indices") from None
-    if num_classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise CLIError(f"labels must be in 0..{num_classes - 1}")
+    """The label column as int64 class indices: integers (or integral numbers, or digit
+    strings) only, the same rule as the Python API; an error names the file and line."""
+    values = np.asarray(column(data, args.label_column, paths))
+    name = args.label_column
+    if values.dtype.kind in "iu":
+        y = torch.from_numpy(values.astype(np.int64))
+    elif values.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        if bad.size:
+            raise CLIError(
+                f"{_row(paths, int(bad[0]))}: label {values[bad[0]]!r} in column {name!r} is not an integer class index"
+            )
+        y = torch.from_numpy(values.astype(np.int64))
+    elif values.dtype.kind == "U":
+        bad = np.flatnonzero(~np.char.isdigit(np.char.strip(values)))
+        if bad.size:
+            raise CLIError(
+                f"{_row(paths, int(bad[0]))}: label {values[bad[0]]!r} in column {name!r} is not an integer class index"
+            )
+        y = torch.from_numpy(np.char.strip(values).astype(np.int64))
+    else:
+        raise CLIError(
+            f"column {name!r} must hold integer class indices (found {values.dtype} values, e.g. empty cells)"
+        )
+    if num_classes is not None and len(y):
+        bad = np.flatnonzero((y.numpy() < 0) | (y.numpy() >= num_classes))
+        if bad.size:
+            raise CLIError(f"{_row(paths, int(bad[0]))}: label {int(y[bad[0]])} is outside 0..{num_classes - 1}")
     return y
 
 

@@ -142,7 +142,7 @@ def test_error_exits(files):
     bad_json = files["dir"] / "bad.jsonl"
     bad_json.write_text('{"vec": [1], "label": 0}\n{oops\n')
     res = run("evaluate", "--head", files["dir"] / "vec-head", "--data", bad_json, "--vector-column", "vec")
-    assert res.returncode == 2 and "could not read" in res.stderr
+    assert res.returncode == 2 and f"{bad_json}:2: not valid JSON" in res.stderr
     empty = run("verify", "--head", files["dir"] / "vec-head", stdin="\n")
     assert empty.returncode == 2 and "no input" in empty.stderr
     usage = run("fit-head")
@@ -190,3 +190,21 @@ def test_verify_with_a_tiny_lm_repository(tmp_path):
     assert {"generated_text", "verified", "probability", "high_reliability", "nearest_exemplar"} <= set(records[0])
     no_model = run("verify", "--head", tmp_path / "lm" / "sdm_head", stdin=lines)
     assert no_model.returncode == 2 and "--model" in no_model.stderr
+
+
+def test_data_errors_name_the_file_and_line(files):
+    rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    rows[2]["label"] = 0.7  # the API rejects it; the CLI used to truncate it to 0
+    floats = files["dir"] / "floats.jsonl"
+    floats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--calibration", files["calib"], "--vector-column", "vec", "--output", files["dir"] / "z"]
+    res = run("fit-head", "--train", floats, *args)
+    assert res.returncode == 2 and f"{floats}:3" in res.stderr and "not an integer" in res.stderr
+    empty = files["dir"] / "empty.jsonl"
+    empty.write_text("\n")
+    res = run("fit-head", "--train", empty, *args)
+    assert res.returncode == 2 and "empty" in res.stderr and "StopIteration" not in res.stderr
+    broken = files["dir"] / "broken.jsonl"
+    broken.write_text(files["calib"].read_text() + "\n{oops\n")
+    res = run("evaluate", "--head", files["dir"] / "vec-head", "--data", broken, "--vector-column", "vec")
+    assert res.returncode == 2 and f"{broken}:" in res.stderr and "not valid JSON" in res.stderr
