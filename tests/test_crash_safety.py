@@ -162,3 +162,50 @@ def test_kills_and_concurrent_writers_never_leave_a_mixed_head(small_head, tmp_p
     assert _which(folder, old, new, x[:50]) in ("old", "new")
     old.save_pretrained(folder)  # and the folder is still a normal head folder
     assert _which(folder, old, new, x[:50]) == "old"
+
+
+def _big_head(seed: int) -> SDMHead:
+    """A head with ~20 MB of exemplars (5,000 x 1,000 float32), built without training."""
+    from sdm_hf import SDMConfig
+    from tests.conftest import gaussian_mixture
+
+    x, y = gaussian_mixture(6000, num_classes=2, dim=64, separation=2.0, seed=seed)
+    head = SDMHead(SDMConfig(input_dim=64, exemplar_dim=1000, alpha=0.9), generator=torch.Generator().manual_seed(seed))
+    head.set_normalization(*SDMHead.normalization_statistics(x[:5000]))
+    head.build_support(x[:5000], y[:5000])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head.calibrate(x[5000:], y[5000:])
+    return head
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_of_a_large_head(tmp_path):
+    heads = {"old": _big_head(1), "new": _big_head(2)}
+    probe = torch.randn(20, 64, generator=torch.Generator().manual_seed(3))
+    expected = {name: head.predict(probe) for name, head in heads.items()}
+    for name, head in heads.items():
+        head.save_pretrained(tmp_path / name)
+    folder = tmp_path / "h"
+    heads["old"].save_pretrained(folder)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rng = torch.Generator().manual_seed(4)
+    for start in (0, 1, 0):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(folder), str(tmp_path / "old"), str(tmp_path / "new"), str(start)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert writer.stdout.readline().strip() == b"ready"
+        time.sleep(0.05 + 0.5 * float(torch.rand(1, generator=rng)))  # somewhere inside a save
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = SDMHead.from_pretrained(folder).predict(probe)
+        matches = [
+            n
+            for n, ref in expected.items()
+            if torch.equal(out.q, ref.q) and torch.equal(out.probabilities, ref.probabilities)
+        ]
+        assert len(matches) == 1, "a killed save left a head that is neither the old nor the new one"
