@@ -123,6 +123,7 @@ def state_from_files(
             labels=check.labels("support.labels", n, c),
             predictions=check.labels("support.predictions", n, c),
         )
+        _check_support_predictions(support, weights, check)
         if documents is not None:
             support.ids = [doc.get("id") for doc in documents] if support_info.get("has_ids") else None
             support.texts = [doc.get("text") for doc in documents] if support_info.get("has_texts") else None
@@ -136,6 +137,24 @@ def state_from_files(
     check.finish()
     selection = dict(config["selection"]) if config.get("selection") is not None else None
     return SDMHeadState(sdm_config, weights, support, calibration, selection)
+
+
+_PREDICTION_BYTES = 1 << 26  # float64 working set of the prediction check: 64 MiB at any support size
+
+
+def _check_support_predictions(support: SupportState, weights: dict[str, torch.Tensor], check: TensorChecker) -> None:
+    """The stored predictions must be what the stored classifier gives on the stored exemplars
+    (argmax of ``W e + b``), up to rounding: a prediction whose logit is below the row's best by
+    more than a small tolerance means the tensors come from different heads or were edited."""
+    w, b = weights["classifier.weight"].double(), weights["classifier.bias"].double()
+    rows = max(1, _PREDICTION_BYTES // (8 * max(1, w.shape[1])))
+    for start in range(0, support.size, rows):  # chunks of rows, each vectorised
+        logits = support.vectors[start : start + rows].double() @ w.T + b
+        chosen = logits.gather(1, support.predictions[start : start + rows].view(-1, 1)).squeeze(1)
+        best = logits.max(dim=1).values
+        # float16 storage rounds the exemplars (relative error ~5e-4), float32 ties only at 1e-7
+        if bool((best - chosen > 1e-2 * (1.0 + best.abs())).any()):
+            check.fail("tensor 'support.predictions' is not the classifier's argmax on 'support.vectors'")
 
 
 def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c: int, d_in: int) -> CalibrationState:

@@ -344,3 +344,11 @@ def test_format_1_heads_still_load(heads, tmp_path):
     config["sdm_hf_format_version"] = 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     _same_outputs(head, SDMHead.from_pretrained(tmp_path), x)
+
+
+def test_support_predictions_must_follow_from_the_stored_classifier(heads, tmp_path):
+    head = heads[4][0]
+    head.save_pretrained(tmp_path)
+    _corrupt_tensors(tmp_path, lambda t: t.__setitem__("support.predictions", (t["support.predictions"] + 1) % 4))
+    with pytest.raises(SDMFormatError, match="support.predictions"):
+        SDMHead.from_pretrained(tmp_path)
