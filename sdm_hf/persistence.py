@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 
 from .format_errors import SDMFormatError
 from .head.state import SDMHeadState
@@ -67,6 +67,8 @@ __all__ = [
     "FORMAT_VERSION",
     "state_to_files",
     "state_from_files",
+    "state_to_bytes",
+    "state_from_bytes",
     "read_files",
     "write_files",
     "SELECTION_KEYS",
@@ -173,6 +175,61 @@ def documents_text(documents: list[dict]) -> str:
     return "".join(json.dumps(d, ensure_ascii=False, allow_nan=False) + "\n" for d in documents)
 
 
+def _pack(
+    config: dict, tensors: dict[str, torch.Tensor], documents: list[dict] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str, str | None]:
+    """``(tensors, metadata, config text, documents text)`` of the self-contained safetensors
+    form: the config JSON in the metadata, the documents as a uint8 tensor of JSON lines."""
+    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    lines = None if documents is None else documents_text(documents)
+    stored = dict(tensors)
+    if lines is not None:
+        stored[DOCUMENTS_TENSOR] = torch.frombuffer(bytearray(lines.encode("utf-8")), dtype=torch.uint8)
+    return stored, {"format": "pt", EMBEDDED_CONFIG_KEY: text}, text, lines
+
+
+def _unpack(
+    tensors: dict[str, torch.Tensor], embedded: str, where
+) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
+    """The config, tensors and documents of the self-contained form (inverse of :func:`_pack`)."""
+    config = parse_config(embedded, where)
+    support = config.get("support")
+    documents = None
+    raw = tensors.pop(DOCUMENTS_TENSOR, None)
+    if isinstance(support, dict) and (support.get("has_ids") or support.get("has_texts")):
+        if raw is None:
+            raise SDMFormatError(where, f"missing tensor {DOCUMENTS_TENSOR!r}")
+        try:
+            text = bytes(raw.numpy()).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SDMFormatError(where, f"{DOCUMENTS_TENSOR!r} is not UTF-8 ({err})") from None
+        documents = parse_documents(text, where, int(support.get("size", -1)))
+    elif raw is not None:
+        raise SDMFormatError(where, f"unexpected tensor {DOCUMENTS_TENSOR!r}")
+    return config, tensors, documents
+
+
+def state_to_bytes(state: SDMHeadState | Any) -> bytes:
+    """The whole head as the bytes of one self-contained safetensors file (what
+    ``model.safetensors`` holds): for sending a head between processes without pickle."""
+    stored, metadata, _, _ = _pack(*state_to_files(state))
+    return save(stored, metadata=metadata)
+
+
+def state_from_bytes(data: bytes, where: str = "<bytes>") -> SDMHeadState:
+    """The head stored by :func:`state_to_bytes`, checked like a head read from files."""
+    try:
+        header_length = int.from_bytes(data[:8], "little")  # the safetensors layout: u64 + JSON header
+        embedded = json.loads(data[8 : 8 + header_length]).get("__metadata__", {}).get(EMBEDDED_CONFIG_KEY)
+        tensors = load(data)
+    except (SafetensorError, ValueError) as err:
+        raise SDMFormatError(where, f"not a readable safetensors buffer ({err})") from None
+    if embedded is None:
+        raise SDMFormatError(where, f"no embedded config ({EMBEDDED_CONFIG_KEY!r} metadata)")
+    config, tensors, documents = _unpack(tensors, embedded, where)
+    return state_from_files(config, tensors, documents, {CONFIG_NAME: where, WEIGHTS_NAME: where})
+
+
 def write_files(
     directory: Path, config: dict, tensors: dict[str, torch.Tensor], documents: list[dict] | None, card: str | None
 ) -> None:
@@ -181,12 +238,7 @@ def write_files(
     metadata, documents as a tensor), so its rename is the one switch from old to new."""
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
-    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
-    lines = None if documents is None else documents_text(documents)
-    stored = dict(tensors)
-    if lines is not None:
-        stored[DOCUMENTS_TENSOR] = torch.frombuffer(bytearray(lines.encode("utf-8")), dtype=torch.uint8)
-    metadata = {"format": "pt", EMBEDDED_CONFIG_KEY: text}
+    stored, metadata, text, lines = _pack(config, tensors, documents)
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(stored, p, metadata=metadata))
     # the mirrors, for people and tools that read the folder; loading does not depend on them
     if lines is not None:
@@ -323,7 +375,7 @@ def read_files(
     support = config.get("support")
     if embedded is not None:  # the authoritative copy: config.json may be mid-update
         mirror = config
-        config = parse_config(embedded, paths[WEIGHTS_NAME])
+        config, tensors, documents = _unpack(tensors, embedded, paths[WEIGHTS_NAME])
         if mirror != config:
             warnings.warn(
                 f"{paths[CONFIG_NAME]} differs from the config stored in {paths[WEIGHTS_NAME]} (a save in "
@@ -333,19 +385,6 @@ def read_files(
                 stacklevel=4,
             )
         paths[CONFIG_NAME] = paths[WEIGHTS_NAME]
-        support = config.get("support")
-        documents = None
-        raw = tensors.pop(DOCUMENTS_TENSOR, None)
-        if isinstance(support, dict) and (support.get("has_ids") or support.get("has_texts")):
-            if raw is None:
-                raise SDMFormatError(paths[WEIGHTS_NAME], f"missing tensor {DOCUMENTS_TENSOR!r}")
-            try:
-                text = bytes(raw.numpy()).decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise SDMFormatError(paths[WEIGHTS_NAME], f"{DOCUMENTS_TENSOR!r} is not UTF-8 ({err})") from None
-            documents = parse_documents(text, paths[WEIGHTS_NAME], int(support.get("size", -1)))
-        elif raw is not None:
-            raise SDMFormatError(paths[WEIGHTS_NAME], f"unexpected tensor {DOCUMENTS_TENSOR!r}")
         return config, tensors, documents, paths
     documents = None  # a format-1 head (or tensors rewritten without the metadata): the split files
     tensors.pop(DOCUMENTS_TENSOR, None)

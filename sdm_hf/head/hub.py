@@ -207,9 +207,8 @@ class SDMHubMixin(ModelHubMixin):
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        # huggingface_hub's hook (called by its default save paths): write every file of the head
-        config, tensors, documents = persistence.state_to_files(self.to_state(copy=False))
-        persistence.write_files(Path(save_directory), config, tensors, documents, str(self.generate_model_card()))
+        # huggingface_hub's hook (its default save paths hand us a folder of their own)
+        save_state(self.to_state(copy=False), str(self.generate_model_card()), save_directory, overwrite_foreign=True)
 
     # keyword-only options and a device: the head reads its own files (config, tensors,
     # documents), not the mixin's single weights file, so the signature differs on purpose

@@ -9,18 +9,19 @@ process each of these is the identity and touches no ``torch.distributed`` call.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..head.modeling import SDMHead
-from ..head.state import SDMHeadState
-from ..persistence import SELECTION_KEYS
+from ..persistence import state_from_bytes, state_to_bytes
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["broadcast_head", "gather_lists", "process_world"]
+__all__ = ["broadcast_bytes", "broadcast_head", "gather_bytes", "gather_lists", "process_world"]
 
 
 def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
@@ -39,11 +40,54 @@ def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
     return 0, 1
 
 
+def _wire_device() -> torch.device:
+    """Where collective buffers must live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _as_tensor(data: bytes, device: torch.device) -> torch.Tensor:
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        if data
+        else torch.zeros(0, dtype=torch.uint8, device=device)
+    )
+
+
+def broadcast_bytes(data: bytes | None, world: tuple[int, int]) -> bytes:
+    """Rank 0's ``data`` on every process, as plain uint8 tensors (no pickle on the wire)."""
+    rank, _ = world
+    device = _wire_device()
+    length = torch.tensor([len(data or b"") if rank == 0 else 0], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(length, src=0)
+    buffer = (
+        _as_tensor(data or b"", device) if rank == 0 else torch.empty(int(length), dtype=torch.uint8, device=device)
+    )
+    torch.distributed.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().numpy())
+
+
+def gather_bytes(data: bytes, world: tuple[int, int]) -> list[bytes]:
+    """Every process's ``data``, in rank order, on every process (uint8 tensors, padded to the
+    longest; no pickle on the wire)."""
+    _, size = world
+    device = _wire_device()
+    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(size)]
+    torch.distributed.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: len(data)] = _as_tensor(data, device)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    torch.distributed.all_gather(parts, padded)
+    return [bytes(part[: int(n)].cpu().numpy()) for part, n in zip(parts, lengths)]
+
+
 def gather_lists(local: list, world: tuple[int, int]) -> list:
     """Every process's ``local`` list, concatenated in rank order (the same list on every
-    process). ``local`` must hold picklable Python objects (strings, ints, tuples of them):
-    they travel through ``torch.distributed.all_gather_object`` between processes of one
-    training run, never through files.
+    process). ``local`` must be JSON-serialisable (strings, numbers, lists of them; tuples come
+    back as lists): it travels as strict JSON between the processes of one training run.
 
     Args:
         world: ``(rank, world_size)`` from :func:`process_world`.
@@ -51,9 +95,8 @@ def gather_lists(local: list, world: tuple[int, int]) -> list:
     _, size = world
     if size == 1:
         return list(local)
-    parts: list[Any] = [None] * size
-    torch.distributed.all_gather_object(parts, list(local))
-    return [item for part in parts for item in part]
+    parts = gather_bytes(json.dumps(list(local), allow_nan=False).encode("utf-8"), world)
+    return [item for part in parts for item in json.loads(part)]
 
 
 def broadcast_head(
@@ -63,9 +106,9 @@ def broadcast_head(
 
     Only rank 0 fits the head (one fit instead of one per process, and no chance of
     processes disagreeing); the other ranks pass whatever they have and receive rank 0's.
-    The head travels as its plain state (:meth:`SDMHead.to_state`: config, tensors and lists,
-    never the module or its FAISS index) and is rebuilt on CPU with :meth:`SDMHead.from_state`,
-    with its training distance lists.
+    The head travels as the bytes of its saved form (:func:`sdm_hf.persistence.state_to_bytes`:
+    one safetensors buffer, never a pickled module or FAISS index; the support documents are
+    left out), is checked like a loaded head and rebuilt on CPU with its training distance lists.
 
     Args:
         head: rank 0's head, or None when too few documents of a class allowed no fit.
@@ -79,24 +122,16 @@ def broadcast_head(
     rank, size = world
     if size == 1:
         return head, support_row
-    payload: list[Any] = [None]
-    if rank == 0:
-        payload = [None if head is None else (_shareable_state(head), support_row.tolist())]
-    torch.distributed.broadcast_object_list(payload, src=0)
-    if payload[0] is None:
+    payload = None
+    if rank == 0 and head is not None:
+        state = head.to_state(copy=False)
+        if state.support is not None:  # the other ranks compute the loss: no documents needed
+            state.support = replace(state.support, ids=None, texts=None)
+        payload = state_to_bytes(state)
+    data = broadcast_bytes(payload, world)
+    if not data:
         return None, support_row
-    state, rows = payload[0]
-    head = SDMHead.from_state(state, device="cpu")
+    rows = broadcast_bytes(json.dumps(support_row.tolist()).encode("utf-8") if rank == 0 else None, world)
+    head = SDMHead.from_state(state_from_bytes(data, "<broadcast head>"), device="cpu")
     head.compute_training_distance_lists()
-    return head, torch.tensor(rows, dtype=torch.long)
-
-
-def _shareable_state(head: SDMHead) -> SDMHeadState:
-    # what the other ranks need to compute the loss, as a saved head would have it: no support
-    # documents, and of the training selection only the keys a saved head keeps
-    state = head.to_state()
-    if state.support is not None:
-        state.support.ids = state.support.texts = None
-    if state.selection is not None:
-        state.selection = {k: state.selection[k] for k in SELECTION_KEYS if k in state.selection}
-    return state
+    return head, torch.tensor(json.loads(rows), dtype=torch.long)
