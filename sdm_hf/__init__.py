@@ -17,9 +17,11 @@ from .head.diagnostics import CalibrationReport, LabelErrors
 from .head.inference import SDMOutput
 from .head.modeling import SDMHead
 from .model_loading import load_causal_lm
-from .pipelines import register_pipelines
+from .pipelines import register_when_transformers_pipelines_loads
 
-register_pipelines()  # `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work
+# `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work; the tasks are
+# registered when transformers.pipelines loads, so importing sdm_hf does not pay for it
+register_when_transformers_pipelines_loads()
 
 __version__ = "0.1.0"
 

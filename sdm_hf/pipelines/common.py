@@ -1,0 +1,308 @@
+"""What both SDM pipelines share: where the head comes from, numbered inputs, batch columns.
+
+Inputs reach ``preprocess`` wrapped in :class:`Numbered` (the input and its position in the
+call), so that a bad input is reported by its index even when it arrives from a generator or
+a ``KeyDataset`` through transformers' DataLoader.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset, IterableDataset
+from transformers import Pipeline
+
+from ..head.modeling import SDMHead
+from ..hub import DEFAULT_HEAD_SUBFOLDER
+
+__all__ = [
+    "ACCEPTED",
+    "HUB_OPTIONS",
+    "Numbered",
+    "NumberedDataset",
+    "SDMPipeline",
+    "as_columns",
+    "describe",
+    "first_row",
+    "is_chat",
+    "number_inputs",
+    "pipeline_call_hub_options",
+    "resolve_head",
+]
+
+#: Keyword arguments of :meth:`SDMHead.from_pretrained` that ``sdm_head_kwargs`` may set.
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+
+#: What a pipeline call takes, for error messages.
+ACCEPTED = (
+    "a string, a list of them, a datasets column (dataset['text']), "
+    "transformers.pipelines.pt_utils.KeyDataset(dataset, 'text') or a generator"
+)
+
+
+@dataclass(frozen=True)
+class Numbered:
+    """One pipeline input and its position in the call (``index`` is None for a single input)."""
+
+    index: int | None
+    value: Any
+
+    @property
+    def where(self) -> str:
+        """``"input 3"`` (or ``"the input"`` for a single input), for error messages."""
+        return "the input" if self.index is None else f"input {self.index}"
+
+
+class NumberedDataset(Dataset):
+    """A map-style dataset (``KeyDataset`` or any ``torch.utils.data.Dataset``) whose items
+    come as :class:`Numbered`; it stays lazy, so transformers streams it as usual."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Numbered:
+        return Numbered(i, self.dataset[i])
+
+
+def _numbered_stream(items: Iterable) -> Iterator[Numbered]:
+    for i, item in enumerate(items):
+        yield Numbered(i, item)
+
+
+def describe(value: Any) -> str:
+    """``"None"`` or ``"of type int"``, for error messages."""
+    return "None" if value is None else f"of type {type(value).__name__}"
+
+
+def is_chat(value: Any) -> bool:
+    """Whether ``value`` is a conversation: a non-empty list of ``{"role", "content"}`` dicts."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+    )
+
+
+def number_inputs(inputs: Any, chats: bool) -> tuple[Any, bool]:
+    """What to hand to ``Pipeline.__call__`` for ``inputs``, and whether that is a list.
+
+    * a list or tuple -> a list of :class:`Numbered` (the call returns a list), except that a
+      list of chat messages is ONE conversation when ``chats`` (as transformers reads it);
+    * a generator, an iterator or an ``IterableDataset`` -> a generator of :class:`Numbered`,
+      and a map-style torch ``Dataset`` (``KeyDataset``) -> :class:`NumberedDataset` (the call
+      returns an iterator, streamed batch by batch);
+    * another sized sequence (a ``datasets`` column, a ``datasets.Dataset``'s rows, a numpy
+      array) -> a list of :class:`Numbered`;
+    * anything else (a string, a dict, None, a number) -> one ``Numbered(None, inputs)``.
+    """
+    if inputs is None or isinstance(inputs, (str, bytes, Mapping)):
+        return Numbered(None, inputs), False
+    if isinstance(inputs, (list, tuple)):
+        if chats and is_chat(inputs):
+            return Numbered(None, list(inputs)), False
+        return [Numbered(i, x) for i, x in enumerate(inputs)], True
+    if isinstance(inputs, (Iterator, IterableDataset)):
+        return _numbered_stream(inputs), False
+    if isinstance(inputs, Dataset):
+        return NumberedDataset(inputs), False
+    if hasattr(inputs, "__len__") and hasattr(inputs, "__getitem__") and isinstance(inputs, Iterable):
+        return [Numbered(i, x) for i, x in enumerate(inputs)], True
+    return Numbered(None, inputs), False
+
+
+def as_columns(model_inputs: dict[str, Any]) -> dict[str, list]:
+    """The collated inputs of one batch as equal-length columns.
+
+    transformers collates a batch (``batch_size > 1``) into ``{key: [value per item]}`` but
+    hands a single item (``batch_size=1``) over as it is; ``"index"`` tells the two apart.
+    """
+    if isinstance(model_inputs["index"], list):
+        return model_inputs
+    return {key: [value] for key, value in model_inputs.items()}
+
+
+def first_row(model_outputs: dict[str, Any]) -> dict[str, Any]:
+    """One input's outputs: transformers unbatches ``_forward``'s columns when it batched
+    (``batch_size > 1``), and passes the one-row columns through otherwise."""
+    if isinstance(model_outputs["index"], list):
+        return {key: value[0] for key, value in model_outputs.items()}
+    return model_outputs
+
+
+def pipeline_call_hub_options() -> dict[str, Any]:
+    """``revision``, ``token``, ``cache_dir`` and ``local_files_only`` of the
+    ``transformers.pipeline(...)`` call that is constructing a pipeline right now ({} when the
+    class is constructed directly).
+
+    ``pipeline()`` consumes these itself and never hands them to the pipeline class, yet the
+    head must come from the same revision of the repository as the model. They are read from
+    ``pipeline()``'s own variables (``hub_kwargs``, ``model_kwargs``); the revision is the
+    commit the model was loaded from, or the one requested when the model came from a PEFT
+    adapter repository (whose base model's revision ``hub_kwargs`` then holds). When a
+    transformers version names them differently, nothing is found and the head is loaded from
+    the default branch; ``sdm_head_kwargs`` sets them explicitly.
+    """
+    try:
+        from transformers.pipelines import pipeline as factory
+    except ImportError:  # pragma: no cover - transformers without pipelines
+        return {}
+    code = getattr(inspect.unwrap(factory), "__code__", None)
+    frame = inspect.currentframe()
+    try:
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        if frame is None:
+            return {}
+        local = frame.f_locals
+        hub = local.get("hub_kwargs")
+        if not isinstance(hub, dict):
+            return {}
+        from_adapter = local.get("adapter_path") is not None
+        model_kwargs = local.get("model_kwargs") or {}
+        options = {
+            "revision": local.get("requested_revision") if from_adapter else hub.get("revision"),
+            "token": hub.get("token"),
+            "cache_dir": model_kwargs.get("cache_dir") if isinstance(model_kwargs, dict) else None,
+            "local_files_only": True if hub.get("local_files_only") else None,
+        }
+        return {key: value for key, value in options.items() if value is not None}
+    finally:
+        del frame  # frames hold their callers' locals: do not keep them alive
+
+
+def resolve_head(
+    sdm_head: SDMHead | str | Path | None,
+    model: Any,
+    subfolder: str,
+    call_options: dict[str, Any],
+    sdm_head_kwargs: Mapping[str, Any] | None,
+) -> SDMHead:
+    """The pipeline's head: ``sdm_head`` itself, the folder or Hub repo it names, or (None)
+    the ``subfolder`` of the model's own repository.
+
+    Args:
+        sdm_head: an :class:`SDMHead`, a folder or Hub repo id of one, or None.
+        model: the pipeline's model (``config._name_or_path`` is its repository).
+        subfolder: where the head lives in the model's repository.
+        call_options: :func:`pipeline_call_hub_options`; the revision only applies to the
+            model's own repository, the token, cache and offline flag to any Hub repo.
+        sdm_head_kwargs: explicit :data:`HUB_OPTIONS` for :meth:`SDMHead.from_pretrained`;
+            they override ``call_options``.
+    """
+    if isinstance(sdm_head, SDMHead):
+        return sdm_head
+    if sdm_head is not None and not isinstance(sdm_head, (str, Path)):
+        raise TypeError(f"sdm_head must be an SDMHead, a folder or a Hub repo id, got {type(sdm_head).__name__}")
+    explicit = dict(sdm_head_kwargs or {})
+    unknown = sorted(set(explicit) - set(HUB_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown sdm_head_kwargs {unknown}; valid keys: {list(HUB_OPTIONS)}")
+    options = dict(call_options)
+    if sdm_head is None:
+        source = getattr(getattr(model, "config", None), "_name_or_path", None)
+        sub: str | None = subfolder
+        if not source:
+            raise ValueError(
+                "no SDM head: the model has no repository path to look for a "
+                f"'{subfolder}/' subfolder in; pass sdm_head=<SDMHead, folder or repo id>"
+            )
+    else:
+        source, sub = sdm_head, None
+        options.pop("revision", None)  # the model's revision means nothing in another repository
+    options.update(explicit)
+    root = Path(str(source)).expanduser()
+    local = root / (sub or "")
+    if root.is_dir() and not (local / "config.json").is_file():
+        raise ValueError(
+            f"{source} has no SDM head in '{sub}/' (no {local / 'config.json'}); pass sdm_head=<SDMHead, "
+            "folder or repo id>, e.g. for a PEFT adapter repository"
+        )
+    return SDMHead.from_pretrained(str(source), subfolder=sub, **options)
+
+
+class SDMPipeline(Pipeline):
+    """The transformers ``Pipeline`` contract for an SDM task: ``preprocess`` checks and
+    prepares one :class:`Numbered` input, ``_forward`` runs the model and the head on a batch,
+    ``postprocess`` formats one result. ``__call__`` only numbers the inputs (so errors name
+    them) and checks in-memory lists before any model work, then calls ``Pipeline.__call__``,
+    which batches (``batch_size``, default 8), streams generators and datasets, and runs
+    ``num_workers`` DataLoader workers as for any transformers pipeline.
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+    _options: tuple[str, ...] = ()
+    _accepts_chats = False
+    default_batch_size = 8
+
+    def __init__(
+        self,
+        *args: Any,
+        sdm_head: SDMHead | str | Path | None = None,
+        head_subfolder: str = DEFAULT_HEAD_SUBFOLDER,
+        sdm_head_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        call_options = pipeline_call_hub_options()
+        if kwargs.pop("local_files_only", False):  # transformers.pipeline() hands this one on
+            call_options["local_files_only"] = True
+        kwargs.setdefault("batch_size", self.default_batch_size)
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is None:
+            raise ValueError(f"the {self._name} pipeline needs the model's tokenizer (pass tokenizer=...)")
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
+            # batching needs a pad token; the features pad with eos in that case anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        head = resolve_head(sdm_head, self.model, head_subfolder, call_options, sdm_head_kwargs)
+        self.sdm_head = head.to(self.device)
+
+    @property
+    def _name(self) -> str:
+        return self.task or type(self).__name__
+
+    def check_input(self, item: Numbered) -> None:
+        """Raise ``TypeError``/``ValueError`` naming ``item`` when the task cannot take it."""
+        raise NotImplementedError  # pragma: no cover - each task defines it
+
+    def _check_options(self, kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - set(self._options))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for the {self._name} pipeline; valid options: "
+                f"{sorted(self._options)} (and batch_size, num_workers)"
+            )
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        """Results for ``inputs``: one dict for one input, a list for a list (``[]`` for an
+        empty one), an iterator for a generator or a dataset. ``batch_size`` and
+        ``num_workers`` work as in any transformers pipeline; other keywords are the task's
+        options."""
+        numbered, is_list = number_inputs(inputs, chats=self._accepts_chats)
+        if is_list:
+            self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
+            if not numbered:
+                return []
+            for item in numbered:  # a wrong type fails before any model work, naming its index
+                self.check_input(item)
+        return super().__call__(numbered, **kwargs)
+
+    def _nearest(self, index: int) -> dict:
+        head = self.sdm_head
+        if index < 0 or head.support is None:
+            return {"index": None, "id": None, "label": None, "text": None}
+        label = int(head.support.labels[index])
+        return {
+            "index": index,
+            "id": None if head.support_ids is None else head.support_ids[index],
+            "label": head.config.label_name(label),
+            "text": None if head.support_texts is None else head.support_texts[index],
+        }

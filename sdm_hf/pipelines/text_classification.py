@@ -1,0 +1,118 @@
+"""``pipeline("sdm-text-classification")``: an SDM head over pooled features of an encoder."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from ..features import extract_features
+from ..hub import check_pairing
+from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row
+
+__all__ = ["SDMTextClassificationPipeline"]
+
+
+class SDMTextClassificationPipeline(SDMPipeline):
+    """Text classification with an SDM head over pooled features of an encoder (or any model).
+
+    Example::
+
+        from transformers import pipeline
+        import sdm_hf  # registers the task
+        clf = pipeline("sdm-text-classification", model="path/to/model-with-sdm_head")
+        clf("Paris is a name of a city.")
+        # {'label': 'true', 'score': 0.97, 'high_reliability': True, 'high_reliability_lower': True,
+        #  'is_ood': False, 'q': 41, 'd': 0.62, 'rescaled_similarity': 2.9, 'truncated': False,
+        #  'nearest_exemplar': {'index': 12, 'id': ..., 'label': 'true', 'text': ...}}
+        clf(["one text", "another"], batch_size=32)              # a list of results
+        for out in clf(KeyDataset(dataset, "text"), batch_size=32, num_workers=2):
+            ...                                                  # streamed
+
+    Input: a string, a list of strings (an empty list gives ``[]``), a ``datasets`` column,
+    a ``KeyDataset``, or a generator of strings; anything else is a ``TypeError`` naming the
+    input's index. ``batch_size`` (default 8) texts run through the model together.
+
+    Output per input: ``label`` (the head's ``id2label`` name), ``score`` (the SDM
+    probability of that label), ``high_reliability``, ``high_reliability_lower``, ``is_ood``,
+    ``q``, ``d``, ``rescaled_similarity``, ``truncated`` (the text was cut to the feature
+    recipe's max length; a warning also says so) and ``nearest_exemplar``. Features follow
+    the head's recorded recipe (pooling, layer, max length) and equal
+    :func:`sdm_hf.features.extract_features` of the same texts up to float rounding,
+    whatever the batch size.
+
+    Construction options: ``sdm_head`` (an :class:`~sdm_hf.SDMHead`, folder or Hub repo id;
+    default: the model repository's ``sdm_head/`` subfolder, from the same revision),
+    ``head_subfolder`` and ``sdm_head_kwargs`` (``revision``, ``token``, ``cache_dir``,
+    ``local_files_only``, ``force_download`` for loading the head).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg = self.sdm_head.config
+        check_pairing(self.model, self.sdm_head)
+        limit: Any = cfg.feature_max_length or getattr(self.tokenizer, "model_max_length", 512)
+        self.max_length = int(limit)
+        self.pooling = cfg.feature_pooling or "mean"
+        self.layer = -1 if cfg.feature_layer is None else cfg.feature_layer
+
+    def check_input(self, item: Numbered) -> None:
+        if not isinstance(item.value, str):
+            raise TypeError(
+                f"{item.where} is {describe(item.value)}; the {self._name} pipeline takes texts: "
+                f"pass {ACCEPTED} of strings"
+            )
+
+    def _sanitize_parameters(self, **kwargs: Any):
+        self._check_options(kwargs)
+        return {}, {}, {}
+
+    def preprocess(self, inputs: Any, **_: Any) -> dict[str, Any]:
+        """One text -> ``{"index", "text", "truncated"}`` (whether it is longer than the recipe's
+        max length in tokens)."""
+        item = inputs if isinstance(inputs, Numbered) else Numbered(None, inputs)
+        self.check_input(item)
+        tokenizer: Any = self.tokenizer  # set: the base class refuses a pipeline without one
+        length = len(tokenizer(item.value, truncation=False)["input_ids"])
+        return {"index": item.index, "text": item.value, "truncated": length > self.max_length}
+
+    def _forward(self, model_inputs: dict[str, Any], **_: Any) -> dict[str, list]:
+        """A batch of B texts -> the head's records (columns of B values): features of the batch
+        (:func:`~sdm_hf.features.extract_features`, ``[B, D]``), then one ``predict``."""
+        cols = as_columns(model_inputs)
+        with warnings.catch_warnings():  # reported per input ('truncated') and once in postprocess
+            warnings.filterwarnings("ignore", message=".*texts were longer than max_length", category=UserWarning)
+            feats = extract_features(
+                self.model,
+                self.tokenizer,
+                cols["text"],
+                pooling=self.pooling,
+                layer=self.layer,
+                batch_size=len(cols["text"]),
+                max_length=self.max_length,
+                progress=False,
+            )
+        records = self.sdm_head.predict(feats).to_list(self.sdm_head.config.id2label)
+        return {"index": cols["index"], "record": records, "truncated": cols["truncated"]}
+
+    def postprocess(self, model_outputs: dict[str, Any], **_: Any) -> dict[str, Any]:
+        """One input's record -> its result dict."""
+        row = first_row(model_outputs)
+        record = row["record"]
+        if row["truncated"]:
+            warnings.warn(
+                f"a text longer than max_length={self.max_length} tokens was truncated (see its 'truncated' field)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return {
+            "label": record["label"],
+            "score": record["probability"],
+            "high_reliability": record["high_reliability"],
+            "high_reliability_lower": record["high_reliability_lower"],
+            "is_ood": record["is_ood"],
+            "q": record["q"],
+            "d": record["d"],
+            "rescaled_similarity": record["rescaled_similarity"],
+            "truncated": bool(row["truncated"]),
+            "nearest_exemplar": self._nearest(record["nearest_index"]),
+        }

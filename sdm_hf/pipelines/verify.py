@@ -1,0 +1,203 @@
+"""``pipeline("sdm-verify")``: generate with a causal LM, then verify with its SDM head.
+
+This is the test-time use of an SDM language model (Schmaltz (2025), *Similarity-Distance-
+Magnitude Language Models*, §3.4): generate greedily, then let the verification head, not the
+LM's own ``<verified>Yes/No</verified>`` text, decide whether the completion follows the
+instructions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..hub import check_pairing
+from ..lm.encoding import ControlTokens, format_document, generate_greedy, verification_features
+from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, is_chat
+
+__all__ = ["SDMVerifyPipeline"]
+
+# set by the pipeline itself: greedy decoding of max_new_tokens over the prompt's tokens
+RESERVED_GENERATE_KWARGS = ("max_new_tokens", "do_sample", "use_cache", "pad_token_id", "input_ids", "attention_mask")
+
+
+class SDMVerifyPipeline(SDMPipeline):
+    """Generate with a causal LM, then verify the generation with its SDM verification head.
+
+    Example::
+
+        from transformers import pipeline
+        import sdm_hf  # registers the task
+        verify = pipeline("sdm-verify", model="path/to/sdm-lm", max_new_tokens=64)
+        verify("Repeat: the birch canoe slid on the smooth planks.")          # generate + verify
+        verify({"prompt": "Repeat: ...", "completion": "..."})               # verify only
+        for out in verify(KeyDataset(dataset, "prompt"), batch_size=16):     # streamed
+            ...
+
+    Input: a prompt (a string or chat messages ``[{"role", "content"}, ...]``: generate
+    greedily, then verify), a dict ``{"prompt": ..., "completion": ...}`` (verify only), or a
+    list, ``datasets`` column, ``datasets.Dataset`` (rows with ``prompt``/``completion``),
+    ``KeyDataset`` or generator of either (an empty list gives ``[]``). A wrong input is a
+    ``TypeError``/``ValueError`` naming its index. ``batch_size`` (default 8) inputs are
+    generated and verified together.
+
+    Output per input: ``generated_text`` (the completion), ``verified`` (the head predicts
+    class 1: the completion follows the instructions), ``probability`` (the SDM probability
+    of class 1), ``high_reliability``, ``high_reliability_lower``, ``q``, ``d``,
+    ``rescaled_similarity``, ``is_ood``, ``nearest_exemplar`` (index, id, label, text) and
+    ``model_said`` (what the LM's own trailing ``<verified>`` text claimed, or None).
+
+    How this differs from transformers' ``decision`` pipeline, which returns the model's own
+    yes/no probabilities: the verdict here comes from a separate SDM head, its probability
+    is calibrated with a high-reliability region whose class- and prediction-conditional
+    accuracy is at least alpha on data like the calibration data, it flags inputs unlike the
+    training data (``is_ood``, small ``q`` and ``d``), and it is explained by the nearest
+    training exemplar. The LM's own Yes/No text is not trusted; ``force_decode=True``
+    rewrites the trailing control tokens of ``generated_text`` to the head's decision.
+
+    Options (at construction or per call): ``max_new_tokens`` (default 64),
+    ``force_decode`` (default False), ``generate_kwargs`` (a dict passed to ``generate``;
+    decoding stays greedy). Construction only: ``sdm_head``, ``head_subfolder``,
+    ``sdm_head_kwargs`` (as for ``sdm-text-classification``) and ``control_tokens``.
+    """
+
+    _pipeline_calls_generate = False  # generation is done explicitly, batched, in _forward
+    _options = ("max_new_tokens", "force_decode", "generate_kwargs")
+    _accepts_chats = True
+
+    def __init__(self, *args: Any, control_tokens: ControlTokens | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.control = control_tokens or ControlTokens()
+        check_pairing(self.model, self.sdm_head)
+
+    def check_input(self, item: Numbered) -> None:
+        value = item.value
+        if isinstance(value, Mapping):
+            if "prompt" not in value or "completion" not in value:
+                raise ValueError(
+                    f"{item.where}: a dict input needs 'prompt' and 'completion' keys (got {sorted(map(str, value))}); "
+                    "pass {'prompt': ..., 'completion': ...} to verify a completion, or the prompt alone to "
+                    "generate one"
+                )
+            if not isinstance(value["completion"], str):
+                raise TypeError(f"{item.where}: 'completion' is {describe(value['completion'])}; pass a string")
+            self._check_prompt(value["prompt"], f"{item.where}: 'prompt'")
+        else:
+            self._check_prompt(value, item.where)
+
+    def _check_prompt(self, prompt: Any, where: str) -> None:
+        if isinstance(prompt, str) or is_chat(prompt):
+            return
+        kind = describe(prompt)
+        if isinstance(prompt, (list, tuple)):
+            kind += " but not chat messages (each a {'role', 'content'} dict)"
+        raise TypeError(
+            f"{where} is {kind}; the {self._name} pipeline takes a prompt (a string or chat messages) "
+            f"or a {{'prompt', 'completion'}} dict: pass {ACCEPTED} of those"
+        )
+
+    def _sanitize_parameters(self, **kwargs: Any):
+        self._check_options(kwargs)
+        forward: dict[str, Any] = {}
+        post: dict[str, Any] = {}
+        if "max_new_tokens" in kwargs:
+            value = kwargs["max_new_tokens"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"max_new_tokens must be a positive integer, got {value!r}")
+            forward["max_new_tokens"] = value
+        if "generate_kwargs" in kwargs:
+            extra = kwargs["generate_kwargs"]
+            if extra is not None and not isinstance(extra, Mapping):
+                raise TypeError(f"generate_kwargs must be a dict, got {type(extra).__name__}")
+            clash = sorted(set(extra or {}) & set(RESERVED_GENERATE_KWARGS))
+            if clash:
+                raise ValueError(
+                    f"generate_kwargs may not set {clash}: the pipeline decodes greedily over the prompt; "
+                    "pass max_new_tokens as its own option"
+                )
+            forward["generate_kwargs"] = dict(extra or {})
+        if "force_decode" in kwargs:
+            if not isinstance(kwargs["force_decode"], bool):
+                raise TypeError(f"force_decode must be True or False, got {kwargs['force_decode']!r}")
+            post["force_decode"] = kwargs["force_decode"]
+        return {}, forward, post
+
+    def preprocess(self, inputs: Any, **_: Any) -> dict[str, Any]:
+        """One input -> ``{"index", "prompt", "completion"}`` (``completion`` None: generate it)."""
+        item = inputs if isinstance(inputs, Numbered) else Numbered(None, inputs)
+        self.check_input(item)
+        value = item.value
+        if isinstance(value, Mapping):
+            prompt, completion = value["prompt"], value["completion"]
+        else:
+            prompt, completion = value, None
+        return {"index": item.index, "prompt": list(prompt) if is_chat(prompt) else prompt, "completion": completion}
+
+    def _check_lengths(self, indices: list, prompts: list, completions: list) -> None:
+        """Refuse documents longer than the model's context: truncating a prompt or completion
+        would verify a different text, so it is an error naming the input, not a silent cut."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not limit:
+            return
+        tokenizer: Any = self.tokenizer
+        texts = [format_document(tokenizer, p, self.control.add(c, True)) for p, c in zip(prompts, completions)]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for index, n in zip(indices, lengths):
+            if n > limit:
+                where = "the input" if index is None else f"input {index}"
+                raise ValueError(
+                    f"{where} is {n} tokens long with its completion; the model reads at most {limit}: "
+                    "shorten the prompt or lower max_new_tokens"
+                )
+
+    def _forward(
+        self, model_inputs: dict[str, Any], max_new_tokens: int = 64, generate_kwargs: dict | None = None
+    ) -> dict[str, list]:
+        """A batch of B inputs -> columns of B values: greedy generation (one batch) for the
+        inputs without a completion, verification features (``[B, 2H]``) of every
+        (prompt, completion) pair, and one ``predict`` of the head."""
+        cols = as_columns(model_inputs)
+        tokenizer: Any = self.tokenizer  # set: the base class refuses a pipeline without one
+        prompts, completions = list(cols["prompt"]), list(cols["completion"])
+        to_generate = [j for j, c in enumerate(completions) if c is None]
+        if to_generate:
+            generated = generate_greedy(
+                self.model,
+                tokenizer,
+                [prompts[j] for j in to_generate],
+                max_new_tokens,
+                len(to_generate),
+                **dict(generate_kwargs or {}),
+            )
+            for j, text in zip(to_generate, generated):
+                completions[j] = text
+        self._check_lengths(cols["index"], prompts, completions)
+        feats = verification_features(
+            self.model, tokenizer, prompts, completions, self.control, batch_size=len(prompts)
+        )
+        out = self.sdm_head.predict(feats)
+        return {
+            "index": cols["index"],
+            "record": out.to_list(),
+            "completion": completions,
+            "verified": (out.prediction == 1).tolist(),
+            "probability": out.probabilities[:, 1].tolist(),
+        }
+
+    def postprocess(self, model_outputs: dict[str, Any], force_decode: bool = False) -> dict[str, Any]:
+        """One input's record -> its result dict."""
+        row = first_row(model_outputs)
+        record, completion, verified = row["record"], row["completion"], bool(row["verified"])
+        return {
+            "generated_text": self.control.add(completion, verified) if force_decode else completion,
+            "verified": verified,
+            "probability": float(row["probability"]),
+            "high_reliability": record["high_reliability"],
+            "high_reliability_lower": record["high_reliability_lower"],
+            "q": record["q"],
+            "d": record["d"],
+            "rescaled_similarity": record["rescaled_similarity"],
+            "is_ood": record["is_ood"],
+            "model_said": self.control.decision(completion),
+            "nearest_exemplar": self._nearest(record["nearest_index"]),
+        }
