@@ -7,17 +7,58 @@ contributes ``-log_softmax(z_t ln beta_n)[target] / ln beta_n``. The batch loss 
 over unmasked tokens divided by the token count of the whole (accumulated) batch, so
 gradient accumulation does not change it. ``beta = e`` everywhere is exactly the standard
 cross-entropy.
+
+Memory: a causal LM's vocabulary logits over a whole batch are ``[B, T, V]`` floats (for a
+262k-token vocabulary, 16 x 128 tokens are 2 GiB in float32, before the softmax copies), yet
+contrastive masking supervises only the completion (and, for a negative, only its control
+string). :func:`supervised_logit_mask` marks the positions whose logits the loss reads; passed
+to a transformers causal LM as ``logits_to_keep`` it makes the model project only those hidden
+states onto the vocabulary, and :func:`sdm_next_token_loss` accepts the resulting ``[N, V]``
+logits with the same value and gradients as from the full ``[B, T, V]``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
 from .encoding import IGNORE_INDEX
 
-__all__ = ["sdm_next_token_loss"]
+__all__ = ["sdm_next_token_loss", "supervised_logit_mask", "accepts_logits_to_keep"]
+
+
+def supervised_logit_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: position ``t`` is True iff its logits predict a supervised token
+    (``labels[:, t + 1] != -100``); the last position is always False.
+
+    Args:
+        labels: ``[B, T]`` targets aligned with the inputs, -100 = ignored.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, length], got shape {tuple(labels.shape)}")
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward (through DDP's ``.module`` and PEFT's base model) takes
+    transformers' ``logits_to_keep`` argument, so that :func:`supervised_logit_mask` can be
+    passed to it."""
+    inner = model
+    for _ in range(4):  # DDP / accelerate wrappers, then PEFT's PeftModel -> LoraModel -> model
+        if hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        else:
+            break
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def sdm_next_token_loss(
@@ -29,7 +70,9 @@ def sdm_next_token_loss(
     """Change-of-base next-token loss.
 
     Args:
-        logits: ``[B, T, V]`` LM logits.
+        logits: ``[B, T, V]`` LM logits at every position, or ``[N, V]`` logits at only the
+            positions of ``supervised_logit_mask(labels)`` (row-major order, as a transformers
+            causal LM returns them for ``logits_to_keep=<that mask>``).
         labels: ``[B, T]`` targets aligned with the inputs (shifted here), -100 = ignored.
         beta: ``[B]`` per-document base in [2, 3] (or a scalar); detached.
         num_items_in_batch: unmasked target tokens in the whole accumulated batch
@@ -37,18 +80,33 @@ def sdm_next_token_loss(
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError: ``[N, V]`` logits whose N is not the number of supervised positions.
     """
-    shift_logits = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(shift_logits.device)
-    beta = torch.as_tensor(beta, dtype=shift_logits.dtype, device=shift_logits.device).detach()
+    labels = labels.to(logits.device)
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=logits.device).detach()
     if beta.dim() == 0:
-        beta = beta.expand(shift_logits.shape[0])
-    log_base = torch.log(beta).view(-1, 1, 1)
-    log_probs = torch.log_softmax(shift_logits * log_base, dim=-1) / log_base
-    mask = targets != IGNORE_INDEX
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    total = -(picked * mask).sum()
-    count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        beta = beta.expand(labels.shape[0])
+    if logits.dim() == 2:  # only the supervised positions
+        mask = supervised_logit_mask(labels)
+        if logits.shape[0] != int(mask.sum()):
+            raise ValueError(
+                f"got {logits.shape[0]} rows of logits but labels supervise {int(mask.sum())} positions; "
+                "pass logits_to_keep=supervised_logit_mask(labels) to the model, or full [B, T, V] logits"
+            )
+        targets = labels[:, 1:][mask[:, :-1]]
+        log_base = torch.log(beta)[mask.nonzero()[:, 0]].view(-1, 1)
+        flat = logits.float()
+    else:
+        targets = labels[:, 1:].reshape(-1)
+        log_base = torch.log(beta).view(-1, 1, 1).expand(-1, logits.shape[1] - 1, 1).reshape(-1, 1)
+        flat = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    keep = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(flat * log_base, dim=-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) / log_base.squeeze(-1)
+    total = -(picked * keep).sum()
+    count = keep.sum() if num_items_in_batch is None else num_items_in_batch
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     return total / count

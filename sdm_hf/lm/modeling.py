@@ -1,10 +1,10 @@
-"""Model-side helper of SDM fine-tuning: :func:`disable_dropout`."""
+"""Model-side helpers of SDM fine-tuning: :func:`disable_dropout`, :func:`eval_mode_hidden_states`."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["disable_dropout"]
+__all__ = ["disable_dropout", "eval_mode_hidden_states"]
 
 # Attention and hidden-state dropout that some architectures apply functionally
 # (``F.dropout(x, p=self.attention_dropout)``) instead of through an ``nn.Dropout`` module.
@@ -36,3 +36,20 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
     return model
+
+
+@torch.no_grad()
+def eval_mode_hidden_states(model: torch.nn.Module, inputs: dict, lean_logits: bool = False) -> torch.Tensor:
+    """``[B, T, H]`` final-layer hidden states of ``model(**inputs)`` in eval mode (dropout off),
+    restoring the training mode afterwards.
+
+    With ``lean_logits`` (the model's forward takes ``logits_to_keep``) the vocabulary is
+    projected at one position only, since only the hidden states are wanted.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        keep = {"logits_to_keep": 1} if lean_logits else {}
+        return model(**inputs, output_hidden_states=True, **keep).hidden_states[-1]
+    finally:
+        model.train(was_training)

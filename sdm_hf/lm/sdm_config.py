@@ -25,7 +25,10 @@ class SDMTrainingArguments(TrainingArguments):
 
     ``remove_unused_columns`` is forced to False (the collator's metadata columns must reach
     the trainer) and ``prediction_loss_only`` defaults to True (evaluation needs the loss, not
-    the vocabulary logits).
+    the vocabulary logits). ``lean_logits`` (default True) makes the training forward compute
+    vocabulary logits only where the loss reads them (the completion tokens of positives, the
+    control string of negatives), through transformers' ``logits_to_keep``; the loss and its
+    gradients are those of the full ``[batch, length, vocabulary]`` logits.
     """
 
     use_sdm_loss: bool = field(default=True, metadata={"help": "False: plain cross-entropy baseline, no heads."})
@@ -45,6 +48,13 @@ class SDMTrainingArguments(TrainingArguments):
     max_length: int | None = field(default=None, metadata={"help": "Truncate documents to this many tokens."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation returns only the loss."})
+    lean_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Project onto the vocabulary only at supervised positions (logits_to_keep), when the "
+            "model's forward accepts it: same loss and gradients, far less memory for large vocabularies."
+        },
+    )
 
     def __post_init__(self):
         for name in ("gamma_pos", "gamma_gen", "gamma_diversity"):

@@ -41,8 +41,8 @@ from .collator import ContrastiveMaskingCollator
 from .data import Document, VersionDataset, prepare_documents
 from .distributed import broadcast_head, gather_lists, process_world
 from .encoding import ControlTokens, encode_example, generate_greedy, pool_verification_states, prefix_features
-from .loss import sdm_next_token_loss
-from .modeling import disable_dropout
+from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
+from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
 from .state import STATE_NAME, SDMEpochState
 from .verification import fit_split_head
@@ -149,6 +149,7 @@ class SDMTrainer(Trainer):
         )
         # compute_loss takes the accumulated batch's token count; this makes the Trainer pass it
         self.model_accepts_loss_kwargs = True
+        self._lean_logits = bool(args.lean_logits) and accepts_logits_to_keep(model)
         if args.disable_dropout:
             disable_dropout(model)
         self.add_callback(HardNegativeCallback(self))
@@ -369,13 +370,14 @@ class SDMTrainer(Trainer):
         positions = inputs.pop("verified_position", None)
         doc_ids = inputs.pop("document_id", None)
         head = self._loss_head if self.args.use_sdm_loss else None
-        outputs = model(**inputs, output_hidden_states=head is not None)
+        keep = {"logits_to_keep": supervised_logit_mask(labels)} if self._lean_logits else {}
+        outputs = model(**inputs, output_hidden_states=head is not None, **keep)
         beta = torch.full((labels.shape[0],), math.e, device=outputs.logits.device)
         if head is not None:
             if self.args.disable_dropout or not model.training:
                 hidden = outputs.hidden_states[-1].detach()
             else:  # dropout on: the head was fitted on eval-mode features, so take those
-                hidden = self._eval_hidden(model, inputs)
+                hidden = eval_mode_hidden_states(model, inputs, self._lean_logits)
             feats = pool_verification_states(hidden, positions)
             support = None
             if self._loss_support_row is not None and doc_ids is not None:
@@ -386,14 +388,6 @@ class SDMTrainer(Trainer):
             beta = (2.0 + out.probabilities.gather(1, reward.cpu().view(-1, 1)).squeeze(1)).to(beta.device)
         loss = sdm_next_token_loss(outputs.logits, labels, beta, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-    @torch.no_grad()
-    def _eval_hidden(self, model, inputs):
-        model.eval()
-        try:
-            return model(**inputs, output_hidden_states=True).hidden_states[-1]
-        finally:
-            model.train()
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(

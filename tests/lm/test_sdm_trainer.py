@@ -311,3 +311,20 @@ def test_gamma_diversity_decides_whether_wrong_generations_replace_the_negative(
     assert any(used) == (diversity == 1.0)
     if diversity == 1.0:  # every wrong generation replaced its document's static negative
         assert sum(used) == len(generated)
+
+
+def test_lean_logits_give_the_same_sdm_loss_and_gradients_as_full_logits(tmp_path):
+    lean = make_trainer(tmp_path / "lean")
+    full = make_trainer(tmp_path / "full", lean_logits=False, model=lean.model)
+    assert lean._lean_logits and not full._lean_logits
+    full._loss_head, full._loss_support_row = lean._loss_head, lean._loss_support_row  # the same head
+    batch = lean.data_collator(lean.train_dataset.rows[:8])
+    results = []
+    for trainer in (lean, full):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
