@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import torch
 
@@ -47,11 +48,11 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward (through DDP's ``.module`` and PEFT's base model) takes
     transformers' ``logits_to_keep`` argument, so that :func:`supervised_logit_mask` can be
     passed to it."""
-    inner = model
+    inner: Any = model
     for _ in range(4):  # DDP / accelerate wrappers, then PEFT's PeftModel -> LoraModel -> model
-        if hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        if isinstance(getattr(inner, "module", None), torch.nn.Module):
             inner = inner.module
-        elif hasattr(inner, "get_base_model"):
+        elif callable(getattr(inner, "get_base_model", None)):
             inner = inner.get_base_model()
         else:
             break
