@@ -165,13 +165,36 @@ def test_num_workers(clf, texts, expected):
 
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_the_batched_forward_reads_extract_features(clf, texts, batch_size, monkeypatch):
-    seen = []
-    predict = clf.sdm_head.predict
-    monkeypatch.setattr(clf.sdm_head, "predict", lambda x, **kw: seen.append(x) or predict(x, **kw))
+    import sdm_hf.pipelines.text_classification as module
+
+    seen = {}
+    real = module.extract_features
+
+    def spy(model, tokenizer, batch, **kwargs):
+        feats = real(model, tokenizer, batch, **kwargs)
+        seen.update(zip(batch, feats))
+        return feats
+
+    monkeypatch.setattr(module, "extract_features", spy)
     clf(texts, batch_size=batch_size)
-    assert [len(x) for x in seen] == [len(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     whole = extract_features(clf.model, clf.tokenizer, texts, pooling="mean", max_length=10, progress=False)
-    torch.testing.assert_close(torch.cat(seen), whole, atol=1e-5, rtol=1e-5)  # padding changes no feature
+    # the features of every text, from batches padded differently, equal the whole call's
+    torch.testing.assert_close(torch.stack([seen[t] for t in texts]), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_list_is_batched_by_length_and_answered_in_order(clf, texts, expected, monkeypatch):
+    import sdm_hf.pipelines.text_classification as module
+
+    batches = []
+    real = module.extract_features
+    monkeypatch.setattr(module, "extract_features", lambda m, t, b, **k: batches.append(list(b)) or real(m, t, b, **k))
+    assert_same(clf(texts, batch_size=4), expected)
+    assert [len(b) for b in batches] == [4, 4, 4, 1]
+    tokens = {t: len(clf.tokenizer(t)["input_ids"]) for t in texts}
+    assert [t for b in batches for t in b] == sorted(texts, key=lambda t: -tokens[t])
+    batches.clear()
+    list(clf(iter(texts), batch_size=4))  # a stream is batched as it comes
+    assert [t for b in batches for t in b] == texts
 
 
 def test_left_padded_decoder_features_do_not_depend_on_the_batch(tmp_path):

@@ -231,9 +231,10 @@ class SDMPipeline(Pipeline):
     """The transformers ``Pipeline`` contract for an SDM task: ``preprocess`` checks and
     prepares one :class:`Numbered` input, ``_forward`` runs the model and the head on a batch,
     ``postprocess`` formats one result. ``__call__`` only numbers the inputs (so errors name
-    them) and checks in-memory lists before any model work, then calls ``Pipeline.__call__``,
-    which batches (``batch_size``, default 8), streams generators and datasets, and runs
-    ``num_workers`` DataLoader workers as for any transformers pipeline.
+    them), checks in-memory lists before any model work and, for tasks that ask for it, hands
+    a list's items over longest first (results in the input order), then calls
+    ``Pipeline.__call__``, which batches (``batch_size``, default 8), streams generators and
+    datasets, and runs ``num_workers`` DataLoader workers as for any transformers pipeline.
     """
 
     _load_processor = False
@@ -273,6 +274,10 @@ class SDMPipeline(Pipeline):
         """Raise ``TypeError``/``ValueError`` naming ``item`` when the task cannot take it."""
         raise NotImplementedError  # pragma: no cover - each task defines it
 
+    def _lengths(self, values: list) -> list[int] | None:
+        """Lengths to batch a list's inputs by (longest first), or None to keep their order."""
+        return None
+
     def _check_options(self, kwargs: dict[str, Any]) -> None:
         unknown = sorted(set(kwargs) - set(self._options))
         if unknown:
@@ -293,6 +298,17 @@ class SDMPipeline(Pipeline):
                 return []
             for item in numbered:  # a wrong type fails before any model work, naming its index
                 self.check_input(item)
+            batch_size = kwargs.get("batch_size") or self._batch_size or 1
+            lengths = self._lengths([item.value for item in numbered]) if len(numbered) > batch_size > 1 else None
+            if lengths is not None:
+                # a list is consumed whole, so its batches can be formed from inputs of similar
+                # length (less padding, as extract_features does); results keep the input order
+                order = sorted(range(len(numbered)), key=lambda i: -lengths[i])
+                results = super().__call__([numbered[i] for i in order], **kwargs)
+                out: list[Any] = [None] * len(order)
+                for position, i in enumerate(order):
+                    out[i] = results[position]
+                return out
         return super().__call__(numbered, **kwargs)
 
     def _nearest(self, index: int) -> dict:
