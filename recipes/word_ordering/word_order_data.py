@@ -26,11 +26,16 @@ one user message / one assistant message) plus ``sentence``, ``prefix``, ``shuff
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, DatasetDict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import review_sentences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SAPLMA_DIR = ROOT / "data" / "saplma"
@@ -51,6 +56,7 @@ SHORT_PROMPT_TEMPLATE = (
     "<verified>Yes</verified> or <verified>No</verified>."
 )
 YES, NO = "<verified>Yes</verified>", "<verified>No</verified>"
+CORPORA = ("saplma", "reviews")
 
 
 @dataclass
@@ -162,36 +168,51 @@ def build_splits(
     template: str = SHORT_PROMPT_TEMPLATE,
     saplma_dir=SAPLMA_DIR,
     harvard_file=HARVARD_FILE,
+    corpus: str = "saplma",
+    reviews_dir=review_sentences.sentiment_data.DATA_DIR,
 ) -> tuple[DatasetDict, dict]:
     """All splits as a ``DatasetDict`` and a summary (counts, skips).
 
     Args:
-        sizes: sentences per SAPLMA split (``sft``, ``train``, ``calibration``, ``test``);
-            ``test`` may be -1 for "all that remain". Default: 2400 / 1200 / 1000 / -1.
+        sizes: sentences per split, in order (``sft``, ``train``, ``calibration``, ``test``;
+            any value may be -1 for "all that remain"). Default for ``saplma``:
+            2400 / 1200 / 1000 / -1; for ``reviews``: train 3000, calibration 1000, test 1000.
+        corpus: ``saplma`` (the SAPLMA statements; the committed CPU base model's data) or
+            ``reviews`` (the movie-review sentences of :mod:`review_sentences`, split by review
+            pair; closer to the paper's Wikipedia sample).
         shifted: how many of the longest SAPLMA sentences form the shifted test set.
         harvard: use at most this many Harvard sentences (seeded sample; None: all).
 
     Raises:
         ValueError: the requested sizes exceed the usable sentences.
     """
-    sizes = dict(sizes or {"sft": 2400, "train": 1200, "calibration": 1000, "test": -1})
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     skipped = SkipCounts()
-    pool = usable(read_saplma(saplma_dir, skipped), skipped)
     harvard_sentences = usable(read_lines(harvard_file, skipped), skipped)
     rng = np.random.default_rng(seed)
-    # the longest sentences are held out (ties broken by text for a fixed order)
-    by_length = sorted(pool, key=lambda s: (-len(s.split()), s))
-    shifted_part, rest = by_length[:shifted], by_length[shifted:]
-    rest = [rest[i] for i in rng.permutation(len(rest))]
-    fixed = sum(v for v in sizes.values() if v >= 0)
-    if fixed > len(rest):
-        raise ValueError(f"the splits ask for {fixed} sentences but only {len(rest)} remain after the shifted set")
-    parts, start = {}, 0
-    for name, size in sizes.items():
-        size = len(rest) - fixed if size < 0 else size
-        parts[name] = rest[start : start + size]
-        start += size
-    parts["shifted"] = shifted_part
+    extra: dict = {}
+    if corpus == "reviews":
+        sizes = dict(sizes or {"train": 3000, "calibration": 1000, "test": 1000})
+        parts, extra = review_sentences.review_partition(
+            review_sentences.read_review_sentences(reviews_dir), sizes, shifted, seed=seed
+        )
+    else:
+        sizes = dict(sizes or {"sft": 2400, "train": 1200, "calibration": 1000, "test": -1})
+        pool = usable(read_saplma(saplma_dir, skipped), skipped)
+        # the longest sentences are held out (ties broken by text for a fixed order)
+        by_length = sorted(pool, key=lambda s: (-len(s.split()), s))
+        shifted_part, rest = by_length[:shifted], by_length[shifted:]
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+        fixed = sum(v for v in sizes.values() if v >= 0)
+        if fixed > len(rest):
+            raise ValueError(f"the splits ask for {fixed} sentences but only {len(rest)} remain after the shifted set")
+        parts, start = {}, 0
+        for name, size in sizes.items():
+            size = len(rest) - fixed if size < 0 else size
+            parts[name] = rest[start : start + size]
+            start += size
+        parts["shifted"] = shifted_part
     if harvard is not None and harvard < len(harvard_sentences):
         pick = np.sort(rng.choice(len(harvard_sentences), harvard, replace=False))
         harvard_sentences = [harvard_sentences[i] for i in pick]
@@ -208,8 +229,10 @@ def build_splits(
         "sentences": {name: len(s) for name, s in parts.items()},
         "mean_words": {name: float(np.mean([len(x.split()) for x in s])) if s else 0.0 for name, s in parts.items()},
         "skipped": skipped.as_dict(),
-        "shifted_min_words": min((len(s.split()) for s in shifted_part), default=0),
+        "shifted_min_words": min((len(s.split()) for s in parts["shifted"]), default=0),
         "seed": seed,
+        "corpus": corpus,
+        **extra,
     }
     return splits, summary
 

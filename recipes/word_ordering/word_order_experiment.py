@@ -40,13 +40,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import pipeline
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import word_order_data as wod  # noqa: E402
+import word_order_models as wom  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
 from sdm_hf.metrics import selective_classification_report  # noqa: E402
@@ -60,10 +61,22 @@ RUNS = {
     "SDM+FT(CM+HN)": {"train": True, "use_sdm_loss": True, "hard_negatives": True},
 }
 TEST_SETS = ("test", "harvard", "shifted")
-TEST_NAMES = {"test": "SAPLMA (in-distribution)", "harvard": "Harvard", "shifted": "SAPLMA longest (shifted)"}
+TEST_NAMES = {
+    "saplma": {"test": "SAPLMA (in-distribution)", "harvard": "Harvard", "shifted": "SAPLMA longest (shifted)"},
+    "reviews": {"test": "reviews (in-distribution)", "harvard": "Harvard", "shifted": "reviews longest (shifted)"},
+}
 # settings that must agree for --resume to reuse a finished run
 SETTINGS = (
     "base_model",
+    "corpus",
+    "prompt",
+    "lora_rank",
+    "weight_decay",
+    "warmup_ratio",
+    "gradient_accumulation",
+    "evaluations_per_epoch",
+    "bf16",
+    "max_steps",
     "train_size",
     "calibration_size",
     "test_size",
@@ -82,54 +95,90 @@ SETTINGS = (
     "seed",
     "select_best",
 )
-FULL = {"train_size": 1200, "calibration_size": 1000, "test_size": 1000, "harvard_size": 720, "shifted_size": 400}
-DEMO = {
+# every setting's default (the CPU experiment over the committed base model); --demo and
+# --preset gpu change some of them; anything given on the command line wins over both
+DEFAULTS = {
+    "base_model": str(HERE / "base_model"),
+    "corpus": "saplma",
+    "prompt": "short",
     "train_size": 1200,
     "calibration_size": 1000,
-    "test_size": 500,
+    "test_size": 1000,
     "harvard_size": 720,
     "shifted_size": 400,
-    "epochs": 5,
+    "epochs": 8,
+    "batch_size": 16,
+    "gradient_accumulation": 1,
+    "learning_rate": 5e-4,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.0,
+    "evaluations_per_epoch": 1,
+    "select_best": False,
+    "head_epochs": 200,
+    "max_new_tokens": 72,
+    "generation_batch_size": 64,
+    "bf16": False,
+    "lora_rank": 0,
+    "max_steps": -1,
 }
+DEMO = {"test_size": 500, "epochs": 5}
+PRESETS = {"gpu": wom.GPU_PRESET}
+TEMPLATES = {"short": wod.SHORT_PROMPT_TEMPLATE, "paper": wod.PROMPT_TEMPLATE}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-model", default=str(HERE / "base_model"), help="AutoModelForCausalLM name or path")
-    p.add_argument("--out", type=Path, default=None, help="default: results/ (--demo) or outputs/word_ordering")
+    p.add_argument("--base-model", help=f"{wom.GEMMA}, or an AutoModelForCausalLM name or path (default: base_model/)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"gpu: Gemma 3 270M close to the paper {wom.GPU_PRESET}")
+    p.add_argument("--out", type=Path, default=None, help="default: results/ (--demo), results/<model> (--preset)")
     p.add_argument("--demo", action="store_true", help=f"the reduced version of `make lm-demo`: {DEMO}")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--train-size", type=int, default=None, help="default 1200")
-    p.add_argument("--calibration-size", type=int, default=None, help="default 1000")
-    p.add_argument("--test-size", type=int, default=None, help="default 1000 (--demo: 500)")
-    p.add_argument("--harvard-size", type=int, default=None, help="default 720")
-    p.add_argument("--shifted-size", type=int, default=None, help="default 400")
-    p.add_argument("--epochs", type=int, default=None, help="default 8 (--demo: 5)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--head-epochs", type=int, default=200, help="epochs of every verification-head fit (paper: 200)")
+    p.add_argument("--corpus", choices=wod.CORPORA, help="saplma statements or movie-review sentences")
+    p.add_argument("--prompt", choices=sorted(TEMPLATES), help="short (CPU default) or the paper's wording")
+    for name in ("train", "calibration", "test", "harvard", "shifted"):
+        p.add_argument(f"--{name}-size", type=int, help=f"sentences (default {DEFAULTS[name + '_size']})")
+    p.add_argument("--epochs", type=int, help="default 8 (--demo: 5)")
+    p.add_argument("--batch-size", type=int, help="per-device training batch (default 16)")
+    p.add_argument("--gradient-accumulation", type=int, help="steps per optimizer update (default 1)")
+    p.add_argument("--learning-rate", type=float, help="default 5e-4 (the paper: 5e-5 for Phi-3.5)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0; the paper: 0.01)")
+    p.add_argument("--warmup-ratio", type=float, help="linear warm-up share of the steps (default 0: 10 steps)")
+    p.add_argument("--evaluations-per-epoch", type=int, help="with --select-best; the paper: 2")
+    p.add_argument("--select-best", action="store_true", default=None, help="keep the lowest calibration loss")
+    p.add_argument("--head-epochs", type=int, help="epochs of every verification-head fit (paper: 200)")
     p.add_argument("--head-exemplar-dim", type=int, default=1000)
-    p.add_argument("--max-new-tokens", type=int, default=72)
+    p.add_argument("--max-new-tokens", type=int, help="default 72")
+    p.add_argument("--generation-batch-size", type=int, help="prompts per generate call (default 64)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision (GPU)")
+    p.add_argument("--lora-rank", type=int, help="0 = full fine-tuning (default); > 0: a LoRA adapter")
+    p.add_argument("--max-steps", type=int, help="stop each run after this many optimizer steps (smoke tests)")
     p.add_argument("--alpha", type=float, default=0.95)
     p.add_argument("--extra-alphas", type=float, nargs="*", default=[0.9], help="also report the HR region here")
     p.add_argument("--gamma-gen", type=float, default=0.5, help="hard-negative generation rate of the +HN runs")
     p.add_argument("--hard-negatives-from-epoch", type=int, default=1, help="0-based; the paper: the second epoch")
-    p.add_argument("--select-best", action="store_true", help="evaluate every epoch and keep the lowest eval_loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier call (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    preset = {**FULL, "epochs": 8, **(DEMO if args.demo else {})}
-    for key, value in preset.items():  # only what the command line left unset
-        if getattr(args, key) is None:
+    chosen = {**DEFAULTS, **(DEMO if args.demo else {}), **(PRESETS[args.preset] if args.preset else {})}
+    for key, value in chosen.items():  # only what the command line left unset
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.out is None:
-        args.out = HERE / "results" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
+        if args.preset:
+            args.out = HERE / "results" / wom.model_label(args.base_model)
+        else:
+            args.out = HERE / "results" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     for name in ("train_size", "calibration_size", "epochs", "batch_size", "head_epochs", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("gradient_accumulation", "evaluations_per_epoch", "generation_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lora_rank < 0 or not 0.0 <= args.warmup_ratio < 1.0:
+        p.error("--lora-rank must be >= 0 and --warmup-ratio in [0, 1)")
     return args
 
 
@@ -163,8 +212,15 @@ def prepare_folder(args) -> Path:
 
 
 def data_splits(args):
-    sizes = {"sft": 2400, "train": 1200, "calibration": 1000, "test": -1}  # fixed partition (the base model's)
-    splits, summary = wod.build_splits(sizes, seed=args.seed)
+    template = TEMPLATES[args.prompt]
+    if args.corpus == "reviews":  # sized as asked: whole review pairs per split
+        sizes = {"train": args.train_size, "calibration": args.calibration_size, "test": args.test_size}
+        splits, summary = wod.build_splits(
+            sizes, shifted=args.shifted_size, seed=args.seed, template=template, corpus="reviews"
+        )
+    else:
+        sizes = {"sft": 2400, "train": 1200, "calibration": 1000, "test": -1}  # fixed partition (the base model's)
+        splits, summary = wod.build_splits(sizes, seed=args.seed, template=template)
     take = {
         "train": args.train_size,
         "calibration": args.calibration_size,
@@ -180,17 +236,12 @@ def data_splits(args):
     return splits, summary
 
 
-def load_base(name: str):
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model, tokenizer
-
-
 def trainer_for(run: str, args, out: Path, splits) -> SDMTrainer:
     spec = RUNS[run]
-    model, tokenizer = load_base(args.base_model)
+    model, tokenizer = wom.load_base(args.base_model, lora_rank=args.lora_rank)
+    cuda = torch.cuda.is_available()
+    steps_per_epoch = math.ceil(args.train_size / (args.batch_size * args.gradient_accumulation))
+    eval_steps = max(1, steps_per_epoch // args.evaluations_per_epoch)
     train_args = SDMTrainingArguments(
         output_dir=str(out / "runs" / slug(run) / "trainer"),
         use_sdm_loss=spec["use_sdm_loss"],
@@ -201,20 +252,28 @@ def trainer_for(run: str, args, out: Path, splits) -> SDMTrainer:
         head_epochs=args.head_epochs,
         head_exemplar_dim=args.head_exemplar_dim,
         num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64,
+        gradient_accumulation_steps=args.gradient_accumulation,
+        per_device_eval_batch_size=args.generation_batch_size,  # also the generation and feature batches
         learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
         lr_scheduler_type="linear",
-        warmup_steps=10,
+        warmup_steps=args.warmup_ratio if args.warmup_ratio > 0 else 10,  # a float < 1 is a ratio
         logging_steps=25,
-        eval_strategy="epoch" if args.select_best else "no",
-        save_strategy="epoch" if args.select_best else "no",
+        eval_strategy="steps" if args.select_best else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if args.select_best else "no",
+        save_steps=eval_steps,
+        save_only_model=True,  # checkpoints for selection only, never resumed: no optimizer state
         save_total_limit=1 if args.select_best else None,
         load_best_model_at_end=args.select_best,
         metric_for_best_model="eval_loss" if args.select_best else None,
+        bf16=bool(args.bf16),
+        tf32=True if cuda else None,
         report_to=[],
         disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not cuda,
         seed=args.seed,
     )
     columns = ["prompt", "chosen", "rejected"]
@@ -237,7 +296,11 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
         sdm_head=head,
         device=trainer.model.device,
     )
-    outputs = verifier(list(dataset["prompt"]), batch_size=64, max_new_tokens=args.max_new_tokens)
+    started = time.perf_counter()
+    outputs = verifier(
+        list(dataset["prompt"]), batch_size=args.generation_batch_size, max_new_tokens=args.max_new_tokens
+    )
+    seconds = time.perf_counter() - started
     golds = [c[-1]["content"] for c in dataset["chosen"]]
     generations = [o["generated_text"] for o in outputs]
     y = torch.tensor(
@@ -264,6 +327,7 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
         "exact_match_accuracy": sum(exact) / n,
         "content_correct_rate": float(y.float().mean()),
         "ood": sum(o["is_ood"] for o in outputs),
+        "generate_and_verify_seconds": seconds,
         "report": report.to_dict(),
         "hr_at": {},
     }
@@ -273,7 +337,7 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
     for alpha in args.extra_alphas:
         head.recalibrate(alpha=alpha)
         try:
-            again = verifier(pairs, batch_size=64)
+            again = verifier(pairs, batch_size=args.generation_batch_size)
         finally:
             head.recalibrate(alpha=args.alpha)
         at = selective_classification_report(
@@ -314,14 +378,17 @@ def run_one(run: str, args, out: Path, splits) -> dict:
         shutil.rmtree(folder)  # an interrupted run starts again
     folder.mkdir(parents=True)
     started = time.perf_counter()
+    wom.reset_peak_memory()
     trainer = trainer_for(run, args, out, splits)
     train_seconds = 0.0
     if RUNS[run]["train"]:
         result = trainer.train()
         train_seconds = float(result.metrics["train_runtime"])
+    head_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty HR region is reported in the tables
         head = trainer.build_final_head(generate=True)
+    final_head_seconds = time.perf_counter() - head_started
     calibration = head.calibration_report(alphas=args.extra_alphas)
     admitted_at = {
         str(a): sum(r["admitted"] for r in calibration.rows if r["alpha"] == a)
@@ -329,10 +396,24 @@ def run_one(run: str, args, out: Path, splits) -> dict:
     }
     admitted = admitted_at[str(args.alpha)]
     cal_n = sum(r["n"] for r in calibration.rows if r["alpha"] == args.alpha)
+    log = trainer.epoch_log
     metrics = {
         "run": run,
         "train_runtime_seconds": train_seconds,
-        "epoch_log": trainer.epoch_log,
+        "seconds": {
+            "train (incl. refreshes and evaluations)": train_seconds,
+            "hard-negative generation": sum(e.get("generation_seconds", 0.0) for e in log),
+            "head refresh (features + fit)": sum(
+                e.get("head_features_seconds", 0.0) + e.get("head_fit_seconds", 0.0) for e in log
+            ),
+            "final head (generation + fit)": final_head_seconds,
+        },
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_eval_loss": trainer.state.best_metric,
+        "evaluations": [
+            {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
+        ],
+        "epoch_log": log,
         "final_head": {
             "q_min": head.q_min if math.isfinite(head.q_min) else None,
             "psi": [v if math.isfinite(v) else None for v in head.thresholds.tolist()],
@@ -349,6 +430,11 @@ def run_one(run: str, args, out: Path, splits) -> dict:
         with (folder / f"generations_{name}.jsonl").open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, allow_nan=False) + "\n")
+    metrics["seconds"]["test generation + verification"] = sum(
+        t["generate_and_verify_seconds"] for t in metrics["test"].values()
+    )
+    metrics["peak_gpu_memory_gib"] = wom.peak_memory_gib()
+    metrics["device"] = wom.device_facts()
     metrics["total_seconds"] = time.perf_counter() - started
     shutil.rmtree(folder / "trainer", ignore_errors=True)
     done.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -363,13 +449,15 @@ def _fmt(value) -> str:
 
 
 def tables(results: dict, args, summary: dict) -> str:
+    tuning = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tuning"
     lines = [
         "# Word ordering: SDM fine-tuning vs standard fine-tuning",
         "",
-        f"Base model `{Path(args.base_model).name if Path(args.base_model).exists() else args.base_model}`; "
-        f"train {args.train_size}, calibration {args.calibration_size} sentences; {args.epochs} epochs, batch "
-        f"{args.batch_size}, lr {args.learning_rate}; heads: {args.head_epochs} epochs, M = {args.head_exemplar_dim}; "
-        f"alpha = {args.alpha}. y = r(positive, generation) (exact match of the sentence content).",
+        f"Base model `{wom.model_label(args.base_model)}` ({tuning}); {args.corpus} sentences, "
+        f"train {args.train_size}, calibration {args.calibration_size}; {args.epochs} epochs, batch "
+        f"{args.batch_size} x {args.gradient_accumulation}, lr {args.learning_rate}; heads: {args.head_epochs} epochs, "
+        f"M = {args.head_exemplar_dim}; alpha = {args.alpha}; device {wom.device_facts()['name']}. "
+        "y = r(positive, generation) (exact match of the sentence content).",
         "",
         "## HR region of the test-time head (paper Table 2)",
         "",
@@ -388,7 +476,7 @@ def tables(results: dict, args, summary: dict) -> str:
             worst = [g["accuracy"] for g in hr["class_conditional"] if g["accuracy"] is not None]
             extra = [t["hr_at"][str(a)]["marginal"] for a in args.extra_alphas]
             lines.append(
-                f"| {TEST_NAMES[name]} | {run} | {_fmt(hr['marginal']['accuracy'])} | "
+                f"| {TEST_NAMES[args.corpus][name]} | {run} | {_fmt(hr['marginal']['accuracy'])} | "
                 f"{hr['marginal']['proportion']:.3f} | {hr['marginal']['admitted']} | {t['n']} | "
                 f"{_fmt(min(worst) if worst else None)} | "
                 + " | ".join(f"{_fmt(g['accuracy'])} / {g['proportion']:.3f}" for g in extra)
@@ -406,7 +494,8 @@ def tables(results: dict, args, summary: dict) -> str:
             t = m["test"][name]
             est = t["report"]["estimators"]
             lines.append(
-                f"| {TEST_NAMES[name]} | {run} | {t['sentence_accuracy']:.3f} | {t['exact_match_accuracy']:.3f} | "
+                f"| {TEST_NAMES[args.corpus][name]} | {run} | {t['sentence_accuracy']:.3f} | "
+                f"{t['exact_match_accuracy']:.3f} | "
                 f"{_fmt(est[1]['marginal']['accuracy'])} | {_fmt(est[2]['marginal']['accuracy'])} |"
             )
     lines += [
@@ -431,7 +520,7 @@ def tables(results: dict, args, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(results: dict, out: Path, alpha: float) -> None:
+def plots(results: dict, out: Path, alpha: float, corpus: str = "saplma") -> None:
     try:
         from sdm_hf.metrics import SelectiveClassificationReport
         from sdm_hf.plots import _pyplot, plot_accuracy_vs_admission
@@ -444,7 +533,7 @@ def plots(results: dict, out: Path, alpha: float) -> None:
             row = dict(m["test"][name]["report"]["estimators"][0])
             row["estimator"] = run
             rows.append(row)
-        reports[TEST_NAMES[name]] = SelectiveClassificationReport(
+        reports[TEST_NAMES[corpus][name]] = SelectiveClassificationReport(
             rows, results[next(iter(results))]["test"][name]["n"], ["No", "Yes"]
         )
     plot_accuracy_vs_admission(reports, out / "accuracy_vs_admission.png", alpha=alpha, title="HR region per run")
@@ -464,7 +553,7 @@ def plots(results: dict, out: Path, alpha: float) -> None:
                 fontsize=7,
             )
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(TEST_SETS))])
-    ax.set_xticklabels([TEST_NAMES[n] for n in TEST_SETS])
+    ax.set_xticklabels([TEST_NAMES[corpus][n] for n in TEST_SETS])
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("admitted proportion n/|D| (label: HR accuracy)")
     ax.set_title(f"Generations in the high-reliability region (alpha = {alpha})")
@@ -491,14 +580,20 @@ def main(argv=None) -> int:
     (out / "tables.md").write_text(text + f"\nCommand: `{command}`\n", encoding="utf-8")
     (out / "results.json").write_text(
         json.dumps(
-            {"command": command, "settings": settings_of(args), "data": summary, "runs": results},
+            {
+                "command": command,
+                "device": wom.device_facts(),
+                "settings": settings_of(args),
+                "data": summary,
+                "runs": results,
+            },
             indent=2,
             allow_nan=False,
         )
         + "\n",
         encoding="utf-8",
     )
-    plots(results, out, args.alpha)
+    plots(results, out, args.alpha, args.corpus)
     print(text)
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -384,7 +384,7 @@ class SDMTrainer(Trainer):
                 ids = doc_ids.cpu()
                 if int(ids.max()) < self._loss_support_row.numel():
                     support = self._loss_support_row[ids]  # the self-excluded view for head-training documents
-            out = head.predict(feats.cpu(), support_rows=support)
+            out = head.predict(feats.float().cpu(), support_rows=support)
             beta = (2.0 + out.probabilities.gather(1, reward.cpu().view(-1, 1)).squeeze(1)).to(beta.device)
         loss = sdm_next_token_loss(outputs.logits, labels, beta, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss

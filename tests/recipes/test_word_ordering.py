@@ -198,3 +198,55 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
     stamp = done.stat().st_mtime_ns
     assert woe.main(argv + ["--resume"]) == 0  # finished runs are reused, not redone
     assert done.stat().st_mtime_ns == stamp
+
+
+def test_plain_prompt_format_for_base_models_trains_the_completion_and_eos():
+    import word_order_models as wom
+
+    from sdm_hf.lm.encoding import generation_prompt
+    from tests.lm.fixtures import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(chat_template=False)
+    tokenizer.chat_template = wom.PLAIN_PROMPT_TEMPLATE
+    row = wod.make_example("The birch canoe slid on the smooth planks.", np.random.default_rng(1), wod.PROMPT_TEMPLATE)
+    prompt = generation_prompt(tokenizer, row["prompt"])
+    assert prompt == "<s>" + _content(row["prompt"]) + "\n\n"
+    enc = encode_example(tokenizer, row["prompt"], _content(row["chosen"]), True)
+    trained = tokenizer.decode([t for t, label in zip(enc["input_ids"], enc["labels"]) if label != -100])
+    assert trained == _content(row["chosen"]) + "</s>"
+
+
+def test_presets_fill_only_what_the_command_line_left_unset():
+    args = woe.parse_args(["--preset", "gpu", "--epochs", "1"])
+    assert args.base_model == "gemma-3-270m" and args.corpus == "reviews" and args.prompt == "paper"
+    assert args.epochs == 1 and args.learning_rate == 5e-5 and args.bf16 and args.select_best
+    assert args.out == woe.HERE / "results" / "gemma-3-270m"
+    plain = woe.parse_args([])
+    assert plain.corpus == "saplma" and plain.batch_size == 16 and not plain.select_best and plain.lora_rank == 0
+    with pytest.raises(SystemExit):
+        woe.parse_args(["--evaluations-per-epoch", "0"])
+
+
+def test_smoke_run_with_lora_and_checkpoint_selection_twice_per_epoch(tmp_path):
+    base = tmp_path / "base"
+    train_base_model.main(
+        ["--out", str(base), "--limit", "16", "--epochs", "1", "--hidden", "32", "--layers", "1", "--heads", "2"]
+        + ["--intermediate", "64", "--vocab-size", "400", "--eval-size", "4"]
+    )
+    out = tmp_path / "exp"
+    argv = ["--base-model", str(base), "--out", str(out), "--train-size", "16"]
+    argv += ["--calibration-size", "12", "--test-size", "4", "--harvard-size", "4", "--shifted-size", "4"]
+    argv += ["--epochs", "1", "--batch-size", "4", "--head-epochs", "2", "--max-new-tokens", "8"]
+    argv += ["--select-best", "--evaluations-per-epoch", "2", "--lora-rank", "2", "--runs", "SDM+FT(CM)"]
+    assert woe.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"]["kind"] in {"cpu", "cuda"} and results["data"]["corpus"] == "saplma"
+    run = results["runs"]["SDM+FT(CM)"]
+    assert run["best_checkpoint"] is not None and "checkpoint-" in run["best_checkpoint"]
+    assert run["best_eval_loss"] is not None and run["device"] == results["device"]
+    assert [e["step"] for e in run["evaluations"]] == [2, 4]  # 4 steps per epoch, evaluated twice
+    assert run["best_eval_loss"] == min(e["eval_loss"] for e in run["evaluations"])
+    assert {"hard-negative generation", "head refresh (features + fit)", "test generation + verification"} <= set(
+        run["seconds"]
+    )
+    assert "LoRA r=2" in (out / "tables.md").read_text()
