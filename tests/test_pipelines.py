@@ -48,6 +48,8 @@ def test_text_classification_errors(encoder_repo, tmp_path):
     clf = pipeline("sdm-text-classification", model=str(path), device="cpu")
     with pytest.raises(ValueError, match="unknown option"):
         clf(texts[0], temperature=2)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['top_k'\].*valid options"):
+        pipeline("sdm-text-classification", model=str(path), device="cpu", top_k=1)  # at construction too
     assert clf([]) == [] and clf(()) == []  # a list maps to a list of results, an empty one to []
     with pytest.raises(ValueError, match="unknown option"):
         clf([], temperature=2)

@@ -272,6 +272,7 @@ def test_verify_datasets_keydataset_generators(lm):
     expected = reference_verify(verify, [dict(r) for r in rows])
     assert_same(verify(rows, batch_size=4), expected)  # a datasets.Dataset's rows
     assert_same(list(verify((dict(r) for r in rows), batch_size=3)), expected)
+    assert_same(list(verify(rows.to_iterable_dataset(), batch_size=3)), expected)  # a streaming dataset
     generated = reference_verify(verify, prompts[6:10], batch_size=2)
     assert_same(list(verify(KeyDataset(rows, "prompt"), batch_size=2))[:4], generated)
     assert_same(verify(prompts[6:10], batch_size=2, num_workers=2), generated)

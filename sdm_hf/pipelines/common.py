@@ -95,7 +95,8 @@ def number_inputs(inputs: Any, chats: bool) -> tuple[Any, bool]:
 
     * a list or tuple -> a list of :class:`Numbered` (the call returns a list), except that a
       list of chat messages is ONE conversation when ``chats`` (as transformers reads it);
-    * a generator, an iterator or an ``IterableDataset`` -> a generator of :class:`Numbered`,
+    * a generator, an iterator, a torch ``IterableDataset`` or any other iterable without a
+      length (a streaming ``datasets.IterableDataset``) -> a generator of :class:`Numbered`,
       and a map-style torch ``Dataset`` (``KeyDataset``) -> :class:`NumberedDataset` (the call
       returns an iterator, streamed batch by batch);
     * another sized sequence (a ``datasets`` column, a ``datasets.Dataset``'s rows, a numpy
@@ -114,6 +115,8 @@ def number_inputs(inputs: Any, chats: bool) -> tuple[Any, bool]:
         return NumberedDataset(inputs), False
     if hasattr(inputs, "__len__") and hasattr(inputs, "__getitem__") and isinstance(inputs, Iterable):
         return [Numbered(i, x) for i, x in enumerate(inputs)], True
+    if isinstance(inputs, Iterable):  # e.g. a streaming datasets.IterableDataset
+        return _numbered_stream(inputs), False
     return Numbered(None, inputs), False
 
 

@@ -37,7 +37,8 @@ class SDMVerifyPipeline(SDMPipeline):
     Input: a prompt (a string or chat messages ``[{"role", "content"}, ...]``: generate
     greedily, then verify), a dict ``{"prompt": ..., "completion": ...}`` (verify only), or a
     list, ``datasets`` column, ``datasets.Dataset`` (rows with ``prompt``/``completion``),
-    ``KeyDataset`` or generator of either (an empty list gives ``[]``). A wrong input is a
+    ``KeyDataset``, generator or streaming ``datasets.IterableDataset`` of either (an empty
+    list gives ``[]``). A wrong input is a
     ``TypeError``/``ValueError`` naming its index. ``batch_size`` (default 8) inputs are
     generated and verified together.
 
