@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lm-demo test lint bench clean
+.PHONY: setup demo lm-demo lm-gemma-check lm-gpu test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ demo: $(STAMP)
 # rewrites recipes/word_ordering/results (an interrupted run continues with --demo --resume)
 lm-demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) recipes/word_ordering/word_order_experiment.py --demo --overwrite
+
+# the word-ordering path over the real Gemma 3 270M on CPU at toy scale (LoRA r=4, 2 optimizer steps,
+# 16 training / 24 calibration prompts, 8 per test set): base row + SDM+FT(CM+HN) -> outputs/wo_gemma_check
+lm-gemma-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) recipes/word_ordering/word_order_experiment.py --base-model gemma-3-270m \
+	    --corpus reviews --prompt paper --train-size 16 --calibration-size 24 --test-size 8 --harvard-size 8 \
+	    --shifted-size 8 --epochs 1 --max-steps 2 --batch-size 4 --head-epochs 5 --max-new-tokens 40 \
+	    --generation-batch-size 8 --lora-rank 4 --hard-negatives-from-epoch 0 --runs base "SDM+FT(CM+HN)" \
+	    --out outputs/wo_gemma_check --overwrite
+
+# the GPU preset (Gemma 3 270M, four fine-tuning runs + base, ~10 min of one H200) ->
+# recipes/word_ordering/results/gemma-3-270m; run again to continue an interrupted call
+lm-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) recipes/word_ordering/word_order_experiment.py --preset gpu --resume
 
 # lint, formatting, types, then every test (the `slow` ones too; `pytest -m "not slow"` skips them)
 test: $(STAMP)
