@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run_core import machine, peak_rss_gb  # noqa: E402  (the benchmark suite's machine line and peak RSS)
 
 from sdm_hf.lm.encoding import IGNORE_INDEX  # noqa: E402
 from sdm_hf.lm.loss import sdm_next_token_loss, supervised_logit_mask  # noqa: E402
@@ -74,7 +74,7 @@ def measure(mode: str, batch: int, length: int, supervised: int, steps: int) -> 
         "supervised_per_row": supervised,
         "seconds_per_step": step,
         "supervised_tokens_per_second": tokens / step,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": peak_rss_gb(),
         "logits_shape": logits_shape,
         "logits_gib_float32": torch.Size(logits_shape).numel() * 4 / 2**30,
         "loss": loss_value,
@@ -101,12 +101,12 @@ def main(argv=None) -> int:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1])
     full, lean = rows
-    machine = {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    where = machine()
     lines = [
         "# Memory-lean SDM loss vs full vocabulary logits (vocabulary 262,144, hidden 640)",
         "",
-        f"`python benchmarks/lm_lean_logits.py` on {machine['platform']}, torch {machine['torch']}, "
-        f"{machine['cpus']} threads. Batch {args.batch} x {args.length} tokens, the last {args.supervised} of each "
+        f"`python benchmarks/lm_lean_logits.py` on {where}. Batch {args.batch} x {args.length} tokens, "
+        f"the last {args.supervised} of each "
         "row supervised; one-layer Llama built from a config; forward + loss + backward, median of "
         f"{args.steps} steps, each mode in its own process.",
         "",
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm_lean_logits.md").write_text("\n".join(lines), encoding="utf-8")
     (RESULTS / "lm_lean_logits.json").write_text(
-        json.dumps({"machine": machine, "settings": vars(args), "rows": rows}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"machine": where, "settings": vars(args), "rows": rows}, indent=2) + "\n", encoding="utf-8"
     )
     print("\n".join(lines))
     return 0

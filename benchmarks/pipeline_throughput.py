@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,19 +32,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import sentiment_data  # noqa: E402  (the shipped reviews' reader: quoted fields, file:line errors)
+from run_core import machine  # noqa: E402
 
 from sdm_hf import SDMConfig, SDMHead  # noqa: E402
 from sdm_hf.features import extract_features  # noqa: E402
 from sdm_hf.hub import save_sdm_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def machine() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
 
 
 def load_model(kind: str):
@@ -73,9 +69,8 @@ def load_model(kind: str):
 
 
 def read_data(n: int) -> tuple[list[str], list[int], list[str]]:
-    rows = (ROOT / "data/sentiment/cad/train_paired.tsv").read_text(encoding="utf-8").splitlines()[1:1001]
-    labels = [int(r.split("\t")[0] == "Positive") for r in rows]
-    reviews = [r.split("\t")[1] for r in rows]
+    rows = sentiment_data.read_reviews(sentiment_data.REVIEWS_DIR / "train_paired.tsv").select(range(1000))
+    labels, reviews = sentiment_data.column(rows, "label"), sentiment_data.column(rows, "document")
     tweets = (ROOT / "data/sentiment/tweets/test_text.txt").read_text(encoding="utf-8").splitlines()[:n]
     return reviews, labels, tweets
 
