@@ -24,7 +24,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import faiss
+try:
+    import faiss
+except ModuleNotFoundError as error:  # the FAISS build is the user's choice at install time (README, "Install")
+    if error.name != "faiss":
+        raise
+    raise ImportError(
+        "sdm_hf needs FAISS and no `faiss` module is installed: `pip install faiss-cpu` (what "
+        "`pip install sdm-hf` brings), or on NVIDIA GPUs one of the official GPU builds instead of "
+        "faiss-cpu: `pip install faiss-gpu-cu12` (CUDA 12) or `pip install faiss-gpu-cu11` (CUDA 11)"
+    ) from error
 import numpy as np
 import torch
 
