@@ -5,7 +5,9 @@ model, feature recipe and texts give back the stored features (``<cache>/feature
 plus a ``<key>.json`` that describes them); :func:`feature_cache_key` is the key they are stored
 under. Both files of an entry are written atomically (a temporary sibling, then a rename), the JSON
 last, so an interrupted run never leaves a half-written entry that a later run trusts; an entry
-that fails its checks is recomputed. Files are safetensors and strict JSON only.
+that fails its checks is recomputed. Files are safetensors and strict JSON only. In a run of several
+processes, ``distributed=True`` makes the main process the cache's only reader and writer (see
+:func:`~sdm_hf.distributed_features.main_process_cached`).
 
 :func:`~sdm_hf.model_loading.load_causal_lm`, :func:`~sdm_hf.cache_files.default_cache_dir` and
 :func:`~sdm_hf.cache_files.file_sha256` are also importable from here.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache_files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
+from .distributed_features import launched_processes, main_process_cached, texts_sha256
 from .features import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
 from .model_loading import SOURCE_ATTRIBUTE, load_causal_lm
 
@@ -34,17 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["cached_features", "feature_cache_key", "load_causal_lm", "default_cache_dir", "file_sha256"]
 
 FEATURES_FORMAT = 1
-
-
-def _texts_sha256(texts: list[str]) -> str:
-    """sha256 over the texts, each prefixed with its UTF-8 byte length (so ["ab", "c"] != ["a", "bc"])."""
-    digest = hashlib.sha256()
-    digest.update(len(texts).to_bytes(8, "little"))
-    for text in texts:
-        data = text.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
 
 
 def _model_identity(model, model_id: str | None, revision: str | None) -> tuple[str, str | None]:
@@ -115,7 +107,7 @@ def feature_cache_key(
         "padding_side": getattr(tokenizer, "padding_side", None),
         "truncation_side": getattr(tokenizer, "truncation_side", None),
         "n": len(texts),
-        "texts_sha256": _texts_sha256(texts),
+        "texts_sha256": texts_sha256(texts),
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest(), fields
@@ -182,6 +174,7 @@ def cached_features(
     progress: bool = True,
     device: str | torch.device | None = None,
     use_cache: bool = True,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """:func:`~sdm_hf.features.extract_features` with a disk cache.
 
@@ -206,11 +199,18 @@ def cached_features(
             (fine-tuned, adapters merged): the cache cannot see that.
         cache_dir: the cache root (default: :func:`~sdm_hf.cache_files.default_cache_dir`).
         use_cache: False computes without reading or writing the cache.
+        distributed: in a run of several processes (``accelerate launch``, ``torchrun``), every
+            process passes the same texts and gets all N features; only the main process reads
+            and writes the cache: a hit is sent to the others, a miss is computed by all, each
+            a shard (``extract_features(..., distributed=True)``), and written by the main
+            process while the others wait. With one process it changes nothing.
 
     Returns:
         ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
     """
     texts = as_texts(texts)
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
 
     def compute() -> torch.Tensor:
         return extract_features(
@@ -223,6 +223,7 @@ def cached_features(
             max_length=max_length,
             device=device,
             progress=progress,
+            distributed=distributed,
         )
 
     if not use_cache:
@@ -239,14 +240,28 @@ def cached_features(
     )
     folder = cache_root(cache_dir) / "features"
     weights, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"
-    if weights.is_file() and meta_path.is_file():
+
+    def load() -> torch.Tensor | None:
+        if weights.is_file() and meta_path.is_file():
+            try:
+                return _read_entry(weights, meta_path, key, fields)
+            except _CorruptEntry as err:
+                warnings.warn(
+                    f"feature cache entry {weights} is corrupt: {err}; recomputing", UserWarning, stacklevel=3
+                )
+        return None
+
+    def store(features: torch.Tensor) -> None:
         try:
-            return _read_entry(weights, meta_path, key, fields)
-        except _CorruptEntry as err:
-            warnings.warn(f"feature cache entry {weights} is corrupt: {err}; recomputing", UserWarning, stacklevel=2)
+            _write_entry(weights, meta_path, key, fields, features)
+        except OSError as err:
+            warnings.warn(f"could not write the feature cache entry {weights} ({err})", UserWarning, stacklevel=3)
+
+    if distributed and launched_processes() > 1:
+        return main_process_cached(load, compute, store)  # one reader and writer: the main process
+    found = load()
+    if found is not None:
+        return found
     features = compute()
-    try:
-        _write_entry(weights, meta_path, key, fields, features)
-    except OSError as err:
-        warnings.warn(f"could not write the feature cache entry {weights} ({err})", UserWarning, stacklevel=2)
+    store(features)
     return features

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -332,6 +333,7 @@ def extract_features(
     max_length: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """Batched, no-grad pooled features of ``texts``.
 
@@ -361,6 +363,12 @@ def extract_features(
             how many.
         device: where the model runs (default: where its parameters are).
         progress: show a tqdm bar.
+        distributed: in a run of several processes (``accelerate launch``, ``torchrun``), share
+            the work: every process passes the same texts, computes a shard and gets all N
+            features back in order (see :mod:`sdm_hf.distributed_features`; ``device`` then
+            defaults to each process's own, ``PartialState().device``). With one process it
+            changes nothing. Off by default: a process computing its own texts (a pipeline's
+            batch) must not wait for the others.
 
     Returns:
         ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
@@ -376,10 +384,27 @@ def extract_features(
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(path); tokenizer = AutoTokenizer.from_pretrained(path)
         x = extract_features(model, tokenizer, ["a statement", "another"], pooling="mean_last", layer=9)  # [2, 2H]
+
+        # script.py, run as `accelerate launch --num_processes 2 script.py` (2 GPUs; on CPUs:
+        # `torchrun --nproc_per_node 2 script.py`): each process embeds half, all get all N rows
+        x = extract_features(model, tokenizer, texts, distributed=True)  # [N, H] on every process
     """
     texts = as_texts(texts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
+    if distributed:
+        from .distributed_features import features_across_processes, launched_processes
+
+        if launched_processes() > 1:  # each process a shard (one process: the plain path below)
+            shard = partial(extract_features, model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
+            return features_across_processes(
+                texts,
+                lambda part, show, on: shard(part, batch_size=batch_size, device=on, progress=show),
+                device,
+                progress,
+            )
     if _is_sentence_transformer(model):
         if tokenizer is not None:
             raise ValueError("pass tokenizer=None with a SentenceTransformer (it has its own)")
