@@ -3,8 +3,11 @@
 This module is also the ONE place that decides where neighbour search runs:
 
 * CPU (the default): ``faiss.IndexFlatL2`` (exact).
-* CUDA, with a FAISS GPU build installed (``faiss-gpu`` / ``faiss-gpu-cuvs``):
-  ``faiss.GpuIndexFlatL2`` on the tensor's device (exact).
+* CUDA, with a FAISS GPU build installed (``faiss-gpu-cu12`` / ``faiss-gpu-cuvs``):
+  ``faiss.GpuIndexFlatL2`` on the tensor's device (exact). A float32 support larger than half
+  of that device's free memory is spread, in contiguous row ranges, over as many of the GPUs
+  FAISS sees as it needs (``faiss.IndexShards`` of ``GpuIndexFlatL2``, one per GPU, searched in
+  parallel and merged by FAISS); the host then keeps the exemplars.
 * CUDA without a FAISS GPU build: exact search with torch on the GPU (chunked matrix
   product + ``topk``).
 
@@ -37,18 +40,29 @@ except ModuleNotFoundError as error:  # the FAISS build is the user's choice at 
 import numpy as np
 import torch
 
-__all__ = ["SupportIndex", "resolve_device", "faiss_gpu_available", "index_parameters", "INDEX_TYPES"]
+from . import exhaustive
+from .exhaustive import add_chunked, as_float32, blocked_float16_search, build_shards, order_rows, rows_within
+
+__all__ = [
+    "SupportIndex",
+    "resolve_device",
+    "faiss_gpu_available",
+    "gpu_shard_count",
+    "index_parameters",
+    "INDEX_TYPES",
+]
 
 # FAISS's GPU k-selection supports at most this many neighbours per query.
 _FAISS_GPU_MAX_K = 2048
 # Bytes of distance matrix the torch fallback materialises per chunk of queries.
 _TORCH_CHUNK_BYTES = 256 * 1024 * 1024
-# Bytes of float32 staging for exemplars (adding to FAISS, blocked float16 search).
-_STAGING_BYTES = 64 * 1024 * 1024
 # Float16 flat search: from this many queries, widening blocks of exemplars to float32 for
 # matrix products beats FAISS's float16 scan (measured at 10^6 x 1000: ~3 s fixed cost per
 # call against ~70 ms per query for the scan); smaller batches use the scan.
 _BLOCKED_MIN_QUERIES = 64
+# Exact GPU search is sharded over several GPUs when the support takes more than this fraction
+# of the target device's free memory (the rest is left to queries, distances and the model).
+_GPU_SHARE = 0.5
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -71,31 +85,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _rows_within(budget_bytes: int, row_floats: int) -> int:
-    """How many float32 rows of ``row_floats`` values fit in ``budget_bytes`` (at least 1)."""
-    return max(1, budget_bytes // (4 * max(row_floats, 1)))
-
-
 def faiss_gpu_available() -> bool:
     """True when the installed FAISS is a GPU build and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row by (distance, index). Search results are already sorted by distance, so
-    only rows with equal adjacent distances (ties) need the index tie-break."""
-    tied = (distances[:, 1:] == distances[:, :-1]).any(dim=1)
-    if not bool(tied.any()):
-        return distances, indices
-    rows = tied.nonzero().squeeze(1)
-    d, i = distances[rows], indices[rows]
-    by_index = torch.argsort(i, dim=1)
-    d, i = d.gather(1, by_index), i.gather(1, by_index)
-    by_distance = torch.sort(d, dim=1, stable=True).indices
-    distances, indices = distances.clone(), indices.clone()
-    distances[rows] = d.gather(1, by_distance)
-    indices[rows] = i.gather(1, by_distance)
-    return distances, indices
+def gpu_shard_count(nbytes: int, device: torch.device) -> int:
+    """How many GPUs an exact float32 support of ``nbytes`` is spread over on ``device``: 1 on
+    the CPU, with one GPU or when it fits in ``_GPU_SHARE`` of the device's free memory; else
+    as many as FAISS sees up to the number it needs at that share each."""
+    if device.type != "cuda" or not faiss_gpu_available():
+        return 1
+    gpus = int(faiss.get_num_gpus())
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = max(_GPU_SHARE * float(free), 1.0)
+    if gpus <= 1 or nbytes <= budget:
+        return 1
+    return min(gpus, math.ceil(nbytes / budget))
 
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
@@ -162,8 +168,11 @@ class SupportIndex:
             raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.device = resolve_device(device) if device is not None else vectors.device
         self.storage = storage
-        # our own copy of the exemplars; dropped when they can be read in place inside FAISS
-        self._own: torch.Tensor | None = vectors.detach().to(self.device, STORAGE_DTYPES[storage]).contiguous()
+        self.index_type = index_type
+        self._shards = self._shard_count(vectors.shape[0] * (vectors.shape[1] if vectors.dim() == 2 else 1))
+        # our own copy of the exemplars (on the host when sharded over GPUs); dropped when they
+        # can be read in place inside FAISS
+        self._own: torch.Tensor | None = vectors.detach().to(self._home, STORAGE_DTYPES[storage]).contiguous()
         self.labels = labels.detach().long().cpu()
         self.predictions = predictions.detach().long().cpu()
         if not (self._own.shape[0] == self.labels.numel() == self.predictions.numel()):
@@ -174,7 +183,6 @@ class SupportIndex:
         if self._own.dim() != 2:
             raise ValueError(f"vectors must be [N, M], got shape {tuple(self._own.shape)}")
         self._dim = int(self._own.shape[1])
-        self.index_type = index_type
         self.index_params = index_parameters(index_type, index_params, self._own.shape[0])
         # a FAISS index (its SWIG stubs type each index class separately, so kept as Any)
         self._faiss: Any = None
@@ -255,6 +263,35 @@ class SupportIndex:
         """True for exact float32 search (the default)."""
         return self.index_type == "flat" and self.storage == "float32"
 
+    @property
+    def gpu_shards(self) -> int:
+        """How many GPUs the exact search is spread over (1 unless the support needs more)."""
+        return self._shards
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Rows held by each GPU shard, in row order (``[ntotal]`` when not sharded)."""
+        if self._shards == 1:
+            return [self.ntotal]
+        return [int(self._faiss.at(j).ntotal) for j in range(self._shards)]
+
+    @property
+    def _home(self) -> torch.device:
+        """Where our own copy of the exemplars lives: the host when sharded over GPUs."""
+        return torch.device("cpu") if self._shards > 1 else self.device
+
+    def _shard_count(self, values: int) -> int:
+        exact_gpu = self.device.type == "cuda" and self.exact
+        return gpu_shard_count(4 * int(values), self.device) if exact_gpu else 1
+
+    def _gpu_flat(self, gpu: int) -> Any:
+        """An empty exact ``GpuIndexFlatL2`` on GPU ``gpu`` (its resources kept alive here)."""
+        resources = faiss.StandardGpuResources()
+        self._gpu_resources.append(resources)
+        config = faiss.GpuIndexFlatConfig()
+        config.device = int(gpu)
+        return faiss.GpuIndexFlatL2(resources, self._dim, config)
+
     # -- construction ---------------------------------------------------------------------
     def _cpu_index(self, dim: int) -> Any:
         fp16 = self.storage == "float16"
@@ -287,22 +324,25 @@ class SupportIndex:
 
     def _build(self) -> None:
         dim = self._dim
+        self._gpu_resources: list[Any] = []
+        own = self.stored_vectors()  # _build runs while the index still owns its vectors
+        if self._shards > 1:  # contiguous row ranges over the GPUs; the host keeps the exemplars
+            first = int(self.device.index or 0)
+            gpus = [(first + j) % int(faiss.get_num_gpus()) for j in range(self._shards)]
+            self._faiss = build_shards(own, self._shards, lambda j: self._gpu_flat(gpus[j]))
+            return
         if self.device.type == "cuda" and self.exact and faiss_gpu_available():
-            self._gpu_resources = faiss.StandardGpuResources()
-            config = faiss.GpuIndexFlatConfig()
-            config.device = int(self.device.index or 0)
-            self._faiss = faiss.GpuIndexFlatL2(self._gpu_resources, dim, config)
+            self._faiss = self._gpu_flat(int(self.device.index or 0))
         elif self.device.type == "cuda" and self.exact:
             self._faiss = None  # torch exact search on the device
         else:
             self._faiss = self._cpu_index(dim)
-        own = self.stored_vectors()  # _build runs while the index still owns its vectors
         if self._faiss is not None and own.shape[0] > 0:
             if not self._faiss.is_trained:  # IVF: k-means on a seeded subsample
                 n = own.shape[0]
                 take = min(n, 256 * self.index_params.get("nlist", 1))
                 rows = np.sort(np.random.default_rng(0).permutation(n)[:take])
-                self._faiss.train(self._as_numpy(own[torch.from_numpy(rows)]))
+                self._faiss.train(as_float32(own[torch.from_numpy(rows)]))
             self._add_chunked(own)
         if self._faiss is not None and self.index_type == "ivf":
             self._faiss.make_direct_map()  # row -> (list, offset), so rows can be decoded back
@@ -316,23 +356,22 @@ class SupportIndex:
         rows = rows.long()
         if self._own is None and self.index_type == "ivf":
             out = torch.empty((rows.numel(), self._dim), dtype=STORAGE_DTYPES[self.storage])
-            step = _rows_within(_STAGING_BYTES, self._dim)
+            step = rows_within(exhaustive.STAGING_BYTES, self._dim)
             for start in range(0, rows.numel(), step):  # bounded float32 staging
                 chunk = np.ascontiguousarray(rows[start : start + step].cpu().numpy(), dtype=np.int64)
                 out[start : start + step] = torch.from_numpy(self._faiss.reconstruct_batch(chunk))
             return out
-        return self.stored_vectors()[rows.to(self.device)]
+        stored = self.stored_vectors()
+        return stored[rows.to(stored.device)]
 
     def _add_chunked(self, vectors: torch.Tensor) -> None:
-        """Add to FAISS in float32 chunks, so a float16 support never exists whole in float32
-        (FAISS takes float32 input): the working set stays bounded whatever N is."""
-        rows = _rows_within(_STAGING_BYTES, self._dim)
-        for start in range(0, vectors.shape[0], rows):
-            self._faiss.add(self._as_numpy(vectors[start : start + rows]))
-
-    @staticmethod
-    def _as_numpy(x: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        """Add to FAISS in bounded float32 chunks (:func:`add_chunked`); a sharded index grows
+        its last shard, so earlier rows keep their indices."""
+        if self._shards > 1:
+            add_chunked(self._faiss.at(self._faiss.count() - 1), vectors)
+            self._faiss.syncWithSubIndexes()
+        else:
+            add_chunked(self._faiss, vectors)
 
     @property
     def ntotal(self) -> int:
@@ -347,14 +386,16 @@ class SupportIndex:
         """``"faiss-cpu"``, ``"faiss-gpu"`` or ``"torch"``."""
         if self._faiss is None:
             return "torch"
-        return "faiss-gpu" if hasattr(self, "_gpu_resources") and self.device.type == "cuda" else "faiss-cpu"
+        return "faiss-gpu" if self._gpu_resources else "faiss-cpu"
 
     def to(self, device: str | torch.device) -> SupportIndex:
         """Move the support set (and rebuild the index) on ``device``; returns self."""
         device = resolve_device(device)
         if device != self.device:
-            self._own = self.stored_vectors().to(device).contiguous()
+            stored = self.stored_vectors()
             self.device = device
+            self._shards = self._shard_count(stored.numel())
+            self._own = stored.to(self._home).contiguous()
             self._build()
         return self
 
@@ -364,7 +405,7 @@ class SupportIndex:
         This is how a trained head's support set grows without retraining
         (``SDMHead.add_to_support``). Existing row indices do not change, so nearest-exemplar
         indices reported earlier still name the same rows."""
-        vectors = vectors.detach().to(self.device, STORAGE_DTYPES[self.storage])
+        vectors = vectors.detach().to(self._home, STORAGE_DTYPES[self.storage])
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] vectors, got {tuple(vectors.shape)}")
         if self._own is not None:
@@ -395,19 +436,19 @@ class SupportIndex:
         if use_torch:
             distances, rows = self._torch_search(queries, k)
         elif self.index_type == "flat" and self.storage == "float16" and queries.shape[0] >= _BLOCKED_MIN_QUERIES:
-            distances, rows = self._blocked_search(queries, k)
+            distances, rows = blocked_float16_search(self.stored_vectors(), queries.to(self.device), k)
         else:
             if self.index_type == "hnsw":  # HNSW needs a search beam at least k wide
                 self._faiss.hnsw.efSearch = max(self.index_params["efSearch"], k)
-            d, i = self._faiss.search(self._as_numpy(queries), k)
+            d, i = self._faiss.search(as_float32(queries), k)
             distances, rows = torch.from_numpy(d), torch.from_numpy(i).long()
-        return _order_rows(distances.cpu(), rows.cpu())
+        return order_rows(distances.cpu(), rows.cpu())
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = queries.detach().to(self.device, torch.float32)
         vectors = self.stored_vectors().float()
+        queries = queries.detach().to(vectors.device, torch.float32)  # the host when sharded over GPUs
         support_norms = (vectors * vectors).sum(dim=1)
-        chunk = _rows_within(_TORCH_CHUNK_BYTES, self.ntotal)
+        chunk = rows_within(_TORCH_CHUNK_BYTES, self.ntotal)
         out_d, out_i = [], []
         for start in range(0, queries.shape[0], chunk):  # chunks bound memory
             block = queries[start : start + chunk]
@@ -416,39 +457,6 @@ class SupportIndex:
             out_d.append(d.cpu())
             out_i.append(i.cpu())
         return torch.cat(out_d), torch.cat(out_i)
-
-    def _blocked_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact search over float16 exemplars with matrix products: blocks of support rows are
-        widened to float32 one at a time (bounded extra memory), candidates are kept by a
-        running stable merge (ties keep the lower row), and the final k are re-scored with
-        exact pair distances. FAISS's float16 flat index scans without BLAS (2.3x slower for
-        2,000 queries at 10^6 x 1000 on 2 cores); used from ``_BLOCKED_MIN_QUERIES`` queries."""
-        queries = queries.detach().to(self.device, torch.float32)
-        stored = self.stored_vectors()
-        n = stored.shape[0]
-        block = max(k, _rows_within(_STAGING_BYTES, self._dim))
-        query_norms = (queries * queries).sum(1, keepdim=True)
-        best_d = torch.empty((queries.shape[0], 0), device=queries.device)
-        best_i = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
-        for start in range(0, n, block):  # blocks of the support: bounded float32 working set
-            vectors = stored[start : start + block].float()
-            dist = queries @ vectors.T  # the one [B, block] buffer: the rest is done in place
-            dist.mul_(-2.0).add_(query_norms).add_((vectors * vectors).sum(1)).clamp_(min=0)
-            take = min(k, dist.shape[1])
-            d, i = torch.topk(dist, take, dim=1, largest=False, sorted=True)
-            merged_d = torch.cat([best_d, d], dim=1)
-            merged_i = torch.cat([best_i, i + start], dim=1)
-            order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
-            best_d, best_i = merged_d.gather(1, order), merged_i.gather(1, order)
-        exact = torch.empty_like(best_d)
-        # one [b, k, M] float32 block of differences at a time, squared in place: bounded memory
-        rows_per_chunk = _rows_within(_STAGING_BYTES, k * self._dim)
-        for start in range(0, queries.shape[0], rows_per_chunk):
-            stop = start + rows_per_chunk
-            diff = stored[best_i[start:stop]].float().sub_(queries[start:stop].unsqueeze(1))
-            exact[start:stop] = diff.mul_(diff).sum(-1)
-        order = torch.sort(exact, dim=1, stable=True).indices
-        return exact.gather(1, order), best_i.gather(1, order)
 
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2`` for ``[B, M]``

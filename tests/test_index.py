@@ -88,9 +88,10 @@ def test_index_parameters_are_checked():
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
 @pytest.mark.parametrize("storage", ["float32", "float16"])
 def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, monkeypatch):
+    import sdm_hf.exhaustive
     import sdm_hf.index
 
-    monkeypatch.setattr(sdm_hf.index, "_STAGING_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
+    monkeypatch.setattr(sdm_hf.exhaustive, "STAGING_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g)
     index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage, index_type=index_type)
@@ -115,12 +116,13 @@ def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
     import faiss
     import numpy as np
 
+    import sdm_hf.exhaustive
     import sdm_hf.index
 
     x, y = _clustered(n=700, dim=12, seed=3)
     x = torch.cat([x, x[:5]])  # exact duplicates: ties must resolve by row
     index = SupportIndex(x, torch.zeros(len(x)), torch.zeros(len(x)), storage="float16")
-    monkeypatch.setattr(sdm_hf.index, "_STAGING_BYTES", 4 * 12 * 50)  # 50-row blocks
+    monkeypatch.setattr(sdm_hf.exhaustive, "STAGING_BYTES", 4 * 12 * 50)  # 50-row blocks
     queries = torch.cat([x[:5], torch.randn(40, 12)])
     _, scanned = index.search(queries, 9)  # fewer than _BLOCKED_MIN_QUERIES: FAISS's scan
     monkeypatch.setattr(sdm_hf.index, "_BLOCKED_MIN_QUERIES", 1)
@@ -133,3 +135,52 @@ def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
     torch.testing.assert_close(d, torch.from_numpy(d_ref), atol=1e-3, rtol=1e-4)
     assert rows[:5, :2].tolist() == [[i, 700 + i] for i in range(5)]  # a point and its duplicate, lower row first
     assert torch.equal(d[:5, 0], d[:5, 1]) and bool((d[:5, 0] < 1e-4).all())  # float16 rounding only
+
+
+def test_gpu_shard_count_spreads_only_what_does_not_fit(monkeypatch):
+    import faiss
+
+    import sdm_hf.index
+    from sdm_hf.index import gpu_shard_count
+
+    cuda = torch.device("cuda", 0)
+    assert gpu_shard_count(10**12, torch.device("cpu")) == 1
+    monkeypatch.setattr(sdm_hf.index, "faiss_gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 10**9, 80 * 10**9))
+    assert gpu_shard_count(4 * 10**9, cuda) == 1  # within half of the free 10 GB
+    assert gpu_shard_count(12 * 10**9, cuda) == 3  # 5 GB per GPU
+    assert gpu_shard_count(10**12, cuda) == 4  # all there are
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    assert gpu_shard_count(10**12, cuda) == 1
+
+
+def test_sharded_exact_index_returns_support_rows_and_grows_its_last_shard(monkeypatch):
+    """The multi-GPU layout (contiguous row ranges in faiss.IndexShards), with CPU flat
+    indexes standing in for GpuIndexFlatL2: same neighbours as one index, rows added later
+    keep the numbering."""
+    import faiss
+
+    x, _ = _clustered(n=301, dim=8, seed=5)
+    plain = SupportIndex(x, torch.zeros(301), torch.zeros(301))
+
+    def cpu_shard(self, gpu):
+        self._gpu_resources.append(gpu)
+        return faiss.IndexFlatL2(self.dim)
+
+    monkeypatch.setattr(SupportIndex, "_shard_count", lambda self, values: 3)
+    monkeypatch.setattr(SupportIndex, "_gpu_flat", cpu_shard)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 3)
+    sharded = SupportIndex(x, torch.zeros(301), torch.zeros(301))
+    assert sharded.gpu_shards == 3 and sharded.backend == "faiss-gpu" and sharded.owns_vectors
+    assert sharded.shard_sizes == [100, 101, 100] and plain.shard_sizes == [301]
+    queries = torch.cat([x[[0, 150, 300]], torch.randn(20, 8)])
+    d, rows = sharded.search(queries, 7)
+    d_ref, rows_ref = plain.search(queries, 7)
+    assert torch.equal(rows, rows_ref) and rows[:3, 0].tolist() == [0, 150, 300]
+    torch.testing.assert_close(d, d_ref)
+    extra = torch.full((2, 8), 50.0)
+    sharded.add(extra, torch.ones(2), torch.ones(2))
+    assert sharded.ntotal == 303 and sharded.shard_sizes == [100, 101, 102]
+    assert sharded.search(extra[:1], 2)[1].tolist() == [[301, 302]]
+    torch.testing.assert_close(sharded.pair_distances(extra[:1], torch.tensor([302])), torch.zeros(1))
