@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from .encoding import IGNORE_INDEX
 
@@ -34,18 +36,23 @@ class ContrastiveMaskingCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty batch")
-        width = max(len(r["input_ids"]) for r in rows)
+        ids = [torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows]
+        labels = [torch.as_tensor(r["labels"], dtype=torch.long) for r in rows]
+        bad = next((i for i, (a, b) in enumerate(zip(ids, labels, strict=True)) if a.shape != b.shape), None)
+        if bad is not None:
+            raise ValueError(
+                f"row {bad}: input_ids and labels must have the same length, got {len(ids[bad])} and {len(labels[bad])}"
+            )
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
+        batch_labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+        lengths = torch.tensor([len(t) for t in ids])
+        width = input_ids.shape[1]
         if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # building a padded batch
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(row["input_ids"])
-            labels[i, :n] = torch.as_tensor(row["labels"])
-            mask[i, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            extra = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of - width
+            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
+            batch_labels = F.pad(batch_labels, (0, extra), value=IGNORE_INDEX)
+        mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": batch_labels}
         for key in ("reward", "verified_position", "document_id"):
             if key in rows[0]:
                 batch[key] = torch.tensor([int(r[key]) for r in rows], dtype=torch.long)
