@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
-from .encoding import ControlTokens, Prompt
+from .encoding import ControlTokens, Prompt, encode_example
 
 if TYPE_CHECKING:
     import datasets
+    from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Document", "VersionDataset", "prepare_documents"]
+__all__ = ["Document", "VersionDataset", "prepare_documents", "encode_documents"]
 
 
 @dataclass
@@ -118,6 +119,61 @@ def prepare_documents(
             stacklevel=2,
         )
     return documents, negative_only
+
+
+def _encode_row(row: dict, tokenizer, control: ControlTokens, max_length: int | None) -> dict:
+    try:
+        return encode_example(
+            tokenizer, json.loads(row["prompt"]), row["text"], row["reward"] == 1, control, max_length=max_length
+        )
+    except ValueError as error:
+        raise ValueError(f"document {row['document_id']}: {error}") from error
+
+
+def encode_documents(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[Document],
+    control: ControlTokens | None = None,
+    max_length: int | None = None,
+    num_proc: int | None = None,
+) -> dict[tuple[int, str], dict]:
+    """Tokenize every static version (positive and static negatives) of ``documents`` once,
+    with :func:`~sdm_hf.lm.encoding.encode_example` run by ``datasets.Dataset.map`` (progress
+    bar, ``num_proc`` worker processes).
+
+    Returns:
+        ``{(document id, text): row}`` with the rows of ``encode_example`` plus
+        ``document_id`` and ``text``.
+
+    Raises:
+        ValueError: a version cannot be encoded (the message names the document).
+    """
+    import datasets
+
+    control = control or ControlTokens()
+    versions = [
+        (d, text, positive)
+        for d in documents
+        for text, positive in [(d.positive, True)] + [(n, False) for n in d.negatives]
+    ]
+    if not versions:
+        return {}
+    table = datasets.Dataset.from_dict(
+        {
+            "document_id": [d.id for d, _, _ in versions],
+            "prompt": [json.dumps(d.prompt) for d, _, _ in versions],
+            "text": [t for _, t, _ in versions],
+            "reward": [int(p) for _, _, p in versions],
+        }
+    )
+    encoded = table.map(
+        _encode_row,
+        fn_kwargs={"tokenizer": tokenizer, "control": control, "max_length": max_length},
+        remove_columns=["prompt", "reward"],
+        num_proc=num_proc if num_proc and num_proc > 1 and len(versions) > 1 else None,
+        desc="Encoding SDM documents",
+    )
+    return {(row["document_id"], row["text"]): row for row in encoded}
 
 
 class VersionDataset(Dataset):

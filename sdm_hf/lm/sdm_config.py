@@ -46,6 +46,9 @@ class SDMTrainingArguments(TrainingArguments):
     hard_negatives_from_epoch: int = field(default=1, metadata={"help": "First epoch (0-based) that generates."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length for hard negatives."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate documents to this many tokens."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the documents (datasets.Dataset.map)."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation returns only the loss."})
     lean_logits: bool = field(

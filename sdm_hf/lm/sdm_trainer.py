@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from ..head.modeling import SDMHead
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
-from .data import Document, VersionDataset, prepare_documents
+from .data import Document, VersionDataset, encode_documents, prepare_documents
 from .distributed import broadcast_head, gather_lists, process_world
 from .encoding import ControlTokens, encode_example, generate_greedy, pool_verification_states, prefix_features
 from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
@@ -128,7 +128,11 @@ class SDMTrainer(Trainer):
         self.eval_documents: list[Document] | None = None
         if eval_dataset is not None:
             self.eval_documents, _ = prepare_documents(eval_dataset, self.control_tokens, append_control)
-        self._encoded: dict[tuple[int, str], dict] = {}
+        # every static version tokenized once (datasets.map); generated hard negatives join later
+        self._encoded: dict[tuple[int, str], dict] = encode_documents(
+            processing_class, self.documents + (self.eval_documents or []), self.control_tokens, args.max_length,
+            num_proc=args.dataset_num_proc,
+        )  # fmt: skip
         self.epoch_state = SDMEpochState()
         self._head_epoch: int | None = None
         self.head: SDMHead | None = None
