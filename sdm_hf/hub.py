@@ -1,5 +1,6 @@
 """SDM-equipped model repositories: a base model (or PEFT adapter) at the root, the SDM head
-in a subfolder (default ``sdm_head/``), and the repository's README.md model card.
+in a subfolder (default ``sdm_head/``) with its own full card, and the repository's
+README.md: the model's own card with the SDM head merged in.
 
 The head never writes into the model's own root (huggingface_hub's mixin would replace the
 model's config.json there). The head records the base model's name/revision and the feature
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import ModelCard
 
 from .head.hub import upload_folder
+from .head.model_card import card_data, merge_model_card
 from .head.modeling import SDMHead
 from .persistence import CARD_NAME
 
@@ -62,15 +65,36 @@ def save_sdm_model(
     save_directory: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
     subfolder: str = DEFAULT_HEAD_SUBFOLDER,
+    *,
+    license: str | None = None,
+    model_card_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` (a transformers model or PEFT adapter, via its ``save_pretrained``) at
-    the root of ``save_directory``, its ``tokenizer`` beside it, the head in ``subfolder``, and
-    the repository's README.md model card from the head.
+    the root of ``save_directory``, its ``tokenizer`` beside it, the head with its own full
+    card in ``subfolder``, and the repository's README.md model card.
+
+    The repository's card is the model's own card with the SDM head merged in (see
+    :func:`sdm_hf.head.model_card.merge_model_card`): whatever README.md the model's
+    ``save_pretrained`` wrote or kept (PEFT writes one with ``library_name: peft``,
+    ``base_model`` and ``base_model:adapter:...`` tags) keeps its metadata and body, gains the
+    tags ``sdm``, ``selective-classification``, ``uncertainty-quantification``, the
+    calibration results as Hub evaluation results, and an SDM section between markers that a
+    later save replaces (never duplicates). When the model wrote no card, a new one is
+    written from the head's data, with ``library_name: transformers`` for a transformers
+    model (so the Hub shows how to load it) and ``sdm_hf`` otherwise.
+
+    Args:
+        license: the license id for the cards (e.g. ``"apache-2.0"``); None keeps the model
+            card's license (or sets none): sdm_hf never chooses a license for a model.
+        model_card_kwargs: ``tags`` (added), ``language``, ``datasets``, ... for both cards;
+            other keys are template variables of the head's card.
 
     Records the model's name in the head's config when it has none.
     """
     if not subfolder or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
         raise ValueError(f"subfolder must be a relative folder inside the repository, got {subfolder!r}")
+    if license is not None and not isinstance(license, str):
+        raise TypeError(f"license must be a license id string such as 'apache-2.0', got {license!r}")
     root = Path(save_directory)
     check_pairing(model, head)
     if head.config.base_model is None:
@@ -79,9 +103,47 @@ def save_sdm_model(
     pretrained.save_pretrained(root)
     if tokenizer is not None:
         tokenizer.save_pretrained(root)
-    head.save_pretrained(root / subfolder)
-    head.generate_model_card(repo_hint=root.name, subfolder=subfolder).save(root / CARD_NAME)
+    existing = read_card(root / CARD_NAME)
+    card_kwargs = dict(model_card_kwargs or {})
+    if license is not None:
+        card_kwargs["license"] = license
+    data = card_data(
+        head.config,
+        head.alpha,
+        None if head.support is None else head.support.labels,
+        head.calibration,
+        repo_hint=root.name,
+        subfolder=subfolder,
+    )
+    card = merge_model_card(existing, data, library_name=root_library(model), **card_kwargs)
+    if card.data.get("license") is not None:  # the head's card states the repository's license, never another
+        card_kwargs["license"] = card.data.get("license")
+    head.save_pretrained(
+        root / subfolder, model_card_kwargs=card_kwargs | {"repo_hint": root.name, "subfolder": subfolder}
+    )
+    card.save(root / CARD_NAME)
     return root
+
+
+def read_card(path: Path) -> ModelCard | None:
+    """The model card at ``path``, or None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return ModelCard.load(path)
+    except ValueError as err:
+        raise ValueError(
+            f"{path} has metadata huggingface_hub cannot read ({err}); fix or remove its YAML block so "
+            "that the SDM head can be added to the card"
+        ) from err
+
+
+def root_library(model: torch.nn.Module) -> str:
+    """``library_name`` for a new card of a repository whose root holds ``model``."""
+    is_transformers = any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__
+    )
+    return "transformers" if is_transformers else "sdm_hf"
 
 
 def load_sdm_model(
@@ -127,14 +189,45 @@ def push_sdm_model(
     commit_message: str = "Upload SDM-equipped model",
     private: bool | None = None,
     token: str | None = None,
+    *,
+    branch: str | None = None,
+    create_pr: bool | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+    delete_patterns: list[str] | str | None = None,
+    license: str | None = None,
+    model_card_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """Save the model, tokenizer, head and model card to a temporary folder and upload it in
-    one commit (the same upload path as :meth:`SDMHead.push_to_hub`); nothing is left behind
-    locally. Returns the commit URL."""
+    """Save the model, tokenizer, head and model cards (as :func:`save_sdm_model`, with
+    ``license`` and ``model_card_kwargs``) to a temporary folder and upload it in one commit
+    through the same upload path as :meth:`SDMHead.push_to_hub`; nothing is left behind
+    locally.
+
+    ``private``, ``branch``, ``create_pr``, ``allow_patterns`` / ``ignore_patterns`` (which
+    saved files are uploaded, paths relative to the repository root such as
+    ``"sdm_head/*"``) and ``delete_patterns`` (remote files deleted in the same commit) are
+    those of huggingface_hub's ``ModelHubMixin.push_to_hub``.
+
+    Returns:
+        The commit URL.
+    """
     return upload_folder(
-        lambda folder: save_sdm_model(model, head, folder, tokenizer=tokenizer, subfolder=subfolder),
+        lambda folder: save_sdm_model(
+            model,
+            head,
+            folder,
+            tokenizer=tokenizer,
+            subfolder=subfolder,
+            license=license,
+            model_card_kwargs=model_card_kwargs,
+        ),
         repo_id,
         commit_message=commit_message,
         private=private,
         token=token,
+        branch=branch,
+        create_pr=create_pr,
+        allow_patterns=allow_patterns,
+        ignore_patterns=ignore_patterns,
+        delete_patterns=delete_patterns,
     )

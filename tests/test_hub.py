@@ -48,7 +48,8 @@ def test_model_and_head_saved_side_by_side(tmp_path):
     assert (root / "config.json").is_file() and (root / "model.safetensors").is_file()
     assert json.loads((root / "config.json").read_text())["model_type"] == "bert"  # model's config untouched
     assert sorted(p.name for p in (root / "sdm_head").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert "library_name: sdm_hf" in (root / "README.md").read_text()
+    assert "library_name: transformers" in (root / "README.md").read_text()  # the Hub loads the root with transformers
+    assert "library_name: sdm_hf" in (root / "sdm_head" / "README.md").read_text()
     reloaded = AutoModel.from_pretrained(root)
     assert isinstance(reloaded, BertModel)
     loaded = SDMHead.from_pretrained(root, subfolder="sdm_head")

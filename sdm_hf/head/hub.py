@@ -36,10 +36,18 @@ def upload_folder(
     token: str | None = None,
     branch: str | None = None,
     create_pr: bool | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+    delete_patterns: list[str] | str | None = None,
 ) -> str:
     """Let ``write(folder)`` fill a temporary folder, create ``repo_id`` if needed and upload the
     folder (into ``path_in_repo`` when given) in one commit; nothing is left behind locally, and
-    a failure while writing creates nothing on the Hub.
+    a failure while writing creates nothing on the Hub. Every push in sdm_hf goes through here.
+
+    ``private``, ``branch`` (the revision committed to), ``create_pr``, ``allow_patterns`` /
+    ``ignore_patterns`` (which local files are uploaded) and ``delete_patterns`` (which remote
+    files the same commit deletes, relative to ``path_in_repo``) are huggingface_hub's
+    ``create_repo`` / ``HfApi.upload_folder`` arguments, as in ``ModelHubMixin.push_to_hub``.
 
     Missing or invalid credentials re-raise the huggingface_hub error with a hint.
 
@@ -59,6 +67,9 @@ def upload_folder(
                 commit_message=commit_message,
                 revision=branch,
                 create_pr=create_pr,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+                delete_patterns=delete_patterns,
                 repo_type="model",
             )
         except (LocalTokenNotFoundError, HfHubHTTPError) as err:
@@ -171,7 +182,7 @@ class SDMHubMixin(ModelHubMixin):
         raise NotImplementedError
 
     def generate_model_card(  # pragma: no cover - provided by the model class
-        self, repo_hint: str | None = None, subfolder: str | None = None
+        self, repo_hint: str | None = None, subfolder: str | None = None, **model_card_kwargs: Any
     ) -> ModelCard:
         raise NotImplementedError
 
@@ -179,13 +190,21 @@ class SDMHubMixin(ModelHubMixin):
         self,
         save_directory: str | Path,
         *,
-        push_to_hub: bool = False,
+        config: Any = None,
         repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
         overwrite_foreign: bool = False,
         **push_kwargs: Any,
     ) -> str | None:
         """Save the head (model.safetensors, config.json, optional support_documents.jsonl,
         README.md model card) into ``save_directory``.
+
+        The arguments are those of huggingface_hub's ``ModelHubMixin.save_pretrained``:
+        ``model_card_kwargs`` go into the card (``license``, ``tags``, ``language``, ...; see
+        :func:`sdm_hf.head.model_card.render_model_card`), ``push_to_hub=True`` then pushes to
+        ``repo_id`` (default: the folder's name) with ``push_kwargs`` as in :meth:`push_to_hub`.
+        ``config`` must stay None: the head's configuration is its ``SDMConfig``.
 
         ``model.safetensors`` holds the whole head (weights, support set, calibration, the
         config in its metadata, the documents as a tensor) and is replaced by one atomic
@@ -200,10 +219,11 @@ class SDMHubMixin(ModelHubMixin):
         Returns:
             The commit URL when ``push_to_hub=True``, else None.
         """
-        card = str(self.generate_model_card())
+        reject_config(config)
+        card = str(self.generate_model_card(**(model_card_kwargs or {})))
         target = save_state(self.to_state(copy=False), card, save_directory, overwrite_foreign)
         if push_to_hub:
-            return self.push_to_hub(repo_id or target.name, **push_kwargs)
+            return self.push_to_hub(repo_id or target.name, model_card_kwargs=model_card_kwargs, **push_kwargs)
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -249,18 +269,31 @@ class SDMHubMixin(ModelHubMixin):
         state = persistence.state_from_files(config, tensors, documents, paths)
         return cls.from_state(state, device=device).eval()
 
-    def push_to_hub(  # type: ignore[override]  # keyword-only, with subfolder
+    def push_to_hub(  # the mixin's arguments, plus subfolder
         self,
         repo_id: str,
         *,
+        config: Any = None,
         subfolder: str | None = None,
         commit_message: str = "Upload SDM head",
         private: bool | None = None,
         token: str | None = None,
         branch: str | None = None,
         create_pr: bool | None = None,
+        allow_patterns: list[str] | str | None = None,
+        ignore_patterns: list[str] | str | None = None,
+        delete_patterns: list[str] | str | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """Upload the head to ``repo_id`` (into ``subfolder`` when given) in one commit.
+
+        The arguments are those of huggingface_hub's ``ModelHubMixin.push_to_hub``, plus
+        ``subfolder``: ``private`` (for a new repository), ``branch``, ``create_pr``,
+        ``allow_patterns`` / ``ignore_patterns`` (which of the head's files are uploaded),
+        ``delete_patterns`` (remote files deleted in the same commit, relative to
+        ``subfolder``) and ``model_card_kwargs`` (into the head's card, as in
+        :meth:`save_pretrained`). ``config`` must stay None: the head's configuration is its
+        ``SDMConfig``.
 
         The files are written to a temporary folder that is removed afterwards; nothing is
         left behind locally on failure. Missing or invalid credentials raise the
@@ -269,8 +302,9 @@ class SDMHubMixin(ModelHubMixin):
         Returns:
             The commit URL.
         """
+        reject_config(config)
         return upload_folder(
-            self.save_pretrained,
+            lambda folder: self.save_pretrained(folder, model_card_kwargs=model_card_kwargs),
             repo_id,
             path_in_repo=subfolder,
             commit_message=commit_message,
@@ -278,4 +312,17 @@ class SDMHubMixin(ModelHubMixin):
             token=token,
             branch=branch,
             create_pr=create_pr,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            delete_patterns=delete_patterns,
+        )
+
+
+def reject_config(config: object) -> None:
+    """Raise for the mixin's ``config`` argument: an SDM head's configuration is its
+    ``SDMConfig`` (stored with the head), not a separate dictionary."""
+    if config is not None:
+        raise ValueError(
+            "an SDM head's configuration is its SDMConfig (head.config), saved with the head; "
+            "change head.config before saving or pushing instead of passing config=..."
         )

@@ -1,30 +1,85 @@
-"""The SDM head's model card: a dataclass of what the card shows, filled from the head's state,
-rendered with huggingface_hub's ``ModelCard.from_template`` and the packaged template
-``sdm_hf/model_cards/sdm_head.md``."""
+"""Model cards of SDM heads and of the repositories that carry one.
+
+* The head's own card (``sdm_head/README.md``, or the root of a head-only repository): a
+  dataclass of what it shows (:class:`SDMCardData`, filled from the head's state by
+  :func:`card_data`), rendered with huggingface_hub's ``ModelCard.from_template`` and the
+  packaged template ``sdm_hf/model_cards/sdm_head.md`` (:func:`render_model_card`).
+* The card of a model (or PEFT adapter) saved with a head beside it: the model's own card
+  with the SDM tags, the calibration results and a short SDM section merged in
+  (:func:`merge_model_card`, template ``sdm_hf/model_cards/sdm_section.md``). The section sits
+  between :data:`SECTION_START` and :data:`SECTION_END`, so a later save replaces it instead
+  of adding a second one.
+
+Calibration results go into the YAML metadata as Hub evaluation results (``model-index``,
+built from ``huggingface_hub.EvalResult``): the HR admission rate (metric type
+``coverage``) and the HR accuracy (``accuracy``) overall and per true class, on the
+calibration split at the head's alpha. They are in-sample for the HR thresholds (the split
+chose them), so they show the trade-off and are not a test estimate; the task name and the
+dataset name say so. ``verified`` is left unset (the Hub computes it) and no ``source`` is
+given (the Hub requires a URL for one, and these numbers have no page of their own). The
+newer ``.eval_results/*.yaml`` files are for scores on benchmark datasets hosted on the Hub,
+which a user's calibration split is not, so they are not written.
+
+License: the cards never invent one. The head's card has ``license`` only when given
+(``model_card_kwargs={"license": ...}``); a merged card keeps the model card's license unless
+one is given explicitly.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..metrics import label_names
+from ..activation import high_reliability_mask
+from ..metrics import accuracy_or_none, format_accuracy, label_names
+from ..validation import looks_like_repo_id
 from .config import SDMConfig
 from .diagnostics import calibration_report
 from .state import CalibrationState
 
-__all__ = ["SDMCardData", "card_data", "render_model_card", "HUB_TAGS"]
+__all__ = [
+    "SDMCardData",
+    "card_data",
+    "render_model_card",
+    "render_section",
+    "merge_model_card",
+    "eval_results",
+    "HUB_TAGS",
+    "SECTION_START",
+    "SECTION_END",
+    "CALIBRATION_DATASET_TYPE",
+    "CARD_METADATA_KEYS",
+]
 
 HUB_TAGS = ("sdm", "selective-classification", "uncertainty-quantification")
+SECTION_START = "<!-- sdm_hf:section:start (written by sdm_hf on every save; edit outside these markers) -->"
+SECTION_END = "<!-- sdm_hf:section:end -->"
+# marks the evaluation results sdm_hf writes, so that a re-save replaces them and keeps the model's own
+CALIBRATION_DATASET_TYPE = "sdm-calibration-split"
+CALIBRATION_TASK_NAME = "Selective classification (SDM high-reliability region)"
+CALIBRATION_DATASET_NAME = "Calibration split (in-sample for the HR thresholds; not a test estimate)"
+# model_card_kwargs that set YAML metadata; every other key is a template variable
+CARD_METADATA_KEYS = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag", "model_name")
 
 
 @dataclass
 class SDMCardData:
-    """Everything the SDM head's model card shows (the template's variables)."""
+    """Everything the SDM head's model card shows (the template's variables).
+
+    ``classes`` holds one dict per class: ``index``, ``label``, ``support``, ``calibration``
+    (points of that true class in each set), and, once calibrated, ``admitted`` (calibration
+    points of that true class in the HR region at ``alpha``), ``admitted_fraction`` and
+    ``accuracy`` (class-conditional accuracy among them; None when none is admitted).
+    ``overall`` holds ``n``, ``admitted`` and ``accuracy`` over the whole calibration set
+    (empty before calibration).
+    """
 
     title: str
     alpha: float
@@ -46,6 +101,8 @@ class SDMCardData:
     repo_hint: str = "path/or/repo-id"
     subfolder: str | None = None
     tags: list[str] = field(default_factory=lambda: sorted(HUB_TAGS))
+    calibrated: bool = False
+    overall: dict = field(default_factory=dict)
 
 
 def card_data(
@@ -64,6 +121,10 @@ def card_data(
     support_counts = torch.bincount(support_labels, minlength=c).tolist() if support_labels is not None else [0] * c
     cal = calibration
     cal_counts = torch.bincount(cal.labels, minlength=c).tolist() if cal is not None else [0] * c
+    classes: list[dict] = [
+        {"index": k, "label": names[k], "support": support_counts[k], "calibration": cal_counts[k]} for k in range(c)
+    ]
+    overall: dict = {}
     if cal is not None:
         report = calibration_report(cal, alphas=sorted({0.9, cal.alpha}), id2label=config.id2label)
         admitted, _ = report.admitted_at()
@@ -71,6 +132,15 @@ def card_data(
         report_md = report.to_markdown()
         q_min = f"{cal.q_min:.4g}" if math.isfinite(cal.q_min) else "inf (empty region)"
         thresholds = ", ".join(f"{names[k]}: {v:.4f}" for k, v in enumerate(cal.thresholds.tolist()))
+        for row in (r for r in report.rows if r["alpha"] == cal.alpha):
+            classes[row["class"]].update(
+                admitted=row["admitted"], admitted_fraction=row["admitted_fraction"], accuracy=row["accuracy"]
+            )
+        in_hr = high_reliability_mask(
+            cal.predicted_probability, cal.predictions, cal.rescaled_similarity, cal.q_min, cal.thresholds
+        )
+        right = int((in_hr & (cal.predictions == cal.labels)).sum())
+        overall = {"n": cal.size, "admitted": admitted, "accuracy": accuracy_or_none(right, admitted)}
     else:
         admission, report_md, q_min, thresholds = "not calibrated", "not calibrated", "-", "-"
     return SDMCardData(
@@ -83,10 +153,7 @@ def card_data(
         calibration_size=0 if cal is None else cal.size,
         admission=admission,
         report=report_md,
-        classes=[
-            {"index": k, "label": names[k], "support": support_counts[k], "calibration": cal_counts[k]}
-            for k in range(c)
-        ],
+        classes=classes,
         input_dim=config.input_dim,
         exemplar_dim=config.exemplar_dim,
         base_model=config.base_model,
@@ -97,13 +164,204 @@ def card_data(
         repo_hint=repo_hint or "path/or/repo-id",
         subfolder=subfolder,
         tags=sorted(set(tags)),
+        calibrated=cal is not None,
+        overall=overall,
     )
 
 
-def render_model_card(data: SDMCardData) -> ModelCard:
-    """The Hub model card (YAML metadata + markdown) of ``data``."""
-    metadata = ModelCardData(library_name="sdm_hf", tags=data.tags, base_model=data.base_model)
-    template = resources.files("sdm_hf").joinpath("model_cards/sdm_head.md").read_text(encoding="utf-8")
+def eval_results(data: SDMCardData, task_type: str = "text-classification") -> list[EvalResult]:
+    """The calibration results of ``data`` as Hub evaluation results (empty before calibration).
+
+    Per scope (all calibration points, then each true class ``c``): the HR admission rate
+    ``admitted / n`` (metric type ``coverage``) and, when anything is admitted, the HR accuracy
+    ``correct admitted / admitted`` (``accuracy``; class-conditional for a class), rounded to
+    4 decimals, each with ``metric_args`` ``{"alpha": alpha}`` (and ``"class": label``).
+    """
+    if not data.calibrated:
+        return []
+    common: dict[str, Any] = {
+        "task_type": task_type,
+        "task_name": CALIBRATION_TASK_NAME,
+        "dataset_type": CALIBRATION_DATASET_TYPE,
+        "dataset_name": CALIBRATION_DATASET_NAME,
+        "dataset_split": "calibration",
+    }
+    scopes = [(None, data.overall["n"], data.overall["admitted"], data.overall["accuracy"])]
+    scopes += [(row["label"], row["calibration"], row["admitted"], row["accuracy"]) for row in data.classes]
+    results = []
+    for label, n, admitted, accuracy in scopes:
+        args: dict[str, Any] = {"alpha": data.alpha} | ({} if label is None else {"class": label})
+        where = f" (class {label}, alpha={data.alpha})" if label is not None else f" (alpha={data.alpha})"
+        results.append(
+            EvalResult(
+                metric_type="coverage",
+                metric_value=round(admitted / n, 4) if n else 0.0,
+                metric_name="HR admission rate" + where,
+                metric_args=args,
+                **common,
+            )
+        )
+        if accuracy is not None:
+            results.append(
+                EvalResult(
+                    metric_type="accuracy",
+                    metric_value=round(accuracy, 4),
+                    metric_name="HR accuracy" + where,
+                    metric_args=args,
+                    **common,
+                )
+            )
+    return results
+
+
+def hub_base_model(name: str | None) -> str | None:
+    """``name`` when it can be a Hub model id (what the ``base_model`` metadata must hold), else
+    None: a local path would make the card's metadata invalid on the Hub."""
+    if not name or not looks_like_repo_id(name) or Path(name).expanduser().exists():
+        return None
+    return name
+
+
+def split_card_kwargs(model_card_kwargs: Mapping[str, Any] | None) -> tuple[dict, list[str], str | None, dict]:
+    """``model_card_kwargs`` as ``(metadata, extra tags, template_str, template variables)``:
+    the keys of :data:`CARD_METADATA_KEYS` set YAML metadata, ``tags`` (a string or a list of
+    strings) are added to the SDM tags, ``template_str`` replaces the packaged template, and
+    every other key is passed to the template as a variable (as huggingface_hub's mixin does)."""
+    kwargs = dict(model_card_kwargs or {})
+    tags = kwargs.pop("tags", None) or []
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    if not all(isinstance(t, str) for t in tags):
+        raise TypeError(f"model_card_kwargs['tags'] must be a string or a list of strings, got {tags!r}")
+    template_str = kwargs.pop("template_str", None)
+    if template_str is not None and not isinstance(template_str, str):
+        raise TypeError(f"model_card_kwargs['template_str'] must be a string, got {type(template_str).__name__}")
+    license_ = kwargs.get("license")
+    if license_ is not None and not isinstance(license_, str):
+        raise TypeError(f"model_card_kwargs['license'] must be a string (e.g. 'apache-2.0'), got {license_!r}")
+    metadata = {k: kwargs.pop(k) for k in CARD_METADATA_KEYS if k in kwargs and kwargs[k] is not None}
+    return metadata, tags, template_str, kwargs
+
+
+def _template(name: str) -> str:
+    return resources.files("sdm_hf").joinpath(f"model_cards/{name}").read_text(encoding="utf-8")
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def render_model_card(data: SDMCardData, **model_card_kwargs: Any) -> ModelCard:
+    """The head's own model card (YAML metadata + markdown) of ``data``.
+
+    ``model_card_kwargs`` (see :func:`split_card_kwargs`): ``license`` and the other
+    :data:`CARD_METADATA_KEYS` set metadata, ``tags`` are added, ``template_str`` replaces the
+    template, any other key is a template variable.
+    """
+    metadata, extra_tags, template_str, variables = split_card_kwargs(model_card_kwargs)
+    results = eval_results(data, task_type=metadata.get("pipeline_tag", "text-classification"))
+    if results:
+        metadata.setdefault("model_name", Path(data.repo_hint).name if data.repo_hint else data.title)
+    card_metadata = ModelCardData(
+        library_name="sdm_hf",
+        tags=_unique([*data.tags, *extra_tags]),
+        base_model=hub_base_model(data.base_model),
+        eval_results=results or None,
+        **metadata,
+    )
     values = asdict(data)
     values.pop("tags")
-    return ModelCard.from_template(metadata, template_str=template, **values)
+    values.update(variables)
+    return ModelCard.from_template(card_metadata, template_str=template_str or _template("sdm_head.md"), **values)
+
+
+def render_section(data: SDMCardData) -> str:
+    """The SDM section of a model's card (markdown between :data:`SECTION_START` and
+    :data:`SECTION_END`): alpha, HR admission, the per-class table, how to load the model and
+    the head, and a link to the head's own card in ``data.subfolder``."""
+    table = [
+        f"| {row['index']} | {row['label']} | {row['calibration']} | "
+        + (
+            f"{row['admitted']} ({row['admitted_fraction']:.1%}) | {format_accuracy(row['accuracy'])} |"
+            if data.calibrated
+            else "- | - |"
+        )
+        for row in data.classes
+    ]
+    # rendered through huggingface_hub (its jinja2 check and error messages); only the body is kept
+    card = ModelCard.from_template(
+        ModelCardData(), template_str=_template("sdm_section.md"), class_table="\n".join(table), **asdict(data)
+    )
+    body = card.text.strip()
+    return f"{SECTION_START}\n{body}\n{SECTION_END}\n"
+
+
+def _replace_section(text: str, section: str) -> str:
+    """``text`` with its SDM section replaced by ``section``, or ``section`` inserted after the
+    first top-level heading's paragraph (at the start when there is no heading)."""
+    starts, ends = text.count(SECTION_START), text.count(SECTION_END)
+    if starts or ends:
+        if starts != 1 or ends != 1 or text.index(SECTION_START) > text.index(SECTION_END):
+            raise ValueError(
+                f"the model card has {starts} SDM section start and {ends} end markers (expected one pair, in order); "
+                f"remove the damaged section ({SECTION_START!r} ... {SECTION_END!r}) from README.md and save again"
+            )
+        before, rest = text.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1]
+        return before + section.rstrip("\n") + after
+    lines = text.splitlines(keepends=True)
+    heading = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+    if heading is None:
+        return "\n" + section + "\n" + text.lstrip("\n")
+    end = heading + 1
+    while end < len(lines) and lines[end].strip() == "":
+        end += 1
+    while end < len(lines) and lines[end].strip() != "" and not lines[end].startswith("#"):
+        end += 1  # the heading's first paragraph (a summary line, a template comment) stays above
+    return "".join(lines[:end]).rstrip("\n") + "\n\n" + section + "\n" + "".join(lines[end:]).lstrip("\n")
+
+
+def merge_model_card(
+    existing: ModelCard | None,
+    data: SDMCardData,
+    *,
+    library_name: str = "sdm_hf",
+    title: str | None = None,
+    **model_card_kwargs: Any,
+) -> ModelCard:
+    """The card of a model repository that carries an SDM head in ``data.subfolder``.
+
+    With an ``existing`` card (the one the model's ``save_pretrained`` wrote, e.g. PEFT's, or
+    the one a previous save left): its metadata and body are kept (``library_name``,
+    ``base_model``, ``pipeline_tag``, ``license``, its tags such as
+    ``base_model:adapter:...``, its own evaluation results), the SDM tags are appended, the
+    SDM evaluation results replace those of a previous save, and the SDM section is inserted,
+    or replaced when the card already has one. Without one: a new card with ``library_name``,
+    the head's base model (when it is a Hub id), the SDM tags and results, a ``title``
+    heading and the section.
+
+    ``model_card_kwargs``: ``tags`` are added; ``license`` and the other
+    :data:`CARD_METADATA_KEYS` given explicitly replace the card's (never invented: without
+    one, the card's license is kept, or none is set); template variables are ignored here
+    (they belong to the head's own card).
+    """
+    metadata, extra_tags, _, _ = split_card_kwargs(model_card_kwargs)
+    if existing is None:
+        meta = ModelCardData(library_name=library_name, base_model=hub_base_model(data.base_model))
+        text = f"\n# {title or Path(data.repo_hint).name}\n\nA model with an SDM head (`sdm_hf`) beside it.\n"
+        card = ModelCard(f"---\n{meta.to_yaml()}\n---\n{text}")
+    else:
+        card = ModelCard(str(existing))  # a copy: the caller's card is left as it was
+    card_meta = card.data
+    if not isinstance(card_meta, ModelCardData):  # ModelCard always parses into ModelCardData
+        raise TypeError(f"expected a model card's metadata, got {type(card_meta).__name__}")
+    card_meta.tags = _unique([*(card_meta.tags or []), *HUB_TAGS, *extra_tags])
+    for key, value in metadata.items():
+        if key != "model_name":
+            card_meta[key] = value
+    kept = [r for r in (card_meta.eval_results or []) if r.dataset_type != CALIBRATION_DATASET_TYPE]
+    ours = eval_results(data, task_type=card_meta.pipeline_tag or "text-classification")
+    card_meta.eval_results = (kept + ours) or None
+    if card_meta.eval_results:
+        card_meta.model_name = metadata.get("model_name") or card_meta.model_name or Path(data.repo_hint).name
+    card.text = _replace_section(card.text, render_section(data))
+    return card

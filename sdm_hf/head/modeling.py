@@ -486,15 +486,13 @@ class SDMHead(
         head.selection = None if state.selection is None else dict(state.selection)
         return head
 
-    def generate_model_card(self, repo_hint: str | None = None, subfolder: str | None = None) -> ModelCard:
-        """The head's model card (Hub YAML metadata + calibration summary + the promise)."""
-        data = card_data(
-            self.config,
-            self.alpha,
-            None if self.support is None else self.support.labels,
-            self.calibration,
-            repo_hint=repo_hint,
-            subfolder=subfolder,
-            tags=self._hub_mixin_info.model_card_data.tags or HUB_TAGS,  # huggingface_hub adds its own tag
-        )
-        return render_model_card(data)
+    def generate_model_card(
+        self, repo_hint: str | None = None, subfolder: str | None = None, **model_card_kwargs: Any
+    ) -> ModelCard:
+        """The head's model card (Hub YAML metadata with the calibration results + summary + the
+        promise); ``model_card_kwargs`` (``license``, ``tags``, ...) as in
+        :func:`sdm_hf.head.model_card.render_model_card`. No license unless one is given."""
+        labels = None if self.support is None else self.support.labels
+        tags = self._hub_mixin_info.model_card_data.tags or HUB_TAGS  # huggingface_hub adds its own tag
+        data = card_data(self.config, self.alpha, labels, self.calibration, repo_hint, subfolder, tags)
+        return render_model_card(data, **model_card_kwargs)
