@@ -1,0 +1,284 @@
+"""The epoch machinery of :class:`~sdm_hf.lm.SDMTrainer`: document versions, online hard
+negatives and the verification heads (Schmaltz 2025, *Similarity-Distance-Magnitude Language
+Models*, arXiv:2510.26183, Sec. 3.2-3.4), as a mixin the trainer inherits.
+
+Every epoch begins by drawing each document's version (its positive with probability
+``gamma_pos``, else a negative), generating online hard negatives from
+``hard_negatives_from_epoch`` on (Sec. 3.3), and refitting the verification head on the
+documents split 50/50 (seeded per epoch; Sec. 3.2, "training set SDM estimator").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..head.modeling import SDMHead
+from .data import Document, VersionDataset
+from .distributed import broadcast_head, gather_lists, process_world
+from .encoding import ControlTokens, encode_example, generate_greedy, prefix_features
+from .state import SDMEpochState
+from .verification import fit_split_head
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .sdm_config import SDMTrainingArguments
+
+__all__ = ["SDMEpochMixin"]
+
+
+class SDMEpochMixin:
+    """Documents, their per-epoch versions, hard negatives and verification heads.
+
+    Mixed into :class:`~sdm_hf.lm.SDMTrainer`, which sets the attributes declared here."""
+
+    args: SDMTrainingArguments
+    model: torch.nn.Module
+    processing_class: PreTrainedTokenizerBase
+    accelerator: object
+    control_tokens: ControlTokens
+    verifier: Callable[[str, str], bool]
+    documents: list[Document]
+    eval_documents: list[Document] | None
+    epoch_state: SDMEpochState
+    epoch_log: list[dict]
+    head: SDMHead | None
+    _encoded: dict[tuple[int, str], dict]
+    _head_epoch: int | None
+    _loss_head: SDMHead | None
+    _loss_support_row: torch.Tensor | None
+    _train_versions: VersionDataset
+    _eval_versions: VersionDataset
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's (``processing_class``) padding id; the trainer sets it to eos if unset."""
+        return int(self.processing_class.pad_token_id)
+
+    @property
+    def hard_negatives(self) -> dict[int, list[str]]:
+        """This epoch's wrong generations per document id (suffix forced to No)."""
+        return self.epoch_state.hard_negatives
+
+    def _world(self) -> tuple[int, int]:
+        return process_world(getattr(self, "accelerator", None))
+
+    # -- documents and versions -----------------------------------------------------------
+    def _encode(self, doc: Document, text: str, positive: bool) -> dict:
+        key = (doc.id, text)
+        if key not in self._encoded:
+            row = encode_example(
+                self.processing_class, doc.prompt, text, positive, self.control_tokens, max_length=self.args.max_length
+            )
+            row["document_id"] = doc.id
+            row["text"] = text  # kept for checkpoints; the collator ignores it
+            self._encoded[key] = row
+        return self._encoded[key]
+
+    def _draw_versions(self, documents, rng, negatives_of) -> tuple[list[str], list[bool]]:
+        texts, rewards = [], []
+        for doc in documents:  # one random draw per document
+            pool = negatives_of(doc)
+            if not pool or rng.random() < self.args.gamma_pos:
+                texts.append(doc.positive)
+                rewards.append(True)
+            else:
+                texts.append(pool[int(rng.integers(len(pool)))])
+                rewards.append(False)
+        return texts, rewards
+
+    def start_epoch(self, epoch: int) -> None:
+        """Prepare ``epoch`` (0-based): :meth:`prepare_epoch_versions`, then
+        :meth:`refresh_verification_head`. Doing it twice for one epoch does nothing more."""
+        self.prepare_epoch_versions(epoch)
+        self.refresh_verification_head(epoch)
+
+    def prepare_epoch_versions(self, epoch: int) -> None:
+        """Draw each training document's version for ``epoch`` and generate hard negatives.
+
+        A document trains its positive with probability ``gamma_pos``, else one of its static
+        negatives drawn uniformly; from ``hard_negatives_from_epoch`` on, a document on the
+        negative branch is, with probability ``gamma_gen``, generated for greedily, and a
+        wrong generation (by the verifier) becomes a cached hard negative that replaces the
+        static negative with probability ``gamma_diversity`` (Schmaltz 2025, SDM language
+        models, Sec. 3.3). Every draw comes from one generator seeded by ``(seed, epoch)``.
+        The evaluation versions are drawn once, from their own seed. Appends the epoch's
+        ``epoch_log`` entry; a second call for the same epoch does nothing.
+        """
+        state = self.epoch_state
+        if state.prepared_epoch == epoch:
+            return
+        state.prepared_epoch = epoch
+        args = self.args
+        rng = np.random.default_rng([args.seed, epoch, 1])
+        state.previous_hard_negatives, state.hard_negatives = state.hard_negatives, {}
+        texts, rewards = self._draw_versions(self.documents, rng, lambda d: d.negatives)
+        generate = [
+            i
+            for i, positive in enumerate(rewards)
+            if not positive and epoch >= args.hard_negatives_from_epoch and rng.random() < args.gamma_gen
+        ]
+        started = time.perf_counter()
+        if generate:
+            self._generate_hard_negatives(generate, texts, rng)
+        generation_seconds = time.perf_counter() - started
+        state.versions = [(doc.id, text, positive) for doc, text, positive in zip(self.documents, texts, rewards)]
+        self._train_versions.rows = [self._encode(self.documents[i], t, r) for i, t, r in state.versions]
+        if self.eval_documents is not None and not self._eval_versions.rows:
+            eval_rng = np.random.default_rng([args.seed, 2])  # the same versions at every evaluation
+            e_texts, e_rewards = self._draw_versions(self.eval_documents, eval_rng, lambda d: d.negatives)
+            self._eval_versions.rows = [
+                self._encode(d, t, r) for d, t, r in zip(self.eval_documents, e_texts, e_rewards)
+            ]
+        self.epoch_log.append(
+            {
+                "epoch": epoch,
+                "generated": len(generate),
+                "hard_negatives": sum(len(v) for v in state.hard_negatives.values()),
+                "generation_seconds": generation_seconds,
+                "head_features_seconds": 0.0,
+                "head_fit_seconds": 0.0,
+            }
+        )
+
+    def refresh_verification_head(self, epoch: int) -> None:
+        """Refit the training-time verification head for ``epoch`` (with ``use_sdm_loss``).
+
+        Each document contributes one version, drawn as in :meth:`prepare_epoch_versions`
+        but from its own seed and with the previous epoch's hard negatives added to its
+        negatives; the head is fitted on the main process (:meth:`fit_verification_head`) and
+        broadcast to the others (Schmaltz 2025, SDM language models, Sec. 3.2). The timings
+        go into the epoch's ``epoch_log`` entry; a second call for the same epoch does nothing.
+
+        Raises:
+            ValueError: :meth:`prepare_epoch_versions` has not prepared ``epoch`` yet (the
+                head draws from the hard negatives it moves to the previous epoch's cache).
+        """
+        if self._head_epoch == epoch:
+            return
+        state = self.epoch_state
+        if state.prepared_epoch != epoch:
+            raise ValueError(
+                f"epoch {epoch} has no versions yet: call prepare_epoch_versions({epoch}) first "
+                f"(or start_epoch({epoch}), which does both)"
+            )
+        self._head_epoch = epoch
+        if not self.args.use_sdm_loss:
+            return
+        previous = state.previous_hard_negatives
+        head_rng = np.random.default_rng([self.args.seed, epoch, 3])
+        texts, rewards = self._draw_versions(self.documents, head_rng, lambda d: d.negatives + previous.get(d.id, []))
+        rows = [self._encode(d, t, r) for d, t, r in zip(self.documents, texts, rewards)]
+        head, support_row = None, torch.full((len(self.documents),), -1, dtype=torch.long)
+        timing: dict[str, float] = {}
+        world = self._world()
+        if world[0] == 0:  # trained once, on the main process, then broadcast
+            head, support_row = self.fit_verification_head(rows, seed=int(self.args.seed) * 1000 + epoch, timing=timing)
+        self.head, state.support_row = broadcast_head(head, support_row, world)
+        self._loss_head, self._loss_support_row = self.head, state.support_row
+        if self.epoch_log and self.epoch_log[-1]["epoch"] == epoch:
+            self.epoch_log[-1].update(timing)
+
+    def generate_completions(self, documents: list[Document]) -> list[str]:
+        """Greedy, batched, left-padded generation (KV cache on) from each document's prompt."""
+        return generate_greedy(
+            self.model,
+            self.processing_class,
+            [doc.prompt for doc in documents],
+            self.args.max_new_tokens,
+            self.args.per_device_eval_batch_size,
+        )
+
+    def wrong_generation(self, doc: Document, generation: str) -> str | None:
+        """The generation as a negative (suffix forced to No), or None when the verifier r
+        judges its content correct (a correct generation is never a negative)."""
+        content = self.control_tokens.remove_suffix(generation)
+        if self.verifier(self.control_tokens.remove_suffix(doc.positive), content):
+            return None
+        return self.control_tokens.add(content, False)
+
+    def _generate_hard_negatives(self, indices: list[int], texts: list[str], rng) -> None:
+        # With several processes each generates for its share and the results are merged, in
+        # document order, on every process, so the caches and the remaining draws agree.
+        world = self._world()
+        rank, size = world
+        mine = indices[rank::size]
+        generated = gather_lists(list(zip(mine, self.generate_completions([self.documents[i] for i in mine]))), world)
+        cache = self.epoch_state.hard_negatives
+        for i, generation in sorted(generated):
+            doc = self.documents[i]
+            negative = self.wrong_generation(doc, generation)
+            if negative is None:
+                continue
+            cache.setdefault(doc.id, []).append(negative)
+            if rng.random() < self.args.gamma_diversity:
+                texts[i] = negative
+
+    # -- verification head ----------------------------------------------------------------
+    def verification_features_of(self, rows: list[dict]) -> torch.Tensor:
+        """Verification-head features of encoded rows: each row cut after its ``p`` (the last
+        token of its final ``<verified>`` tag), pooled as ``concat(mean of hidden[0..p],
+        hidden[p])`` of the final layer, in eval mode. ``[N, 2H]`` float32 on CPU."""
+        ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
+        return prefix_features(
+            self.model, ids, self.pad_token_id, batch_size=max(1, self.args.per_device_eval_batch_size)
+        )
+
+    def fit_verification_head(
+        self, rows: list[dict], seed: int, timing: dict | None = None
+    ) -> tuple[SDMHead | None, torch.Tensor]:
+        """Fit a verification head on encoded ``rows`` (their ``reward`` is the label): the
+        features of :meth:`verification_features_of`, then
+        :func:`~sdm_hf.lm.verification.fit_split_head` (a seeded 50/50 split into the head's
+        own training and calibration halves) with this trainer's ``head_*`` settings.
+
+        Args:
+            rows: :func:`~sdm_hf.lm.encoding.encode_example` rows with ``document_id``.
+            seed: seeds the split and the fit.
+            timing: when given, receives ``head_features_seconds`` and ``head_fit_seconds``.
+
+        Returns:
+            ``(head or None, support_row)`` as :func:`~sdm_hf.lm.verification.fit_split_head`.
+        """
+        timing = timing if timing is not None else {}
+        started = time.perf_counter()
+        feats = self.verification_features_of(rows)
+        timing["head_features_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        labels = torch.tensor([r["reward"] for r in rows])
+        doc_ids = torch.tensor([r["document_id"] for r in rows])
+        base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        head, support_row = fit_split_head(feats, labels, doc_ids, self.args, seed, base_model=base_model)
+        if head is not None:
+            timing["head_fit_seconds"] = time.perf_counter() - started
+        return head, support_row
+
+    def build_final_head(self, generate: bool = True) -> SDMHead:
+        """The test-time verification head, fitted on the evaluation (calibration) documents
+        only: every positive, every static negative and, with ``generate``, every wrong greedy
+        generation as a further negative (gamma_gen = gamma_diversity = 1); Schmaltz 2025, SDM
+        language models, Sec. 3.4. It becomes ``self.head`` (saved by :meth:`save_sdm_model`)."""
+        if not self._eval_versions.rows or self.eval_documents is None:
+            raise ValueError("build_final_head needs eval_dataset (the calibration set)")
+        extra: dict[int, list[str]] = {}
+        if generate:
+            for doc, generation in zip(self.eval_documents, self.generate_completions(self.eval_documents)):
+                negative = self.wrong_generation(doc, generation)
+                if negative is not None:
+                    extra.setdefault(doc.id, []).append(negative)
+        rows = []
+        for doc in self.eval_documents:
+            rows.append(self._encode(doc, doc.positive, True))
+            rows.extend(self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, []))
+        rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
+        head, _ = self.fit_verification_head(rows, seed=int(self.args.seed) + 99)
+        if head is None:
+            raise ValueError("not enough positives and negatives in the evaluation set for a head")
+        self.final_head_generated_negatives = sum(len(v) for v in extra.values())
+        self.head = head
+        return head
