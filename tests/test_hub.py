@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http
 from transformers import AutoModel, BertConfig, BertModel
@@ -219,3 +220,114 @@ def test_a_failed_write_creates_nothing_on_the_hub(monkeypatch):
     with pytest.raises(ValueError, match="could not be saved"):
         head_hub.upload_folder(write, "me/repo", commit_message="x")
     assert calls == []
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records create_repo / upload_folder and what the
+    uploaded folder held (read during the call, before the temporary folder is removed)."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.calls.append(("init", {"token": token}))
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        return type("Repo", (), {"repo_id": kwargs["repo_id"]})()
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.calls.append(("upload_folder", kwargs | {"files": files}))
+        return type("Info", (), {"commit_url": "https://huggingface.co/me/repo/commit/1"})()
+
+
+@pytest.fixture
+def recording_api(monkeypatch):
+    from sdm_hf.head import hub as head_hub
+
+    RecordingApi.calls = []
+    monkeypatch.setattr(head_hub, "HfApi", RecordingApi)
+    return RecordingApi.calls
+
+
+PUSH_ARGS = {
+    "private": True,
+    "branch": "dev",
+    "create_pr": True,
+    "allow_patterns": ["*.json", "*.md", "*.safetensors"],
+    "ignore_patterns": "*.tmp",
+    "delete_patterns": ["old/*"],
+}
+
+
+def _call(calls, name):
+    return next(kwargs for what, kwargs in calls if what == name)
+
+
+def test_head_push_forwards_the_hub_mixin_arguments(recording_api):
+    head, _ = tiny_head()
+    url = head.push_to_hub(
+        "me/repo",
+        subfolder="sdm_head",
+        commit_message="hi",
+        token="hf_fake",
+        model_card_kwargs={"license": "mit", "tags": ["demo"], "language": "en"},
+        **PUSH_ARGS,
+    )
+    assert url.endswith("/commit/1")
+    assert _call(recording_api, "init") == {"token": "hf_fake"}
+    assert _call(recording_api, "create_repo") == {"repo_id": "me/repo", "private": True, "exist_ok": True}
+    upload = _call(recording_api, "upload_folder")
+    assert upload["path_in_repo"] == "sdm_head" and upload["commit_message"] == "hi"
+    assert upload["revision"] == "dev" and upload["create_pr"] is True
+    for key in ("allow_patterns", "ignore_patterns", "delete_patterns"):
+        assert upload[key] == PUSH_ARGS[key], key
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert card.data.license == "mit" and card.data.language == "en" and "demo" in card.data.tags
+    assert "sdm" in card.data.tags
+
+
+def test_save_pretrained_then_push_forwards_the_same(recording_api, tmp_path):
+    head, _ = tiny_head()
+    head.save_pretrained(
+        tmp_path / "h", push_to_hub=True, repo_id="me/h", model_card_kwargs={"license": "mit"}, **PUSH_ARGS
+    )
+    assert ModelCard.load(tmp_path / "h" / "README.md").data.license == "mit"
+    upload = _call(recording_api, "upload_folder")
+    assert upload["repo_id"] == "me/h" and upload["delete_patterns"] == ["old/*"] and upload["revision"] == "dev"
+    assert ModelCard(upload["files"]["README.md"].decode()).data.license == "mit"
+    with pytest.raises(ValueError, match="SDMConfig"):
+        head.push_to_hub("me/h", config={"alpha": 0.5})
+    with pytest.raises(ValueError, match="SDMConfig"):
+        head.save_pretrained(tmp_path / "h2", config={"alpha": 0.5})
+
+
+def test_push_sdm_model_forwards_the_hub_mixin_arguments(recording_api):
+    model, (head, _) = tiny_bert(), tiny_head()
+    push_sdm_model(
+        model,
+        head,
+        "me/model",
+        token="hf_fake",
+        license="apache-2.0",
+        model_card_kwargs={"tags": ["demo"]},
+        **PUSH_ARGS,
+    )
+    assert _call(recording_api, "create_repo")["private"] is True
+    upload = _call(recording_api, "upload_folder")
+    assert upload["path_in_repo"] is None and upload["create_pr"] is True and upload["revision"] == "dev"
+    for key in ("allow_patterns", "ignore_patterns", "delete_patterns"):
+        assert upload[key] == PUSH_ARGS[key], key
+    root = ModelCard(upload["files"]["README.md"].decode())
+    assert root.data.license == "apache-2.0" and root.data.tags[-1] == "demo" and "sdm" in root.data.tags
+    assert ModelCard(upload["files"]["sdm_head/README.md"].decode()).data.license == "apache-2.0"
+
+
+def test_push_patterns_filter_what_is_committed(fake_hub):
+    hub = fake_hub()
+    model, (head, _) = tiny_bert(), tiny_head()
+    push_sdm_model(model, head, "user/repo", token="hf_fake", allow_patterns=["sdm_head/*"], ignore_patterns="*.md")
+    assert sorted(_uploaded(hub.commits[0])) == ["sdm_head/config.json", "sdm_head/model.safetensors"]
+    head.push_to_hub("user/repo", token="hf_fake", ignore_patterns=["README.md"])
+    assert sorted(_uploaded(hub.commits[1])) == ["config.json", "model.safetensors"]
