@@ -17,8 +17,10 @@ here when they are given ``distributed=True`` in a run of several processes; wit
 * :func:`launched_processes`: how many processes this run was launched with, without creating
   any state (``torch.distributed``'s world when it is initialised, else ``WORLD_SIZE``).
 
-A failure in one process's shard is raised in every process (the failing one re-raises its own
-error, the others a RuntimeError naming it), so no process is left waiting in a collective.
+Every process must make the same calls (a call on the main process alone waits for the others
+forever). A failure in one process's shard is raised in every process (the failing one re-raises
+its own error, the others a RuntimeError naming it), so no process is left waiting in a
+collective. Warnings (e.g. about truncated texts) are each process's own, about its shard.
 """
 
 from __future__ import annotations
@@ -124,12 +126,13 @@ def features_across_processes(
     if world == 1:
         return compute(texts, progress, run_on)
     n = len(texts)
-    by_length = sorted(range(n), key=lambda i: -len(texts[i]))  # stable: ties keep the input order
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+    by_length = torch.argsort(lengths, descending=True, stable=True)  # ties keep the input order
     # process p's shard is by_length[p::world]; laid end to end, accelerate's contiguous split
     # (the first n % world processes one longer) hands exactly these to each process
-    dealt = [by_length[i] for p in range(world) for i in range(p, n, world)]
+    dealt = torch.cat([by_length[p::world] for p in range(world)])
     with state.split_between_processes(dealt) as shard:
-        mine = list(shard)
+        mine = shard.tolist()
     local: torch.Tensor | None = None
     error: Exception | None = None
     try:
@@ -167,7 +170,7 @@ def features_across_processes(
     longest = padded.shape[0]
     rows = torch.cat([torch.arange(p * longest, p * longest + s[1]) for p, s in enumerate(statuses)])
     result = torch.empty(n, dim)
-    result[torch.as_tensor(dealt, dtype=torch.long)] = everything[rows]
+    result[dealt] = everything[rows]
     return result
 
 
