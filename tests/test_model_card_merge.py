@@ -194,3 +194,21 @@ def test_card_without_a_heading_gets_the_section_first(small_head):
     merged = merge_model_card(ModelCard("---\nlibrary_name: peft\n---\nJust text.\n"), data)
     assert merged.text.index(SECTION_START) < merged.text.index("Just text.")
     assert 'subfolder="heads/a"' in merged.text and "(heads/a/README.md)" in merged.text
+
+
+def test_trainer_card_with_an_empty_model_index_stays_valid(tmp_path):
+    from sdm_hf import SDMConfig
+
+    cfg = SDMConfig(input_dim=4)
+    data = card_data(cfg, cfg.alpha, None, None, repo_hint="out", subfolder="sdm_head")
+    trainer_card = ModelCard(
+        "---\nlibrary_name: transformers\nlicense: apache-2.0\ntags:\n- generated_from_trainer\n"
+        "model-index:\n- name: out\n  results: []\n---\n\n"
+        "# out\n\nThis model is a fine-tuned version of x.\n\n## Training\n"
+    )
+    merged = ModelCard(str(merge_model_card(trainer_card, data)))
+    assert merged.data.to_dict()["model-index"] == [{"name": "out", "results": []}]
+    assert "model_name" not in merged.data.to_dict() and merged.data.license == "apache-2.0"
+    assert merged.data.tags == ["generated_from_trainer", *SDM_TAGS]
+    text = merged.text
+    assert text.index("fine-tuned version of x.") < text.index(SECTION_START) < text.index("## Training")

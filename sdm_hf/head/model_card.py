@@ -360,7 +360,10 @@ def merge_model_card(
             card_meta[key] = value
     kept = [r for r in (card_meta.eval_results or []) if r.dataset_type != CALIBRATION_DATASET_TYPE]
     ours = eval_results(data, task_type=card_meta.pipeline_tag or "text-classification")
-    card_meta.eval_results = (kept + ours) or None
+    merged = kept + ours
+    # a card with an empty model-index (a Trainer writes one) keeps it: dropping it would turn its
+    # name into a stray top-level `model_name` key
+    card_meta.eval_results = merged if merged or card_meta.eval_results is not None else None
     if card_meta.eval_results:
         card_meta.model_name = metadata.get("model_name") or card_meta.model_name or Path(data.repo_hint).name
     card.text = _replace_section(card.text, render_section(data))
