@@ -14,7 +14,9 @@ projection (for Gemma 3, 262k logits per token) is never computed. For an interm
 a decoder-layer stack the forward pass stops right after that layer.
 
 It also accepts a ``sentence_transformers.SentenceTransformer`` (``tokenizer=None``), whose own
-pooling then applies. Texts may be a list, a tuple or a ``datasets`` column.
+pooling then applies. Texts may be a list, a tuple or a ``datasets`` column. With
+``distributed=True`` the processes of an ``accelerate launch`` run share the texts
+(:mod:`sdm_hf.distributed_features`).
 """
 
 from __future__ import annotations
