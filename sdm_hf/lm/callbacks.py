@@ -61,7 +61,9 @@ class HeadRefreshCallback(TrainerCallback):
     """At each epoch start, after :class:`HardNegativeCallback`,
     :meth:`SDMTrainer.refresh_verification_head
     <sdm_hf.lm.SDMTrainer.refresh_verification_head>`: the training-time verification head
-    is refitted on the current model's features, so the loss's ``beta`` follows the model.
+    is refitted on the current model's features, so the loss's ``beta`` follows the model;
+    then the epoch's figures go through ``Trainer.log``
+    (:meth:`~sdm_hf.lm.SDMTrainer.log_epoch_refresh`).
 
     Args:
         trainer: the :class:`~sdm_hf.lm.SDMTrainer` whose head it refreshes.
@@ -73,4 +75,6 @@ class HeadRefreshCallback(TrainerCallback):
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.trainer.refresh_verification_head(epoch_index(state))
+        epoch = epoch_index(state)
+        self.trainer.refresh_verification_head(epoch)
+        self.trainer.log_epoch_refresh(epoch)

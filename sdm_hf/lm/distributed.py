@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +21,7 @@ from ..persistence import state_from_bytes, state_to_bytes
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["broadcast_bytes", "broadcast_head", "gather_bytes", "gather_lists", "process_world"]
+__all__ = ["broadcast_bytes", "broadcast_head", "broadcast_json", "gather_bytes", "gather_lists", "process_world"]
 
 
 def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
@@ -135,3 +135,12 @@ def broadcast_head(
     head = SDMHead.from_state(state_from_bytes(data, "<broadcast head>"), device="cpu")
     head.compute_training_distance_lists()
     return head, torch.tensor(json.loads(rows), dtype=torch.long)
+
+
+def broadcast_json(value: Any, world: tuple[int, int]) -> Any:
+    """Rank 0's JSON-serialisable ``value`` on every process (the others' are ignored)."""
+    rank, size = world
+    if size == 1:
+        return value
+    data = broadcast_bytes(json.dumps(value).encode("utf-8") if rank == 0 else None, world)
+    return json.loads(data)

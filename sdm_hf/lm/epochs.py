@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..head.modeling import SDMHead
 from .data import Document, VersionDataset
-from .distributed import broadcast_head, gather_lists, process_world
+from .distributed import broadcast_head, broadcast_json, gather_lists, process_world
 from .encoding import ControlTokens, encode_example, generate_greedy, prefix_features
 from .state import SDMEpochState
-from .verification import fit_split_head
+from .verification import fit_split_head, head_metrics
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,7 +40,7 @@ class SDMEpochMixin:
     args: SDMTrainingArguments
     model: torch.nn.Module
     processing_class: PreTrainedTokenizerBase
-    accelerator: object
+    accelerator: Any
     control_tokens: ControlTokens
     verifier: Callable[[str, str], bool]
     documents: list[Document]
@@ -50,6 +50,7 @@ class SDMEpochMixin:
     head: SDMHead | None
     _encoded: dict[tuple[int, str], dict]
     _head_epoch: int | None
+    _logged_epochs: set[int]
     _loss_head: SDMHead | None
     _loss_support_row: torch.Tensor | None
     _train_versions: VersionDataset
@@ -179,10 +180,26 @@ class SDMEpochMixin:
         world = self._world()
         if world[0] == 0:  # trained once, on the main process, then broadcast
             head, support_row = self.fit_verification_head(rows, seed=int(self.args.seed) * 1000 + epoch, timing=timing)
+            if head is not None:
+                timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
         self.head, state.support_row = broadcast_head(head, support_row, world)
+        timing = broadcast_json(timing, world)  # every process logs the same figures
         self._loss_head, self._loss_support_row = self.head, state.support_row
         if self.epoch_log and self.epoch_log[-1]["epoch"] == epoch:
             self.epoch_log[-1].update(timing)
+
+    def log_epoch_refresh(self, epoch: int) -> None:
+        """Send ``epoch``'s ``epoch_log`` entry through ``Trainer.log`` (so TensorBoard, W&B and
+        ``state.log_history`` get it), keys prefixed ``sdm/``: ``generated``, ``hard_negatives``,
+        ``generation_seconds``, ``head_features_seconds``, ``head_fit_seconds`` and, after a
+        head fit, ``head_calibration_loss``, ``head_calibration_accuracy``, ``head_q_min`` (-1:
+        empty high-reliability region) and ``head_hr_admission``. Once per epoch."""
+        entry = next((e for e in reversed(self.epoch_log) if e["epoch"] == epoch), None)
+        if entry is None or epoch in self._logged_epochs:
+            return
+        self._logged_epochs.add(epoch)
+        trainer: Any = self  # Trainer.log, of the trainer this is mixed into
+        trainer.log({f"sdm/{k}": float(v) for k, v in entry.items() if k != "epoch"})
 
     def generate_completions(self, documents: list[Document]) -> list[str]:
         """Greedy, batched, left-padded generation (KV cache on) from each document's prompt."""

@@ -127,6 +127,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         )  # fmt: skip
         self.epoch_state = SDMEpochState()
         self._head_epoch: int | None = None
+        self._logged_epochs: set[int] = set()
         self.head: SDMHead | None = None
         # what compute_loss uses: the epoch's head, or the evaluation head while evaluating
         self._loss_head: SDMHead | None = None
@@ -185,6 +186,13 @@ class SDMTrainer(SDMEpochMixin, Trainer):
             out = head.predict(feats.float().cpu(), support_rows=support)
             beta = (2.0 + out.probabilities.gather(1, reward.cpu().view(-1, 1)).squeeze(1)).to(beta.device)
         loss = sdm_next_token_loss(outputs.logits, labels, beta, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is then the token count summed over every process, and the
+            # gradients are averaged over processes: scaled as the Trainer scales its own loss,
+            # the step equals that of one process over the same global batch
+            loss = loss * (
+                self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            )
         return (loss, outputs) if return_outputs else loss
 
     # -- evaluation -----------------------------------------------------------------------
@@ -231,6 +239,8 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         # the epoch's SDM state (document versions, hard-negative caches, support rows), so
         # that resume_from_checkpoint continues exactly.
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:  # transformers calls _save on every process; one writes
+            return
         folder = Path(output_dir or self.args.output_dir or ".")
         if self.head is not None:
             self.head.save_pretrained(folder / "sdm_head")

@@ -9,6 +9,7 @@ Sec. 3.2 and App. A.1).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from ..head.modeling import SDMHead
 if TYPE_CHECKING:
     from .sdm_config import SDMTrainingArguments
 
-__all__ = ["fit_split_head"]
+__all__ = ["fit_split_head", "head_metrics"]
 
 
 def fit_split_head(
@@ -93,3 +94,25 @@ def fit_split_head(
     support_row[document_ids[train_idx]] = torch.arange(half)
     head.compute_training_distance_lists()
     return head, support_row
+
+
+def head_metrics(head: SDMHead) -> dict[str, float]:
+    """What a verification head's fit and calibration say, as loggable floats: the selected
+    state's balanced calibration SDM loss and calibration accuracy (of its own 50/50 split),
+    ``q_min`` (-1 when the high-reliability region is empty, q'_min = inf) and the share of
+    calibration documents in that region."""
+    rows = head.calibration_report(alphas=()).rows
+    n = sum(r["n"] for r in rows)
+    selection = getattr(head, "selection", None) or {}
+    history = getattr(head, "training_history", None) or []
+    key = (selection.get("shuffle"), selection.get("epoch"))
+    chosen: dict = next((h for h in history if (h.get("shuffle"), h.get("epoch")) == key), {})
+    metrics = {
+        "q_min": float(head.q_min) if math.isfinite(head.q_min) else -1.0,
+        "hr_admission": sum(r["admitted"] for r in rows) / max(n, 1),
+    }
+    if "calibration_loss" in selection:
+        metrics["calibration_loss"] = float(selection["calibration_loss"])
+    if "calibration_accuracy" in chosen:
+        metrics["calibration_accuracy"] = float(chosen["calibration_accuracy"])
+    return metrics

@@ -53,3 +53,41 @@ def test_two_processes_share_one_head_and_one_cache(tmp_path):
     assert r0["epoch0_head"] == single["epoch0_head"]
     assert r0["generated"][0] == single["generated"][0] == 0 and r0["generated"][1] > 0
     assert r0["loss_finite"] and r1["loss_finite"]
+
+
+BATCH_WORKER = Path(__file__).resolve().parent / "global_batch_worker.py"
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_take_the_same_steps_and_one_writes(tmp_path):
+    """The same global batch (8 = 1 x 8 = 2 x 4): equal logged losses and gradient norms,
+    equal heads, the per-epoch refresh figures in the log history, and the head written by
+    one process only."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]):
+        res = subprocess.run(
+            [sys.executable, *launcher, str(BATCH_WORKER), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-8000:]
+    single, r0, r1 = (
+        json.loads((tmp_path / f"batch_{name}.json").read_text()) for name in ("rank0_of1", "rank0_of2", "rank1_of2")
+    )
+    assert len(single["losses"]) == 8 and len(single["grad_norms"]) == 8  # 2 epochs x 4 steps
+    for run in (r0, r1):
+        assert run["losses"] == pytest.approx(single["losses"], rel=1e-4)
+        assert run["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
+        assert run["epoch0_head"] == single["epoch0_head"]
+        assert run["epoch1_head"] == pytest.approx(single["epoch1_head"], rel=1e-4)
+    assert (single["head_writes"], r0["head_writes"], r1["head_writes"]) == (2, 2, 0)  # checkpoint + final
+    for run in (single, r0, r1):
+        logged = run["refresh_logs"]
+        assert [e["epoch"] for e in logged] == [0, 1]
+        assert {"sdm/head_q_min", "sdm/head_hr_admission", "sdm/head_calibration_loss", "sdm/head_fit_seconds"} <= set(
+            logged[0]
+        )
+    assert r0["refresh_logs"][1]["sdm/head_calibration_loss"] == r1["refresh_logs"][1]["sdm/head_calibration_loss"]
