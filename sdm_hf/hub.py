@@ -86,7 +86,8 @@ def save_sdm_model(
     Args:
         license: the license id for the cards (e.g. ``"apache-2.0"``); None keeps the model
             card's license (or sets none): sdm_hf never chooses a license for a model.
-        model_card_kwargs: ``tags`` (added), ``language``, ``datasets``, ... for both cards;
+        model_card_kwargs: ``tags`` (added), ``language``, ``datasets``, ... for both cards,
+            ``repo_hint`` (the name the loading snippets use; default: the folder's name);
             other keys are template variables of the head's card.
 
     Records the model's name in the head's config when it has none.
@@ -105,6 +106,7 @@ def save_sdm_model(
         tokenizer.save_pretrained(root)
     existing = read_card(root / CARD_NAME)
     card_kwargs = dict(model_card_kwargs or {})
+    repo_hint = str(card_kwargs.pop("repo_hint", None) or root.name)  # the name the cards' loading snippets use
     if license is not None:
         card_kwargs["license"] = license
     data = card_data(
@@ -112,14 +114,14 @@ def save_sdm_model(
         head.alpha,
         None if head.support is None else head.support.labels,
         head.calibration,
-        repo_hint=root.name,
+        repo_hint=repo_hint,
         subfolder=subfolder,
     )
     card = merge_model_card(existing, data, library_name=root_library(model), **card_kwargs)
     if card.data.get("license") is not None:  # the head's card states the repository's license, never another
         card_kwargs["license"] = card.data.get("license")
     head.save_pretrained(
-        root / subfolder, model_card_kwargs=card_kwargs | {"repo_hint": root.name, "subfolder": subfolder}
+        root / subfolder, model_card_kwargs=card_kwargs | {"repo_hint": repo_hint, "subfolder": subfolder}
     )
     card.save(root / CARD_NAME)
     return root
@@ -219,7 +221,7 @@ def push_sdm_model(
             tokenizer=tokenizer,
             subfolder=subfolder,
             license=license,
-            model_card_kwargs=model_card_kwargs,
+            model_card_kwargs={"repo_hint": repo_id} | (model_card_kwargs or {}),
         ),
         repo_id,
         commit_message=commit_message,

@@ -286,6 +286,7 @@ def test_head_push_forwards_the_hub_mixin_arguments(recording_api):
     card = ModelCard(upload["files"]["README.md"].decode())
     assert card.data.license == "mit" and card.data.language == "en" and "demo" in card.data.tags
     assert "sdm" in card.data.tags
+    assert 'SDMHead.from_pretrained("me/repo", subfolder="sdm_head")' in card.text  # names where it was pushed
 
 
 def test_save_pretrained_then_push_forwards_the_same(recording_api, tmp_path):
@@ -321,7 +322,10 @@ def test_push_sdm_model_forwards_the_hub_mixin_arguments(recording_api):
         assert upload[key] == PUSH_ARGS[key], key
     root = ModelCard(upload["files"]["README.md"].decode())
     assert root.data.license == "apache-2.0" and root.data.tags[-1] == "demo" and "sdm" in root.data.tags
-    assert ModelCard(upload["files"]["sdm_head/README.md"].decode()).data.license == "apache-2.0"
+    assert 'load_sdm_model("me/model")' in root.text and root.data.model_name == "model"
+    head_card = ModelCard(upload["files"]["sdm_head/README.md"].decode())
+    assert head_card.data.license == "apache-2.0"
+    assert 'SDMHead.from_pretrained("me/model", subfolder="sdm_head")' in head_card.text
 
 
 def test_push_patterns_filter_what_is_committed(fake_hub):

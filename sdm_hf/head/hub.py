@@ -220,7 +220,9 @@ class SDMHubMixin(ModelHubMixin):
             The commit URL when ``push_to_hub=True``, else None.
         """
         reject_config(config)
-        card = str(self.generate_model_card(**(model_card_kwargs or {})))
+        # the card's loading snippet names this folder unless told otherwise (push_to_hub names the repo)
+        card_kwargs = {"repo_hint": str(save_directory)} | (model_card_kwargs or {})
+        card = str(self.generate_model_card(**card_kwargs))
         target = save_state(self.to_state(copy=False), card, save_directory, overwrite_foreign)
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, model_card_kwargs=model_card_kwargs, **push_kwargs)
@@ -304,7 +306,9 @@ class SDMHubMixin(ModelHubMixin):
         """
         reject_config(config)
         return upload_folder(
-            lambda folder: self.save_pretrained(folder, model_card_kwargs=model_card_kwargs),
+            lambda folder: self.save_pretrained(
+                folder, model_card_kwargs={"repo_hint": repo_id, "subfolder": subfolder} | (model_card_kwargs or {})
+            ),
             repo_id,
             path_in_repo=subfolder,
             commit_message=commit_message,

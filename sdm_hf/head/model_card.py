@@ -65,6 +65,7 @@ SECTION_END = "<!-- sdm_hf:section:end -->"
 CALIBRATION_DATASET_TYPE = "sdm-calibration-split"
 CALIBRATION_TASK_NAME = "Selective classification (SDM high-reliability region)"
 CALIBRATION_DATASET_NAME = "Calibration split (in-sample for the HR thresholds; not a test estimate)"
+REPO_PLACEHOLDER = "path/or/repo-id"  # the loading snippet's name when the card is not told where it lives
 # model_card_kwargs that set YAML metadata; every other key is a template variable
 CARD_METADATA_KEYS = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag", "model_name")
 
@@ -98,7 +99,7 @@ class SDMCardData:
     feature_pooling: str | None = None
     feature_layer: int | None = None
     feature_max_length: int | None = None
-    repo_hint: str = "path/or/repo-id"
+    repo_hint: str = REPO_PLACEHOLDER
     subfolder: str | None = None
     tags: list[str] = field(default_factory=lambda: sorted(HUB_TAGS))
     calibrated: bool = False
@@ -161,7 +162,7 @@ def card_data(
         feature_pooling=config.feature_pooling,
         feature_layer=config.feature_layer,
         feature_max_length=config.feature_max_length,
-        repo_hint=repo_hint or "path/or/repo-id",
+        repo_hint=repo_hint or REPO_PLACEHOLDER,
         subfolder=subfolder,
         tags=sorted(set(tags)),
         calibrated=cal is not None,
@@ -260,7 +261,9 @@ def render_model_card(data: SDMCardData, **model_card_kwargs: Any) -> ModelCard:
     metadata, extra_tags, template_str, variables = split_card_kwargs(model_card_kwargs)
     results = eval_results(data, task_type=metadata.get("pipeline_tag", "text-classification"))
     if results:
-        metadata.setdefault("model_name", Path(data.repo_hint).name if data.repo_hint else data.title)
+        metadata.setdefault(
+            "model_name", data.title if data.repo_hint == REPO_PLACEHOLDER else Path(data.repo_hint).name
+        )
     card_metadata = ModelCardData(
         library_name="sdm_hf",
         tags=_unique([*data.tags, *extra_tags]),
