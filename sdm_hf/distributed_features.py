@@ -35,7 +35,14 @@ import torch
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-__all__ = ["features_across_processes", "launched_processes", "main_process_cached", "process_state", "texts_sha256"]
+__all__ = [
+    "features_across_processes",
+    "launched_processes",
+    "main_process_cached",
+    "process_state",
+    "shard_order",
+    "texts_sha256",
+]
 
 ShardFeatures = Callable[[list[str], bool, str | torch.device | None], torch.Tensor]
 
@@ -92,6 +99,19 @@ def _failure(statuses: list[tuple]) -> tuple[int, str] | None:
     return None
 
 
+def shard_order(texts: list[str], world: int) -> torch.Tensor:
+    """``[N]`` long tensor: the text indices, process 0's shard first, then process 1's, ...
+
+    Process ``p``'s shard is ``by_length[p::world]``, where ``by_length`` sorts the texts by
+    length, longest first (ties in input order): every process gets a similar mix of lengths.
+    Laid end to end, accelerate's ``split_between_processes`` (contiguous, the first
+    ``N % world`` processes one longer) hands exactly these shards out.
+    """
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+    by_length = torch.argsort(lengths, descending=True, stable=True)
+    return torch.cat([by_length[p::world] for p in range(world)])
+
+
 def features_across_processes(
     texts: list[str],
     compute: ShardFeatures,
@@ -126,11 +146,7 @@ def features_across_processes(
     if world == 1:
         return compute(texts, progress, run_on)
     n = len(texts)
-    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
-    by_length = torch.argsort(lengths, descending=True, stable=True)  # ties keep the input order
-    # process p's shard is by_length[p::world]; laid end to end, accelerate's contiguous split
-    # (the first n % world processes one longer) hands exactly these to each process
-    dealt = torch.cat([by_length[p::world] for p in range(world)])
+    dealt = shard_order(texts, world)
     with state.split_between_processes(dealt) as shard:
         mine = shard.tolist()
     local: torch.Tensor | None = None

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdm_hf.distributed_features as distributed_features
-from sdm_hf.distributed_features import launched_processes, texts_sha256
+from sdm_hf.distributed_features import launched_processes, shard_order, texts_sha256
 from sdm_hf.feature_cache import cached_features
 from sdm_hf.features import extract_features
 from tests.features_distributed_worker import TEXTS, tiny_bert
@@ -59,6 +59,22 @@ def test_texts_hash_sees_boundaries_and_order():
     assert texts_sha256(["ab", "c"]) != texts_sha256(["a", "bc"])
     assert texts_sha256(["a", "b"]) != texts_sha256(["b", "a"])
     assert texts_sha256(["a"]) == texts_sha256(["a"])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_accelerates_split_of_the_shard_order_deals_by_length(world):
+    from accelerate import PartialState
+
+    for n in range(1, 14):
+        texts = [("x" * ((7 * i) % 5)) for i in range(n)]  # lengths with ties
+        by_length = sorted(range(n), key=lambda i: -len(texts[i]))  # stable
+        order = shard_order(texts, world)
+        shards = []
+        for rank in range(world):  # accelerate's own split, as process `rank` of `world` runs it
+            process = type("Process", (), {"num_processes": world, "process_index": rank})()
+            with PartialState.split_between_processes(process, order) as shard:
+                shards.append(shard.tolist())
+        assert shards == [by_length[rank::world] for rank in range(world)], (n, world)
 
 
 def _free_port() -> int:
