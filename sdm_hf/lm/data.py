@@ -50,6 +50,21 @@ def _content(value, column: str, row: int) -> str:
     raise ValueError(f"row {row}: column {column!r} must be a string or a list of messages")
 
 
+def _prompt(value, row: int) -> Prompt:
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+    ):
+        return value
+    raise ValueError(
+        f"row {row}: column 'prompt' must be a string or a non-empty list of messages "
+        f"({{'role': ..., 'content': str}}), got {type(value).__name__}"
+    )
+
+
 def _with_suffix(text: str, verified: bool, control: ControlTokens, append: bool, row: int) -> str:
     if control.decision(text) == verified:
         return text
@@ -90,7 +105,7 @@ def prepare_documents(
             documents.append(
                 Document(
                     id=len(documents),
-                    prompt=row["prompt"],
+                    prompt=_prompt(row["prompt"], i),
                     positive=_with_suffix(_content(row["chosen"], "chosen", i), True, control, append_control, i),
                     negatives=[
                         _with_suffix(_content(row["rejected"], "rejected", i), False, control, append_control, i)
@@ -100,8 +115,11 @@ def prepare_documents(
         return documents, []
     groups: dict[str, dict] = {}
     for i, row in enumerate(dataset):
-        key = json.dumps(row["prompt"], sort_keys=True)
-        group = groups.setdefault(key, {"prompt": row["prompt"], "pos": [], "neg": []})
+        prompt = _prompt(row["prompt"], i)
+        key = json.dumps(prompt, sort_keys=True)
+        group = groups.setdefault(key, {"prompt": prompt, "pos": [], "neg": []})
+        if not isinstance(row["label"], (bool, int)) or row["label"] not in (0, 1):
+            raise ValueError(f"row {i}: column 'label' must be a bool (or 0/1), got {row['label']!r}")
         verified = bool(row["label"])
         text = _with_suffix(_content(row["completion"], "completion", i), verified, control, append_control, i)
         group["pos" if verified else "neg"].append(text)

@@ -45,6 +45,7 @@ class SDMEpochMixin:
     verifier: Callable[[str, str], bool]
     documents: list[Document]
     eval_documents: list[Document] | None
+    eval_sets: dict[str, list[Document]]
     epoch_state: SDMEpochState
     epoch_log: list[dict]
     head: SDMHead | None
@@ -55,6 +56,7 @@ class SDMEpochMixin:
     _loss_support_row: torch.Tensor | None
     _train_versions: VersionDataset
     _eval_versions: VersionDataset
+    _eval_version_sets: dict[str, VersionDataset]
 
     @property
     def pad_token_id(self) -> int:
@@ -130,12 +132,9 @@ class SDMEpochMixin:
         generation_seconds = time.perf_counter() - started
         state.versions = [(doc.id, text, positive) for doc, text, positive in zip(self.documents, texts, rewards)]
         self._train_versions.rows = [self._encode(self.documents[i], t, r) for i, t, r in state.versions]
-        if self.eval_documents is not None and not self._eval_versions.rows:
-            eval_rng = np.random.default_rng([args.seed, 2])  # the same versions at every evaluation
-            e_texts, e_rewards = self._draw_versions(self.eval_documents, eval_rng, lambda d: d.negatives)
-            self._eval_versions.rows = [
-                self._encode(d, t, r) for d, t, r in zip(self.eval_documents, e_texts, e_rewards)
-            ]
+        for name, documents in self.eval_sets.items():
+            if not self._eval_version_sets[name].rows:
+                self._eval_version_sets[name].rows = self.evaluation_rows(documents)
         self.epoch_log.append(
             {
                 "epoch": epoch,
@@ -187,6 +186,17 @@ class SDMEpochMixin:
         self._loss_head, self._loss_support_row = self.head, state.support_row
         if self.epoch_log and self.epoch_log[-1]["epoch"] == epoch:
             self.epoch_log[-1].update(timing)
+
+    def evaluation_rows(self, documents: list[Document], encoded: dict | None = None) -> list[dict]:
+        """The encoded version of each evaluation document: drawn like a training version
+        (positive with probability ``gamma_pos``) from a fixed seed, so every evaluation of a
+        set sees the same versions. ``encoded``: rows by ``(document id, text)`` for documents
+        that are not this trainer's own (:func:`~sdm_hf.lm.data.encode_documents`)."""
+        rng = np.random.default_rng([self.args.seed, 2])
+        texts, rewards = self._draw_versions(documents, rng, lambda d: d.negatives)
+        if encoded is not None:
+            return [encoded[(d.id, t)] for d, t in zip(documents, texts)]
+        return [self._encode(d, t, r) for d, t, r in zip(documents, texts, rewards)]
 
     def log_epoch_refresh(self, epoch: int) -> None:
         """Send ``epoch``'s ``epoch_log`` entry through ``Trainer.log`` (so TensorBoard, W&B and

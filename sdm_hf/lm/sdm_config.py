@@ -64,6 +64,12 @@ class SDMTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        for name in ("head_epochs", "head_shuffles", "head_batch_size", "head_exemplar_dim", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not float(self.head_learning_rate) > 0.0:
+            raise ValueError(f"head_learning_rate must be > 0, got {self.head_learning_rate}")
         if not 0.5 < float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must satisfy 0.5 < alpha <= 1, got {self.alpha}")
         self.remove_unused_columns = False

@@ -43,6 +43,7 @@ from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_
 from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
 from .state import STATE_NAME, SDMEpochState
+from .verification import head_metrics
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
 
@@ -117,13 +118,28 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         self.control_tokens = control_tokens or ControlTokens()
         self.verifier = verifier or exact_match_verifier
         self.documents, _ = prepare_documents(train_dataset, self.control_tokens, append_control)
-        self.eval_documents: list[Document] | None = None
-        if eval_dataset is not None:
-            self.eval_documents, _ = prepare_documents(eval_dataset, self.control_tokens, append_control)
+        if not self.documents:
+            raise ValueError(
+                "train_dataset has no trainable document (it is empty, or no prompt has a positive completion)"
+            )
+        self._append_control = append_control
+        # evaluation sets by name ("" for a single one); the first is the calibration set
+        named = (
+            eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset} if eval_dataset is not None else {}
+        )
+        if isinstance(eval_dataset, dict) and not eval_dataset:
+            raise ValueError("eval_dataset is an empty dict: pass None or {name: dataset, ...}")
+        self.eval_sets: dict[str, list[Document]] = {
+            str(name): prepare_documents(data, self.control_tokens, append_control)[0] for name, data in named.items()
+        }
+        empty = [name or "eval_dataset" for name, docs in self.eval_sets.items() if not docs]
+        if empty:
+            raise ValueError(f"evaluation set {empty[0]!r} has no document with a positive completion")
+        self.eval_documents: list[Document] | None = next(iter(self.eval_sets.values()), None)
         # every static version tokenized once (datasets.map); generated hard negatives join later
         self._encoded: dict[tuple[int, str], dict] = encode_documents(
-            processing_class, self.documents + (self.eval_documents or []), self.control_tokens, args.max_length,
-            num_proc=args.dataset_num_proc,
+            processing_class, self.documents + [d for docs in self.eval_sets.values() for d in docs],
+            self.control_tokens, args.max_length, num_proc=args.dataset_num_proc,
         )  # fmt: skip
         self.epoch_state = SDMEpochState()
         self._head_epoch: int | None = None
@@ -134,12 +150,17 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         self._loss_support_row: torch.Tensor | None = None
         self.epoch_log: list[dict] = []
         self._train_versions = VersionDataset()
-        self._eval_versions = VersionDataset()
+        self._eval_version_sets = {name: VersionDataset() for name in self.eval_sets}
+        self._eval_versions = next(iter(self._eval_version_sets.values()), VersionDataset())
         super().__init__(
             model=model,
             args=args,
             train_dataset=self._train_versions,
-            eval_dataset=self._eval_versions if eval_dataset is not None else None,
+            eval_dataset=None
+            if not self.eval_sets
+            else self._eval_versions
+            if "" in self.eval_sets
+            else dict(self._eval_version_sets),
             processing_class=processing_class,
             data_collator=ContrastiveMaskingCollator(pad_token_id=processing_class.pad_token_id),
             **kwargs,
@@ -198,36 +219,54 @@ class SDMTrainer(SDMEpochMixin, Trainer):
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(
         self,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | str | None = None,
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         # Overridden: eval_loss is the SDM loss under a head fitted on the evaluation
         # (calibration) documents just before, so it is computed with that head in place of
         # the training one (Schmaltz 2025, SDM language models, Sec. 3.2), and the head's
-        # q_min and high-reliability admission are logged with it.
-        if eval_dataset is not None:
-            raise ValueError("pass the evaluation data to SDMTrainer(eval_dataset=...) so it can be prepared")
+        # q_min and high-reliability admission are logged with it. ``eval_dataset`` may be a
+        # preference dataset (prepared here, its versions seeded like the constructor's), a
+        # dict of them or None (the constructor's sets); with several sets every metric is
+        # prefixed ``{metric_key_prefix}_{name}``, as the Trainer does.
+        if isinstance(eval_dataset, dict) or (eval_dataset is None and len(self.eval_sets) > 1):
+            sets = eval_dataset if isinstance(eval_dataset, dict) else {name: name for name in self.eval_sets}
+            metrics: dict[str, float] = {}
+            for name, data in sets.items():
+                metrics.update(self.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if isinstance(eval_dataset, str):  # a name: the Trainer's own loop over the constructor's dict
+            if eval_dataset not in self._eval_version_sets:
+                raise ValueError(f"no evaluation set named {eval_dataset!r}; known: {sorted(self._eval_version_sets)}")
+            versions = self._eval_version_sets[eval_dataset]
+        elif eval_dataset is None or isinstance(eval_dataset, VersionDataset):
+            versions = eval_dataset or self._eval_versions
+        else:
+            documents, _ = prepare_documents(eval_dataset, self.control_tokens, self._append_control)
+            if not documents:
+                raise ValueError("eval_dataset has no document with a positive completion to evaluate on")
+            encoded = encode_documents(self.processing_class, documents, self.control_tokens, self.args.max_length)
+            versions = VersionDataset()
+            versions.rows = self.evaluation_rows(documents, encoded)
+        return self._evaluate_versions(versions, ignore_keys, metric_key_prefix)
+
+    def _evaluate_versions(
+        self, versions: VersionDataset, ignore_keys: list[str] | None, metric_key_prefix: str
+    ) -> dict[str, float]:
+        if not versions.rows:  # no evaluation set: the Trainer's own error
+            return super().evaluate(None, ignore_keys, metric_key_prefix)
         extra: dict[str, float] = {}
-        if self.args.use_sdm_loss and self._eval_versions.rows:
-            eval_head, eval_support = self.fit_verification_head(
-                self._eval_versions.rows, seed=int(self.args.seed) + 77
-            )
-            saved = (self._loss_head, self._loss_support_row)
+        saved = (self._loss_head, self._loss_support_row)
+        if self.args.use_sdm_loss:
+            eval_head, eval_support = self.fit_verification_head(versions.rows, seed=int(self.args.seed) + 77)
             self._loss_head, self._loss_support_row = eval_head, eval_support
             if eval_head is not None:
-                admitted = eval_head.calibration_report(alphas=()).rows
-                n = sum(r["n"] for r in admitted)
-                extra = {
-                    f"{metric_key_prefix}_head_q_min": eval_head.q_min if math.isfinite(eval_head.q_min) else -1.0,
-                    f"{metric_key_prefix}_head_hr_admission": sum(r["admitted"] for r in admitted) / max(n, 1),
-                }
-            try:
-                metrics = super().evaluate(None, ignore_keys, metric_key_prefix)
-            finally:
-                self._loss_head, self._loss_support_row = saved
-        else:
-            metrics = super().evaluate(None, ignore_keys, metric_key_prefix)
+                extra = {f"{metric_key_prefix}_head_{k}": v for k, v in head_metrics(eval_head).items()}
+        try:
+            metrics = super().evaluate(versions, ignore_keys, metric_key_prefix)
+        finally:
+            self._loss_head, self._loss_support_row = saved
         metrics.update(extra)
         if extra:
             self.log(extra)

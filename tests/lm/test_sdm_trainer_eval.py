@@ -1,0 +1,69 @@
+"""SDMTrainer: evaluation over a given dataset or a dict of them, and bad input."""
+
+import math
+
+import pytest
+from datasets import Dataset
+
+from sdm_hf.lm import SDMTrainer
+from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
+
+SENTENCES = harvard_sentences(56)
+
+
+def _trainer(tmp_path, eval_dataset, **changes):
+    tok = tiny_tokenizer()
+    return SDMTrainer(
+        model=tiny_causal_lm(tok),
+        args=make_args(tmp_path, **changes),
+        train_dataset=preference(SENTENCES[:24]),
+        eval_dataset=eval_dataset,
+        processing_class=tok,
+    )
+
+
+def test_evaluate_a_dict_of_sets_prefixes_each_and_a_given_set_equals_the_constructors(tmp_path):
+    calib, other = preference(SENTENCES[24:40]), preference(SENTENCES[40:56])
+    trainer = _trainer(tmp_path, {"calib": calib, "other": other}, eval_strategy="epoch", num_train_epochs=1)
+    assert trainer.eval_documents is trainer.eval_sets["calib"]  # the first set is the calibration set
+    trainer.train()
+    logged = {k for e in trainer.state.log_history for k in e}
+    assert {"eval_calib_loss", "eval_other_loss", "eval_calib_head_hr_admission"} <= logged
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_calib_loss"]) and math.isfinite(metrics["eval_other_loss"])
+    assert "eval_loss" not in metrics
+    # the same data given to evaluate(): prepared the same way, so the same loss
+    again = trainer.evaluate(eval_dataset={"calib": calib})
+    assert again["eval_calib_loss"] == pytest.approx(metrics["eval_calib_loss"], rel=1e-6)
+    single = trainer.evaluate(eval_dataset=other, metric_key_prefix="test")
+    assert single["test_loss"] == pytest.approx(metrics["eval_other_loss"], rel=1e-6)
+    assert "test_head_q_min" in single
+    with pytest.raises(ValueError, match="no evaluation set named 'nope'"):
+        trainer.evaluate(eval_dataset="nope")
+
+
+def test_bad_input_is_reported_before_training(tmp_path):
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(ValueError, match="train_dataset has no trainable document"):
+        SDMTrainer(
+            model=tiny_causal_lm(tiny_tokenizer()),
+            args=make_args(tmp_path),
+            train_dataset=empty,
+            processing_class=tiny_tokenizer(),
+        )
+    with pytest.raises(ValueError, match="evaluation set 'eval_dataset' has no document"):
+        _trainer(tmp_path, empty)
+    with pytest.raises(ValueError, match="eval_dataset is an empty dict"):
+        _trainer(tmp_path, {})
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": None, "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError, match="row 1: column 'prompt' must be a string"):
+        _trainer(tmp_path, rows)
+    with pytest.raises(ValueError, match="row 0: column 'chosen' must be a string"):
+        _trainer(tmp_path, [{"prompt": "p", "chosen": None, "rejected": "b"}])
+    with pytest.raises(ValueError, match="row 0: column 'label' must be a bool"):
+        _trainer(tmp_path, [{"prompt": "p", "completion": "a", "label": None}])
+    for name in ("head_epochs", "head_shuffles", "head_batch_size", "max_new_tokens"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            make_args(tmp_path, **{name: 0})
+    with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
+        make_args(tmp_path, head_learning_rate=0.0)
