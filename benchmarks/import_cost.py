@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     results = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/import_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "benchmarks/import_cost.py", *(sys.argv[1:] if argv is None else argv)]),
         "repeats": args.repeats,
         "rows": [],
     }
