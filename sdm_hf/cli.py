@@ -292,7 +292,7 @@ def cmd_verify(args) -> int:
 
     head = SDMHead.from_pretrained(args.head)
     lines = _read_inputs(args.input)
-    if head.config.feature_pooling == "verification":
+    if str(head.config.feature_pooling or "").split("-", 1)[0] == "verification":  # an LM verification head
         from transformers import pipeline
 
         if not args.model:

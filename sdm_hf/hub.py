@@ -36,7 +36,7 @@ def expected_feature_width(model_config: PretrainedConfig | None, pooling: str |
     hidden = getattr(model_config, "hidden_size", None)
     if hidden is None:
         return None
-    return 2 * int(hidden) if pooling in ("mean_last", "verification") else int(hidden)
+    return 2 * int(hidden) if pooling in ("mean_last", "verification") else int(hidden)  # verification-last/-mean: H
 
 
 def check_pairing(model: torch.nn.Module, head: SDMHead, model_name: str | None = None) -> None:

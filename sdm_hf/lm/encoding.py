@@ -37,6 +37,10 @@ __all__ = [
     "prefix_features",
     "forward_options",
     "pool_verification_states",
+    "VERIFICATION_POOLINGS",
+    "verification_feature_pooling",
+    "verification_pooling_of",
+    "is_verification_pooling",
 ]
 
 
@@ -126,6 +130,39 @@ def verification_positions(
     return ids_out, positions
 
 
+VERIFICATION_POOLINGS = ("mean_last", "last", "mean")
+
+
+def verification_feature_pooling(pooling: str) -> str:
+    """The ``SDMConfig.feature_pooling`` a verification head records for ``pooling``:
+    ``"verification"`` for the paper's ``"mean_last"``, ``"verification-last"`` or
+    ``"verification-mean"`` otherwise.
+
+    Example:
+        >>> verification_feature_pooling("mean_last"), verification_feature_pooling("last")
+        ('verification', 'verification-last')
+    """
+    if pooling not in VERIFICATION_POOLINGS:
+        raise ValueError(f"verification pooling must be one of {VERIFICATION_POOLINGS}, got {pooling!r}")
+    return "verification" if pooling == "mean_last" else f"verification-{pooling}"
+
+
+def verification_pooling_of(feature_pooling: str | None) -> str:
+    """The pooling (``"mean_last"``, ``"last"`` or ``"mean"``) of a verification head's
+    recorded ``feature_pooling`` (the inverse of :func:`verification_feature_pooling`)."""
+    if feature_pooling in (None, "verification"):
+        return "mean_last"
+    name = str(feature_pooling).removeprefix("verification-")
+    if not str(feature_pooling).startswith("verification-") or name not in VERIFICATION_POOLINGS:
+        raise ValueError(f"{feature_pooling!r} is not the feature pooling of an LM verification head")
+    return name
+
+
+def is_verification_pooling(feature_pooling: str | None) -> bool:
+    """Whether a head's ``feature_pooling`` says it verifies LM documents."""
+    return feature_pooling is not None and str(feature_pooling).split("-", 1)[0] == "verification"
+
+
 @torch.no_grad()
 def verification_features(
     model: torch.nn.Module,
@@ -135,17 +172,20 @@ def verification_features(
     control: ControlTokens | None = None,
     batch_size: int = 8,
     layer: int = -1,
+    pooling: str = "mean_last",
 ) -> torch.Tensor:
     """Verification-head features of ``(prompt, completion)`` pairs.
 
     Each completion's control suffix is replaced by a neutral one (nothing after the opening
-    tag is read), the pair is chat-formatted, and the final-layer hidden states are pooled as
-    ``concat(mean over positions 0..p, state at p)``, the input of the document-level SDM
-    layer (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183,
-    Sec. 3.2). Computed in eval mode (no dropout).
+    tag is read), the pair is chat-formatted, and the hidden states of ``layer`` (default the
+    final one) are pooled over positions ``0..p`` (``p``: the last token of the final
+    ``<verified>`` opening tag) as ``concat(mean over 0..p, state at p)`` (``"mean_last"``,
+    the input of the document-level SDM layer in Schmaltz 2025, *Similarity-Distance-Magnitude
+    Language Models*, arXiv:2510.26183, Sec. 3.2), or only the state at ``p`` (``"last"``) or
+    only the mean (``"mean"``). Computed in eval mode (no dropout).
 
     Returns:
-        ``[N, 2H]`` float32 CPU tensor.
+        ``[N, 2H]`` (``"mean_last"``) or ``[N, H]`` float32 CPU tensor.
     """
     control = control or ControlTokens()
     texts = [format_document(tokenizer, p, control.add(c, True)) for p, c in zip(prompts, completions)]
@@ -153,7 +193,7 @@ def verification_features(
         raise ValueError("no documents to verify")
     ids, _ = verification_positions(tokenizer, texts, control)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return prefix_features(model, ids, pad, batch_size=batch_size, layer=layer)
+    return prefix_features(model, ids, pad, batch_size=batch_size, layer=layer, pooling=pooling)
 
 
 def forward_options(model: torch.nn.Module) -> dict:
@@ -174,18 +214,24 @@ def forward_options(model: torch.nn.Module) -> dict:
 
 @torch.no_grad()
 def prefix_features(
-    model: torch.nn.Module, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, layer: int = -1
+    model: torch.nn.Module,
+    ids: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    layer: int = -1,
+    pooling: str = "mean_last",
 ) -> torch.Tensor:
     """Verification-head features of token sequences already cut after ``p`` (each ends at
     its ``p``): ``concat(mean of hidden[0..p], hidden[p])`` of the final layer (or ``layer``),
-    in eval mode.
+    in eval mode; ``pooling="last"`` / ``"mean"`` keep one of the two halves.
 
     Sequences are batched in order of length (less padding; results are returned in the
     input order), right-padded, and the vocabulary projection is skipped where possible.
 
     Returns:
-        ``[N, 2H]`` float32 CPU tensor.
+        ``[N, 2H]`` (``[N, H]`` for ``"last"`` / ``"mean"``) float32 CPU tensor.
     """
+    verification_feature_pooling(pooling)  # validates it
     if not ids:
         raise ValueError("no sequences to embed")
     device = next(model.parameters()).device
@@ -206,7 +252,7 @@ def prefix_features(
             out = model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, **options
             )
-            chunks.append(pool_hidden_states(out.hidden_states[layer], mask.to(device), "mean_last").float().cpu())
+            chunks.append(pool_hidden_states(out.hidden_states[layer], mask.to(device), pooling).float().cpu())
     finally:
         model.train(was_training)
     feats = torch.cat(chunks)
@@ -215,7 +261,7 @@ def prefix_features(
     return result
 
 
-def pool_verification_states(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def pool_verification_states(hidden: torch.Tensor, positions: torch.Tensor, pooling: str = "mean_last") -> torch.Tensor:
     """Verification-head features from the hidden states of whole (uncut) documents.
 
     Row ``i`` is pooled over its positions ``0..positions[i]`` only:
@@ -229,10 +275,10 @@ def pool_verification_states(hidden: torch.Tensor, positions: torch.Tensor) -> t
         positions: ``[B]`` each row's ``p`` (``verified_position`` of :func:`encode_example`).
 
     Returns:
-        ``[B, 2H]`` in ``hidden``'s dtype and device.
+        ``[B, 2H]`` (``[B, H]`` for ``pooling="last"`` / ``"mean"``) float32 on ``hidden``'s device.
     """
     steps = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
-    return pool_hidden_states(hidden, (steps <= positions.to(hidden.device).view(-1, 1)).long(), "mean_last")
+    return pool_hidden_states(hidden, (steps <= positions.to(hidden.device).view(-1, 1)).long(), pooling)
 
 
 IGNORE_INDEX = -100

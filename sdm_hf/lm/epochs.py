@@ -253,7 +253,12 @@ class SDMEpochMixin:
         hidden[p])`` of the final layer, in eval mode. ``[N, 2H]`` float32 on CPU."""
         ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
         return prefix_features(
-            self.model, ids, self.pad_token_id, batch_size=max(1, self.args.per_device_eval_batch_size)
+            self.model,
+            ids,
+            self.pad_token_id,
+            batch_size=max(1, self.args.per_device_eval_batch_size),
+            layer=self.args.verification_layer,
+            pooling=self.args.verification_pooling,
         )
 
     def fit_verification_head(

@@ -39,9 +39,11 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def eval_mode_hidden_states(model: torch.nn.Module, inputs: dict, lean_logits: bool = False) -> torch.Tensor:
-    """``[B, T, H]`` final-layer hidden states of ``model(**inputs)`` in eval mode (dropout off),
-    restoring the training mode afterwards.
+def eval_mode_hidden_states(
+    model: torch.nn.Module, inputs: dict, lean_logits: bool = False, layer: int = -1
+) -> torch.Tensor:
+    """``[B, T, H]`` hidden states of ``layer`` (default the final one) of ``model(**inputs)`` in
+    eval mode (dropout off), restoring the training mode afterwards.
 
     With ``lean_logits`` (the model's forward takes ``logits_to_keep``) the vocabulary is
     projected at one position only, since only the hidden states are wanted.
@@ -50,6 +52,6 @@ def eval_mode_hidden_states(model: torch.nn.Module, inputs: dict, lean_logits: b
     model.eval()
     try:
         keep = {"logits_to_keep": 1} if lean_logits else {}
-        return model(**inputs, output_hidden_states=True, **keep).hidden_states[-1]
+        return model(**inputs, output_hidden_states=True, **keep).hidden_states[layer]
     finally:
         model.train(was_training)

@@ -49,6 +49,16 @@ class SDMTrainingArguments(TrainingArguments):
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes that tokenize the documents (datasets.Dataset.map)."}
     )
+    verification_pooling: str = field(
+        default="mean_last",
+        metadata={
+            "help": "Verification-head features from the hidden states up to p (the final <verified> tag): "
+            "'mean_last' = concat(mean over 0..p, state at p) (the paper's), 'last' = state at p, 'mean' = mean."
+        },
+    )
+    verification_layer: int = field(
+        default=-1, metadata={"help": "Hidden-state layer of the verification features (-1: the final layer)."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation returns only the loss."})
     lean_logits: bool = field(
@@ -68,6 +78,9 @@ class SDMTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        from .encoding import verification_feature_pooling
+
+        verification_feature_pooling(self.verification_pooling)  # validates it
         if not float(self.head_learning_rate) > 0.0:
             raise ValueError(f"head_learning_rate must be > 0, got {self.head_learning_rate}")
         if not 0.5 < float(self.alpha) <= 1.0:

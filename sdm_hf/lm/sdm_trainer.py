@@ -195,10 +195,10 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         beta = torch.full((labels.shape[0],), math.e, device=outputs.logits.device)
         if head is not None:
             if self.args.disable_dropout or not model.training:
-                hidden = outputs.hidden_states[-1].detach()
+                hidden = outputs.hidden_states[self.args.verification_layer].detach()
             else:  # dropout on: the head was fitted on eval-mode features, so take those
-                hidden = eval_mode_hidden_states(model, inputs, self._lean_logits)
-            feats = pool_verification_states(hidden, positions)
+                hidden = eval_mode_hidden_states(model, inputs, self._lean_logits, self.args.verification_layer)
+            feats = pool_verification_states(hidden, positions, self.args.verification_pooling)
             support = None
             if self._loss_support_row is not None and doc_ids is not None:
                 ids = doc_ids.cpu()

@@ -18,6 +18,7 @@ import torch
 from ..fit import fit_sdm_head
 from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
+from .encoding import verification_feature_pooling
 
 if TYPE_CHECKING:
     from .sdm_config import SDMTrainingArguments
@@ -72,7 +73,8 @@ def fit_split_head(
         exemplar_dim=args.head_exemplar_dim,
         alpha=args.alpha,
         id2label={0: "No", 1: "Yes"},
-        feature_pooling="verification",
+        feature_pooling=verification_feature_pooling(args.verification_pooling),
+        feature_layer=args.verification_layer,
         base_model=base_model,
     )
     with warnings.catch_warnings():

@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..hub import check_pairing
-from ..lm.encoding import ControlTokens, format_document, generate_greedy, verification_features
+from ..lm.encoding import (
+    ControlTokens,
+    format_document,
+    generate_greedy,
+    verification_features,
+    verification_pooling_of,
+)
 from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, is_chat
 
 __all__ = ["SDMVerifyPipeline"]
@@ -174,7 +180,14 @@ class SDMVerifyPipeline(SDMPipeline):
                 completions[j] = text
         self._check_lengths(cols["index"], prompts, completions)
         feats = verification_features(
-            self.model, tokenizer, prompts, completions, self.control, batch_size=len(prompts)
+            self.model,
+            tokenizer,
+            prompts,
+            completions,
+            self.control,
+            batch_size=len(prompts),
+            layer=-1 if self.sdm_head.config.feature_layer is None else self.sdm_head.config.feature_layer,
+            pooling=verification_pooling_of(self.sdm_head.config.feature_pooling),
         )
         out = self.sdm_head.predict(feats)
         return {
