@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Document", "VersionDataset", "prepare_documents", "encode_documents"]
+__all__ = ["Document", "VersionDataset", "prepare_documents", "encode_documents", "negative_only_documents"]
 
 
 @dataclass
@@ -132,7 +132,8 @@ def prepare_documents(
             documents.append(Document(len(documents), group["prompt"], positive, list(group["neg"])))
     if negative_only:
         warnings.warn(
-            f"{len(negative_only)} prompt(s) have no positive completion: they are not trained on",
+            f"{len(negative_only)} prompt(s) have no positive completion: the LM is not trained on them "
+            "(SDMTrainer gives their negatives to the verification head only)",
             UserWarning,
             stacklevel=2,
         )
@@ -146,6 +147,13 @@ def _encode_row(row: dict, tokenizer, control: ControlTokens, max_length: int | 
         )
     except ValueError as error:
         raise ValueError(f"document {row['document_id']}: {error}") from error
+
+
+def negative_only_documents(groups: Sequence[Mapping[str, Any]], first_id: int) -> list[Document]:
+    """The prompts :func:`prepare_documents` returned aside (no positive completion) as
+    documents with an empty ``positive`` and ids from ``first_id`` on: verification-head data
+    only (their negatives are versions a head can be fitted on; the LM never trains on them)."""
+    return [Document(first_id + j, g["prompt"], "", list(g["neg"])) for j, g in enumerate(groups)]
 
 
 def encode_documents(
@@ -172,7 +180,7 @@ def encode_documents(
     versions = [
         (d, text, positive)
         for d in documents
-        for text, positive in [(d.positive, True)] + [(n, False) for n in d.negatives]
+        for text, positive in [(d.positive, True)] * bool(d.positive) + [(n, False) for n in d.negatives]
     ]
     if not versions:
         return {}

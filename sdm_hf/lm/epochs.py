@@ -44,6 +44,8 @@ class SDMEpochMixin:
     control_tokens: ControlTokens
     verifier: Callable[[str, str], bool]
     documents: list[Document]
+    negative_only_documents: list[Document]
+    eval_negative_only_documents: list[Document]
     eval_documents: list[Document] | None
     eval_sets: dict[str, list[Document]]
     epoch_state: SDMEpochState
@@ -151,6 +153,7 @@ class SDMEpochMixin:
 
         Each document contributes one version, drawn as in :meth:`prepare_epoch_versions`
         but from its own seed and with the previous epoch's hard negatives added to its
+        negatives, and each prompt without a positive (``negative_only_documents``) one of its
         negatives; the head is fitted on the main process (:meth:`fit_verification_head`) and
         broadcast to the others (Schmaltz 2025, SDM language models, Sec. 3.2). The timings
         go into the epoch's ``epoch_log`` entry; a second call for the same epoch does nothing.
@@ -174,7 +177,13 @@ class SDMEpochMixin:
         head_rng = np.random.default_rng([self.args.seed, epoch, 3])
         texts, rewards = self._draw_versions(self.documents, head_rng, lambda d: d.negatives + previous.get(d.id, []))
         rows = [self._encode(d, t, r) for d, t, r in zip(self.documents, texts, rewards)]
-        head, support_row = None, torch.full((len(self.documents),), -1, dtype=torch.long)
+        # prompts without a positive contribute one of their negatives (head data only)
+        rows += [
+            self._encode(d, d.negatives[int(head_rng.integers(len(d.negatives)))], False)
+            for d in self.negative_only_documents
+        ]
+        n_ids = len(self.documents) + len(self.negative_only_documents)
+        head, support_row = None, torch.full((n_ids,), -1, dtype=torch.long)
         timing: dict[str, float] = {}
         world = self._world()
         if world[0] == 0:  # trained once, on the main process, then broadcast
@@ -294,7 +303,8 @@ class SDMEpochMixin:
         """The test-time verification head, fitted on the evaluation (calibration) documents
         only: every positive, every static negative and, with ``generate``, every wrong greedy
         generation as a further negative (gamma_gen = gamma_diversity = 1); Schmaltz 2025, SDM
-        language models, Sec. 3.4. It becomes ``self.head`` (saved by :meth:`save_sdm_model`)."""
+        language models, Sec. 3.4; the calibration prompts without a positive add their
+        negatives. It becomes ``self.head`` (saved by :meth:`save_sdm_model`)."""
         if not self._eval_versions.rows or self.eval_documents is None:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
         extra: dict[int, list[str]] = {}
@@ -307,6 +317,8 @@ class SDMEpochMixin:
         for doc in self.eval_documents:
             rows.append(self._encode(doc, doc.positive, True))
             rows.extend(self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, []))
+        for doc in self.eval_negative_only_documents:  # calibration prompts without a positive
+            rows.extend(self._encode(doc, text, False) for text in doc.negatives)
         rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
         head, _ = self.fit_verification_head(rows, seed=int(self.args.seed) + 99)
         if head is None:

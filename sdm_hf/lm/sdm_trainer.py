@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from ..head.modeling import SDMHead
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
-from .data import Document, VersionDataset, encode_documents, prepare_documents
+from .data import Document, VersionDataset, encode_documents, negative_only_documents, prepare_documents
 from .encoding import ControlTokens, pool_verification_states
 from .epochs import SDMEpochMixin
 from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
@@ -117,7 +117,9 @@ class SDMTrainer(SDMEpochMixin, Trainer):
             processing_class.pad_token = processing_class.eos_token
         self.control_tokens = control_tokens or ControlTokens()
         self.verifier = verifier or exact_match_verifier
-        self.documents, _ = prepare_documents(train_dataset, self.control_tokens, append_control)
+        self.documents, aside = prepare_documents(train_dataset, self.control_tokens, append_control)
+        # prompts without a positive: verification-head data only (ids after the documents')
+        self.negative_only_documents = negative_only_documents(aside, len(self.documents))
         if not self.documents:
             raise ValueError(
                 "train_dataset has no trainable document (it is empty, or no prompt has a positive completion)"
@@ -129,16 +131,20 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         )
         if isinstance(eval_dataset, dict) and not eval_dataset:
             raise ValueError("eval_dataset is an empty dict: pass None or {name: dataset, ...}")
-        self.eval_sets: dict[str, list[Document]] = {
-            str(name): prepare_documents(data, self.control_tokens, append_control)[0] for name, data in named.items()
+        prepared = {
+            str(name): prepare_documents(data, self.control_tokens, append_control) for name, data in named.items()
         }
+        self.eval_sets: dict[str, list[Document]] = {name: docs for name, (docs, _) in prepared.items()}
+        first = next(iter(prepared.values()), ([], []))
+        self.eval_negative_only_documents = negative_only_documents(first[1], len(first[0]))
         empty = [name or "eval_dataset" for name, docs in self.eval_sets.items() if not docs]
         if empty:
             raise ValueError(f"evaluation set {empty[0]!r} has no document with a positive completion")
         self.eval_documents: list[Document] | None = next(iter(self.eval_sets.values()), None)
         # every static version tokenized once (datasets.map); generated hard negatives join later
         self._encoded: dict[tuple[int, str], dict] = encode_documents(
-            processing_class, self.documents + [d for docs in self.eval_sets.values() for d in docs],
+            processing_class, self.documents + self.negative_only_documents + self.eval_negative_only_documents
+            + [d for docs in self.eval_sets.values() for d in docs],
             self.control_tokens, args.max_length, num_proc=args.dataset_num_proc,
         )  # fmt: skip
         self.epoch_state = SDMEpochState()

@@ -67,3 +67,35 @@ def test_bad_input_is_reported_before_training(tmp_path):
             make_args(tmp_path, **{name: 0})
     with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
         make_args(tmp_path, head_learning_rate=0.0)
+
+
+def _unpaired(sentences, negative_only):
+    rows = []
+    for s in sentences:
+        rows += [
+            {"prompt": f"Repeat: {s}", "completion": s, "label": True},
+            {"prompt": f"Repeat: {s}", "completion": " ".join(reversed(s.split())), "label": False},
+        ]
+    rows += [{"prompt": f"Repeat: {s}", "completion": s.upper(), "label": False} for s in negative_only]
+    return Dataset.from_list(rows)
+
+
+def test_prompts_without_a_positive_reach_the_verification_heads_only(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.warns(UserWarning, match="verification head only"):
+        trainer = SDMTrainer(
+            model=tiny_causal_lm(tok),
+            args=make_args(tmp_path, num_train_epochs=1),
+            train_dataset=_unpaired(SENTENCES[:30], SENTENCES[30:36]),
+            eval_dataset=_unpaired(SENTENCES[36:52], SENTENCES[52:56]),
+            processing_class=tok,
+        )
+    assert len(trainer.documents) == 30 and len(trainer.negative_only_documents) == 6
+    assert [d.id for d in trainer.negative_only_documents] == list(range(30, 36))
+    assert len(trainer.train_dataset) == 30  # the LM trains on the 30 documents only
+    head = trainer.head  # fitted on 30 + 6 versions, split in halves
+    assert head is not None and head.support.ntotal + head.calibration.size == 36
+    assert trainer.epoch_state.support_row.numel() == 36 and bool((trainer.epoch_state.support_row[30:] >= 0).any())
+    final = trainer.build_final_head(generate=False)
+    # every calibration version: 16 positives, 16 static negatives and 4 negative-only prompts
+    assert final.support.ntotal + final.calibration.size == 36
