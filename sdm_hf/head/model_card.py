@@ -50,6 +50,7 @@ __all__ = [
     "render_model_card",
     "render_section",
     "merge_model_card",
+    "replace_section",
     "eval_results",
     "HUB_TAGS",
     "SECTION_START",
@@ -321,6 +322,14 @@ def _replace_section(text: str, section: str) -> str:
     while end < len(lines) and lines[end].strip() != "" and not lines[end].startswith("#"):
         end += 1  # the heading's first paragraph (a summary line, a template comment) stays above
     return "".join(lines[:end]).rstrip("\n") + "\n\n" + section + "\n" + "".join(lines[end:]).lstrip("\n")
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` (a card's markdown body) with its SDM section replaced by ``section`` (markers
+    included, as :func:`render_section` returns it), or ``section`` inserted after the first
+    top-level heading's paragraph; for cards that add their own content to the section (the
+    card of an SDM language model, :mod:`sdm_hf.lm.trainer_card`)."""
+    return _replace_section(text, section)
 
 
 def merge_model_card(

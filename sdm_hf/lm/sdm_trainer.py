@@ -24,14 +24,17 @@ documents split 50/50 (seeded per epoch; Sec. 3.2, "training set SDM estimator")
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.trainer_utils import HubStrategy
 
 from ..head.modeling import SDMHead
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
@@ -42,10 +45,13 @@ from .epochs import SDMEpochMixin
 from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
 from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
-from .state import STATE_NAME, SDMEpochState
+from .state import LEGACY_STATE_NAMES, STATE_NAME, SDMEpochState, find_state_file
+from .trainer_card import SDM_SETTINGS, TrainerCardData, sdm_trainer_card
 from .verification import head_metrics
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
+
+HEAD_SUBFOLDER = "sdm_head"  # the verification head inside checkpoints and output_dir
 
 
 def exact_match_verifier(positive: str, generation: str) -> bool:
@@ -278,40 +284,140 @@ class SDMTrainer(SDMEpochMixin, Trainer):
             self.log(extra)
         return metrics
 
-    # -- saving ---------------------------------------------------------------------------
+    # -- saving, loading and the Hub -------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
         # Overridden: checkpoints and saved models also carry the current verification head and
         # the epoch's SDM state (document versions, hard-negative caches, support rows), so
-        # that resume_from_checkpoint continues exactly.
+        # that resume_from_checkpoint continues exactly. The state file holds no training text
+        # (references into the training documents) and its name keeps it out of the Trainer's
+        # output_dir pushes (sdm_hf.lm.state).
         super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:  # transformers calls _save on every process; one writes
             return
         folder = Path(output_dir or self.args.output_dir or ".")
         if self.head is not None:
-            self.head.save_pretrained(folder / "sdm_head")
-        (folder / STATE_NAME).write_text(self.epoch_state.to_json(), encoding="utf-8")
+            self.head.save_pretrained(folder / HEAD_SUBFOLDER)
+        elif (folder / HEAD_SUBFOLDER / "model.safetensors").is_file():
+            shutil.rmtree(folder / HEAD_SUBFOLDER)  # an earlier head does not belong to these weights
+        (folder / STATE_NAME).write_text(self.epoch_state.to_json(self.documents), encoding="utf-8")
+        for legacy in LEGACY_STATE_NAMES:  # a former state file there held training texts
+            (folder / legacy).unlink(missing_ok=True)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        # Overridden: resuming must also restore what _save added; the epoch being resumed is
-        # then already prepared, so its versions and head are not drawn again.
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        folder = Path(resume_from_checkpoint)
-        path = folder / STATE_NAME
-        if not path.is_file():
-            warnings.warn(f"{path} is missing: the SDM state restarts from the next epoch", UserWarning, stacklevel=2)
-            return
-        state = SDMEpochState.from_json(path.read_text(encoding="utf-8"), source=str(path))
+    def _read_epoch_state(self, folder: Path) -> SDMEpochState | None:
+        """The SDM state of checkpoint ``folder`` (any of its file names), or None without one."""
+        path = find_state_file(folder)
+        if path is None:
+            return None
+        state = SDMEpochState.from_json(path.read_text(encoding="utf-8"), source=str(path), documents=self.documents)
         unknown = sorted({i for i, _, _ in state.versions if i >= len(self.documents)})
         if unknown:
             raise ValueError(
                 f"{path}: document id {unknown[0]} is beyond the {len(self.documents)} training documents; "
                 "resume with the train_dataset the checkpoint was trained on"
             )
+        return state
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Overridden: resuming must also restore what _save added; the epoch being resumed is
+        # then already prepared, so its versions and head are not drawn again.
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        folder = Path(resume_from_checkpoint)
+        state = self._read_epoch_state(folder)
+        if state is None:
+            warnings.warn(
+                f"{folder / STATE_NAME} is missing: the SDM state restarts from the next epoch",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
         rows = [self._encode(self.documents[i], text, reward) for i, text, reward in state.versions]
-        head_dir = folder / "sdm_head"
+        head_dir = folder / HEAD_SUBFOLDER
         self.head = SDMHead.from_pretrained(head_dir) if (head_dir / "config.json").is_file() else None
         self.epoch_state, self._head_epoch, self._train_versions.rows = state, state.prepared_epoch, rows
         self._loss_head, self._loss_support_row = self.head, state.support_row
+
+    def _load_best_model(self) -> None:
+        # Overridden: the Trainer restores the best checkpoint's weights only; the head saved
+        # with them (and the support rows that map the training documents onto it) come from
+        # the same checkpoint, so the restored model and head belong together.
+        super()._load_best_model()
+        if self.state.best_model_checkpoint is None:
+            return
+        folder = Path(self.state.best_model_checkpoint)
+        state = self._read_epoch_state(folder)
+        support = None if state is None else state.support_row
+        if (folder / HEAD_SUBFOLDER / "config.json").is_file():
+            self.head = SDMHead.from_pretrained(folder / HEAD_SUBFOLDER)
+        else:
+            if self.head is not None or self.args.use_sdm_loss:
+                warnings.warn(
+                    f"the best checkpoint {folder} has no {HEAD_SUBFOLDER}/: the restored model has no verification "
+                    "head (the last epoch's belongs to other weights); call build_final_head() before saving",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self.head, support = None, None
+        self.epoch_state.support_row = support
+        self._loss_head, self._loss_support_row = self.head, support
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Overridden: the Trainer copies only the modeling files from the checkpoint into
+        # output_dir and starts uploading it at once (in the background), so the checkpoint's
+        # head is copied in first: the pushed model and head belong together. Checkpoint pushes
+        # (hub_strategy "checkpoint"/"all_checkpoints") carry the whole folder, head and SDM
+        # state included; that file holds no training text (sdm_hf.lm.state).
+        busy = self.push_in_progress is not None and not self.push_in_progress.is_done()
+        pushes = self.args.hub_strategy != HubStrategy.END and (self.args.hub_always_push or not busy)
+        if self.is_world_process_zero() and pushes:
+            output_dir = Path(self.args.output_dir or ".")
+            copy_head(Path(checkpoint_folder) / HEAD_SUBFOLDER, output_dir / HEAD_SUBFOLDER)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        # Overridden: transformers' card (its metadata, hyperparameters and results) is written
+        # first, then the SDM part is merged in (sdm_hf.lm.trainer_card): tags, the head's
+        # calibration results, and a section with the promise, base model, data format, SDM
+        # settings and the head's calibration facts. push_to_hub calls this before uploading.
+        super().create_model_card(
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        if not self.is_world_process_zero():
+            return
+        path = Path(self.args.output_dir or ".") / "README.md"
+        existing = ModelCard.load(path) if path.is_file() else None
+        base = (existing.data.get("base_model") if existing is not None else None) or finetuned_from
+        base = ", ".join(base) if isinstance(base, list) else base  # the metadata allows a list
+        settings = {name: getattr(self.args, name) for name in SDM_SETTINGS if hasattr(self.args, name)}
+        data = TrainerCardData(
+            base_model=base or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
+            alpha=float(self.args.alpha),
+            control=self.control_tokens,
+            train_documents=len(self.documents),
+            eval_documents=None if self.eval_documents is None else len(self.eval_documents),
+            settings=settings,
+        )
+        repo_hint = self.hub_model_id or self.args.hub_model_id or model_name or Path(path.parent).absolute().name
+        card = sdm_trainer_card(existing, data, self.head, repo_hint=str(repo_hint), subfolder=HEAD_SUBFOLDER)
+        card.save(path)
 
     def save_sdm_model(self, output_dir: str | Path) -> Path:
         """Save model, tokenizer and the current head (``sdm_head/``) into ``output_dir``."""
@@ -320,3 +426,15 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         if self.head is None:
             raise ValueError("no verification head yet: train (use_sdm_loss=True) or call build_final_head()")
         return save_sdm_model(self.model, self.head, output_dir, tokenizer=self.processing_class)
+
+
+def copy_head(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of the head folder ``source`` (removed when ``source`` has no head):
+    copied beside it under a ``_`` name (which the Trainer's pushes skip), then renamed in."""
+    incoming = target.parent / f"_{target.name}.incoming"
+    shutil.rmtree(incoming, ignore_errors=True)
+    if (source / "config.json").is_file():
+        shutil.copytree(source, incoming)
+    shutil.rmtree(target, ignore_errors=True)
+    if incoming.is_dir():
+        incoming.rename(target)

@@ -3,21 +3,48 @@
 The model weights, optimizer and scheduler are checkpointed by ``transformers.Trainer``; the
 SDM side of training adds the epoch's document versions, the online hard-negative caches and
 the map from document ids to the verification head's support rows. A checkpoint stores them
-as ``sdm_trainer_state.json`` (strict JSON, a format version, no pickle) so that
+as :data:`STATE_NAME` (strict JSON, a format version, no pickle) so that
 ``resume_from_checkpoint`` continues exactly where the run stopped.
+
+The file holds no training text, because checkpoints get uploaded (``hub_strategy="checkpoint"``
+pushes whole checkpoint folders, so that training can resume from the Hub): written with the
+training documents (:meth:`SDMEpochState.to_json` with ``documents``, as the trainer does),
+every text that is one of the documents' own (a positive or a static negative) is stored as a
+reference ``{"static": [document_id, k]}`` (``k`` = 0 the positive, ``k`` >= 1 the static
+negative ``k - 1``), and a fingerprint of the documents (SHA-256) makes a resume on other data
+fail instead of reading other texts. What stays literal are the hard negatives, which are the
+model's own wrong generations (model output, needed for an exact resume; never the prompt).
+The name starts with ``_``, so the Trainer's pushes of ``output_dir`` (``ignore_patterns=["_*",
+...]``) leave it out; only checkpoint pushes carry it. Files of format 1 (literal texts) under
+the former name :data:`LEGACY_STATE_NAMES` are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
-__all__ = ["STATE_FORMAT", "STATE_NAME", "SDMEpochState"]
+if TYPE_CHECKING:
+    from .data import Document
 
-STATE_NAME = "sdm_trainer_state.json"
-STATE_FORMAT = 1
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_NAME",
+    "LEGACY_STATE_NAMES",
+    "SDMEpochState",
+    "find_state_file",
+    "documents_fingerprint",
+]
+
+STATE_NAME = "_sdm_trainer_state.json"
+LEGACY_STATE_NAMES = ("sdm_trainer_state.json",)  # format 1, before the file left output_dir pushes
+STATE_FORMAT = 2
 _REQUIRED = {"format", "prepared_epoch", "versions", "hard_negatives", "previous_hard_negatives"}
 
 
@@ -42,34 +69,51 @@ class SDMEpochState:
     previous_hard_negatives: dict[int, list[str]] = field(default_factory=dict)
     support_row: torch.Tensor | None = None
 
-    def to_json(self) -> str:
-        """Strict JSON text (no ``NaN``/``Infinity`` tokens; document ids as string keys)."""
+    def to_json(self, documents: Sequence[Document] | None = None) -> str:
+        """Strict JSON text (no ``NaN``/``Infinity`` tokens; document ids as string keys).
+
+        Args:
+            documents: the training documents. Given, every text that is one of theirs is
+                written as a reference (see the module docstring) and their fingerprint is
+                recorded, so the file holds no training text; None writes every text literally.
+        """
+        table = _static_texts(documents) if documents is not None else {}
+
+        def ref(text: str) -> str | dict:
+            return {"static": list(table[text])} if text in table else str(text)
+
         payload = {
             "format": STATE_FORMAT,
+            "documents_sha256": None if documents is None else documents_fingerprint(documents),
             "prepared_epoch": self.prepared_epoch,
-            "versions": [[int(i), str(text), bool(reward)] for i, text, reward in self.versions],
-            "hard_negatives": {str(k): list(v) for k, v in self.hard_negatives.items()},
-            "previous_hard_negatives": {str(k): list(v) for k, v in self.previous_hard_negatives.items()},
+            "versions": [[int(i), ref(text), bool(reward)] for i, text, reward in self.versions],
+            "hard_negatives": {str(k): [ref(t) for t in v] for k, v in self.hard_negatives.items()},
+            "previous_hard_negatives": {str(k): [ref(t) for t in v] for k, v in self.previous_hard_negatives.items()},
             "support_row": None if self.support_row is None else [int(x) for x in self.support_row.tolist()],
         }
         return json.dumps(payload, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<string>") -> SDMEpochState:
-        """Parse and check :meth:`to_json` output.
+    def from_json(
+        cls, text: str, source: str = "<string>", documents: Sequence[Document] | None = None
+    ) -> SDMEpochState:
+        """Parse and check :meth:`to_json` output (format 1 files, with literal texts, too).
 
         Args:
             source: the file name used in error messages.
+            documents: the training documents, which the references of a file written with
+                documents are resolved against (required for such a file).
 
         Raises:
             ValueError: naming ``source`` and the problem, when the text is not JSON, was
-                written by a newer format, or a field has the wrong shape.
+                written by a newer format, a field has the wrong shape, a reference points
+                outside ``documents``, or the file was written for other documents.
         """
 
-        def fail(problem: str):
+        def fail(problem: str) -> NoReturn:
             raise ValueError(f"{source}: {problem}; it is not a valid SDM trainer state")
 
-        def reject_constant(token: str):
+        def reject_constant(token: str) -> NoReturn:
             fail(f"non-standard JSON token {token}")
 
         try:
@@ -88,6 +132,12 @@ class SDMEpochState:
             fail(f"format {version} is newer than this sdm_hf reads ({STATE_FORMAT}); upgrade sdm_hf")
         if version < 1:
             fail(f"unknown format {version}")
+        fingerprint = data.get("documents_sha256")
+        if fingerprint is not None and documents is not None and fingerprint != documents_fingerprint(documents):
+            raise ValueError(
+                f"{source} was written for other training documents (their fingerprint differs); resume with "
+                "the train_dataset, control tokens and append_control the checkpoint was trained with"
+            )
         epoch = data["prepared_epoch"]
         if epoch is not None and not (_is_int(epoch) and epoch >= 0):
             fail(f"prepared_epoch must be a non-negative integer or null, got {epoch!r}")
@@ -97,13 +147,65 @@ class SDMEpochState:
         support = data.get("support_row")
         if support is not None and not (isinstance(support, list) and all(_is_int(x) and x >= -1 for x in support)):
             fail("support_row must be null or a list of integers >= -1")
+
+        def resolve(value: str | dict) -> str:
+            if isinstance(value, str):
+                return value
+            if documents is None:
+                fail("it refers to the training documents by id; pass documents= to read it")
+            doc_id, k = value["static"]
+            if doc_id >= len(documents) or k > len(documents[doc_id].negatives):
+                fail(
+                    f"reference {value} is beyond the {len(documents)} training documents; resume with the "
+                    "train_dataset the checkpoint was trained on"
+                )
+            doc = documents[doc_id]
+            return doc.positive if k == 0 else doc.negatives[k - 1]
+
+        def caches(name: str) -> dict[int, list[str]]:
+            return {i: [resolve(t) for t in texts] for i, texts in _caches(data[name], name, fail).items()}
+
         return cls(
             prepared_epoch=epoch,
-            versions=[(int(i), text, bool(reward)) for i, text, reward in versions],
-            hard_negatives=_caches(data["hard_negatives"], "hard_negatives", fail),
-            previous_hard_negatives=_caches(data["previous_hard_negatives"], "previous_hard_negatives", fail),
+            versions=[(int(i), resolve(text), bool(reward)) for i, text, reward in versions],
+            hard_negatives=caches("hard_negatives"),
+            previous_hard_negatives=caches("previous_hard_negatives"),
             support_row=None if support is None else torch.tensor(support, dtype=torch.long),
         )
+
+
+def documents_fingerprint(documents: Sequence[Document]) -> str:
+    """SHA-256 (hex) of the documents' prompts and texts, in order: identifies the training data
+    a state file refers to without holding any of it."""
+    payload = [[d.prompt, d.positive, list(d.negatives)] for d in documents]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def find_state_file(folder: str | Path) -> Path | None:
+    """The SDM state file of a checkpoint folder (:data:`STATE_NAME`, else a legacy name), or None."""
+    for name in (STATE_NAME, *LEGACY_STATE_NAMES):
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _static_texts(documents: Sequence[Document]) -> dict[str, tuple[int, int]]:
+    """Every positive / static negative text -> ``(document_id, k)`` of its first occurrence."""
+    table: dict[str, tuple[int, int]] = {}
+    for doc_id, doc in enumerate(documents):
+        for k, text in enumerate([doc.positive, *doc.negatives]):
+            table.setdefault(text, (doc_id, k))
+    return table
+
+
+def _is_reference(value) -> bool:
+    ref = value.get("static") if isinstance(value, dict) and len(value) == 1 else None
+    return isinstance(ref, list) and len(ref) == 2 and all(_is_int(x) and x >= 0 for x in ref)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) or _is_reference(value)
 
 
 def _is_int(value) -> bool:
@@ -116,18 +218,18 @@ def _is_version(value) -> bool:
         and len(value) == 3
         and _is_int(value[0])
         and value[0] >= 0
-        and isinstance(value[1], str)
+        and _is_text(value[1])
         and isinstance(value[2], bool)
     )
 
 
-def _caches(value, name: str, fail) -> dict[int, list[str]]:
-    """``{"<document id>": [text, ...]}`` -> ``{id: [text, ...]}``, checked."""
+def _caches(value, name: str, fail) -> dict[int, list]:
+    """``{"<document id>": [text or reference, ...]}`` -> ``{id: [...]}``, checked."""
     if not isinstance(value, dict):
         fail(f"{name} must be an object")
     out = {}
     for key, texts in value.items():  # one entry per document with generations, not per data point
-        if not (key.isdigit() and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
-            fail(f"{name} must map document ids to lists of strings (bad entry {key!r})")
+        if not (key.isdigit() and isinstance(texts, list) and all(_is_text(t) for t in texts)):
+            fail(f"{name} must map document ids to lists of texts or references (bad entry {key!r})")
         out[int(key)] = texts
     return out
