@@ -28,6 +28,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from .index import resolve_device
@@ -281,14 +283,12 @@ def _tokenize(tokenizer, texts: list[str], limit: int):
 
 
 def _pad(rows: list[list[int]], width: int, value: int, left: bool) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for r, row in enumerate(rows):  # building a padded batch, not per-point maths
-        if row:
-            if left:
-                out[r, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
-            else:
-                out[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
+    """``[len(rows), width]`` long tensor of the rows padded with ``value`` on the left or right
+    (torch's ``pad_sequence``; ``width`` may exceed the longest row)."""
+    seqs = [torch.as_tensor(row, dtype=torch.long) for row in rows]
+    out = pad_sequence(seqs, batch_first=True, padding_value=value, padding_side="left" if left else "right")
+    extra = width - out.shape[1]
+    return F.pad(out, (extra, 0) if left else (0, extra), value=value) if extra > 0 else out
 
 
 def _pad_token_id(tokenizer) -> int | None:
