@@ -179,8 +179,9 @@ def markdown(results: dict) -> str:
     notes = [""]
     if "import_rss_gb" in results:
         notes.append(
-            f"Memory is the process's resident set in GiB; a process that only imports sdm_hf (torch, "
-            f"transformers' pipelines, FAISS) already holds {results['import_rss_gb']:.2f} GiB."
+            f"Memory is the process's resident set in GiB; a process that only imports sdm_hf (torch and "
+            f"FAISS; transformers loads when first used) already holds {results['import_rss_gb']:.2f} GiB "
+            "(benchmarks/import_cost.py measures the import itself)."
         )
     if "total_minutes" in results:
         notes.append(f"The whole suite took {results['total_minutes']:.1f} minutes.")
