@@ -125,6 +125,14 @@ def render_trainer_section(
         'verify("a prompt")  # generated_text, verified, probability, high_reliability, ...',
         "```",
     ]
+    if head_section is not None:
+        lines += [
+            "",
+            "The head in `sdm_head/` is the trainer's head when this card was written: the latest epoch's "
+            "training-time head (calibrated on half of the training documents), or, after "
+            "`build_final_head()`, the test-time head calibrated on the calibration set. Its calibration "
+            "points below say which; the promise holds for data like those.",
+        ]
     body = "\n".join(lines)
     if head_section is not None:
         inner = head_section.split(SECTION_START, 1)[-1].rsplit(SECTION_END, 1)[0].strip()
