@@ -10,6 +10,7 @@ process each of these is the identity and touches no ``torch.distributed`` call.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,15 @@ from ..persistence import state_from_bytes, state_to_bytes
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["broadcast_bytes", "broadcast_head", "broadcast_json", "gather_bytes", "gather_lists", "process_world"]
+__all__ = [
+    "broadcast_bytes",
+    "broadcast_head",
+    "broadcast_json",
+    "gather_bytes",
+    "gather_lists",
+    "gather_rows",
+    "process_world",
+]
 
 
 def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
@@ -56,32 +65,52 @@ def _as_tensor(data: bytes, device: torch.device) -> torch.Tensor:
 
 
 def broadcast_bytes(data: bytes | None, world: tuple[int, int]) -> bytes:
-    """Rank 0's ``data`` on every process, as plain uint8 tensors (no pickle on the wire)."""
+    """Rank 0's ``data`` on every process, as plain uint8 tensors through accelerate's
+    ``broadcast`` (no pickle on the wire)."""
+    from accelerate.utils import broadcast
+
     rank, _ = world
     device = _wire_device()
-    length = torch.tensor([len(data or b"") if rank == 0 else 0], dtype=torch.int64, device=device)
-    torch.distributed.broadcast(length, src=0)
+    length = broadcast(torch.tensor([len(data or b"") if rank == 0 else 0], dtype=torch.int64, device=device))
     buffer = (
         _as_tensor(data or b"", device) if rank == 0 else torch.empty(int(length), dtype=torch.uint8, device=device)
     )
-    torch.distributed.broadcast(buffer, src=0)
-    return bytes(buffer.cpu().numpy())
+    return bytes(broadcast(buffer).cpu().numpy())
 
 
 def gather_bytes(data: bytes, world: tuple[int, int]) -> list[bytes]:
-    """Every process's ``data``, in rank order, on every process (uint8 tensors, padded to the
-    longest; no pickle on the wire)."""
+    """Every process's ``data``, in rank order, on every process: uint8 tensors padded to the
+    longest with accelerate's ``pad_across_processes``, then ``gather`` (no pickle on the wire)."""
+    from accelerate.utils import gather, pad_across_processes
+
     _, size = world
     device = _wire_device()
-    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    lengths = [torch.zeros_like(length) for _ in range(size)]
-    torch.distributed.all_gather(lengths, length)
-    longest = max(int(n) for n in lengths)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[: len(data)] = _as_tensor(data, device)
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    torch.distributed.all_gather(parts, padded)
-    return [bytes(part[: int(n)].cpu().numpy()) for part, n in zip(parts, lengths)]
+    lengths = gather(torch.tensor([len(data)], dtype=torch.int64, device=device)).tolist()
+    # a 1-byte sentinel keeps every buffer non-empty (padding needs at least one element)
+    padded = pad_across_processes(_as_tensor(data + b"\0", device), dim=0)
+    parts = gather(padded).view(size, -1).cpu()
+    return [bytes(part[: int(n)].numpy()) for part, n in zip(parts, lengths)]
+
+
+def gather_rows(n: int, compute: Callable[[list[int]], torch.Tensor], world: tuple[int, int]) -> torch.Tensor:
+    """``compute(range(n))`` with the work shared: process ``r`` computes the rows of its
+    contiguous block of ``ceil(n / P)`` (padded with repeats of its first row, or of row 0, so
+    every process makes the same calls: under FSDP / ZeRO-3 every forward needs them all), and
+    accelerate's ``gather`` returns all ``[n, D]`` rows in order on every process.
+
+    Args:
+        compute: ``rows -> [len(rows), D]`` float CPU tensor (e.g. features of those rows).
+        world: ``(rank, world_size)`` from :func:`process_world`.
+    """
+    from accelerate.utils import gather
+
+    rank, size = world
+    if size == 1:
+        return compute(list(range(n)))
+    per = max(1, -(-n // size))
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    local = compute(mine + [mine[0] if mine else 0] * (per - len(mine)))
+    return gather(local.to(_wire_device())).cpu()[:n]  # block r holds rows r*per.. in order
 
 
 def gather_lists(local: list, world: tuple[int, int]) -> list:

@@ -19,7 +19,7 @@ import torch
 
 from ..head.modeling import SDMHead
 from .data import Document, VersionDataset
-from .distributed import broadcast_head, broadcast_json, gather_lists, process_world
+from .distributed import broadcast_head, broadcast_json, gather_lists, gather_rows, process_world
 from .encoding import ControlTokens, encode_example, generate_greedy, prefix_features
 from .state import SDMEpochState
 from .verification import fit_split_head, head_metrics
@@ -186,8 +186,12 @@ class SDMEpochMixin:
         head, support_row = None, torch.full((n_ids,), -1, dtype=torch.long)
         timing: dict[str, float] = {}
         world = self._world()
+        started = time.perf_counter()
+        feats = self.verification_features_of(rows)  # every process embeds a block of the rows
+        timing["head_features_seconds"] = time.perf_counter() - started
         if world[0] == 0:  # trained once, on the main process, then broadcast
-            head, support_row = self.fit_verification_head(rows, seed=int(self.args.seed) * 1000 + epoch, timing=timing)
+            seed = int(self.args.seed) * 1000 + epoch
+            head, support_row = self.fit_verification_head(rows, seed=seed, timing=timing, features=feats)
             if head is not None:
                 timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
         self.head, state.support_row = broadcast_head(head, support_row, world)
@@ -244,7 +248,12 @@ class SDMEpochMixin:
         world = self._world()
         rank, size = world
         mine = indices[rank::size]
-        generated = gather_lists(list(zip(mine, self.generate_completions([self.documents[i] for i in mine]))), world)
+        # every process generates as many documents (its share, padded with a repeat), so each
+        # makes the same generate calls: under FSDP / ZeRO-3 every step needs them all
+        share = -(-len(indices) // size)
+        padded = mine + [indices[0]] * (share - len(mine))
+        outputs = self.generate_completions([self.documents[i] for i in padded])[: len(mine)]
+        generated = gather_lists(list(zip(mine, outputs)), world)
         cache = self.epoch_state.hard_negatives
         for i, generation in sorted(generated):
             doc = self.documents[i]
@@ -259,19 +268,29 @@ class SDMEpochMixin:
     def verification_features_of(self, rows: list[dict]) -> torch.Tensor:
         """Verification-head features of encoded rows: each row cut after its ``p`` (the last
         token of its final ``<verified>`` tag), pooled as ``concat(mean of hidden[0..p],
-        hidden[p])`` of the final layer, in eval mode. ``[N, 2H]`` float32 on CPU."""
+        hidden[p])`` of the final layer (``verification_pooling`` / ``verification_layer``), in
+        eval mode. ``[N, 2H]`` float32 on CPU.
+
+        With several processes every process computes a block of the rows and all get every
+        row back (:func:`~sdm_hf.lm.distributed.gather_rows`): a collective call, so every
+        process must make it (as with ``Trainer.evaluate``); under FSDP / ZeRO-3 each forward
+        then has every process in it."""
         ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
-        return prefix_features(
-            self.model,
-            ids,
-            self.pad_token_id,
-            batch_size=max(1, self.args.per_device_eval_batch_size),
-            layer=self.args.verification_layer,
-            pooling=self.args.verification_pooling,
-        )
+
+        def features(part: list[int]) -> torch.Tensor:
+            return prefix_features(
+                self.model,
+                [ids[i] for i in part],
+                self.pad_token_id,
+                batch_size=max(1, self.args.per_device_eval_batch_size),
+                layer=self.args.verification_layer,
+                pooling=self.args.verification_pooling,
+            )
+
+        return gather_rows(len(ids), features, self._world())
 
     def fit_verification_head(
-        self, rows: list[dict], seed: int, timing: dict | None = None
+        self, rows: list[dict], seed: int, timing: dict | None = None, features: torch.Tensor | None = None
     ) -> tuple[SDMHead | None, torch.Tensor]:
         """Fit a verification head on encoded ``rows`` (their ``reward`` is the label): the
         features of :meth:`verification_features_of`, then
@@ -288,8 +307,9 @@ class SDMEpochMixin:
         """
         timing = timing if timing is not None else {}
         started = time.perf_counter()
-        feats = self.verification_features_of(rows)
-        timing["head_features_seconds"] = time.perf_counter() - started
+        feats = self.verification_features_of(rows) if features is None else features
+        if features is None:
+            timing["head_features_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         labels = torch.tensor([r["reward"] for r in rows])
         doc_ids = torch.tensor([r["document_id"] for r in rows])
