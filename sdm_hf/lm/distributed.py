@@ -10,6 +10,7 @@ process each of these is the identity and touches no ``torch.distributed`` call.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -92,22 +93,28 @@ def gather_bytes(data: bytes, world: tuple[int, int]) -> list[bytes]:
     return [bytes(part[: int(n)].numpy()) for part, n in zip(parts, lengths)]
 
 
-def gather_rows(n: int, compute: Callable[[list[int]], torch.Tensor], world: tuple[int, int]) -> torch.Tensor:
+def gather_rows(
+    n: int, compute: Callable[[list[int]], torch.Tensor], world: tuple[int, int], multiple: int = 1
+) -> torch.Tensor:
     """``compute(range(n))`` with the work shared: process ``r`` computes the rows of its
-    contiguous block of ``ceil(n / P)`` (padded with repeats of its first row, or of row 0, so
-    every process makes the same calls: under FSDP / ZeRO-3 every forward needs them all), and
-    accelerate's ``gather`` returns all ``[n, D]`` rows in order on every process.
+    contiguous block (``ceil(n / P)`` rows rounded up to a ``multiple``, so that blocks hold
+    whole batches; padded with repeats of its first row, or of row 0, so every process makes
+    the same calls: under FSDP / ZeRO-3 every forward needs them all), and accelerate's
+    ``gather`` returns all ``[n, D]`` rows in order on every process.
 
     Args:
         compute: ``rows -> [len(rows), D]`` float CPU tensor (e.g. features of those rows).
         world: ``(rank, world_size)`` from :func:`process_world`.
+        multiple: block sizes are multiples of it (a batch size).
     """
     from accelerate.utils import gather
 
     rank, size = world
     if size == 1:
         return compute(list(range(n)))
-    per = max(1, -(-n // size))
+    multiple = max(1, int(multiple))
+    share = math.ceil(n / size)  # rows per process, then rounded up to whole batches
+    per = max(1, math.ceil(share / multiple) * multiple)
     mine = list(range(rank * per, min(n, (rank + 1) * per)))
     local = compute(mine + [mine[0] if mine else 0] * (per - len(mine)))
     return gather(local.to(_wire_device())).cpu()[:n]  # block r holds rows r*per.. in order

@@ -53,6 +53,7 @@ class SDMEpochMixin:
     head: SDMHead | None
     _encoded: dict[tuple[int, str], dict]
     _head_epoch: int | None
+    _pending_generation: dict[int, bool]
     _logged_epochs: set[int]
     _loss_head: SDMHead | None
     _loss_support_row: torch.Tensor | None
@@ -121,6 +122,10 @@ class SDMEpochMixin:
         state.prepared_epoch = epoch
         args = self.args
         rng = np.random.default_rng([args.seed, epoch, 1])
+        in_epoch = args.hard_negative_timing == "in_epoch"
+        if in_epoch:  # each process cached what it generated for its own batches: merge them
+            local = sorted(state.hard_negatives.items())
+            state.hard_negatives = {int(k): list(v) for k, v in gather_lists(local, self._world())}
         state.previous_hard_negatives, state.hard_negatives = state.hard_negatives, {}
         texts, rewards = self._draw_versions(self.documents, rng, lambda d: d.negatives)
         generate = [
@@ -129,7 +134,10 @@ class SDMEpochMixin:
             if not positive and epoch >= args.hard_negatives_from_epoch and rng.random() < args.gamma_gen
         ]
         started = time.perf_counter()
-        if generate:
+        if in_epoch:  # generated when the document's batch comes, with the weights of that step
+            coins = rng.random(len(generate)) < args.gamma_diversity  # pre-drawn: outcomes shift no draw
+            self._pending_generation = {self.documents[i].id: bool(c) for i, c in zip(generate, coins)}
+        elif generate:
             self._generate_hard_negatives(generate, texts, rng)
         generation_seconds = time.perf_counter() - started
         state.versions = [(doc.id, text, positive) for doc, text, positive in zip(self.documents, texts, rewards)]
@@ -140,7 +148,7 @@ class SDMEpochMixin:
         self.epoch_log.append(
             {
                 "epoch": epoch,
-                "generated": len(generate),
+                "generated": 0 if in_epoch else len(generate),
                 "hard_negatives": sum(len(v) for v in state.hard_negatives.values()),
                 "generation_seconds": generation_seconds,
                 "head_features_seconds": 0.0,
@@ -199,6 +207,38 @@ class SDMEpochMixin:
         self._loss_head, self._loss_support_row = self.head, state.support_row
         if self.epoch_log and self.epoch_log[-1]["epoch"] == epoch:
             self.epoch_log[-1].update(timing)
+
+    def generate_in_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``hard_negative_timing="in_epoch"``: generate for the batch's documents scheduled for a
+        hard negative this epoch, with the current weights (as the paper does, Schmaltz 2025,
+        SDM language models, Sec. 3.3). A wrong generation is cached for the next head refresh
+        and, if its pre-drawn ``gamma_diversity`` coin says so, replaces the document's static
+        negative in this very batch (the batch is collated again). Returns ``inputs`` or the
+        new batch. The token count the Trainer took from the drawn batch is kept: a negative
+        trains only its control string, so swapping one negative for another keeps it."""
+        ids = inputs["document_id"].tolist()
+        todo = [d for d in ids if d in self._pending_generation]
+        if not todo:
+            return inputs
+        coins = {d: self._pending_generation.pop(d) for d in todo}
+        started = time.perf_counter()
+        outputs = self.generate_completions([self.documents[d] for d in todo])
+        replaced: dict[int, dict] = {}
+        for d, generation in zip(todo, outputs):
+            negative = self.wrong_generation(self.documents[d], generation)
+            if negative is None:
+                continue
+            self.epoch_state.hard_negatives.setdefault(d, []).append(negative)
+            if coins[d]:
+                replaced[d] = self._encode(self.documents[d], negative, False)
+        if self.epoch_log:
+            self.epoch_log[-1]["generated"] += len(todo)
+            self.epoch_log[-1]["generation_seconds"] += time.perf_counter() - started
+        if not replaced:
+            return inputs
+        trainer: Any = self  # the trainer this is mixed into: its ContrastiveMaskingCollator
+        rows = [replaced.get(d, self._train_versions.rows[d]) for d in ids]  # version rows are in id order
+        return trainer.data_collator(rows)
 
     def evaluation_rows(self, documents: list[Document], encoded: dict | None = None) -> list[dict]:
         """The encoded version of each evaluation document: drawn like a training version
@@ -276,18 +316,25 @@ class SDMEpochMixin:
         process must make it (as with ``Trainer.evaluate``); under FSDP / ZeRO-3 each forward
         then has every process in it."""
         ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
+        batch_size = max(1, self.args.per_device_eval_batch_size)
+        # sorted by length and cut into whole batches before they are shared, so every batch (its
+        # rows, its padding) is the same whatever the number of processes
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
 
         def features(part: list[int]) -> torch.Tensor:
             return prefix_features(
                 self.model,
-                [ids[i] for i in part],
+                [ids[order[i]] for i in part],
                 self.pad_token_id,
-                batch_size=max(1, self.args.per_device_eval_batch_size),
+                batch_size=batch_size,
                 layer=self.args.verification_layer,
                 pooling=self.args.verification_pooling,
             )
 
-        return gather_rows(len(ids), features, self._world())
+        sorted_features = gather_rows(len(ids), features, self._world(), multiple=batch_size)
+        result = torch.empty_like(sorted_features)
+        result[torch.as_tensor(order, dtype=torch.long)] = sorted_features
+        return result
 
     def fit_verification_head(
         self, rows: list[dict], seed: int, timing: dict | None = None, features: torch.Tensor | None = None

@@ -49,6 +49,14 @@ class SDMTrainingArguments(TrainingArguments):
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes that tokenize the documents (datasets.Dataset.map)."}
     )
+    hard_negative_timing: str = field(
+        default="epoch_start",
+        metadata={
+            "help": "When hard negatives are generated: 'epoch_start' (all at once, batched, with the weights "
+            "of the epoch start; faster) or 'in_epoch' (when the document's batch comes, with that step's "
+            "weights, as the paper does)."
+        },
+    )
     verification_pooling: str = field(
         default="mean_last",
         metadata={
@@ -79,6 +87,11 @@ class SDMTrainingArguments(TrainingArguments):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         from .encoding import verification_feature_pooling
+
+        if self.hard_negative_timing not in ("epoch_start", "in_epoch"):
+            raise ValueError(
+                f"hard_negative_timing must be 'epoch_start' or 'in_epoch', got {self.hard_negative_timing!r}"
+            )
 
         verification_feature_pooling(self.verification_pooling)  # validates it
         if not float(self.head_learning_rate) > 0.0:

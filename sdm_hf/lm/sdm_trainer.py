@@ -156,6 +156,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         self.epoch_state = SDMEpochState()
         self._head_epoch: int | None = None
         self._logged_epochs: set[int] = set()
+        self._pending_generation: dict[int, bool] = {}  # hard_negative_timing="in_epoch"
         self.head: SDMHead | None = None
         # what compute_loss uses: the epoch's head, or the evaluation head while evaluating
         self._loss_head: SDMHead | None = None
@@ -182,9 +183,22 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         self._lean_logits = bool(args.lean_logits) and accepts_logits_to_keep(model)
         if args.disable_dropout:
             disable_dropout(model)
+        if args.hard_negative_timing == "in_epoch" and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ValueError(
+                "hard_negative_timing='in_epoch' generates for each process's own batch, which FSDP / DeepSpeed "
+                "cannot run (every process must join each forward); use hard_negative_timing='epoch_start'"
+            )
         self.add_callback(HardNegativeCallback(self))
         self.add_callback(HeadRefreshCallback(self))
         self.start_epoch(0)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        # Overridden: with hard_negative_timing="in_epoch" the batch's scheduled documents are
+        # generated for with the current weights first, and their wrong generations may replace
+        # their static negatives in this batch (SDMEpochMixin.generate_in_batch).
+        if self._pending_generation and "document_id" in inputs:
+            inputs = self.generate_in_batch(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     # -- loss -----------------------------------------------------------------------------
     def compute_loss(

@@ -50,8 +50,7 @@ def test_two_processes_share_one_head_and_one_cache(tmp_path):
     assert r0["epoch0_head"] == r1["epoch0_head"] and r0["final_head"] == r1["final_head"]
     assert r0["hard_negatives"] == r1["hard_negatives"] and r0["generated"] == r1["generated"]
     # before any training step the distributed run equals the single-process one
-    assert r0["epoch0_head"][:3] == pytest.approx(single["epoch0_head"][:3], rel=1e-4)
-    assert (r0["epoch0_head"][3] is None) == (single["epoch0_head"][3] is None)
+    assert r0["epoch0_head"] == single["epoch0_head"]
     assert r0["generated"][0] == single["generated"][0] == 0 and r0["generated"][1] > 0
     assert r0["loss_finite"] and r1["loss_finite"]
 
@@ -82,9 +81,9 @@ def test_one_and_two_processes_take_the_same_steps_and_one_writes(tmp_path):
     for run in (r0, r1):
         assert run["losses"] == pytest.approx(single["losses"], rel=1e-4)
         assert run["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
-        # the features of the head refresh come from each process's block of the documents:
-        # other batch shapes, so equal to float rounding
-        assert run["epoch0_head"] == pytest.approx(single["epoch0_head"], rel=1e-4)
+        # the refresh's features come in the same batches whatever the number of processes:
+        # before any step the heads are identical; after steps, equal to float rounding
+        assert run["epoch0_head"] == single["epoch0_head"]
         assert run["epoch1_head"] == pytest.approx(single["epoch1_head"], rel=1e-4)
     assert (single["head_writes"], r0["head_writes"], r1["head_writes"]) == (2, 2, 0)  # checkpoint + final
     for run in (single, r0, r1):

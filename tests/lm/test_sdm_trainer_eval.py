@@ -99,3 +99,50 @@ def test_prompts_without_a_positive_reach_the_verification_heads_only(tmp_path):
     final = trainer.build_final_head(generate=False)
     # every calibration version: 16 positives, 16 static negatives and 4 negative-only prompts
     assert final.support.ntotal + final.calibration.size == 36
+
+
+@pytest.mark.parametrize("timing", ["epoch_start", "in_epoch"])
+def test_hard_negatives_at_epoch_start_or_in_the_epoch_with_the_current_weights(tmp_path, timing):
+    tok = tiny_tokenizer()
+    trainer = SDMTrainer(
+        model=tiny_causal_lm(tok),
+        args=make_args(
+            tmp_path,
+            num_train_epochs=2,
+            per_device_train_batch_size=4,
+            gamma_gen=1.0,
+            gamma_diversity=1.0,
+            hard_negatives_from_epoch=1,
+            hard_negative_timing=timing,
+        ),
+        train_dataset=preference(SENTENCES[:24]),
+        processing_class=tok,
+    )
+    weights_seen = []
+    generate = trainer.generate_completions
+
+    def spy(documents):
+        weights_seen.append(float(sum(p.double().sum() for p in trainer.model.parameters())))
+        return generate(documents)
+
+    trainer.generate_completions = spy
+    swapped = []
+    in_batch = trainer.generate_in_batch
+
+    def batch_spy(inputs):
+        out = in_batch(inputs)
+        swapped.append(out is not inputs)
+        return out
+
+    trainer.generate_in_batch = batch_spy
+    trainer.train()
+    negatives_scheduled = sum(1 for r in trainer._train_versions.rows if r["reward"] == 0)
+    assert trainer.epoch_log[0]["generated"] == 0 and trainer.epoch_log[1]["generated"] == negatives_scheduled > 0
+    assert trainer.hard_negatives and all(
+        n.endswith("<verified>No</verified>") for v in trainer.hard_negatives.values() for n in v
+    )
+    if timing == "epoch_start":  # one batched call, before the epoch's first step
+        assert len(weights_seen) == 1
+    else:  # one call per batch holding scheduled documents, each with that step's weights
+        assert len(weights_seen) > 1 and len(set(weights_seen)) == len(weights_seen)
+        assert any(swapped)  # wrong generations replaced static negatives inside their batches
