@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,32 @@ def _prompt(value, row: int) -> Prompt:
     )
 
 
+def _holds_prompt(row: Mapping[str, Any]) -> bool:
+    """Whether a paired row's prompt is inside its ``chosen``: no prompt column, or a chosen
+    conversation that starts before the assistant's turn."""
+    chosen = row.get("chosen")
+    if "prompt" not in row:
+        return True
+    if not (isinstance(chosen, list) and chosen and isinstance(chosen[0], dict)):
+        return False
+    return chosen[0].get("role") != "assistant"
+
+
+def _prompt_extractor(required: bool) -> Callable[[dict], dict] | None:
+    """TRL's ``maybe_extract_prompt`` (splits the shared leading turns or text off ``chosen`` and
+    ``rejected`` when the prompt is implicit in them), or None without TRL unless ``required``."""
+    try:
+        from trl.data_utils import maybe_extract_prompt
+    except ImportError:
+        if required:
+            raise ValueError(
+                "rows without a prompt column (TRL's implicit-prompt format: the prompt inside chosen and "
+                "rejected) need TRL to split the prompt off: pip install trl (or sdm-hf[lm])"
+            ) from None
+        return None
+    return maybe_extract_prompt
+
+
 def _with_suffix(text: str, verified: bool, control: ControlTokens, append: bool, row: int) -> str:
     if control.decision(text) == verified:
         return text
@@ -85,23 +111,32 @@ def prepare_documents(
 ) -> tuple[list[Document], list[dict]]:
     """Documents from a TRL preference dataset (paired or unpaired).
 
+    Paired rows may also come in TRL's implicit-prompt form (only ``chosen`` and ``rejected``,
+    each holding the whole conversation or text): TRL's ``maybe_extract_prompt`` splits their
+    shared beginning off as the prompt, as TRL's preference trainers do.
+
     Returns:
         ``(documents, negative_only)``: the trainable documents and the prompts that had only
         negatives (usable for verification-head data only).
     """
     control = control or ControlTokens()
     columns = set(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
-    paired = {"prompt", "chosen", "rejected"} <= columns
+    implicit = {"chosen", "rejected"} <= columns and "prompt" not in columns  # TRL's implicit prompt
+    paired = {"prompt", "chosen", "rejected"} <= columns or implicit
     unpaired = {"prompt", "completion", "label"} <= columns
     if not (paired or unpaired):
         missing = sorted({"prompt", "chosen", "rejected"} - columns)
         raise ValueError(
-            f"the dataset needs columns prompt/chosen/rejected (paired) or prompt/completion/label "
-            f"(unpaired); it has {sorted(columns)} (missing for the paired format: {missing})"
+            f"the dataset needs columns prompt/chosen/rejected (paired; or chosen/rejected holding the prompt, "
+            f"TRL's implicit prompt) or prompt/completion/label (unpaired); it has {sorted(columns)} "
+            f"(missing for the paired format: {missing})"
         )
     documents: list[Document] = []
     if paired:
+        extract = _prompt_extractor(required=implicit)
         for i, row in enumerate(dataset):
+            if extract is not None and _holds_prompt(row):  # the shared prompt split off chosen/rejected
+                row = extract(dict(row))
             documents.append(
                 Document(
                     id=len(documents),

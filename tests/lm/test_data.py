@@ -35,3 +35,22 @@ def test_encode_documents_names_the_document_that_cannot_be_encoded():
     with pytest.raises(ValueError, match="document 0: max_length=3 cuts the document"):
         encode_documents(tok, documents, CONTROL, max_length=3)
     assert encode_documents(tok, [], CONTROL) == {}
+
+
+def test_trl_implicit_prompt_rows_are_split_by_trl():
+    """Only chosen/rejected, the prompt inside both (TRL's implicit-prompt format): TRL's
+    maybe_extract_prompt splits the shared turns off, as TRL's trainers do."""
+    pytest.importorskip("trl")
+    user = {"role": "user", "content": "Order: dog big"}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "big dog"}],
+            "rejected": [user, {"role": "assistant", "content": "dog big"}],
+        }
+    ]
+    documents, _ = prepare_documents(rows, CONTROL)
+    assert documents[0].prompt == [user]
+    assert documents[0].positive == CONTROL.add("big dog", True)
+    assert documents[0].negatives == [CONTROL.add("dog big", False)]
+    explicit, _ = prepare_documents(ROWS, CONTROL)  # rows with a prompt are left as they are
+    assert explicit[0].prompt == ROWS[0]["prompt"] and explicit[1].prompt == ROWS[1]["prompt"]
