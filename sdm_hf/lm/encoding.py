@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import torch
+from tqdm.auto import tqdm
 
 from ..features import pool_hidden_states
 
@@ -220,10 +221,12 @@ def prefix_features(
     batch_size: int = 8,
     layer: int = -1,
     pooling: str = "mean_last",
+    progress: bool = False,
 ) -> torch.Tensor:
     """Verification-head features of token sequences already cut after ``p`` (each ends at
     its ``p``): ``concat(mean of hidden[0..p], hidden[p])`` of the final layer (or ``layer``),
-    in eval mode; ``pooling="last"`` / ``"mean"`` keep one of the two halves.
+    in eval mode; ``pooling="last"`` / ``"mean"`` keep one of the two halves; ``progress``:
+    a tqdm bar over the batches.
 
     Sequences are batched in order of length (less padding; results are returned in the
     input order), right-padded, and the vocabulary projection is skipped where possible.
@@ -241,7 +244,8 @@ def prefix_features(
     model.eval()
     chunks = []
     try:
-        for start in range(0, len(order), max(1, batch_size)):  # right-padded batches of cut documents
+        starts = range(0, len(order), max(1, batch_size))
+        for start in tqdm(starts, desc="SDM head features", unit="batch", disable=not progress, leave=False):
             batch = [ids[i] for i in order[start : start + max(1, batch_size)]]
             width = max(len(x) for x in batch)
             input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -373,12 +377,14 @@ def generate_greedy(
     prompts: Sequence[Prompt],
     max_new_tokens: int,
     batch_size: int = 8,
+    progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Greedy, batched, left-padded generation with the KV cache, in eval mode.
 
     Args:
         prompts: strings or chat-message lists (formatted with :func:`generation_prompt`).
+        progress: a tqdm bar over the batches.
 
     Returns:
         The decoded new text of each prompt (special tokens skipped).
@@ -389,7 +395,8 @@ def generate_greedy(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only batching
     completions = []
     try:
-        for start in range(0, len(prompts), max(1, batch_size)):
+        starts = range(0, len(prompts), max(1, batch_size))
+        for start in tqdm(starts, desc="generating", unit="batch", disable=not progress, leave=False):
             texts = [generation_prompt(tokenizer, p) for p in prompts[start : start + max(1, batch_size)]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(generator.device)
             out = generator.generate(

@@ -251,6 +251,11 @@ class SDMEpochMixin:
             return [encoded[(d.id, t)] for d, t in zip(documents, texts)]
         return [self._encode(d, t, r) for d, t, r in zip(documents, texts, rewards)]
 
+    @property
+    def _progress(self) -> bool:
+        """Progress bars for the refresh steps: on the main process, unless ``disable_tqdm``."""
+        return not self.args.disable_tqdm and self._world()[0] == 0
+
     def log_epoch_refresh(self, epoch: int) -> None:
         """Send ``epoch``'s ``epoch_log`` entry through ``Trainer.log`` (so TensorBoard, W&B and
         ``state.log_history`` get it), keys prefixed ``sdm/``: ``generated``, ``hard_negatives``,
@@ -272,6 +277,7 @@ class SDMEpochMixin:
             [doc.prompt for doc in documents],
             self.args.max_new_tokens,
             self.args.per_device_eval_batch_size,
+            progress=self._progress,
         )
 
     def wrong_generation(self, doc: Document, generation: str) -> str | None:
@@ -329,6 +335,7 @@ class SDMEpochMixin:
                 batch_size=batch_size,
                 layer=self.args.verification_layer,
                 pooling=self.args.verification_pooling,
+                progress=self._progress,
             )
 
         sorted_features = gather_rows(len(ids), features, self._world(), multiple=batch_size)
@@ -361,7 +368,9 @@ class SDMEpochMixin:
         labels = torch.tensor([r["reward"] for r in rows])
         doc_ids = torch.tensor([r["document_id"] for r in rows])
         base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-        head, support_row = fit_split_head(feats, labels, doc_ids, self.args, seed, base_model=base_model)
+        head, support_row = fit_split_head(
+            feats, labels, doc_ids, self.args, seed, base_model=base_model, progress=self._progress
+        )
         if head is not None:
             timing["head_fit_seconds"] = time.perf_counter() - started
         return head, support_row

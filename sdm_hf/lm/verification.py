@@ -33,6 +33,7 @@ def fit_split_head(
     args: SDMTrainingArguments,
     seed: int,
     base_model: str | None = None,
+    progress: bool = False,
 ) -> tuple[SDMHead | None, torch.Tensor]:
     """Fit a 2-class (No/Yes) SDM head on ``features`` split 50/50 at random.
 
@@ -48,6 +49,7 @@ def fit_split_head(
         args: :class:`~sdm_hf.lm.SDMTrainingArguments`.
         seed: seeds the split and the fit.
         base_model: recorded in the head's config (which model the features come from).
+        progress: the fit's tqdm bar (shuffles x epochs).
 
     Returns:
         ``(head, support_row)``: the head, or None (with a warning: beta = e) when a half has
@@ -91,7 +93,7 @@ def fit_split_head(
             learning_rate=args.head_learning_rate,
             resplit=False,
             seed=seed,
-            progress=False,
+            progress=progress,
         )
     support_row[document_ids[train_idx]] = torch.arange(half)
     head.compute_training_distance_lists()

@@ -146,3 +146,11 @@ def test_hard_negatives_at_epoch_start_or_in_the_epoch_with_the_current_weights(
     else:  # one call per batch holding scheduled documents, each with that step's weights
         assert len(weights_seen) > 1 and len(set(weights_seen)) == len(weights_seen)
         assert any(swapped)  # wrong generations replaced static negatives inside their batches
+
+
+def test_refresh_steps_show_progress_bars_unless_disabled(tmp_path, capsys):
+    for disable in (False, True):
+        _trainer(tmp_path, None, disable_tqdm=disable, gamma_gen=1.0, hard_negatives_from_epoch=0)
+        err = capsys.readouterr().err
+        shown = [bar in err for bar in ("generating", "SDM head features", "fit_sdm_head")]
+        assert shown == [not disable] * 3
