@@ -1,11 +1,14 @@
-"""File helpers shared by sdm_hf's disk caches (:mod:`sdm_hf.model_loading`, :mod:`sdm_hf.feature_cache`).
+"""File helpers shared by everything sdm_hf writes: the disk caches (:mod:`sdm_hf.model_loading`,
+:mod:`sdm_hf.feature_cache`), the saved heads (:mod:`sdm_hf.persistence`) and the trainer's state.
 
 * :func:`default_cache_dir` is ``$SDM_HF_CACHE``, else ``$HF_HOME/sdm_hf``; :func:`cache_root`
   is a caller's ``cache_dir`` or that default.
 * :func:`file_sha256` hashes a file's content in chunks.
-* :func:`read_json` / :func:`json_text` read and write strict JSON (no NaN or Infinity).
-* :func:`atomic_write_bytes` writes a file through a temporary sibling and a rename, so an
-  interrupted run never leaves a half-written file that a later run trusts.
+* :func:`loads_strict` / :func:`read_json` / :func:`json_text` read and write strict JSON (no NaN
+  or Infinity).
+* :func:`atomic_write` (and :func:`atomic_write_bytes` / :func:`atomic_write_text`) writes a file
+  through a temporary sibling, fsync and a rename, so an interrupted or killed run never leaves
+  a half-written file under the final name that a later run trusts.
 * :func:`progress_message` prints an ``sdm_hf: ...`` line to stderr without breaking tqdm bars.
 """
 
@@ -16,6 +19,7 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,9 +29,12 @@ __all__ = [
     "default_cache_dir",
     "cache_root",
     "file_sha256",
+    "loads_strict",
     "read_json",
     "json_text",
+    "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_text",
     "progress_message",
 ]
 
@@ -80,9 +87,18 @@ def _reject_constant(token: str) -> NoReturn:
     raise ValueError(f"non-standard JSON token {token}")
 
 
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that refuses NaN/Infinity (raises ValueError), as strict JSON readers do.
+
+    >>> loads_strict('{"a": 1}')
+    {'a': 1}
+    """
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 def read_json(path: Path) -> Any:
     """Strict JSON (no NaN/Infinity) from ``path``; raises ValueError/OSError."""
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    return loads_strict(path.read_text(encoding="utf-8"))
 
 
 def json_text(value: Any) -> str:
@@ -99,15 +115,27 @@ def json_text(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Let ``write(tmp)`` create a temporary sibling of ``path``, flush it to disk and move it to
+    ``path`` with one ``os.replace``: whatever fails or is killed, ``path`` holds the old file or
+    the new one, never part of one; the temporary file is removed on failure."""
+    path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created with the umask's mode, unlike mkstemp
     try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of ``text`` (UTF-8)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

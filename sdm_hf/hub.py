@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from .head.hub import upload_folder
-from .head.model_card import card_data, merge_model_card
+from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
 from .persistence import CARD_NAME
 
@@ -109,14 +109,7 @@ def save_sdm_model(
     repo_hint = str(card_kwargs.pop("repo_hint", None) or root.name)  # the name the cards' loading snippets use
     if license is not None:
         card_kwargs["license"] = license
-    data = card_data(
-        head.config,
-        head.alpha,
-        None if head.support is None else head.support.labels,
-        head.calibration,
-        repo_hint=repo_hint,
-        subfolder=subfolder,
-    )
+    data = head_card_data(head, repo_hint=repo_hint, subfolder=subfolder)
     card = merge_model_card(existing, data, library_name=root_library(model), **card_kwargs)
     if card.data.get("license") is not None:  # the head's card states the repository's license, never another
         card_kwargs["license"] = card.data.get("license")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save, save_file
 
+from .cache_files import atomic_write, atomic_write_text, loads_strict
 from .format_errors import SDMFormatError
 from .head.state import SDMHeadState
 from .persistence_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
@@ -157,19 +157,6 @@ def state_to_files(state: SDMHeadState | Any) -> tuple[dict, dict[str, torch.Ten
     return config, tensors, documents
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a failure never
-    leaves a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def documents_text(documents: list[dict]) -> str:
     """The support documents as JSON lines (one object per support row)."""
     return "".join(json.dumps(d, ensure_ascii=False, allow_nan=False) + "\n" for d in documents)
@@ -239,15 +226,15 @@ def write_files(
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
     stored, metadata, text, lines = _pack(config, tensors, documents)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(stored, p, metadata=metadata))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(stored, str(p), metadata=metadata))
     # the mirrors, for people and tools that read the folder; loading does not depend on them
     if lines is not None:
-        _atomic_write(directory / DOCUMENTS_NAME, lambda p: Path(p).write_text(lines, encoding="utf-8"))
+        atomic_write_text(directory / DOCUMENTS_NAME, lines)
     else:
         (directory / DOCUMENTS_NAME).unlink(missing_ok=True)
     if card is not None:
-        _atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(card, encoding="utf-8"))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+        atomic_write_text(directory / CARD_NAME, card)
+    atomic_write_text(directory / CONFIG_NAME, text + "\n")
 
 
 def remove_leftovers(directory: Path, older_than: float = STALE_SECONDS) -> None:
@@ -263,10 +250,6 @@ def remove_leftovers(directory: Path, older_than: float = STALE_SECONDS) -> None
 
 
 # -- reading ------------------------------------------------------------------------------
-def _reject_constant(token: str):
-    raise ValueError(f"non-standard JSON token {token}")
-
-
 def read_config(path: Path) -> dict:
     if not path.is_file():
         raise SDMFormatError(path, "missing: this is not an SDM head directory (no config.json)")
@@ -280,7 +263,7 @@ def read_config(path: Path) -> dict:
 def parse_config(text: str, path) -> dict:
     """A head config from its JSON text, checked (strict JSON, format version, keys)."""
     try:
-        config = json.loads(text, parse_constant=_reject_constant)
+        config = loads_strict(text)
     except ValueError as err:
         raise SDMFormatError(path, f"not valid strict JSON ({err})") from None
     if not isinstance(config, dict) or FORMAT_KEY not in config:
@@ -332,7 +315,7 @@ def parse_documents(text: str, path, size: int) -> list[dict]:
     try:
         for line in text.splitlines():
             if line.strip():
-                documents.append(json.loads(line, parse_constant=_reject_constant))
+                documents.append(loads_strict(line))
     except ValueError as err:
         raise SDMFormatError(path, f"not valid JSON lines ({err})") from None
     if len(documents) != size or not all(isinstance(d, dict) for d in documents):

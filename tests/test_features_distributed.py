@@ -2,10 +2,7 @@
 (torchrun and accelerate launch, gloo on CPU) against one."""
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from sdm_hf.distributed_features import launched_processes, shard_order, texts_s
 from sdm_hf.feature_cache import cached_features
 from sdm_hf.features import extract_features
 from tests.features_distributed_worker import TEXTS, tiny_bert
+from tests.launch import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "features_distributed_worker.py"
@@ -106,17 +104,7 @@ LAUNCHERS = {
 
 
 def _run(args, out):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    res = subprocess.run(
-        [sys.executable, *args, str(WORKER), str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-8000:]
+    run_worker(args, WORKER, out)
 
 
 def _results(out: Path, rank: int, world: int):

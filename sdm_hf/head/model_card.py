@@ -47,6 +47,7 @@ from .state import CalibrationState
 __all__ = [
     "SDMCardData",
     "card_data",
+    "head_card_data",
     "render_model_card",
     "render_section",
     "merge_model_card",
@@ -105,6 +106,14 @@ class SDMCardData:
     tags: list[str] = field(default_factory=lambda: sorted(HUB_TAGS))
     calibrated: bool = False
     overall: dict = field(default_factory=dict)
+
+
+def head_card_data(
+    head: Any, repo_hint: str | None = None, subfolder: str | None = None, tags: Iterable[str] = HUB_TAGS
+) -> SDMCardData:
+    """:func:`card_data` of an ``SDMHead`` (its config, alpha, support labels, calibration)."""
+    labels = None if head.support is None else head.support.labels
+    return card_data(head.config, head.alpha, labels, head.calibration, repo_hint, subfolder, tags)
 
 
 def card_data(

@@ -38,7 +38,7 @@ from .config import SDMConfig
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
 from .hub import SDMHubMixin
 from .inference import SDMOutput, assemble_output
-from .model_card import HUB_TAGS, card_data, render_model_card
+from .model_card import HUB_TAGS, head_card_data, render_model_card
 from .module import SDMModule
 from .state import CalibrationState, SDMHeadState
 from .support import SupportSet
@@ -492,7 +492,6 @@ class SDMHead(
         """The head's model card (Hub YAML metadata with the calibration results + summary + the
         promise); ``model_card_kwargs`` (``license``, ``tags``, ...) as in
         :func:`sdm_hf.head.model_card.render_model_card`. No license unless one is given."""
-        labels = None if self.support is None else self.support.labels
         tags = self._hub_mixin_info.model_card_data.tags or HUB_TAGS  # huggingface_hub adds its own tag
-        data = card_data(self.config, self.alpha, labels, self.calibration, repo_hint, subfolder, tags)
+        data = head_card_data(self, repo_hint, subfolder, tags)
         return render_model_card(data, **model_card_kwargs)

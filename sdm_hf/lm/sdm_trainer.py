@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_utils import HubStrategy
 
+from ..cache_files import atomic_write_text
 from ..head.modeling import SDMHead
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
@@ -313,7 +314,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
             self.head.save_pretrained(folder / HEAD_SUBFOLDER)
         elif (folder / HEAD_SUBFOLDER / "model.safetensors").is_file():
             shutil.rmtree(folder / HEAD_SUBFOLDER)  # an earlier head does not belong to these weights
-        (folder / STATE_NAME).write_text(self.epoch_state.to_json(self.documents), encoding="utf-8")
+        atomic_write_text(folder / STATE_NAME, self.epoch_state.to_json(self.documents))  # old or new, never half
         for legacy in LEGACY_STATE_NAMES:  # a former state file there held training texts
             (folder / legacy).unlink(missing_ok=True)
 

@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..head.model_card import (
     SECTION_END,
     SECTION_START,
-    card_data,
+    head_card_data,
     merge_model_card,
     render_section,
     replace_section,
@@ -158,14 +158,7 @@ def sdm_trainer_card(
     """
     extra = [*LM_TAGS, *(tags or [])]
     if head is not None:
-        head_data = card_data(
-            head.config,
-            head.alpha,
-            None if head.support is None else head.support.labels,
-            head.calibration,
-            repo_hint=repo_hint,
-            subfolder=subfolder,
-        )
+        head_data = head_card_data(head, repo_hint=repo_hint, subfolder=subfolder)
         card = merge_model_card(existing, head_data, library_name="transformers", tags=extra)
         section = render_trainer_section(data, render_section(head_data), repo_hint)
     else:

@@ -1,15 +1,13 @@
 """sdm_hf.lm.distributed: one process (identities) and two (torchrun, gloo on CPU) against one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sdm_hf.lm.distributed import broadcast_head, gather_lists, process_world
+from tests.launch import TORCHRUN_2, run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -26,21 +24,12 @@ def test_one_process_is_rank_zero_and_needs_no_communication():
 
 
 def _run(args, out):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(
-        [sys.executable, *args, str(WORKER), str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-8000:]
+    run_worker(args, WORKER, out)
 
 
 @pytest.mark.slow
 def test_two_processes_share_one_head_and_one_cache(tmp_path):
-    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path)  # a free local port
+    _run(TORCHRUN_2, tmp_path)
     _run([], tmp_path)
     r0, r1, single = (
         json.loads((tmp_path / name).read_text()) for name in ("rank0_of2.json", "rank1_of2.json", "rank0_of1.json")
@@ -63,17 +52,8 @@ def test_one_and_two_processes_take_the_same_steps_and_one_writes(tmp_path):
     """The same global batch (8 = 1 x 8 = 2 x 4): equal logged losses and gradient norms,
     equal heads, the per-epoch refresh figures in the log history, and the head written by
     one process only."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]):
-        res = subprocess.run(
-            [sys.executable, *launcher, str(BATCH_WORKER), str(tmp_path)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            timeout=600,
-        )
-        assert res.returncode == 0, res.stderr[-8000:]
+    for launcher in ([], TORCHRUN_2):
+        run_worker(launcher, BATCH_WORKER, tmp_path)
     single, r0, r1 = (
         json.loads((tmp_path / f"batch_{name}.json").read_text()) for name in ("rank0_of1", "rank0_of2", "rank1_of2")
     )
