@@ -154,3 +154,30 @@ def test_refresh_steps_show_progress_bars_unless_disabled(tmp_path, capsys):
         err = capsys.readouterr().err
         shown = [bar in err for bar in ("generating", "SDM head features", "fit_sdm_head")]
         assert shown == [not disable] * 3
+
+
+def test_a_failed_state_write_keeps_the_previous_state_file(tmp_path, monkeypatch):
+    """The SDM state file of a checkpoint is replaced atomically: a save that fails while
+    writing it leaves the previous, loadable file."""
+    import os
+
+    from sdm_hf.lm.state import STATE_NAME
+
+    trainer = _trainer(tmp_path, None)
+    folder = tmp_path / "checkpoint"
+    trainer._save(str(folder))
+    before = (folder / STATE_NAME).read_text()
+    trainer.epoch_state.prepared_epoch = 5  # a different state to write
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith(STATE_NAME):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        trainer._save(str(folder))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (folder / STATE_NAME).read_text() == before
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
