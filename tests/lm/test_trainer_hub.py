@@ -59,6 +59,7 @@ def test_card_keeps_transformers_metadata_and_adds_the_sdm_part(tmp_path):
     section = text.split(SECTION_START)[1].split(SECTION_END)[0]
     assert "## SDM language model" in section and "## SDM head" in section
     assert "Base model: `org/tiny-llama`" in section
+    assert 'pipeline("sdm-verify"' in section and "load_sdm_model" not in section  # how an LM head is used
     assert "high-reliability" in section and f"alpha = {trainer.args.alpha}" in section
     for column in ("`prompt`", "`chosen`", "`rejected`", "`completion`", "`label`"):
         assert column in section
