@@ -123,7 +123,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created with the umask's mode, unlike mkstemp
     try:
         write(tmp)
-        with open(tmp, "rb") as handle:
+        with open(tmp, "r+b") as handle:  # a writable handle: fsync of a read-only one fails on Windows
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

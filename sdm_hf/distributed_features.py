@@ -138,7 +138,9 @@ def features_across_processes(
         ValueError: the processes were given different texts, or their features differ in width.
         RuntimeError: another process failed to compute its shard (its error is named).
     """
-    from accelerate.utils import gather, gather_object, pad_across_processes
+    from accelerate.utils import gather, pad_across_processes
+
+    from .collectives import gather_json
 
     state = process_state()
     run_on = state.device if device is None else device
@@ -163,7 +165,7 @@ def features_across_processes(
         texts_sha256(texts),
         "" if error is None else f"{type(error).__name__}: {error}",
     )
-    statuses = gather_object([status])
+    statuses = [tuple(s) for s in gather_json(list(status), (state.process_index, world))]  # JSON, not pickle
     failed = _failure(statuses)
     if error is not None:
         raise error
@@ -210,7 +212,9 @@ def main_process_cached(
     Raises:
         RuntimeError: ``load`` raised on the main process (its error is named).
     """
-    from accelerate.utils import broadcast, broadcast_object_list
+    from accelerate.utils import broadcast
+
+    from .collectives import broadcast_json
 
     state = process_state()
     if state.num_processes == 1:
@@ -225,9 +229,8 @@ def main_process_cached(
             found = load()
         except Exception as err:  # reported to every process below
             problem = f"{type(err).__name__}: {err}"
-    header: list = [None if found is None else list(found.shape), problem]
-    broadcast_object_list(header, from_process=0)
-    shape, problem = header
+    header = [None if found is None else list(found.shape), problem]
+    shape, problem = broadcast_json(header, (state.process_index, state.num_processes))
     if problem:
         raise RuntimeError(f"reading the cache failed on the main process: {problem}")
     if shape is not None:  # a hit: the main process's tensor, sent to the others

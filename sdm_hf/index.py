@@ -25,6 +25,7 @@ is never serialised: it is rebuilt from the stored exemplars (``SupportIndex.fro
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 try:
@@ -93,15 +94,24 @@ def faiss_gpu_available() -> bool:
 def gpu_shard_count(nbytes: int, device: torch.device) -> int:
     """How many GPUs an exact float32 support of ``nbytes`` is spread over on ``device``: 1 on
     the CPU, with one GPU or when it fits in ``_GPU_SHARE`` of the device's free memory; else
-    as many as FAISS sees up to the number it needs at that share each."""
-    if device.type != "cuda" or not faiss_gpu_available():
-        return 1
+    as many as FAISS sees up to the number it needs at that share of the least free GPU each.
+    Never in a run of several processes (each owns its GPU there)."""
+    if device.type != "cuda" or not faiss_gpu_available() or _several_processes():
+        return 1  # with several processes each owns its GPU: shards would land on the others'
     gpus = int(faiss.get_num_gpus())
     free, _ = torch.cuda.mem_get_info(device)
-    budget = max(_GPU_SHARE * float(free), 1.0)
-    if gpus <= 1 or nbytes <= budget:
+    if gpus <= 1 or nbytes <= max(_GPU_SHARE * float(free), 1.0):
         return 1
-    return min(gpus, math.ceil(nbytes / budget))
+    # every GPU that takes a shard must have the room: the least free one sets the share
+    least = min(float(torch.cuda.mem_get_info(torch.device("cuda", g))[0]) for g in range(gpus))
+    return min(gpus, math.ceil(nbytes / max(_GPU_SHARE * least, 1.0)))
+
+
+def _several_processes() -> bool:
+    """Whether this process is one of several of a run (torchrun / accelerate launch)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
 
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
@@ -352,7 +362,8 @@ class SupportIndex:
             self._own = None
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[len(rows), M]`` exemplars of ``rows`` in the storage dtype, on ``self.device``."""
+        """``[len(rows), M]`` exemplars of ``rows`` in the storage dtype, where the stored copy
+        lives (``self.device``; the host for a support sharded over GPUs)."""
         rows = rows.long()
         if self._own is None and self.index_type == "ivf":
             out = torch.empty((rows.numel(), self._dim), dtype=STORAGE_DTYPES[self.storage])

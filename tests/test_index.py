@@ -151,6 +151,9 @@ def test_gpu_shard_count_spreads_only_what_does_not_fit(monkeypatch):
     assert gpu_shard_count(4 * 10**9, cuda) == 1  # within half of the free 10 GB
     assert gpu_shard_count(12 * 10**9, cuda) == 3  # 5 GB per GPU
     assert gpu_shard_count(10**12, cuda) == 4  # all there are
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert gpu_shard_count(10**12, cuda) == 1  # one of several processes: each owns its GPU
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     assert gpu_shard_count(10**12, cuda) == 1
 

@@ -13,10 +13,11 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..collectives import broadcast_bytes, broadcast_json, gather_bytes, gather_lists, wire_device
 from ..head.modeling import SDMHead
 from ..persistence import state_from_bytes, state_to_bytes
 
@@ -50,55 +51,12 @@ def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
     return 0, 1
 
 
-def _wire_device() -> torch.device:
-    """Where collective buffers must live: the current GPU under NCCL, else the CPU (gloo)."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _as_tensor(data: bytes, device: torch.device) -> torch.Tensor:
-    return (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-        if data
-        else torch.zeros(0, dtype=torch.uint8, device=device)
-    )
-
-
-def broadcast_bytes(data: bytes | None, world: tuple[int, int]) -> bytes:
-    """Rank 0's ``data`` on every process, as plain uint8 tensors through accelerate's
-    ``broadcast`` (no pickle on the wire)."""
-    from accelerate.utils import broadcast
-
-    rank, _ = world
-    device = _wire_device()
-    length = broadcast(torch.tensor([len(data or b"") if rank == 0 else 0], dtype=torch.int64, device=device))
-    buffer = (
-        _as_tensor(data or b"", device) if rank == 0 else torch.empty(int(length), dtype=torch.uint8, device=device)
-    )
-    return bytes(broadcast(buffer).cpu().numpy())
-
-
-def gather_bytes(data: bytes, world: tuple[int, int]) -> list[bytes]:
-    """Every process's ``data``, in rank order, on every process: uint8 tensors padded to the
-    longest with accelerate's ``pad_across_processes``, then ``gather`` (no pickle on the wire)."""
-    from accelerate.utils import gather, pad_across_processes
-
-    _, size = world
-    device = _wire_device()
-    lengths = gather(torch.tensor([len(data)], dtype=torch.int64, device=device)).tolist()
-    # a 1-byte sentinel keeps every buffer non-empty (padding needs at least one element)
-    padded = pad_across_processes(_as_tensor(data + b"\0", device), dim=0)
-    parts = gather(padded).view(size, -1).cpu()
-    return [bytes(part[: int(n)].numpy()) for part, n in zip(parts, lengths)]
-
-
 def gather_rows(
     n: int, compute: Callable[[list[int]], torch.Tensor], world: tuple[int, int], multiple: int = 1
 ) -> torch.Tensor:
     """``compute(range(n))`` with the work shared: process ``r`` computes the rows of its
     contiguous block (``ceil(n / P)`` rows rounded up to a ``multiple``, so that blocks hold
-    whole batches; padded with repeats of its first row, or of row 0, so every process makes
+    whole batches; padded with repeats of its last row, or of row 0, so every process makes
     the same calls: under FSDP / ZeRO-3 every forward needs them all), and accelerate's
     ``gather`` returns all ``[n, D]`` rows in order on every process.
 
@@ -116,23 +74,8 @@ def gather_rows(
     share = math.ceil(n / size)  # rows per process, then rounded up to whole batches
     per = max(1, math.ceil(share / multiple) * multiple)
     mine = list(range(rank * per, min(n, (rank + 1) * per)))
-    local = compute(mine + [mine[0] if mine else 0] * (per - len(mine)))
-    return gather(local.to(_wire_device())).cpu()[:n]  # block r holds rows r*per.. in order
-
-
-def gather_lists(local: list, world: tuple[int, int]) -> list:
-    """Every process's ``local`` list, concatenated in rank order (the same list on every
-    process). ``local`` must be JSON-serialisable (strings, numbers, lists of them; tuples come
-    back as lists): it travels as strict JSON between the processes of one training run.
-
-    Args:
-        world: ``(rank, world_size)`` from :func:`process_world`.
-    """
-    _, size = world
-    if size == 1:
-        return list(local)
-    parts = gather_bytes(json.dumps(list(local), allow_nan=False).encode("utf-8"), world)
-    return [item for part in parts for item in json.loads(part)]
+    local = compute(mine + [mine[-1] if mine else 0] * (per - len(mine)))
+    return gather(local.to(wire_device())).cpu()[:n]  # block r holds rows r*per.. in order
 
 
 def broadcast_head(
@@ -171,12 +114,3 @@ def broadcast_head(
     head = SDMHead.from_state(state_from_bytes(data, "<broadcast head>"), device="cpu")
     head.compute_training_distance_lists()
     return head, torch.tensor(json.loads(rows), dtype=torch.long)
-
-
-def broadcast_json(value: Any, world: tuple[int, int]) -> Any:
-    """Rank 0's JSON-serialisable ``value`` on every process (the others' are ignored)."""
-    rank, size = world
-    if size == 1:
-        return value
-    data = broadcast_bytes(json.dumps(value).encode("utf-8") if rank == 0 else None, world)
-    return json.loads(data)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..collectives import gather_json
 from ..head.modeling import SDMHead
 from .data import Document, VersionDataset
 from .distributed import broadcast_head, broadcast_json, gather_lists, gather_rows, process_world
@@ -53,7 +54,6 @@ class SDMEpochMixin:
     head: SDMHead | None
     _encoded: dict[tuple[int, str], dict]
     _head_epoch: int | None
-    _pending_generation: dict[int, bool]
     _logged_epochs: set[int]
     _loss_head: SDMHead | None
     _loss_support_row: torch.Tensor | None
@@ -124,8 +124,8 @@ class SDMEpochMixin:
         rng = np.random.default_rng([args.seed, epoch, 1])
         in_epoch = args.hard_negative_timing == "in_epoch"
         if in_epoch:  # each process cached what it generated for its own batches: merge them
-            local = sorted(state.hard_negatives.items())
-            state.hard_negatives = {int(k): list(v) for k, v in gather_lists(local, self._world())}
+            self.sync_in_epoch_state()
+        state.pending_generation = {}
         state.previous_hard_negatives, state.hard_negatives = state.hard_negatives, {}
         texts, rewards = self._draw_versions(self.documents, rng, lambda d: d.negatives)
         generate = [
@@ -136,7 +136,7 @@ class SDMEpochMixin:
         started = time.perf_counter()
         if in_epoch:  # generated when the document's batch comes, with the weights of that step
             coins = rng.random(len(generate)) < args.gamma_diversity  # pre-drawn: outcomes shift no draw
-            self._pending_generation = {self.documents[i].id: bool(c) for i, c in zip(generate, coins)}
+            state.pending_generation = {self.documents[i].id: bool(c) for i, c in zip(generate, coins)}
         elif generate:
             self._generate_hard_negatives(generate, texts, rng)
         generation_seconds = time.perf_counter() - started
@@ -191,19 +191,12 @@ class SDMEpochMixin:
             for d in self.negative_only_documents
         ]
         n_ids = len(self.documents) + len(self.negative_only_documents)
-        head, support_row = None, torch.full((n_ids,), -1, dtype=torch.long)
         timing: dict[str, float] = {}
-        world = self._world()
-        started = time.perf_counter()
-        feats = self.verification_features_of(rows)  # every process embeds a block of the rows
-        timing["head_features_seconds"] = time.perf_counter() - started
-        if world[0] == 0:  # trained once, on the main process, then broadcast
-            seed = int(self.args.seed) * 1000 + epoch
-            head, support_row = self.fit_verification_head(rows, seed=seed, timing=timing, features=feats)
-            if head is not None:
-                timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
-        self.head, state.support_row = broadcast_head(head, support_row, world)
-        timing = broadcast_json(timing, world)  # every process logs the same figures
+        # features on every process (a block each), fitted once on the main process, shared
+        seed = int(self.args.seed) * 1000 + epoch
+        self.head, state.support_row = self.fit_shared_head(rows, seed=seed, timing=timing)
+        if state.support_row.numel() < n_ids:  # no head: every document id maps to no support row
+            state.support_row = torch.full((n_ids,), -1, dtype=torch.long)
         self._loss_head, self._loss_support_row = self.head, state.support_row
         if self.epoch_log and self.epoch_log[-1]["epoch"] == epoch:
             self.epoch_log[-1].update(timing)
@@ -217,10 +210,11 @@ class SDMEpochMixin:
         new batch. The token count the Trainer took from the drawn batch is kept: a negative
         trains only its control string, so swapping one negative for another keeps it."""
         ids = inputs["document_id"].tolist()
-        todo = [d for d in ids if d in self._pending_generation]
+        pending = self.epoch_state.pending_generation
+        todo = list(dict.fromkeys(d for d in ids if d in pending))  # a document twice in a batch: once
         if not todo:
             return inputs
-        coins = {d: self._pending_generation.pop(d) for d in todo}
+        coins = {d: pending.pop(d) for d in todo}
         started = time.perf_counter()
         outputs = self.generate_completions([self.documents[d] for d in todo])
         replaced: dict[int, dict] = {}
@@ -239,6 +233,73 @@ class SDMEpochMixin:
         trainer: Any = self  # the trainer this is mixed into: its ContrastiveMaskingCollator
         rows = [replaced.get(d, self._train_versions.rows[d]) for d in ids]  # version rows are in id order
         return trainer.data_collator(rows)
+
+    def sync_in_epoch_state(self) -> None:
+        """``hard_negative_timing="in_epoch"`` with several processes: every process generated
+        for its own batches, so merge the hard-negative caches (union) and what is still to be
+        generated (the documents no process has reached yet) into one state on every process.
+        A collective call (every process must make it); nothing to do with one process."""
+        world = self._world()
+        if world[1] == 1 or self.args.hard_negative_timing != "in_epoch":
+            return
+        state = self.epoch_state
+        local = {
+            "pending": sorted(state.pending_generation),
+            "hard": sorted([int(k), list(v)] for k, v in state.hard_negatives.items()),
+        }
+        parts = gather_json(local, world)
+        still = set.intersection(*(set(p["pending"]) for p in parts))
+        state.pending_generation = {d: c for d, c in state.pending_generation.items() if d in still}
+        merged: dict[int, list[str]] = {}
+        for part in parts:
+            for doc_id, negatives in part["hard"]:
+                merged.setdefault(int(doc_id), []).extend(n for n in negatives if n not in merged.get(int(doc_id), []))
+        state.hard_negatives = dict(sorted(merged.items()))
+
+    def fit_shared_head(
+        self, rows: list[dict], seed: int, timing: dict | None = None
+    ) -> tuple[SDMHead | None, torch.Tensor]:
+        """:meth:`fit_verification_head` once for all processes: every process computes its block
+        of the features (:meth:`verification_features_of`), the main process fits, and the head
+        (or the main process's error, raised on every process: none is left waiting) is sent to
+        the others. With one process it is :meth:`fit_verification_head`."""
+        timing = timing if timing is not None else {}
+        world = self._world()
+        started = time.perf_counter()
+        feats = self.verification_features_of(rows)
+        timing["head_features_seconds"] = time.perf_counter() - started
+        n_ids = 1 + max((int(r["document_id"]) for r in rows), default=-1)
+        head, support_row, problem = None, torch.full((n_ids,), -1, dtype=torch.long), ""
+        if world[0] == 0:
+            try:
+                head, support_row = self.fit_verification_head(rows, seed=seed, timing=timing, features=feats)
+                if head is not None:
+                    timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
+            except Exception as error:  # raised below on every process
+                if world[1] == 1:
+                    raise
+                problem = f"{type(error).__name__}: {error}"
+        problem = broadcast_json(problem, world)
+        if problem:
+            raise RuntimeError(f"fitting the verification head failed on the main process: {problem}")
+        head, support_row = broadcast_head(head, support_row, world)
+        timing.update(broadcast_json(timing, world))  # every process logs the same figures
+        return head, support_row
+
+    def generate_shared(self, documents: list[Document]) -> list[str]:
+        """:meth:`generate_completions` of ``documents`` with the work shared between processes
+        (process ``r`` takes documents ``r, r + P, ...``, padded with a repeat so every process
+        makes the same generate calls, as FSDP / ZeRO-3 need); every process gets all of them,
+        in order."""
+        world = self._world()
+        rank, size = world
+        if size == 1 or not documents:
+            return self.generate_completions(documents)
+        mine = list(range(rank, len(documents), size))
+        share = -(-len(documents) // size)
+        padded = mine + [mine[-1] if mine else 0] * (share - len(mine))
+        outputs = self.generate_completions([documents[i] for i in padded])[: len(mine)]
+        return [text for _, text in sorted(gather_lists(list(zip(mine, outputs)), world))]
 
     def evaluation_rows(self, documents: list[Document], encoded: dict | None = None) -> list[dict]:
         """The encoded version of each evaluation document: drawn like a training version
@@ -291,17 +352,9 @@ class SDMEpochMixin:
     def _generate_hard_negatives(self, indices: list[int], texts: list[str], rng) -> None:
         # With several processes each generates for its share and the results are merged, in
         # document order, on every process, so the caches and the remaining draws agree.
-        world = self._world()
-        rank, size = world
-        mine = indices[rank::size]
-        # every process generates as many documents (its share, padded with a repeat), so each
-        # makes the same generate calls: under FSDP / ZeRO-3 every step needs them all
-        share = -(-len(indices) // size)
-        padded = mine + [indices[0]] * (share - len(mine))
-        outputs = self.generate_completions([self.documents[i] for i in padded])[: len(mine)]
-        generated = gather_lists(list(zip(mine, outputs)), world)
+        outputs = self.generate_shared([self.documents[i] for i in indices])
         cache = self.epoch_state.hard_negatives
-        for i, generation in sorted(generated):
+        for i, generation in zip(indices, outputs):
             doc = self.documents[i]
             negative = self.wrong_generation(doc, generation)
             if negative is None:
@@ -325,7 +378,8 @@ class SDMEpochMixin:
         batch_size = max(1, self.args.per_device_eval_batch_size)
         # sorted by length and cut into whole batches before they are shared, so every batch (its
         # rows, its padding) is the same whatever the number of processes
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        order = torch.argsort(lengths, stable=True).tolist()
 
         def features(part: list[int]) -> torch.Tensor:
             return prefix_features(
@@ -385,7 +439,7 @@ class SDMEpochMixin:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
         extra: dict[int, list[str]] = {}
         if generate:
-            for doc, generation in zip(self.eval_documents, self.generate_completions(self.eval_documents)):
+            for doc, generation in zip(self.eval_documents, self.generate_shared(self.eval_documents)):
                 negative = self.wrong_generation(doc, generation)
                 if negative is not None:
                     extra.setdefault(doc.id, []).append(negative)
@@ -396,7 +450,7 @@ class SDMEpochMixin:
         for doc in self.eval_negative_only_documents:  # calibration prompts without a positive
             rows.extend(self._encode(doc, text, False) for text in doc.negatives)
         rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
-        head, _ = self.fit_verification_head(rows, seed=int(self.args.seed) + 99)
+        head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99)
         if head is None:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
         self.final_head_generated_negatives = sum(len(v) for v in extra.values())

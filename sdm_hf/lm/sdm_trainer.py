@@ -48,7 +48,6 @@ from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
 from .state import LEGACY_STATE_NAMES, STATE_NAME, SDMEpochState, find_state_file
 from .trainer_card import SDM_SETTINGS, TrainerCardData, sdm_trainer_card
-from .verification import head_metrics
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
 
@@ -157,7 +156,6 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         self.epoch_state = SDMEpochState()
         self._head_epoch: int | None = None
         self._logged_epochs: set[int] = set()
-        self._pending_generation: dict[int, bool] = {}  # hard_negative_timing="in_epoch"
         self.head: SDMHead | None = None
         # what compute_loss uses: the epoch's head, or the evaluation head while evaluating
         self._loss_head: SDMHead | None = None
@@ -197,7 +195,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         # Overridden: with hard_negative_timing="in_epoch" the batch's scheduled documents are
         # generated for with the current weights first, and their wrong generations may replace
         # their static negatives in this batch (SDMEpochMixin.generate_in_batch).
-        if self._pending_generation and "document_id" in inputs:
+        if self.epoch_state.pending_generation and "document_id" in inputs:
             inputs = self.generate_in_batch(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -257,7 +255,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         # preference dataset (prepared here, its versions seeded like the constructor's), a
         # dict of them or None (the constructor's sets); with several sets every metric is
         # prefixed ``{metric_key_prefix}_{name}``, as the Trainer does.
-        if isinstance(eval_dataset, dict) or (eval_dataset is None and len(self.eval_sets) > 1):
+        if isinstance(eval_dataset, dict) or (eval_dataset is None and self.eval_sets and "" not in self.eval_sets):
             sets = eval_dataset if isinstance(eval_dataset, dict) else {name: name for name in self.eval_sets}
             metrics: dict[str, float] = {}
             for name, data in sets.items():
@@ -286,10 +284,11 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         extra: dict[str, float] = {}
         saved = (self._loss_head, self._loss_support_row)
         if self.args.use_sdm_loss:
-            eval_head, eval_support = self.fit_verification_head(versions.rows, seed=int(self.args.seed) + 77)
+            timing: dict[str, float] = {}  # the main process's head figures, the same on every process
+            eval_head, eval_support = self.fit_shared_head(versions.rows, seed=int(self.args.seed) + 77, timing=timing)
             self._loss_head, self._loss_support_row = eval_head, eval_support
-            if eval_head is not None:
-                extra = {f"{metric_key_prefix}_head_{k}": v for k, v in head_metrics(eval_head).items()}
+            figures = {k: v for k, v in timing.items() if k.startswith("head_") and not k.endswith("_seconds")}
+            extra = {f"{metric_key_prefix}_{k}": v for k, v in figures.items()}
         try:
             metrics = super().evaluate(versions, ignore_keys, metric_key_prefix)
         finally:
@@ -310,13 +309,21 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         if not self.args.should_save:  # transformers calls _save on every process; one writes
             return
         folder = Path(output_dir or self.args.output_dir or ".")
-        if self.head is not None:
-            self.head.save_pretrained(folder / HEAD_SUBFOLDER)
+        if self.head is not None:  # its card names the repository it will be pushed to, not this folder
+            hint = self.args.hub_model_id or Path(self.args.output_dir or folder).name
+            self.head.save_pretrained(folder / HEAD_SUBFOLDER, model_card_kwargs={"repo_hint": hint})
         elif (folder / HEAD_SUBFOLDER / "model.safetensors").is_file():
             shutil.rmtree(folder / HEAD_SUBFOLDER)  # an earlier head does not belong to these weights
         atomic_write_text(folder / STATE_NAME, self.epoch_state.to_json(self.documents))  # old or new, never half
         for legacy in LEGACY_STATE_NAMES:  # a former state file there held training texts
             (folder / legacy).unlink(missing_ok=True)
+
+    def _save_checkpoint(self, model, trial):
+        # Overridden: with hard_negative_timing="in_epoch" each process generated for its own
+        # batches; their caches and what is still to generate are merged first (every process
+        # comes here), so the checkpoint's state is the run's, not only the main process's.
+        self.sync_in_epoch_state()
+        return super()._save_checkpoint(model, trial)
 
     def _read_epoch_state(self, folder: Path) -> SDMEpochState | None:
         """The SDM state of checkpoint ``folder`` (any of its file names), or None without one."""
@@ -440,7 +447,10 @@ class SDMTrainer(SDMEpochMixin, Trainer):
 
         if self.head is None:
             raise ValueError("no verification head yet: train (use_sdm_loss=True) or call build_final_head()")
-        return save_sdm_model(self.model, self.head, output_dir, tokenizer=self.processing_class)
+        if self.args.should_save:  # with several processes one writes; the others wait for it
+            save_sdm_model(self.model, self.head, output_dir, tokenizer=self.processing_class)
+        self.accelerator.wait_for_everyone()
+        return Path(output_dir)
 
 
 def copy_head(source: Path, target: Path) -> None:

@@ -61,6 +61,8 @@ class SDMEpochState:
         previous_hard_negatives: the previous epoch's, which this epoch's head refresh may draw.
         support_row: ``[num_document_ids]`` long tensor, the verification head's support row of
             each document id in the head's own training half, -1 elsewhere (None: no head yet).
+        pending_generation: with ``hard_negative_timing="in_epoch"``, the documents still to be
+            generated for this epoch, each with its pre-drawn ``gamma_diversity`` decision.
     """
 
     prepared_epoch: int | None = None
@@ -68,6 +70,7 @@ class SDMEpochState:
     hard_negatives: dict[int, list[str]] = field(default_factory=dict)
     previous_hard_negatives: dict[int, list[str]] = field(default_factory=dict)
     support_row: torch.Tensor | None = None
+    pending_generation: dict[int, bool] = field(default_factory=dict)
 
     def to_json(self, documents: Sequence[Document] | None = None) -> str:
         """Strict JSON text (no ``NaN``/``Infinity`` tokens; document ids as string keys).
@@ -90,6 +93,7 @@ class SDMEpochState:
             "hard_negatives": {str(k): [ref(t) for t in v] for k, v in self.hard_negatives.items()},
             "previous_hard_negatives": {str(k): [ref(t) for t in v] for k, v in self.previous_hard_negatives.items()},
             "support_row": None if self.support_row is None else [int(x) for x in self.support_row.tolist()],
+            "pending_generation": [[int(k), bool(v)] for k, v in sorted(self.pending_generation.items())],
         }
         return json.dumps(payload, allow_nan=False)
 
@@ -144,6 +148,12 @@ class SDMEpochState:
         versions = data["versions"]
         if not isinstance(versions, list) or not all(_is_version(v) for v in versions):
             fail("versions must be a list of [document_id, text, reward] with a non-negative integer id")
+        pending = data.get("pending_generation", [])
+        if not (
+            isinstance(pending, list)
+            and all(isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and isinstance(p[1], bool) for p in pending)
+        ):
+            fail("pending_generation must be a list of [document_id, bool]")
         support = data.get("support_row")
         if support is not None and not (isinstance(support, list) and all(_is_int(x) and x >= -1 for x in support)):
             fail("support_row must be null or a list of integers >= -1")
@@ -171,6 +181,7 @@ class SDMEpochState:
             hard_negatives=caches("hard_negatives"),
             previous_hard_negatives=caches("previous_hard_negatives"),
             support_row=None if support is None else torch.tensor(support, dtype=torch.long),
+            pending_generation={int(k): bool(v) for k, v in pending},
         )
 
 

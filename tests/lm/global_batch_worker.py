@@ -55,6 +55,7 @@ def main(out: str) -> None:
     first = head_summary(trainer.head)
     trainer.train()
     trainer.save_model(str(Path(out) / f"run{world}" / "final"))
+    trainer.save_sdm_model(Path(out) / f"run{world}" / "sdm_model")  # model + tokenizer + sdm_head/
     rank, size = process_world(trainer.accelerator)
     steps = [e for e in trainer.state.log_history if "loss" in e and "grad_norm" in e]
     record = {

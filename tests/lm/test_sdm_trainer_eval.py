@@ -181,3 +181,27 @@ def test_a_failed_state_write_keeps_the_previous_state_file(tmp_path, monkeypatc
     monkeypatch.setattr(os, "replace", real_replace)
     assert (folder / STATE_NAME).read_text() == before
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_one_entry_dict_of_evaluation_sets_is_prefixed_by_its_name(tmp_path):
+    trainer = _trainer(tmp_path, {"calib": preference(SENTENCES[24:40])})
+    metrics = trainer.evaluate()
+    assert "eval_calib_loss" in metrics and "eval_loss" not in metrics
+    assert {"eval_calib_head_q_min", "eval_calib_head_hr_admission"} <= set(metrics)
+
+
+def test_in_epoch_generation_state_survives_a_checkpoint_and_repeated_ids(tmp_path):
+    import torch
+
+    from sdm_hf.lm.state import SDMEpochState
+
+    state = SDMEpochState(prepared_epoch=1, pending_generation={3: True, 7: False})
+    assert SDMEpochState.from_json(state.to_json()).pending_generation == {3: True, 7: False}
+    assert SDMEpochState.from_json(SDMEpochState().to_json()).pending_generation == {}
+    trainer = _trainer(tmp_path, None, hard_negative_timing="in_epoch")
+    trainer.epoch_state.pending_generation = {2: True}
+    rows = [trainer._train_versions.rows[2], trainer._train_versions.rows[2]]  # wrapped-around batch
+    batch = trainer.data_collator(rows)
+    out = trainer.generate_in_batch(batch)  # no KeyError: the document is generated for once
+    assert trainer.epoch_state.pending_generation == {} and out["input_ids"].shape[0] == 2
+    assert torch.equal(out["document_id"], torch.tensor([2, 2]))
