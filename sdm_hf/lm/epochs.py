@@ -270,6 +270,7 @@ class SDMEpochMixin:
         timing["head_features_seconds"] = time.perf_counter() - started
         n_ids = 1 + max((int(r["document_id"]) for r in rows), default=-1)
         head, support_row, problem = None, torch.full((n_ids,), -1, dtype=torch.long), ""
+        failure: Exception | None = None
         if world[0] == 0:
             try:
                 head, support_row = self.fit_verification_head(rows, seed=seed, timing=timing, features=feats)
@@ -278,8 +279,10 @@ class SDMEpochMixin:
             except Exception as error:  # raised below on every process
                 if world[1] == 1:
                     raise
-                problem = f"{type(error).__name__}: {error}"
+                failure, problem = error, f"{type(error).__name__}: {error}"
         problem = broadcast_json(problem, world)
+        if failure is not None:
+            raise failure
         if problem:
             raise RuntimeError(f"fitting the verification head failed on the main process: {problem}")
         head, support_row = broadcast_head(head, support_row, world)
@@ -434,7 +437,9 @@ class SDMEpochMixin:
         only: every positive, every static negative and, with ``generate``, every wrong greedy
         generation as a further negative (gamma_gen = gamma_diversity = 1); Schmaltz 2025, SDM
         language models, Sec. 3.4; the calibration prompts without a positive add their
-        negatives. It becomes ``self.head`` (saved by :meth:`save_sdm_model`)."""
+        negatives. It becomes ``self.head`` (saved by :meth:`save_sdm_model`). With several
+        processes every process must call it (generation and features are shared; the head is
+        fitted on the main process and sent to the others)."""
         if not self._eval_versions.rows or self.eval_documents is None:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
         extra: dict[int, list[str]] = {}

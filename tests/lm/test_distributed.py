@@ -74,3 +74,11 @@ def test_one_and_two_processes_take_the_same_steps_and_one_writes(tmp_path):
             logged[0]
         )
     assert r0["refresh_logs"][1]["sdm/head_calibration_loss"] == r1["refresh_logs"][1]["sdm/head_calibration_loss"]
+
+
+@pytest.mark.slow
+def test_a_failed_head_fit_on_the_main_process_is_raised_on_every_process(tmp_path):
+    run_worker(TORCHRUN_2, Path(__file__).resolve().parent / "failing_fit_worker.py", tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"fail_rank{r}.json").read_text())["raised"] for r in (0, 1))
+    assert r0 == "ValueError: injected failure of the head fit"
+    assert r1.startswith("RuntimeError: fitting the verification head failed on the main process: ValueError")
