@@ -1,0 +1,149 @@
+"""SDM verification as a reward for TRL's online trainers (``GRPOTrainer`` and friends).
+
+TRL calls a reward function as ``reward(prompts=..., completions=..., completion_ids=...,
+**dataset_columns, trainer_state=..., log_metric=..., ...)`` and wants one float (or None) per
+completion. :class:`SDMVerificationReward` is such a callable, built from an SDM language model
+and its document-level verification head (``trainer.save_sdm_model(...)`` of
+:class:`~sdm_hf.lm.SDMTrainer`, or any model folder with an ``sdm_head/``): it embeds each
+(prompt, completion) pair the way the head was fitted (the hidden states up to the final
+``<verified>`` tag, see :func:`~sdm_hf.lm.verification_features`), and scores it with the head.
+
+Unlike an LLM judge's Yes/No, the score is calibrated and knows when it does not know: the SDM
+probability of "Yes" shrinks towards uniform for completions unlike the head's calibration data
+(low similarity q, large distance d), an out-of-distribution completion (q = 0) gets
+``ood_reward``, and ``kind="hr"`` rewards only completions verified inside the head's
+high-reliability region, whose class-conditional accuracy is at least alpha on data like the
+calibration set (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
+arXiv:2509.12760; *SDM Language Models*, arXiv:2510.26183, Sec. 3.4).
+
+The verifier is a separate, frozen model: it is not the policy being trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .head.inference import SDMOutput
+from .head.modeling import SDMHead
+from .lm.encoding import ControlTokens, Prompt, is_verification_pooling, verification_features, verification_pooling_of
+
+__all__ = ["SDMVerificationReward", "REWARD_KINDS"]
+
+REWARD_KINDS = ("probability", "hr")
+
+
+def _content(value: Any, index: int) -> str:
+    """A completion's text: a string, or the last message of a conversational completion."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"]
+    raise TypeError(f"completion {index} must be a string or a list of messages, got {type(value).__name__}")
+
+
+class SDMVerificationReward:
+    """A TRL reward function from an SDM language model and its verification head.
+
+    Args:
+        model: the causal LM the head was fitted on (frozen; kept in eval mode).
+        tokenizer: its tokenizer (with its chat template, if it was trained with one).
+        head: the document-level verification head (2 classes, 1 = "Yes").
+        kind: ``"probability"`` (default): the head's SDM probability that the completion is
+            verified, in [0, 1]; ``"hr"``: 1.0 when the head predicts "Yes" inside its
+            high-reliability region, else 0.0.
+        ood_reward: the reward of a completion the head finds out of distribution (q = 0);
+            None gives TRL a None (a NaN it leaves out of its mean). Default 0.0.
+        batch_size: completions per forward of ``model``.
+        control: the control strings the model was trained with.
+
+    Example::
+
+        reward = SDMVerificationReward.from_pretrained("out/final")    # model + sdm_head/
+        trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=GRPOConfig(...),
+                              train_dataset=prompts)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        head: SDMHead,
+        kind: str = "probability",
+        ood_reward: float | None = 0.0,
+        batch_size: int = 8,
+        control: ControlTokens | None = None,
+    ):
+        if kind not in REWARD_KINDS:
+            raise ValueError(f"kind must be one of {REWARD_KINDS}, got {kind!r}")
+        if not isinstance(head, SDMHead):
+            raise TypeError(f"head must be an SDMHead, got {type(head).__name__}")
+        if head.config.num_classes != 2 or not is_verification_pooling(head.config.feature_pooling):
+            raise ValueError(
+                "the head is not an LM verification head (2 classes, feature_pooling 'verification...'): "
+                "use the head SDMTrainer.build_final_head() fitted"
+            )
+        if head.calibration is None:
+            raise ValueError("the head is not calibrated: call head.calibrate(...) or use a head SDMTrainer saved")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer, self.head = model.eval(), tokenizer, head
+        self.kind, self.ood_reward, self.batch_size = kind, ood_reward, int(batch_size)
+        self.control = control or ControlTokens()
+        self.__name__ = f"sdm_verification_{kind}"  # the name TRL logs the reward under
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> SDMVerificationReward:
+        """The reward of an SDM-equipped model folder or Hub repository (the causal LM at its
+        root, the head in ``sdm_head/``); ``kwargs`` as in the constructor."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .hub import load_sdm_model
+
+        model, head = load_sdm_model(path, model_class=AutoModelForCausalLM)
+        return cls(model, AutoTokenizer.from_pretrained(path), head, **kwargs)
+
+    def verify(self, prompts: Sequence[Prompt], completions: Sequence[Any]) -> SDMOutput:
+        """The head's output for each (prompt, completion) pair (``[N]`` rows)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        texts = [_content(c, i) for i, c in enumerate(completions)]
+        cfg = self.head.config
+        feats = verification_features(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            texts,
+            self.control,
+            batch_size=self.batch_size,
+            layer=-1 if cfg.feature_layer is None else cfg.feature_layer,
+            pooling=verification_pooling_of(cfg.feature_pooling),
+        )
+        return self.head.predict(feats)
+
+    def rewards(self, out: SDMOutput) -> list[float | None]:
+        """The rewards of a head output (see ``kind`` and ``ood_reward``)."""
+        if self.kind == "probability":
+            values = out.probabilities[:, 1].float()
+        else:
+            values = ((out.prediction == 1) & out.in_hr).float()
+        rewards: list[float | None] = [float(v) for v in values.tolist()]
+        for i in out.is_ood.nonzero().flatten().tolist():
+            rewards[i] = None if self.ood_reward is None else float(self.ood_reward)
+        return rewards
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        """TRL's reward-function contract: one reward per completion. ``log_metric`` (given by
+        TRL's online trainers) receives the share of completions in the high-reliability region
+        verified as "Yes" (``sdm/hr_verified``) and the out-of-distribution share (``sdm/ood``)."""
+        if not len(completions):
+            return []
+        out = self.verify(prompts, completions)
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):
+            log_metric("sdm/hr_verified", float(((out.prediction == 1) & out.in_hr).float().mean()))
+            log_metric("sdm/ood", float(out.is_ood.float().mean()))
+        return self.rewards(out)

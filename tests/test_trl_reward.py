@@ -1,0 +1,64 @@
+"""sdm_hf.trl.SDMVerificationReward: TRL's reward-function contract on a tiny SDM LM."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdm_hf.lm import verification_features
+from sdm_hf.trl import SDMVerificationReward
+from tests.pipeline_fixtures import build_lm_repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return build_lm_repo(tmp_path_factory.mktemp("reward"))
+
+
+def test_rewards_are_the_heads_verdicts_through_trls_call(repo):
+    path, prompts, completions = repo
+    reward = SDMVerificationReward.from_pretrained(path, batch_size=4)
+    logged = {}
+    # what GRPOTrainer passes: prompts, completions, completion_ids, dataset columns, state, loggers
+    got = reward(
+        prompts=prompts[:6],
+        completions=completions[:6],
+        completion_ids=[[1, 2]] * 6,
+        answer=["x"] * 6,
+        trainer_state=None,
+        log_metric=lambda name, value: logged.__setitem__(name, value),
+        log_extra=lambda *a, **k: None,
+    )
+    expected = reward.head.predict(verification_features(reward.model, reward.tokenizer, prompts[:6], completions[:6]))
+    # the head's probability of "Yes"; an out-of-distribution completion (q = 0) earns ood_reward = 0
+    want = [0.0 if ood else p for p, ood in zip(expected.probabilities[:, 1].tolist(), expected.is_ood.tolist())]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert all(0.0 <= r <= 1.0 for r in got) and set(logged) == {"sdm/hr_verified", "sdm/ood"}
+    # conversational completions (TRL's chat format) score as their text
+    chat = [[{"role": "assistant", "content": c}] for c in completions[:6]]
+    assert reward(prompts=prompts[:6], completions=chat) == pytest.approx(got, rel=1e-6)
+    assert reward.__name__ == "sdm_verification_probability" and reward(prompts=[], completions=[]) == []
+
+
+def test_hr_kind_and_out_of_distribution_rewards(repo):
+    path, prompts, completions = repo
+    hr = SDMVerificationReward.from_pretrained(path, kind="hr")
+    out = hr.verify(prompts[:8], completions[:8])
+    assert hr.rewards(out) == [float(p == 1 and h) for p, h in zip(out.prediction.tolist(), out.in_hr.tolist())]
+    ood = dataclasses.replace(out, is_ood=torch.tensor([True] + [False] * 7))
+    assert hr.rewards(ood)[0] == 0.0 and hr.rewards(ood)[1:] == hr.rewards(out)[1:]
+    hr.ood_reward = None
+    assert hr.rewards(ood)[0] is None  # TRL turns None into NaN and leaves it out of its mean
+
+
+def test_bad_construction_is_explained(repo):
+    path, _, _ = repo
+    reward = SDMVerificationReward.from_pretrained(path)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        SDMVerificationReward(reward.model, reward.tokenizer, reward.head, kind="judge")
+    with pytest.raises(TypeError, match="head must be an SDMHead"):
+        SDMVerificationReward(reward.model, reward.tokenizer, object())
+    with pytest.raises(ValueError, match="got 2 prompts but 1 completions"):
+        reward.verify(["a", "b"], ["c"])
+    with pytest.raises(TypeError, match="completion 0 must be a string or a list of messages"):
+        reward(prompts=["a"], completions=[3])
