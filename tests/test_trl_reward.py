@@ -62,3 +62,40 @@ def test_bad_construction_is_explained(repo):
         reward.verify(["a", "b"], ["c"])
     with pytest.raises(TypeError, match="completion 0 must be a string or a list of messages"):
         reward(prompts=["a"], completions=[3])
+
+
+def test_the_reward_drives_a_tiny_grpo_run(repo, tmp_path):
+    """TRL's own GRPOTrainer calls the reward and logs it with the SDM metrics (2 steps on CPU)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
+
+    path, _, _ = repo
+    tokenizer = tiny_tokenizer()
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = trl.GRPOTrainer(
+        model=tiny_causal_lm(tokenizer),
+        reward_funcs=[SDMVerificationReward.from_pretrained(path)],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": f"Repeat: {s}"} for s in harvard_sentences(8)]),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "reward" in e]
+    assert len(logged) == 2
+    for entry in logged:
+        assert 0.0 <= entry["rewards/sdm_verification_probability/mean"] <= 1.0
+        assert 0.0 <= entry["sdm/ood"] <= 1.0 and 0.0 <= entry["sdm/hr_verified"] <= 1.0
