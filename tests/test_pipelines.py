@@ -120,3 +120,47 @@ def test_gpu_path(encoder_repo):  # pragma: no cover - runs on GPU machines only
     clf = pipeline("sdm-text-classification", model=str(path), device="cuda")
     assert clf.sdm_head.support.device.type == "cuda"
     assert clf(texts[:3])[0]["label"] in ("neg", "pos")
+
+
+def test_verify_search_returns_the_first_hr_verified_attempt_and_never_relabels(lm_repo, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    path, prompts, completions = lm_repo
+    verify = pipeline("sdm-verify", model=str(path), device="cpu", max_new_tokens=5)
+    head = verify.sdm_head
+    real_predict = head.predict
+    calls = {"n": 0}
+
+    def second_call_verifies(x, *args, **kwargs):  # the 2nd verification (1st sampled attempt): HR "Yes"
+        calls["n"] += 1
+        out = real_predict(x, *args, **kwargs)
+        if calls["n"] == 2:
+            ones = torch.ones_like(out.prediction)
+            out = dataclasses.replace(out, prediction=ones, in_hr=torch.ones_like(out.in_hr, dtype=torch.bool))
+        return out
+
+    monkeypatch.setattr(head, "predict", second_call_verifies)
+    results = verify(prompts[:3] + [{"prompt": prompts[3], "completion": completions[3]}], batch_size=4, search_depth=3)
+    assert calls["n"] == 2  # greedy, then one sampled round verified every open input: the search stopped
+    for result in results[:3]:
+        first, second = result["attempts"]
+        assert not (first["verified"] and first["high_reliability"])
+        assert second["verified"] and second["high_reliability"]
+        assert (
+            result["generated_text"] == second["generated_text"] and result["verified"] and result["high_reliability"]
+        )
+    assert "attempts" not in results[3]  # a given completion is verified, not searched
+    monkeypatch.setattr(head, "predict", real_predict)
+    plain = verify(prompts[:2], batch_size=2, search_depth=2, search_kwargs={"seed": 5, "temperature": 0.7})
+    for result in plain:  # nothing verified in the HR region here: the greedy attempt with its own verdict
+        assert 1 <= len(result["attempts"]) <= 2
+        first = result["attempts"][0]
+        hr_found = [a for a in result["attempts"] if a["verified"] and a["high_reliability"]]
+        chosen = hr_found[0] if hr_found else first
+        assert result["generated_text"] == chosen["generated_text"] and result["verified"] == chosen["verified"]
+    with pytest.raises(ValueError, match="search_depth must be a positive integer"):
+        verify(prompts[0], search_depth=0)
+    with pytest.raises(ValueError, match="search_kwargs may not set"):
+        verify(prompts[0], search_depth=2, search_kwargs={"do_sample": False})

@@ -300,6 +300,7 @@ def test_verify_errors_name_the_input(lm):
         verify(prompts[0], generate_kwargs={"do_sample": True})
     with pytest.raises(TypeError, match="force_decode must be True or False"):
         verify(prompts[0], force_decode="yes")
-    with pytest.raises(ValueError, match=r"valid options: \['force_decode', 'generate_kwargs', 'max_new_tokens'\]"):
+    valid = r"\['force_decode', 'generate_kwargs', 'max_new_tokens', 'search_depth', 'search_kwargs'\]"
+    with pytest.raises(ValueError, match=f"valid options: {valid}"):
         verify([prompts[0]], temperature=0.5)
     assert verify([]) == []

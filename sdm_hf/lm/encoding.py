@@ -33,6 +33,7 @@ __all__ = [
     "encode_example",
     "generation_prompt",
     "generate_greedy",
+    "generate_sampled",
     "verification_positions",
     "verification_features",
     "prefix_features",
@@ -389,6 +390,36 @@ def generate_greedy(
     Returns:
         The decoded new text of each prompt (special tokens skipped).
     """
+    greedy = {"do_sample": False}
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, greedy, generate_kwargs)
+
+
+def generate_sampled(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    **sampling: Any,
+) -> list[str]:
+    """Like :func:`generate_greedy` but sampling (``do_sample=True``; ``sampling`` are
+    ``generate``'s sampling options, e.g. ``temperature``, ``top_p``), seeded with
+    ``torch.manual_seed(seed)`` first (the global generator), so a call is reproducible."""
+    torch.manual_seed(int(seed))
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, False, {"do_sample": True}, sampling)
+
+
+def _generate(  # the loop of generate_greedy / generate_sampled: batched, left-padded, KV cache
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+    decoding: dict[str, Any],
+    generate_kwargs: dict[str, Any],
+) -> list[str]:
     was_training = model.training
     model.eval()
     generator: Any = model  # a causal LM (maybe PEFT-wrapped): nn.Module's typed attributes lack generate/device
@@ -402,8 +433,8 @@ def generate_greedy(
             out = generator.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 use_cache=True,
+                **decoding,
                 pad_token_id=tokenizer.pad_token_id,
                 **generate_kwargs,
             )

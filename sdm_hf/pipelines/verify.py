@@ -16,6 +16,7 @@ from ..lm.encoding import (
     ControlTokens,
     format_document,
     generate_greedy,
+    generate_sampled,
     verification_features,
     verification_pooling_of,
 )
@@ -64,12 +65,25 @@ class SDMVerifyPipeline(SDMPipeline):
 
     Options (at construction or per call): ``max_new_tokens`` (default 64),
     ``force_decode`` (default False), ``generate_kwargs`` (a dict passed to ``generate``;
-    decoding stays greedy). Construction only: ``sdm_head``, ``head_subfolder``,
-    ``sdm_head_kwargs`` (as for ``sdm-text-classification``) and ``control_tokens``.
+    decoding stays greedy), ``search_depth`` (default 1) and ``search_kwargs``.
+
+    Test-time search (``search_depth=N > 1``, for inputs the pipeline generates for): when the
+    greedy completion is not verified inside the high-reliability region ("Yes" and
+    ``high_reliability``), up to N - 1 further completions are sampled (``search_kwargs``,
+    default ``{"temperature": 1.0, "top_p": 0.95}``; attempt k seeded with ``seed + k``,
+    ``seed`` a ``search_kwargs`` key, default 0) for the inputs still unverified, batched, and
+    the first one verified inside the region is returned. An input none of whose attempts is
+    returns its greedy attempt with that attempt's own verdict: a search never labels an
+    unverified completion verified. The result then has ``attempts``, every attempt's
+    ``generated_text``, ``verified``, ``probability``, ``high_reliability``, ``q`` and ``d`` in
+    order. Cost: up to N generations and N verifications per unverified input.
+
+    Construction only: ``sdm_head``, ``head_subfolder``, ``sdm_head_kwargs`` (as for
+    ``sdm-text-classification``) and ``control_tokens``.
     """
 
     _pipeline_calls_generate = False  # generation is done explicitly, batched, in _forward
-    _options = ("max_new_tokens", "force_decode", "generate_kwargs")
+    _options = ("max_new_tokens", "force_decode", "generate_kwargs", "search_depth", "search_kwargs")
     _accepts_chats = True
 
     def __init__(self, *args: Any, control_tokens: ControlTokens | None = None, **kwargs: Any):
@@ -123,6 +137,19 @@ class SDMVerifyPipeline(SDMPipeline):
                     "pass max_new_tokens as its own option"
                 )
             forward["generate_kwargs"] = dict(extra or {})
+        if "search_depth" in kwargs:
+            depth = kwargs["search_depth"]
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+                raise ValueError(f"search_depth must be a positive integer (1: no search), got {depth!r}")
+            forward["search_depth"] = depth
+        if "search_kwargs" in kwargs:
+            search = kwargs["search_kwargs"]
+            if search is not None and not isinstance(search, Mapping):
+                raise TypeError(f"search_kwargs must be a dict of sampling options, got {type(search).__name__}")
+            clash = sorted(set(search or {}) & set(RESERVED_GENERATE_KWARGS))
+            if clash:
+                raise ValueError(f"search_kwargs may not set {clash}: the search samples; pass max_new_tokens alone")
+            forward["search_kwargs"] = dict(search or {})
         if "force_decode" in kwargs:
             if not isinstance(kwargs["force_decode"], bool):
                 raise TypeError(f"force_decode must be True or False, got {kwargs['force_decode']!r}")
@@ -158,11 +185,17 @@ class SDMVerifyPipeline(SDMPipeline):
                 )
 
     def _forward(
-        self, model_inputs: dict[str, Any], max_new_tokens: int = 64, generate_kwargs: dict | None = None
+        self,
+        model_inputs: dict[str, Any],
+        max_new_tokens: int = 64,
+        generate_kwargs: dict | None = None,
+        search_depth: int = 1,
+        search_kwargs: dict | None = None,
     ) -> dict[str, list]:
         """A batch of B inputs -> columns of B values: greedy generation (one batch) for the
         inputs without a completion, verification features (``[B, 2H]``) of every
-        (prompt, completion) pair, and one ``predict`` of the head."""
+        (prompt, completion) pair, and one ``predict`` of the head; with ``search_depth > 1``,
+        further sampled attempts for the generated inputs not verified in the HR region."""
         cols = as_columns(model_inputs)
         tokenizer: Any = self.tokenizer  # set: the base class refuses a pipeline without one
         prompts, completions = list(cols["prompt"]), list(cols["completion"])
@@ -178,7 +211,46 @@ class SDMVerifyPipeline(SDMPipeline):
             )
             for j, text in zip(to_generate, generated):
                 completions[j] = text
-        self._check_lengths(cols["index"], prompts, completions)
+        columns = self._verify(cols["index"], prompts, completions)
+        if search_depth > 1 and to_generate:
+            self._search(columns, prompts, to_generate, max_new_tokens, search_depth, dict(search_kwargs or {}))
+        return columns
+
+    def _search(
+        self,
+        columns: dict[str, list],
+        prompts: list,
+        searched: list[int],
+        max_new_tokens: int,
+        depth: int,
+        search: dict,
+    ) -> None:
+        """Test-time search over the generated inputs ``searched`` (see the class docstring):
+        ``columns`` gain ``attempts`` and take the first HR-verified attempt of each input."""
+        sampling = {"temperature": 1.0, "top_p": 0.95, **search}
+        seed = int(sampling.pop("seed", 0))
+        columns["attempts"] = [[] for _ in prompts]
+        for j in searched:
+            columns["attempts"][j].append(_attempt(columns, j))
+        open_ = [j for j in searched if not _hr_verified(columns, j)]
+        for k in range(1, depth):
+            if not open_:
+                break
+            tokenizer: Any = self.tokenizer
+            batch = [prompts[j] for j in open_]
+            texts = generate_sampled(self.model, tokenizer, batch, max_new_tokens, len(batch), seed + k, **sampling)
+            found = self._verify([columns["index"][j] for j in open_], [prompts[j] for j in open_], texts)
+            for row, j in enumerate(open_):
+                columns["attempts"][j].append(_attempt(found, row))
+                if _hr_verified(found, row):  # the first HR-verified attempt replaces the greedy one
+                    for key in ("record", "completion", "verified", "probability"):
+                        columns[key][j] = found[key][row]
+            open_ = [j for j in open_ if not _hr_verified(columns, j)]
+
+    def _verify(self, indices: list, prompts: list, completions: list) -> dict[str, list]:
+        """Columns of the head's verdict on each (prompt, completion) pair."""
+        tokenizer: Any = self.tokenizer
+        self._check_lengths(indices, prompts, completions)
         feats = verification_features(
             self.model,
             tokenizer,
@@ -191,7 +263,7 @@ class SDMVerifyPipeline(SDMPipeline):
         )
         out = self.sdm_head.predict(feats)
         return {
-            "index": cols["index"],
+            "index": list(indices),
             "record": out.to_list(),
             "completion": completions,
             "verified": (out.prediction == 1).tolist(),
@@ -214,4 +286,21 @@ class SDMVerifyPipeline(SDMPipeline):
             "is_ood": record["is_ood"],
             "model_said": self.control.decision(completion),
             "nearest_exemplar": self._nearest(record["nearest_index"]),
+            **({"attempts": row["attempts"]} if row.get("attempts") else {}),
         }
+
+
+def _hr_verified(columns: dict[str, list], j: int) -> bool:
+    return bool(columns["verified"][j]) and bool(columns["record"][j]["high_reliability"])
+
+
+def _attempt(columns: dict[str, list], j: int) -> dict[str, Any]:
+    record = columns["record"][j]
+    return {
+        "generated_text": columns["completion"][j],
+        "verified": bool(columns["verified"][j]),
+        "probability": float(columns["probability"][j]),
+        "high_reliability": record["high_reliability"],
+        "q": record["q"],
+        "d": record["d"],
+    }
