@@ -121,35 +121,25 @@ class SDMVerifyPipeline(SDMPipeline):
         self._check_options(kwargs)
         forward: dict[str, Any] = {}
         post: dict[str, Any] = {}
-        if "max_new_tokens" in kwargs:
-            value = kwargs["max_new_tokens"]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"max_new_tokens must be a positive integer, got {value!r}")
-            forward["max_new_tokens"] = value
-        if "generate_kwargs" in kwargs:
-            extra = kwargs["generate_kwargs"]
-            if extra is not None and not isinstance(extra, Mapping):
-                raise TypeError(f"generate_kwargs must be a dict, got {type(extra).__name__}")
-            clash = sorted(set(extra or {}) & set(RESERVED_GENERATE_KWARGS))
-            if clash:
-                raise ValueError(
-                    f"generate_kwargs may not set {clash}: the pipeline decodes greedily over the prompt; "
-                    "pass max_new_tokens as its own option"
-                )
-            forward["generate_kwargs"] = dict(extra or {})
-        if "search_depth" in kwargs:
-            depth = kwargs["search_depth"]
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-                raise ValueError(f"search_depth must be a positive integer (1: no search), got {depth!r}")
-            forward["search_depth"] = depth
-        if "search_kwargs" in kwargs:
-            search = kwargs["search_kwargs"]
-            if search is not None and not isinstance(search, Mapping):
-                raise TypeError(f"search_kwargs must be a dict of sampling options, got {type(search).__name__}")
-            clash = sorted(set(search or {}) & set(RESERVED_GENERATE_KWARGS))
-            if clash:
-                raise ValueError(f"search_kwargs may not set {clash}: the search samples; pass max_new_tokens alone")
-            forward["search_kwargs"] = dict(search or {})
+        for name, zero in (("max_new_tokens", ""), ("search_depth", " (1: no search)")):
+            if name in kwargs:
+                value = kwargs[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be a positive integer{zero}, got {value!r}")
+                forward[name] = value
+        why = {
+            "generate_kwargs": "the pipeline decodes greedily over the prompt",
+            "search_kwargs": "the search samples over the prompt",
+        }
+        for name, reason in why.items():
+            if name in kwargs:
+                extra = kwargs[name]
+                if extra is not None and not isinstance(extra, Mapping):
+                    raise TypeError(f"{name} must be a dict, got {type(extra).__name__}")
+                clash = sorted(set(extra or {}) & set(RESERVED_GENERATE_KWARGS))
+                if clash:
+                    raise ValueError(f"{name} may not set {clash}: {reason}; pass max_new_tokens as its own option")
+                forward[name] = dict(extra or {})
         if "force_decode" in kwargs:
             if not isinstance(kwargs["force_decode"], bool):
                 raise TypeError(f"force_decode must be True or False, got {kwargs['force_decode']!r}")
