@@ -46,7 +46,10 @@ from .format_errors import SDMFormatError
 from .head.state import SDMHeadState
 from .persistence_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Format 3 = format 2 whose config has SDMConfig.alphas; heads without them are still written as
+# format 2, so older sdm_hf reads them.
+BASE_FORMAT_VERSION = 2
 DOCUMENTS_NAME = "support_documents.jsonl"
 CARD_NAME = "README.md"
 FORMAT_KEY = "sdm_hf_format_version"
@@ -98,7 +101,7 @@ def state_to_files(state: SDMHeadState | Any) -> tuple[dict, dict[str, torch.Ten
         raise TypeError(f"state must be an SDMHeadState or a head, got {type(state).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.weights.items()}
     config: dict = {
-        FORMAT_KEY: FORMAT_VERSION,
+        FORMAT_KEY: FORMAT_VERSION if state.config.alphas else BASE_FORMAT_VERSION,
         "library": "sdm_hf",
         "config": state.config.to_dict(),
         "support": None,

@@ -1,5 +1,7 @@
 """The two pipelines' outputs, options and errors (see also tests/test_pipelines_*.py)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import pipeline
@@ -164,3 +166,23 @@ def test_verify_search_returns_the_first_hr_verified_attempt_and_never_relabels(
         verify(prompts[0], search_depth=0)
     with pytest.raises(ValueError, match="search_kwargs may not set"):
         verify(prompts[0], search_depth=2, search_kwargs={"do_sample": False})
+
+
+def test_text_classification_reports_the_highest_tier_of_a_tiered_head(encoder_repo, tmp_path):
+    import dataclasses
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from sdm_hf.hub import save_sdm_model
+
+    path, head, texts = encoder_repo
+    tiered = copy.deepcopy(head)
+    tiered.config = dataclasses.replace(tiered.config, alphas=[0.6, 0.99])
+    save_sdm_model(AutoModel.from_pretrained(path), tiered, tmp_path / "tiered", AutoTokenizer.from_pretrained(path))
+    clf = pipeline("sdm-text-classification", model=str(tmp_path / "tiered"), device="cpu")
+    results = clf(texts[:20], batch_size=8)
+    for r in results:  # the highest tier whose region admits the text; in the head's own region: >= its alpha
+        assert r["high_reliability_alpha"] in (None, 0.6, head.alpha, 0.99)
+        if r["high_reliability"]:
+            assert r["high_reliability_alpha"] >= head.alpha
+    assert "high_reliability_alpha" not in pipeline("sdm-text-classification", model=str(path), device="cpu")(texts[0])

@@ -32,6 +32,13 @@ class SDMConfig:
     num_classes: int = field(default=2, metadata={"help": "Number of classes C (>= 2)."})
     exemplar_dim: int = field(default=1000, metadata={"help": "Width M of the exemplar vectors (adaptor output)."})
     alpha: float = field(default=0.95, metadata={"help": "Target accuracy of the HR region, 0.5 < alpha <= 1."})
+    alphas: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Further target accuracies (risk tiers, e.g. [0.9, 0.99]) whose HR regions predict() also "
+            "reports (SDMOutput.in_hr_at, highest_hr_alpha); the head's own region stays that of alpha."
+        },
+    )
     max_q: int = field(default=2048, metadata={"help": "Cap on the similarity q."})
     id2label: dict[int, str] | None = field(default=None, metadata={"help": "Class index -> display name."})
     normalization: str = field(
@@ -68,6 +75,10 @@ class SDMConfig:
         self.max_q = check.check_positive_int(self.max_q, "max_q")
         self.initial_k = check.check_positive_int(self.initial_k, "initial_k")
         self.alpha = check.check_alpha(self.alpha)
+        if self.alphas is not None:
+            if isinstance(self.alphas, (str, bytes)) or not hasattr(self.alphas, "__iter__"):
+                raise TypeError(f"alphas must be a list of floats in (0.5, 1], got {self.alphas!r}")
+            self.alphas = sorted({check.check_alpha(a) for a in self.alphas}) or None
         if self.support_storage not in ("float32", "float16"):
             raise ValueError(f"support_storage must be 'float32' or 'float16', got {self.support_storage!r}")
         index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
@@ -98,6 +109,8 @@ class SDMConfig:
     def to_dict(self) -> dict:
         """JSON-ready dict (``id2label`` keys become strings, as in transformers configs)."""
         out = asdict(self)
+        if self.alphas is None:  # written only when set: heads without them stay readable everywhere
+            out.pop("alphas")
         if self.id2label is not None:
             out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return out

@@ -18,16 +18,18 @@ recipes that re-decide outputs under another ``alpha`` share them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from ..activation import high_reliability_mask
 from ..calibration import effective_sample_sizes, lower_bound_margin
 from ..similarity import SimilarityResult
-from .state import CalibrationState, activate
+from .state import CalibrationState, activate, with_alpha
 
-__all__ = ["SDMOutput", "LowerBound", "lower_bound", "hr_masks", "assemble_output"]
+__all__ = ["SDMOutput", "LowerBound", "lower_bound", "hr_masks", "assemble_output", "with_alpha_levels"]
 
 
 @dataclass
@@ -52,6 +54,10 @@ class SDMOutput:
         in_hr_lower: ``[B]`` bool, admitted by the lower-bound variant.
         nearest_id: ids of the nearest exemplars when the support stores ids, else None.
         neighbor_indices, neighbor_distances: ``[B, k]`` when ``k_neighbors > 1`` was asked.
+        hr_alphas: ``[A]`` the head's alpha and its ``SDMConfig.alphas``, ascending (None
+            without ``alphas``).
+        in_hr_at: ``[B, A]`` bool, admitted to the HR region of each of ``hr_alphas`` (each
+            column equals ``in_hr`` of the head recalibrated at that alpha).
     """
 
     logits: torch.Tensor
@@ -73,6 +79,17 @@ class SDMOutput:
     nearest_id: list | None = None
     neighbor_indices: torch.Tensor | None = None
     neighbor_distances: torch.Tensor | None = None
+    hr_alphas: torch.Tensor | None = None
+    in_hr_at: torch.Tensor | None = None
+
+    @property
+    def highest_hr_alpha(self) -> torch.Tensor | None:
+        """``[B]`` the highest alpha (of ``hr_alphas``) whose HR region admits the row, NaN for
+        none; None when the head has no ``SDMConfig.alphas``."""
+        if self.hr_alphas is None or self.in_hr_at is None:
+            return None
+        levels = torch.where(self.in_hr_at, self.hr_alphas.view(1, -1), torch.tensor(float("nan")))
+        return torch.where(self.in_hr_at.any(1), levels.nan_to_num(-1.0).max(1).values, torch.tensor(float("nan")))
 
     def __len__(self) -> int:
         return int(self.prediction.shape[0])
@@ -87,9 +104,10 @@ class SDMOutput:
         name = (lambda c: id2label[int(c)]) if id2label else (lambda c: int(c))
         p = self.probabilities.tolist()
         p_lower = self.probabilities_lower.tolist()
+        highest = self.highest_hr_alpha
         rows = []
         for i in range(len(self)):  # formatting output records, not a numeric hot path
-            row = {
+            row: dict[str, Any] = {
                 "label": name(self.prediction[i]),
                 "prediction": int(self.prediction[i]),
                 "probability": float(self.predicted_probability[i]),
@@ -107,6 +125,9 @@ class SDMOutput:
             }
             if self.nearest_id is not None:
                 row["nearest_id"] = self.nearest_id[i]
+            if highest is not None:
+                top = float(highest[i])
+                row["high_reliability_alpha"] = None if math.isnan(top) else top
             rows.append(row)
         return rows
 
@@ -151,6 +172,20 @@ def hr_masks(
         low.predicted_probability, output.prediction, low.rescaled_similarity, q_min, thresholds
     )
     return in_hr, in_hr_lower
+
+
+def with_alpha_levels(output: SDMOutput, calibration: CalibrationState, alphas: list[float] | None) -> SDMOutput:
+    """``output`` with the HR decisions at its own alpha and every one of ``alphas`` (Algorithm
+    1 rerun on the stored calibration arrays at each, no new neighbour search): ``hr_alphas``
+    ``[A]`` and ``in_hr_at`` ``[B, A]``. ``output`` itself when ``alphas`` is None."""
+    if not alphas:
+        return output
+    levels = sorted({float(calibration.alpha), *map(float, alphas)})
+    columns = []
+    for alpha in levels:
+        state = calibration if alpha == calibration.alpha else with_alpha(calibration, alpha)
+        columns.append(hr_masks(output, alpha, state.q_min, state.thresholds)[0])
+    return replace(output, hr_alphas=torch.tensor(levels), in_hr_at=torch.stack(columns, dim=1))
 
 
 def assemble_output(

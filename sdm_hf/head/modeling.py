@@ -37,7 +37,7 @@ from . import state as calibration_steps
 from .config import SDMConfig
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
 from .hub import SDMHubMixin
-from .inference import SDMOutput, assemble_output
+from .inference import SDMOutput, assemble_output, with_alpha_levels
 from .model_card import HUB_TAGS, head_card_data, render_model_card
 from .module import SDMModule
 from .state import CalibrationState, SDMHeadState
@@ -385,16 +385,9 @@ class SDMHead(
         neighbor_indices = neighbor_distances = None
         if k_neighbors > 1 and x.shape[0] > 0:
             neighbor_distances, neighbor_indices = support.search(exemplars, min(k_neighbors, support.ntotal))
-        return assemble_output(
-            logits,
-            prediction,
-            sim,
-            d,
-            cal,
-            nearest_id=support.ids_of(sim.nearest_index),
-            neighbor_indices=neighbor_indices,
-            neighbor_distances=neighbor_distances,
-        )
+        ids = support.ids_of(sim.nearest_index)
+        out = assemble_output(logits, prediction, sim, d, cal, ids, neighbor_indices, neighbor_distances)
+        return with_alpha_levels(out, cal, self.config.alphas)
 
     def predict_records(self, x: FeaturesLike, **kwargs: Any) -> list[dict]:
         """:meth:`predict`, as one JSON-ready dict per row with label names."""

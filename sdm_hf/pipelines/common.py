@@ -32,6 +32,7 @@ __all__ = [
     "number_inputs",
     "pipeline_call_hub_options",
     "resolve_head",
+    "tiers",
 ]
 
 #: Keyword arguments of :meth:`SDMHead.from_pretrained` that ``sdm_head_kwargs`` may set.
@@ -129,6 +130,12 @@ def as_columns(model_inputs: dict[str, Any]) -> dict[str, list]:
     if isinstance(model_inputs["index"], list):
         return model_inputs
     return {key: [value] for key, value in model_inputs.items()}
+
+
+def tiers(record: dict[str, Any]) -> dict[str, Any]:
+    """``{"high_reliability_alpha": ...}`` for a head with ``SDMConfig.alphas`` (the highest alpha
+    whose HR region admits the input, None for none), else ``{}``."""
+    return {"high_reliability_alpha": record["high_reliability_alpha"]} if "high_reliability_alpha" in record else {}
 
 
 def first_row(model_outputs: dict[str, Any]) -> dict[str, Any]:

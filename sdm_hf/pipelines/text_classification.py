@@ -7,7 +7,7 @@ from typing import Any
 
 from ..features import extract_features
 from ..hub import check_pairing
-from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row
+from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, tiers
 
 __all__ = ["SDMTextClassificationPipeline"]
 
@@ -123,4 +123,5 @@ class SDMTextClassificationPipeline(SDMPipeline):
             "rescaled_similarity": record["rescaled_similarity"],
             "truncated": bool(row["truncated"]),
             "nearest_exemplar": self._nearest(record["nearest_index"]),
+            **tiers(record),
         }

@@ -20,7 +20,7 @@ from ..lm.encoding import (
     verification_features,
     verification_pooling_of,
 )
-from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, is_chat
+from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, is_chat, tiers
 
 __all__ = ["SDMVerifyPipeline"]
 
@@ -276,6 +276,7 @@ class SDMVerifyPipeline(SDMPipeline):
             "is_ood": record["is_ood"],
             "model_said": self.control.decision(completion),
             "nearest_exemplar": self._nearest(record["nearest_index"]),
+            **tiers(record),
             **({"attempts": row["attempts"]} if row.get("attempts") else {}),
         }
 
