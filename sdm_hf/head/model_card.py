@@ -137,7 +137,8 @@ def card_data(
     ]
     overall: dict = {}
     if cal is not None:
-        report = calibration_report(cal, alphas=sorted({0.9, cal.alpha}), id2label=config.id2label)
+        tiers = {0.9, cal.alpha, *(config.alphas or [])}  # the head's alpha, 0.9 and its risk tiers
+        report = calibration_report(cal, alphas=sorted(tiers), id2label=config.id2label)
         admitted, _ = report.admitted_at()
         admission = f"{admitted} of {cal.size} ({admitted / max(cal.size, 1):.1%})"
         report_md = report.to_markdown()

@@ -58,3 +58,10 @@ def test_bad_tiers_are_refused():
         SDMConfig(input_dim=4, alphas=[0.9, 0.3])
     with pytest.raises(TypeError, match="alphas must be a list of floats"):
         SDMConfig(input_dim=4, alphas="0.9")
+
+
+def test_the_model_card_reports_every_tier(small_head):
+    head, _, _ = small_head
+    text = str(_with_tiers(head, [0.8, 0.99]).generate_model_card())
+    for alpha in ("0.80", "0.99"):  # rows of the calibration table, one per class
+        assert f"| {alpha} |" in text
