@@ -188,6 +188,7 @@ def fit_sdm_head(
     train_texts: list | None = None,
     calib_texts: list | None = None,
     use_sdm_loss: bool = True,
+    ood_x: FeaturesLike | None = None,
 ) -> SDMHead:
     """Train, select and calibrate an SDM head over frozen features.
 
@@ -215,6 +216,9 @@ def fit_sdm_head(
             (``q = e - 2``, ``d = 1`` throughout, no per-epoch neighbour search) and selects
             on the balanced calibration cross-entropy: the "CE adaptor" baseline. The
             returned head is still built and calibrated, so its SDM outputs exist too.
+        ood_x: ``[K, D]`` known out-of-distribution points (e.g. inputs the head must never
+            admit): added to the final support set with the label -1 before calibration, so a
+            query whose nearest exemplar is one of them has ``q = 0`` (OOD).
 
     Returns:
         A calibrated :class:`SDMHead`. ``head.training_history`` is the list of per-epoch
@@ -314,6 +318,14 @@ def fit_sdm_head(
         ids=None if ids is None else [ids[i] for i in train_idx.tolist()],
         texts=None if texts is None else [texts[i] for i in train_idx.tolist()],
     )
+    if ood_x is not None:  # known OOD rows join the support before calibration (q = 0 next to them)
+        n_ood = check.as_features(ood_x, "ood_x", train_x.shape[1]).shape[0]
+        final.add_to_support(
+            ood_x,
+            ids=None if ids is None else [None] * n_ood,
+            texts=None if texts is None else [""] * n_ood,
+            ood=True,
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         final.calibrate(all_x[calib_idx], all_y[calib_idx])

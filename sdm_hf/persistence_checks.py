@@ -65,10 +65,10 @@ class TensorChecker:
             self.fail(f"tensor {name!r} contains NaN or infinite values")
         return value.clone() if copy else value
 
-    def labels(self, name: str, length: int | None, num_classes: int) -> torch.Tensor:
+    def labels(self, name: str, length: int | None, num_classes: int, lowest: int = 0) -> torch.Tensor:
         value = self.get(name, torch.int64, (length,))
-        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_classes):
-            self.fail(f"tensor {name!r} has values outside 0..{num_classes - 1}")
+        if value.numel() and (int(value.min()) < lowest or int(value.max()) >= num_classes):
+            self.fail(f"tensor {name!r} has values outside {lowest}..{num_classes - 1}")
         return value
 
     def lists(self, name: str, dtype, num_classes: int, total: int | None = None) -> list[torch.Tensor]:
@@ -120,7 +120,7 @@ def state_from_files(
         support = SupportState(
             # not copied: the index (FAISS, or the device copy) takes the values and this view is released
             vectors=check.get("support.vectors", storage, (n, m), copy=False),
-            labels=check.labels("support.labels", n, c),
+            labels=check.labels("support.labels", n, c, lowest=-1),  # -1: a known out-of-distribution row
             predictions=check.labels("support.predictions", n, c),
         )
         _check_support_predictions(support, weights, check)

@@ -129,7 +129,8 @@ def card_data(
     ``[N]`` (None before ``build_support``) and calibration (None before ``calibrate``)."""
     c = config.num_classes
     names = label_names(c, config.id2label)
-    support_counts = torch.bincount(support_labels, minlength=c).tolist() if support_labels is not None else [0] * c
+    known = None if support_labels is None else support_labels[support_labels >= 0]  # known OOD rows: -1
+    support_counts = torch.bincount(known, minlength=c).tolist() if known is not None else [0] * c
     cal = calibration
     cal_counts = torch.bincount(cal.labels, minlength=c).tolist() if cal is not None else [0] * c
     classes: list[dict] = [

@@ -41,7 +41,7 @@ from .inference import SDMOutput, assemble_output, with_alpha_levels
 from .model_card import HUB_TAGS, head_card_data, render_model_card
 from .module import SDMModule
 from .state import CalibrationState, SDMHeadState
-from .support import SupportSet
+from .support import SupportSet, new_support_labels
 
 __all__ = ["SDMHead"]
 
@@ -159,11 +159,18 @@ class SDMHead(
         self.support = SupportSet.build(exemplars, y, logits.argmax(dim=1), self.config, self.device, ids, texts)
         self.calibration = None
 
-    def add_to_support(
-        self, x: FeaturesLike, y: LabelsLike, ids: list | None = None, texts: list | None = None
+    def add_to_support(  # fmt: skip
+        self,
+        x: FeaturesLike,
+        y: LabelsLike | None = None,
+        ids: list | None = None,
+        texts: list | None = None,
+        ood: bool = False,
     ) -> None:
         """Append labelled points to the support set without retraining (updatability: the
-        estimator grows with new labelled data, no gradient step needed).
+        estimator grows with new labelled data, no gradient step needed). ``ood=True`` (``y``
+        None) adds known out-of-distribution points (label -1): a query whose nearest
+        exemplar is one of them gets ``q = 0``, i.e. is flagged OOD.
 
         The calibration stays as it was (and is marked stale); call
         ``recalibrate(recompute=True)`` to recompute the calibration ``q`` against the grown
@@ -171,7 +178,7 @@ class SDMHead(
         """
         support = self._require_support()
         x = check.as_features(x, "x", self.config.input_dim)
-        y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
+        y = new_support_labels(y, x.shape[0], self.config.num_classes, ood)
         ids = check.check_optional_list(ids, "ids", x.shape[0])
         texts = check.check_optional_list(texts, "texts", x.shape[0])
         exemplars, logits = self.encode_for_inference(x, 8192)

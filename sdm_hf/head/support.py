@@ -9,15 +9,30 @@ not; the nearest exemplar's squared L2 distance feeds the Distance quantile ``d`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from .. import validation as check
 from ..distance import class_distance_lists
 from ..index import SupportIndex
 from ..similarity import SimilarityResult, compute_similarity
 from .config import SDMConfig
 from .state import SupportState
 
-__all__ = ["SupportSet"]
+# The label of a known out-of-distribution support row: it never equals a prediction, so a query
+# whose nearest exemplar is such a row has q = 0 (OOD), and the class-wise distance lists skip it.
+OOD_LABEL = -1
+
+__all__ = ["OOD_LABEL", "SupportSet"]
+
+
+def new_support_labels(y: Any, n: int, num_classes: int, ood: bool) -> torch.Tensor:
+    """``[n]`` labels of rows to add to a support set: ``y`` checked (``0..C-1``), or, with
+    ``ood=True`` and no ``y``, ``OOD_LABEL`` for known out-of-distribution rows."""
+    if ood != (y is None):
+        raise ValueError("pass labels y for in-distribution points, or ood=True without y for known OOD points")
+    return torch.full((n,), OOD_LABEL) if ood else check.as_labels(y, "y", num_classes, length=n)
 
 
 class SupportSet:

@@ -329,6 +329,6 @@ class SDMPipeline(Pipeline):
         return {
             "index": index,
             "id": None if head.support_ids is None else head.support_ids[index],
-            "label": head.config.label_name(label),
+            "label": "out-of-distribution" if label < 0 else head.config.label_name(label),
             "text": None if head.support_texts is None else head.support_texts[index],
         }
