@@ -88,8 +88,8 @@ class SDMOutput:
         none; None when the head has no ``SDMConfig.alphas``."""
         if self.hr_alphas is None or self.in_hr_at is None:
             return None
-        levels = torch.where(self.in_hr_at, self.hr_alphas.view(1, -1), torch.tensor(float("nan")))
-        return torch.where(self.in_hr_at.any(1), levels.nan_to_num(-1.0).max(1).values, torch.tensor(float("nan")))
+        top = torch.where(self.in_hr_at, self.hr_alphas.view(1, -1), float("-inf")).max(1).values
+        return top.masked_fill(top == float("-inf"), float("nan"))
 
     def __len__(self) -> int:
         return int(self.prediction.shape[0])
