@@ -10,6 +10,7 @@ The public entry points::
 from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .cache_files import default_cache_dir
 from .calibration import high_reliability_thresholds
+from .composition import FeatureEncoder, compose_features, extract_composed_features
 from .feature_cache import cached_features
 from .fit import fit_sdm_head
 from .head.config import SDMConfig
@@ -39,6 +40,9 @@ __all__ = [
     "high_reliability_thresholds",
     "load_causal_lm",
     "cached_features",
+    "extract_composed_features",
+    "compose_features",
+    "FeatureEncoder",
     "default_cache_dir",
     "__version__",
 ]

@@ -40,9 +40,17 @@ def expected_feature_width(model_config: PretrainedConfig | None, pooling: str |
 
 
 def check_pairing(model: torch.nn.Module, head: SDMHead, model_name: str | None = None) -> None:
-    """Raise when the head cannot read the model's features; warn when the recorded base
-    model differs from the one it is paired with."""
+    """Raise when the head cannot read the model's features (its width differs, or the head reads
+    several models' features composed); warn when the recorded base model differs from the one
+    it is paired with."""
     cfg = head.config
+    if cfg.feature_blocks is not None and len(cfg.feature_blocks) > 1:
+        names = [b["model"] or f"block {k}" for k, b in enumerate(cfg.feature_blocks)]
+        raise ValueError(
+            f"the SDM head reads features of {len(names)} models concatenated ({', '.join(names)}), so one model "
+            "cannot feed it: compute its input with sdm_hf.extract_composed_features (same models and settings, "
+            "as recorded in head.config.feature_blocks) and call head.predict"
+        )
     width = expected_feature_width(getattr(model, "config", None), cfg.feature_pooling)
     if width is not None and width != cfg.input_dim:
         raise ValueError(

@@ -46,10 +46,14 @@ from .format_errors import SDMFormatError
 from .head.state import SDMHeadState
 from .persistence_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
 
-FORMAT_VERSION = 3
-# Format 3 = format 2 whose config has SDMConfig.alphas; heads without them are still written as
-# format 2, so older sdm_hf reads them.
+FORMAT_VERSION = 4
+# Format 3 = format 2 whose config has SDMConfig.alphas; format 4 = one whose config has
+# SDMConfig.feature_blocks (composed features). A head is written with the lowest version that
+# holds its config (heads with neither are format 2), so older sdm_hf reads every head it can
+# and says "upgrade" for the others instead of failing on an unknown config field.
 BASE_FORMAT_VERSION = 2
+ALPHAS_FORMAT_VERSION = 3
+FEATURE_BLOCKS_FORMAT_VERSION = 4
 DOCUMENTS_NAME = "support_documents.jsonl"
 CARD_NAME = "README.md"
 FORMAT_KEY = "sdm_hf_format_version"
@@ -68,6 +72,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "FORMAT_VERSION",
+    "format_version_of",
     "state_to_files",
     "state_from_files",
     "state_to_bytes",
@@ -81,6 +86,14 @@ SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss")  # what config.json ke
 
 
 # -- writing ------------------------------------------------------------------------------
+def format_version_of(config) -> int:
+    """The format version a head with ``config`` (an :class:`~sdm_hf.SDMConfig`) is written as:
+    the lowest one whose readers know every field it sets."""
+    if config.feature_blocks is not None:
+        return FEATURE_BLOCKS_FORMAT_VERSION
+    return ALPHAS_FORMAT_VERSION if config.alphas else BASE_FORMAT_VERSION
+
+
 def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.cat([t.to(dtype) for t in lists]) if lists else torch.zeros(0, dtype=dtype)
     offsets = torch.tensor([0] + [t.numel() for t in lists], dtype=torch.long).cumsum(0)
@@ -101,7 +114,7 @@ def state_to_files(state: SDMHeadState | Any) -> tuple[dict, dict[str, torch.Ten
         raise TypeError(f"state must be an SDMHeadState or a head, got {type(state).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.weights.items()}
     config: dict = {
-        FORMAT_KEY: FORMAT_VERSION if state.config.alphas else BASE_FORMAT_VERSION,
+        FORMAT_KEY: format_version_of(state.config),
         "library": "sdm_hf",
         "config": state.config.to_dict(),
         "support": None,

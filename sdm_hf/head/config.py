@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .. import validation as check
+from ..feature_layout import check_feature_blocks
 from ..index import index_parameters
 from ..metrics import label_names
 
@@ -67,6 +68,14 @@ class SDMConfig:
     feature_max_length: int | None = field(
         default=None, metadata={"help": "Tokenizer max_length used for the features."}
     )
+    feature_blocks: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "Composed features (several models' features concatenated): one dict per block, in column "
+            "order, {'model', 'revision', 'pooling', 'layer', 'max_length', 'dim', 'start', 'stop'}, as "
+            "sdm_hf.extract_composed_features returns them; the blocks must cover 0..input_dim."
+        },
+    )
 
     def __post_init__(self):
         self.input_dim = check.check_positive_int(self.input_dim, "input_dim")
@@ -84,6 +93,8 @@ class SDMConfig:
         index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
         if self.index_params is not None:
             self.index_params = dict(self.index_params)
+        if self.feature_blocks is not None:
+            self.feature_blocks = check_feature_blocks(self.feature_blocks, input_dim=self.input_dim)
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.id2label is not None:
@@ -111,6 +122,8 @@ class SDMConfig:
         out = asdict(self)
         if self.alphas is None:  # written only when set: heads without them stay readable everywhere
             out.pop("alphas")
+        if self.feature_blocks is None:  # likewise: only composed heads need a reader that knows the field
+            out.pop("feature_blocks")
         if self.id2label is not None:
             out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return out

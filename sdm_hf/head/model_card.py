@@ -101,6 +101,7 @@ class SDMCardData:
     feature_pooling: str | None = None
     feature_layer: int | None = None
     feature_max_length: int | None = None
+    feature_blocks: list[dict] | None = None
     repo_hint: str = REPO_PLACEHOLDER
     subfolder: str | None = None
     tags: list[str] = field(default_factory=lambda: sorted(HUB_TAGS))
@@ -174,6 +175,7 @@ def card_data(
         feature_pooling=config.feature_pooling,
         feature_layer=config.feature_layer,
         feature_max_length=config.feature_max_length,
+        feature_blocks=config.feature_blocks,
         repo_hint=repo_hint or REPO_PLACEHOLDER,
         subfolder=subfolder,
         tags=sorted(set(tags)),

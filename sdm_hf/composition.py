@@ -1,0 +1,324 @@
+"""Features of several models composed into one matrix, with a recorded layout.
+
+``extract_composed_features(encoders, texts)`` runs :func:`~sdm_hf.features.extract_features`
+once per encoder (each with its own pooling, layer, max length and batch size) and concatenates
+the K results along the feature axis, in the order given::
+
+    x = [ block 0: model 0's D_0 columns | block 1: model 1's D_1 columns | ... ]   # [N, D_0 + ... + D_{K-1}]
+
+It returns the features and their layout, one JSON-safe dict per block (model name, revision,
+pooling, layer, max length, ``dim``, ``start``, ``stop``; see :mod:`sdm_hf.feature_layout`). Pass
+the layout to ``SDMConfig(feature_blocks=...)`` so that a head fitted on composed features
+records every block. :func:`compose_features` does the same concatenation for features computed
+beforehand (cached, or not from a model at all), so both give the same matrix and layout.
+
+Scale of the blocks. Nothing is rescaled here: normalisation statistics must come from the
+head's training split, never from whatever texts a call happens to see. The head's default
+``normalization="scalar"`` subtracts ONE mean and divides by ONE standard deviation over all
+elements, so a block with larger magnitudes sets that deviation and the others enter the head
+shrunk towards zero: Gemma 3 270M's middle-layer hidden states have a standard deviation of
+about 400 (single dimensions reach 2e4), MiniLM's mean-pooled embeddings about 0.3, so scalar
+normalisation passes the MiniLM block on at roughly 1/1000 of the Gemma block's scale, and a
+linear adaptor trained at a small learning rate does not undo that. Fit heads on composed
+features with ``SDMConfig(normalization="feature")`` (each column standardised by its own
+training-split mean and deviation), which makes every block's scale irrelevant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .feature_layout import DESCRIPTION_KEYS, layout_of
+from .features import (
+    POOLINGS,
+    as_texts,
+    check_layer,
+    extract_features,
+    model_body,
+    num_hidden_layers,
+    resolve_max_length,
+)
+from .model_loading import SOURCE_ATTRIBUTE
+
+__all__ = ["FeatureEncoder", "ComposedFeatures", "extract_composed_features", "compose_features"]
+
+
+@dataclass
+class FeatureEncoder:
+    """One block of a composition: a model, its tokenizer and how its features are pooled.
+
+    Args:
+        model: a transformers model (``AutoModel``, ``AutoModelForCausalLM``, ...) or a
+            ``sentence_transformers.SentenceTransformer`` (then ``tokenizer=None`` and its own
+            pooling applies; ``pooling`` and ``layer`` are not used and recorded as None).
+        tokenizer: the model's tokenizer (None for a SentenceTransformer).
+        pooling: ``"mean"``, ``"last"``, ``"cls"`` or ``"mean_last"`` (twice the hidden width).
+        layer: hidden-state layer to pool (0 = embeddings, -1 = final layer).
+        max_length: truncation length in tokens (default: the tokenizer's ``model_max_length``).
+        batch_size: texts per forward pass for this model.
+        name: the model's name in the layout (default: the id recorded by
+            :func:`~sdm_hf.load_causal_lm`, else ``config._name_or_path``; required with
+            ``cache=True`` for a model built from a config).
+        revision: the weights' version in the layout (default: recorded by ``load_causal_lm``,
+            else ``config._commit_hash``).
+
+    Example:
+        >>> FeatureEncoder(model=None, pooling="mean_last", layer=9).layer
+        9
+    """
+
+    model: Any
+    tokenizer: Any = None
+    pooling: str = "mean"
+    layer: int = -1
+    max_length: int | None = None
+    batch_size: int = 32
+    name: str | None = None
+    revision: str | None = None
+
+
+class ComposedFeatures(NamedTuple):
+    """``features`` ``[N, D_0 + ... + D_{K-1}]`` float32 CPU and ``layout``, K JSON-safe block
+    dicts in column order (unpacks as ``x, layout = ...``)."""
+
+    features: torch.Tensor
+    layout: list[dict]
+
+
+_ENCODER_FIELDS = tuple(f.name for f in fields(FeatureEncoder))
+
+
+def _is_sentence_transformer(model) -> bool:
+    return type(model).__name__ == "SentenceTransformer" and hasattr(model, "encode")
+
+
+def _as_encoder(spec, k: int) -> FeatureEncoder:
+    if isinstance(spec, FeatureEncoder):
+        return spec
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - set(_ENCODER_FIELDS))
+        if unknown or "model" not in spec:
+            raise ValueError(
+                f"encoder {k}: a dict needs 'model' and may hold {list(_ENCODER_FIELDS)}; "
+                + (f"unknown key(s) {unknown}" if unknown else "'model' is missing")
+            )
+        return FeatureEncoder(**spec)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        return FeatureEncoder(model=spec[0], tokenizer=spec[1])
+    if _is_sentence_transformer(spec):
+        return FeatureEncoder(model=spec)
+    raise TypeError(
+        f"encoder {k} is {type(spec).__name__}; pass a (model, tokenizer) pair, a FeatureEncoder, a dict "
+        "of FeatureEncoder fields or a SentenceTransformer"
+    )
+
+
+def _model_identity(encoder: FeatureEncoder) -> tuple[str | None, str | None]:
+    model = encoder.model
+    source = getattr(model, SOURCE_ATTRIBUTE, None)
+    source = source if isinstance(source, dict) else {}
+    config = getattr(model, "config", None)
+    if config is None and _is_sentence_transformer(model):  # its first module wraps the transformers model
+        try:
+            config = getattr(getattr(model[0], "auto_model", None), "config", None)
+        except (TypeError, IndexError, KeyError):  # pragma: no cover - exotic SentenceTransformers
+            config = None
+    name = encoder.name or source.get("model_id") or getattr(config, "_name_or_path", None) or None
+    revision = encoder.revision or source.get("revision") or getattr(config, "_commit_hash", None)
+    return (None if name is None else str(name)), (None if revision is None else str(revision))
+
+
+def _check_encoder(encoder: FeatureEncoder, k: int) -> dict:
+    """Validate ``encoder`` before any model runs; return its block description."""
+    where = f"encoder {k}"
+    if not isinstance(encoder.model, torch.nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(encoder.model).__name__}")
+    batch = encoder.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"{where}: batch_size must be an integer >= 1, got {batch!r}")
+    for key in ("name", "revision"):
+        value = getattr(encoder, key)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{where}: {key} must be a string or None, got {value!r}")
+    name, revision = _model_identity(encoder)
+    if _is_sentence_transformer(encoder.model):
+        if encoder.tokenizer is not None:
+            raise ValueError(f"{where}: pass tokenizer=None with a SentenceTransformer (it has its own)")
+        limit = getattr(encoder.model, "max_seq_length", None)
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+        return {"model": name, "revision": revision, "pooling": None, "layer": None, "max_length": limit}
+    if encoder.tokenizer is None:
+        raise ValueError(f"{where}: a transformers model needs its tokenizer: pass (model, tokenizer)")
+    if encoder.pooling not in POOLINGS:
+        raise ValueError(f"{where}: pooling must be one of {POOLINGS}, got {encoder.pooling!r}")
+    if isinstance(encoder.layer, bool) or not isinstance(encoder.layer, int):
+        raise TypeError(f"{where}: layer must be an integer, got {encoder.layer!r}")
+    try:
+        check_layer(encoder.model, encoder.layer, num_hidden_layers(model_body(encoder.model)))
+        limit = resolve_max_length(encoder.model, encoder.tokenizer, encoder.max_length)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return {
+        "model": name,
+        "revision": revision,
+        "pooling": encoder.pooling,
+        "layer": encoder.layer,
+        "max_length": limit,
+    }
+
+
+def compose_features(blocks: Sequence, descriptions: Sequence[Mapping | None] | None = None) -> ComposedFeatures:
+    """Concatenate K feature blocks ``[N, D_k]`` of the same N rows into ``[N, sum D_k]``, in order.
+
+    Args:
+        blocks: K tensors or numpy arrays, each ``[N, D_k]`` of real numbers.
+        descriptions: K dicts with any of ``"model"``, ``"revision"``, ``"pooling"``, ``"layer"``,
+            ``"max_length"`` (what the layout records of each block), or None.
+
+    Returns:
+        :class:`ComposedFeatures`: float32 CPU features and their layout.
+
+    Raises:
+        ValueError: no blocks, a block that is not 2-D, blocks with different row counts, or a
+            description list of another length. TypeError: a block that is not an array of numbers.
+
+    Example:
+        >>> x, layout = compose_features([torch.zeros(4, 3), torch.ones(4, 2)], [{"model": "a"}, {"model": "b"}])
+        >>> tuple(x.shape), [(b["model"], b["start"], b["stop"]) for b in layout]
+        ((4, 5), [('a', 0, 3), ('b', 3, 5)])
+    """
+    if isinstance(blocks, (torch.Tensor, np.ndarray)) or not isinstance(blocks, Sequence):
+        raise TypeError(f"blocks must be a list of [N, D_k] tensors, got {type(blocks).__name__}")
+    if not blocks:
+        raise ValueError("blocks is empty: pass at least one [N, D_k] feature tensor")
+    tensors = []
+    for k, block in enumerate(blocks):
+        if isinstance(block, np.ndarray):
+            if not np.issubdtype(block.dtype, np.number) or np.issubdtype(block.dtype, np.complexfloating):
+                raise TypeError(f"block {k} must hold real numbers, got numpy dtype {block.dtype}")
+            block = torch.from_numpy(np.ascontiguousarray(block))
+        if not isinstance(block, torch.Tensor):
+            raise TypeError(f"block {k} must be a torch tensor or numpy array, got {type(block).__name__}")
+        if block.is_complex() or block.dtype == torch.bool:
+            raise TypeError(f"block {k} must hold real numbers, got {block.dtype}")
+        if block.dim() != 2 or block.shape[1] < 1:
+            raise ValueError(f"block {k} must be [N, D] with D >= 1, got shape {tuple(block.shape)}")
+        if tensors and block.shape[0] != tensors[0].shape[0]:
+            raise ValueError(
+                f"block {k} has {block.shape[0]} rows but block 0 has {tensors[0].shape[0]}: every block must "
+                "describe the same texts, in the same order"
+            )
+        tensors.append(block.detach().to("cpu", torch.float32))
+    if descriptions is not None and (isinstance(descriptions, Mapping) or len(descriptions) != len(tensors)):
+        count = "a dict" if isinstance(descriptions, Mapping) else len(descriptions)
+        raise ValueError(f"got {len(tensors)} blocks but {count} descriptions: pass one dict (or None) per block")
+    layout = layout_of([t.shape[1] for t in tensors], descriptions)
+    return ComposedFeatures(torch.cat(tensors, dim=1).contiguous(), layout)
+
+
+def extract_composed_features(
+    encoders: Sequence,
+    texts: Iterable[str],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    distributed: bool = False,
+    cache: bool = False,
+    cache_dir: str | Path | None = None,
+) -> ComposedFeatures:
+    """Features of ``texts`` from K models, concatenated in the given order, with their layout.
+
+    Block k equals ``extract_features(model_k, tokenizer_k, texts, pooling=..., layer=...,
+    max_length=..., batch_size=...)`` with encoder k's settings, bit for bit (it is computed
+    by that function). Every encoder is checked before the first model runs.
+
+    Args:
+        encoders: K >= 1 encoders, each a ``(model, tokenizer)`` pair (mean pooling of the final
+            layer), a :class:`FeatureEncoder`, a dict of its fields, or a SentenceTransformer.
+        texts: N strings (list, tuple or a ``datasets`` column).
+        device: where every model runs (default: where its parameters are).
+        progress: show a tqdm bar per model.
+        distributed: share the work between the processes of an ``accelerate launch`` run (as
+            ``extract_features(..., distributed=True)``).
+        cache: read and write each block through :func:`~sdm_hf.cached_features` (keyed by the
+            encoder's name, revision, recipe and the texts), so a model already run on these texts
+            is not run again.
+        cache_dir: the cache root with ``cache=True`` (default: ``default_cache_dir()``).
+
+    Returns:
+        :class:`ComposedFeatures` ``(features, layout)``: ``[N, D_0 + ... + D_{K-1}]`` float32 CPU
+        features and K block dicts ``{"model", "revision", "pooling", "layer", "max_length",
+        "dim", "start", "stop"}`` (JSON-safe; columns ``start:stop`` are block k; ``layer`` as
+        passed, ``max_length`` as resolved). Fit a head on them with
+        ``SDMConfig(input_dim=features.shape[1], feature_blocks=layout, normalization="feature")``:
+        per-column normalisation keeps a block with large magnitudes from drowning the others.
+
+    Raises:
+        ValueError: no encoders, empty texts, a bad pooling / layer / batch size / max length, a
+            transformers model without a tokenizer, ``cache=True`` for a model without a name, or
+            a block whose row count is not N. TypeError: an encoder of an unsupported kind, a
+            model that is not a ``torch.nn.Module``, a text that is not a string.
+
+    Example::
+
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        minilm = (AutoModel.from_pretrained(p1), AutoTokenizer.from_pretrained(p1))
+        gemma = FeatureEncoder(AutoModelForCausalLM.from_pretrained(p2), AutoTokenizer.from_pretrained(p2),
+                               pooling="mean_last", layer=9)
+        x, layout = extract_composed_features([minilm, gemma], texts)   # [N, 384 + 1280]
+        cfg = SDMConfig(input_dim=x.shape[1], feature_blocks=layout, normalization="feature")
+    """
+    if isinstance(encoders, (str, bytes, Mapping, FeatureEncoder)) or not isinstance(encoders, Sequence):
+        raise TypeError(f"encoders must be a list of encoders, got {type(encoders).__name__}")
+    if not encoders:
+        raise ValueError("encoders is empty: pass at least one (model, tokenizer) pair or FeatureEncoder")
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be True or False, got {cache!r}")
+    texts = as_texts(texts)
+    specs = [_as_encoder(spec, k) for k, spec in enumerate(encoders)]
+    descriptions = [_check_encoder(e, k) for k, e in enumerate(specs)]
+    if cache:
+        nameless = [k for k, d in enumerate(descriptions) if not d["model"]]
+        if nameless:
+            raise ValueError(
+                f"encoder(s) {nameless} have no name for the feature cache (a model built from a config): "
+                "pass FeatureEncoder(..., name=...), or cache=False"
+            )
+    blocks = []
+    for k, (encoder, description) in enumerate(zip(specs, descriptions)):
+        options: dict[str, Any] = dict(
+            pooling=encoder.pooling,
+            layer=encoder.layer,
+            batch_size=encoder.batch_size,
+            max_length=encoder.max_length,
+            device=device,
+            progress=progress,
+            distributed=distributed,
+        )
+        if cache:
+            from .feature_cache import cached_features
+
+            block = cached_features(
+                encoder.model,
+                encoder.tokenizer,
+                texts,
+                model_id=description["model"],
+                revision=description["revision"],
+                cache_dir=cache_dir,
+                **options,
+            )
+        else:
+            block = extract_features(encoder.model, encoder.tokenizer, texts, **options)
+        if not isinstance(block, torch.Tensor) or block.dim() != 2 or block.shape[0] != len(texts):
+            raise ValueError(
+                f"encoder {k} returned features of shape {tuple(getattr(block, 'shape', ()))} for {len(texts)} "
+                "texts; expected [N, D]"
+            )
+        blocks.append(block)
+    return compose_features(blocks, [{key: d[key] for key in DESCRIPTION_KEYS} for d in descriptions])
