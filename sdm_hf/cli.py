@@ -27,6 +27,9 @@ import torch
 
 from .output_dir import check_output_dir, prepare_output_dir
 
+# the names of sdm_hf.fit.PROCEDURES (spelled out so that --help does not import FAISS)
+FIT_PROCEDURES = ("fast", "paper")
+
 __all__ = ["main"]
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -231,9 +234,12 @@ def cmd_fit_head(args) -> int:
             x_ca,
             y_ca,
             config,
+            procedure=args.procedure,
             epochs=args.epochs,
             shuffles=args.shuffles,
             learning_rate=args.learning_rate,
+            patience=args.patience,
+            selection_fraction=args.selection_fraction,
             seed=args.seed,
             resplit=not args.keep_split,
             **texts,
@@ -371,9 +377,25 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", required=True)
     fit.add_argument("--overwrite", action="store_true")
     fit.add_argument("--alpha", type=float, default=0.95)
-    fit.add_argument("--epochs", type=int, default=50)
-    fit.add_argument("--shuffles", type=int, default=2)
-    fit.add_argument("--learning-rate", type=float, default=1e-5)
+    fit.add_argument(
+        "--procedure",
+        choices=FIT_PROCEDURES,
+        default="paper",
+        help="named training settings: paper = the papers' 10 shuffles x 200 epochs at lr 1e-5; fast = lr 1e-3, "
+        "2 x <= 100 epochs with early stopping (the options below override single settings)",
+    )
+    fit.add_argument("--epochs", type=int, default=None, help="epochs per shuffle (default: the procedure's)")
+    fit.add_argument("--shuffles", type=int, default=None, help="shuffles (default: the procedure's)")
+    fit.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: the procedure's)")
+    fit.add_argument(
+        "--patience", type=int, default=None, help="early stopping after N epochs without improvement (0: off)"
+    )
+    fit.add_argument(
+        "--selection-fraction",
+        type=float,
+        default=None,
+        help="share of the calibration rows kept apart to choose the epoch and shuffle (default 0)",
+    )
     fit.add_argument("--exemplar-dim", type=int, default=1000)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--keep-split", action="store_true", help="do not merge and re-split train/calibration")

@@ -1,9 +1,11 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.fit import _search_space, _search_vectors, balanced_sdm_loss
+from sdm_hf.fit import PROCEDURES, _search_space, _search_vectors, balanced_sdm_loss
 from sdm_hf.index import SupportIndex
 from sdm_hf.similarity import compute_similarity
 from tests.conftest import gaussian_mixture
@@ -133,3 +135,118 @@ def test_numpy_inputs_and_default_config():
     x_tr, y_tr, x_ca, y_ca = (t.numpy() for t in _data())
     head = fit_sdm_head(x_tr, y_tr, x_ca, y_ca, epochs=1, shuffles=1, progress=False)
     assert head.config.input_dim == 6 and head.config.num_classes == 2 and head.config.exemplar_dim == 1000
+
+
+# Recorded with the code before `procedure` existed (torch 2.13 CPU): the papers' procedure must not
+# change by a bit. float.hex() of each epoch's calibration loss, q'_min, psi and the adaptor's weight sum.
+PAPER_REFERENCE = {
+    None: {
+        "losses": [
+            "0x1.e6230d3a29934p-1",
+            "0x1.e61e7a4a7707cp-1",
+            "0x1.e61a2a2f32f8ep-1",
+            "0x1.e615e7f38aadbp-1",
+            "0x1.db79c0d2a8f4ap-1",
+            "0x1.db73e3b7644dep-1",
+            "0x1.db6e9bfac29ebp-1",
+            "0x1.db698eb3ea9d0p-1",
+        ],
+        "q_min": "inf",
+        "weight_sum": "-0x1.c03693bec0000p+2",
+    },
+    0.05: {
+        "losses": [
+            "0x1.907470985846ap-2",
+            "0x1.1985478cadebep-2",
+            "0x1.c7f52c34c8d58p-3",
+            "0x1.6719f11e45f0ap-3",
+            "0x1.78b4659e24e46p-2",
+            "0x1.1338b864bdd1ep-2",
+            "0x1.d0645aff8d51cp-3",
+            "0x1.20dfc8d748a39p-3",
+        ],
+        "q_min": "0x1.c000000000000p+2",
+        "psi": ["0x1.f1051e0000000p-1", "0x1.da4a420000000p-1"],
+        "weight_sum": "-0x1.dfe4791280000p+2",
+    },
+}
+
+
+@pytest.mark.parametrize("learning_rate", [None, 0.05])
+def test_paper_procedure_is_bit_for_bit_unchanged(learning_rate):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(240, 6, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    kwargs = {} if learning_rate is None else {"learning_rate": learning_rate}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head = fit_sdm_head(
+            x[:120], y[:120], x[120:], y[120:], SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9),
+            procedure="paper", epochs=4, shuffles=2, progress=False, **kwargs,
+        )  # fmt: skip
+    ref = PAPER_REFERENCE[learning_rate]
+    assert [m["calibration_loss"].hex() for m in head.training_history] == ref["losses"]
+    assert (head.selection["shuffle"], head.selection["epoch"]) == (1, 3)
+    assert float(head.q_min).hex() == ref["q_min"]
+    if "psi" in ref:
+        assert [float(t).hex() for t in head.thresholds] == ref["psi"]
+    assert float(head.adaptor.weight.double().sum()).hex() == ref["weight_sum"]
+    assert int(head.selection["calibration_rows"].sum()) == 14382
+    assert torch.equal(head.selection["selection_rows"], head.selection["calibration_rows"])
+    assert head.selection["settings"]["learning_rate"] == (learning_rate or 1e-5)
+
+
+def test_procedures_fill_only_unset_arguments():
+    paper = {"epochs": 200, "shuffles": 10, "batch_size": 50, "learning_rate": 1e-5, "patience": 0}
+    assert PROCEDURES["paper"] == {**paper, "selection_fraction": 0.0}
+    data = _data()
+    head = fit_sdm_head(*data, SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9), procedure="paper", **FAST)
+    assert len(head.training_history) == 6 and head.selection["settings"]["learning_rate"] == 3e-3
+    with pytest.raises(ValueError, match="procedure must be one of"):
+        fit_sdm_head(*data, procedure="quick", **FAST)
+
+
+def test_early_stopping_stops_a_shuffle_that_stopped_improving():
+    data = _data()
+    seen = []
+    head = fit_sdm_head(
+        *data, SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9), epochs=60, shuffles=2, learning_rate=0.05,
+        patience=3, callback=seen.append, progress=False,
+    )  # fmt: skip
+    for shuffle in (0, 1):
+        losses = [h["calibration_loss"] for h in seen if h["shuffle"] == shuffle]
+        best = losses.index(min(losses))
+        if len(losses) < 60:  # stopped: exactly `patience` epochs without a new best after the best one
+            assert len(losses) == best + 1 + 3
+            assert all(v >= losses[best] for v in losses[best + 1 :])
+    assert len(seen) < 120, "a learning rate of 0.05 over 60 epochs should trigger early stopping"
+    kept = seen[[(h["shuffle"], h["epoch"]) for h in seen].index((head.selection["shuffle"], head.selection["epoch"]))]
+    assert kept["calibration_loss"] == min(h["calibration_loss"] for h in seen)
+    with pytest.raises(ValueError, match="patience"):
+        fit_sdm_head(*data, patience=-1, **FAST)
+
+
+def test_selection_split_is_kept_apart_from_calibration():
+    x_tr, y_tr, x_ca, y_ca = _data(n=400)
+    cfg = SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9)
+    for resplit in (False, True):
+        head = fit_sdm_head(x_tr, y_tr, x_ca, y_ca, cfg, selection_fraction=0.25, resplit=resplit, **FAST)
+        sel, cal, sup = (head.selection[k].tolist() for k in ("selection_rows", "calibration_rows", "support_rows"))
+        assert not set(sel) & set(cal) and not set(sel) & set(sup) and not set(cal) & set(sup)
+        assert len(sel) + len(cal) + len(sup) == 400
+        assert abs(len(sel) - 0.25 * (len(sel) + len(cal))) <= 2  # rounded per class
+        assert head.calibration.labels.numel() == len(cal)  # Algorithm 1 saw only the calibration rows
+        all_y = torch.cat([y_tr, y_ca])
+        assert torch.equal(head.calibration.labels, all_y[head.selection["calibration_rows"]])
+    for bad in (-0.1, 1.0, "a"):
+        with pytest.raises(ValueError, match="selection_fraction"):
+            fit_sdm_head(x_tr, y_tr, x_ca, y_ca, cfg, selection_fraction=bad, **FAST)
+    tiny_x, tiny_y = x_tr[:12], torch.tensor([0] * 6 + [1] * 6)
+    with pytest.raises(ValueError, match="at least 4 per class"):
+        fit_sdm_head(tiny_x, tiny_y, tiny_x[:6], tiny_y[3:9], cfg, selection_fraction=0.25, resplit=False, **FAST)
+
+
+def test_the_cli_offers_every_procedure():
+    from sdm_hf.cli import FIT_PROCEDURES
+
+    assert sorted(FIT_PROCEDURES) == sorted(PROCEDURES)

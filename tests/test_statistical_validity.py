@@ -40,9 +40,9 @@ EPOCHS = 30
 LR = 1e-3
 
 
-def _promise(num_classes, n_calib, n_test, seed, field="in_hr"):
+def _promise(num_classes, n_calib, n_test, seed, field="in_hr", fit_kwargs=None, draws=DRAWS):
     x, y = gaussian_mixture(
-        TRAIN + DRAWS * (n_calib + n_test) // 4, num_classes, 8, separation=3.0, label_noise=0.03, seed=seed
+        TRAIN + draws * (n_calib + n_test) // 4, num_classes, 8, separation=3.0, label_noise=0.03, seed=seed
     )
     config = SDMConfig(input_dim=8, num_classes=num_classes, exemplar_dim=32, alpha=ALPHA)
     half = TRAIN // 2
@@ -52,18 +52,16 @@ def _promise(num_classes, n_calib, n_test, seed, field="in_hr"):
         x[half:TRAIN],
         y[half:TRAIN],
         config,
-        epochs=EPOCHS,
-        shuffles=1,
-        learning_rate=LR,
+        **(fit_kwargs or {"epochs": EPOCHS, "shuffles": 1, "learning_rate": LR}),
         resplit=False,
         progress=False,
     )
     pool_x, pool_y = x[TRAIN:], y[TRAIN:]
     g = torch.Generator().manual_seed(seed + 1)
-    accuracy = torch.full((DRAWS, num_classes), float("nan"))
-    admitted = torch.zeros(DRAWS, num_classes)
+    accuracy = torch.full((draws, num_classes), float("nan"))
+    admitted = torch.zeros(draws, num_classes)
     admission_rate = []
-    for draw in range(DRAWS):  # independent draws of calibration and test sets
+    for draw in range(draws):  # independent draws of calibration and test sets
         perm = torch.randperm(pool_x.shape[0], generator=g)
         cal, test = perm[:n_calib], perm[n_calib : n_calib + n_test]
         with warnings.catch_warnings():
@@ -77,21 +75,45 @@ def _promise(num_classes, n_calib, n_test, seed, field="in_hr"):
             admitted[draw, c] = float(mask.sum())
             if mask.any():
                 accuracy[draw, c] = float((out.prediction[mask] == c).float().mean())
-    return accuracy, admitted, sum(admission_rate) / DRAWS
+    return accuracy, admitted, sum(admission_rate) / draws
 
 
 @pytest.mark.parametrize("num_classes, n_calib, n_test", [(2, 3000, 3000), (4, 3000, 3000)])
 def test_hr_region_keeps_its_promise(num_classes, n_calib, n_test):
-    accuracy, admitted, rate = _promise(num_classes, n_calib, n_test, seed=0)
-    assert rate > 0.2, f"HR region too small to test the promise (admits {rate:.1%})"
+    _check_promise(num_classes, *_promise(num_classes, n_calib, n_test, seed=0), draws=DRAWS)
+
+
+# fit_sdm_head's options beyond the fixed settings above, each in the fast form (fewer draws):
+# the named procedures, early stopping and a selection split apart from Algorithm 1's rows
+OPTIONS = {
+    "fast (lr 1e-3, early stopping)": {"procedure": "fast"},
+    "fast, J=1, patience 3, selection split 0.25": {
+        "procedure": "fast",
+        "shuffles": 1,
+        "patience": 3,
+        "selection_fraction": 0.25,
+    },
+}
+FAST_DRAWS = 30
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_every_fit_option_keeps_the_promise(num_classes, option):
+    result = _promise(num_classes, 3000, 3000, seed=1, fit_kwargs=OPTIONS[option], draws=FAST_DRAWS)
+    _check_promise(num_classes, *result, draws=FAST_DRAWS, label=option)
+
+
+def _check_promise(num_classes, accuracy, admitted, rate, draws, label=""):
+    assert rate > 0.2, f"{label}: HR region too small to test the promise (admits {rate:.1%})"
     for c in range(num_classes):
         seen = ~torch.isnan(accuracy[:, c])
-        assert int(seen.sum()) >= 90, f"class {c} admitted in only {int(seen.sum())} draws"
+        assert int(seen.sum()) >= 0.9 * draws, f"class {c} admitted in only {int(seen.sum())} draws"
         mean = float(accuracy[seen, c].mean())
         se = torch.sqrt(torch.tensor(ALPHA * (1 - ALPHA)) / admitted[seen, c])
         below = float((accuracy[seen, c] < ALPHA - 2 * se).float().mean())
         print(
-            f"C={num_classes} class {c}: mean HR accuracy {mean:.3f}, below alpha-2SE in {below:.1%} "
+            f"{label} C={num_classes} class {c}: mean HR accuracy {mean:.3f}, below alpha-2SE in {below:.1%} "
             f"of draws, HR admits {rate:.1%}"
         )
         assert mean >= ALPHA

@@ -17,6 +17,7 @@ from ..activation import high_reliability_mask
 from ..calibration import high_reliability_thresholds
 from ..metrics import accuracy_or_none, format_accuracy, group_counts, label_names
 from .inference import SDMOutput
+from .region_diagnosis import RegionDiagnosis, diagnose_region
 from .state import CalibrationState
 
 __all__ = ["CalibrationReport", "LabelErrors", "calibration_report", "label_errors", "output_agreement"]
@@ -36,6 +37,7 @@ class CalibrationReport:
 
     rows: list[dict]
     chosen_alpha: float
+    diagnosis: RegionDiagnosis | None = None
 
     def to_dict(self) -> dict:
         def clean(v):
@@ -44,6 +46,7 @@ class CalibrationReport:
         return {
             "chosen_alpha": self.chosen_alpha,
             "rows": [{k: clean(v) for k, v in row.items()} for row in self.rows],
+            "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
         }
 
     def admitted_at(self, alpha: float | None = None) -> tuple[int, int]:
@@ -66,14 +69,21 @@ class CalibrationReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return self.to_markdown()
+        if self.diagnosis is None:
+            return self.to_markdown()
+        return self.to_markdown() + "\n\n" + str(self.diagnosis)
 
 
 def calibration_report(
-    calibration: CalibrationState, alphas: Iterable[float], id2label: dict[int, str] | None = None
+    calibration: CalibrationState,
+    alphas: Iterable[float],
+    id2label: dict[int, str] | None = None,
+    selection: dict | None = None,
 ) -> CalibrationReport:
     """Per class: calibration points, OOD count, HR admission and accuracy at the chosen alpha
-    and at each of ``alphas`` (Algorithm 1 rerun on the stored arrays for each)."""
+    and at each of ``alphas`` (Algorithm 1 rerun on the stored arrays for each), and the
+    :class:`RegionDiagnosis` at the chosen alpha (``selection``: the fit's ``head.selection``,
+    for training advice)."""
     cal = calibration
     num_classes = len(cal.distance_lists)
     names = label_names(num_classes, id2label)
@@ -108,7 +118,16 @@ def calibration_report(
                     "q_min": float(q_min),
                 }
             )
-    return CalibrationReport(rows=rows, chosen_alpha=cal.alpha)
+    diagnosis = diagnose_region(cal, cal.alpha, id2label, selection)
+    lower = [
+        a
+        for a in sorted({r["alpha"] for r in rows})
+        if a < cal.alpha and sum(r["admitted"] for r in rows if r["alpha"] == a) > 0
+    ]
+    if diagnosis.admitted == 0 and lower:
+        share = sum(r["admitted"] for r in rows if r["alpha"] == lower[-1]) / max(len(cal.labels), 1)
+        diagnosis.advice.append(f"at alpha={lower[-1]} the region admits {share:.1%} of the calibration points")
+    return CalibrationReport(rows=rows, chosen_alpha=cal.alpha, diagnosis=diagnosis)
 
 
 @dataclass

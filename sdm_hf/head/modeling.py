@@ -433,10 +433,12 @@ class SDMHead(
         alpha and at ``alphas`` (Algorithm 1 is rerun on the stored arrays for each).
 
         The calibration set is the one the thresholds were fitted on, so these are
-        in-sample figures: they show the trade-off, not a test estimate.
+        in-sample figures: they show the trade-off, not a test estimate. ``report.diagnosis``
+        (printed with the table) names the class that limits the region, estimates what more
+        calibration data would admit and says what to try.
         """
-        cal = self._require_calibration()
-        return calibration_report(cal, [check.check_alpha(a) for a in alphas], self.config.id2label)
+        alphas = [check.check_alpha(a) for a in alphas]
+        return calibration_report(self._require_calibration(), alphas, self.config.id2label, self.selection)
 
     def extra_repr(self) -> str:
         support = "none" if self.support is None else f"{self.support.ntotal} rows ({self.support.backend})"

@@ -1,0 +1,242 @@
+"""Why is the HR region small? A diagnosis from the calibration arrays.
+
+Algorithm 1 (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*) picks the smallest
+rescaled-similarity threshold ``t`` at which, for every class ``c``, at most
+``k_c(t) = min(int((1 - alpha) n_c(t)), n_c(t) - 1)`` of the ``n_c(t)`` non-OOD calibration
+points of class ``c`` with ``q' >= t`` have a true-class SDM probability below ``alpha``. The
+condition compares a rate with ``1 - alpha``, so the region is limited by the class whose
+points, even among the most similar ones, are too often below ``alpha`` (the *limiting*
+class). More calibration data of the same kind does not change a rate; what it changes is how
+far the in-sample rate can be trusted. With ``h`` the share of a class's points at or above
+``alpha``, telling ``h`` from ``alpha`` at two binomial standard errors takes about
+
+    n_needed = 4 h (1 - h) / (h - alpha)^2        (h > alpha; none exists when h <= alpha)
+
+points of that class; with fewer, a region the calibration set admits may hold below
+``alpha`` on new data. :func:`diagnose_region` reports, per class, its points, accuracy,
+``h``, ``n_needed`` and the threshold its own condition needs, names the limiting class and
+says what to try.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..activation import high_reliability_mask, is_out_of_distribution
+from ..calibration import _k_index, _suffix_counts, required_points_per_class
+from ..metrics import label_names
+from .state import CalibrationState
+
+__all__ = ["RegionDiagnosis", "diagnose_region", "points_needed"]
+
+
+@dataclass
+class RegionDiagnosis:
+    """What limits the HR region at one alpha (in-sample, on the calibration set).
+
+    Attributes:
+        alpha: the alpha diagnosed.
+        n: calibration points; ``admitted``: those in the HR region (``admitted_share = admitted / n``).
+        q_min: Algorithm 1's threshold ``q'_min`` at this alpha (``inf``: empty region).
+        limiting_class: index of the class whose own condition needs the highest threshold
+            (the first such class on a tie).
+        classes: one dict per class: ``label``, ``n`` (non-OOD points), ``accuracy`` (of the
+            head's predictions on them), ``hit_rate`` (share with a true-class probability
+            ``>= alpha``), ``points_needed`` (``4 h (1 - h) / (h - alpha)^2`` rounded up, None
+            when ``hit_rate <= alpha``), ``threshold`` (the smallest ``q'`` at which this
+            class's own condition holds; ``inf`` if none), ``too_few`` (fewer non-OOD points
+            than ``1 / (1 - alpha)``).
+        advice: plain-language suggestions, most useful first.
+    """
+
+    alpha: float
+    n: int
+    admitted: int
+    q_min: float
+    limiting_class: int | None
+    classes: list[dict]
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def admitted_share(self) -> float:
+        return self.admitted / self.n if self.n else 0.0
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {
+            "alpha": self.alpha,
+            "n": self.n,
+            "admitted": self.admitted,
+            "admitted_share": self.admitted_share,
+            "q_min": clean(self.q_min),
+            "limiting_class": self.limiting_class,
+            "classes": [{k: clean(v) for k, v in c.items()} for c in self.classes],
+            "advice": list(self.advice),
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"HR region at alpha={self.alpha}: {self.admitted} of {self.n} calibration points "
+            f"({self.admitted_share:.1%})."
+        ]
+        if self.limiting_class is not None:
+            c = self.classes[self.limiting_class]
+            others = "; ".join(
+                f"{o['label']}: {_holds(o['threshold'])}"
+                for i, o in enumerate(self.classes)
+                if i != self.limiting_class
+            )
+            lines.append(f"Limiting class: {c['label']} (its own condition {_holds(c['threshold'])}; {others}).")
+        for c in self.classes:
+            need = (
+                "more data of the same kind cannot reach alpha"
+                if c["points_needed"] is None
+                else (f"about {c['points_needed']} points needed to tell it from alpha at 2 SE")
+            )
+            hit = "n/a" if c["hit_rate"] is None else f"{c['hit_rate']:.3f}"
+            lines.append(f"  {c['label']}: {c['n']} points, share >= alpha {hit}: {need}")
+        lines += [f"- {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+def _holds(t: float) -> str:
+    return "holds at no threshold" if not math.isfinite(t) else f"holds from q' >= {t:.3g}"
+
+
+def points_needed(hit_rate: float | None, alpha: float) -> int | None:
+    """``ceil(4 h (1 - h) / (h - alpha)^2)``: points of one class for a share ``h`` of them at or
+    above ``alpha`` to sit two binomial standard errors above ``alpha`` (None when ``h <= alpha``;
+    at least ``1 / (1 - alpha)``, the fewest Algorithm 1 can use)."""
+    if hit_rate is None or hit_rate <= alpha:
+        return None
+    return max(
+        math.ceil(4.0 * hit_rate * (1.0 - hit_rate) / (hit_rate - alpha) ** 2 - 1e-9), required_points_per_class(alpha)
+    )
+
+
+def diagnose_region(
+    calibration: CalibrationState,
+    alpha: float | None = None,
+    id2label: dict[int, str] | None = None,
+    selection: dict | None = None,
+) -> RegionDiagnosis:
+    """Which class limits the HR region at ``alpha``, how many points each class would need at
+    its observed rate, and what to try.
+
+    Args:
+        calibration: the head's calibration arrays (``N`` points).
+        alpha: the alpha to diagnose (default: the calibrated one).
+        id2label: class names for the text.
+        selection: ``head.selection`` of a freshly fitted head (the kept shuffle/epoch and the
+            procedure's settings), used for training advice; None skips it.
+
+    Returns:
+        A :class:`RegionDiagnosis`; ``str()`` of it is a short plain-language paragraph. Its
+        ``admitted`` and ``q_min`` equal those of Algorithm 1 run at ``alpha``.
+    """
+    cal = calibration
+    alpha = float(cal.alpha if alpha is None else alpha)
+    num_classes = len(cal.distance_lists)
+    names = label_names(num_classes, id2label)
+    keep = ~is_out_of_distribution(cal.rescaled_similarity)
+    p = cal.true_class_probability[keep]
+    r = cal.rescaled_similarity.double()[keep]
+    y = cal.labels[keep]
+    correct = (cal.predictions == cal.labels)[keep]
+    hit = p.float() >= torch.tensor(alpha, dtype=torch.float32)
+    candidates = torch.unique(r)  # sorted ascending
+    classes, own = [], []
+    for c in range(num_classes):  # a loop over classes, not points
+        in_c = y == c
+        n_t = _suffix_counts(torch.sort(r[in_c]).values, candidates)
+        below_t = _suffix_counts(torch.sort(r[in_c & ~hit]).values, candidates)
+        own.append((n_t > 0) & (below_t <= _k_index(n_t, alpha)))
+        n_c = int(in_c.sum())
+        hit_rate = float(hit[in_c].double().mean()) if n_c else None
+        classes.append(
+            {
+                "label": names[c],
+                "n": n_c,
+                "accuracy": float(correct[in_c].double().mean()) if n_c else None,
+                "hit_rate": hit_rate,
+                "points_needed": points_needed(hit_rate, alpha),
+                "threshold": _first(own[c], candidates),
+                "too_few": n_c < required_points_per_class(alpha),
+            }
+        )
+    thresholds = [c["threshold"] for c in classes]
+    limiting = max(range(num_classes), key=lambda c: thresholds[c]) if num_classes else None
+    q_min = _first(torch.stack(own).all(0), candidates) if own else math.inf
+    diagnosis = RegionDiagnosis(
+        alpha=alpha,
+        n=int(cal.labels.numel()),
+        admitted=_admitted(cal, p, r, y, num_classes, alpha, q_min),
+        q_min=q_min,
+        limiting_class=limiting,
+        classes=classes,
+    )
+    diagnosis.advice = _advice(diagnosis, selection)
+    return diagnosis
+
+
+def _first(works: torch.Tensor, candidates: torch.Tensor) -> float:
+    hits = works.nonzero()
+    return float(candidates[int(hits[0, 0])]) if hits.numel() else math.inf
+
+
+def _admitted(cal: CalibrationState, p, r, y, num_classes: int, alpha: float, t: float) -> int:
+    """Calibration points in the HR region at threshold ``t`` with Algorithm 1's psi."""
+    if not math.isfinite(t):
+        return 0
+    psi = torch.zeros(num_classes, dtype=torch.float64)
+    for c in range(num_classes):  # a loop over classes, not points
+        s = torch.sort(p[(y == c) & (r >= t)]).values
+        if s.numel():
+            psi[c] = float(s[int(_k_index(torch.tensor(s.numel()), alpha))].float())
+    mask = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, t, psi)
+    return int(mask.sum())
+
+
+def _advice(d: RegionDiagnosis, selection: dict | None) -> list[str]:
+    advice = []
+    few = [c for c in d.classes if c["too_few"]]
+    if few:
+        advice.append(
+            "add calibration data for "
+            + ", ".join(f"{c['label']} ({c['n']} non-OOD points)" for c in few)
+            + f": alpha={d.alpha} needs at least {required_points_per_class(d.alpha)} per class"
+        )
+    short = [c for c in d.classes if c["points_needed"] is not None and c["points_needed"] > c["n"]]
+    if short:
+        advice.append(
+            "add calibration data for "
+            + ", ".join(f"{c['label']} (has {c['n']}, about {c['points_needed']} needed)" for c in short)
+            + ": at the observed rate a region this small may hold below alpha on new data"
+        )
+    hopeless = [c for c in d.classes if c["n"] and c["points_needed"] is None]
+    if hopeless:
+        advice.append(
+            "for "
+            + ", ".join(f"{c['label']} ({c['hit_rate']:.3f} of points at or above alpha)" for c in hopeless)
+            + " more data of the same kind will not reach alpha: only the most similar points can be admitted; "
+            "better features (another model or layer), a better-trained head or a lower alpha (SDMConfig.alphas "
+            "reports several risk tiers at once) are the levers"
+        )
+    if selection and selection.get("settings"):
+        settings = selection["settings"]
+        if selection.get("epoch") == settings.get("epochs", 0) - 1:
+            advice.append(
+                "the kept state is the last epoch trained: the head was still improving; train longer or with a "
+                "higher learning rate"
+            )
+        if selection.get("procedure") == "paper":
+            advice.append(
+                "fit_sdm_head(..., procedure='fast') trains at a higher learning rate with early stopping: on "
+                "small feature sets it admitted several times more at alpha=0.9; check its validity at your alpha"
+            )
+    return advice

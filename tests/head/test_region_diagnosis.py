@@ -1,0 +1,85 @@
+"""diagnose_region: agrees with Algorithm 1, names the limiting class, sizes the data a class needs."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sdm_hf.activation import high_reliability_mask
+from sdm_hf.calibration import high_reliability_thresholds
+from sdm_hf.head.diagnostics import calibration_report
+from sdm_hf.head.region_diagnosis import diagnose_region, points_needed
+
+
+@pytest.mark.parametrize("alpha", [None, 0.8, 0.99])
+def test_admitted_and_q_min_equal_algorithm_1(small_head, alpha):
+    head, _, _ = small_head
+    cal = head.calibration
+    at = cal.alpha if alpha is None else alpha
+    q_min, psi = high_reliability_thresholds(
+        cal.true_class_probability, cal.rescaled_similarity, cal.labels, len(cal.distance_lists), at
+    )
+    direct = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, q_min, psi)
+    d = diagnose_region(cal, alpha)
+    assert d.q_min == q_min or (math.isinf(d.q_min) and math.isinf(q_min))
+    assert d.admitted == (int(direct.sum()) if math.isfinite(q_min) else 0)
+    assert d.limiting_class is not None and d.classes[d.limiting_class]["threshold"] == max(
+        c["threshold"] for c in d.classes
+    )
+    assert all(c["threshold"] <= d.q_min for c in d.classes)  # each class's own condition holds by q'_min
+    json.dumps(d.to_dict(), allow_nan=False)  # strict JSON
+
+
+def _calibration(p_true, r, labels, num_classes=2):
+    p_true, r, labels = torch.tensor(p_true), torch.tensor(r), torch.tensor(labels)
+    probs = torch.zeros(len(labels), num_classes)
+    probs[torch.arange(len(labels)), labels] = p_true
+    probs[torch.arange(len(labels)), 1 - labels] = 1 - p_true
+    return SimpleNamespace(
+        alpha=0.9,
+        true_class_probability=p_true,
+        rescaled_similarity=r,
+        labels=labels,
+        predictions=probs.argmax(1),
+        predicted_probability=probs.max(1).values,
+        distance_lists=[torch.zeros(1)] * num_classes,
+    )
+
+
+def test_a_noisy_class_is_named_and_more_data_of_it_cannot_help():
+    # class 0: 40 confident correct points; class 1: 40 points of which 1 in 4 is below alpha at every q'
+    r = [float(i) for i in range(1, 41)] * 2
+    p = [0.99] * 40 + [0.5 if i % 4 == 0 else 0.99 for i in range(40)]
+    d = diagnose_region(_calibration(p, r, [0] * 40 + [1] * 40), id2label={0: "clean", 1: "noisy"})
+    assert d.limiting_class == 1 and d.classes[1]["label"] == "noisy"
+    assert d.classes[1]["hit_rate"] == 0.75 and d.classes[1]["points_needed"] is None
+    assert d.classes[0]["points_needed"] == 10  # h = 0.99: 4 * 0.99 * 0.01 / 0.09^2 = 4.9 -> at least 1 / (1 - 0.9)
+    text = str(d)
+    assert "Limiting class: noisy" in text and "will not reach alpha" in text
+
+
+def test_a_class_that_passes_on_too_few_points_is_told_how_many_it_needs():
+    # class 1: 20 points, 19 of them above alpha: h = 0.95 passes Algorithm 1 but needs ~76 points at 2 SE
+    r = [float(i) for i in range(1, 21)] * 2
+    p = [0.99] * 20 + [0.5] + [0.99] * 19
+    d = diagnose_region(_calibration(p, r, [0] * 20 + [1] * 20))
+    assert d.admitted > 0
+    assert d.classes[1]["points_needed"] == 76  # 4 * 0.95 * 0.05 / 0.05^2
+    assert any("about 76 needed" in a for a in d.advice)
+
+
+def test_points_needed_edges():
+    assert points_needed(None, 0.9) is None and points_needed(0.9, 0.9) is None and points_needed(0.5, 0.9) is None
+    assert points_needed(1.0, 0.95) == 20  # no error observed: still the fewest Algorithm 1 can use
+    assert points_needed(0.97, 0.95) > points_needed(0.99, 0.95)
+
+
+def test_calibration_report_carries_the_diagnosis(small_head):
+    head, _, _ = small_head
+    report = head.calibration_report(alphas=[0.8])
+    assert report.diagnosis is not None and report.diagnosis.alpha == head.calibration.alpha
+    assert "Limiting class" in str(report)
+    assert report.to_dict()["diagnosis"]["n"] == head.calibration.size
+    assert calibration_report(head.calibration, [0.8]).diagnosis.admitted == report.diagnosis.admitted
