@@ -254,6 +254,15 @@ def render(cells: dict) -> str:
         seen.setdefault(cell["procedure"], cell["kwargs"])
     for name, kwargs in sorted(seen.items()):
         lines.append(f"* `{name}`: `{json.dumps(kwargs, sort_keys=True)}`")
+    lines.append(
+        "\nCommands (2 CPU cores, torch threads as set by the environment; other work ran beside the papers' "
+        "cells, so their fit times are upper bounds):\n\n"
+        "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures paper fast\n"
+        "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures \\\n"
+        '        "fast+feature-norm=procedure:fast,normalization:feature" \\\n'
+        '        "fast+selection-split=procedure:fast,selection_fraction:0.25" \\\n'
+        '        "fast+M256=procedure:fast,exemplar_dim:256"'
+    )
     return "\n".join(lines) + "\n"
 
 
