@@ -197,7 +197,7 @@ def compose_features(blocks: Sequence, descriptions: Sequence[Mapping | None] | 
         raise TypeError(f"blocks must be a list of [N, D_k] tensors, got {type(blocks).__name__}")
     if not blocks:
         raise ValueError("blocks is empty: pass at least one [N, D_k] feature tensor")
-    tensors = []
+    tensors: list[torch.Tensor] = []
     for k, block in enumerate(blocks):
         if isinstance(block, np.ndarray):
             if not np.issubdtype(block.dtype, np.number) or np.issubdtype(block.dtype, np.complexfloating):

@@ -156,6 +156,12 @@ def parse_args(argv=None):
     p.add_argument("--extra-alphas", type=float, nargs="*", default=[0.9], help="also report the HR region here")
     p.add_argument("--gamma-gen", type=float, default=0.5, help="hard-negative generation rate of the +HN runs")
     p.add_argument("--hard-negatives-from-epoch", type=int, default=1, help="0-based; the paper: the second epoch")
+    p.add_argument(
+        "--search-depth",
+        type=int,
+        default=1,
+        help="> 1: also run sdm-verify's test-time search (up to N attempts) on the in-distribution test set",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier call (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -368,6 +374,56 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
     return metrics, records
 
 
+def search_test_set(trainer: SDMTrainer, head, dataset, args) -> dict:
+    """``pipeline("sdm-verify")`` with test-time search: greedy first, then up to ``search_depth - 1``
+    sampled attempts for the prompts not verified in the HR region. Per n = 1..N: the share of
+    prompts with an HR-verified attempt among their first n, and the share of those whose
+    accepted generation is correct (exact match)."""
+    verifier = pipeline(
+        "sdm-verify",
+        model=trainer.model,
+        tokenizer=trainer.processing_class,
+        sdm_head=head,
+        device=trainer.model.device,
+    )
+    control = trainer.control_tokens
+    started = time.perf_counter()
+    outputs = verifier(
+        list(dataset["prompt"]),
+        batch_size=args.generation_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        search_depth=args.search_depth,
+        search_kwargs={"seed": args.seed},
+    )
+    seconds = time.perf_counter() - started
+    golds = [c[-1]["content"] for c in dataset["chosen"]]
+    depth = args.search_depth
+    first = torch.full((len(outputs),), depth, dtype=torch.long)  # index of the first HR-verified attempt
+    for i, o in enumerate(outputs):  # per prompt: its attempts list (a handful of dicts)
+        hits = [k for k, a in enumerate(o.get("attempts") or [o]) if a["verified"] and a["high_reliability"]]
+        if hits:
+            first[i] = hits[0]
+    correct = torch.tensor(
+        [
+            exact_match_verifier(control.remove_suffix(g), control.remove_suffix(o["generated_text"]))
+            for g, o in zip(golds, outputs)
+        ]
+    ).bool()
+    verified_after, correct_after = [], []
+    for n in range(1, depth + 1):
+        found = first < n
+        verified_after.append(float(found.float().mean()))
+        correct_after.append(float(correct[found].float().mean()) if found.any() else None)
+    return {
+        "depth": depth,
+        "n": len(outputs),
+        "verified_after": verified_after,
+        "accuracy_of_verified_after": correct_after,
+        "attempts_made": int(sum(len(o.get("attempts") or [o]) for o in outputs)),
+        "seconds": seconds,
+    }
+
+
 def run_one(run: str, args, out: Path, splits) -> dict:
     folder = out / "runs" / slug(run)
     done = folder / "metrics.json"
@@ -433,6 +489,8 @@ def run_one(run: str, args, out: Path, splits) -> dict:
     metrics["seconds"]["test generation + verification"] = sum(
         t["generate_and_verify_seconds"] for t in metrics["test"].values()
     )
+    if args.search_depth > 1:
+        metrics["search"] = search_test_set(trainer, head, splits["test"], args)
     metrics["peak_gpu_memory_gib"] = wom.peak_memory_gib()
     metrics["device"] = wom.device_facts()
     metrics["total_seconds"] = time.perf_counter() - started
@@ -562,6 +620,23 @@ def plots(results: dict, out: Path, alpha: float, corpus: str = "saplma") -> Non
     fig.tight_layout()
     fig.savefig(out / "admitted.png", dpi=120)
     plt.close(fig)
+    searched = {run: m["search"] for run, m in results.items() if m.get("search")}
+    if searched:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run, search in searched.items():
+            steps = range(1, search["depth"] + 1)
+            ax.plot(steps, search["verified_after"], marker="o", label=run)
+            for n, share, acc in zip(steps, search["verified_after"], search["accuracy_of_verified_after"]):
+                ax.annotate("R" if acc is None else f"{acc:.2f}", (n, share), fontsize=7, va="bottom")
+        ax.set_xlabel("attempts (1 = greedy only)")
+        ax.set_ylabel("share of test prompts verified in the HR region")
+        ax.set_title(f"Test-time search (alpha = {alpha}; label: accuracy of the verified)")
+        ax.set_xticks(list(range(1, max(s["depth"] for s in searched.values()) + 1)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "search.png", dpi=120)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -577,6 +652,15 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results = {run: run_one(run, args, out, splits) for run in args.runs}
     text = tables(results, args, summary)
+    for run, m in results.items():
+        if m.get("search"):
+            search = m["search"]
+            shares = ", ".join(f"{n + 1}: {v:.1%}" for n, v in enumerate(search["verified_after"]))
+            text += (
+                f"\nTest-time search ({run}, {search['n']} test prompts, {search['attempts_made']} attempts, "
+                f"{search['seconds']:.0f} s): verified in the HR region after n attempts: {shares}; accuracy of "
+                f"the verified: {', '.join(_fmt(a) for a in search['accuracy_of_verified_after'])}. See search.png.\n"
+            )
     (out / "tables.md").write_text(text + f"\nCommand: `{command}`\n", encoding="utf-8")
     (out / "results.json").write_text(
         json.dumps(
