@@ -42,6 +42,8 @@ import torch
 from .activation import is_out_of_distribution
 
 __all__ = [
+    "quantile_index",
+    "suffix_counts",
     "high_reliability_thresholds",
     "explain_empty_region",
     "required_points_per_class",
@@ -51,13 +53,13 @@ __all__ = [
 ]
 
 
-def _k_index(n: torch.Tensor, alpha: float) -> torch.Tensor:
+def quantile_index(n: torch.Tensor, alpha: float) -> torch.Tensor:
     """``min(int((1 - alpha) * n), n - 1)`` in double precision, elementwise (int64)."""
     k = torch.trunc((1.0 - float(alpha)) * n.double()).long()
     return torch.minimum(k, n.long() - 1)
 
 
-def _suffix_counts(sorted_values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def suffix_counts(sorted_values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Number of ``sorted_values >= t`` for each ``t`` in ``thresholds``."""
     return sorted_values.numel() - torch.searchsorted(sorted_values, thresholds, side="left")
 
@@ -122,16 +124,16 @@ def high_reliability_thresholds(
     candidates = torch.unique(r)  # sorted ascending
     works = torch.ones(candidates.shape, dtype=torch.bool)
     for sorted_r, sorted_r_below, _, _ in per_class:
-        n = _suffix_counts(sorted_r, candidates)
-        n_below = _suffix_counts(sorted_r_below, candidates)
-        works &= (n > 0) & (n_below <= _k_index(n, alpha))
+        n = suffix_counts(sorted_r, candidates)
+        n_below = suffix_counts(sorted_r_below, candidates)
+        works &= (n > 0) & (n_below <= quantile_index(n, alpha))
     if not bool(works.any()):
         return empty
     q_min = float(candidates[int(works.nonzero()[0, 0])])
     thresholds = torch.empty(num_classes, dtype=torch.float64)
     for c, (_, _, p_c, r_c) in enumerate(per_class):
         s = torch.sort(p_c[r_c >= q_min]).values
-        k = int(_k_index(torch.tensor(s.numel()), alpha))
+        k = int(quantile_index(torch.tensor(s.numel()), alpha))
         thresholds[c] = float(s[k].float())
     return q_min, thresholds
 
@@ -166,7 +168,7 @@ def explain_empty_region(
         if n == 0:
             reasons.append(f"class {name(c)} has no calibration point that is not OOD (q > 0)")
             continue
-        k = int(_k_index(torch.tensor(n), alpha))
+        k = int(quantile_index(torch.tensor(n), alpha))
         below = sorted_r_below.numel()
         if below > k:
             reasons.append(

@@ -52,24 +52,10 @@ __all__ = ["fit_sdm_head", "balanced_sdm_loss", "PROCEDURES"]
 PROCEDURES: dict[str, dict] = {
     # Schmaltz (2025): J = 10 shuffles x E = 200 epochs, Adam lr 1e-5, minibatches of 50, the
     # state of lowest calibration SDM loss over all epochs and shuffles, no early stopping
-    "paper": {
-        "epochs": 200,
-        "shuffles": 10,
-        "batch_size": 50,
-        "learning_rate": 1e-5,
-        "patience": 0,
-        "selection_fraction": 0.0,
-    },
+    "paper": dict(epochs=200, shuffles=10, batch_size=50, learning_rate=1e-5, patience=0, selection_fraction=0.0),
     # Adam lr 1e-3 with early stopping (benchmarks/efficiency.py): a fraction of the cost; the
     # kept state is still the one of lowest calibration SDM loss, and Algorithm 1 is unchanged
-    "fast": {
-        "epochs": 100,
-        "shuffles": 2,
-        "batch_size": 50,
-        "learning_rate": 1e-3,
-        "patience": 10,
-        "selection_fraction": 0.0,
-    },
+    "fast": dict(epochs=100, shuffles=2, batch_size=50, learning_rate=1e-3, patience=10, selection_fraction=0.0),
 }
 
 _MAX_SPLIT_DRAWS = 100

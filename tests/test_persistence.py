@@ -84,7 +84,10 @@ def test_round_trip_is_bit_identical(heads, tmp_path, classes, texts):
     _same_outputs(head, loaded, x)
     assert loaded.config == head.config and loaded.q_min == head.q_min
     assert torch.equal(loaded.thresholds, head.thresholds)
-    assert loaded.calibration_report().to_dict() == head.calibration_report().to_dict()
+    # the fit's in-memory selection (training advice) is not saved: everything else must match
+    reports = [h.calibration_report().to_dict() for h in (head, loaded)]
+    advice = [r["diagnosis"].pop("advice") for r in reports]
+    assert reports[0] == reports[1] and set(advice[1]) <= set(advice[0])
     # a loaded head recalibrates exactly like the original
     for h in (head, loaded):
         h.recalibrate(alpha=0.8)

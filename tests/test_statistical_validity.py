@@ -111,7 +111,7 @@ def test_every_fit_option_keeps_the_promise(num_classes, option):
 
 
 def _check_promise(num_classes, accuracy, admitted, rate, draws, label=""):
-    assert rate > 0.2, f"{label}: HR region too small to test the promise (admits {rate:.1%})"
+    assert rate > 0.15, f"{label}: HR region too small to test the promise (admits {rate:.1%})"
     for c in range(num_classes):
         seen = ~torch.isnan(accuracy[:, c])
         assert int(seen.sum()) >= 0.9 * draws, f"class {c} admitted in only {int(seen.sum())} draws"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..activation import high_reliability_mask, is_out_of_distribution
-from ..calibration import _k_index, _suffix_counts, required_points_per_class
+from ..calibration import quantile_index, required_points_per_class, suffix_counts
 from ..metrics import label_names
 from .state import CalibrationState
 
@@ -153,9 +153,9 @@ def diagnose_region(
     classes, own = [], []
     for c in range(num_classes):  # a loop over classes, not points
         in_c = y == c
-        n_t = _suffix_counts(torch.sort(r[in_c]).values, candidates)
-        below_t = _suffix_counts(torch.sort(r[in_c & ~hit]).values, candidates)
-        own.append((n_t > 0) & (below_t <= _k_index(n_t, alpha)))
+        n_t = suffix_counts(torch.sort(r[in_c]).values, candidates)
+        below_t = suffix_counts(torch.sort(r[in_c & ~hit]).values, candidates)
+        own.append((n_t > 0) & (below_t <= quantile_index(n_t, alpha)))
         n_c = int(in_c.sum())
         hit_rate = float(hit[in_c].double().mean()) if n_c else None
         classes.append(
@@ -197,7 +197,7 @@ def _admitted(cal: CalibrationState, p, r, y, num_classes: int, alpha: float, t:
     for c in range(num_classes):  # a loop over classes, not points
         s = torch.sort(p[(y == c) & (r >= t)]).values
         if s.numel():
-            psi[c] = float(s[int(_k_index(torch.tensor(s.numel()), alpha))].float())
+            psi[c] = float(s[int(quantile_index(torch.tensor(s.numel()), alpha))].float())
     mask = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, t, psi)
     return int(mask.sum())
 
