@@ -292,16 +292,21 @@ def trainer_for(run: str, args, out: Path, splits) -> SDMTrainer:
     )
 
 
-def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, list[dict]]:
-    """Greedy generation + verification with ``pipeline("sdm-verify")`` on one test set."""
-    control = trainer.control_tokens
-    verifier = pipeline(
+def _verifier(trainer: SDMTrainer, head):
+    """``pipeline("sdm-verify")`` over the trainer's model and tokenizer with ``head``."""
+    return pipeline(
         "sdm-verify",
         model=trainer.model,
         tokenizer=trainer.processing_class,
         sdm_head=head,
         device=trainer.model.device,
     )
+
+
+def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, list[dict]]:
+    """Greedy generation + verification with ``pipeline("sdm-verify")`` on one test set."""
+    control = trainer.control_tokens
+    verifier = _verifier(trainer, head)
     started = time.perf_counter()
     outputs = verifier(
         list(dataset["prompt"]), batch_size=args.generation_batch_size, max_new_tokens=args.max_new_tokens
@@ -379,13 +384,7 @@ def search_test_set(trainer: SDMTrainer, head, dataset, args) -> dict:
     sampled attempts for the prompts not verified in the HR region. Per n = 1..N: the share of
     prompts with an HR-verified attempt among their first n, and the share of those whose
     accepted generation is correct (exact match)."""
-    verifier = pipeline(
-        "sdm-verify",
-        model=trainer.model,
-        tokenizer=trainer.processing_class,
-        sdm_head=head,
-        device=trainer.model.device,
-    )
+    verifier = _verifier(trainer, head)
     control = trainer.control_tokens
     started = time.perf_counter()
     outputs = verifier(
