@@ -180,6 +180,8 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
         "8",
         "--hard-negatives-from-epoch",
         "0",
+        "--search-depth",
+        "2",
         "--runs",
         "FT(CM+HN)",
         "SDM+FT(CM+HN)",
@@ -191,9 +193,13 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
         assert set(run["test"]) == {"test", "harvard", "shifted"}
         assert run["test"]["harvard"]["n"] == 6
         assert run["epoch_log"][0]["generated"] > 0  # hard negatives were generated from epoch 0
+        search = run["search"]  # test-time search: shares within 1 and 2 attempts, never falling
+        assert search["depth"] == 2 and search["n"] == 6 and 6 <= search["attempts_made"] <= 12
+        assert 0.0 <= search["verified_after"][0] <= search["verified_after"][1] <= 1.0
     table = (out / "tables.md").read_text()
     assert "HR accuracy" in table and "sentence accuracy" in table and "SDM+FT(CM+HN)" in table
-    assert (out / "admitted.png").is_file() and (out / "command.txt").is_file()
+    assert (out / "admitted.png").is_file() and (out / "command.txt").is_file() and (out / "search.png").is_file()
+    assert "Test-time search" in table
     done = out / "runs" / "sdm_ft_cm_hn" / "metrics.json"
     stamp = done.stat().st_mtime_ns
     assert woe.main(argv + ["--resume"]) == 0  # finished runs are reused, not redone
