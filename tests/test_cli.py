@@ -46,7 +46,7 @@ def files(tmp_path_factory):
 
 def test_fit_evaluate_with_vectors(files):
     head = files["dir"] / "vec-head"
-    common = ["--vector-column", "vec", "--epochs", "3", "--shuffles", "1", "--learning-rate", "1e-3"]
+    common = ["--vector-column", "vec", "--procedure", "fast", "--epochs", "3", "--shuffles", "1"]
     res = run(
         "fit-head",
         "--train",
@@ -65,6 +65,8 @@ def test_fit_evaluate_with_vectors(files):
     assert res.returncode == 0, res.stderr
     assert (head / "config.json").is_file() and (head / "README.md").is_file()
     assert "| alpha | class |" in res.stdout
+    assert "Limiting class" in res.stdout  # the region diagnosis follows the table
+    assert "points needed" in res.stdout or "cannot reach alpha" in res.stdout
     again = run("fit-head", "--train", files["train"], "--calibration", files["calib"], *common, "--output", head)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
     report = files["dir"] / "report"
