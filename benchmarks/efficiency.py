@@ -155,7 +155,7 @@ def run_cell(job: str, split: int, name: str, kwargs: dict, draws: int) -> dict:
         "kept": {k: head.selection[k] for k in ("shuffle", "epoch")},
         "n_calibration": len(head.selection["calibration_rows"]),
         "held_out": held_out,
-        "validity": [r for r in validity if r["estimator"] == "sdm_hr"],
+        "validity": validity,  # the HR region ("sdm_hr") and its lower-bound variant ("sdm_hr_lower")
     }
 
 
@@ -229,7 +229,7 @@ def render(cells: dict) -> str:
                     if res["shifted"]:
                         shifted[0] += res[str(alpha)]["admitted"]
                         shifted[1] += res[str(alpha)]["n"]
-                v = next(r for r in cell["validity"] if r["alpha"] == alpha)
+                v = next(r for r in cell["validity"] if r["alpha"] == alpha and r["estimator"] == "sdm_hr")
                 accs = [g["mean_accuracy"] for g in v["per_class"].values() if g["mean_accuracy"] is not None]
                 worst_draw.append(min(accs) if len(accs) == len(v["per_class"]) else None)
                 below.append(v["share_draws_any_class_below"])
@@ -248,6 +248,7 @@ def render(cells: dict) -> str:
                 + " / ".join(str(c["epochs_run"]) for c in group)
                 + " |"
             )
+    lines += _lower_variant_tables(groups)
     lines.append("\nProcedures (fit_sdm_head keyword arguments):\n")
     seen = {}
     for cell in cells.values():
@@ -264,6 +265,42 @@ def render(cells: dict) -> str:
         '        "fast+M256=procedure:fast,exemplar_dim:256"'
     )
     return "\n".join(lines) + "\n"
+
+
+def _lower_variant_tables(groups) -> list[str]:
+    """The recalibration draws of the HR region and of its lower-bound variant side by side, for
+    the cells that recorded both."""
+    lines = [
+        "\n## Recalibration draws: HR region vs its lower-bound variant (`in_hr_lower`)\n",
+        "Mean admitted share of the draws' test parts, worst-class mean accuracy and share of draws "
+        "with a class more than 2 SE below alpha, per split.\n",
+        "| features | procedure | alpha | HR: admitted | HR: worst-class acc. | HR: draws below | lower: admitted "
+        "| lower: worst-class acc. | lower: draws below |",
+        "|" + "---|" * 9,
+    ]
+    rows = 0
+    for (_job, procedure), group in sorted(groups.items()):
+        group = sorted(group, key=lambda c: c["split"])
+        if not all(any(r["estimator"] == "sdm_hr_lower" for r in c["validity"]) for c in group):
+            continue
+        for alpha in ALPHAS:
+            cols = []
+            for estimator in ("sdm_hr", "sdm_hr_lower"):
+                vs = [
+                    next(r for r in c["validity"] if r["alpha"] == alpha and r["estimator"] == estimator) for c in group
+                ]
+                worst = []
+                for v in vs:
+                    accs = [g["mean_accuracy"] for g in v["per_class"].values() if g["mean_accuracy"] is not None]
+                    worst.append(f"{min(accs):.3f}" if len(accs) == len(v["per_class"]) else "R")
+                cols += [
+                    " / ".join(f"{v['mean_admitted_share']:.1%}" for v in vs),
+                    ", ".join(worst),
+                    " / ".join(f"{v['share_draws_any_class_below']:.0%}" for v in vs),
+                ]
+            lines.append(f"| {group[0]['features']} | {procedure} | {alpha} | " + " | ".join(cols) + " |")
+            rows += 1
+    return lines if rows else []
 
 
 if __name__ == "__main__":
