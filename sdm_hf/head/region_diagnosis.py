@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..activation import high_reliability_mask, is_out_of_distribution
-from ..calibration import quantile_index, required_points_per_class, suffix_counts
+from ..calibration import high_reliability_thresholds, quantile_index, required_points_per_class, suffix_counts
 from ..metrics import label_names
 from .state import CalibrationState
 
@@ -171,11 +171,14 @@ def diagnose_region(
         )
     thresholds = [c["threshold"] for c in classes]
     limiting = max(range(num_classes), key=lambda c: thresholds[c]) if num_classes else None
-    q_min = _first(torch.stack(own).all(0), candidates) if own else math.inf
+    q_min, psi = high_reliability_thresholds(
+        cal.true_class_probability, cal.rescaled_similarity, cal.labels, num_classes, alpha
+    )
+    admitted = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, q_min, psi)
     diagnosis = RegionDiagnosis(
         alpha=alpha,
         n=int(cal.labels.numel()),
-        admitted=_admitted(cal, p, r, y, num_classes, alpha, q_min),
+        admitted=int(admitted.sum()) if math.isfinite(q_min) else 0,
         q_min=q_min,
         limiting_class=limiting,
         classes=classes,
@@ -187,19 +190,6 @@ def diagnose_region(
 def _first(works: torch.Tensor, candidates: torch.Tensor) -> float:
     hits = works.nonzero()
     return float(candidates[int(hits[0, 0])]) if hits.numel() else math.inf
-
-
-def _admitted(cal: CalibrationState, p, r, y, num_classes: int, alpha: float, t: float) -> int:
-    """Calibration points in the HR region at threshold ``t`` with Algorithm 1's psi."""
-    if not math.isfinite(t):
-        return 0
-    psi = torch.zeros(num_classes, dtype=torch.float64)
-    for c in range(num_classes):  # a loop over classes, not points
-        s = torch.sort(p[(y == c) & (r >= t)]).values
-        if s.numel():
-            psi[c] = float(s[int(quantile_index(torch.tensor(s.numel()), alpha))].float())
-    mask = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, t, psi)
-    return int(mask.sum())
 
 
 def _advice(d: RegionDiagnosis, selection: dict | None) -> list[str]:
