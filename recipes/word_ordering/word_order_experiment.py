@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import word_order_data as wod  # noqa: E402
 import word_order_models as wom  # noqa: E402
 
+from sdm_hf.fit import PROCEDURES  # noqa: E402
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
 from sdm_hf.metrics import selective_classification_report  # noqa: E402
 from sdm_hf.output_dir import prepare_output_dir  # noqa: E402
@@ -85,6 +86,7 @@ SETTINGS = (
     "epochs",
     "batch_size",
     "learning_rate",
+    "head_procedure",
     "head_epochs",
     "head_exemplar_dim",
     "max_new_tokens",
@@ -114,7 +116,7 @@ DEFAULTS = {
     "warmup_ratio": 0.0,
     "evaluations_per_epoch": 1,
     "select_best": False,
-    "head_epochs": 200,
+    "head_procedure": "paper",
     "max_new_tokens": 72,
     "generation_batch_size": 64,
     "bf16": False,
@@ -145,7 +147,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ratio", type=float, help="linear warm-up share of the steps (default 0: 10 steps)")
     p.add_argument("--evaluations-per-epoch", type=int, help="with --select-best; the paper: 2")
     p.add_argument("--select-best", action="store_true", default=None, help="keep the lowest calibration loss")
-    p.add_argument("--head-epochs", type=int, help="epochs of every verification-head fit (paper: 200)")
+    p.add_argument(
+        "--head-procedure",
+        choices=sorted(PROCEDURES),
+        help="settings of every verification-head fit: paper (default: 200 epochs at lr 1e-5) or fast "
+        "(lr 1e-3, early stopping)",
+    )
+    p.add_argument("--head-epochs", type=int, help="epochs of every verification-head fit (default: the procedure's)")
     p.add_argument("--head-exemplar-dim", type=int, default=1000)
     p.add_argument("--max-new-tokens", type=int, help="default 72")
     p.add_argument("--generation-batch-size", type=int, help="prompts per generate call (default 64)")
@@ -177,7 +185,9 @@ def parse_args(argv=None):
             args.out = HERE / "results" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
-    for name in ("train_size", "calibration_size", "epochs", "batch_size", "head_epochs", "max_new_tokens"):
+    if args.head_epochs is not None and args.head_epochs < 1:
+        p.error("--head-epochs must be at least 1")
+    for name in ("train_size", "calibration_size", "epochs", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("gradient_accumulation", "evaluations_per_epoch", "generation_batch_size"):
@@ -255,6 +265,7 @@ def trainer_for(run: str, args, out: Path, splits) -> SDMTrainer:
         hard_negatives_from_epoch=args.hard_negatives_from_epoch,
         max_new_tokens=args.max_new_tokens,
         alpha=args.alpha,
+        head_procedure=args.head_procedure,
         head_epochs=args.head_epochs,
         head_exemplar_dim=args.head_exemplar_dim,
         num_train_epochs=args.epochs,
@@ -512,7 +523,9 @@ def tables(results: dict, args, summary: dict) -> str:
         "",
         f"Base model `{wom.model_label(args.base_model)}` ({tuning}); {args.corpus} sentences, "
         f"train {args.train_size}, calibration {args.calibration_size}; {args.epochs} epochs, batch "
-        f"{args.batch_size} x {args.gradient_accumulation}, lr {args.learning_rate}; heads: {args.head_epochs} epochs, "
+        f"{args.batch_size} x {args.gradient_accumulation}, lr {args.learning_rate}; "
+        f"heads: procedure {args.head_procedure}, "
+        f"{args.head_epochs or PROCEDURES[args.head_procedure]['epochs']} epochs, "
         f"M = {args.head_exemplar_dim}; alpha = {args.alpha}; device {wom.device_facts()['name']}. "
         "y = r(positive, generation) (exact match of the sentence content).",
         "",

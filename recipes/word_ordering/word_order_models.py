@@ -57,7 +57,7 @@ GPU_PRESET = {
     "warmup_ratio": 0.1,
     "evaluations_per_epoch": 2,
     "select_best": True,
-    "head_epochs": 200,
+    "head_procedure": "paper",
     "max_new_tokens": 128,
     "generation_batch_size": 256,
     "bf16": True,

@@ -19,9 +19,11 @@ class SDMTrainingArguments(TrainingArguments):
     wrong generation replace the static negative), generation starts at
     ``hard_negatives_from_epoch`` (the paper: after the first epoch), and the head settings
     default to the paper's verification layers (App. A.1: 1000 exemplar dimensions, 200
-    epochs, one shuffle, minibatch 50, Adam at 1e-5). ``alpha`` is the target accuracy of
-    the head's high-reliability region (Schmaltz 2025, *Similarity-Distance-Magnitude
-    Activations*, arXiv:2509.12760).
+    epochs, one shuffle, minibatch 50, Adam at 1e-5: ``head_procedure="paper"``);
+    ``head_procedure="fast"`` trains every head at Adam 1e-3 with early stopping instead
+    (the selection of the kept epoch and the calibration, Algorithm 1, are unchanged).
+    ``alpha`` is the target accuracy of the head's high-reliability region (Schmaltz 2025,
+    *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760).
 
     ``remove_unused_columns`` is forced to False (the collator's metadata columns must reach
     the trainer) and ``prediction_loss_only`` defaults to True (evaluation needs the loss, not
@@ -34,10 +36,23 @@ class SDMTrainingArguments(TrainingArguments):
     use_sdm_loss: bool = field(default=True, metadata={"help": "False: plain cross-entropy baseline, no heads."})
     alpha: float = field(default=0.95, metadata={"help": "Target accuracy of the verification head's HR region."})
     head_exemplar_dim: int = field(default=1000, metadata={"help": "Exemplar width M of the verification head."})
-    head_epochs: int = field(default=200, metadata={"help": "Epochs of each verification-head fit."})
+    head_procedure: str = field(
+        default="paper",
+        metadata={
+            "help": "Named settings of every verification-head fit (sdm_hf.fit.PROCEDURES): 'paper' (200 "
+            "epochs, Adam at 1e-5, no early stopping) or 'fast' (at most 100 epochs, Adam at 1e-3, early "
+            "stopping after 10 epochs without a lower calibration loss). head_epochs and head_learning_rate "
+            "left at None take the procedure's values."
+        },
+    )
+    head_epochs: int | None = field(
+        default=None, metadata={"help": "Epochs of each verification-head fit (None: head_procedure's)."}
+    )
     head_shuffles: int = field(default=1, metadata={"help": "Shuffles of each verification-head fit."})
     head_batch_size: int = field(default=50, metadata={"help": "Minibatch size of the head fit."})
-    head_learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate of the head fit."})
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Adam learning rate of the head fit (None: head_procedure's)."}
+    )
     gamma_pos: float = field(default=0.5, metadata={"help": "Probability of training a document's positive."})
     gamma_gen: float = field(default=0.5, metadata={"help": "Probability of generating a hard negative."})
     gamma_diversity: float = field(
@@ -84,8 +99,11 @@ class SDMTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name in ("head_epochs", "head_shuffles", "head_batch_size", "head_exemplar_dim", "max_new_tokens"):
             value = getattr(self, name)
+            if name == "head_epochs" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        from ..fit import PROCEDURES
         from .encoding import verification_feature_pooling
 
         if self.hard_negative_timing not in ("epoch_start", "in_epoch"):
@@ -94,9 +112,28 @@ class SDMTrainingArguments(TrainingArguments):
             )
 
         verification_feature_pooling(self.verification_pooling)  # validates it
-        if not float(self.head_learning_rate) > 0.0:
-            raise ValueError(f"head_learning_rate must be > 0, got {self.head_learning_rate}")
+        if self.head_procedure not in PROCEDURES:
+            raise ValueError(f"head_procedure must be one of {sorted(PROCEDURES)}, got {self.head_procedure!r}")
+        if self.head_learning_rate is not None and not float(self.head_learning_rate) > 0.0:
+            raise ValueError(f"head_learning_rate must be > 0 (or None), got {self.head_learning_rate}")
         if not 0.5 < float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must satisfy 0.5 < alpha <= 1, got {self.alpha}")
         self.remove_unused_columns = False
         super().__post_init__()
+
+    def head_fit_settings(self) -> dict:
+        """The settings every verification-head fit uses: ``head_procedure``'s named values
+        (:data:`sdm_hf.fit.PROCEDURES`) with ``head_epochs``, ``head_shuffles``,
+        ``head_batch_size`` and ``head_learning_rate`` on top where set; keys ``procedure``,
+        ``epochs``, ``shuffles``, ``batch_size``, ``learning_rate``, ``patience``."""
+        from ..fit import PROCEDURES
+
+        named = PROCEDURES[self.head_procedure]
+        return {
+            "procedure": self.head_procedure,
+            "epochs": named["epochs"] if self.head_epochs is None else self.head_epochs,
+            "shuffles": self.head_shuffles,
+            "batch_size": self.head_batch_size,
+            "learning_rate": named["learning_rate"] if self.head_learning_rate is None else self.head_learning_rate,
+            "patience": named["patience"],
+        }

@@ -429,6 +429,9 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         base = (existing.data.get("base_model") if existing is not None else None) or finetuned_from
         base = ", ".join(base) if isinstance(base, list) else base  # the metadata allows a list
         settings = {name: getattr(self.args, name) for name in SDM_SETTINGS if hasattr(self.args, name)}
+        if hasattr(self.args, "head_fit_settings"):  # the values the head fits used, None resolved
+            resolved = self.args.head_fit_settings()
+            settings.update({f"head_{k}": resolved[k] for k in ("epochs", "learning_rate") if f"head_{k}" in settings})
         data = TrainerCardData(
             base_model=base or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
             alpha=float(self.args.alpha),

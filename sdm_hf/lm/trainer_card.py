@@ -46,6 +46,7 @@ SDM_SETTINGS = (
     "max_new_tokens",
     "max_length",
     "head_exemplar_dim",
+    "head_procedure",
     "head_epochs",
     "head_shuffles",
     "head_batch_size",

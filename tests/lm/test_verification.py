@@ -32,3 +32,37 @@ def test_too_few_of_a_class_gives_no_head(tmp_path):
     with pytest.warns(UserWarning, match="beta = e"):
         head, support_row = fit_split_head(feats, labels, torch.arange(8), make_args(tmp_path), seed=0)
     assert head is None and (support_row == -1).all()
+
+
+def test_head_procedure_sets_every_fit_and_explicit_values_win(tmp_path):
+    from sdm_hf.fit import PROCEDURES
+
+    feats, labels = features(40)
+    ids = torch.arange(40)
+    fast = make_args(tmp_path, head_procedure="fast", head_epochs=None, head_learning_rate=None)
+    settings = fast.head_fit_settings()
+    assert settings == {
+        "procedure": "fast",
+        "epochs": PROCEDURES["fast"]["epochs"],
+        "shuffles": 1,
+        "batch_size": 50,
+        "learning_rate": PROCEDURES["fast"]["learning_rate"],
+        "patience": PROCEDURES["fast"]["patience"],
+    }
+    head, _ = fit_split_head(feats, labels, ids, fast, seed=1)
+    assert head.selection["procedure"] == "fast"
+    assert head.selection["settings"]["learning_rate"] == PROCEDURES["fast"]["learning_rate"]
+    # the paper's procedure is the default: 200 epochs at 1e-5, no early stopping
+    default = make_args(tmp_path, head_epochs=None, head_learning_rate=None).head_fit_settings()
+    assert (default["procedure"], default["epochs"], default["learning_rate"], default["patience"]) == (
+        "paper",
+        200,
+        1e-5,
+        0,
+    )
+    explicit = make_args(tmp_path, head_procedure="fast", head_epochs=3, head_learning_rate=1e-2)
+    assert explicit.head_fit_settings()["epochs"] == 3 and explicit.head_fit_settings()["learning_rate"] == 1e-2
+    with pytest.raises(ValueError, match="head_procedure must be one of"):
+        make_args(tmp_path, head_procedure="slow")
+    with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
+        make_args(tmp_path, head_learning_rate=-1.0)
