@@ -53,7 +53,8 @@ PROCEDURES: dict[str, dict] = {
     "paper": {"procedure": "paper"},
     "fast": {"procedure": "fast"},
 }
-CONFIG_KEYS = ("normalization", "exemplar_dim")  # procedure keys that go to SDMConfig, not fit_sdm_head
+# procedure keys that go to SDMConfig, not fit_sdm_head
+CONFIG_KEYS = ("normalization", "exemplar_dim", "min_class_points")
 
 
 def parse_procedure(text: str) -> tuple[str, dict]:

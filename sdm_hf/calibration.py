@@ -26,6 +26,19 @@ than ``k + 1`` elements are ``< alpha``), and both ``n_c(t)`` and that count are
 counts over ``q'``, read off sorted arrays with ``searchsorted``. ``psi`` itself is then
 taken once, at ``q'_min``. Comparisons with ``alpha`` are made in float32.
 
+Small-region guard (optional, off in the papers' procedure): with ``min_points = m``, a
+candidate ``t`` also needs ``n_c(t) >= m`` for every class. Because ``n_c(t)`` only falls as
+``t`` rises, the candidates the guard removes are a tail ``t > t_m``; so the guard either
+returns Algorithm 1's result unchanged (its first working ``t`` had at least ``m`` points of
+every class) or an empty region (it had fewer, and so does every later candidate). It never
+admits a point that Algorithm 1 rejects, so the region's accuracy promise is untouched; what
+it refuses are the regions whose ``(1 - alpha)`` quantiles rest on fewer than ``m`` points of
+some class. Those are the regions that fail: below ``1 / (1 - alpha)`` points the quantile
+is the class's minimum, the candidate passes whenever every one of its few points is above
+``alpha`` (probability ``alpha^n`` even when the class's true rate is only ``alpha``), and
+scanning all candidates upward picks the first tail that passes by chance.
+``min_points="auto"`` is :func:`required_points_per_class` (20 at alpha = 0.95, 10 at 0.90).
+
 Lower-bound variant (accounts for the finite-sample error): per point, the effective sample sizes
 ``n_c`` (:func:`effective_sample_sizes`) give a margin
 ``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))`` (:func:`lower_bound_margin`); the
@@ -47,6 +60,7 @@ __all__ = [
     "high_reliability_thresholds",
     "explain_empty_region",
     "required_points_per_class",
+    "minimum_class_points",
     "class_rescaled_lists",
     "effective_sample_sizes",
     "lower_bound_margin",
@@ -95,6 +109,7 @@ def high_reliability_thresholds(
     labels: torch.Tensor,
     num_classes: int,
     alpha: float,
+    min_points: int = 0,
 ) -> tuple[float, torch.Tensor]:
     """Algorithm 1: ``(q'_min, psi)`` from the calibration arrays, in O(N log N).
 
@@ -104,6 +119,9 @@ def high_reliability_thresholds(
         labels: ``[N]`` true labels in ``0..C-1``.
         num_classes: ``C``.
         alpha: target accuracy in ``(0.5, 1]``.
+        min_points: the small-region guard ``m`` (0: Algorithm 1 as published): a candidate
+            threshold also needs at least ``m`` non-OOD points of every class at or above it;
+            the result is then either the unguarded one or an empty region.
 
     Returns:
         ``(q_min, thresholds)``: ``q_min`` a float (``inf`` when no candidate works) and
@@ -126,7 +144,7 @@ def high_reliability_thresholds(
     for sorted_r, sorted_r_below, _, _ in per_class:
         n = suffix_counts(sorted_r, candidates)
         n_below = suffix_counts(sorted_r_below, candidates)
-        works &= (n > 0) & (n_below <= quantile_index(n, alpha))
+        works &= (n >= max(1, int(min_points))) & (n_below <= quantile_index(n, alpha))
     if not bool(works.any()):
         return empty
     q_min = float(candidates[int(works.nonzero()[0, 0])])
@@ -145,6 +163,7 @@ def explain_empty_region(
     num_classes: int,
     alpha: float,
     id2label: dict[int, str] | None = None,
+    min_points: int = 0,
 ) -> str:
     """Plain-language reason why Algorithm 1 found no threshold (for warnings).
 
@@ -156,6 +175,7 @@ def explain_empty_region(
         true_class_probability, rescaled_similarity, labels, num_classes, alpha: as for
             :func:`high_reliability_thresholds`.
         id2label: optional class names for the message.
+        min_points: the small-region guard ``m`` the thresholds were computed with.
 
     Returns:
         One or more sentences of plain text.
@@ -176,6 +196,19 @@ def explain_empty_region(
                 f"true-class SDM probability below alpha={alpha}, more than the {k} the "
                 f"{alpha:.0%} quantile tolerates"
             )
+        elif n < min_points:
+            reasons.append(
+                f"class {name(c)} has {n} non-OOD calibration points, fewer than the {min_points} the "
+                "small-region guard (min_class_points) requires"
+            )
+    if min_points > 1 and math.isfinite(
+        high_reliability_thresholds(true_class_probability, rescaled_similarity, labels, num_classes, alpha)[0]
+    ):
+        reasons = [
+            f"without the small-region guard (min_class_points) Algorithm 1 would admit points, but at its first "
+            f"q' threshold where every class reaches alpha some class has fewer than the {min_points} calibration "
+            "points the guard requires, too few for that class's accuracy to be trusted"
+        ]
     if not reasons:
         reasons.append("no single q' threshold leaves every class with enough points above alpha at once")
     return (
@@ -195,6 +228,16 @@ def required_points_per_class(alpha: float) -> int:
     if alpha >= 1.0:
         return 1
     return int(math.ceil(1.0 / (1.0 - float(alpha)) - 1e-9))
+
+
+def minimum_class_points(setting: int | str, alpha: float) -> int:
+    """The small-region guard's ``m`` at ``alpha``: ``setting`` itself when an int (0: off),
+    :func:`required_points_per_class` when ``"auto"``."""
+    if setting == "auto":
+        return required_points_per_class(alpha)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"min_class_points must be 'auto' or an integer >= 0, got {setting!r}")
+    return setting
 
 
 def class_rescaled_lists(

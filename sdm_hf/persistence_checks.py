@@ -133,7 +133,7 @@ def state_from_files(
     if cal_info is not None:
         if support_info is None:
             raise SDMFormatError(config_path, "a calibration is stored without a support set")
-        calibration = _calibration_from_files(cal_info, check, config_path, c, d_in)
+        calibration = _calibration_from_files(cal_info, check, config_path, c, d_in, sdm_config.min_class_points)
     check.finish()
     selection = dict(config["selection"]) if config.get("selection") is not None else None
     return SDMHeadState(sdm_config, weights, support, calibration, selection)
@@ -157,7 +157,9 @@ def _check_support_predictions(support: SupportState, weights: dict[str, torch.T
             check.fail("tensor 'support.predictions' is not the classifier's argmax on 'support.vectors'")
 
 
-def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c: int, d_in: int) -> CalibrationState:
+def _calibration_from_files(
+    cal_info: dict, check: TensorChecker, config_path, c: int, d_in: int, min_class_points: int | str = 0
+) -> CalibrationState:
     try:
         alpha = float(cal_info["alpha"])
         q_min = math.inf if cal_info["q_min"] is None else float(cal_info["q_min"])
@@ -193,6 +195,7 @@ def _calibration_from_files(cal_info: dict, check: TensorChecker, config_path, c
         distance_lists=check.lists("calibration.distance_lists", torch.float32, c),
         rescaled_lists=check.lists("calibration.rescaled_lists", torch.float64, c, total=n),
         stale=bool(cal_info.get("stale", False)),
+        min_class_points=min_class_points,
     )
     if bool((cal.q < 0).any()):
         check.fail("tensor 'calibration.q' has negative values")
@@ -220,7 +223,7 @@ def _check_calibration_consistency(cal: CalibrationState, check: TensorChecker, 
     if any(not torch.equal(a, b) for a, b in zip(rescaled_lists, cal.rescaled_lists)):
         check.fail("tensor 'calibration.rescaled_lists' does not follow from 'calibration.rescaled_similarity'")
     q_min, thresholds = high_reliability_thresholds(
-        cal.true_class_probability, cal.rescaled_similarity, cal.labels, c, cal.alpha
+        cal.true_class_probability, cal.rescaled_similarity, cal.labels, c, cal.alpha, cal.min_points
     )
     same_q_min = q_min == cal.q_min or (math.isinf(q_min) and math.isinf(cal.q_min))
     if not same_q_min or not torch.equal(thresholds, cal.thresholds):

@@ -50,7 +50,9 @@ def _promise(num_classes, n_calib, n_test, seed, field="in_hr", fit_kwargs=None,
     x, y = gaussian_mixture(
         TRAIN + draws * (n_calib + n_test) // 4, num_classes, 8, separation=3.0, label_noise=0.03, seed=seed
     )
-    config = SDMConfig(input_dim=8, num_classes=num_classes, exemplar_dim=32, alpha=ALPHA)
+    fit_kwargs = dict(fit_kwargs or {"epochs": EPOCHS, "shuffles": 1, "learning_rate": LR})
+    config_kwargs = fit_kwargs.pop("config", {})  # SDMConfig settings of the option (the guard)
+    config = SDMConfig(input_dim=8, num_classes=num_classes, exemplar_dim=32, alpha=ALPHA, **config_kwargs)
     half = TRAIN // 2
     head = fit_sdm_head(
         x[:half],
@@ -58,7 +60,7 @@ def _promise(num_classes, n_calib, n_test, seed, field="in_hr", fit_kwargs=None,
         x[half:TRAIN],
         y[half:TRAIN],
         config,
-        **(fit_kwargs or {"epochs": EPOCHS, "shuffles": 1, "learning_rate": LR}),
+        **fit_kwargs,
         resplit=False,
         progress=False,
     )
@@ -99,6 +101,7 @@ OPTIONS = {
         "patience": 3,
         "selection_fraction": 0.25,
     },
+    "fast + small-region guard (auto)": {"procedure": "fast", "config": {"min_class_points": "auto"}},
 }
 FAST_DRAWS = 30
 

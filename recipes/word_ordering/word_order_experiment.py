@@ -170,6 +170,12 @@ def parse_args(argv=None):
         default=1,
         help="> 1: also run sdm-verify's test-time search (up to N attempts) on the in-distribution test set",
     )
+    p.add_argument(
+        "--search-alphas",
+        type=float,
+        nargs="+",
+        help="run the search once per alpha, the head recalibrated there (default: --alpha)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier call (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -193,6 +199,9 @@ def parse_args(argv=None):
     for name in ("gradient_accumulation", "evaluations_per_epoch", "generation_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.search_alphas = args.search_alphas or [args.alpha]
+    if any(not 0.5 < a <= 1.0 for a in [args.alpha, *args.extra_alphas, *args.search_alphas]):
+        p.error("every alpha must satisfy 0.5 < alpha <= 1")
     if args.lora_rank < 0 or not 0.0 <= args.warmup_ratio < 1.0:
         p.error("--lora-rank must be >= 0 and --warmup-ratio in [0, 1)")
     return args
@@ -500,7 +509,18 @@ def run_one(run: str, args, out: Path, splits) -> dict:
         t["generate_and_verify_seconds"] for t in metrics["test"].values()
     )
     if args.search_depth > 1:
-        metrics["search"] = search_test_set(trainer, head, splits["test"], args)
+        metrics["search"] = []
+        for alpha in args.search_alphas:  # the same head, Algorithm 1 rerun at each alpha
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                head.recalibrate(alpha=alpha)
+            entry = search_test_set(trainer, head, splits["test"], args)
+            rows = head.calibration_report(alphas=()).rows
+            entry.update(alpha=alpha, calibration_admitted=sum(r["admitted"] for r in rows))
+            metrics["search"].append(entry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            head.recalibrate(alpha=args.alpha)
     metrics["peak_gpu_memory_gib"] = wom.peak_memory_gib()
     metrics["device"] = wom.device_facts()
     metrics["total_seconds"] = time.perf_counter() - started
@@ -632,18 +652,18 @@ def plots(results: dict, out: Path, alpha: float, corpus: str = "saplma") -> Non
     fig.tight_layout()
     fig.savefig(out / "admitted.png", dpi=120)
     plt.close(fig)
-    searched = {run: m["search"] for run, m in results.items() if m.get("search")}
+    searched = [(run, search) for run, m in results.items() for search in m.get("search") or []]
     if searched:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for run, search in searched.items():
+        for run, search in searched:
             steps = range(1, search["depth"] + 1)
-            ax.plot(steps, search["verified_after"], marker="o", label=run)
+            ax.plot(steps, search["verified_after"], marker="o", label=f"{run}, alpha = {search['alpha']}")
             for n, share, acc in zip(steps, search["verified_after"], search["accuracy_of_verified_after"]):
                 ax.annotate("R" if acc is None else f"{acc:.2f}", (n, share), fontsize=7, va="bottom")
         ax.set_xlabel("attempts (1 = greedy only)")
         ax.set_ylabel("share of test prompts verified in the HR region")
-        ax.set_title(f"Test-time search (alpha = {alpha}; label: accuracy of the verified)")
-        ax.set_xticks(list(range(1, max(s["depth"] for s in searched.values()) + 1)))
+        ax.set_title("Test-time search (label: accuracy of the verified)")
+        ax.set_xticks(list(range(1, max(s["depth"] for _, s in searched) + 1)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -665,11 +685,11 @@ def main(argv=None) -> int:
     results = {run: run_one(run, args, out, splits) for run in args.runs}
     text = tables(results, args, summary)
     for run, m in results.items():
-        if m.get("search"):
-            search = m["search"]
+        for search in m.get("search") or []:
             shares = ", ".join(f"{n + 1}: {v:.1%}" for n, v in enumerate(search["verified_after"]))
             text += (
-                f"\nTest-time search ({run}, {search['n']} test prompts, {search['attempts_made']} attempts, "
+                f"\nTest-time search ({run}, alpha = {search['alpha']}: {search['calibration_admitted']} calibration "
+                f"points in the HR region; {search['n']} test prompts, {search['attempts_made']} attempts, "
                 f"{search['seconds']:.0f} s): verified in the HR region after n attempts: {shares}; accuracy of "
                 f"the verified: {', '.join(_fmt(a) for a in search['accuracy_of_verified_after'])}. See search.png.\n"
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .. import validation as check
+from ..calibration import minimum_class_points
 from ..feature_layout import check_feature_blocks
 from ..index import index_parameters
 from ..metrics import label_names
@@ -38,6 +39,14 @@ class SDMConfig:
         metadata={
             "help": "Further target accuracies (risk tiers, e.g. [0.9, 0.99]) whose HR regions predict() also "
             "reports (SDMOutput.in_hr_at, highest_hr_alpha); the head's own region stays that of alpha."
+        },
+    )
+    min_class_points: int | str = field(
+        default=0,
+        metadata={
+            "help": "Small-region guard of the calibration (0: off, Algorithm 1 as published): a candidate "
+            "q'_min also needs at least this many calibration points of every class at or above it; 'auto' = "
+            "ceil(1 / (1 - alpha)) (20 at alpha 0.95). It either leaves the HR region unchanged or empties it."
         },
     )
     max_q: int = field(default=2048, metadata={"help": "Cap on the similarity q."})
@@ -84,6 +93,7 @@ class SDMConfig:
         self.max_q = check.check_positive_int(self.max_q, "max_q")
         self.initial_k = check.check_positive_int(self.initial_k, "initial_k")
         self.alpha = check.check_alpha(self.alpha)
+        minimum_class_points(self.min_class_points, self.alpha)  # raises on a bad value
         if self.alphas is not None:
             if isinstance(self.alphas, (str, bytes)) or not hasattr(self.alphas, "__iter__"):
                 raise TypeError(f"alphas must be a list of floats in (0.5, 1], got {self.alphas!r}")
@@ -124,6 +134,8 @@ class SDMConfig:
             out.pop("alphas")
         if self.feature_blocks is None:  # likewise: only composed heads need a reader that knows the field
             out.pop("feature_blocks")
+        if self.min_class_points == 0:  # likewise: only guarded heads need a reader that knows the field
+            out.pop("min_class_points")
         if self.id2label is not None:
             out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return out

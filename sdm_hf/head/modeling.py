@@ -28,7 +28,6 @@ import torch
 from huggingface_hub import ModelCard
 
 from .. import validation as check
-from ..calibration import explain_empty_region
 from ..distance import distance_quantile
 from ..index import SupportIndex, resolve_device
 from ..similarity import SimilarityResult
@@ -253,7 +252,9 @@ class SDMHead(
         _, logits, _, sim = self._neighbourhood(x, batch_size)
         features = x.cpu() if store_features else None
         self._set_calibration(
-            calibration_steps.calibrate(y, logits, sim.q, sim.d_nearest, self.config.num_classes, alpha, features),
+            calibration_steps.calibrate(
+                y, logits, sim.q, sim.d_nearest, self.config.num_classes, alpha, features, self.config.min_class_points
+            ),
             stacklevel=stacklevel,
         )
         return self
@@ -264,14 +265,7 @@ class SDMHead(
         self.calibration = calibration
         self.config.alpha = calibration.alpha
         if calibration.is_empty_region:
-            reason = explain_empty_region(
-                calibration.true_class_probability,
-                calibration.rescaled_similarity,
-                calibration.labels,
-                self.config.num_classes,
-                calibration.alpha,
-                self.config.id2label,
-            )
+            reason = calibration.explain_empty(self.config.num_classes, self.config.id2label)
             warnings.warn(
                 f"The high-reliability region is empty at alpha={calibration.alpha}: every point will be rejected. "
                 f"Why: {reason}",
@@ -302,7 +296,7 @@ class SDMHead(
         if not recompute:
             if x is not None or y is not None:
                 raise ValueError("x / y are only used with recompute=True")
-            self._set_calibration(calibration_steps.with_alpha(cal, alpha))
+            self._set_calibration(calibration_steps.with_alpha(cal, alpha, self.config.min_class_points))
             return self
         if x is None:
             if cal.features is None:

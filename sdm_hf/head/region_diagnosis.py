@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..activation import high_reliability_mask, is_out_of_distribution
-from ..calibration import high_reliability_thresholds, quantile_index, required_points_per_class, suffix_counts
+from ..calibration import (
+    high_reliability_thresholds,
+    minimum_class_points,
+    quantile_index,
+    required_points_per_class,
+    suffix_counts,
+)
 from ..metrics import label_names
 from .state import CalibrationState
 
@@ -150,12 +156,13 @@ def diagnose_region(
     correct = (cal.predictions == cal.labels)[keep]
     hit = p.float() >= torch.tensor(alpha, dtype=torch.float32)
     candidates = torch.unique(r)  # sorted ascending
+    guard = minimum_class_points(cal.min_class_points, alpha)
     classes, own = [], []
     for c in range(num_classes):  # a loop over classes, not points
         in_c = y == c
         n_t = suffix_counts(torch.sort(r[in_c]).values, candidates)
         below_t = suffix_counts(torch.sort(r[in_c & ~hit]).values, candidates)
-        own.append((n_t > 0) & (below_t <= quantile_index(n_t, alpha)))
+        own.append((n_t >= max(1, guard)) & (below_t <= quantile_index(n_t, alpha)))
         n_c = int(in_c.sum())
         hit_rate = float(hit[in_c].double().mean()) if n_c else None
         classes.append(
@@ -172,7 +179,12 @@ def diagnose_region(
     thresholds = [c["threshold"] for c in classes]
     limiting = max(range(num_classes), key=lambda c: thresholds[c]) if num_classes else None
     q_min, psi = high_reliability_thresholds(
-        cal.true_class_probability, cal.rescaled_similarity, cal.labels, num_classes, alpha
+        cal.true_class_probability,
+        cal.rescaled_similarity,
+        cal.labels,
+        num_classes,
+        alpha,
+        minimum_class_points(cal.min_class_points, alpha),
     )
     admitted = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, q_min, psi)
     diagnosis = RegionDiagnosis(
@@ -184,6 +196,17 @@ def diagnose_region(
         classes=classes,
     )
     diagnosis.advice = _advice(diagnosis, selection)
+    if guard > 1 and not math.isfinite(q_min):
+        unguarded, _ = high_reliability_thresholds(
+            cal.true_class_probability, cal.rescaled_similarity, cal.labels, num_classes, alpha
+        )
+        if math.isfinite(unguarded):
+            diagnosis.advice.insert(
+                0,
+                f"the small-region guard (min_class_points: {guard} per class) emptied the region: without it "
+                f"Algorithm 1 would admit points above q'={unguarded:.4g}, where some class has fewer than {guard} "
+                "calibration points, too few for its accuracy to be trusted; more calibration data is the remedy",
+            )
     return diagnosis
 
 

@@ -30,7 +30,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..activation import rescaled_similarity, sdm_activation
-from ..calibration import class_rescaled_lists, high_reliability_thresholds
+from ..calibration import (
+    class_rescaled_lists,
+    explain_empty_region,
+    high_reliability_thresholds,
+    minimum_class_points,
+)
 from ..distance import class_distance_lists, distance_quantile
 from .config import SDMConfig
 
@@ -85,6 +90,8 @@ class CalibrationState:
         rescaled_lists: C sorted float64 tensors of the calibration ``q'`` per class (for the
             effective sample sizes).
         stale: True after the support set grew and before the next recompute.
+        min_class_points: the small-region guard Algorithm 1 runs with (``SDMConfig``'s
+            ``min_class_points``: 0, an integer or ``"auto"``).
     """
 
     labels: torch.Tensor
@@ -101,10 +108,28 @@ class CalibrationState:
     distance_lists: list[torch.Tensor]
     rescaled_lists: list[torch.Tensor]
     stale: bool = False
+    min_class_points: int | str = 0
 
     @property
     def size(self) -> int:
         return int(self.labels.numel())
+
+    @property
+    def min_points(self) -> int:
+        """The guard's ``m`` at this state's alpha (0: Algorithm 1 as published)."""
+        return minimum_class_points(self.min_class_points, self.alpha)
+
+    def explain_empty(self, num_classes: int, id2label: dict[int, str] | None = None) -> str:
+        """Why Algorithm 1 found no threshold on these arrays, in plain words."""
+        return explain_empty_region(
+            self.true_class_probability,
+            self.rescaled_similarity,
+            self.labels,
+            num_classes,
+            self.alpha,
+            id2label,
+            min_points=self.min_points,
+        )
 
     @property
     def is_empty_region(self) -> bool:
@@ -190,6 +215,7 @@ def calibrate(
     num_classes: int,
     alpha: float,
     features: torch.Tensor | None = None,
+    min_class_points: int | str = 0,
 ) -> CalibrationState:
     """The calibration state of held-out points, with Algorithm 1 run at ``alpha``.
 
@@ -198,6 +224,7 @@ def calibrate(
         d_nearest: ``[N]`` squared distance to the nearest support exemplar.
         num_classes: ``C``; alpha: target accuracy, ``0.5 < alpha <= 1``.
         features: ``[N, D]`` raw features to keep for a later recompute, or None.
+        min_class_points: the small-region guard (0: off; an integer; ``"auto"``).
 
     Returns:
         A :class:`CalibrationState`; ``q_min`` is ``inf`` when no threshold exists.
@@ -220,14 +247,19 @@ def calibrate(
         thresholds=torch.zeros(num_classes, dtype=torch.float64),
         distance_lists=lists,
         rescaled_lists=class_rescaled_lists(rescaled, labels, num_classes),
+        min_class_points=min_class_points,
     )
     return with_alpha(state, alpha)
 
 
-def with_alpha(state: CalibrationState, alpha: float) -> CalibrationState:
-    """``state`` with Algorithm 1 rerun at ``alpha`` on its stored arrays (a new object)."""
+def with_alpha(state: CalibrationState, alpha: float, min_class_points: int | str | None = None) -> CalibrationState:
+    """``state`` with Algorithm 1 (and its small-region guard) rerun at ``alpha`` on its stored
+    arrays (a new object); ``min_class_points`` replaces the state's guard setting when given."""
     num_classes = len(state.distance_lists)
+    if min_class_points is not None:
+        state = replace(state, min_class_points=min_class_points)
+    min_points = minimum_class_points(state.min_class_points, alpha)
     q_min, thresholds = high_reliability_thresholds(
-        state.true_class_probability, state.rescaled_similarity, state.labels, num_classes, alpha
+        state.true_class_probability, state.rescaled_similarity, state.labels, num_classes, alpha, min_points
     )
     return replace(state, alpha=alpha, q_min=q_min, thresholds=thresholds)

@@ -32,7 +32,7 @@ def test_admitted_and_q_min_equal_algorithm_1(small_head, alpha):
     json.dumps(d.to_dict(), allow_nan=False)  # strict JSON
 
 
-def _calibration(p_true, r, labels, num_classes=2):
+def _calibration(p_true, r, labels, num_classes=2, min_class_points=0):
     p_true, r, labels = torch.tensor(p_true), torch.tensor(r), torch.tensor(labels)
     probs = torch.zeros(len(labels), num_classes)
     probs[torch.arange(len(labels)), labels] = p_true
@@ -45,6 +45,7 @@ def _calibration(p_true, r, labels, num_classes=2):
         predictions=probs.argmax(1),
         predicted_probability=probs.max(1).values,
         distance_lists=[torch.zeros(1)] * num_classes,
+        min_class_points=min_class_points,
     )
 
 
@@ -83,3 +84,14 @@ def test_calibration_report_carries_the_diagnosis(small_head):
     assert "Limiting class" in str(report)
     assert report.to_dict()["diagnosis"]["n"] == head.calibration.size
     assert calibration_report(head.calibration, [0.8]).diagnosis.admitted == report.diagnosis.admitted
+
+
+def test_the_guard_is_named_when_it_empties_the_region():
+    # both classes pass Algorithm 1 only in their top 5 points: a region the guard (10 at 0.9) refuses
+    r = [float(i) for i in range(1, 41)] * 2
+    p = [0.5 if i < 35 else 0.99 for i in range(40)] * 2
+    labels = [0] * 40 + [1] * 40
+    assert math.isfinite(diagnose_region(_calibration(p, r, labels)).q_min)
+    d = diagnose_region(_calibration(p, r, labels, min_class_points="auto"))
+    assert math.isinf(d.q_min) and d.admitted == 0
+    assert "small-region guard (min_class_points: 10 per class) emptied the region" in d.advice[0]

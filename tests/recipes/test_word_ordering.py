@@ -182,6 +182,11 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
         "0",
         "--search-depth",
         "2",
+        "--search-alphas",
+        "0.95",
+        "0.6",
+        "--head-procedure",
+        "fast",
         "--runs",
         "FT(CM+HN)",
         "SDM+FT(CM+HN)",
@@ -193,13 +198,15 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
         assert set(run["test"]) == {"test", "harvard", "shifted"}
         assert run["test"]["harvard"]["n"] == 6
         assert run["epoch_log"][0]["generated"] > 0  # hard negatives were generated from epoch 0
-        search = run["search"]  # test-time search: shares within 1 and 2 attempts, never falling
-        assert search["depth"] == 2 and search["n"] == 6 and 6 <= search["attempts_made"] <= 12
-        assert 0.0 <= search["verified_after"][0] <= search["verified_after"][1] <= 1.0
+        assert [s["alpha"] for s in run["search"]] == [0.95, 0.6]  # one search per alpha
+        for search in run["search"]:  # test-time search: shares within 1 and 2 attempts, never falling
+            assert search["depth"] == 2 and search["n"] == 6 and 6 <= search["attempts_made"] <= 12
+            assert 0.0 <= search["verified_after"][0] <= search["verified_after"][1] <= 1.0
+            assert 0 <= search["calibration_admitted"] <= run["final_head"]["calibration_points"]
     table = (out / "tables.md").read_text()
     assert "HR accuracy" in table and "sentence accuracy" in table and "SDM+FT(CM+HN)" in table
     assert (out / "admitted.png").is_file() and (out / "command.txt").is_file() and (out / "search.png").is_file()
-    assert "Test-time search" in table
+    assert "Test-time search (SDM+FT(CM+HN), alpha = 0.6:" in table and "heads: procedure fast" in table
     done = out / "runs" / "sdm_ft_cm_hn" / "metrics.json"
     stamp = done.stat().st_mtime_ns
     assert woe.main(argv + ["--resume"]) == 0  # finished runs are reused, not redone
