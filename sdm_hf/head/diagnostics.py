@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..activation import high_reliability_mask
-from ..calibration import high_reliability_thresholds, minimum_class_points
 from ..metrics import accuracy_or_none, format_accuracy, group_counts, label_names
 from .inference import SDMOutput
 from .region_diagnosis import RegionDiagnosis, diagnose_region
-from .state import CalibrationState
+from .state import CalibrationState, thresholds_at
 
 __all__ = ["CalibrationReport", "LabelErrors", "calibration_report", "label_errors", "output_agreement"]
 
@@ -95,14 +94,7 @@ def calibration_report(
         if alpha == cal.alpha:
             q_min, psi = cal.q_min, cal.thresholds
         else:
-            q_min, psi = high_reliability_thresholds(
-                cal.true_class_probability,
-                cal.rescaled_similarity,
-                cal.labels,
-                num_classes,
-                alpha,
-                minimum_class_points(cal.min_class_points, alpha),
-            )
+            q_min, psi = thresholds_at(cal, alpha)
         admitted = high_reliability_mask(predicted_p, cal.predictions, cal.rescaled_similarity, q_min, psi)
         n, adm, right = (t.tolist() for t in group_counts(cal.labels, admitted, correct, num_classes))
         _, p_adm, p_right = (t.tolist() for t in group_counts(cal.predictions, admitted, correct, num_classes))

@@ -34,7 +34,7 @@ from ..calibration import (
     suffix_counts,
 )
 from ..metrics import label_names
-from .state import CalibrationState
+from .state import CalibrationState, thresholds_at
 
 __all__ = ["RegionDiagnosis", "diagnose_region", "points_needed"]
 
@@ -178,14 +178,7 @@ def diagnose_region(
         )
     thresholds = [c["threshold"] for c in classes]
     limiting = max(range(num_classes), key=lambda c: thresholds[c]) if num_classes else None
-    q_min, psi = high_reliability_thresholds(
-        cal.true_class_probability,
-        cal.rescaled_similarity,
-        cal.labels,
-        num_classes,
-        alpha,
-        minimum_class_points(cal.min_class_points, alpha),
-    )
+    q_min, psi = thresholds_at(cal, alpha)
     admitted = high_reliability_mask(cal.predicted_probability, cal.predictions, cal.rescaled_similarity, q_min, psi)
     diagnosis = RegionDiagnosis(
         alpha=alpha,

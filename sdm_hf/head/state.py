@@ -47,6 +47,7 @@ __all__ = [
     "activate",
     "calibrate",
     "with_alpha",
+    "thresholds_at",
 ]
 
 
@@ -255,11 +256,19 @@ def calibrate(
 def with_alpha(state: CalibrationState, alpha: float, min_class_points: int | str | None = None) -> CalibrationState:
     """``state`` with Algorithm 1 (and its small-region guard) rerun at ``alpha`` on its stored
     arrays (a new object); ``min_class_points`` replaces the state's guard setting when given."""
-    num_classes = len(state.distance_lists)
     if min_class_points is not None:
         state = replace(state, min_class_points=min_class_points)
-    min_points = minimum_class_points(state.min_class_points, alpha)
-    q_min, thresholds = high_reliability_thresholds(
-        state.true_class_probability, state.rescaled_similarity, state.labels, num_classes, alpha, min_points
-    )
+    q_min, thresholds = thresholds_at(state, alpha)
     return replace(state, alpha=alpha, q_min=q_min, thresholds=thresholds)
+
+
+def thresholds_at(state: CalibrationState, alpha: float) -> tuple[float, torch.Tensor]:
+    """``(q'_min, psi)`` of Algorithm 1 with the state's small-region guard at ``alpha``."""
+    return high_reliability_thresholds(
+        state.true_class_probability,
+        state.rescaled_similarity,
+        state.labels,
+        len(state.distance_lists),
+        alpha,
+        minimum_class_points(state.min_class_points, alpha),
+    )
