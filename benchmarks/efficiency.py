@@ -263,7 +263,10 @@ def render(cells: dict) -> str:
         "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures \\\n"
         '        "fast+feature-norm=procedure:fast,normalization:feature" \\\n'
         '        "fast+selection-split=procedure:fast,selection_fraction:0.25" \\\n'
-        '        "fast+M256=procedure:fast,exemplar_dim:256"'
+        '        "fast+M256=procedure:fast,exemplar_dim:256"\n'
+        "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures \\\n"
+        '        "fast+guard=procedure:fast,min_class_points:auto" \\\n'
+        '        "fast+feature-norm+guard=procedure:fast,normalization:feature,min_class_points:auto"'
     )
     return "\n".join(lines) + "\n"
 

@@ -252,9 +252,10 @@ def fit_sdm_head(
             (``benchmarks/efficiency.py``, 2 splits, 100 recalibration draws each), ``"fast"``
             admitted 1.3-6x as many held-out points at alpha = 0.90 with the class-conditional
             accuracy intact, but at alpha = 0.95 its regions were a few dozen points and the
-            draws fell below alpha too often (up to 21% of them by more than 2 SE), so
-            ``"paper"`` stays the default. Check ``"fast"`` on your own features at your alpha
-            (``head.calibration_report()`` and held-out recalibration draws).
+            draws fell below alpha too often (up to 21% of them by more than 2 SE; with
+            ``SDMConfig(min_class_points="auto")`` at most 1-5%, the tiny regions emptied),
+            so ``"paper"`` stays the default. Check ``"fast"`` on your own features at your
+            alpha (``head.calibration_report()`` and held-out recalibration draws).
         epochs: E, epochs per shuffle (epoch 0 is plain cross-entropy).
         shuffles: J, independent restarts; the best state over all of them is kept.
         batch_size: minibatch size.

@@ -418,10 +418,16 @@ def search_test_set(trainer: SDMTrainer, head, dataset, args) -> dict:
     golds = [c[-1]["content"] for c in dataset["chosen"]]
     depth = args.search_depth
     first = torch.full((len(outputs),), depth, dtype=torch.long)  # index of the first HR-verified attempt
+    made, said_yes, in_region = ([0] * depth for _ in range(3))  # per attempt index k, over the prompts
     for i, o in enumerate(outputs):  # per prompt: its attempts list (a handful of dicts)
-        hits = [k for k, a in enumerate(o.get("attempts") or [o]) if a["verified"] and a["high_reliability"]]
+        attempts = o.get("attempts") or [o]
+        hits = [k for k, a in enumerate(attempts) if a["verified"] and a["high_reliability"]]
         if hits:
             first[i] = hits[0]
+        for k, a in enumerate(attempts):
+            made[k] += 1
+            said_yes[k] += bool(a["verified"])
+            in_region[k] += bool(a["high_reliability"])
     correct = torch.tensor(
         [
             exact_match_verifier(control.remove_suffix(g), control.remove_suffix(o["generated_text"]))
@@ -439,6 +445,8 @@ def search_test_set(trainer: SDMTrainer, head, dataset, args) -> dict:
         "verified_after": verified_after,
         "accuracy_of_verified_after": correct_after,
         "attempts_made": int(sum(len(o.get("attempts") or [o]) for o in outputs)),
+        # attempt k (0: greedy): how many were made, judged "Yes" by the head, inside the HR region
+        "per_attempt": {"made": made, "head_yes": said_yes, "in_hr_region": in_region},
         "seconds": seconds,
     }
 
@@ -693,6 +701,16 @@ def main(argv=None) -> int:
                 f"{search['seconds']:.0f} s): verified in the HR region after n attempts: {shares}; accuracy of "
                 f"the verified: {', '.join(_fmt(a) for a in search['accuracy_of_verified_after'])}. See search.png.\n"
             )
+            if search.get("per_attempt"):
+                per = search["per_attempt"]
+                text += (
+                    "Per attempt (1 = greedy): made / head says Yes / in the HR region: "
+                    + "; ".join(
+                        f"{k + 1}: {m} / {y} / {h}"
+                        for k, (m, y, h) in enumerate(zip(per["made"], per["head_yes"], per["in_hr_region"]))
+                    )
+                    + ".\n"
+                )
     (out / "tables.md").write_text(text + f"\nCommand: `{command}`\n", encoding="utf-8")
     (out / "results.json").write_text(
         json.dumps(

@@ -203,6 +203,9 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
             assert search["depth"] == 2 and search["n"] == 6 and 6 <= search["attempts_made"] <= 12
             assert 0.0 <= search["verified_after"][0] <= search["verified_after"][1] <= 1.0
             assert 0 <= search["calibration_admitted"] <= run["final_head"]["calibration_points"]
+            per = search["per_attempt"]
+            assert per["made"][0] == 6 and sum(per["made"]) == search["attempts_made"]
+            assert all(y <= m and h <= m for m, y, h in zip(per["made"], per["head_yes"], per["in_hr_region"]))
     table = (out / "tables.md").read_text()
     assert "HR accuracy" in table and "sentence accuracy" in table and "SDM+FT(CM+HN)" in table
     assert (out / "admitted.png").is_file() and (out / "command.txt").is_file() and (out / "search.png").is_file()
