@@ -17,11 +17,11 @@ import math
 import torch
 
 from .activation import rescaled_similarity
-from .calibration import class_rescaled_lists, high_reliability_thresholds
+from .calibration import class_rescaled_lists
 from .distance import class_distance_lists, distance_quantile
 from .format_errors import SDMFormatError
 from .head.config import SDMConfig
-from .head.state import CalibrationState, SDMHeadState, SupportState, weight_shapes
+from .head.state import CalibrationState, SDMHeadState, SupportState, thresholds_at, weight_shapes
 
 __all__ = ["TensorChecker", "state_from_files", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -222,9 +222,7 @@ def _check_calibration_consistency(cal: CalibrationState, check: TensorChecker, 
     rescaled_lists = class_rescaled_lists(cal.rescaled_similarity, cal.labels, c)
     if any(not torch.equal(a, b) for a, b in zip(rescaled_lists, cal.rescaled_lists)):
         check.fail("tensor 'calibration.rescaled_lists' does not follow from 'calibration.rescaled_similarity'")
-    q_min, thresholds = high_reliability_thresholds(
-        cal.true_class_probability, cal.rescaled_similarity, cal.labels, c, cal.alpha, cal.min_points
-    )
+    q_min, thresholds = thresholds_at(cal, cal.alpha)
     same_q_min = q_min == cal.q_min or (math.isinf(q_min) and math.isinf(cal.q_min))
     if not same_q_min or not torch.equal(thresholds, cal.thresholds):
         raise SDMFormatError(

@@ -115,11 +115,6 @@ class CalibrationState:
     def size(self) -> int:
         return int(self.labels.numel())
 
-    @property
-    def min_points(self) -> int:
-        """The guard's ``m`` at this state's alpha (0: Algorithm 1 as published)."""
-        return minimum_class_points(self.min_class_points, self.alpha)
-
     def explain_empty(self, num_classes: int, id2label: dict[int, str] | None = None) -> str:
         """Why Algorithm 1 found no threshold on these arrays, in plain words."""
         return explain_empty_region(
@@ -129,7 +124,7 @@ class CalibrationState:
             num_classes,
             self.alpha,
             id2label,
-            min_points=self.min_points,
+            min_points=minimum_class_points(self.min_class_points, self.alpha),
         )
 
     @property
