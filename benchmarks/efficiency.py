@@ -50,6 +50,7 @@ IN_DISTRIBUTION = "in-distribution"
 ALPHAS = (0.9, 0.95)
 # name -> fit_sdm_head keyword arguments (on top of the feature set's resplit and the split seed)
 PROCEDURES: dict[str, dict] = {
+    "auto": {"procedure": "auto"},
     "paper": {"procedure": "paper"},
     "fast": {"procedure": "fast"},
 }

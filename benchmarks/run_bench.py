@@ -70,7 +70,17 @@ def bench_fit(n: int, epochs: int = 2) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         head = fit_sdm_head(
-            x, y, x_cal, y_cal, config, epochs=epochs, shuffles=1, resplit=False, learning_rate=1e-4, progress=True
+            x,
+            y,
+            x_cal,
+            y_cal,
+            config,
+            procedure="paper",
+            epochs=epochs,
+            shuffles=1,
+            resplit=False,
+            learning_rate=1e-4,
+            progress=True,
         )
     seconds = [h["seconds"] for h in head.training_history]
     return {

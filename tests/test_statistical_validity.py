@@ -52,7 +52,7 @@ def _promise(num_classes, n_calib, n_test, seed, field="in_hr", fit_kwargs=None,
     x, y = gaussian_mixture(
         TRAIN + draws * (n_calib + n_test) // 4, num_classes, 8, separation=3.0, label_noise=0.03, seed=seed
     )
-    fit_kwargs = dict(fit_kwargs or {"epochs": EPOCHS, "shuffles": 1, "learning_rate": LR})
+    fit_kwargs = dict(fit_kwargs or {"procedure": "paper", "epochs": EPOCHS, "shuffles": 1, "learning_rate": LR})
     config_kwargs = fit_kwargs.pop("config", {})  # SDMConfig settings of the option (the guard)
     config = SDMConfig(input_dim=8, num_classes=num_classes, exemplar_dim=32, alpha=ALPHA, **config_kwargs)
     half = TRAIN // 2
@@ -96,6 +96,7 @@ def test_hr_region_keeps_its_promise(num_classes, n_calib, n_test):
 # fit_sdm_head's options beyond the fixed settings above, each in the fast form (fewer draws):
 # the named procedures, early stopping and a selection split apart from Algorithm 1's rows
 OPTIONS = {
+    "auto (the default: settings chosen on held-out training rows)": {"procedure": "auto"},
     "fast (lr 1e-3, early stopping)": {"procedure": "fast"},
     "fast, J=1, patience 3, selection split 0.25": {
         "procedure": "fast",

@@ -54,7 +54,7 @@ class SDMOutput:
         in_hr_lower: ``[B]`` bool, admitted by the lower-bound variant.
         nearest_id: ids of the nearest exemplars when the support stores ids, else None.
         neighbor_indices, neighbor_distances: ``[B, k]`` when ``k_neighbors > 1`` was asked.
-        hr_alphas: ``[A]`` the head's alpha and its ``SDMConfig.alphas``, ascending (None
+        hr_alphas: ``[A]`` float64, the head's alpha and its ``SDMConfig.alphas``, ascending (None
             without ``alphas``).
         in_hr_at: ``[B, A]`` bool, admitted to the HR region of each of ``hr_alphas`` (each
             column equals ``in_hr`` of the head recalibrated at that alpha).
@@ -185,7 +185,8 @@ def with_alpha_levels(output: SDMOutput, calibration: CalibrationState, alphas: 
     for alpha in levels:
         state = calibration if alpha == calibration.alpha else with_alpha(calibration, alpha)
         columns.append(hr_masks(output, alpha, state.q_min, state.thresholds)[0])
-    return replace(output, hr_alphas=torch.tensor(levels), in_hr_at=torch.stack(columns, dim=1))
+    # float64: the exact tier values (float32 would turn 0.95 into 0.949999988)
+    return replace(output, hr_alphas=torch.tensor(levels, dtype=torch.float64), in_hr_at=torch.stack(columns, dim=1))
 
 
 def assemble_output(

@@ -35,6 +35,7 @@ from ..validation import FeaturesLike, LabelsLike
 from . import state as calibration_steps
 from .config import SDMConfig
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
+from .fit_selection import FitSelection
 from .hub import SDMHubMixin
 from .inference import SDMOutput, assemble_output, with_alpha_levels
 from .model_card import HUB_TAGS, head_card_data, render_model_card
@@ -88,7 +89,7 @@ class SDMHead(
         self.support: SupportSet | None = None
         self.calibration: CalibrationState | None = None
         self.training_history: list[dict] = []
-        self.selection: dict | None = None
+        self.selection: FitSelection | None = None
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to/.cuda/.cpu all end here: keep the support index beside the weights.
@@ -479,7 +480,7 @@ class SDMHead(
         if state.support is not None:
             head.support = SupportSet.from_state(state.support, head.config, device)
         head.calibration = None if state.calibration is None else replace(state.calibration)
-        head.selection = None if state.selection is None else dict(state.selection)
+        head.selection = None if state.selection is None else FitSelection(state.selection)
         return head
 
     def generate_model_card(

@@ -37,12 +37,13 @@ class SDMTrainingArguments(TrainingArguments):
     alpha: float = field(default=0.95, metadata={"help": "Target accuracy of the verification head's HR region."})
     head_exemplar_dim: int = field(default=1000, metadata={"help": "Exemplar width M of the verification head."})
     head_procedure: str = field(
-        default="paper",
+        default="auto",
         metadata={
-            "help": "Named settings of every verification-head fit (sdm_hf.fit.PROCEDURES): 'paper' (200 "
-            "epochs, Adam at 1e-5, no early stopping) or 'fast' (at most 100 epochs, Adam at 1e-3, early "
-            "stopping after 10 epochs without a lower calibration loss). head_epochs and head_learning_rate "
-            "left at None take the procedure's values."
+            "help": "Named settings of every verification-head fit (sdm_hf.fit.PROCEDURES): 'auto' (at most "
+            "100 epochs at Adam 1e-3, early-stopped and its normalisation chosen on held-out training rows, "
+            "calibration rows used by Algorithm 1 only), 'paper' (200 epochs, Adam at 1e-5, no early "
+            "stopping) or 'fast' (at most 100 epochs, Adam at 1e-3, early stopping on the calibration loss). "
+            "head_epochs and head_learning_rate left at None take the procedure's values."
         },
     )
     head_epochs: int | None = field(

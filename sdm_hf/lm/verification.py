@@ -40,7 +40,9 @@ def fit_split_head(
     The split is a permutation seeded by ``seed`` (the first half trains the head, the rest
     calibrates it); the fit uses the ``head_*`` settings and ``alpha`` of ``args`` with
     ``resplit=False``, and warnings of an empty high-reliability region, normal early in
-    training, are silenced.
+    training, are silenced. With ``head_procedure="auto"`` and fewer than 4 rows of a class in
+    the training half (too few to hold some out), that fit uses ``"fast"``'s selection instead
+    (``head.selection["procedure"]`` says which).
 
     Args:
         features: ``[N, D]`` verification features, one row per document version.
@@ -79,6 +81,10 @@ def fit_split_head(
         feature_layer=args.verification_layer,
         base_model=base_model,
     )
+    settings = args.head_fit_settings()
+    if settings["procedure"] == "auto" and int(counts[0].min()) < 4:
+        # 'auto' holds training rows out to choose its settings and needs 4 of each class
+        settings["procedure"] = "fast"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         head = fit_sdm_head(
@@ -87,7 +93,7 @@ def fit_split_head(
             features[calib_idx],
             labels[calib_idx],
             config,
-            **args.head_fit_settings(),
+            **settings,
             resplit=False,
             seed=seed,
             progress=progress,

@@ -55,10 +55,37 @@ def test_a_noisy_class_is_named_and_more_data_of_it_cannot_help():
     p = [0.99] * 40 + [0.5 if i % 4 == 0 else 0.99 for i in range(40)]
     d = diagnose_region(_calibration(p, r, [0] * 40 + [1] * 40), id2label={0: "clean", 1: "noisy"})
     assert d.limiting_class == 1 and d.classes[1]["label"] == "noisy"
-    assert d.classes[1]["hit_rate"] == 0.75 and d.classes[1]["points_needed"] is None
-    assert d.classes[0]["points_needed"] == 10  # h = 0.99: 4 * 0.99 * 0.01 / 0.09^2 = 4.9 -> at least 1 / (1 - 0.9)
+    assert d.classes[1]["hit_rate"] == 0.75
+    # only its three most similar points (q' >= 38, all clean) pass: too few to trust (10 needed at 0.9)
+    assert d.classes[1]["threshold"] == 38.0 and d.classes[1]["region_n"] == 3
+    assert d.classes[1]["region_hit_rate"] == 1.0 and d.classes[1]["points_needed"] == 10
+    assert d.classes[0]["points_needed"] == 10  # h = 1: at least 1 / (1 - 0.9)
     text = str(d)
-    assert "Limiting class: noisy" in text and "will not reach alpha" in text
+    assert "Limiting class: noisy" in text and "from q' >= 38: 3 points" in text
+    assert any("only the most similar points of noisy" in a for a in d.advice)
+    assert any("noisy (has 3 from q' >= 38, about 10 needed)" in a for a in d.advice)
+
+
+def test_a_class_that_holds_nowhere_is_told_more_data_will_not_help():
+    r = [float(i) for i in range(1, 41)] * 2
+    p = [0.99] * 40 + [0.5 if i % 2 else 0.99 for i in range(40)]  # the most similar point is below alpha
+    d = diagnose_region(_calibration(p, r, [0] * 40 + [1] * 40), id2label={0: "clean", 1: "noisy"})
+    assert math.isinf(d.classes[1]["threshold"]) and d.classes[1]["points_needed"] is None
+    assert "more data of the same kind will not change that" in str(d)
+    assert any("will not reach alpha at any similarity threshold" in a for a in d.advice)
+
+
+def test_the_diagnosis_never_contradicts_the_report_table():
+    """A class admitted in bulk at accuracy 1 (its low-similarity points are the wrong ones) is not
+    told that it cannot reach alpha, and its point count is the table's."""
+    r = [float(i) for i in range(1, 101)] * 2
+    p = [0.99] * 100 + [0.3 if i < 12 else 0.99 for i in range(100)]  # 88% hits, all at high q'
+    cal = _calibration(p, r, [0] * 100 + [1] * 100)
+    cal.rescaled_similarity[0] = 0.0  # one OOD point of class 0
+    d = diagnose_region(cal)
+    assert d.classes[1]["hit_rate"] == pytest.approx(0.88) and d.classes[1]["region_hit_rate"] >= 0.9
+    assert "cannot" not in str(d) and "will not" not in str(d)
+    assert [c["n"] for c in d.classes] == [100, 100] and d.classes[0]["non_ood"] == 99
 
 
 def test_a_class_that_passes_on_too_few_points_is_told_how_many_it_needs():

@@ -52,14 +52,23 @@ def test_head_procedure_sets_every_fit_and_explicit_values_win(tmp_path):
     head, _ = fit_split_head(feats, labels, ids, fast, seed=1)
     assert head.selection["procedure"] == "fast"
     assert head.selection["settings"]["learning_rate"] == PROCEDURES["fast"]["learning_rate"]
-    # the paper's procedure is the default: 200 epochs at 1e-5, no early stopping
+    # 'auto' is the default: at most 100 epochs at 1e-3, early-stopped on held-out training rows
     default = make_args(tmp_path, head_epochs=None, head_learning_rate=None).head_fit_settings()
     assert (default["procedure"], default["epochs"], default["learning_rate"], default["patience"]) == (
-        "paper",
-        200,
-        1e-5,
-        0,
+        "auto",
+        100,
+        1e-3,
+        10,
     )
+    head, _ = fit_split_head(feats, labels, ids, make_args(tmp_path, head_epochs=None, head_learning_rate=None), seed=1)
+    assert head.selection["procedure"] == "auto" and head.selection["chosen"]["normalization"] in ("scalar", "feature")
+    # too few of a class in the training half to hold rows out: that fit uses 'fast'
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(2))  # fit_split_head's own split
+    few = torch.ones(40, dtype=torch.long)
+    few[perm[:3]] = 0  # 3 negatives in the training half
+    few[perm[20:23]] = 0  # and 3 in the calibration half
+    head, _ = fit_split_head(feats, few, ids, make_args(tmp_path, head_epochs=None, head_learning_rate=None), seed=2)
+    assert head.selection["procedure"] == "fast"
     explicit = make_args(tmp_path, head_procedure="fast", head_epochs=3, head_learning_rate=1e-2)
     assert explicit.head_fit_settings()["epochs"] == 3 and explicit.head_fit_settings()["learning_rate"] == 1e-2
     with pytest.raises(ValueError, match="head_procedure must be one of"):

@@ -1,0 +1,212 @@
+"""The ``"auto"`` training procedure: settings chosen on held-out training rows, never on calibration rows.
+
+Why the HR region keeps its promise: Algorithm 1 (Schmaltz (2025), *Similarity-Distance-Magnitude
+Activations*, arXiv:2509.12760) targets class- and prediction-conditional accuracy of at least
+alpha on data exchangeable with its calibration rows, *given a fixed head*. Here the head is
+fixed before any calibration row is looked at: the training rows are split (per class, seeded)
+into a fitting part and a held-out part; every candidate setting is trained on the fitting part,
+its epoch is chosen by early stopping on the held-out part, and the candidate is chosen on the
+held-out part too. The calibration rows enter only afterwards, as Algorithm 1's input. So, given
+the fitted head, calibration rows and new rows drawn like them are exchangeable, which is the
+split-conformal setting of the region's finite-sample argument, without the small optimism of
+the papers' procedure (which picks its epoch on the same rows it calibrates on).
+
+The choice: for each candidate, repeated random halves of the held-out rows play calibration
+set and test set (Algorithm 1 on one half, the HR region measured on the other); the estimate
+is the admitted share of the test halves and, per class, the accuracy of the admitted. A
+candidate *holds* when no class's accuracy is more than two binomial standard errors below
+alpha. The held candidate with the largest admitted share is kept (ties: the earlier one);
+when none holds or none admits anything, the one of lowest held-out SDM loss.
+
+Then (``fit_sdm_head``): the kept setting is retrained on all training rows for the number of
+epochs early stopping chose (more data for the final weights; the held-out rows, now trained
+on, choose nothing more), all training rows form the support set, and Algorithm 1 runs on the
+calibration rows with the small-region guard unless the config sets its own. None of these
+steps reads a calibration row, so the argument above is unchanged. Measured on the shipped
+feature sets: ``benchmarks/results/efficiency.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .calibration import minimum_class_points
+from .head.config import SDMConfig
+from .head.fit_selection import FitSelection
+from .head.modeling import SDMHead
+from .head_training import RunData, RunResult, train_run
+
+__all__ = ["AUTO_CANDIDATES", "AdmissionEstimate", "Candidate", "FitSelection", "holdout_split", "choose_setting"]
+
+# SDMConfig fields the "auto" procedure chooses between (benchmarks/efficiency.py: per-feature
+# normalisation admitted far more on the fact-checking features and less on unit-length sentence
+# embeddings, so neither is right everywhere)
+AUTO_CANDIDATES: tuple[dict, ...] = ({"normalization": "scalar"}, {"normalization": "feature"})
+ESTIMATE_DRAWS = 10
+
+
+@dataclass
+class AdmissionEstimate:
+    """A candidate's HR region estimated on held-out training rows.
+
+    ``admitted_share``: mean share of the test halves admitted; ``class_admitted [C]`` and
+    ``class_accuracy [C]`` (None where a class had no admitted point): pooled over the draws;
+    ``holds``: no class more than 2 binomial SE below alpha (SE from the per-draw count)."""
+
+    admitted_share: float
+    class_admitted: list[int]
+    class_accuracy: list[float | None]
+    holds: bool
+    draws: int
+
+
+@dataclass
+class Candidate:
+    """One trained candidate setting: its config overrides, the run's kept state and estimate."""
+
+    settings: dict
+    run: RunResult
+    estimate: AdmissionEstimate
+
+
+def holdout_split(labels: torch.Tensor, num_classes: int, fraction: float, generator: torch.Generator):
+    """``(fit_rows, held_rows)``: per class, ``round(fraction * n_c)`` rows (seeded; at least 2,
+    and at least 2 left) are held out. Raises ValueError when a class has fewer than 4 rows."""
+    held = []
+    for c in range(num_classes):  # a loop over classes, not points
+        rows = (labels == c).nonzero().flatten()
+        n = rows.numel()
+        take = min(max(int(round(fraction * n)), 2), n - 2)
+        if take < 2:
+            raise ValueError(
+                f"class {c} has {n} training rows: the 'auto' procedure holds some out to choose its "
+                "settings and needs at least 4 per class; add training data or pass procedure='fast'"
+            )
+        held.append(rows[torch.randperm(n, generator=generator)[:take]])
+    held_rows = torch.sort(torch.cat(held)).values
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[held_rows] = False
+    return keep.nonzero().flatten(), held_rows
+
+
+@torch.no_grad()
+def estimate_admission(
+    head: SDMHead, x_held: torch.Tensor, y_held: torch.Tensor, draws: int, generator: torch.Generator
+) -> AdmissionEstimate:
+    """The HR region of ``head`` (support set built, alpha and guard from its config) estimated
+    on the held-out rows ``x_held [K, D]``, ``y_held [K]``: ``draws`` random halves calibrate
+    (Algorithm 1) and the other halves are measured."""
+    num_classes, alpha = head.config.num_classes, head.config.alpha
+    admitted = torch.zeros(num_classes, dtype=torch.long)
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    shares = []
+    n = y_held.numel()
+    for _ in range(draws):  # a handful of calibration draws, each vectorised
+        order = torch.randperm(n, generator=generator)
+        part_a, part_b = order[: n // 2], order[n // 2 :]
+        if int(torch.bincount(y_held[part_a], minlength=num_classes).min()) < 2:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head.calibrate(x_held[part_a], y_held[part_a], store_features=False)
+        out = head.predict(x_held[part_b])
+        y_b = y_held[part_b].cpu()
+        admit = out.in_hr
+        admitted += torch.bincount(y_b[admit], minlength=num_classes)
+        correct += torch.bincount(y_b[admit & (out.prediction == y_b)], minlength=num_classes)
+        shares.append(float(admit.float().mean()))
+    done = len(shares)
+    accuracy: list[float | None] = [
+        None if int(a) == 0 else float(c) / float(a) for a, c in zip(admitted, correct, strict=True)
+    ]
+    holds = done > 0
+    for a, acc in zip(admitted.tolist(), accuracy, strict=True):
+        if acc is not None:
+            per_draw = max(a / done, 1.0)
+            if acc < alpha - 2 * math.sqrt(alpha * (1 - alpha) / per_draw):
+                holds = False
+    return AdmissionEstimate(
+        admitted_share=sum(shares) / done if done else 0.0,
+        class_admitted=admitted.tolist(),
+        class_accuracy=accuracy,
+        holds=holds,
+        draws=done,
+    )
+
+
+@dataclass
+class ChoiceResult:
+    """What :func:`choose_setting` returns: the kept candidate, every candidate, and why."""
+
+    chosen: Candidate
+    candidates: list[Candidate] = field(default_factory=list)
+    reason: str = ""
+
+    def config(self, base: SDMConfig) -> SDMConfig:
+        return replace(base, **self.chosen.settings)
+
+
+def choose_setting(
+    base_config: SDMConfig,
+    candidates: tuple[dict, ...],
+    x_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    x_held: torch.Tensor,
+    y_held: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    patience: int,
+    generator: torch.Generator,
+    device: torch.device,
+    use_sdm_loss: bool = True,
+    on_epoch=None,
+    on_run_end=None,
+) -> ChoiceResult:
+    """Train every candidate on ``(x_fit, y_fit)``, early-stopped and estimated on
+    ``(x_held, y_held)``, and keep one (rule in the module docstring).
+
+    ``on_epoch(metrics, best)`` is called after every epoch (``metrics["candidate"]`` is the
+    candidate's position); ``on_run_end(epochs_run)`` after each candidate's run."""
+    trained: list[Candidate] = []
+    for position, settings in enumerate(candidates):
+        config = replace(base_config, **settings)
+        head = SDMHead(config, generator=generator).to(device)
+        head.set_normalization(*SDMHead.normalization_statistics(x_fit, config.normalization))
+        data = RunData(head, x_fit.to(device), y_fit.to(device), x_held.to(device), y_held.to(device))
+
+        def report(metrics, best, position=position):
+            if on_epoch is not None:
+                on_epoch({**metrics, "candidate": position}, best)
+
+        run = train_run(
+            head,
+            data,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            patience=patience,
+            generator=generator,
+            use_sdm_loss=use_sdm_loss,
+            on_epoch=report,
+        )
+        if on_run_end is not None:
+            on_run_end(run.epochs_run)
+        head.load_state_dict(run.state)
+        head.build_support(x_fit, y_fit)
+        minimum_class_points(config.min_class_points, config.alpha)  # validated before any estimate
+        estimate = estimate_admission(head, x_held, y_held, ESTIMATE_DRAWS, generator)
+        trained.append(Candidate(dict(settings), run, estimate))
+    held = [c for c in trained if c.estimate.holds and c.estimate.admitted_share > 0]
+    if held:
+        chosen = max(held, key=lambda c: (c.estimate.admitted_share, -trained.index(c)))
+        reason = "the largest estimated admitted share among the candidates whose region held on held-out rows"
+    else:
+        chosen = min(trained, key=lambda c: (c.run.loss, trained.index(c)))
+        reason = "no candidate's region admitted held-out rows at alpha and held; the lowest held-out loss"
+    return ChoiceResult(chosen, trained, reason)
