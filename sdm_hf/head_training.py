@@ -7,9 +7,11 @@ training rows (self excluded) and for the selection rows, and the next epoch tra
 The state of lowest class-balanced SDM loss on the selection rows is kept (Schmaltz (2025),
 *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760, Sec. 3).
 
-Speed: distances are searched in the D-dimensional space ``L^T x`` with ``L L^T = W^T W`` when
+Speed: distances are computed in the D-dimensional space ``L^T x`` with ``L L^T = W^T W`` when
 ``4 D <= M`` (``|W(x - x')|^2 = |L^T (x - x')|^2``; the adaptor bias cancels), which gives the
-exemplar-space distances at ``D / M`` of the cost; features are normalised once per run.
+exemplar-space distances at ``D / M`` of the cost; ``q`` comes from one dense pass per split
+(the number of support rows ordered before the nearest failing one), not from a k-nearest search
+widened until the run breaks; features are normalised once per run.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from .activation import SOFTMAX_EQUIVALENT_Q, sdm_loss
 from .distance import class_distance_lists, distance_quantile
 from .head.config import SDMConfig
 from .head.modeling import SDMHead
-from .index import SupportIndex
-from .similarity import compute_similarity
+from .similarity import dense_similarity
 
 __all__ = [
     "balanced_sdm_loss",
@@ -87,10 +88,6 @@ class RunData:
         n = x_train.shape[0]
         self.q_train = torch.full((n,), SOFTMAX_EQUIVALENT_Q, device=x_train.device)
         self.d_train = torch.ones(n, device=x_train.device)
-        # the previous refresh's q per point: it predicts this epoch's run lengths, so each
-        # row's first search can be about as wide as it will need (fewer widening passes)
-        self.last_q_train: torch.Tensor | None = None
-        self.last_q_select: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,16 +100,8 @@ class RunResult:
     epochs_run: int
 
 
-def _first_widths(last_q: torch.Tensor | None, default: int) -> int | torch.Tensor:
-    """Per-row first search widths: the power of two >= 2 (q + 1), at least 8."""
-    if last_q is None:
-        return default
-    wanted = (2 * (last_q + 1)).clamp(min=8).double()
-    return torch.pow(2.0, torch.ceil(torch.log2(wanted))).long()
-
-
 @torch.no_grad()
-def _refresh(head: SDMHead, data: RunData, num_classes: int, max_q: int, initial_k: int) -> dict:
+def _refresh(head: SDMHead, data: RunData, num_classes: int, max_q: int) -> dict:
     """Recompute exemplars/predictions, the support index, ``q``, ``d`` for both parts and the
     selection loss with the current weights (after every epoch)."""
     logits_train = head.encode(data.x_train)[1]
@@ -123,28 +112,11 @@ def _refresh(head: SDMHead, data: RunData, num_classes: int, max_q: int, initial
     vec_train = search_vectors(head, data.x_train, projection)
     vec_select = search_vectors(head, data.x_select, projection)
     y_train, y_select = data.y_train.cpu(), data.y_select.cpu()
-    index = SupportIndex(vec_train, y_train, pred_train, device=vec_train.device)
+    # one exact dense pass per split (the support is the training rows, rebuilt every epoch):
+    # q is the count of rows before the nearest failing row, no k-nearest search to widen
     own = torch.arange(vec_train.shape[0])
-    sim_train = compute_similarity(
-        index,
-        vec_train,
-        pred_train,
-        y_train,
-        pred_train,
-        self_index=own,
-        max_q=max_q,
-        initial_k=_first_widths(data.last_q_train, initial_k),
-    )
-    sim_select = compute_similarity(
-        index,
-        vec_select,
-        pred_select,
-        y_train,
-        pred_train,
-        max_q=max_q,
-        initial_k=_first_widths(data.last_q_select, initial_k),
-    )
-    data.last_q_train, data.last_q_select = sim_train.q, sim_select.q
+    sim_train = dense_similarity(vec_train, vec_train, pred_train, y_train, pred_train, self_index=own, max_q=max_q)
+    sim_select = dense_similarity(vec_select, vec_train, pred_select, y_train, pred_train, max_q=max_q)
     d_train = distance_quantile(
         sim_train.d_nearest, class_distance_lists(sim_train.d_nearest, y_train, sim_train.q, num_classes)
     )
@@ -236,7 +208,7 @@ def train_run(
         started = time.perf_counter()
         train_loss = _train_one_epoch(head, data, optimizer, batch_size, generator)
         if use_sdm_loss:
-            metrics = _refresh(head, data, config.num_classes, config.max_q, config.initial_k)
+            metrics = _refresh(head, data, config.num_classes, config.max_q)
         else:
             metrics = _cross_entropy_metrics(head, data, config.num_classes)
         metrics.update(epoch=epoch, train_loss=train_loss, seconds=time.perf_counter() - started)

@@ -27,7 +27,13 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["NeighborSearcher", "SimilarityResult", "similarity_from_neighbors", "compute_similarity"]
+__all__ = [
+    "NeighborSearcher",
+    "SimilarityResult",
+    "similarity_from_neighbors",
+    "compute_similarity",
+    "dense_similarity",
+]
 
 
 class NeighborSearcher(Protocol):
@@ -192,3 +198,89 @@ def compute_similarity(
         where = found.nonzero().squeeze(1)
         d_nearest[where] = searcher.pair_distances(queries[where.to(queries.device)], nearest[where]).float().cpu()
     return SimilarityResult(q, nearest, d_nearest, searched)
+
+
+@torch.no_grad()
+def dense_similarity(
+    queries: torch.Tensor,
+    support: torch.Tensor,
+    query_prediction: torch.Tensor,
+    support_labels: torch.Tensor,
+    support_predictions: torch.Tensor,
+    self_index: torch.Tensor | None = None,
+    max_q: int = 2048,
+    chunk_elements: int = 1 << 20,
+) -> SimilarityResult:
+    """``q``, nearest exemplar and ``d_nearest`` from one exact pass over all support rows, no sort.
+
+    With neighbours ordered by (squared distance, row index), the run that ``q`` counts ends at
+    the first *failing* row (``label != predicted`` or ``predicted != y_hat``), so ``q`` is the
+    number of rows ordered before the nearest failing row: a masked minimum and a count per
+    query instead of a k-nearest search widened until the run breaks. Cost O(B N D) for the
+    distances (as any exact search) and O(B N) on top; memory ``chunk_elements`` floats per
+    chunk of queries. Equals :func:`compute_similarity` over an exact search except at
+    floating-point near-ties (the distances come from the ``|a|^2 + |b|^2 - 2ab`` expansion).
+
+    Args:
+        queries: ``[B, D]`` vectors; support: ``[N, D]`` support vectors (same device).
+        query_prediction: ``[B]``; support_labels / support_predictions: ``[N]``.
+        self_index: ``[B]`` each query's own support row (-1: none), excluded by identity.
+        max_q: cap on ``q``.
+        chunk_elements: queries are processed in chunks of ``chunk_elements // N`` rows.
+
+    Returns:
+        :class:`SimilarityResult` on the CPU (``searched_k`` = ``N`` for every row).
+    """
+    batch, n = queries.shape[0], support.shape[0]
+    device = support.device
+    if batch == 0 or n == 0:
+        return SimilarityResult(
+            torch.zeros(batch, dtype=torch.long),
+            torch.full((batch,), -1, dtype=torch.long),
+            torch.full((batch,), float("inf")),
+            torch.zeros(batch, dtype=torch.long),
+        )
+    support = support.float()
+    labels = support_labels.long().to(device)
+    predictions = support_predictions.long().to(device)
+    query_prediction = query_prediction.long().to(device)
+    classes = int(torch.maximum(predictions.max(), query_prediction.max())) + 1
+    # [C, N]: 0 where a support row fails for a query predicted c (wrong itself, or another
+    # prediction), +inf where it continues the run; a query's row of it masks its distances
+    failing = (labels != predictions).view(1, -1) | (
+        predictions.view(1, -1) != torch.arange(classes, device=device)[:, None]
+    )
+    penalty = torch.where(failing, 0.0, float("inf"))
+    own = None if self_index is None else self_index.long().to(device)
+    norms = (support * support).sum(dim=1)
+    rows = torch.arange(n, device=device)
+    q_all, nearest_all = [], []
+    step = max(1, int(chunk_elements) // n)
+    for start in range(0, batch, step):  # chunks of queries, each one vectorised pass
+        part = queries[start : start + step].to(device).float()
+        dist = torch.addmm(norms.view(1, -1), part, support.T, alpha=-2.0)
+        dist.add_((part * part).sum(dim=1, keepdim=True)).clamp_(min=0.0)
+        if own is not None:  # the query's own row is not a neighbour: infinitely far
+            mine = own[start : start + step]
+            has = (mine >= 0).nonzero().squeeze(1)
+            dist[has, mine[has]] = float("inf")
+        fail_dist, fail_row = (dist + penalty[query_prediction[start : start + step]]).min(dim=1)  # ties: lowest row
+        # rows ordered before the nearest failing row: closer, or as close with a lower index
+        # (with no failing row, fail_dist = inf and every finite row counts)
+        q_part = (dist < fail_dist[:, None]).sum(dim=1, dtype=torch.int32).long()
+        # exact ties with the failing row are rare: resolved by row index only where they occur
+        ties = ((dist == fail_dist[:, None]).sum(dim=1, dtype=torch.int32) > 1) & torch.isfinite(fail_dist)
+        if bool(ties.any()):
+            t = ties.nonzero().squeeze(1)
+            level = dist[t] == fail_dist[t, None]
+            q_part[t] += (level & (rows[None, :] < fail_row[t, None])).sum(dim=1)
+        q_all.append(q_part.clamp(max=int(max_q)).cpu())
+        near_dist, near_row = dist.min(dim=1)
+        nearest_all.append(torch.where(torch.isfinite(near_dist), near_row, torch.full_like(near_row, -1)).cpu())
+    q, nearest = torch.cat(q_all), torch.cat(nearest_all)
+    d_nearest = torch.full((batch,), float("inf"))
+    found = (nearest >= 0).nonzero().squeeze(1)
+    if found.numel():
+        diff = queries[found.to(queries.device)].to(device).float() - support[nearest[found].to(device)]
+        d_nearest[found] = (diff * diff).sum(dim=1).float().cpu()
+    return SimilarityResult(q, nearest, d_nearest, torch.full((batch,), n, dtype=torch.long))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -106,3 +107,29 @@ def test_widening_cost_follows_run_length():
     short = res.q < 8
     assert bool((res.searched_k[short] == 8).all())
     assert bool((res.searched_k >= torch.clamp(res.q + 1, max=2048)).all())
+
+
+@pytest.mark.parametrize("with_self", [False, True])
+@pytest.mark.parametrize("max_q", [5, 2048])
+def test_dense_pass_equals_the_adaptive_search(with_self, max_q):
+    """q = the number of rows ordered (distance, row index) before the nearest failing row:
+    the dense pass gives what the widened k-nearest search gives, duplicates (exact ties) included."""
+    from sdm_hf.index import SupportIndex
+    from sdm_hf.similarity import dense_similarity
+
+    g = torch.Generator().manual_seed(11)
+    support = torch.randn(400, 6, generator=g)
+    support[200:230] = support[:30]  # exact duplicates: ties resolved by row index
+    labels = torch.randint(0, 3, (400,), generator=g)
+    preds = torch.where(torch.rand(400, generator=g) < 0.9, labels, (labels + 1) % 3)
+    if with_self:
+        queries, own, qpred = support[:150], torch.arange(150), preds[:150]
+    else:
+        queries, own, qpred = torch.randn(150, 6, generator=g), None, torch.randint(0, 3, (150,), generator=g)
+    index = SupportIndex(support, labels, preds)
+    adaptive = compute_similarity(index, queries, qpred, labels, preds, self_index=own, max_q=max_q)
+    dense = dense_similarity(queries, support, qpred, labels, preds, self_index=own, max_q=max_q, chunk_elements=4000)
+    assert torch.equal(adaptive.q, dense.q)
+    assert torch.equal(adaptive.nearest_index, dense.nearest_index)
+    torch.testing.assert_close(adaptive.d_nearest, dense.d_nearest, rtol=1e-5, atol=1e-6)
+    assert bool((dense.q > 0).any()) and bool((dense.q == 0).any())
