@@ -250,6 +250,7 @@ def render(cells: dict) -> str:
                 + " / ".join(str(c["epochs_run"]) for c in group)
                 + " |"
             )
+    lines += _default_vs_paper(groups)
     lines += _lower_variant_tables(groups)
     lines.append("\nProcedures (fit_sdm_head keyword arguments):\n")
     seen = {}
@@ -260,6 +261,7 @@ def render(cells: dict) -> str:
     lines.append(
         "\nCommands (2 CPU cores, torch threads as set by the environment; other work ran beside the papers' "
         "cells, so their fit times are upper bounds):\n\n"
+        "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures auto   # the default (~6 min)\n"
         "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures paper fast\n"
         "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --procedures \\\n"
         '        "fast+feature-norm=procedure:fast,normalization:feature" \\\n'
@@ -270,6 +272,43 @@ def render(cells: dict) -> str:
         '        "fast+feature-norm+guard=procedure:fast,normalization:feature,min_class_points:auto"'
     )
     return "\n".join(lines) + "\n"
+
+
+def _default_vs_paper(groups) -> list[str]:
+    """The library's default procedure ("auto") against the papers' on each feature set and alpha:
+    held-out admitted shares, their ratio, the draws' validity and the fit times."""
+    lines = [
+        "\n## The default (`auto`) against the papers' procedure\n",
+        "| features | alpha | paper: admitted | auto: admitted | ratio | auto: draws' worst-class mean acc. | "
+        "auto: draws > 2 SE below | fit s paper / auto | fit time ratio |",
+        "|" + "---|" * 9,
+    ]
+    jobs = sorted({job for job, _ in groups})
+    rows = 0
+    for job in jobs:
+        auto, paper = groups.get((job, "auto")), groups.get((job, "paper"))
+        if not auto or not paper:
+            continue
+        for alpha in ALPHAS:
+            share = {}
+            for name, group in (("auto", auto), ("paper", paper)):
+                tests = [c["held_out"][IN_DISTRIBUTION][str(alpha)] for c in group]
+                share[name] = sum(t["admitted"] / t["n"] for t in tests) / len(tests)
+            worst, below = [], []
+            for cell in sorted(auto, key=lambda c: c["split"]):
+                v = next(r for r in cell["validity"] if r["alpha"] == alpha and r["estimator"] == "sdm_hr")
+                accs = [g["mean_accuracy"] for g in v["per_class"].values() if g["mean_accuracy"] is not None]
+                worst.append(f"{min(accs):.3f}" if len(accs) == len(v["per_class"]) else "R")
+                below.append(f"{v['share_draws_any_class_below']:.0%}")
+            fit = {n: sum(c["fit_seconds"] for c in g) / len(g) for n, g in (("auto", auto), ("paper", paper))}
+            ratio = f"{share['auto'] / share['paper']:.1f}x" if share["paper"] else "-"
+            lines.append(
+                f"| {auto[0]['features']} | {alpha} | {share['paper']:.1%} | {share['auto']:.1%} | {ratio} | "
+                f"{', '.join(worst)} | {' / '.join(below)} | {fit['paper']:.0f} / {fit['auto']:.0f} | "
+                f"1/{fit['paper'] / max(fit['auto'], 1e-9):.0f} |"
+            )
+            rows += 1
+    return lines if rows else []
 
 
 def _lower_variant_tables(groups) -> list[str]:

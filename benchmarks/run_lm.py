@@ -7,8 +7,8 @@ from a config, the BPE tokenizer of tests/lm/fixtures.py (trained here on the Ha
 sentences), 2,000 paired preference examples built from the SAPLMA statements ("Repeat: s"
 -> s, the negative with its last three words reversed), batch 16, one epoch each of:
 plain CE (use_sdm_loss=False), SDM loss without generation, SDM loss with hard negatives
-(gamma_gen = 0.5 from epoch 0), the verification head at its defaults (M = 1000, 200
-epochs). Times come from the Trainer's own train_runtime plus the head refresh, which runs
+(gamma_gen = 0.5 from epoch 0), the verification head at its defaults (M = 1000,
+head_procedure="auto": at most 100 epochs at lr 1e-3, early-stopped on held-out rows). Times come from the Trainer's own train_runtime plus the head refresh, which runs
 at epoch start (and once at construction for epoch 0), so it is timed separately.
 """
 
@@ -110,7 +110,7 @@ def main() -> int:
         "# SDMTrainer vs plain cross-entropy (1 epoch)",
         "",
         "4-layer 256-wide Llama-style LM (config-built), BPE tokenizer (400 tokens), 2,000 paired examples, "
-        "batch 16, 2 CPU cores; head at defaults (M = 1000, 200 epochs, 1 shuffle).",
+        "batch 16, 2 CPU cores; verification head at its defaults (M = 1000, head_procedure='auto').",
         "",
         "| run | setup (tokenize + epoch-0 refresh) | of which head features | head fit | generation | "
         "Trainer train_runtime | total | ratio vs CE | tokens/epoch | generated |",

@@ -38,7 +38,7 @@ from .head.fit_selection import FitSelection
 from .head.modeling import SDMHead
 from .head_training import RunData, balanced_sdm_loss, build_final_head, fit_progress_bar, train_run
 from .index import resolve_device
-from .setting_choice import AUTO_CANDIDATES, choose_setting, holdout_split
+from .setting_choice import AUTO_CANDIDATES, TRAINING_KEYS, choose_setting, config_fields, holdout_split
 from .validation import FeaturesLike, LabelsLike
 
 __all__ = ["fit_sdm_head", "balanced_sdm_loss", "PROCEDURES", "FitSelection"]
@@ -235,8 +235,7 @@ def fit_sdm_head(
     train_x = check.as_features(train_x, "train_x")
     calib_x = check.as_features(calib_x, "calib_x", train_x.shape[1])
     if config is None:
-        num_classes = int(torch.as_tensor(train_y).max()) + 1 if len(train_y) else 2
-        config = SDMConfig(input_dim=train_x.shape[1], num_classes=max(num_classes, 2))
+        config = SDMConfig(input_dim=train_x.shape[1], num_classes=_inferred_classes(train_y, train_x.shape[0]))
     if not isinstance(config, SDMConfig):
         raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
     if train_x.shape[1] != config.input_dim:
@@ -281,18 +280,37 @@ def fit_sdm_head(
     return final
 
 
+def _inferred_classes(train_y: LabelsLike, n_rows: int) -> int:
+    """``C = max label + 1`` (at least 2), refusing a label too large for the rows to hold every
+    class twice (e.g. an id in place of a class index) before anything is allocated."""
+    y = check.as_labels(train_y, "train_y", num_classes=2**62, length=n_rows)
+    largest = int(y.max()) if y.numel() else 1
+    limit = max(2, n_rows // 2)
+    if largest + 1 > limit:
+        raise ValueError(
+            f"train_y's largest label is {largest}, but labels are class indices 0..C-1 with at least 2 "
+            f"training rows per class, so {n_rows} rows allow at most {limit} classes; map your labels to "
+            "0..C-1 first (or pass an SDMConfig with num_classes)"
+        )
+    return max(largest + 1, 2)
+
+
 def _check_candidates(candidates, config: SDMConfig) -> tuple[dict, ...]:
     """Candidate settings as SDMConfig overrides, each validated by building its config."""
     from dataclasses import fields
 
     if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence) or not candidates:
         raise TypeError("candidates must be a non-empty list of dicts of SDMConfig fields")
-    allowed = {f.name for f in fields(SDMConfig)} - {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
+    fixed = {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
+    allowed = ({f.name for f in fields(SDMConfig)} - fixed) | set(TRAINING_KEYS)
     out = []
     for item in candidates:
         if not isinstance(item, dict) or not set(item) <= allowed:
             raise ValueError(f"each candidate must be a dict with keys among {sorted(allowed)}, got {item!r}")
-        replace(config, **item)  # raises ValueError on a bad value
+        rate = item.get("learning_rate", 1.0)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"a candidate's learning_rate must be a positive number, got {rate!r}")
+        replace(config, **config_fields(item))  # raises ValueError on a bad value
         out.append(dict(item))
     return tuple(out)
 
@@ -446,8 +464,8 @@ class _FitRun:
                 config = replace(config, min_class_points="auto")
             state = choice.chosen.run.state
             if settings.get("refit"):
-                state = self._refit(config, choice.chosen.run.epoch + 1, train_idx, held_idx, batch_size,
-                                    learning_rate, bar)  # fmt: skip
+                rate = choice.chosen.settings.get("learning_rate", learning_rate)
+                state = self._refit(config, choice.chosen.run.epoch + 1, train_idx, held_idx, batch_size, rate, bar)
         finally:
             bar.close()
         final = self._final(config, state, train_idx, calib_idx)

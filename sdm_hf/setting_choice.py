@@ -36,17 +36,26 @@ import torch
 
 from .calibration import minimum_class_points
 from .head.config import SDMConfig
-from .head.fit_selection import FitSelection
 from .head.modeling import SDMHead
 from .head_training import RunData, RunResult, train_run
 
-__all__ = ["AUTO_CANDIDATES", "AdmissionEstimate", "Candidate", "FitSelection", "holdout_split", "choose_setting"]
+__all__ = [
+    "AUTO_CANDIDATES",
+    "TRAINING_KEYS",
+    "AdmissionEstimate",
+    "Candidate",
+    "holdout_split",
+    "choose_setting",
+    "config_fields",
+]
 
 # SDMConfig fields the "auto" procedure chooses between (benchmarks/efficiency.py: per-feature
 # normalisation admitted far more on the fact-checking features and less on unit-length sentence
 # embeddings, so neither is right everywhere)
 AUTO_CANDIDATES: tuple[dict, ...] = ({"normalization": "scalar"}, {"normalization": "feature"})
 ESTIMATE_DRAWS = 10
+# candidate keys that are training settings, not SDMConfig fields
+TRAINING_KEYS = ("learning_rate",)
 
 
 @dataclass
@@ -147,7 +156,12 @@ class ChoiceResult:
     reason: str = ""
 
     def config(self, base: SDMConfig) -> SDMConfig:
-        return replace(base, **self.chosen.settings)
+        return replace(base, **config_fields(self.chosen.settings))
+
+
+def config_fields(settings: dict) -> dict:
+    """The :class:`SDMConfig` fields of a candidate (all but its training settings)."""
+    return {k: v for k, v in settings.items() if k not in TRAINING_KEYS}
 
 
 def choose_setting(
@@ -175,7 +189,7 @@ def choose_setting(
     candidate's position); ``on_run_end(epochs_run)`` after each candidate's run."""
     trained: list[Candidate] = []
     for position, settings in enumerate(candidates):
-        config = replace(base_config, **settings)
+        config = replace(base_config, **config_fields(settings))
         head = SDMHead(config, generator=generator).to(device)
         head.set_normalization(*SDMHead.normalization_statistics(x_fit, config.normalization))
         data = RunData(head, x_fit.to(device), y_fit.to(device), x_held.to(device), y_held.to(device))
@@ -189,7 +203,7 @@ def choose_setting(
             data,
             epochs=epochs,
             batch_size=batch_size,
-            learning_rate=learning_rate,
+            learning_rate=settings.get("learning_rate", learning_rate),
             patience=patience,
             generator=generator,
             use_sdm_loss=use_sdm_loss,

@@ -60,10 +60,15 @@ def as_features(x: FeaturesLike, name: str, dim: int | None = None) -> torch.Ten
 
 def as_labels(y: LabelsLike, name: str, num_classes: int, length: int | None = None) -> torch.Tensor:
     """``y`` -> ``[N]`` int64 CPU tensor with values in ``0..num_classes-1``."""
+    if isinstance(y, Sequence) and not isinstance(y, (str, bytes)):
+        y = np.asarray(y)
     if isinstance(y, np.ndarray):
+        if y.size and not (np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.bool_)):
+            raise TypeError(
+                f"{name} must hold integer class indices 0..C-1, got values of numpy dtype {y.dtype} (e.g. "
+                f"{y.flat[0]!r}); map them to 0..C-1 and pass the names as SDMConfig(id2label=...)"
+            )
         y = torch.from_numpy(np.ascontiguousarray(y))
-    elif isinstance(y, Sequence) and not isinstance(y, (str, bytes)):
-        y = torch.as_tensor(np.asarray(y))
     elif not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D tensor/array of integer labels, got {type(y).__name__}")
     if y.dim() != 1:

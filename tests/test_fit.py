@@ -247,3 +247,20 @@ def test_the_cli_offers_every_procedure():
     from sdm_hf.cli import FIT_PROCEDURES
 
     assert sorted(FIT_PROCEDURES) == sorted(PROCEDURES)
+
+
+def test_a_label_too_large_for_the_rows_is_refused_before_allocating():
+    x, y, xc, yc = _data()
+    y = y.clone()
+    y[0] = 2**40  # an id in place of a class index
+    with pytest.raises(ValueError, match=r"largest label is 1099511627776.*at most 50 classes"):
+        fit_sdm_head(x, y, xc, yc, progress=False)
+    with pytest.raises(TypeError, match="train_y"):
+        fit_sdm_head(x, ["a"] * 100, xc, yc, progress=False)
+
+
+def test_predict_refuses_a_bad_batch_size(small_head):
+    head, x, _ = small_head
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            head.predict(x[:5], batch_size=bad)

@@ -9,7 +9,8 @@ import torch
 
 from sdm_hf import SDMConfig, fit_sdm_head
 from sdm_hf.head_training import fit_progress_bar
-from sdm_hf.setting_choice import AUTO_CANDIDATES, FitSelection, holdout_split
+from sdm_hf.head.fit_selection import FitSelection
+from sdm_hf.setting_choice import AUTO_CANDIDATES, holdout_split
 from tests.conftest import gaussian_mixture
 
 QUICK = dict(epochs=8, progress=False)
@@ -81,6 +82,17 @@ def test_four_classes_and_custom_candidates():
     assert (out.prediction[out.in_hr] == y[900:][out.in_hr]).float().mean() > 0.9
 
 
+def test_a_candidate_may_set_the_learning_rate():
+    candidates = [{"learning_rate": 1e-2}, {"normalization": "feature", "learning_rate": 1e-4}]
+    head = _fit(*_data(), candidates=candidates)
+    assert head.selection["chosen"] in candidates
+    assert "learning_rate" not in head.config.to_dict()  # a training setting, not part of the head
+    slow, quick = (_fit(*_data(), candidates=[{"learning_rate": r}], epochs=2) for r in (1e-5, 1e-1))
+    # the candidate's rate is the one it trains with: 10,000 times the rate, a far larger change
+    drops = [h.training_history[0]["train_loss"] - h.training_history[1]["train_loss"] for h in (slow, quick)]
+    assert abs(drops[1]) > 10 * abs(drops[0])
+
+
 def test_the_selection_prints_as_a_few_lines():
     head = _fit(*_data())
     text = str(head.selection)
@@ -114,7 +126,8 @@ def test_the_kept_candidate_is_the_largest_held_estimate():
         (dict(selection_fraction=0.2), ValueError, "holdout_fraction"),
         (dict(candidates=[]), TypeError, "candidates"),
         (dict(candidates={"normalization": "feature"}), TypeError, "candidates"),
-        (dict(candidates=[{"learning_rate": 1.0}]), ValueError, "keys among"),
+        (dict(candidates=[{"epochs": 3}]), ValueError, "keys among"),
+        (dict(candidates=[{"learning_rate": -1.0}]), ValueError, "learning_rate must be a positive"),
         (dict(candidates=[{"normalization": "none"}]), ValueError, "normalization"),
         (dict(procedure="paper", candidates=[{"normalization": "feature"}]), ValueError, "'auto' only"),
         (dict(procedure="fast", holdout_fraction=0.3), ValueError, "'auto' only"),

@@ -110,6 +110,8 @@ class SDMModule(nn.Module):
         BLAS results depend on the batch shape in the last bits; in double precision those
         differences vanish when rounding to float32, so a point gets the same exemplar (and
         an exact duplicate of a support point distance 0) whatever batch it arrives in."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (rows encoded at a time), got {batch_size!r}")
         weights = [t.double() for t in (self.adaptor.weight, self.adaptor.bias)]
         head_weights = [t.double() for t in (self.classifier.weight, self.classifier.bias)]
         mean, std = self.feature_mean.double(), self.feature_std.double()
