@@ -8,8 +8,9 @@ sentences), 2,000 paired preference examples built from the SAPLMA statements ("
 -> s, the negative with its last three words reversed), batch 16, one epoch each of:
 plain CE (use_sdm_loss=False), SDM loss without generation, SDM loss with hard negatives
 (gamma_gen = 0.5 from epoch 0), the verification head at its defaults (M = 1000,
-head_procedure="auto": at most 100 epochs at lr 1e-3, early-stopped on held-out rows). Times come from the Trainer's own train_runtime plus the head refresh, which runs
-at epoch start (and once at construction for epoch 0), so it is timed separately.
+head_procedure="auto": at most 100 epochs at lr 1e-3, early-stopped on held-out rows). Times
+come from the Trainer's own train_runtime plus the head refresh, which runs at epoch start
+(and once at construction for epoch 0), so it is timed separately.
 """
 
 from __future__ import annotations
