@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -297,8 +297,6 @@ def _inferred_classes(train_y: LabelsLike, n_rows: int) -> int:
 
 def _check_candidates(candidates, config: SDMConfig) -> tuple[dict, ...]:
     """Candidate settings as SDMConfig overrides, each validated by building its config."""
-    from dataclasses import fields
-
     if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence) or not candidates:
         raise TypeError("candidates must be a non-empty list of dicts of SDMConfig fields")
     fixed = {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
@@ -405,9 +403,10 @@ class _FitRun:
         )
         return final
 
-    def _refit(self, config, epochs, train_idx, held_idx, batch_size, learning_rate, bar):
+    def _refit(self, config, epochs, train_idx, held_idx, batch_size, learning_rate, bar, run_index):
         """The chosen setting retrained on every training row for the chosen number of epochs;
-        the last state is kept (the held-out rows, now trained on, only report metrics)."""
+        the last state is kept (the held-out rows, now trained on, only report metrics). Its
+        epochs are in the history as run ``run_index`` (after the candidates) with ``refit=True``."""
         bar.total += epochs
         head = SDMHead(copy.deepcopy(config), generator=self.generator).to(self.device)
         x_tr = self.all_x[train_idx]
@@ -428,7 +427,7 @@ class _FitRun:
             patience=0,
             generator=self.generator,
             use_sdm_loss=self.use_sdm_loss,
-            on_epoch=self._epoch_reporter(bar, {"shuffle": "refit"}),
+            on_epoch=self._epoch_reporter(bar, {"shuffle": run_index, "refit": True}),
             keep_last=True,
         )
         return run.state
@@ -454,9 +453,7 @@ class _FitRun:
                 generator=self.generator,
                 device=self.device,
                 use_sdm_loss=self.use_sdm_loss,
-                on_epoch=lambda metrics, best: self._epoch_reporter(bar, {"shuffle": metrics["candidate"]})(
-                    metrics, best
-                ),
+                on_epoch=self._epoch_reporter(bar, {}),
                 on_run_end=lambda run: bar.update(epochs - run),
             )
             config = choice.config(self.config)
@@ -465,7 +462,9 @@ class _FitRun:
             state = choice.chosen.run.state
             if settings.get("refit"):
                 rate = choice.chosen.settings.get("learning_rate", learning_rate)
-                state = self._refit(config, choice.chosen.run.epoch + 1, train_idx, held_idx, batch_size, rate, bar)
+                state = self._refit(
+                    config, choice.chosen.run.epoch + 1, train_idx, held_idx, batch_size, rate, bar, len(candidates)
+                )
         finally:
             bar.close()
         final = self._final(config, state, train_idx, calib_idx)

@@ -211,8 +211,10 @@ def plot_training_history(
     selections: Mapping[str, dict | None] | None = None,
     title: str | None = None,
 ) -> Path:
-    """The SDM head's training, per feature set: the balanced calibration SDM loss (the model
-    selection criterion) and the calibration accuracy and OOD fraction, per epoch and shuffle.
+    """The SDM head's training, per feature set: the balanced SDM loss of the selection rows (the
+    model selection criterion: the calibration half for "paper"/"fast", held-out training rows for
+    "auto") and their accuracy and OOD fraction, per epoch and run (shuffle, or candidate and the
+    final refit, whose rows it was trained on).
 
     Args:
         histories: name -> ``head.training_history`` (dicts with ``shuffle``, ``epoch``,
@@ -231,14 +233,15 @@ def plot_training_history(
     cmap = plt.get_cmap("tab10")
     for col, (name, history) in enumerate(histories.items()):
         top, bottom = axes[0][col], axes[1][col]
+        chosen = (selections or {}).get(name)
+        run_name = "candidate" if chosen and "chosen" in chosen else "shuffle"
         for shuffle in sorted({h["shuffle"] for h in history}):
             mine = [h for h in history if h["shuffle"] == shuffle]
             epochs = [h["epoch"] for h in mine]
             color = cmap(shuffle % 10)
-            top.plot(epochs, [h["calibration_loss"] for h in mine], color=color, label=f"shuffle {shuffle}")
-            bottom.plot(
-                epochs, [h["calibration_accuracy"] for h in mine], color=color, label=f"accuracy, shuffle {shuffle}"
-            )
+            label = "refit (in-sample)" if mine[0].get("refit") else f"{run_name} {shuffle}"
+            top.plot(epochs, [h["calibration_loss"] for h in mine], color=color, label=label)
+            bottom.plot(epochs, [h["calibration_accuracy"] for h in mine], color=color, label=f"accuracy, {label}")
             bottom.plot(
                 epochs,
                 [h["calibration_ood_fraction"] for h in mine],
@@ -246,17 +249,16 @@ def plot_training_history(
                 ls=":",
                 label=f"OOD share, {shuffle}",
             )
-        chosen = (selections or {}).get(name)
         if chosen:
             kept = [h for h in history if h["shuffle"] == chosen["shuffle"] and h["epoch"] == chosen["epoch"]]
             if kept:
                 top.scatter(
                     [chosen["epoch"]], [kept[0]["calibration_loss"]], marker="*", s=140, color="black", zorder=5
                 )
-        top.set_title(f"{name}: balanced calibration loss (* kept)", fontsize=10)
+        top.set_title(f"{name}: balanced selection loss (* kept)", fontsize=10)
         bottom.set_xlabel("epoch (epoch 0: cross-entropy)")
         bottom.set_ylim(0, 1)
-        bottom.set_title("calibration accuracy (solid) and OOD share (dotted)", fontsize=10)
+        bottom.set_title("selection-row accuracy (solid) and OOD share (dotted)", fontsize=10)
         for ax in (top, bottom):
             ax.grid(alpha=0.25)
             ax.legend(fontsize=7)

@@ -185,8 +185,8 @@ def choose_setting(
     """Train every candidate on ``(x_fit, y_fit)``, early-stopped and estimated on
     ``(x_held, y_held)``, and keep one (rule in the module docstring).
 
-    ``on_epoch(metrics, best)`` is called after every epoch (``metrics["candidate"]`` is the
-    candidate's position); ``on_run_end(epochs_run)`` after each candidate's run."""
+    ``on_epoch(metrics, best)`` is called after every epoch (``metrics["shuffle"]`` is the
+    candidate's position, as the history's shuffle); ``on_run_end(epochs_run)`` after each candidate's run."""
     trained: list[Candidate] = []
     for position, settings in enumerate(candidates):
         config = replace(base_config, **config_fields(settings))
@@ -196,7 +196,7 @@ def choose_setting(
 
         def report(metrics, best, position=position):
             if on_epoch is not None:
-                on_epoch({**metrics, "candidate": position}, best)
+                on_epoch({**metrics, "shuffle": position}, best)
 
         run = train_run(
             head,

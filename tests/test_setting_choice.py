@@ -168,3 +168,16 @@ def test_progress_bar_writes_lines_to_a_log():
     text = stream.getvalue()
     assert "\r" not in text and "epochs at most" in text and text.endswith("\n")
     assert fit_progress_bar(5, "fit", False).disable
+
+
+def test_the_history_marks_the_refit_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sdm_hf.plots import plot_training_history
+
+    head = _fit(*_data())
+    runs = [h["shuffle"] for h in head.training_history]
+    assert all(isinstance(r, int) for r in runs) and set(runs) == {0, 1, 2}  # two candidates, then the refit
+    refit = [h for h in head.training_history if h.get("refit")]
+    assert {h["shuffle"] for h in refit} == {2} and len(refit) == head.selection["epoch"] + 1
+    plot_training_history({"auto": head.training_history}, tmp_path / "h.png", selections={"auto": head.selection})
+    assert (tmp_path / "h.png").stat().st_size > 0
