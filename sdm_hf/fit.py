@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import torch
 
@@ -38,7 +38,7 @@ from .head.fit_selection import FitSelection
 from .head.modeling import SDMHead
 from .head_training import RunData, balanced_sdm_loss, build_final_head, fit_progress_bar, train_run
 from .index import resolve_device
-from .setting_choice import AUTO_CANDIDATES, TRAINING_KEYS, choose_setting, config_fields, holdout_split
+from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
 from .validation import FeaturesLike, LabelsLike
 
 __all__ = ["fit_sdm_head", "balanced_sdm_loss", "PROCEDURES", "FitSelection"]
@@ -206,7 +206,7 @@ def fit_sdm_head(
         >>> head = fit_sdm_head(x[:100], y[:100], x[100:], y[100:],
         ...                     SDMConfig(input_dim=4, exemplar_dim=8, alpha=0.9),
         ...                     epochs=3, progress=False)
-        >>> head.selection["procedure"], len(head.training_history) <= 6
+        >>> head.selection["procedure"], len(head.training_history) <= 2 * 3 + 3  # candidates + refit
         ('auto', True)
     """
     settings = _procedure_settings(
@@ -270,7 +270,7 @@ def fit_sdm_head(
         fraction = settings["holdout_fraction"]
         if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
             raise ValueError(f"holdout_fraction must be a number in (0, 1), got {fraction!r}")
-        chosen = _check_candidates(AUTO_CANDIDATES if candidates is None else candidates, config)
+        chosen = check_candidates(AUTO_CANDIDATES if candidates is None else candidates, config)
         final = run.auto(chosen, settings, epochs, batch_size, learning_rate, patience, fraction)
     else:
         if candidates is not None or holdout_fraction is not None:
@@ -293,24 +293,6 @@ def _inferred_classes(train_y: LabelsLike, n_rows: int) -> int:
             "0..C-1 first (or pass an SDMConfig with num_classes)"
         )
     return max(largest + 1, 2)
-
-
-def _check_candidates(candidates, config: SDMConfig) -> tuple[dict, ...]:
-    """Candidate settings as SDMConfig overrides, each validated by building its config."""
-    if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence) or not candidates:
-        raise TypeError("candidates must be a non-empty list of dicts of SDMConfig fields")
-    fixed = {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
-    allowed = ({f.name for f in fields(SDMConfig)} - fixed) | set(TRAINING_KEYS)
-    out = []
-    for item in candidates:
-        if not isinstance(item, dict) or not set(item) <= allowed:
-            raise ValueError(f"each candidate must be a dict with keys among {sorted(allowed)}, got {item!r}")
-        rate = item.get("learning_rate", 1.0)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-            raise ValueError(f"a candidate's learning_rate must be a positive number, got {rate!r}")
-        replace(config, **config_fields(item))  # raises ValueError on a bad value
-        out.append(dict(item))
-    return tuple(out)
 
 
 class _FitRun:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -47,6 +48,7 @@ __all__ = [
     "holdout_split",
     "choose_setting",
     "config_fields",
+    "check_candidates",
 ]
 
 # SDMConfig fields the "auto" procedure chooses between (benchmarks/efficiency.py: per-feature
@@ -224,3 +226,25 @@ def choose_setting(
         chosen = min(trained, key=lambda c: (c.run.loss, trained.index(c)))
         reason = "no candidate's region admitted held-out rows at alpha and held; the lowest held-out loss"
     return ChoiceResult(chosen, trained, reason)
+
+
+def check_candidates(candidates, config: SDMConfig) -> tuple[dict, ...]:
+    """``candidates`` validated: a non-empty list of dicts of :class:`SDMConfig` fields (all but
+    the fixed ones) and ``learning_rate``, each checked by building its config.
+
+    Raises:
+        TypeError: not a non-empty list of dicts. ValueError: an unknown key or a bad value."""
+    if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence) or not candidates:
+        raise TypeError("candidates must be a non-empty list of dicts of SDMConfig fields")
+    fixed = {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
+    allowed = ({f.name for f in fields(SDMConfig)} - fixed) | set(TRAINING_KEYS)
+    out = []
+    for item in candidates:
+        if not isinstance(item, dict) or not set(item) <= allowed:
+            raise ValueError(f"each candidate must be a dict with keys among {sorted(allowed)}, got {item!r}")
+        rate = item.get("learning_rate", 1.0)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"a candidate's learning_rate must be a positive number, got {rate!r}")
+        replace(config, **config_fields(item))  # raises ValueError on a bad value
+        out.append(dict(item))
+    return tuple(out)
