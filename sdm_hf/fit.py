@@ -87,21 +87,11 @@ def _split_selection(calib_idx, labels, num_classes, fraction, generator):
     are Algorithm 1's calibration set. ``fraction == 0``: both are ``calib_idx`` (no draw)."""
     if fraction == 0:
         return calib_idx, calib_idx
-    y = labels[calib_idx]
-    chosen = []
-    for c in range(num_classes):  # a loop over classes, not points
-        rows = calib_idx[y == c]
-        n = rows.numel()
-        take = min(max(int(round(fraction * n)), 2), n - 2)
-        if take < 2:
-            raise ValueError(
-                f"class {c} has {n} calibration points: a selection split needs at least 4 per class; "
-                "add calibration data or pass selection_fraction=0"
-            )
-        chosen.append(rows[torch.randperm(n, generator=generator)[:take]])
-    selection = torch.sort(torch.cat(chosen)).values
-    keep = ~torch.isin(calib_idx, selection)
-    return selection, calib_idx[keep]
+    kept, held = holdout_split(
+        labels[calib_idx], num_classes, fraction, generator, "calibration points", "add calibration data or pass "
+        "selection_fraction=0",
+    )  # fmt: skip
+    return torch.sort(calib_idx[held]).values, calib_idx[kept]
 
 
 def fit_sdm_head(
@@ -351,20 +341,16 @@ class _FitRun:
                 select_idx, calib_idx = _split_selection(
                     calib_idx, self.all_y, num_classes, selection_fraction, self.generator
                 )
-                x_tr, y_tr = self.all_x[train_idx].to(self.device), self.all_y[train_idx].to(self.device)
-                x_se, y_se = self.all_x[select_idx].to(self.device), self.all_y[select_idx].to(self.device)
-                head = SDMHead(copy.deepcopy(config), generator=self.generator).to(self.device)
-                head.set_normalization(*SDMHead.normalization_statistics(x_tr.cpu(), config.normalization))
-                result = train_run(
-                    head,
-                    RunData(head, x_tr, y_tr, x_se, y_se),
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    learning_rate=learning_rate,
-                    patience=patience,
-                    generator=self.generator,
-                    use_sdm_loss=self.use_sdm_loss,
-                    on_epoch=self._epoch_reporter(bar, {"shuffle": shuffle}),
+                result = self._train(
+                    config,
+                    train_idx,
+                    select_idx,
+                    epochs,
+                    batch_size,
+                    learning_rate,
+                    patience,
+                    bar,
+                    {"shuffle": shuffle},
                 )
                 bar.update(epochs - result.epochs_run)  # early stopping skipped these
                 if best is None or result.loss <= best[0].loss:
@@ -385,34 +371,26 @@ class _FitRun:
         )
         return final
 
-    def _refit(self, config, epochs, train_idx, held_idx, batch_size, learning_rate, bar, run_index):
-        """The chosen setting retrained on every training row for the chosen number of epochs;
-        the last state is kept (the held-out rows, now trained on, only report metrics). Its
-        epochs are in the history as run ``run_index`` (after the candidates) with ``refit=True``."""
-        bar.total += epochs
+    def _train(self, config, train_idx, select_idx, epochs, batch_size, learning_rate, patience, bar, tag,
+               keep_last=False):  # fmt: skip
+        """One run of a fresh head: ``train_idx`` rows train it and are its support, ``select_idx``
+        rows choose its kept epoch (or, ``keep_last``, only report metrics); ``tag`` marks its history."""
+        x_tr, y_tr = self.all_x[train_idx].to(self.device), self.all_y[train_idx].to(self.device)
+        x_se, y_se = self.all_x[select_idx].to(self.device), self.all_y[select_idx].to(self.device)
         head = SDMHead(copy.deepcopy(config), generator=self.generator).to(self.device)
-        x_tr = self.all_x[train_idx]
-        head.set_normalization(*SDMHead.normalization_statistics(x_tr, config.normalization))
-        data = RunData(
+        head.set_normalization(*SDMHead.normalization_statistics(x_tr.cpu(), config.normalization))
+        return train_run(
             head,
-            x_tr.to(self.device),
-            self.all_y[train_idx].to(self.device),
-            self.all_x[held_idx].to(self.device),
-            self.all_y[held_idx].to(self.device),
-        )
-        run = train_run(
-            head,
-            data,
+            RunData(head, x_tr, y_tr, x_se, y_se),
             epochs=epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
-            patience=0,
+            patience=patience,
             generator=self.generator,
             use_sdm_loss=self.use_sdm_loss,
-            on_epoch=self._epoch_reporter(bar, {"shuffle": run_index, "refit": True}),
-            keep_last=True,
+            on_epoch=self._epoch_reporter(bar, tag),
+            keep_last=keep_last,
         )
-        return run.state
 
     def auto(self, candidates, settings, epochs, batch_size, learning_rate, patience, fraction) -> SDMHead:
         """``"auto"``: candidates trained and chosen on held-out training rows (module docstring)."""
@@ -444,9 +422,13 @@ class _FitRun:
             state = choice.chosen.run.state
             if settings.get("refit"):
                 rate = choice.chosen.settings.get("learning_rate", learning_rate)
-                state = self._refit(
-                    config, choice.chosen.run.epoch + 1, train_idx, held_idx, batch_size, rate, bar, len(candidates)
-                )
+                # the chosen setting retrained on every training row for the chosen number of epochs,
+                # the last state kept; its epochs are the run after the candidates (refit=True)
+                bar.total += choice.chosen.run.epoch + 1
+                tag = {"shuffle": len(candidates), "refit": True}
+                state = self._train(
+                    config, train_idx, held_idx, choice.chosen.run.epoch + 1, batch_size, rate, 0, bar, tag, True
+                ).state
         finally:
             bar.close()
         final = self._final(config, state, train_idx, calib_idx)

@@ -84,19 +84,26 @@ class Candidate:
     estimate: AdmissionEstimate
 
 
-def holdout_split(labels: torch.Tensor, num_classes: int, fraction: float, generator: torch.Generator):
-    """``(fit_rows, held_rows)``: per class, ``round(fraction * n_c)`` rows (seeded; at least 2,
-    and at least 2 left) are held out. Raises ValueError when a class has fewer than 4 rows."""
+def holdout_split(
+    labels: torch.Tensor,
+    num_classes: int,
+    fraction: float,
+    generator: torch.Generator,
+    rows_name: str = "training rows",
+    remedy: str = "add training data or pass procedure='fast'",
+):
+    """``(kept_rows, held_rows)`` positions in ``labels``: per class, ``round(fraction * n_c)``
+    rows (seeded; at least 2, and at least 2 left) are held out, both sorted ascending.
+
+    Raises:
+        ValueError: a class has fewer than 4 rows (the message names ``rows_name`` and ``remedy``)."""
     held = []
     for c in range(num_classes):  # a loop over classes, not points
         rows = (labels == c).nonzero().flatten()
         n = rows.numel()
         take = min(max(int(round(fraction * n)), 2), n - 2)
         if take < 2:
-            raise ValueError(
-                f"class {c} has {n} training rows: the 'auto' procedure holds some out to choose its "
-                "settings and needs at least 4 per class; add training data or pass procedure='fast'"
-            )
+            raise ValueError(f"class {c} has {n} {rows_name}: a held-out share needs at least 4 per class; {remedy}")
         held.append(rows[torch.randperm(n, generator=generator)[:take]])
     held_rows = torch.sort(torch.cat(held)).values
     keep = torch.ones(labels.numel(), dtype=torch.bool)
