@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .calibration import minimum_class_points
 from .head.config import SDMConfig
 from .head.modeling import SDMHead
 from .head_training import RunData, RunResult, train_run
@@ -222,7 +221,6 @@ def choose_setting(
             on_run_end(run.epochs_run)
         head.load_state_dict(run.state)
         head.build_support(x_fit, y_fit)
-        minimum_class_points(config.min_class_points, config.alpha)  # validated before any estimate
         estimate = estimate_admission(head, x_held, y_held, ESTIMATE_DRAWS, generator)
         trained.append(Candidate(dict(settings), run, estimate))
     held = [c for c in trained if c.estimate.holds and c.estimate.admitted_share > 0]
