@@ -178,9 +178,17 @@ def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
     return y
 
 
-def prepare_output(path: Path, overwrite: bool) -> Path:
+def prepare_output(path: Path, overwrite: bool, inputs=()) -> Path:
     try:
-        return prepare_output_dir(path, overwrite)
+        return prepare_output_dir(path, overwrite, inputs=inputs)
+    except FileExistsError as err:
+        raise CLIError(str(err)) from None
+
+
+def check_output(path: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse a bad output folder before any long work (see prepare_output)."""
+    try:
+        check_output_dir(path, overwrite, inputs)
     except FileExistsError as err:
         raise CLIError(str(err)) from None
 
@@ -192,10 +200,8 @@ def cmd_fit_head(args) -> int:
     from .head.config import SDMConfig
 
     output = Path(args.output)
-    try:  # fail before the long fit
-        check_output_dir(output, args.overwrite)
-    except FileExistsError as err:
-        raise CLIError(str(err)) from None
+    inputs = [*args.train, *args.calibration]
+    check_output(output, args.overwrite, inputs)  # fail before the long fit
     train, calib = load_table(args.train), load_table(args.calibration)
     # under accelerate launch / torchrun the processes share the embedding; the main process
     # alone fits and writes the head
@@ -246,7 +252,7 @@ def cmd_fit_head(args) -> int:
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
-    prepare_output(output, args.overwrite)
+    prepare_output(output, args.overwrite, inputs)
     head.save_pretrained(output)
     if head.selection is not None:
         print(head.selection.summary())
@@ -261,6 +267,8 @@ def cmd_evaluate(args) -> int:
     from .metrics import selective_classification_report
     from .plots import plot_accuracy_vs_admission, plot_similarity_distance
 
+    if args.output:  # fail before the feature pass
+        check_output(Path(args.output), args.overwrite, [args.head, *args.data])
     head = SDMHead.from_pretrained(args.head)
     if args.alpha is not None:
         with warnings.catch_warnings():
@@ -279,7 +287,7 @@ def cmd_evaluate(args) -> int:
         text += "\nagreement with exact search: " + json.dumps(agreement) + "\n"
     print(text)
     if args.output:
-        folder = prepare_output(Path(args.output), args.overwrite)
+        folder = prepare_output(Path(args.output), args.overwrite, [args.head, *args.data])
         (folder / "report.md").write_text(text, encoding="utf-8")
         payload = {"alpha": head.alpha, "q_min": head.q_min if math.isfinite(head.q_min) else None, **report.to_dict()}
         (folder / "report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")

@@ -70,6 +70,18 @@ def test_fit_evaluate_with_vectors(files):
     assert "procedure 'fast': kept shuffle 0" in res.stdout  # head.selection, in a few lines
     again = run("fit-head", "--train", files["train"], "--calibration", files["calib"], *common, "--output", head)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    # evaluating a head into its own folder would delete the head: refused, the head kept
+    own = run("evaluate", "--head", head, "--data", files["test"], "--vector-column", "vec", "--output", head,
+              "--overwrite")  # fmt: skip
+    assert own.returncode == 2 and "is an input of this command" in own.stderr
+    assert (head / "config.json").is_file() and (head / "model.safetensors").is_file()
+    # a training file inside the output folder: refused before the fit, the file kept
+    moved = head / "my_train.jsonl"
+    moved.write_text(files["train"].read_text())
+    inside = run("fit-head", "--train", moved, "--calibration", files["calib"], *common, "--output", head,
+                 "--overwrite")  # fmt: skip
+    assert inside.returncode == 2 and "is an input of this command" in inside.stderr and moved.is_file()
+    moved.unlink()
     report = files["dir"] / "report"
     res = run(
         "evaluate", "--head", head, "--data", files["test"], "--vector-column", "vec", "--output", report, "--agreement"
