@@ -25,7 +25,6 @@ choose the state apart from the rows that calibrate, so the latter are not used 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -36,7 +35,7 @@ from . import validation as check
 from .head.config import SDMConfig
 from .head.fit_selection import FitSelection
 from .head.modeling import SDMHead
-from .head_training import RunData, balanced_sdm_loss, build_final_head, fit_progress_bar, train_run
+from .head_training import balanced_sdm_loss, build_final_head, fit_progress_bar, train_fresh_head
 from .index import resolve_device
 from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
 from .validation import FeaturesLike, LabelsLike
@@ -375,22 +374,22 @@ class _FitRun:
                keep_last=False):  # fmt: skip
         """One run of a fresh head: ``train_idx`` rows train it and are its support, ``select_idx``
         rows choose its kept epoch (or, ``keep_last``, only report metrics); ``tag`` marks its history."""
-        x_tr, y_tr = self.all_x[train_idx].to(self.device), self.all_y[train_idx].to(self.device)
-        x_se, y_se = self.all_x[select_idx].to(self.device), self.all_y[select_idx].to(self.device)
-        head = SDMHead(copy.deepcopy(config), generator=self.generator).to(self.device)
-        head.set_normalization(*SDMHead.normalization_statistics(x_tr.cpu(), config.normalization))
-        return train_run(
-            head,
-            RunData(head, x_tr, y_tr, x_se, y_se),
+        return train_fresh_head(
+            config,
+            self.all_x[train_idx],
+            self.all_y[train_idx],
+            self.all_x[select_idx],
+            self.all_y[select_idx],
+            generator=self.generator,
+            device=self.device,
             epochs=epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
             patience=patience,
-            generator=self.generator,
             use_sdm_loss=self.use_sdm_loss,
             on_epoch=self._epoch_reporter(bar, tag),
             keep_last=keep_last,
-        )
+        )[1]
 
     def auto(self, candidates, settings, epochs, batch_size, learning_rate, patience, fraction) -> SDMHead:
         """``"auto"``: candidates trained and chosen on held-out training rows (module docstring)."""

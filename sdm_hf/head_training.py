@@ -40,6 +40,7 @@ __all__ = [
     "RunData",
     "RunResult",
     "train_run",
+    "train_fresh_head",
     "fit_progress_bar",
     "build_final_head",
 ]
@@ -228,6 +229,26 @@ def train_run(
     if best is None:
         raise ValueError("no epoch was trained; pass epochs >= 1")
     return best
+
+
+def train_fresh_head(
+    config: SDMConfig,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_select: torch.Tensor,
+    y_select: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    **run_settings,
+) -> tuple[SDMHead, RunResult]:
+    """A head initialised from ``generator``, normalised with ``x_train [N, D]``'s statistics and
+    trained by :func:`train_run` (``run_settings``) on ``(x_train, y_train)`` with
+    ``(x_select, y_select)`` as selection rows. Returns the head (last epoch's weights) and its run."""
+    head = SDMHead(copy.deepcopy(config), generator=generator).to(device)
+    head.set_normalization(*SDMHead.normalization_statistics(x_train.cpu(), config.normalization))
+    data = RunData(head, x_train.to(device), y_train.to(device), x_select.to(device), y_select.to(device))
+    return head, train_run(head, data, generator=generator, **run_settings)
 
 
 class _LineStream:

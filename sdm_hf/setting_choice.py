@@ -37,7 +37,7 @@ import torch
 
 from .head.config import SDMConfig
 from .head.modeling import SDMHead
-from .head_training import RunData, RunResult, train_run
+from .head_training import RunResult, train_fresh_head
 
 __all__ = [
     "AUTO_CANDIDATES",
@@ -198,22 +198,23 @@ def choose_setting(
     trained: list[Candidate] = []
     for position, settings in enumerate(candidates):
         config = replace(base_config, **config_fields(settings))
-        head = SDMHead(config, generator=generator).to(device)
-        head.set_normalization(*SDMHead.normalization_statistics(x_fit, config.normalization))
-        data = RunData(head, x_fit.to(device), y_fit.to(device), x_held.to(device), y_held.to(device))
 
         def report(metrics, best, position=position):
             if on_epoch is not None:
                 on_epoch({**metrics, "shuffle": position}, best)
 
-        run = train_run(
-            head,
-            data,
+        head, run = train_fresh_head(
+            config,
+            x_fit,
+            y_fit,
+            x_held,
+            y_held,
+            generator=generator,
+            device=device,
             epochs=epochs,
             batch_size=batch_size,
             learning_rate=settings.get("learning_rate", learning_rate),
             patience=patience,
-            generator=generator,
             use_sdm_loss=use_sdm_loss,
             on_epoch=report,
         )
