@@ -54,7 +54,7 @@ from sdm_hf import FeatureEncoder, SDMConfig, compose_features, extract_composed
 from sdm_hf.baselines import fit_linear_probe, sdm_rules  # noqa: E402
 from sdm_hf.feature_layout import split_feature_blocks  # noqa: E402
 from sdm_hf.metrics import accuracy_or_none, format_accuracy, selective_counts, significantly_below  # noqa: E402
-from sdm_hf.output_dir import check_output_dir, prepare_output_dir  # noqa: E402
+from sdm_hf.output_dir import check_output_dir, replacing_output_dir  # noqa: E402
 
 DEFAULT_SETS = {
     "factcheck": ["attributes", "minilm", "gemma", "minilm+gemma", "attributes+gemma"],
@@ -395,25 +395,25 @@ def main(argv=None) -> int:
             rows += job_rows
             fits.append(info)
     seconds = time.perf_counter() - started
-    out_dir = prepare_output_dir(out_dir, args.overwrite, program="composition.py")
-    results = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "overwrite", "no_progress")},
-        "layouts": layouts,
-        "fits": fits,
-        "rows": rows,
-    }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
-    text = render_markdown(rows, args, settings, layouts, fits, seconds)
-    (out_dir / "results.md").write_text(text, encoding="utf-8")
-    plot(rows, out_dir / "admitted_vs_alpha.png")
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python recipes/composition.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    (out_dir / "COMMAND.md").write_text(
-        f"Produced by: `{command}`\n\n{torch.get_num_threads()} torch threads on {platform.machine()} "
-        f"({platform.system()}), {seconds:.0f} s in all, {time.strftime('%Y-%m-%d')}.\n",
-        encoding="utf-8",
-    )
+    with replacing_output_dir(out_dir, args.overwrite, program="composition.py") as folder:
+        results = {
+            "settings": {k: v for k, v in vars(args).items() if k not in ("output", "overwrite", "no_progress")},
+            "layouts": layouts,
+            "fits": fits,
+            "rows": rows,
+        }
+        (folder / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
+        text = render_markdown(rows, args, settings, layouts, fits, seconds)
+        (folder / "results.md").write_text(text, encoding="utf-8")
+        plot(rows, folder / "admitted_vs_alpha.png")
+        command = "HF_HUB_OFFLINE=1 .venv/bin/python recipes/composition.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv
+        )
+        (folder / "COMMAND.md").write_text(
+            f"Produced by: `{command}`\n\n{torch.get_num_threads()} torch threads on {platform.machine()} "
+            f"({platform.system()}), {seconds:.0f} s in all, {time.strftime('%Y-%m-%d')}.\n",
+            encoding="utf-8",
+        )
     print("\n" + text)
     print(f"wrote {out_dir}/ (results.md, results.json, admitted_vs_alpha.png, COMMAND.md) in {seconds:.0f} s")
     return 0

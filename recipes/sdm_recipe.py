@@ -22,7 +22,7 @@ import feature_sets  # noqa: E402
 import sdm_report  # noqa: E402
 from sdm_experiment import ESTIMATORS, FitSettings, evaluate, explain, fit_estimators  # noqa: E402
 
-from sdm_hf.output_dir import check_output_dir, prepare_output_dir  # noqa: E402
+from sdm_hf.output_dir import check_output_dir, replacing_output_dir  # noqa: E402
 from sdm_hf.plots import plot_risk_coverage, plot_similarity_distance, plot_training_history  # noqa: E402
 
 DEFAULT_ALPHAS = (0.8, 0.85, 0.9, 0.94, 0.95, 0.97)
@@ -113,38 +113,38 @@ def run_jobs(jobs: list[tuple[str, str]], args, title: str) -> int:
         print(f"  fit {est.fit_seconds:.0f} s; {est.head.selection.summary()}", flush=True)
         chosen[key] = _chosen_text(est.head.selection)
 
-    out_dir = prepare_output_dir(out_dir, args.overwrite, program=Path(sys.argv[0]).name or "sdm_recipe")
-    summary = {
-        "rows": rows,
-        "settings": {
-            "procedure": settings.procedure,
-            "chosen": chosen,
-            "epochs": settings.epochs,
-            "shuffles": settings.shuffles,
-            "learning_rate": settings.learning_rate,
-            "seed": settings.seed,
-            "alpha": args.alpha,
-            "alphas": sorted(set(args.alphas) | {args.alpha}),
-            "gemma_layer": args.gemma_layer,
-            "max_length": args.max_length,
-            "limit": args.limit,
-            "tweets_per_class": args.tweets_per_class,
-        },
-        "timings": timings,
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
-    text = render_markdown(rows, title, settings, timings, notes, explanations, chosen)
-    (out_dir / "results.md").write_text(text, encoding="utf-8")
-    plot_risk_coverage(rows, out_dir / "risk_coverage.png", estimators=ESTIMATORS)
-    plot_training_history(histories, out_dir / "training_history.png", selections=selections)
-    for key, outputs in outputs_by_set.items():
-        plot_similarity_distance(
-            outputs,
-            out_dir / f"similarity_distance_{_slug(key)}.png",
-            title=f"{key}: similarity q and distance d, in-distribution vs shifted (alpha={args.alpha})",
-        )
-    for key, head in heads.items():
-        head.save_pretrained(out_dir / "heads" / _slug(key))
+    with replacing_output_dir(out_dir, args.overwrite, program=Path(sys.argv[0]).name or "sdm_recipe") as folder:
+        summary = {
+            "rows": rows,
+            "settings": {
+                "procedure": settings.procedure,
+                "chosen": chosen,
+                "epochs": settings.epochs,
+                "shuffles": settings.shuffles,
+                "learning_rate": settings.learning_rate,
+                "seed": settings.seed,
+                "alpha": args.alpha,
+                "alphas": sorted(set(args.alphas) | {args.alpha}),
+                "gemma_layer": args.gemma_layer,
+                "max_length": args.max_length,
+                "limit": args.limit,
+                "tweets_per_class": args.tweets_per_class,
+            },
+            "timings": timings,
+        }
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
+        text = render_markdown(rows, title, settings, timings, notes, explanations, chosen)
+        (folder / "results.md").write_text(text, encoding="utf-8")
+        plot_risk_coverage(rows, folder / "risk_coverage.png", estimators=ESTIMATORS)
+        plot_training_history(histories, folder / "training_history.png", selections=selections)
+        for key, outputs in outputs_by_set.items():
+            plot_similarity_distance(
+                outputs,
+                folder / f"similarity_distance_{_slug(key)}.png",
+                title=f"{key}: similarity q and distance d, in-distribution vs shifted (alpha={args.alpha})",
+            )
+        for key, head in heads.items():
+            head.save_pretrained(folder / "heads" / _slug(key))
     print("\n" + text)
     print(f"wrote {out_dir}/ (summary.json, results.md, plots, heads/) in {time.perf_counter() - started:.0f} s")
     return 0

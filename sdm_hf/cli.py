@@ -19,13 +19,14 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .output_dir import check_output_dir, prepare_output_dir
+from .output_dir import check_output_dir, replacing_output_dir
 
 # the names of sdm_hf.fit.PROCEDURES (spelled out so that --help does not import FAISS)
 FIT_PROCEDURES = ("auto", "fast", "paper")
@@ -178,11 +179,17 @@ def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
     return y
 
 
-def prepare_output(path: Path, overwrite: bool, inputs=()) -> Path:
+@contextmanager
+def output_folder(path: Path, overwrite: bool, program: str, inputs=()):
+    """:func:`replacing_output_dir` with its refusals and write failures (a full disk) as
+    CLIErrors; the old folder stays as it was when the new results cannot be written."""
     try:
-        return prepare_output_dir(path, overwrite, inputs=inputs)
+        with replacing_output_dir(path, overwrite, program=f"sdm-hf {program}", inputs=inputs) as folder:
+            yield folder
     except FileExistsError as err:
         raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"could not write the results to {path} ({err}); the folder is as it was before") from None
 
 
 def check_output(path: Path, overwrite: bool, inputs=()) -> None:
@@ -252,8 +259,8 @@ def cmd_fit_head(args) -> int:
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
-    prepare_output(output, args.overwrite, inputs)
-    head.save_pretrained(output)
+    with output_folder(output, args.overwrite, "fit-head", inputs) as folder:
+        head.save_pretrained(folder)
     if head.selection is not None:
         print(head.selection.summary())
     print(head.calibration_report(alphas=(0.9, args.alpha)))
@@ -265,7 +272,6 @@ def cmd_evaluate(args) -> int:
     from .baselines import sdm_rules
     from .head.modeling import SDMHead
     from .metrics import selective_classification_report
-    from .plots import plot_accuracy_vs_admission, plot_similarity_distance
 
     if args.output:  # fail before the feature pass
         check_output(Path(args.output), args.overwrite, [args.head, *args.data])
@@ -287,14 +293,21 @@ def cmd_evaluate(args) -> int:
         text += "\nagreement with exact search: " + json.dumps(agreement) + "\n"
     print(text)
     if args.output:
-        folder = prepare_output(Path(args.output), args.overwrite, [args.head, *args.data])
-        (folder / "report.md").write_text(text, encoding="utf-8")
-        payload = {"alpha": head.alpha, "q_min": head.q_min if math.isfinite(head.q_min) else None, **report.to_dict()}
-        (folder / "report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        plot_accuracy_vs_admission({"data": report}, folder / "accuracy_vs_admission.png", alpha=head.alpha)
-        plot_similarity_distance({"data": out}, folder / "similarity_distance.png")
-        print(f"wrote {folder}/report.md, report.json and two plots")
+        with output_folder(Path(args.output), args.overwrite, "evaluate", [args.head, *args.data]) as folder:
+            write_evaluation(folder, text, head, report, out)
+        print(f"wrote {args.output}/report.md, report.json and two plots")
     return 0
+
+
+def write_evaluation(folder: Path, text: str, head, report, out) -> None:
+    """The files of ``sdm-hf evaluate --output``: report.md/.json and two plots."""
+    from .plots import plot_accuracy_vs_admission, plot_similarity_distance
+
+    (folder / "report.md").write_text(text, encoding="utf-8")
+    payload = {"alpha": head.alpha, "q_min": head.q_min if math.isfinite(head.q_min) else None, **report.to_dict()}
+    (folder / "report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    plot_accuracy_vs_admission({"data": report}, folder / "accuracy_vs_admission.png", alpha=head.alpha)
+    plot_similarity_distance({"data": out}, folder / "similarity_distance.png")
 
 
 def _read_inputs(path: str | None) -> list[str]:

@@ -1,19 +1,74 @@
-"""Small file-system helpers shared by the recipes and the command line."""
+"""Output folders for the command line and the recipes: nothing a user needs is ever deleted.
+
+A folder written by sdm_hf carries a marker file (``.sdm_hf_output.json``) that lists the files
+sdm_hf wrote there. ``--overwrite`` replaces such a folder only when it holds nothing else (a
+note a user added stops it) and none of the command's own inputs; :func:`replacing_output_dir`
+also writes the new results beside the old folder and swaps them in only once they are
+complete, so a failed write (a full disk, an error, Ctrl-C) leaves the old results as they were.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 MARKER = ".sdm_hf_output.json"
+_STAGE_TAG = ".sdm_hf-new-"
+_OLD_TAG = ".sdm_hf-old-"
+
+
+def _files_below(folder: Path) -> list[str]:
+    """Every file under ``folder`` as a sorted list of POSIX paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FileExistsError(
+            f"{folder / MARKER} cannot be read ({err}); empty or remove the folder yourself"
+        ) from None
+    if not isinstance(marker, dict):
+        raise FileExistsError(f"{folder / MARKER} is not an sdm_hf marker; empty or remove the folder yourself")
+    return marker
+
+
+def _unknown_files(folder: Path) -> list[str]:
+    """Files in a marked folder that sdm_hf did not write. A sealed marker lists sdm_hf's files;
+    an unsealed one (a run in progress or killed, or an older sdm_hf) lists the files that were
+    already foreign when the run started (``not_ours``): every other file counts as sdm_hf's."""
+    marker = _read_marker(folder)
+    present = [name for name in _files_below(folder) if name != MARKER]
+    if marker.get("files") is not None:
+        known = set(marker["files"])
+        return [name for name in present if name not in known]
+    foreign = set(marker.get("not_ours") or ())
+    return [name for name in present if name in foreign]
 
 
 def check_output_dir(path, overwrite: bool, inputs: Iterable = ()) -> Path:
-    """Raise now (before any long work) if :func:`prepare_output_dir` would refuse ``path``;
-    changes nothing on disk. ``inputs``: the command's own input files or folders, which must
-    not be the output folder or lie inside it (replacing the folder would delete them)."""
+    """Raise now (before any long work) if the output folder would be refused; changes nothing.
+
+    Args:
+        path: the output folder.
+        overwrite: whether an existing folder written by sdm_hf may be replaced.
+        inputs: the command's own input files or folders (a Hub id, absent here, is skipped);
+            they must not be the output folder or lie inside it.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        FileExistsError: ``path`` is a file; or it is a non-empty folder and ``overwrite`` is
+            False, or it has no sdm_hf marker, or it holds files sdm_hf did not write; or an
+            input is or lies in it.
+    """
     path = Path(path)
     target = path.resolve()
     for item in inputs:
@@ -35,29 +90,121 @@ def check_output_dir(path, overwrite: bool, inputs: Iterable = ()) -> Path:
             )
         if not overwrite:
             raise FileExistsError(f"output folder {path} exists and is not empty; pass --overwrite to replace it")
+        unknown = _unknown_files(path)
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise FileExistsError(
+                f"output folder {path} holds files sdm_hf did not write ({shown}); --overwrite would delete "
+                "them: move them out or choose another output folder"
+            )
     return path
 
 
+def _write_marker(folder: Path, program: str, files: list[str] | None, not_ours: list[str] | None = None) -> None:
+    payload: dict = {"written_by": "sdm_hf", "program": program}
+    if files is not None:
+        payload["files"] = files
+    if not_ours:
+        payload["not_ours"] = not_ours
+    (folder / MARKER).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+def seal_output_dir(path, program: str = "sdm_hf") -> None:
+    """Record every file now in ``path`` as written by sdm_hf, except those that were already
+    foreign when the run started (call once a run has finished writing; a later ``--overwrite``
+    then refuses files added afterwards)."""
+    path = Path(path)
+    foreign = set(_unknown_files(path)) if (path / MARKER).is_file() else set()
+    _write_marker(path, program, [name for name in _files_below(path) if name != MARKER and name not in foreign])
+
+
+def unseal_output_dir(path, program: str = "sdm_hf") -> None:
+    """Mark ``path`` as a run in progress (e.g. a resumed run): files it adds count as sdm_hf's
+    until :func:`seal_output_dir` lists them; files that were foreign (all files of an unmarked
+    folder) stay foreign."""
+    path = Path(path)
+    foreign = _unknown_files(path) if (path / MARKER).is_file() else _files_below(path)
+    _write_marker(path, program, None, foreign)
+
+
 def prepare_output_dir(path, overwrite: bool, program: str = "sdm_hf", inputs: Iterable = ()) -> Path:
-    """Create ``path`` for fresh results and mark it as ours.
+    """Create ``path`` for results written in place (a long or resumable run) and mark it as ours.
 
-    An existing non-empty folder is replaced only with ``overwrite`` AND only when it carries
-    the marker file (``.sdm_hf_output.json``) that this function writes: a folder written by
-    another program (or by hand) is never deleted, whatever ``overwrite`` says.
-
-    Args:
-        path: the output folder.
-        overwrite: replace an existing folder that sdm_hf wrote.
-        program: recorded in the marker (which command wrote the folder).
-        inputs: the command's own inputs; refused when they are or lie in ``path``.
+    An existing non-empty folder is deleted only under the rules of :func:`check_output_dir`.
+    Call :func:`seal_output_dir` when the run has written everything. Prefer
+    :func:`replacing_output_dir` when the results can be written at the end: it keeps the old
+    folder until the new one is complete.
 
     Raises:
-        FileExistsError: the folder exists, is not empty, and ``overwrite`` is False or the
-            folder was not written by sdm_hf; or an input is or lies in the folder.
+        FileExistsError: as :func:`check_output_dir`.
     """
     path = check_output_dir(path, overwrite, inputs)
     if path.exists() and any(path.iterdir()):
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text(json.dumps({"written_by": "sdm_hf", "program": program}) + "\n", encoding="utf-8")
+    unseal_output_dir(path, program)
     return path
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Tidy what a run killed during :func:`replacing_output_dir` left beside ``path``: staging
+    folders are deleted; an old copy is put back when ``path`` is missing (killed between the
+    two renames of the swap), else deleted (killed after the swap)."""
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    for leftover in parent.glob(f".{path.name}{_STAGE_TAG}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in sorted(parent.glob(f".{path.name}{_OLD_TAG}*")):
+        if not path.exists():
+            os.replace(leftover, path)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def replacing_output_dir(path, overwrite: bool, program: str = "sdm_hf", inputs: Iterable = ()) -> Iterator[Path]:
+    """Write results into a fresh folder beside ``path`` and swap it in when the block succeeds.
+
+    Usage::
+
+        with replacing_output_dir("out", overwrite=True, program="fit-head") as folder:
+            head.save_pretrained(folder)
+        # "out" now holds the new head; had the block raised, "out" would be unchanged
+
+    The old folder is refused or replaced under the rules of :func:`check_output_dir` (checked
+    again just before the swap). The swap is two renames on one file system; between them (a
+    few microseconds) ``path`` is absent.
+
+    Yields:
+        The staging folder (``.<name>.sdm_hf-new-<random>`` beside ``path``) to write into.
+
+    Raises:
+        FileExistsError: as :func:`check_output_dir`.
+        Whatever the block raises (e.g. ``OSError`` for a full disk), after deleting the staging
+        folder; the old folder is untouched.
+    """
+    _remove_leftovers(Path(path))
+    path = check_output_dir(path, overwrite, inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = path.parent / f".{path.name}{_STAGE_TAG}{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        yield stage
+        seal_output_dir(stage, program)
+        check_output_dir(path, overwrite, inputs)  # nothing was added to the old folder meanwhile
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}{_OLD_TAG}{secrets.token_hex(4)}"
+            os.replace(path, old)
+        try:
+            os.replace(stage, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -82,6 +82,13 @@ def test_fit_evaluate_with_vectors(files):
                  "--overwrite")  # fmt: skip
     assert inside.returncode == 2 and "is an input of this command" in inside.stderr and moved.is_file()
     moved.unlink()
+    # a note the user added to the head's folder: --overwrite refuses to delete it
+    (head / "notes.txt").write_text("mine")
+    noted = run("fit-head", "--train", files["train"], "--calibration", files["calib"], *common, "--output", head,
+                "--overwrite")  # fmt: skip
+    assert noted.returncode == 2 and "did not write (notes.txt)" in noted.stderr
+    assert (head / "notes.txt").read_text() == "mine" and (head / "model.safetensors").is_file()
+    (head / "notes.txt").unlink()
     report = files["dir"] / "report"
     res = run(
         "evaluate", "--head", head, "--data", files["test"], "--vector-column", "vec", "--output", report, "--agreement"
@@ -258,3 +265,29 @@ def test_fit_head_under_torchrun_shares_the_embedding_and_writes_once(files):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_a_full_disk_keeps_the_old_head(files, monkeypatch, capsys):
+    import errno
+
+    from sdm_hf import cli
+    from sdm_hf.head.modeling import SDMHead
+
+    head = files["dir"] / "disk-head"
+    common = ["--train", str(files["train"]), "--calibration", str(files["calib"]), "--vector-column", "vec",
+              "--procedure", "fast", "--epochs", "2", "--shuffles", "1", "--output", str(head)]  # fmt: skip
+    assert cli.main(["fit-head", *common]) == 0
+    before = {p.name: p.read_bytes() for p in head.iterdir()}
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SDMHead, "save_pretrained", full_disk)
+    assert cli.main(["fit-head", *common, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "is as it was before" in err
+    assert {p.name: p.read_bytes() for p in head.iterdir()} == before
+    assert not [p for p in files["dir"].iterdir() if p.name.startswith(".disk-head")]
+    monkeypatch.undo()
+    assert SDMHead.from_pretrained(head).config.num_classes == 2

@@ -35,7 +35,7 @@ import word_order_data as wod  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments  # noqa: E402
 from sdm_hf.lm.encoding import generate_greedy  # noqa: E402
-from sdm_hf.output_dir import prepare_output_dir  # noqa: E402
+from sdm_hf.output_dir import prepare_output_dir, seal_output_dir  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -112,7 +112,7 @@ def generation_accuracy(model, tokenizer, dataset, batch_size: int = 32) -> dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = prepare_output_dir(args.out, args.overwrite)
+    out = prepare_output_dir(args.out, args.overwrite, program="train_base_model.py")
     started = time.perf_counter()
     splits, summary = wod.build_splits(seed=args.seed)
     sft = splits["sft"]
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     shutil.rmtree(out / "_trainer", ignore_errors=True)
+    seal_output_dir(out, "train_base_model.py")  # a later --overwrite refuses files added by hand
     print(json.dumps({k: v for k, v in report.items() if k != "data"}, indent=2))
     return 0
 

@@ -52,7 +52,7 @@ import word_order_models as wom  # noqa: E402
 from sdm_hf.fit import PROCEDURES  # noqa: E402
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
 from sdm_hf.metrics import selective_classification_report  # noqa: E402
-from sdm_hf.output_dir import prepare_output_dir  # noqa: E402
+from sdm_hf.output_dir import prepare_output_dir, seal_output_dir, unseal_output_dir  # noqa: E402
 
 RUNS = {
     "base": {"train": False, "use_sdm_loss": False, "hard_negatives": False},
@@ -230,6 +230,8 @@ def prepare_folder(args) -> Path:
             )
         elif saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != settings_of(args):
             raise ValueError(f"{out} was produced with other settings ({saved}); use another --out or --overwrite")
+        else:
+            unseal_output_dir(out, "word_order_experiment.py")  # files added by the resumed run are ours too
     if not out.exists() or not any(out.iterdir()):
         prepare_output_dir(out, overwrite=False, program="word_order_experiment.py")
     saved.write_text(json.dumps(settings_of(args), indent=2) + "\n", encoding="utf-8")
@@ -728,6 +730,7 @@ def main(argv=None) -> int:
         encoding="utf-8",
     )
     plots(results, out, args.alpha, args.corpus)
+    seal_output_dir(out, "word_order_experiment.py")  # a later --overwrite refuses files added by hand
     print(text)
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0

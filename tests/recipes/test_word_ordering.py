@@ -118,10 +118,11 @@ def test_output_folder_is_refused_or_resumed(tmp_path):
     woe.prepare_folder(woe.parse_args(["--out", str(out), "--resume"]))  # first resume records settings
     with pytest.raises(ValueError, match="other settings"):
         woe.prepare_folder(woe.parse_args(["--out", str(out), "--resume", "--epochs", "7"]))
-    # --overwrite never deletes a folder sdm_hf did not write (no marker file) ...
-    with pytest.raises(FileExistsError, match="not written by sdm_hf"):
+    # --overwrite never deletes files sdm_hf did not write: "something" was there before the resume
+    with pytest.raises(FileExistsError, match=r"did not write \(something\)"):
         woe.prepare_folder(woe.parse_args(["--out", str(out), "--overwrite", "--epochs", "7"]))
     assert (out / "something").is_file()
+    assert json.loads((out / ".sdm_hf_output.json").read_text())["not_ours"] == ["something"]
     # ... and replaces one it did
     ours = tmp_path / "ours"
     woe.prepare_folder(woe.parse_args(["--out", str(ours)]))
