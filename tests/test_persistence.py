@@ -365,12 +365,10 @@ def test_small_region_guard_is_applied_on_recalibration_and_round_trips(heads, t
     above = (cal.rescaled_similarity >= cal.q_min) & (cal.q > 0)
     smallest = min(int((above & (cal.labels == c)).sum()) for c in range(2))
     q_min, thresholds = cal.q_min, cal.thresholds.clone()
-    head.config.min_class_points = smallest  # every class has that many: the region is unchanged
-    head.recalibrate()
+    head.recalibrate(min_class_points=smallest)  # every class has that many: the region is unchanged
     assert head.q_min == q_min and torch.equal(head.thresholds, thresholds)
-    head.config.min_class_points = smallest + 1  # one class falls short: the region is emptied
-    with pytest.warns(UserWarning, match="small-region guard"):
-        head.recalibrate()
+    with pytest.warns(UserWarning, match="small-region guard"):  # one class falls short: the region is emptied
+        head.recalibrate(min_class_points=smallest + 1)
     assert math.isinf(head.q_min) and not bool(head.predict(x).in_hr.any())
     assert head.calibration_report().diagnosis.advice[0].startswith("the small-region guard")
     head.save_pretrained(tmp_path / "guarded")
@@ -379,8 +377,7 @@ def test_small_region_guard_is_applied_on_recalibration_and_round_trips(heads, t
     assert loaded.config.min_class_points == smallest + 1 and math.isinf(loaded.q_min)
     with pytest.warns(UserWarning):  # the tiers a guarded head reports follow the guard too
         loaded.recalibrate(alpha=0.95)
-    loaded.config.min_class_points = 0
-    loaded.recalibrate(alpha=0.9)
+    loaded.recalibrate(alpha=0.9, min_class_points=0)
     assert loaded.q_min == q_min and torch.equal(loaded.thresholds, thresholds)
     with pytest.raises(ValueError, match="min_class_points must be 'auto' or an integer >= 0"):
         SDMConfig(input_dim=4, min_class_points=-2)

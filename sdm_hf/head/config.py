@@ -7,7 +7,7 @@ Like a PEFT config, the dataclass is the single source of the settings: each fie
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .. import validation as check
 from ..calibration import minimum_class_points
@@ -18,6 +18,25 @@ from ..metrics import label_names
 __all__ = ["SDMConfig", "NORMALIZATIONS"]
 
 NORMALIZATIONS = ("scalar", "feature")
+
+# Fields a fitted head fixes: its weights' shapes, its support index and its calibration depend
+# on them, so assigning one on ``head.config`` is refused with what to do instead.
+WEIGHT_FIELDS = ("input_dim", "num_classes", "exemplar_dim", "normalization")
+SUPPORT_FIELDS = ("max_q", "initial_k", "index_type", "index_params", "support_storage")
+CALIBRATION_FIELDS = ("alpha", "min_class_points")
+HEAD_FIXED_FIELDS = WEIGHT_FIELDS + SUPPORT_FIELDS + CALIBRATION_FIELDS
+
+
+def fixed_field_message(name: str) -> str:
+    """Why ``name`` cannot be assigned on a head's config, and what to do instead."""
+    if name in CALIBRATION_FIELDS:
+        return (
+            f"{name} of a fitted head's config sets its HR region: call head.recalibrate({name}=...) "
+            "(milliseconds), which reruns Algorithm 1 and updates the config"
+        )
+    if name in WEIGHT_FIELDS:
+        return f"{name} is fixed by the head's weights; build a new head (fit_sdm_head or SDMHead(config))"
+    return f"{name} is fixed when the head's support set is built; build a new head with the setting you want"
 
 
 @dataclass
@@ -86,7 +105,29 @@ class SDMConfig:
         },
     )
 
+    def __setattr__(self, name, value):
+        # once built, every assignment is validated like the constructor's arguments (so a
+        # config that validates always saves and loads); a head's config also refuses the
+        # fields its weights, support and calibration depend on (see HEAD_FIXED_FIELDS)
+        if not self.__dict__.get("_validated") or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        if name in self.__dict__.get("_fixed", ()):
+            raise ValueError(fixed_field_message(name))
+        if name not in {f.name for f in fields(self)}:
+            raise AttributeError(f"SDMConfig has no field {name!r}; fields: {sorted(f.name for f in fields(self))}")
+        checked = replace(self, **{name: value})  # runs __post_init__: raises ValueError / TypeError
+        object.__setattr__(self, name, getattr(checked, name))
+
+    def _update(self, **values) -> None:
+        """Set fields after validating them together, fixed fields included (for the head's own
+        calibration code)."""
+        checked = replace(self, **values)
+        for name in values:
+            object.__setattr__(self, name, getattr(checked, name))
+
     def __post_init__(self):
+        object.__setattr__(self, "_validated", False)
         self.input_dim = check.check_positive_int(self.input_dim, "input_dim")
         self.num_classes = check.check_positive_int(self.num_classes, "num_classes", minimum=2)
         self.exemplar_dim = check.check_positive_int(self.exemplar_dim, "exemplar_dim")
@@ -97,7 +138,10 @@ class SDMConfig:
         if self.alphas is not None:
             if isinstance(self.alphas, (str, bytes)) or not hasattr(self.alphas, "__iter__"):
                 raise TypeError(f"alphas must be a list of floats in (0.5, 1], got {self.alphas!r}")
-            self.alphas = sorted({check.check_alpha(a) for a in self.alphas}) or None
+            try:
+                self.alphas = sorted({check.check_alpha(a) for a in self.alphas}) or None
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"alphas: every tier {str(err).removeprefix('alpha ')}") from None
         if self.support_storage not in ("float32", "float16"):
             raise ValueError(f"support_storage must be 'float32' or 'float16', got {self.support_storage!r}")
         index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
@@ -115,6 +159,7 @@ class SDMConfig:
                     f"id2label must name exactly the classes 0..{self.num_classes - 1}; "
                     f"got keys {sorted(self.id2label)}"
                 )
+        object.__setattr__(self, "_validated", True)
 
     @property
     def label2id(self) -> dict[str, int] | None:

@@ -33,7 +33,7 @@ from ..index import SupportIndex, resolve_device
 from ..similarity import SimilarityResult
 from ..validation import FeaturesLike, LabelsLike
 from . import state as calibration_steps
-from .config import SDMConfig
+from .config import SUPPORT_FIELDS, SDMConfig, fixed_field_message
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
 from .fit_selection import FitSelection
 from .hub import SDMHubMixin
@@ -90,6 +90,22 @@ class SDMHead(
         self.calibration: CalibrationState | None = None
         self.training_history: list[dict] = []
         self.selection: FitSelection | None = None
+
+    def _check_replacement(self, old: SDMConfig, new: SDMConfig) -> None:
+        super()._check_replacement(old, new)
+        if getattr(self, "support", None) is not None:
+            for name in SUPPORT_FIELDS:
+                if getattr(old, name) != getattr(new, name):
+                    raise ValueError(f"the new config changes {name}: {fixed_field_message(name)}")
+
+    def _adopt(self, previous: SDMConfig) -> None:
+        # ``head.config = replace(head.config, alpha=..., min_class_points=...)``: the stored
+        # calibration is rerun so that the region always matches the config (and saves load)
+        new = self.config
+        if getattr(self, "calibration", None) is not None and (
+            new.alpha != previous.alpha or new.min_class_points != previous.min_class_points
+        ):
+            self.recalibrate(alpha=new.alpha)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to/.cuda/.cpu all end here: keep the support index beside the weights.
@@ -264,7 +280,7 @@ class SDMHead(
         """Adopt ``calibration`` (its alpha becomes the config's) and warn when its HR region
         is empty, saying why; the warning points ``stacklevel`` frames up (the user's call)."""
         self.calibration = calibration
-        self.config.alpha = calibration.alpha
+        self.config._update(alpha=calibration.alpha)
         if calibration.is_empty_region:
             reason = calibration.explain_empty(self.config.num_classes, self.config.id2label)
             warnings.warn(
@@ -280,6 +296,7 @@ class SDMHead(
         recompute: bool = False,
         x: FeaturesLike | None = None,
         y: LabelsLike | None = None,
+        min_class_points: int | str | None = None,
     ) -> SDMHead:
         """Rerun calibration, e.g. at another alpha or after the support set grew.
 
@@ -289,11 +306,19 @@ class SDMHead(
           against the current support (after :meth:`add_to_support`), using the stored
           calibration features, or ``x`` / ``y`` when given, then Algorithm 1.
 
+        ``min_class_points`` (when given) replaces the config's small-region guard first
+        (0: off; ``"auto"``: ``ceil(1 / (1 - alpha))``; an integer).
+
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: a bad ``alpha`` or ``min_class_points``; no calibration yet.
         """
         cal = self._require_calibration()
         alpha = check.check_alpha(cal.alpha if alpha is None else alpha)
+        if min_class_points is not None:
+            self.config._update(min_class_points=min_class_points)
         if not recompute:
             if x is not None or y is not None:
                 raise ValueError("x / y are only used with recompute=True")
@@ -454,7 +479,15 @@ class SDMHead(
                 support vectors as a view into the FAISS index: no copy of what can be
                 gigabytes); such a state is valid only until the head changes, so write or
                 send it at once (this is what saving does).
+
+        Raises:
+            ValueError / TypeError: the config no longer validates (a list field changed in
+                place, e.g. ``head.config.alphas.append(0.3)``): nothing is written with it.
         """
+        try:
+            SDMConfig.from_dict(self.config.to_dict())  # the config as it will be read back
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"the head's config no longer validates ({err}); fix the field before saving") from None
         weights = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         support = None if self.support is None else self.support.to_state()
         state = SDMHeadState(

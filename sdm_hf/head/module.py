@@ -8,13 +8,14 @@ logits ``z'`` (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*, arXiv
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
 from ..validation import ArrayLike
-from .config import SDMConfig
+from .config import HEAD_FIXED_FIELDS, WEIGHT_FIELDS, SDMConfig, fixed_field_message
 
 __all__ = ["SDMModule"]
 
@@ -38,6 +39,7 @@ class SDMModule(nn.Module):
         super().__init__()
         if not isinstance(config, SDMConfig):
             raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
+        self._config = None
         self.config = config
         self.adaptor = nn.Linear(config.input_dim, config.exemplar_dim)
         self.classifier = nn.Linear(config.exemplar_dim, config.num_classes)
@@ -45,6 +47,34 @@ class SDMModule(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(shape))
         self.register_buffer("feature_std", torch.ones(shape))
         self.reset_parameters(generator)
+
+    @property
+    def config(self) -> SDMConfig:
+        """The head's :class:`~sdm_hf.SDMConfig` (its own copy). Assigning a field is validated;
+        the fields the weights, the support set or the calibration depend on are refused with
+        what to do instead (``head.recalibrate(alpha=...)``, a new head)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: SDMConfig) -> None:
+        if not isinstance(config, SDMConfig):
+            raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)
+        if self._config is not None:
+            self._check_replacement(self._config, config)
+        object.__setattr__(config, "_fixed", HEAD_FIXED_FIELDS)
+        previous, self._config = self._config, config
+        if previous is not None:
+            self._adopt(previous)
+
+    def _check_replacement(self, old: SDMConfig, new: SDMConfig) -> None:
+        """Raise ValueError when ``new`` changes what the weights depend on."""
+        for name in WEIGHT_FIELDS:
+            if getattr(old, name) != getattr(new, name):
+                raise ValueError(f"the new config changes {name}: {fixed_field_message(name)}")
+
+    def _adopt(self, previous: SDMConfig) -> None:
+        """Hook run after ``head.config = new`` replaced ``previous`` (the head recalibrates)."""
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
