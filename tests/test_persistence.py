@@ -333,7 +333,7 @@ def test_config_of_one_head_beside_the_tensors_of_another_is_refused(small_head,
 
 
 def test_missing_local_paths_say_so_instead_of_asking_the_hub(tmp_path):
-    with pytest.raises(SDMFormatError, match="no such folder"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         SDMHead.from_pretrained(tmp_path / "not" / "here")
     (tmp_path / "file").write_text("x")
     with pytest.raises(SDMFormatError, match="is a file"):

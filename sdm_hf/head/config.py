@@ -8,6 +8,7 @@ Like a PEFT config, the dataclass is the single source of the settings: each fie
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 from .. import validation as check
 from ..calibration import minimum_class_points
@@ -15,7 +16,18 @@ from ..feature_layout import check_feature_blocks
 from ..index import index_parameters
 from ..metrics import label_names
 
-__all__ = ["SDMConfig", "NORMALIZATIONS"]
+__all__ = ["SDMConfig", "NORMALIZATIONS", "FeatureRecipe"]
+
+
+class FeatureRecipe(NamedTuple):
+    """How a head's input features were made from one model (:attr:`SDMConfig.feature_recipe`)."""
+
+    model: str | None
+    revision: str | None
+    pooling: str | None
+    layer: int | None
+    max_length: int | None
+
 
 NORMALIZATIONS = ("scalar", "feature")
 
@@ -160,6 +172,22 @@ class SDMConfig:
                     f"got keys {sorted(self.id2label)}"
                 )
         object.__setattr__(self, "_validated", True)
+
+    @property
+    def feature_recipe(self) -> FeatureRecipe | None:
+        """The one model, pooling, layer and max length the features come from, whether
+        recorded in the ``base_model`` / ``feature_*`` fields or as the single entry of
+        ``feature_blocks``; None for features composed from several models (no one model
+        can feed the head)."""
+        blocks = self.feature_blocks
+        if blocks is not None and len(blocks) > 1:
+            return None
+        if blocks:
+            block = blocks[0]
+            return FeatureRecipe(*(block.get(k) for k in ("model", "revision", "pooling", "layer", "max_length")))
+        return FeatureRecipe(
+            self.base_model, self.base_model_revision, self.feature_pooling, self.feature_layer, self.feature_max_length
+        )
 
     @property
     def label2id(self) -> dict[str, int] | None:

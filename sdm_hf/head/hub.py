@@ -17,10 +17,16 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 
 from .. import persistence
-from ..validation import looks_like_repo_id
+from ..validation import check_local_or_repo, hub_failure
 from .state import SDMHeadState
 
 __all__ = ["SDMHubMixin", "upload_folder", "fetcher"]
@@ -100,8 +106,7 @@ def fetcher(
             return Path(source).expanduser() / (subfolder or "") / name
         if Path(source).expanduser().exists():
             raise persistence.SDMFormatError(source, "is a file; pass the folder that holds config.json")
-        if not looks_like_repo_id(source):
-            raise persistence.SDMFormatError(source, "no such folder (and it cannot be a Hub repo id)")
+        check_local_or_repo(source, "the SDM head")  # FileNotFoundError for a missing local path
         try:
             return Path(
                 hf_hub_download(
@@ -116,6 +121,8 @@ def fetcher(
                 )
             )
         except (HfHubHTTPError, OSError, ValueError) as err:
+            if isinstance(err, (RepositoryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled)):
+                raise hub_failure(source, "the SDM head", err) from None  # the repository itself is missing
             raise persistence.SDMFormatError(
                 where + name, f"could not be fetched ({type(err).__name__}: {err})"
             ) from err

@@ -50,12 +50,12 @@ class SDMTextClassificationPipeline(SDMPipeline):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        cfg = self.sdm_head.config
-        check_pairing(self.model, self.sdm_head)
-        limit: Any = cfg.feature_max_length or getattr(self.tokenizer, "model_max_length", 512)
+        check_pairing(self.model, self.sdm_head)  # raises for features composed from several models
+        recipe: Any = self.sdm_head.config.feature_recipe
+        limit: Any = recipe.max_length or getattr(self.tokenizer, "model_max_length", 512)
         self.max_length = int(limit)
-        self.pooling = cfg.feature_pooling or "mean"
-        self.layer = -1 if cfg.feature_layer is None else cfg.feature_layer
+        self.pooling = recipe.pooling or "mean"
+        self.layer = -1 if recipe.layer is None else recipe.layer
 
     def check_input(self, item: Numbered) -> None:
         if not isinstance(item.value, str):
