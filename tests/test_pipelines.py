@@ -186,3 +186,29 @@ def test_text_classification_reports_the_highest_tier_of_a_tiered_head(encoder_r
         if r["high_reliability"]:
             assert r["high_reliability_alpha"] >= head.alpha
     assert "high_reliability_alpha" not in pipeline("sdm-text-classification", model=str(path), device="cpu")(texts[0])
+
+
+def test_a_head_recorded_as_one_feature_block_is_fed_by_its_recipe(encoder_repo, tmp_path):
+    """A head whose recipe sits in ``feature_blocks`` (one block: cls pooling at layer 0) is fed
+    exactly those features, and pairing it with another model warns."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sdm_hf.hub import save_sdm_model
+    from tests.pipeline_fixtures import head_on
+
+    path, _, texts = encoder_repo
+    model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    feats = extract_features(model, tokenizer, texts, pooling="cls", layer=0, progress=False)
+    block = {"model": "org/tiny-bert", "revision": None, "pooling": "cls", "layer": 0, "max_length": 10,
+             "dim": feats.shape[1], "start": 0, "stop": feats.shape[1]}  # fmt: skip
+    head = head_on(feats, torch.arange(80) % 2, feature_blocks=[block], id2label={0: "neg", 1: "pos"})
+    assert head.config.feature_pooling is None and head.config.feature_recipe.pooling == "cls"
+    model.config._name_or_path = "org/tiny-bert"
+    save_sdm_model(model, head, tmp_path / "block", tokenizer=tokenizer)
+    clf = pipeline("sdm-text-classification", model=str(tmp_path / "block"), device="cpu")
+    assert (clf.pooling, clf.layer, clf.max_length) == ("cls", 0, 10)
+    new = random_texts(6, seed=11)
+    expected = head.predict(extract_features(model, tokenizer, new, pooling="cls", layer=0, progress=False))
+    assert [r["label"] for r in clf(new)] == [["neg", "pos"][i] for i in expected.prediction.tolist()]
+    with pytest.warns(UserWarning, match="fitted on features of 'org/tiny-bert' but is paired with"):
+        pipeline("sdm-text-classification", model=str(path), sdm_head=head, device="cpu")
