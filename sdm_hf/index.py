@@ -120,6 +120,10 @@ _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "ivf": {"nlist": None, "nprobe": 16},
     "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
 }
+# Upper bounds: HNSW keeps 2*M neighbour links per vector (FAISS advises M <= 64; beyond a few
+# hundred the graph no longer fits in memory and FAISS aborts with std::bad_alloc); ef and the
+# IVF sizes beyond these only cost time.
+_MAXIMA = {"M": 256, "efConstruction": 1 << 16, "efSearch": 1 << 16, "nlist": 1 << 20, "nprobe": 1 << 20}
 
 
 def index_parameters(index_type: str, params: dict | None, ntotal: int) -> dict:
@@ -135,8 +139,10 @@ def index_parameters(index_type: str, params: dict | None, ntotal: int) -> dict:
     if index_type == "ivf" and values["nlist"] is None:
         values["nlist"] = max(1, min(int(4 * math.sqrt(max(ntotal, 1))), max(ntotal // 39, 1)))
     for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{index_type} index parameter {key} must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAXIMA[key]:
+            raise ValueError(
+                f"{index_type} index parameter {key} must be an integer in 1..{_MAXIMA[key]}, got {value!r}"
+            )
     return values
 
 

@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 
+from sdm_hf import SDMConfig
 from sdm_hf.index import SupportIndex, resolve_device
 
 
@@ -81,8 +82,10 @@ def test_index_parameters_are_checked():
         index_parameters("ivf", {"nprobes": 3}, 100)
     with pytest.raises(ValueError, match="index_type"):
         index_parameters("lsh", None, 100)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match=r"M must be an integer in 1\.\.256, got 0"):
         index_parameters("hnsw", {"M": 0}, 100)
+    with pytest.raises(ValueError, match=r"M must be an integer in 1\.\.256, got 1000000"):  # not std::bad_alloc
+        SDMConfig(input_dim=4, index_type="hnsw", index_params={"M": 10**6})
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
