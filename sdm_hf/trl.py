@@ -21,6 +21,7 @@ The verifier is a separate, frozen model: it is not the policy being trained.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,15 @@ import torch
 
 from .head.inference import SDMOutput
 from .head.modeling import SDMHead
-from .lm.encoding import ControlTokens, Prompt, is_verification_pooling, verification_features, verification_pooling_of
+from .lm.encoding import (
+    ControlTokens,
+    Prompt,
+    as_messages,
+    check_messages,
+    is_verification_pooling,
+    verification_features,
+    verification_pooling_of,
+)
 
 __all__ = ["SDMVerificationReward", "REWARD_KINDS"]
 
@@ -40,9 +49,17 @@ def _content(value: Any, index: int) -> str:
     """A completion's text: a string, or the last message of a conversational completion."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
-        return value[-1]["content"]
-    raise TypeError(f"completion {index} must be a string or a list of messages, got {type(value).__name__}")
+    if value is None or isinstance(value, (bytes, dict)) or not isinstance(value, Sequence):
+        raise TypeError(f"completions[{index}] must be a string or a list of messages, got {type(value).__name__}")
+    return check_messages(value, f"completions[{index}]")[-1]["content"]
+
+
+def _batch(values: Any, name: str) -> list:
+    """``values`` as a list: TRL passes lists (one item per completion); a string, None or a
+    mapping here is a mistake, not a batch of one."""
+    if values is None or isinstance(values, (str, bytes, dict)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list (one item per completion), got {type(values).__name__}")
+    return list(values)
 
 
 class SDMVerificationReward:
@@ -88,8 +105,14 @@ class SDMVerificationReward:
             )
         if head.calibration is None:
             raise ValueError("the head is not calibrated: call head.calibrate(...) or use a head SDMTrainer saved")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if ood_reward is not None and (
+            isinstance(ood_reward, bool)
+            or not isinstance(ood_reward, (int, float))
+            or not math.isfinite(float(ood_reward))
+        ):
+            raise TypeError(f"ood_reward must be a finite number or None, got {ood_reward!r}")
         self.model, self.tokenizer, self.head = model.eval(), tokenizer, head
         self.kind, self.ood_reward, self.batch_size = kind, ood_reward, int(batch_size)
         self.control = control or ControlTokens()
@@ -107,9 +130,18 @@ class SDMVerificationReward:
         return cls(model, AutoTokenizer.from_pretrained(path), head, **kwargs)
 
     def verify(self, prompts: Sequence[Prompt], completions: Sequence[Any]) -> SDMOutput:
-        """The head's output for each (prompt, completion) pair (``[N]`` rows)."""
+        """The head's output for each (prompt, completion) pair (``[N]`` rows).
+
+        Raises:
+            TypeError / ValueError: naming the first malformed prompt or completion (not a
+                string or a list of ``{"role": str, "content": str}`` messages), or lists of
+                different lengths.
+        """
+        prompts, completions = _batch(prompts, "prompts"), _batch(completions, "completions")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        for i, prompt in enumerate(prompts):
+            as_messages(prompt, f"prompts[{i}]")
         texts = [_content(c, i) for i, c in enumerate(completions)]
         cfg = self.head.config
         feats = verification_features(
@@ -139,7 +171,7 @@ class SDMVerificationReward:
         """TRL's reward-function contract: one reward per completion. ``log_metric`` (given by
         TRL's online trainers) receives the share of completions in the high-reliability region
         verified as "Yes" (``sdm/hr_verified``) and the out-of-distribution share (``sdm/ood``)."""
-        if not len(completions):
+        if not len(_batch(completions, "completions")):
             return []
         out = self.verify(prompts, completions)
         log_metric = kwargs.get("log_metric")

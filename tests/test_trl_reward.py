@@ -60,8 +60,28 @@ def test_bad_construction_is_explained(repo):
         SDMVerificationReward(reward.model, reward.tokenizer, object())
     with pytest.raises(ValueError, match="got 2 prompts but 1 completions"):
         reward.verify(["a", "b"], ["c"])
-    with pytest.raises(TypeError, match="completion 0 must be a string or a list of messages"):
+    with pytest.raises(TypeError, match=r"completions\[0\] must be a string or a list of messages"):
         reward(prompts=["a"], completions=[3])
+    # malformed inputs name the argument, never Python internals
+    cases = [
+        ({"prompts": ["a"], "completions": None}, TypeError, "completions must be a list"),
+        ({"prompts": ["a"], "completions": "a completion"}, TypeError, "completions must be a list"),
+        ({"prompts": None, "completions": ["x"]}, TypeError, "prompts must be a list"),
+        ({"prompts": ["a"], "completions": [None]}, TypeError, r"completions\[0\] must be a string"),
+        ({"prompts": [[{"content": "hi"}]], "completions": ["x"]}, ValueError, r"prompts\[0\]\[0\] needs .*'role'"),
+        ({"prompts": [[{"role": "user"}]], "completions": ["x"]}, ValueError, r"prompts\[0\]\[0\] needs .*'content'"),
+        ({"prompts": [[]], "completions": ["x"]}, ValueError, r"prompts\[0\] is an empty list"),
+        ({"prompts": [["hi"]], "completions": ["x"]}, TypeError, r"prompts\[0\]\[0\] must be a dict"),
+        ({"prompts": ["a"], "completions": [[{"role": "assistant"}]]}, ValueError, r"completions\[0\]\[0\] needs"),
+    ]  # fmt: skip
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            reward(**kwargs)
+    for bad in ("zero", True, float("nan")):
+        with pytest.raises(TypeError, match="ood_reward must be a finite number or None"):
+            SDMVerificationReward(reward.model, reward.tokenizer, reward.head, ood_reward=bad)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        SDMVerificationReward(reward.model, reward.tokenizer, reward.head, batch_size=0)
 
 
 def test_the_reward_drives_a_tiny_grpo_run(repo, tmp_path):

@@ -87,6 +87,32 @@ class ControlTokens:
         return None
 
 
+def check_messages(messages: Any, name: str = "prompt") -> list[dict[str, Any]]:
+    """``messages`` as a list after checking it is a non-empty list of ``{"role": str,
+    "content": str}`` dicts (a chat template would otherwise render a missing field as an
+    empty turn). Raises TypeError / ValueError naming ``name`` and the message."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise TypeError(f"{name} must be a string or a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError(f"{name} is an empty list of messages")
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"{name}[{k}] must be a dict {{'role': ..., 'content': ...}}, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                found = "missing" if key not in message else f"a {type(message[key]).__name__}"
+                raise ValueError(f"{name}[{k}] needs a string {key!r} (it is {found})")
+    return list(messages)
+
+
+def as_messages(prompt: Prompt, name: str = "prompt") -> list[dict[str, Any]]:
+    """A prompt as chat messages: a string becomes one user turn; a list is checked with
+    :func:`check_messages`."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return check_messages(prompt, name)
+
+
 def format_document(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> str:
     """The text the model sees for ``(prompt, completion)``.
 
@@ -95,8 +121,7 @@ def format_document(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completi
     concatenated.
     """
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages = messages + [{"role": "assistant", "content": completion}]
+        messages = as_messages(prompt) + [{"role": "assistant", "content": completion}]
         return cast(str, tokenizer.apply_chat_template(messages, tokenize=False))  # a str with tokenize=False
     if not isinstance(prompt, str):
         raise TypeError("conversational prompts need a tokenizer with a chat template")
@@ -292,7 +317,7 @@ IGNORE_INDEX = -100
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The formatted text that precedes the completion (the generation prompt)."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = as_messages(prompt)
         return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     if not isinstance(prompt, str):
         raise TypeError("conversational prompts need a tokenizer with a chat template")
