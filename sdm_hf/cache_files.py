@@ -7,8 +7,9 @@
 * :func:`loads_strict` / :func:`read_json` / :func:`json_text` read and write strict JSON (no NaN
   or Infinity).
 * :func:`atomic_write` (and :func:`atomic_write_bytes` / :func:`atomic_write_text`) writes a file
-  through a temporary sibling, fsync and a rename, so an interrupted or killed run never leaves
-  a half-written file under the final name that a later run trusts.
+  in a locked staging folder beside it, fsync and a rename, so an interrupted or killed run never
+  leaves a half-written file under the final name that a later run trusts;
+  :func:`remove_stale_temporaries` deletes what killed runs left (their locks are free).
 * :func:`progress_message` prints an ``sdm_hf: ...`` line to stderr without breaking tqdm bars.
 """
 
@@ -17,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,6 +37,8 @@ __all__ = [
     "read_json",
     "json_text",
     "atomic_write",
+    "staging_folder",
+    "remove_stale_temporaries",
     "atomic_write_bytes",
     "atomic_write_text",
     "progress_message",
@@ -115,20 +121,81 @@ def json_text(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Let ``write(tmp)`` create a temporary sibling of ``path``, flush it to disk and move it to
-    ``path`` with one ``os.replace``: whatever fails or is killed, ``path`` holds the old file or
-    the new one, never part of one; the temporary file is removed on failure."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created with the umask's mode, unlike mkstemp
+STALE_SECONDS = 3600  # an unlocked temporary older than this is a leftover (platforms without flock)
+_LOCK_NAME = ".lock"
+
+
+def _try_lock(handle) -> bool | None:
+    """Take an exclusive, non-blocking ``flock`` on ``handle``: True when taken, False when
+    another live process holds it, None where the platform has no ``flock``."""
     try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        return None
+    return True
+
+
+@contextmanager
+def staging_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A fresh folder ``.<name>.<random>.tmp`` in ``parent`` to write ``name``'s new content
+    into, removed on exit. It holds a lock file locked (``flock``) for as long as the writer
+    lives, so :func:`remove_stale_temporaries` can tell the leftovers of a killed run from a
+    write in progress in another process."""
+    parent = Path(parent)
+    stage = parent / f".{name}.{uuid.uuid4().hex}.tmp"
+    stage.mkdir(parents=True)  # the umask's mode (mkdtemp would make it private)
+    handle = open(stage / _LOCK_NAME, "wb")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        _try_lock(handle)
+        yield stage
+    finally:
+        handle.close()
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_temporaries(parent: Path, name: str = "*", older_than: float = STALE_SECONDS) -> None:
+    """Delete the temporaries (``.<name>.*.tmp``) that killed writers left in ``parent``: a
+    staging folder whose lock no live process holds, and (lock-less leftovers of older
+    versions, or where ``flock`` is missing) any temporary older than ``older_than`` seconds."""
+    now = time.time()
+    for leftover in Path(parent).glob(f".{name}.*.tmp"):
+        try:
+            age = now - leftover.stat().st_mtime
+            if leftover.is_dir():
+                lock = leftover / _LOCK_NAME
+                taken = None
+                if lock.is_file():
+                    with open(lock, "rb") as handle:
+                        taken = _try_lock(handle)
+                elif age < 60:  # killed between creating the folder and its lock, or just created
+                    continue
+                if taken or (taken is None and age > older_than):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            elif age > older_than:
+                leftover.unlink()
+        except OSError:  # removed meanwhile by another process
+            pass
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Let ``write(tmp)`` create the new file in a staging folder beside ``path`` (see
+    :func:`staging_folder`), flush it to disk and move it to ``path`` with one ``os.replace``:
+    whatever fails or is killed, ``path`` holds the old file or the new one, never part of one;
+    the staging folder is removed on failure (and after a kill, by the next
+    :func:`remove_stale_temporaries` of the folder)."""
+    path = Path(path)
+    with staging_folder(path.parent, path.name) as stage:
+        tmp = stage / path.name  # a writer's own temporaries (safetensors makes one) stay inside
         write(tmp)
         with open(tmp, "r+b") as handle:  # a writable handle: fsync of a read-only one fails on Windows
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

