@@ -8,7 +8,11 @@ self excluded, during training) with label ``c`` and ``q > 0``. Per class,
     d_c = 1 - #{v in list_c : v < d_nearest} / |list_c|,
 
 the fraction of that list that is ``>=`` the query's ``d_nearest`` (ties count in the
-query's favour); an empty list gives ``d_c = 0``. ``d = min_c d_c``, in ``[0, 1]``: 1 for a
+query's favour); an empty list gives ``d_c = 0``. A query within a relative ``1e-5`` of a
+reference value counts as tied with it (:data:`TIE_TOLERANCE`): float32 features of the same
+text differ in their last bits with the batch they were computed in (padding changes the
+order of the sums), and without this a text equal to a calibration text would fall on either
+side of its own value. ``d = min_c d_c``, in ``[0, 1]``: 1 for a
 query at least as close as every reference point, 0 for one farther than all of them. The
 minimum is the conservative choice: a query that is unusually far for any one class gets a
 small ``d``, which flattens the SDM activation towards uniform. See Schmaltz (2025),
@@ -19,7 +23,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["class_distance_lists", "distance_quantile"]
+__all__ = ["class_distance_lists", "distance_quantile", "TIE_TOLERANCE"]
+
+#: Relative distance under which a query's ``d_nearest`` counts as equal to a reference value
+#: (relative to the larger of the query's value and the list's mean).
+TIE_TOLERANCE = 1e-5
 
 
 def class_distance_lists(
@@ -59,6 +67,18 @@ def distance_quantile(d_nearest: torch.Tensor, lists: list[torch.Tensor]) -> tor
     for reference in lists:  # a loop over classes, not over points
         reference = reference.to(device=values.device, dtype=values.dtype)
         n = reference.numel()
-        at_or_above = n - torch.searchsorted(reference, values, side="left")
+        at_or_above = n - torch.searchsorted(reference, _snap(values, reference), side="left")
         d = torch.minimum(d, at_or_above.double() / n)
     return d.float()
+
+
+def _snap(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``values`` with each one within :data:`TIE_TOLERANCE` of its nearest ``reference``
+    value replaced by that value (a value in the list is its own nearest: unchanged)."""
+    n = reference.numel()
+    right = torch.searchsorted(reference, values).clamp(max=n - 1)
+    left = (right - 1).clamp(min=0)
+    below, above = reference[left], reference[right]
+    nearest = torch.where((values - below).abs() <= (above - values).abs(), below, above)
+    scale = torch.maximum(values.abs(), reference.abs().mean())
+    return torch.where((nearest - values).abs() <= TIE_TOLERANCE * scale, nearest, values)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sdm_hf.distance import class_distance_lists, distance_quantile
@@ -39,3 +40,18 @@ def test_matches_definition_on_random_data():
             ref = values[(labels == c) & (q > 0)]
             per_class.append(1 - float((ref < v).sum()) / ref.numel())
         assert abs(float(d[i]) - min(per_class)) < 1e-6
+
+
+def test_a_query_within_float_noise_of_a_reference_value_ties_with_it():
+    """The same text embedded in another batch differs in its last bits; its d must not jump."""
+    from sdm_hf.distance import TIE_TOLERANCE
+
+    reference = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 2.5, 6.0])]
+    exact = torch.tensor([2.0, 2.5, 7.0, 0.0])
+    for factor in (1 + 1e-7, 1 + TIE_TOLERANCE / 2, 1 - 1e-7):
+        assert torch.equal(distance_quantile(exact * factor, reference), distance_quantile(exact, reference))
+    moved = distance_quantile(exact * (1 + 10 * TIE_TOLERANCE), reference)  # beyond the tolerance: not a tie
+    assert moved[0] < distance_quantile(exact, reference)[0]
+    # every reference value is its own nearest: the calibration points' own d are unchanged
+    lists = [torch.tensor([1.0, 1.0 + 1e-6, 1.0 + 2e-6])]
+    assert distance_quantile(lists[0], lists).tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])

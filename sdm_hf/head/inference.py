@@ -85,7 +85,9 @@ class SDMOutput:
     @property
     def highest_hr_alpha(self) -> torch.Tensor | None:
         """``[B]`` the highest alpha (of ``hr_alphas``) whose HR region admits the row, NaN for
-        none; None when the head has no ``SDMConfig.alphas``."""
+        none; None when the head has no ``SDMConfig.alphas``. Tiers are not nested (each
+        alpha's threshold is chosen on its own), so a row admitted at 0.95 may be outside the
+        0.9 region: this says which tier admits it, nothing about the lower ones."""
         if self.hr_alphas is None or self.in_hr_at is None:
             return None
         top = torch.where(self.in_hr_at, self.hr_alphas.view(1, -1), float("-inf")).max(1).values

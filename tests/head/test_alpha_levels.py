@@ -54,7 +54,7 @@ def test_tiers_are_saved_with_the_head_and_old_heads_keep_format_2(small_head, t
 
 
 def test_bad_tiers_are_refused():
-    with pytest.raises(ValueError, match="alpha must satisfy"):
+    with pytest.raises(ValueError, match="alphas: every tier must satisfy"):
         SDMConfig(input_dim=4, alphas=[0.9, 0.3])
     with pytest.raises(TypeError, match="alphas must be a list of floats"):
         SDMConfig(input_dim=4, alphas="0.9")
