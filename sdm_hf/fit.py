@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from . import validation as check
@@ -221,6 +222,8 @@ def fit_sdm_head(
     selection_fraction = settings["selection_fraction"]
     if not (isinstance(selection_fraction, (int, float)) and 0 <= selection_fraction < 1):
         raise ValueError(f"selection_fraction must be a number in [0, 1), got {selection_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise TypeError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     train_x = check.as_features(train_x, "train_x")
     calib_x = check.as_features(calib_x, "calib_x", train_x.shape[1])
     if config is None:

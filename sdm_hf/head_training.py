@@ -208,6 +208,11 @@ def train_run(
     for epoch in range(epochs):
         started = time.perf_counter()
         train_loss = _train_one_epoch(head, data, optimizer, batch_size, generator)
+        if not (math.isfinite(train_loss) and all(bool(torch.isfinite(p).all()) for p in head.parameters())):
+            raise ValueError(
+                f"training diverged in epoch {epoch + 1}: the loss or the head's weights are no longer finite "
+                f"(learning_rate={learning_rate}); lower learning_rate, or check the features for huge values"
+            )
         if use_sdm_loss:
             metrics = _refresh(head, data, config.num_classes, config.max_q)
         else:

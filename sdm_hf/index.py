@@ -67,14 +67,22 @@ _GPU_SHARE = 0.5
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CPU; ``"cuda"`` -> the current CUDA device; otherwise ``torch.device``.
+    """``None`` -> CPU; ``"cuda"`` -> the current CUDA device; an integer ``i`` -> ``cuda:i``;
+    otherwise ``torch.device``.
 
     Raises:
-        ValueError: CUDA was asked for but is not available.
+        ValueError: CUDA was asked for but is not available, or ``device`` names no device.
     """
     if device is None:
         return torch.device("cpu")
-    device = torch.device(device)
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a string like 'cpu' or 'cuda:0', an integer or a torch.device, got {device!r}")
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device {device!r} is not a device torch knows ({err}); use 'cpu' or 'cuda:N'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(

@@ -245,12 +245,15 @@ def check_candidates(candidates, config: SDMConfig) -> tuple[dict, ...]:
     fixed = {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
     allowed = ({f.name for f in fields(SDMConfig)} - fixed) | set(TRAINING_KEYS)
     out = []
-    for item in candidates:
+    for k, item in enumerate(candidates):
         if not isinstance(item, dict) or not set(item) <= allowed:
-            raise ValueError(f"each candidate must be a dict with keys among {sorted(allowed)}, got {item!r}")
+            raise ValueError(f"candidates[{k}] must be a dict with keys among {sorted(allowed)}, got {item!r}")
         rate = item.get("learning_rate", 1.0)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-            raise ValueError(f"a candidate's learning_rate must be a positive number, got {rate!r}")
-        replace(config, **config_fields(item))  # raises ValueError on a bad value
+            raise ValueError(f"candidates[{k}]: learning_rate must be a positive number, got {rate!r}")
+        try:
+            replace(config, **config_fields(item))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"candidates[{k}]: {err}") from None
         out.append(dict(item))
     return tuple(out)

@@ -156,15 +156,45 @@ class SDMConfig:
                 raise type(err)(f"alphas: every tier {str(err).removeprefix('alpha ')}") from None
         if self.support_storage not in ("float32", "float16"):
             raise ValueError(f"support_storage must be 'float32' or 'float16', got {self.support_storage!r}")
-        index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
+        if self.index_params is not None and not isinstance(self.index_params, dict):
+            raise TypeError(f"index_params must be a dict or None, got {type(self.index_params).__name__}")
+        try:
+            index_parameters(self.index_type, self.index_params, ntotal=1)  # raises on a bad type or key
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"index_type / index_params: {err}") from None
         if self.index_params is not None:
             self.index_params = dict(self.index_params)
+        for name in ("base_model", "base_model_revision", "feature_pooling"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or None, got {type(value).__name__}")
+        if self.feature_layer is not None:
+            if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int):
+                raise TypeError(f"feature_layer must be an integer or None, got {type(self.feature_layer).__name__}")
+        if self.feature_max_length is not None:
+            self.feature_max_length = check.check_positive_int(self.feature_max_length, "feature_max_length")
         if self.feature_blocks is not None:
-            self.feature_blocks = check_feature_blocks(self.feature_blocks, input_dim=self.input_dim)
+            if isinstance(self.feature_blocks, (str, bytes, dict)) or not isinstance(self.feature_blocks, list):
+                raise TypeError(
+                    f"feature_blocks must be a list of dicts or None, got {type(self.feature_blocks).__name__}"
+                )
+            try:
+                self.feature_blocks = check_feature_blocks(self.feature_blocks, input_dim=self.input_dim)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"feature_blocks: {err}") from None
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if not isinstance(self.id2label, dict):
+                raise TypeError(
+                    f"id2label must be a dict {{class index: name}} or None, got {type(self.id2label).__name__}"
+                )
+            try:
+                self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"id2label keys must be class indices 0..C-1, got {sorted(map(str, self.id2label))}"
+                ) from None
             missing = sorted(set(range(self.num_classes)) - set(self.id2label))
             if missing or len(self.id2label) != self.num_classes:
                 raise ValueError(

@@ -10,6 +10,7 @@ with a ``config.json`` is complete). Uploads write to a temporary folder and com
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -102,9 +103,10 @@ def fetcher(
     where = f"{source}/{subfolder + '/' if subfolder else ''}"
 
     def fetch(name: str) -> Path:
-        if Path(source).expanduser().is_dir():
-            return Path(source).expanduser() / (subfolder or "") / name
-        if Path(source).expanduser().exists():
+        local = Path(os.path.expanduser(source))  # (pathlib's expanduser raises for an unknown ~user)
+        if local.is_dir():
+            return local / (subfolder or "") / name
+        if local.exists():
             raise persistence.SDMFormatError(source, "is a file; pass the folder that holds config.json")
         check_local_or_repo(source, "the SDM head")  # FileNotFoundError for a missing local path
         try:
