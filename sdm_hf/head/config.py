@@ -39,6 +39,11 @@ CALIBRATION_FIELDS = ("alpha", "min_class_points")
 HEAD_FIXED_FIELDS = WEIGHT_FIELDS + SUPPORT_FIELDS + CALIBRATION_FIELDS
 
 
+def changes_region(old: SDMConfig, new: SDMConfig) -> bool:
+    """Whether replacing ``old`` by ``new`` changes the HR region (alpha or the guard)."""
+    return any(getattr(old, name) != getattr(new, name) for name in CALIBRATION_FIELDS)
+
+
 def fixed_field_message(name: str) -> str:
     """Why ``name`` cannot be assigned on a head's config, and what to do instead."""
     if name in CALIBRATION_FIELDS:
@@ -202,6 +207,14 @@ class SDMConfig:
                     f"got keys {sorted(self.id2label)}"
                 )
         object.__setattr__(self, "_validated", True)
+
+    def check_saveable(self) -> None:
+        """Raise when the config no longer validates (a list field changed in place, e.g.
+        ``config.alphas.append(0.3)``), so that nothing is written that cannot be read back."""
+        try:
+            SDMConfig.from_dict(self.to_dict())
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"the head's config no longer validates ({err}); fix the field before saving") from None
 
     @property
     def feature_recipe(self) -> FeatureRecipe | None:

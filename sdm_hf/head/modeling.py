@@ -33,7 +33,7 @@ from ..index import SupportIndex, resolve_device
 from ..similarity import SimilarityResult
 from ..validation import FeaturesLike, LabelsLike
 from . import state as calibration_steps
-from .config import SUPPORT_FIELDS, SDMConfig, fixed_field_message
+from .config import SDMConfig, changes_region
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement
 from .fit_selection import FitSelection
 from .hub import SDMHubMixin
@@ -91,21 +91,10 @@ class SDMHead(
         self.training_history: list[dict] = []
         self.selection: FitSelection | None = None
 
-    def _check_replacement(self, old: SDMConfig, new: SDMConfig) -> None:
-        super()._check_replacement(old, new)
-        if getattr(self, "support", None) is not None:
-            for name in SUPPORT_FIELDS:
-                if getattr(old, name) != getattr(new, name):
-                    raise ValueError(f"the new config changes {name}: {fixed_field_message(name)}")
-
     def _adopt(self, previous: SDMConfig) -> None:
-        # ``head.config = replace(head.config, alpha=..., min_class_points=...)``: the stored
-        # calibration is rerun so that the region always matches the config (and saves load)
-        new = self.config
-        if getattr(self, "calibration", None) is not None and (
-            new.alpha != previous.alpha or new.min_class_points != previous.min_class_points
-        ):
-            self.recalibrate(alpha=new.alpha)
+        # ``head.config = replace(...)`` with another alpha or guard: the region follows at once
+        if self.calibration is not None and changes_region(previous, self.config):
+            self.recalibrate(alpha=self.config.alpha)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to/.cuda/.cpu all end here: keep the support index beside the weights.
@@ -136,10 +125,9 @@ class SDMHead(
 
     @support_ids.setter
     def support_ids(self, ids: list | None) -> None:
-        if ids is None and self.support is None:
-            return
-        support = self._require_support()
-        support.ids = check.check_optional_list(ids, "support_ids", support.ntotal)
+        if ids is not None or self.support is not None:
+            support = self._require_support()
+            support.ids = check.check_optional_list(ids, "support_ids", support.ntotal)
 
     @property
     def support_texts(self) -> list | None:
@@ -148,10 +136,9 @@ class SDMHead(
 
     @support_texts.setter
     def support_texts(self, texts: list | None) -> None:
-        if texts is None and self.support is None:
-            return
-        support = self._require_support()
-        support.texts = check.check_optional_list(texts, "support_texts", support.ntotal)
+        if texts is not None or self.support is not None:
+            support = self._require_support()
+            support.texts = check.check_optional_list(texts, "support_texts", support.ntotal)
 
     def build_support(
         self, x: FeaturesLike, y: LabelsLike, ids: list | None = None, texts: list | None = None, batch_size: int = 8192
@@ -283,12 +270,8 @@ class SDMHead(
         self.config._update(alpha=calibration.alpha)
         if calibration.is_empty_region:
             reason = calibration.explain_empty(self.config.num_classes, self.config.id2label)
-            warnings.warn(
-                f"The high-reliability region is empty at alpha={calibration.alpha}: every point will be rejected. "
-                f"Why: {reason}",
-                UserWarning,
-                stacklevel=stacklevel,
-            )
+            empty = f"The high-reliability region is empty at alpha={calibration.alpha}: every point will be rejected"
+            warnings.warn(f"{empty}. Why: {reason}", UserWarning, stacklevel=stacklevel)
 
     def recalibrate(
         self,
@@ -298,30 +281,24 @@ class SDMHead(
         y: LabelsLike | None = None,
         min_class_points: int | str | None = None,
     ) -> SDMHead:
-        """Rerun calibration, e.g. at another alpha or after the support set grew.
+        """Rerun calibration, e.g. at another alpha or after the support set grew; returns ``self``.
 
-        * ``recompute=False``: only Algorithm 1 on the stored calibration arrays at the new
-          ``alpha`` (milliseconds).
-        * ``recompute=True``: recompute the calibration points' ``q``, ``d`` and ``q'``
-          against the current support (after :meth:`add_to_support`), using the stored
-          calibration features, or ``x`` / ``y`` when given, then Algorithm 1.
-
-        ``min_class_points`` (when given) replaces the config's small-region guard first
-        (0: off; ``"auto"``: ``ceil(1 / (1 - alpha))``; an integer).
-
-        Returns:
-            ``self``.
+        ``recompute=False``: only Algorithm 1 on the stored calibration arrays at the new
+        ``alpha`` (milliseconds). ``recompute=True``: recompute the calibration points' ``q``,
+        ``d`` and ``q'`` against the current support (after :meth:`add_to_support`), from the
+        stored calibration features or ``x`` / ``y``, then Algorithm 1. ``min_class_points``
+        (when given) first replaces the small-region guard (0: off; ``"auto"``; an integer).
 
         Raises:
             ValueError: a bad ``alpha`` or ``min_class_points``; no calibration yet.
         """
         cal = self._require_calibration()
         alpha = check.check_alpha(cal.alpha if alpha is None else alpha)
+        if not recompute and (x is not None or y is not None):
+            raise ValueError("x / y are only used with recompute=True")
         if min_class_points is not None:
             self.config._update(min_class_points=min_class_points)
         if not recompute:
-            if x is not None or y is not None:
-                raise ValueError("x / y are only used with recompute=True")
             self._set_calibration(calibration_steps.with_alpha(cal, alpha, self.config.min_class_points))
             return self
         if x is None:
@@ -481,13 +458,9 @@ class SDMHead(
                 send it at once (this is what saving does).
 
         Raises:
-            ValueError / TypeError: the config no longer validates (a list field changed in
-                place, e.g. ``head.config.alphas.append(0.3)``): nothing is written with it.
+            ValueError / TypeError: the config no longer validates (see ``check_saveable``).
         """
-        try:
-            SDMConfig.from_dict(self.config.to_dict())  # the config as it will be read back
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"the head's config no longer validates ({err}); fix the field before saving") from None
+        self.config.check_saveable()
         weights = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         support = None if self.support is None else self.support.to_state()
         state = SDMHeadState(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..validation import ArrayLike
-from .config import HEAD_FIXED_FIELDS, WEIGHT_FIELDS, SDMConfig, fixed_field_message
+from .config import HEAD_FIXED_FIELDS, SUPPORT_FIELDS, WEIGHT_FIELDS, SDMConfig, fixed_field_message
 
 __all__ = ["SDMModule"]
 
@@ -68,8 +68,10 @@ class SDMModule(nn.Module):
             self._adopt(previous)
 
     def _check_replacement(self, old: SDMConfig, new: SDMConfig) -> None:
-        """Raise ValueError when ``new`` changes what the weights depend on."""
-        for name in WEIGHT_FIELDS:
+        """Raise ValueError when ``new`` changes what the weights (or, once a support set is
+        built, the support index) depend on."""
+        fixed = WEIGHT_FIELDS + (SUPPORT_FIELDS if getattr(self, "support", None) is not None else ())
+        for name in fixed:
             if getattr(old, name) != getattr(new, name):
                 raise ValueError(f"the new config changes {name}: {fixed_field_message(name)}")
 
