@@ -192,9 +192,7 @@ def test_peft_adapter_repository(tmp_path):
 
 
 def test_missing_hub_head_names_the_file():
-    from sdm_hf.persistence import SDMFormatError
-
-    with pytest.raises(SDMFormatError, match="sdm_head/config.json"):
+    with pytest.raises(FileNotFoundError, match="sdm_head/config.json.*not a local folder"):
         SDMHead.from_pretrained("nobody/no-such-repo", subfolder="sdm_head", local_files_only=True)
 
 

@@ -124,7 +124,7 @@ def fetcher(
             )
         except (HfHubHTTPError, OSError, ValueError) as err:
             if isinstance(err, (RepositoryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled)):
-                raise hub_failure(source, "the SDM head", err) from None  # the repository itself is missing
+                raise hub_failure(source, f"the SDM head file {where}{name}", err) from None  # no repository
             raise persistence.SDMFormatError(
                 where + name, f"could not be fetched ({type(err).__name__}: {err})"
             ) from err
