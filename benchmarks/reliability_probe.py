@@ -263,7 +263,7 @@ def _(tmp: Path):
     train, calib = data_files(tmp)
     train.write_bytes(train.read_bytes() + b'{"vec": [1, 2, 3, 4], "label": 0, "text": "caf\xe9"}\n')
     res = cli("fit-head", "--train", train, "--calibration", calib, *FIT, "--output", tmp / "o", cwd=tmp)
-    return res.returncode == 2 and f"{train}:241" in res.stderr, err_line(res)
+    return res.returncode == 2 and f"{train}:121" in res.stderr, err_line(res)
 
 
 @case("unclear", "scalar values in --vector-column")
@@ -271,7 +271,7 @@ def _(tmp: Path):
     train, calib = data_files(tmp)
     train.write_text(train.read_text() + json.dumps({"vec": 0.5, "label": 0}) + "\n")
     res = cli("fit-head", "--train", train, "--calibration", calib, *FIT, "--output", tmp / "o", cwd=tmp)
-    return res.returncode == 2 and f"{train}:241" in res.stderr and "Traceback" not in res.stderr, err_line(res)
+    return res.returncode == 2 and f"{train}:121" in res.stderr and "Traceback" not in res.stderr, err_line(res)
 
 
 @case("unclear", "SDMVerificationReward given completions=None / [None] / a string, ood_reward='zero'")

@@ -140,7 +140,12 @@ def cmd_fit_head(args) -> int:
     x_ca, _ = features_of(calib, args, args.calibration, model_bundle=bundle, distributed=distributed)
     if distributed and not process_state().is_main_process:
         return 0
-    y_tr, y_ca = labels_of(train, args, args.train), labels_of(calib, args, args.calibration)
+    # at most one class per 2 training rows: a huge label (an id, not a class index) is refused
+    # with its file and line before the head is allocated
+    limit = max(2, len(train) // 2)
+    why = f" (labels are class indices; {len(train)} training rows allow at most {limit} classes)"
+    y_tr = labels_of(train, args, args.train, limit, why)
+    y_ca = labels_of(calib, args, args.calibration, limit, why)
     num_classes = int(max(int(y_tr.max()), int(y_ca.max()))) + 1
     names = args.label_names
     if names and len(names) != num_classes:

@@ -124,7 +124,7 @@ def _row(paths, index: int) -> str:
     return f"{', '.join(paths)}: row {index + 1}"
 
 
-def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
+def labels_of(data, args, paths, num_classes=None, why_classes: str = "") -> torch.Tensor:
     """The label column as int64 class indices: integers (or integral numbers, or digit
     strings) only, the same rule as the Python API; an error names the file and line."""
     values = np.asarray(column(data, args.label_column, paths))
@@ -152,5 +152,7 @@ def labels_of(data, args, paths, num_classes=None) -> torch.Tensor:
     if num_classes is not None and len(y):
         bad = np.flatnonzero((y.numpy() < 0) | (y.numpy() >= num_classes))
         if bad.size:
-            raise CLIError(f"{_row(paths, int(bad[0]))}: label {int(y[bad[0]])} is outside 0..{num_classes - 1}")
+            raise CLIError(
+                f"{_row(paths, int(bad[0]))}: label {int(y[bad[0]])} is outside 0..{num_classes - 1}{why_classes}"
+            )
     return y

@@ -240,7 +240,7 @@ def write_files(
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
     stored, metadata, text, lines = _pack(config, tensors, documents)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(stored, str(p), metadata=metadata))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: _save_safetensors(stored, p, metadata))
     # the mirrors, for people and tools that read the folder; loading does not depend on them
     if lines is not None:
         atomic_write_text(directory / DOCUMENTS_NAME, lines)
@@ -249,6 +249,16 @@ def write_files(
     if card is not None:
         atomic_write_text(directory / CARD_NAME, card)
     atomic_write_text(directory / CONFIG_NAME, text + "\n")
+
+
+def _save_safetensors(stored: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, with its I/O failures (a full disk, a file size limit) as ``OSError``."""
+    try:
+        save_file(stored, str(path), metadata=metadata)
+    except SafetensorError as err:
+        if "I/O error" in str(err):
+            raise OSError(f"could not write {path.name}: {err}") from None
+        raise
 
 
 def remove_leftovers(directory: Path, older_than: float = STALE_SECONDS) -> None:

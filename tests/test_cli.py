@@ -291,3 +291,30 @@ def test_a_full_disk_keeps_the_old_head(files, monkeypatch, capsys):
     assert not [p for p in files["dir"].iterdir() if p.name.startswith(".disk-head")]
     monkeypatch.undo()
     assert SDMHead.from_pretrained(head).config.num_classes == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_real_write_failure_keeps_the_old_head(files):
+    """The disk 'fills' for real (a file size limit: writes past it fail with EFBIG)."""
+    import resource
+    import signal
+
+    head = files["dir"] / "fsize-head"
+    common = ["fit-head", "--train", files["train"], "--calibration", files["calib"], "--vector-column", "vec",
+              "--procedure", "fast", "--epochs", "2", "--shuffles", "1", "--output", head]  # fmt: skip
+    assert run(*common).returncode == 0
+    before = {p.name: p.read_bytes() for p in head.iterdir()}
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "sdm_hf.cli", *map(str, common), "--overwrite"],
+        capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=600, preexec_fn=limit,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "File too large" in res.stderr and "the folder is as it was before" in res.stderr
+    assert {p.name: p.read_bytes() for p in head.iterdir()} == before
+    assert not [p for p in files["dir"].iterdir() if p.name.startswith(".fsize-head")]

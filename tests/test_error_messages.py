@@ -63,7 +63,10 @@ def test_cli_data_errors_name_file_and_line(tmp_path):
     scalars.write_text(json.dumps(good) + "\n" + json.dumps({"vec": 0.5, "label": 1}) + "\n")
     ragged = tmp_path / "ragged.jsonl"
     ragged.write_text(json.dumps(good) + "\n" + json.dumps({"vec": [1.0], "label": 1}) + "\n")
+    huge = tmp_path / "huge_label.jsonl"
+    huge.write_text(json.dumps(good) + "\n" + json.dumps({"vec": [1.0, 2.0], "label": 2**40}) + "\n")
     cases = [
+        (huge, f"{huge}:2: label 1099511627776 is outside 0..1 (labels are class indices"),
         (latin, f"{latin}:2: not UTF-8 text (byte 0xe9 at column 14)"),
         (scalars, f"{scalars}:2: column 'vec' must hold equal-length lists of numbers, found float 0.5"),
         (ragged, f"{ragged}:2: column 'vec' must hold equal-length lists of numbers, found a list of 1 values"),
