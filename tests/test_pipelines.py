@@ -212,3 +212,15 @@ def test_a_head_recorded_as_one_feature_block_is_fed_by_its_recipe(encoder_repo,
     assert [r["label"] for r in clf(new)] == [["neg", "pos"][i] for i in expected.prediction.tolist()]
     with pytest.warns(UserWarning, match="fitted on features of 'org/tiny-bert' but is paired with"):
         pipeline("sdm-text-classification", model=str(path), sdm_head=head, device="cpu")
+
+
+def test_batch_size_changes_no_decision(encoder_repo):
+    """Documented tolerance: decisions (label, q, d, HR) equal at every batch size, probabilities
+    within 1e-5 (float32 features change in their last bits with a batch's padding)."""
+    path, _, texts = encoder_repo
+    clf = pipeline("sdm-text-classification", model=str(path), device="cpu")
+    queries = texts[40:] + random_texts(40, seed=3)  # the calibration texts and new ones
+    outs = [clf(queries, batch_size=b) for b in (1, 7, 32)]
+    for rows in zip(*outs):
+        assert len({(r["label"], r["q"], r["d"], r["high_reliability"]) for r in rows}) == 1
+        assert max(r["score"] for r in rows) - min(r["score"] for r in rows) <= 1e-5
