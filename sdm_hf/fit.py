@@ -38,6 +38,7 @@ from .head.fit_selection import FitSelection
 from .head.modeling import SDMHead
 from .head_training import balanced_sdm_loss, build_final_head, fit_progress_bar, train_fresh_head
 from .index import resolve_device
+from .labels import encode_labels
 from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
 from .validation import FeaturesLike, LabelsLike
 
@@ -226,10 +227,20 @@ def fit_sdm_head(
         raise TypeError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     train_x = check.as_features(train_x, "train_x")
     calib_x = check.as_features(calib_x, "calib_x", train_x.shape[1])
+    if config is not None and not isinstance(config, SDMConfig):
+        raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
+    train_y, calib_y, names = encode_labels(train_y, calib_y, None if config is None else config.id2label)
+    if names is not None and config is not None and config.id2label is None:
+        if len(names) != config.num_classes:
+            raise ValueError(
+                f"the labels name {len(names)} classes ({list(names.values())[:5]}...) but config.num_classes="
+                f"{config.num_classes}; pass SDMConfig(id2label=...) to fix the order and number of classes"
+            )
+        config = replace(config, id2label=names)
+    if config is None and names is not None:
+        config = SDMConfig(input_dim=train_x.shape[1], num_classes=max(len(names), 2), id2label=names)
     if config is None:
         config = SDMConfig(input_dim=train_x.shape[1], num_classes=_inferred_classes(train_y, train_x.shape[0]))
-    if not isinstance(config, SDMConfig):
-        raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
     if train_x.shape[1] != config.input_dim:
         raise ValueError(f"train_x has {train_x.shape[1]} features but config.input_dim={config.input_dim}")
     num_classes = config.num_classes

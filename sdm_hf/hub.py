@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard
 from .head.hub import upload_folder
 from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
+from .model_identity import hub_id_of, same_model
 from .persistence import CARD_NAME
 from .validation import explained_hub_failure
 
@@ -40,10 +41,14 @@ def expected_feature_width(model_config: PretrainedConfig | None, pooling: str |
     return 2 * int(hidden) if pooling in ("mean_last", "verification") else int(hidden)  # verification-last/-mean: H
 
 
-def check_pairing(model: torch.nn.Module, head: SDMHead, model_name: str | None = None) -> None:
+def check_pairing(
+    model: torch.nn.Module, head: SDMHead, model_name: str | None = None, same_repository: bool = False
+) -> None:
     """Raise when the head cannot read the model's features (its width differs, or the head reads
     several models' features composed); warn when the recorded base model differs from the one
-    it is paired with."""
+    it is paired with (by Hub id where known, so a local copy of the recorded model pairs;
+    ``same_repository``: the head comes from the model's own SDM-equipped repository, saved
+    with it, and no name is compared)."""
     cfg = head.config
     recipe = cfg.feature_recipe
     if recipe is None:
@@ -60,7 +65,12 @@ def check_pairing(model: torch.nn.Module, head: SDMHead, model_name: str | None 
             f"with pooling={recipe.pooling!r}; pair the head with the model it was fitted on"
         )
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if recipe.model and name and Path(str(name)).name != Path(recipe.model).name:
+    if (
+        not same_repository
+        and recipe.model
+        and name
+        and not same_model(recipe.model, model if model_name is None else model_name)
+    ):
         warnings.warn(
             f"the SDM head was fitted on features of {recipe.model!r} but is paired with {name!r}; "
             "its calibration only holds for the model it was fitted on",
@@ -109,7 +119,8 @@ def save_sdm_model(
     root = Path(save_directory)
     check_pairing(model, head)
     if head.config.base_model is None:
-        head.config.base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        head.config.base_model = hub_id_of(model) or path
     pretrained: Any = model  # a transformers or PEFT model: nn.Module's typed attributes lack save_pretrained
     pretrained.save_pretrained(root)
     if tokenizer is not None:
@@ -182,7 +193,7 @@ def load_sdm_model(
         head = SDMHead.from_pretrained(sdm_head, device=device)
     else:
         head = SDMHead.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, device=device)
-    check_pairing(model, head, model_name=str(pretrained_model_name_or_path))
+    check_pairing(model, head, model_name=str(pretrained_model_name_or_path), same_repository=sdm_head is None)
     return model, head
 
 

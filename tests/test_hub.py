@@ -65,9 +65,14 @@ def test_mismatched_pairing(tmp_path):
     with pytest.raises(ValueError, match="32"):
         save_sdm_model(model, head, tmp_path / "a")
     good, _ = tiny_head(input_dim=16, base_model="someone/other-model")
-    save_sdm_model(model, good, tmp_path / "b")
-    with pytest.warns(UserWarning, match="other-model"):
-        load_sdm_model(tmp_path / "b")
+    model.config._name_or_path = "someone/tiny-bert"
+    with pytest.warns(UserWarning, match="fitted on features of 'someone/other-model' but is paired with"):
+        save_sdm_model(model, good, tmp_path / "b")  # where the mismatch shows: the model is named
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the repository's own head was paired (and checked) when saved
+        _, loaded = load_sdm_model(tmp_path / "b")
+    with pytest.warns(UserWarning, match="other-model"):  # a head from elsewhere is checked by name
+        load_sdm_model(tmp_path / "b", sdm_head=loaded)
     with pytest.raises(ValueError, match="subfolder"):
         save_sdm_model(model, good, tmp_path / "c", subfolder="../escape")
 

