@@ -2,6 +2,7 @@
 
 The public entry points::
 
+    from sdm_hf import SDMClassifier                  # a model id + labelled texts -> decisions
     from sdm_hf import SDMConfig, SDMHead, SDMOutput, fit_sdm_head
     from transformers import pipeline
     pipeline("sdm-text-classification", model=...)   # registered on import
@@ -10,6 +11,7 @@ The public entry points::
 from .activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .cache_files import default_cache_dir
 from .calibration import high_reliability_thresholds
+from .classifier import SDMClassifier
 from .composition import FeatureEncoder, compose_features, extract_composed_features
 from .feature_cache import cached_features
 from .fit import fit_sdm_head
@@ -27,6 +29,7 @@ register_when_transformers_pipelines_loads()
 __version__ = "0.1.0"
 
 __all__ = [
+    "SDMClassifier",
     "SDMConfig",
     "SDMHead",
     "SDMOutput",

@@ -214,6 +214,7 @@ def push_sdm_model(
     delete_patterns: list[str] | str | None = None,
     license: str | None = None,
     model_card_kwargs: dict[str, Any] | None = None,
+    dry_run: str | Path | None = None,
 ) -> str:
     """Save the model, tokenizer, head and model cards (as :func:`save_sdm_model`, with
     ``license`` and ``model_card_kwargs``) to a temporary folder and upload it in one commit
@@ -225,8 +226,11 @@ def push_sdm_model(
     ``"sdm_head/*"``) and ``delete_patterns`` (remote files deleted in the same commit) are
     those of huggingface_hub's ``ModelHubMixin.push_to_hub``.
 
+    ``dry_run=<new folder>``: nothing goes over the network; exactly the files that would be
+    uploaded are written there.
+
     Returns:
-        The commit URL.
+        The commit URL (with ``dry_run``: the folder written).
     """
     return upload_folder(
         lambda folder: save_sdm_model(
@@ -247,4 +251,5 @@ def push_sdm_model(
         allow_patterns=allow_patterns,
         ignore_patterns=ignore_patterns,
         delete_patterns=delete_patterns,
+        dry_run=dry_run,
     )

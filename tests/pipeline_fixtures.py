@@ -38,11 +38,10 @@ def random_texts(n, seed=1, lengths=(2, 9)):
     return [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (k,), generator=g).tolist()) for k in sizes]
 
 
-def build_encoder_repo(root: Path, id2label=None, seed=0):
-    """``(repo path, head, texts)``: a 1-layer BERT (max 10 tokens) and a head on its mean features."""
-    root.mkdir(parents=True, exist_ok=True)
+def tiny_encoder(max_length: int = 10):
+    """``(model, tokenizer)``: a 1-layer BERT over :data:`WORDS`, built from a config (seeded)."""
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tokenizer = BertTokenizerFast(vocab=vocab, model_max_length=10)  # (transformers 5 ignores vocab_file=)
+    tokenizer = BertTokenizerFast(vocab=vocab, model_max_length=max_length)  # (transformers 5 ignores vocab_file=)
     torch.manual_seed(0)
     model = BertModel(
         BertConfig(
@@ -54,6 +53,13 @@ def build_encoder_repo(root: Path, id2label=None, seed=0):
             max_position_embeddings=16,
         )
     ).eval()
+    return model, tokenizer
+
+
+def build_encoder_repo(root: Path, id2label=None, seed=0):
+    """``(repo path, head, texts)``: a 1-layer BERT (max 10 tokens) and a head on its mean features."""
+    root.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = tiny_encoder()
     texts = random_texts(80)
     feats = extract_features(model, tokenizer, texts, pooling="mean", progress=False)
     labels = torch.arange(80) % 2

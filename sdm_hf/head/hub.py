@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
+from huggingface_hub.utils import filter_repo_objects
 
 from .. import persistence
 from ..validation import check_local_or_repo, hub_failure
@@ -46,6 +48,7 @@ def upload_folder(
     allow_patterns: list[str] | str | None = None,
     ignore_patterns: list[str] | str | None = None,
     delete_patterns: list[str] | str | None = None,
+    dry_run: str | Path | None = None,
 ) -> str:
     """Let ``write(folder)`` fill a temporary folder, create ``repo_id`` if needed and upload the
     folder (into ``path_in_repo`` when given) in one commit; nothing is left behind locally, and
@@ -58,9 +61,15 @@ def upload_folder(
 
     Missing or invalid credentials re-raise the huggingface_hub error with a hint.
 
+    ``dry_run=<folder>``: nothing goes over the network; the files that would be uploaded
+    (``allow_patterns`` / ``ignore_patterns`` applied) are written into that folder, which must
+    not exist or be empty, under ``path_in_repo``.
+
     Returns:
-        The commit URL.
+        The commit URL, or with ``dry_run`` the folder written.
     """
+    if dry_run is not None:
+        return _dry_run(write, Path(dry_run), path_in_repo, allow_patterns, ignore_patterns)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="sdm_hf_push_") as tmp:
         folder = Path(tmp) / repo_id.split("/")[-1]
@@ -87,6 +96,23 @@ def upload_folder(
                 **({"response": err.response} if isinstance(err, HfHubHTTPError) else {}),
             ) from err
     return str(getattr(info, "commit_url", info))
+
+
+def _dry_run(write, target: Path, path_in_repo, allow_patterns, ignore_patterns) -> str:
+    """Write what an upload would send into ``target`` (see :func:`upload_folder`)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"dry_run folder {target} exists and is not empty; give a new folder")
+    with tempfile.TemporaryDirectory(prefix="sdm_hf_dry_run_") as tmp:
+        folder = Path(tmp) / "repo"
+        write(folder)
+        names = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+        chosen = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        destination = target / (path_in_repo or "")
+        for name in chosen:
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, destination / name)
+    target.mkdir(parents=True, exist_ok=True)
+    return str(target)
 
 
 def fetcher(
@@ -295,6 +321,7 @@ class SDMHubMixin(ModelHubMixin):
         ignore_patterns: list[str] | str | None = None,
         delete_patterns: list[str] | str | None = None,
         model_card_kwargs: dict[str, Any] | None = None,
+        dry_run: str | Path | None = None,
     ) -> str:
         """Upload the head to ``repo_id`` (into ``subfolder`` when given) in one commit.
 
@@ -308,10 +335,11 @@ class SDMHubMixin(ModelHubMixin):
 
         The files are written to a temporary folder that is removed afterwards; nothing is
         left behind locally on failure. Missing or invalid credentials raise the
-        huggingface_hub error with a hint.
+        huggingface_hub error with a hint. ``dry_run=<new folder>`` writes exactly the files
+        that would be uploaded there instead (nothing goes over the network).
 
         Returns:
-            The commit URL.
+            The commit URL (with ``dry_run``: the folder written).
         """
         reject_config(config)
         return upload_folder(
@@ -328,6 +356,7 @@ class SDMHubMixin(ModelHubMixin):
             allow_patterns=allow_patterns,
             ignore_patterns=ignore_patterns,
             delete_patterns=delete_patterns,
+            dry_run=dry_run,
         )
 
 

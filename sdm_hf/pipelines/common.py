@@ -18,6 +18,7 @@ from transformers import Pipeline
 
 from ..head.modeling import SDMHead
 from ..hub import DEFAULT_HEAD_SUBFOLDER
+from .records import nearest_exemplar, tiers
 
 __all__ = [
     "ACCEPTED",
@@ -130,12 +131,6 @@ def as_columns(model_inputs: dict[str, Any]) -> dict[str, list]:
     if isinstance(model_inputs["index"], list):
         return model_inputs
     return {key: [value] for key, value in model_inputs.items()}
-
-
-def tiers(record: dict[str, Any]) -> dict[str, Any]:
-    """``{"high_reliability_alpha": ...}`` for a head with ``SDMConfig.alphas`` (the highest alpha
-    whose HR region admits the input, None for none), else ``{}``."""
-    return {"high_reliability_alpha": record["high_reliability_alpha"]} if "high_reliability_alpha" in record else {}
 
 
 def first_row(model_outputs: dict[str, Any]) -> dict[str, Any]:
@@ -323,13 +318,4 @@ class SDMPipeline(Pipeline):
         return super().__call__(numbered, **kwargs)
 
     def _nearest(self, index: int) -> dict:
-        head = self.sdm_head
-        if index < 0 or head.support is None:
-            return {"index": None, "id": None, "label": None, "text": None}
-        label = int(head.support.labels[index])
-        return {
-            "index": index,
-            "id": None if head.support_ids is None else head.support_ids[index],
-            "label": "out-of-distribution" if label < 0 else head.config.label_name(label),
-            "text": None if head.support_texts is None else head.support_texts[index],
-        }
+        return nearest_exemplar(self.sdm_head, index)

@@ -7,7 +7,8 @@ from typing import Any
 
 from ..features import extract_features
 from ..hub import check_pairing
-from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, tiers
+from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row
+from .records import text_result
 
 __all__ = ["SDMTextClassificationPipeline"]
 
@@ -113,16 +114,4 @@ class SDMTextClassificationPipeline(SDMPipeline):
                 UserWarning,
                 stacklevel=2,
             )
-        return {
-            "label": record["label"],
-            "score": record["probability"],
-            "high_reliability": record["high_reliability"],
-            "high_reliability_lower": record["high_reliability_lower"],
-            "is_ood": record["is_ood"],
-            "q": record["q"],
-            "d": record["d"],
-            "rescaled_similarity": record["rescaled_similarity"],
-            "truncated": bool(row["truncated"]),
-            "nearest_exemplar": self._nearest(record["nearest_index"]),
-            **tiers(record),
-        }
+        return text_result(record, bool(row["truncated"]), self._nearest(record["nearest_index"]))
