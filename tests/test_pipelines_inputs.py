@@ -143,6 +143,27 @@ def test_datasets_column_keydataset_generator_iterator(clf, texts, expected):
     assert clf(t for t in []) == []  # transformers' answer to an empty generator
 
 
+def test_rows_with_text_column(clf, texts, expected):
+    """Every input kind of rows the README lists: a Dataset, a streaming IterableDataset, a list
+    of dicts, a generator of dicts, one dict."""
+    from datasets import IterableDataset
+
+    ds = Dataset.from_dict({"sentence": texts, "n": list(range(len(texts)))})
+    assert_same(clf(ds, text_column="sentence", batch_size=4), expected)
+    stream = IterableDataset.from_generator(lambda: ({"sentence": t, "n": i} for i, t in enumerate(texts)))
+    assert_same(list(clf(stream, text_column="sentence", batch_size=4)), expected)
+    rows = [{"sentence": t} for t in texts]
+    assert_same(clf(rows, text_column="sentence"), expected)
+    assert_same(list(clf((r for r in rows), text_column="sentence", batch_size=3)), expected)
+    assert_same([clf(rows[2], text_column="sentence")], expected[2:3])
+    with pytest.raises(ValueError, match=r"not a column of the dataset \(columns: \['sentence', 'n'\]\)"):
+        clf(ds, text_column="text")
+    with pytest.raises(ValueError, match="input 1 has no column 'sentence'"):
+        clf([{"sentence": "a"}, {"other": "b"}], text_column="sentence")
+    with pytest.raises(TypeError, match="pass text_column="):
+        clf(rows)  # rows without text_column: the error says what to pass
+
+
 def test_generators_stream(clf, texts):
     pulled = []
 

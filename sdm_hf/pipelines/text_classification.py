@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..features import extract_features
@@ -30,8 +31,9 @@ class SDMTextClassificationPipeline(SDMPipeline):
             ...                                                  # streamed
 
     Input: a string, a list of strings (an empty list gives ``[]``), a ``datasets`` column,
-    a ``KeyDataset``, or a generator of strings; anything else is a ``TypeError`` naming the
-    input's index. ``batch_size`` (default 8) texts run through the model together; the
+    a ``KeyDataset``, or a generator of strings; with ``text_column="text"``, rows (dicts), a
+    ``datasets.Dataset`` or a streaming ``datasets.IterableDataset``; anything else is a
+    ``TypeError`` naming the input's index. ``batch_size`` (default 8) texts run through the model together; the
     texts of a list (consumed whole) are batched by token count, longest first, to pad less
     (results come in the input order); streamed inputs are batched in arrival order.
 
@@ -59,11 +61,20 @@ class SDMTextClassificationPipeline(SDMPipeline):
         self.pooling = recipe.pooling or "mean"
         self.layer = -1 if recipe.layer is None else recipe.layer
 
+    def __call__(self, inputs: Any, text_column: str | None = None, **kwargs: Any) -> Any:
+        """Results for ``inputs`` (see the class docstring); ``text_column``: the inputs are
+        rows (dicts), a ``datasets.Dataset`` or a streaming ``datasets.IterableDataset`` of
+        rows, and this column holds the texts."""
+        if text_column is not None:
+            inputs = select_column(inputs, text_column)
+        return super().__call__(inputs, **kwargs)
+
     def check_input(self, item: Numbered) -> None:
         if not isinstance(item.value, str):
+            hint = " (rows of a dataset: pass text_column='<column>')" if isinstance(item.value, Mapping) else ""
             raise TypeError(
                 f"{item.where} is {describe(item.value)}; the {self._name} pipeline takes texts: "
-                f"pass {ACCEPTED} of strings"
+                f"pass {ACCEPTED} of strings{hint}"
             )
 
     def _lengths(self, values: list) -> list[int]:
@@ -115,3 +126,33 @@ class SDMTextClassificationPipeline(SDMPipeline):
                 stacklevel=2,
             )
         return text_result(record, bool(row["truncated"]), self._nearest(record["nearest_index"]))
+
+
+def select_column(inputs: Any, column: str) -> Any:
+    """The ``column`` of rows: a ``datasets.Dataset`` -> its column (a list), one row (a dict) ->
+    its value, a list of rows -> a list, any other iterable of rows (a streaming
+    ``datasets.IterableDataset``, a generator) -> a generator. A missing column raises
+    ``ValueError`` naming the row."""
+    if not isinstance(column, str):
+        raise TypeError(f"text_column must be a column name, got {type(column).__name__}")
+    names = getattr(inputs, "column_names", None)
+    if names is not None and hasattr(inputs, "__getitem__") and hasattr(inputs, "__len__"):
+        if column not in names:
+            raise ValueError(f"text_column={column!r} is not a column of the dataset (columns: {names})")
+        return inputs[column]
+    if isinstance(inputs, Mapping):
+        return _value(inputs, column, None)
+    if isinstance(inputs, (list, tuple)):
+        return [_value(row, column, i) for i, row in enumerate(inputs)]
+    if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
+        return (_value(row, column, i) for i, row in enumerate(inputs))
+    raise TypeError(f"text_column={column!r} needs rows (dicts) or a dataset, got {type(inputs).__name__}")
+
+
+def _value(row: Any, column: str, index: int | None) -> Any:
+    where = "the input" if index is None else f"input {index}"
+    if not isinstance(row, Mapping):
+        raise TypeError(f"{where} is {describe(row)}, not a row: text_column= needs rows (dicts) or a dataset")
+    if column not in row:
+        raise ValueError(f"{where} has no column {column!r} (it has {sorted(row)})")
+    return row[column]
