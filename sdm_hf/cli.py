@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .cli_data import CLIError, check_utf8, column, labels_of, load_table, vectors_of
+from .cli_data import CLIError, check_utf8, column, label_names_in, labels_of, load_table, vectors_of
 from .output_dir import check_output_dir, replacing_output_dir
 from .validation import explained_hub_failure
 
@@ -95,6 +95,8 @@ def features_of(data, args, paths, head_config=None, model_bundle=None, distribu
             pooling=recipe.pooling or args.pooling,
             layer=-1 if recipe.layer is None else recipe.layer,
             max_length=recipe.max_length or args.max_length,
+            batch_size=args.batch_size,
+            device=args.device,
             distributed=distributed,
         )
     for w in caught:
@@ -144,10 +146,15 @@ def cmd_fit_head(args) -> int:
     # with its file and line before the head is allocated
     limit = max(2, len(train) // 2)
     why = f" (labels are class indices; {len(train)} training rows allow at most {limit} classes)"
-    y_tr = labels_of(train, args, args.train, limit, why)
-    y_ca = labels_of(calib, args, args.calibration, limit, why)
-    num_classes = int(max(int(y_tr.max()), int(y_ca.max()))) + 1
-    names = args.label_names
+    found = [label_names_in(t, args, p) for t, p in ((train, args.train), (calib, args.calibration))]
+    label2id = None
+    if any(found):  # label names: mapped in --label-names order, else sorted
+        names_seen = sorted({n for f in found if f for n in f})
+        label2id = {n: i for i, n in enumerate(args.label_names or names_seen)}
+    y_tr = labels_of(train, args, args.train, limit, why, label2id)
+    y_ca = labels_of(calib, args, args.calibration, limit, why, label2id)
+    num_classes = len(label2id) if label2id else int(max(int(y_tr.max()), int(y_ca.max()))) + 1
+    names = args.label_names or (list(label2id) if label2id else None)
     if names and len(names) != num_classes:
         raise CLIError(f"--label-names gives {len(names)} names but the data has {num_classes} classes")
     config = SDMConfig(
@@ -182,6 +189,7 @@ def cmd_fit_head(args) -> int:
             patience=args.patience,
             selection_fraction=args.selection_fraction,
             seed=args.seed,
+            device=args.device,
             resplit=False if args.keep_split else (True if args.resplit else None),
             **texts,
         )
@@ -210,7 +218,7 @@ def cmd_evaluate(args) -> int:
             head.recalibrate(alpha=args.alpha)
     data = load_table(args.data)
     x, _ = features_of(data, args, args.data, head_config=head.config)
-    y = labels_of(data, args, args.data, head.config.num_classes)
+    y = labels_of(data, args, args.data, head.config.num_classes, label2id=head.config.label2id)
     out = head.predict(x)
     report = selective_classification_report(
         y, sdm_rules(out, head.alpha), head.config.num_classes, head.config.id2label
@@ -271,7 +279,11 @@ def cmd_verify(args) -> int:
             items.append(item)
         make_pipeline: Any = pipeline  # "sdm-verify" is registered by sdm_hf, unknown to its typed overloads
         verify = make_pipeline(
-            "sdm-verify", model=args.model, sdm_head=head, device="cpu", max_new_tokens=args.max_new_tokens
+            "sdm-verify",
+            model=args.model,
+            sdm_head=head,
+            device=args.device or "cpu",
+            max_new_tokens=args.max_new_tokens,
         )
         results = verify(items, batch_size=args.batch_size)
     else:
@@ -286,6 +298,8 @@ def cmd_verify(args) -> int:
             pooling=recipe.pooling or "mean",
             layer=-1 if recipe.layer is None else recipe.layer,
             max_length=recipe.max_length,
+            batch_size=args.batch_size,
+            device=args.device,
             progress=False,
         )
         results = head.predict_records(feats)
@@ -300,45 +314,64 @@ def cmd_verify(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and appends each option's default (when it has one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sdm-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="sdm-hf", description=(__doc__ or "").replace("``", "`"), formatter_class=_HelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_args(p, what):
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--text-column", help=f"column with the {what} texts (embedded with --model)")
-        group.add_argument("--vector-column", help="column with precomputed feature vectors")
-        p.add_argument("--label-column", default="label", help="column with integer labels (default: label)")
+        group.add_argument("--vector-column", help="column with precomputed feature vectors (lists of numbers)")
+        p.add_argument("--label-column", default="label", help="column with the labels: class indices or names")
         p.add_argument("--model", help=f"transformers model for text features (default: the head's, or {MINILM})")
-        p.add_argument("--pooling", default="mean", choices=("mean", "last", "cls", "mean_last"))
-        p.add_argument("--max-length", type=int, default=None)
+        p.add_argument(
+            "--pooling",
+            default="mean",
+            choices=("mean", "last", "cls", "mean_last"),
+            help="how tokens become one vector",
+        )
+        p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
+        p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass of --model")
+        p.add_argument("--device", default=None, help="where --model runs: cpu, cuda or cuda:N (default: cpu)")
 
     fit = sub.add_parser(
         "fit-head",
         help="train and calibrate an SDM head",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Train, select and calibrate an SDM head.\n\nexample:\n  sdm-hf fit-head "
         "--train train.jsonl --calibration calib.jsonl --text-column text --output my-head",
     )
-    fit.add_argument("--train", nargs="+", required=True)
-    fit.add_argument("--calibration", nargs="+", required=True)
+    fit.add_argument("--train", nargs="+", required=True, help="training data files (or a saved datasets folder)")
+    fit.add_argument(
+        "--calibration", nargs="+", required=True, help="calibration data, drawn like the data the head will see"
+    )
     data_args(fit, "training/calibration")
-    fit.add_argument("--output", required=True)
-    fit.add_argument("--overwrite", action="store_true")
-    fit.add_argument("--alpha", type=float, default=0.95)
+    fit.add_argument("--output", required=True, help="folder for the head and its model card")
+    fit.add_argument("--overwrite", action="store_true", help="replace an output folder sdm_hf wrote earlier")
+    fit.add_argument("--alpha", type=float, default=0.95, help="target accuracy of the high-reliability region")
     fit.add_argument(
         "--procedure",
         choices=FIT_PROCEDURES,
         default="auto",
         help="named training settings: auto = settings chosen and early-stopped on held-out training rows, "
-        "calibration rows used by Algorithm 1 only (default); paper = the papers' 10 shuffles x 200 epochs at "
+        "calibration rows used by Algorithm 1 only; paper = the papers' 10 shuffles x 200 epochs at "
         "lr 1e-5 on re-split data; fast = lr 1e-3, 2 x <= 100 epochs with early stopping (the options below "
         "override single settings)",
     )
-    fit.add_argument("--epochs", type=int, default=None, help="epochs per shuffle (default: the procedure's)")
-    fit.add_argument("--shuffles", type=int, default=None, help="shuffles (default: the procedure's)")
+    fit.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the procedure's)")
+    fit.add_argument("--shuffles", type=int, default=None, help="training runs (default: the procedure's)")
     fit.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: the procedure's)")
     fit.add_argument(
         "--patience", type=int, default=None, help="early stopping after N epochs without improvement (0: off)"
@@ -347,10 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--selection-fraction",
         type=float,
         default=None,
-        help="share of the calibration rows kept apart to choose the epoch and shuffle (default 0)",
+        help="share of the calibration rows kept apart to choose the epoch and run (default: the procedure's)",
     )
-    fit.add_argument("--exemplar-dim", type=int, default=1000)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--exemplar-dim", type=int, default=1000, help="width of the exemplar vectors")
+    fit.add_argument("--seed", type=int, default=0, help="seeds the splits, initialisation and minibatch order")
     split = fit.add_mutually_exclusive_group()
     split.add_argument(
         "--keep-split", action="store_true", help="keep the given train/calibration split (the default of auto)"
@@ -360,18 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge train and calibration and re-split them 50/50 (the default of paper and fast)",
     )
-    fit.add_argument("--label-names", nargs="+", help="display names of classes 0, 1, ...")
+    fit.add_argument(
+        "--label-names", nargs="+", help="names of classes 0, 1, ... (with label names in the data: their order)"
+    )
     fit.set_defaults(func=cmd_fit_head)
 
     ev = sub.add_parser(
         "evaluate",
         help="selective-classification table and plots",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Evaluate a head on labelled data.\n\nexample:\n  sdm-hf evaluate --head my-head "
         "--data test.jsonl --text-column text --output report/",
     )
-    ev.add_argument("--head", required=True)
-    ev.add_argument("--data", nargs="+", required=True)
+    ev.add_argument("--head", required=True, help="the head: a folder or a Hub repo id")
+    ev.add_argument("--data", nargs="+", required=True, help="labelled test data files")
     data_args(ev, "test")
     ev.add_argument("--alpha", type=float, default=None, help="recalibrate at this alpha first")
     ev.add_argument(
@@ -380,21 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also report how often the head's (approximate/float16) index agrees with exact search",
     )
     ev.add_argument("--output", help="folder for report.md/json and plots")
-    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--overwrite", action="store_true", help="replace an output folder sdm_hf wrote earlier")
     ev.set_defaults(func=cmd_evaluate)
 
     ve = sub.add_parser(
         "verify",
         help="predict/verify texts from a file or stdin, JSON lines out",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="One JSON line per input line.\n\nexamples:\n  echo 'Paris is a city.' | sdm-hf "
         "verify --head my-head\n  sdm-hf verify --head lm/sdm_head --model lm --input prompts.txt",
     )
-    ve.add_argument("--head", required=True)
+    ve.add_argument("--head", required=True, help="the head: a folder or a Hub repo id")
     ve.add_argument("--model", help="the model whose features the head reads (default: the head's base model)")
     ve.add_argument("--input", help="a file with one text (or JSON object) per line; default: stdin")
-    ve.add_argument("--batch-size", type=int, default=8)
-    ve.add_argument("--max-new-tokens", type=int, default=64)
+    ve.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
+    ve.add_argument("--max-new-tokens", type=int, default=64, help="LM heads: tokens generated per prompt")
+    ve.add_argument("--device", default=None, help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
     ve.set_defaults(func=cmd_verify)
     return parser
 

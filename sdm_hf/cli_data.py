@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CLIError", "load_table", "check_utf8", "column", "vectors_of", "labels_of"]
+__all__ = ["CLIError", "load_table", "check_utf8", "column", "vectors_of", "labels_of", "label_names_in"]
 
 
 class CLIError(Exception):
@@ -124,9 +124,29 @@ def _row(paths, index: int) -> str:
     return f"{', '.join(paths)}: row {index + 1}"
 
 
-def labels_of(data, args, paths, num_classes=None, why_classes: str = "") -> torch.Tensor:
-    """The label column as int64 class indices: integers (or integral numbers, or digit
-    strings) only, the same rule as the Python API; an error names the file and line."""
+def _show(value) -> str:
+    """``repr`` of a numpy scalar as the Python value it holds (``'x'``, not ``np.str_('x')``)."""
+    return repr(value.item() if hasattr(value, "item") else value)
+
+
+def label_names_in(data, args, paths) -> list[str] | None:
+    """The label names in the label column, or None when it holds class indices (integers,
+    integral numbers or digit strings)."""
+    values = np.asarray(column(data, args.label_column, paths))
+    if values.dtype.kind != "U":
+        return None
+    stripped = np.char.strip(values)
+    if bool(np.char.isdigit(stripped).all()):
+        return None
+    return sorted(set(stripped.tolist()))
+
+
+def labels_of(data, args, paths, num_classes=None, why_classes: str = "", label2id=None) -> torch.Tensor:
+    """The label column as int64 class indices; an error names the file and line.
+
+    Integers (or integral numbers, or digit strings) are class indices; names (strings) are
+    mapped with ``label2id``, and a name not in it is refused.
+    """
     values = np.asarray(column(data, args.label_column, paths))
     name = args.label_column
     if values.dtype.kind in "iu":
@@ -135,19 +155,35 @@ def labels_of(data, args, paths, num_classes=None, why_classes: str = "") -> tor
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
         if bad.size:
             raise CLIError(
-                f"{_row(paths, int(bad[0]))}: label {values[bad[0]]!r} in column {name!r} is not an integer class index"
+                f"{_row(paths, int(bad[0]))}: label {_show(values[bad[0]])} in column {name!r} "
+                "is not an integer class index"
             )
         y = torch.from_numpy(values.astype(np.int64))
     elif values.dtype.kind == "U":
-        bad = np.flatnonzero(~np.char.isdigit(np.char.strip(values)))
-        if bad.size:
+        stripped = np.char.strip(values)
+        digits = np.char.isdigit(stripped)
+        if bool(digits.all()):
+            y = torch.from_numpy(stripped.astype(np.int64))
+        elif label2id is not None:
+            known = np.isin(stripped, list(label2id))
+            if not bool(known.all()):
+                bad = int(np.flatnonzero(~known)[0])
+                raise CLIError(
+                    f"{_row(paths, bad)}: label {_show(stripped[bad])} in column {name!r} is not one of the classes "
+                    f"{sorted(label2id)}"
+                )
+            lookup = np.array(sorted(label2id), dtype=stripped.dtype)
+            ids = np.array([label2id[n] for n in lookup.tolist()], dtype=np.int64)
+            y = torch.from_numpy(ids[np.searchsorted(lookup, stripped)])
+        else:
+            bad = int(np.flatnonzero(~digits)[0])
             raise CLIError(
-                f"{_row(paths, int(bad[0]))}: label {values[bad[0]]!r} in column {name!r} is not an integer class index"
+                f"{_row(paths, bad)}: label {_show(values[bad])} in column {name!r} is a name, but these labels are "
+                "class indices (mixing names and indices is not allowed)"
             )
-        y = torch.from_numpy(np.char.strip(values).astype(np.int64))
     else:
         raise CLIError(
-            f"column {name!r} must hold integer class indices (found {values.dtype} values, e.g. empty cells)"
+            f"column {name!r} must hold class indices or names (found {values.dtype} values, e.g. empty cells)"
         )
     if num_classes is not None and len(y):
         bad = np.flatnonzero((y.numpy() < 0) | (y.numpy() >= num_classes))

@@ -318,3 +318,27 @@ def test_a_real_write_failure_keeps_the_old_head(files):
     assert "File too large" in res.stderr and "the folder is as it was before" in res.stderr
     assert {p.name: p.read_bytes() for p in head.iterdir()} == before
     assert not [p for p in files["dir"].iterdir() if p.name.startswith(".fsize-head")]
+
+
+def test_label_names_in_the_data_and_the_help(files):
+    named = {}
+    for key in ("train", "calib", "test"):
+        rows = [json.loads(line) for line in files[key].read_text().splitlines()]
+        for row in rows:
+            row["label"] = ["false", "true"][row["label"]]
+        named[key] = files["dir"] / f"named_{key}.jsonl"
+        named[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    head = files["dir"] / "named-head"
+    res = run("fit-head", "--train", named["train"], "--calibration", named["calib"], "--vector-column", "vec",
+              "--procedure", "fast", "--epochs", "2", "--shuffles", "1", "--output", head)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    config = json.loads((head / "config.json").read_text())["config"]
+    assert config["id2label"] == {"0": "false", "1": "true"}
+    res = run("evaluate", "--head", head, "--data", named["test"], "--vector-column", "vec")
+    assert res.returncode == 0 and "y=true" in res.stdout, res.stdout + res.stderr
+    wrong = files["dir"] / "named_wrong.jsonl"
+    wrong.write_text(named["test"].read_text().replace('"label": "true"', '"label": "maybe"', 1))
+    res = run("evaluate", "--head", head, "--data", wrong, "--vector-column", "vec")
+    assert res.returncode == 2 and "label 'maybe' in column 'label' is not one of the classes" in res.stderr
+    text = run("fit-head", "--help").stdout
+    assert "(default: 0.95)" in text and "--device" in text and "--batch-size" in text and "``" not in text
