@@ -185,7 +185,8 @@ class SDMClassifier:
             )
         id2label = (None if config is None else config.id2label) or names or cal_names
         train_y, calib_y, id2label = encode_labels(labels, cal_labels, id2label)
-        x_train, x_calib = self.features(texts, progress=progress), self.features(cal_texts, progress=progress)
+        both = self.features(list(texts) + list(cal_texts), progress=progress)  # one pass, one bar
+        x_train, x_calib = both[: len(texts)], both[len(texts) :]
         if config is None:
             classes = len(id2label) if id2label else max(int(torch.as_tensor(train_y).max()) + 1, 2)
             config = SDMConfig(input_dim=x_train.shape[1], num_classes=classes, alpha=alpha, id2label=id2label)

@@ -10,6 +10,7 @@ documents split 50/50 (seeded per epoch; Sec. 3.2, "training set SDM estimator")
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .sdm_config import SDMTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SDMEpochMixin"]
 
@@ -317,19 +320,24 @@ class SDMEpochMixin:
 
     @property
     def _progress(self) -> bool:
-        """Progress bars for the refresh steps: on the main process, unless ``disable_tqdm``."""
-        return not self.args.disable_tqdm and self._world()[0] == 0
+        """Refresh steps inside the Trainer show no bars of their own (the Trainer's is the one
+        bar; nested bars garble a terminal); each refresh logs one line instead."""
+        return False
 
     def log_epoch_refresh(self, epoch: int) -> None:
         """Send ``epoch``'s ``epoch_log`` entry through ``Trainer.log`` (so TensorBoard, W&B and
         ``state.log_history`` get it), keys prefixed ``sdm/``: ``generated``, ``hard_negatives``,
         ``generation_seconds``, ``head_features_seconds``, ``head_fit_seconds`` and, after a
-        head fit, ``head_calibration_loss``, ``head_calibration_accuracy``, ``head_q_min`` (-1:
-        empty high-reliability region) and ``head_hr_admission``. Once per epoch."""
+        head fit, ``head_calibration_loss``, ``head_calibration_accuracy``, ``head_hr_empty``,
+        ``head_q_min`` (when the high-reliability region is not empty) and ``head_hr_admission``.
+        Once per epoch; the main process also logs it as one readable line (``logging``, INFO,
+        logger ``sdm_hf.lm.epochs``)."""
         entry = next((e for e in reversed(self.epoch_log) if e["epoch"] == epoch), None)
         if entry is None or epoch in self._logged_epochs:
             return
         self._logged_epochs.add(epoch)
+        if self._world()[0] == 0:
+            logger.info(refresh_summary(entry))
         trainer: Any = self  # Trainer.log, of the trainer this is mixed into
         trainer.log({f"sdm/{k}": float(v) for k, v in entry.items() if k != "epoch"})
 
@@ -461,3 +469,19 @@ class SDMEpochMixin:
         self.final_head_generated_negatives = sum(len(v) for v in extra.values())
         self.head = head
         return head
+
+
+def refresh_summary(entry: dict) -> str:
+    """One readable line for an epoch's refresh (an ``epoch_log`` entry)."""
+    text = (
+        f"SDM epoch {entry['epoch']}: {entry['generated']} generations, {entry['hard_negatives']} hard negatives "
+        f"({entry['generation_seconds']:.1f} s)"
+    )
+    if "head_hr_admission" in entry:
+        if entry.get("head_hr_empty"):
+            region = "HR region empty"
+        else:
+            admitted = f"{entry['head_hr_admission']:.1%}"
+            region = f"HR region from q' >= {entry['head_q_min']:.3g}, {admitted} of calibration admitted"
+        text += f"; verification head: {region} ({entry['head_features_seconds'] + entry['head_fit_seconds']:.1f} s)"
+    return text

@@ -106,18 +106,18 @@ def fit_split_head(
 def head_metrics(head: SDMHead) -> dict[str, float]:
     """What a verification head's fit and calibration say, as loggable floats: the selected
     state's balanced calibration SDM loss and calibration accuracy (of its own 50/50 split),
-    ``q_min`` (-1 when the high-reliability region is empty, q'_min = inf) and the share of
-    calibration documents in that region."""
+    ``hr_empty`` (1.0 when the high-reliability region is empty), ``q_min`` (only when it is
+    not) and the share of calibration documents in that region."""
     rows = head.calibration_report(alphas=()).rows
     n = sum(r["n"] for r in rows)
     selection = getattr(head, "selection", None) or {}
     history = getattr(head, "training_history", None) or []
     key = (selection.get("shuffle"), selection.get("epoch"))
     chosen: dict = next((h for h in history if (h.get("shuffle"), h.get("epoch")) == key), {})
-    metrics = {
-        "q_min": float(head.q_min) if math.isfinite(head.q_min) else -1.0,
-        "hr_admission": sum(r["admitted"] for r in rows) / max(n, 1),
-    }
+    empty = not math.isfinite(head.q_min)
+    metrics = {"hr_empty": float(empty), "hr_admission": sum(r["admitted"] for r in rows) / max(n, 1)}
+    if not empty:
+        metrics["q_min"] = float(head.q_min)
     if "calibration_loss" in selection:
         metrics["calibration_loss"] = float(selection["calibration_loss"])
     if "calibration_accuracy" in chosen:

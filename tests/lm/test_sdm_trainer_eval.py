@@ -37,7 +37,8 @@ def test_evaluate_a_dict_of_sets_prefixes_each_and_a_given_set_equals_the_constr
     assert again["eval_calib_loss"] == pytest.approx(metrics["eval_calib_loss"], rel=1e-6)
     single = trainer.evaluate(eval_dataset=other, metric_key_prefix="test")
     assert single["test_loss"] == pytest.approx(metrics["eval_other_loss"], rel=1e-6)
-    assert "test_head_q_min" in single
+    assert {"test_head_hr_empty", "test_head_hr_admission"} <= set(single)
+    assert ("test_head_q_min" in single) == (single["test_head_hr_empty"] == 0.0)  # q'_min only when not empty
     with pytest.raises(ValueError, match="no evaluation set named 'nope'"):
         trainer.evaluate(eval_dataset="nope")
 
@@ -148,12 +149,19 @@ def test_hard_negatives_at_epoch_start_or_in_the_epoch_with_the_current_weights(
         assert any(swapped)  # wrong generations replaced static negatives inside their batches
 
 
-def test_refresh_steps_show_progress_bars_unless_disabled(tmp_path, capsys):
-    for disable in (False, True):
-        _trainer(tmp_path, None, disable_tqdm=disable, gamma_gen=1.0, hard_negatives_from_epoch=0)
-        err = capsys.readouterr().err
-        shown = [bar in err for bar in ("generating", "SDM head features", "fit_sdm_head")]
-        assert shown == [not disable] * 3
+def test_refresh_steps_show_no_bars_of_their_own_and_log_one_line(tmp_path, capsys, caplog):
+    """Inside the Trainer its bar is the one bar: the refresh steps (generation, head features,
+    head fit) show none, and each epoch's refresh is one readable log line."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sdm_hf.lm.epochs"):
+        trainer = _trainer(tmp_path, None, gamma_gen=1.0, hard_negatives_from_epoch=0, num_train_epochs=1)
+        trainer.train()
+    err = capsys.readouterr().err
+    assert not any(bar in err for bar in ("generating", "SDM head features", "fit_sdm_head"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdm_hf.lm.epochs"]
+    assert lines and all(line.startswith("SDM epoch ") for line in lines)
+    assert "-1" not in " ".join(lines) and ("HR region empty" in lines[0] or "HR region from q' >=" in lines[0])
 
 
 def test_a_failed_state_write_keeps_the_previous_state_file(tmp_path, monkeypatch):
@@ -187,7 +195,7 @@ def test_a_one_entry_dict_of_evaluation_sets_is_prefixed_by_its_name(tmp_path):
     trainer = _trainer(tmp_path, {"calib": preference(SENTENCES[24:40])})
     metrics = trainer.evaluate()
     assert "eval_calib_loss" in metrics and "eval_loss" not in metrics
-    assert {"eval_calib_head_q_min", "eval_calib_head_hr_admission"} <= set(metrics)
+    assert {"eval_calib_head_hr_empty", "eval_calib_head_hr_admission"} <= set(metrics)
 
 
 def test_in_epoch_generation_state_survives_a_checkpoint_and_repeated_ids(tmp_path):
