@@ -45,8 +45,8 @@ lm-gpu: $(STAMP)
 
 # lint, formatting, types, then every test (the `slow` ones too; `pytest -m "not slow"` skips them)
 test: $(STAMP)
-	$(PY) -m ruff check sdm_hf tests benchmarks recipes
-	$(PY) -m ruff format --check sdm_hf tests benchmarks recipes
+	$(PY) -m ruff check sdm_hf tests benchmarks recipes examples
+	$(PY) -m ruff format --check sdm_hf tests benchmarks recipes examples
 	$(PY) -m mypy
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 

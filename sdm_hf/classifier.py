@@ -126,7 +126,7 @@ class SDMClassifier:
 
         name = str(model_id_or_path)
         source = local_copy(name) or name
-        hub = {"revision": revision, "token": token, "local_files_only": local_files_only}
+        hub: dict[str, Any] = {"revision": revision, "token": token, "local_files_only": local_files_only}
         with explained_hub_failure(source, "SDMClassifier.from_pretrained"):
             model = AutoModel.from_pretrained(source, **hub)
             tokenizer = AutoTokenizer.from_pretrained(source, **hub)

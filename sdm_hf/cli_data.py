@@ -167,19 +167,19 @@ def labels_of(data, args, paths, num_classes=None, why_classes: str = "", label2
         elif label2id is not None:
             known = np.isin(stripped, list(label2id))
             if not bool(known.all()):
-                bad = int(np.flatnonzero(~known)[0])
+                unknown = int(np.flatnonzero(~known)[0])
                 raise CLIError(
-                    f"{_row(paths, bad)}: label {_show(stripped[bad])} in column {name!r} is not one of the classes "
-                    f"{sorted(label2id)}"
+                    f"{_row(paths, unknown)}: label {_show(stripped[unknown])} in column {name!r} is not one of "
+                    f"the classes {sorted(label2id)}"
                 )
             lookup = np.array(sorted(label2id), dtype=stripped.dtype)
             ids = np.array([label2id[n] for n in lookup.tolist()], dtype=np.int64)
             y = torch.from_numpy(ids[np.searchsorted(lookup, stripped)])
         else:
-            bad = int(np.flatnonzero(~digits)[0])
+            first = int(np.flatnonzero(~digits)[0])
             raise CLIError(
-                f"{_row(paths, bad)}: label {_show(values[bad])} in column {name!r} is a name, but these labels are "
-                "class indices (mixing names and indices is not allowed)"
+                f"{_row(paths, first)}: label {_show(values[first])} in column {name!r} is a name, but these "
+                "labels are class indices (mixing names and indices is not allowed)"
             )
     else:
         raise CLIError(

@@ -52,7 +52,7 @@ def check_pairing(
     cfg = head.config
     recipe = cfg.feature_recipe
     if recipe is None:
-        names = [b["model"] or f"block {k}" for k, b in enumerate(cfg.feature_blocks)]
+        names = [b["model"] or f"block {k}" for k, b in enumerate(cfg.feature_blocks or [])]
         raise ValueError(
             f"the SDM head reads features of {len(names)} models concatenated ({', '.join(names)}), so one model "
             "cannot feed it: compute its input with sdm_hf.extract_composed_features (same models and settings, "

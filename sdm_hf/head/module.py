@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class SDMModule(nn.Module):
         super().__init__()
         if not isinstance(config, SDMConfig):
             raise TypeError(f"config must be an SDMConfig, got {type(config).__name__}")
-        self._config = None
+        self._config: SDMConfig | None = None
         self.config = config
         self.adaptor = nn.Linear(config.input_dim, config.exemplar_dim)
         self.classifier = nn.Linear(config.exemplar_dim, config.num_classes)
@@ -53,7 +54,7 @@ class SDMModule(nn.Module):
         """The head's :class:`~sdm_hf.SDMConfig` (its own copy). Assigning a field is validated;
         the fields the weights, the support set or the calibration depend on are refused with
         what to do instead (``head.recalibrate(alpha=...)``, a new head)."""
-        return self._config
+        return cast(SDMConfig, self._config)  # set in __init__, before anything reads it
 
     @config.setter
     def config(self, config: SDMConfig) -> None:
