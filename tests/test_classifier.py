@@ -62,7 +62,7 @@ def test_save_load_and_the_pipeline_agree(fitted, tmp_path):
         assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
 
-def test_classlabel_datasets_and_a_held_out_split():
+def test_classlabel_datasets_and_a_held_out_split(tmp_path):
     model, tokenizer = tiny_encoder()
     texts, labels = labelled(160, 5)
     names = ["negative", "positive"]
@@ -77,6 +77,8 @@ def test_classlabel_datasets_and_a_held_out_split():
     assert clf.id2label == {0: "negative", 1: "positive"}
     assert clf.head.support.ntotal == 80 and clf.head.calibration.labels.numel() == 80
     assert clf.predict(texts[0])["label"] in names
+    clf.save_pretrained(tmp_path / "named")  # the ClassLabel names round-trip
+    assert SDMClassifier.from_pretrained(tmp_path / "named").id2label == {0: "negative", 1: "positive"}
 
 
 def test_a_dry_run_push_writes_what_would_be_uploaded(fitted, tmp_path):
