@@ -261,11 +261,12 @@ def _read_inputs(path: str | None) -> list[str]:
 
 
 def cmd_verify(args) -> int:
+    from .head.config import is_verification_pooling
     from .head.modeling import SDMHead
 
     head = SDMHead.from_pretrained(args.head)
     lines = _read_inputs(args.input)
-    if str(head.config.feature_pooling or "").split("-", 1)[0] == "verification":  # an LM verification head
+    if is_verification_pooling(head.config.feature_pooling):  # an LM verification head
         from transformers import pipeline
 
         if not args.model:

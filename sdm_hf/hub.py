@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import ModelCard
 
+from .head.config import is_verification_pooling
 from .head.hub import upload_folder
 from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
 from .model_identity import hub_id_of, same_model
 from .persistence import CARD_NAME
-from .validation import explained_hub_failure
+from .validation import check_local_or_repo, explained_hub_failure
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -174,25 +175,28 @@ def load_sdm_model(
 
     Args:
         pretrained_model_name_or_path: the repository.
-        model_class: a transformers Auto class (default ``transformers.AutoModel``).
+        model_class: a transformers Auto class (default: ``AutoModelForCausalLM`` for a language
+            model's verification head, so the model can ``generate``; else ``AutoModel``).
         subfolder: where the head lives.
         sdm_head: an SDMHead, or a path/repo id of one (for PEFT adapter repositories or
             heads stored elsewhere); overrides ``subfolder``.
         device: device of the head.
         model_kwargs: passed to ``model_class.from_pretrained``.
     """
-    if model_class is None:
-        from transformers import AutoModel
-
-        model_class = AutoModel
-    with explained_hub_failure(pretrained_model_name_or_path, "load_sdm_model"):
-        model = model_class.from_pretrained(pretrained_model_name_or_path, **model_kwargs)
+    check_local_or_repo(pretrained_model_name_or_path, "load_sdm_model")
     if isinstance(sdm_head, SDMHead):
         head = sdm_head
     elif sdm_head is not None:
         head = SDMHead.from_pretrained(sdm_head, device=device)
     else:
-        head = SDMHead.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, device=device)
+        with explained_hub_failure(pretrained_model_name_or_path, "load_sdm_model"):
+            head = SDMHead.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, device=device)
+    if model_class is None:  # an LM verification head reads a causal LM: keep its LM head (generate)
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM if is_verification_pooling(head.config.feature_pooling) else AutoModel
+    with explained_hub_failure(pretrained_model_name_or_path, "load_sdm_model"):
+        model = model_class.from_pretrained(pretrained_model_name_or_path, **model_kwargs)
     check_pairing(model, head, model_name=str(pretrained_model_name_or_path), same_repository=sdm_head is None)
     return model, head
 

@@ -39,6 +39,12 @@ CALIBRATION_FIELDS = ("alpha", "min_class_points")
 HEAD_FIXED_FIELDS = WEIGHT_FIELDS + SUPPORT_FIELDS + CALIBRATION_FIELDS
 
 
+def is_verification_pooling(feature_pooling: str | None) -> bool:
+    """Whether a head's ``feature_pooling`` says it verifies language-model documents (a head
+    fitted by :class:`sdm_hf.lm.SDMTrainer`: ``"verification"`` or ``"verification-<pooling>"``)."""
+    return feature_pooling is not None and str(feature_pooling).split("-", 1)[0] == "verification"
+
+
 def changes_region(old: SDMConfig, new: SDMConfig) -> bool:
     """Whether replacing ``old`` by ``new`` changes the HR region (alpha or the guard)."""
     return any(getattr(old, name) != getattr(new, name) for name in CALIBRATION_FIELDS)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..features import pool_hidden_states
+from ..head.config import is_verification_pooling
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -183,11 +184,6 @@ def verification_pooling_of(feature_pooling: str | None) -> str:
     if not str(feature_pooling).startswith("verification-") or name not in VERIFICATION_POOLINGS:
         raise ValueError(f"{feature_pooling!r} is not the feature pooling of an LM verification head")
     return name
-
-
-def is_verification_pooling(feature_pooling: str | None) -> bool:
-    """Whether a head's ``feature_pooling`` says it verifies LM documents."""
-    return feature_pooling is not None and str(feature_pooling).split("-", 1)[0] == "verification"
 
 
 @torch.no_grad()

@@ -433,8 +433,9 @@ class SDMEpochMixin:
         labels = torch.tensor([r["reward"] for r in rows])
         doc_ids = torch.tensor([r["document_id"] for r in rows])
         base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        texts = [r["text"] for r in rows] if rows and all("text" in r for r in rows) else None
         head, support_row = fit_split_head(
-            feats, labels, doc_ids, self.args, seed, base_model=base_model, progress=self._progress
+            feats, labels, doc_ids, self.args, seed, base_model=base_model, progress=self._progress, texts=texts
         )
         if head is not None:
             timing["head_fit_seconds"] = time.perf_counter() - started
@@ -456,12 +457,12 @@ class SDMEpochMixin:
                 negative = self.wrong_generation(doc, generation)
                 if negative is not None:
                     extra.setdefault(doc.id, []).append(negative)
-        rows = []
+        rows = []  # each with its completion's text: the head's nearest exemplars explain with it
         for doc in self.eval_documents:
-            rows.append(self._encode(doc, doc.positive, True))
-            rows.extend(self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, []))
+            rows.append(dict(self._encode(doc, doc.positive, True), text=doc.positive))
+            rows.extend(dict(self._encode(doc, t, False), text=t) for t in doc.negatives + extra.get(doc.id, []))
         for doc in self.eval_negative_only_documents:  # calibration prompts without a positive
-            rows.extend(self._encode(doc, text, False) for text in doc.negatives)
+            rows.extend(dict(self._encode(doc, t, False), text=t) for t in doc.negatives)
         rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
         head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99)
         if head is None:

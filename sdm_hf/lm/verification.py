@@ -34,6 +34,7 @@ def fit_split_head(
     seed: int,
     base_model: str | None = None,
     progress: bool = False,
+    texts: list[str] | None = None,
 ) -> tuple[SDMHead | None, torch.Tensor]:
     """Fit a 2-class (No/Yes) SDM head on ``features`` split 50/50 at random.
 
@@ -52,6 +53,8 @@ def fit_split_head(
         seed: seeds the split and the fit.
         base_model: recorded in the head's config (which model the features come from).
         progress: the fit's tqdm bar (shuffles x epochs).
+        texts: ``[N]`` the documents' texts, kept with the head's support rows (the nearest
+            exemplar's text explains a verdict) and calibration rows.
 
     Returns:
         ``(head, support_row)``: the head, or None (with a warning: beta = e) when a half has
@@ -97,6 +100,8 @@ def fit_split_head(
             resplit=False,
             seed=seed,
             progress=progress,
+            train_texts=None if texts is None else [texts[i] for i in train_idx.tolist()],
+            calib_texts=None if texts is None else [texts[i] for i in calib_idx.tolist()],
         )
     support_row[document_ids[train_idx]] = torch.arange(half)
     head.compute_training_distance_lists()

@@ -267,3 +267,26 @@ def test_resume_from_a_checkpoint_with_the_former_state_file(tmp_path):
     # saving into a folder that has the former file replaces it by the text-free one
     resumed.save_model(str(old), _internal_call=True)
     assert (old / STATE_NAME).is_file() and not (old / LEGACY_STATE_NAMES[0]).exists()
+
+
+def test_an_lm_repository_loads_as_a_causal_lm_and_its_head_explains_with_text(tmp_path):
+    """load_sdm_model of a saved SDM language model gives the causal-LM class (it can generate),
+    and the final head's nearest exemplars carry their completion texts through save and load."""
+    from transformers import pipeline
+
+    from sdm_hf.hub import load_sdm_model
+
+    trainer = make_trainer(tmp_path)
+    head = trainer.build_final_head(generate=False)
+    calibration = {d.positive for d in trainer.eval_documents} | {
+        n for d in trainer.eval_documents for n in d.negatives
+    }
+    assert head.support_texts is not None and set(head.support_texts) <= calibration
+    saved = trainer.save_sdm_model(tmp_path / "final")
+    model, loaded = load_sdm_model(saved)
+    assert hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM")
+    assert loaded.support_texts == head.support_texts
+    verify = pipeline("sdm-verify", model=str(saved), device="cpu")
+    doc = trainer.eval_documents[0]
+    out = verify({"prompt": doc.prompt, "completion": doc.positive})
+    assert out["nearest_exemplar"]["text"] in calibration
