@@ -227,6 +227,7 @@ def _run(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
+@pytest.mark.wheel
 def test_wheel_installs_in_a_clean_venv_and_runs_the_readme_example(tmp_path):
     """About a minute with pip's cache warm: builds the wheel with build isolation (pyproject's
     build-system requirements), installs torch's CPU wheel then the wheel (the rest from the

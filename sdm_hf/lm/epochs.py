@@ -260,7 +260,7 @@ class SDMEpochMixin:
         state.hard_negatives = dict(sorted(merged.items()))
 
     def fit_shared_head(
-        self, rows: list[dict], seed: int, timing: dict | None = None
+        self, rows: list[dict], seed: int, timing: dict | None = None, keep_texts: bool = False
     ) -> tuple[SDMHead | None, torch.Tensor]:
         """:meth:`fit_verification_head` once for all processes: every process computes its block
         of the features (:meth:`verification_features_of`), the main process fits, and the head
@@ -276,7 +276,9 @@ class SDMEpochMixin:
         failure: Exception | None = None
         if world[0] == 0:
             try:
-                head, support_row = self.fit_verification_head(rows, seed=seed, timing=timing, features=feats)
+                head, support_row = self.fit_verification_head(
+                    rows, seed=seed, timing=timing, features=feats, keep_texts=keep_texts
+                )
                 if head is not None:
                     timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
             except Exception as error:  # raised below on every process
@@ -409,7 +411,12 @@ class SDMEpochMixin:
         return result
 
     def fit_verification_head(
-        self, rows: list[dict], seed: int, timing: dict | None = None, features: torch.Tensor | None = None
+        self,
+        rows: list[dict],
+        seed: int,
+        timing: dict | None = None,
+        features: torch.Tensor | None = None,
+        keep_texts: bool = False,
     ) -> tuple[SDMHead | None, torch.Tensor]:
         """Fit a verification head on encoded ``rows`` (their ``reward`` is the label): the
         features of :meth:`verification_features_of`, then
@@ -420,6 +427,9 @@ class SDMEpochMixin:
             rows: :func:`~sdm_hf.lm.encoding.encode_example` rows with ``document_id``.
             seed: seeds the split and the fit.
             timing: when given, receives ``head_features_seconds`` and ``head_fit_seconds``.
+            keep_texts: store each row's completion text with the head (the final head's
+                explanations); training-time heads keep none, so checkpoint pushes carry no
+                training text.
 
         Returns:
             ``(head or None, support_row)`` as :func:`~sdm_hf.lm.verification.fit_split_head`.
@@ -433,7 +443,7 @@ class SDMEpochMixin:
         labels = torch.tensor([r["reward"] for r in rows])
         doc_ids = torch.tensor([r["document_id"] for r in rows])
         base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-        texts = [r["text"] for r in rows] if rows and all("text" in r for r in rows) else None
+        texts = [r["text"] for r in rows] if keep_texts else None
         head, support_row = fit_split_head(
             feats, labels, doc_ids, self.args, seed, base_model=base_model, progress=self._progress, texts=texts
         )
@@ -457,14 +467,15 @@ class SDMEpochMixin:
                 negative = self.wrong_generation(doc, generation)
                 if negative is not None:
                     extra.setdefault(doc.id, []).append(negative)
-        rows = []  # each with its completion's text: the head's nearest exemplars explain with it
+        rows = []
         for doc in self.eval_documents:
-            rows.append(dict(self._encode(doc, doc.positive, True), text=doc.positive))
-            rows.extend(dict(self._encode(doc, t, False), text=t) for t in doc.negatives + extra.get(doc.id, []))
+            rows.append(self._encode(doc, doc.positive, True))
+            rows.extend(self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, []))
         for doc in self.eval_negative_only_documents:  # calibration prompts without a positive
-            rows.extend(dict(self._encode(doc, t, False), text=t) for t in doc.negatives)
+            rows.extend(self._encode(doc, text, False) for text in doc.negatives)
         rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
-        head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99)
+        # the final head keeps its completion texts: its nearest exemplars explain with them
+        head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99, keep_texts=True)
         if head is None:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
         self.final_head_generated_negatives = sum(len(v) for v in extra.values())
