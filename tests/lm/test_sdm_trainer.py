@@ -93,8 +93,8 @@ def test_epochs_refresh_head_and_generate_hard_negatives(tmp_path):
     heads = []
     original = trainer.fit_verification_head
 
-    def spy(rows, seed, timing=None, features=None):
-        result = original(rows, seed, timing, features)
+    def spy(rows, seed, timing=None, features=None, keep_texts=False):
+        result = original(rows, seed, timing, features, keep_texts)
         heads.append(seed)
         return result
 
