@@ -14,7 +14,8 @@ model at the root, the head in ``sdm_head/``) that ``pipeline("sdm-text-classifi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +192,8 @@ class SDMClassifier:
             classes = len(id2label) if id2label else max(int(torch.as_tensor(train_y).max()) + 1, 2)
             config = SDMConfig(input_dim=x_train.shape[1], num_classes=classes, alpha=alpha, id2label=id2label)
         else:
-            config = _with(config, id2label=config.id2label or id2label)
-        config = _with(
+            config = replace(config, id2label=config.id2label or id2label)
+        config = replace(
             config,
             base_model=config.base_model or self.model_id or _name_of(self.model),
             base_model_path=config.base_model_path or _local_path(self.model, self.model_id),
@@ -293,12 +294,6 @@ class SDMClassifier:
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _with(config: SDMConfig, **values: Any) -> SDMConfig:
-    from dataclasses import replace
-
-    return replace(config, **values)
-
-
 def _name_of(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
@@ -325,7 +320,7 @@ def _repository_head(source: str, subfolder: str, hub: Mapping[str, Any]) -> SDM
 
 
 def _check_texts(texts: Any, name: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"{name} must be a list of strings, got {type(texts).__name__}")
     values = list(texts)
     bad = next((i for i, t in enumerate(values) if not isinstance(t, str)), None)

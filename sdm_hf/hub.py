@@ -22,7 +22,7 @@ from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
 from .model_identity import hub_id_of, same_model
 from .persistence import CARD_NAME
-from .validation import check_local_or_repo, explained_hub_failure
+from .validation import explained_hub_failure
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -183,7 +183,6 @@ def load_sdm_model(
         device: device of the head.
         model_kwargs: passed to ``model_class.from_pretrained``.
     """
-    check_local_or_repo(pretrained_model_name_or_path, "load_sdm_model")
     if isinstance(sdm_head, SDMHead):
         head = sdm_head
     elif sdm_head is not None:
