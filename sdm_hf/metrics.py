@@ -36,6 +36,7 @@ __all__ = [
     "selective_counts",
     "significantly_below",
     "binomial_standard_error",
+    "wilson_interval",
 ]
 
 
@@ -252,6 +253,36 @@ def binomial_standard_error(alpha: float, n: int) -> float:
     """``sqrt(alpha (1 - alpha) / n)``: the standard error of an accuracy over ``n`` points
     whose true accuracy is ``alpha`` (``inf`` for ``n = 0``)."""
     return math.sqrt(alpha * (1.0 - alpha) / n) if n > 0 else math.inf
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion ``successes / n`` (z = 1.96: 95%).
+
+    ``(center -/+ half) / (1 + z^2 / n)`` with ``center = p + z^2 / (2n)`` and
+    ``half = z sqrt(p (1 - p) / n + z^2 / (4 n^2))``; unlike the normal approximation it stays
+    inside [0, 1] and is not empty at ``p = 0`` or ``1`` (Wilson 1927). None for ``n = 0``.
+
+    Raises:
+        ValueError: ``n < 0``, ``successes`` outside ``0..n`` or ``z <= 0``.
+
+    Example:
+        >>> low, high = wilson_interval(9, 10)
+        >>> round(low, 3), round(high, 3)
+        (0.596, 0.982)
+    """
+    if isinstance(n, bool) or isinstance(successes, bool) or int(n) != n or int(successes) != successes:
+        raise TypeError(f"successes and n must be integers, got {successes!r} and {n!r}")
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z}")
+    if n == 0:
+        return None
+    p = successes / n
+    scale = 1.0 + z * z / n
+    center = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+    return max(0.0, (center - half) / scale), min(1.0, (center + half) / scale)
 
 
 def significantly_below(correct: int, admitted: int, alpha: float, z: float = 2.0) -> bool:

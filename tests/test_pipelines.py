@@ -185,6 +185,8 @@ def test_text_classification_reports_the_highest_tier_of_a_tiered_head(encoder_r
         assert r["high_reliability_alpha"] in (None, 0.6, head.alpha, 0.99)
         if r["high_reliability"]:
             assert r["high_reliability_alpha"] >= head.alpha
+        assert set(r["high_reliability_at"]) == {"0.6", repr(float(head.alpha)), "0.99"}
+        assert r["high_reliability_at"][repr(float(head.alpha))] == r["high_reliability"]
     assert "high_reliability_alpha" not in pipeline("sdm-text-classification", model=str(path), device="cpu")(texts[0])
 
 

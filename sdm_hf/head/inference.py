@@ -102,11 +102,16 @@ class SDMOutput:
         return self.probabilities.gather(1, self.prediction.view(-1, 1)).squeeze(1)
 
     def to_list(self, id2label: dict[int, str] | None = None) -> list[dict]:
-        """One plain (JSON-serialisable) dict per row, with label names when given."""
+        """One plain (JSON-serialisable) dict per row, with label names when given. A head with
+        ``SDMConfig.alphas`` adds ``high_reliability_alpha`` (the highest tier admitting the row,
+        None for none) and ``high_reliability_at`` (``{"0.9": bool, ...}``: membership of every
+        tier's region, keys ``repr(alpha)``; tiers are not nested, so each is stated)."""
         name = (lambda c: id2label[int(c)]) if id2label else (lambda c: int(c))
         p = self.probabilities.tolist()
         p_lower = self.probabilities_lower.tolist()
         highest = self.highest_hr_alpha
+        # tier names as strings ("0.9"): JSON object keys; tiers are not nested, so each is reported
+        tiers = [] if self.hr_alphas is None else [repr(float(a)) for a in self.hr_alphas.tolist()]
         rows = []
         for i in range(len(self)):  # formatting output records, not a numeric hot path
             row: dict[str, Any] = {
@@ -127,9 +132,10 @@ class SDMOutput:
             }
             if self.nearest_id is not None:
                 row["nearest_id"] = self.nearest_id[i]
-            if highest is not None:
+            if highest is not None and self.hr_alphas is not None and self.in_hr_at is not None:
                 top = float(highest[i])
                 row["high_reliability_alpha"] = None if math.isnan(top) else top
+                row["high_reliability_at"] = dict(zip(tiers, self.in_hr_at[i].tolist()))
             rows.append(row)
         return rows
 

@@ -55,6 +55,9 @@ class SDMEpochMixin:
     epoch_state: SDMEpochState
     epoch_log: list[dict]
     head: SDMHead | None
+    final_head_generations: list[str] | None
+    final_head_generated_negatives: int
+    final_head_calibration: str
     _encoded: dict[tuple[int, str], dict]
     _head_epoch: int | None
     _logged_epochs: set[int]
@@ -260,7 +263,12 @@ class SDMEpochMixin:
         state.hard_negatives = dict(sorted(merged.items()))
 
     def fit_shared_head(
-        self, rows: list[dict], seed: int, timing: dict | None = None, keep_texts: bool = False
+        self,
+        rows: list[dict],
+        seed: int,
+        timing: dict | None = None,
+        keep_texts: bool = False,
+        calibration_mask: torch.Tensor | None = None,
     ) -> tuple[SDMHead | None, torch.Tensor]:
         """:meth:`fit_verification_head` once for all processes: every process computes its block
         of the features (:meth:`verification_features_of`), the main process fits, and the head
@@ -277,7 +285,12 @@ class SDMEpochMixin:
         if world[0] == 0:
             try:
                 head, support_row = self.fit_verification_head(
-                    rows, seed=seed, timing=timing, features=feats, keep_texts=keep_texts
+                    rows,
+                    seed=seed,
+                    timing=timing,
+                    features=feats,
+                    keep_texts=keep_texts,
+                    calibration_mask=calibration_mask,
                 )
                 if head is not None:
                     timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
@@ -417,6 +430,7 @@ class SDMEpochMixin:
         timing: dict | None = None,
         features: torch.Tensor | None = None,
         keep_texts: bool = False,
+        calibration_mask: torch.Tensor | None = None,
     ) -> tuple[SDMHead | None, torch.Tensor]:
         """Fit a verification head on encoded ``rows`` (their ``reward`` is the label): the
         features of :meth:`verification_features_of`, then
@@ -430,6 +444,7 @@ class SDMEpochMixin:
             keep_texts: store each row's completion text with the head (the final head's
                 explanations); training-time heads keep none, so checkpoint pushes carry no
                 training text.
+            calibration_mask: ``[N]`` bool, the rows that calibrate (None: a seeded 50/50 split).
 
         Returns:
             ``(head or None, support_row)`` as :func:`~sdm_hf.lm.verification.fit_split_head`.
@@ -445,40 +460,92 @@ class SDMEpochMixin:
         base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         texts = [r["text"] for r in rows] if keep_texts else None
         head, support_row = fit_split_head(
-            feats, labels, doc_ids, self.args, seed, base_model=base_model, progress=self._progress, texts=texts
+            feats,
+            labels,
+            doc_ids,
+            self.args,
+            seed,
+            base_model=base_model,
+            progress=self._progress,
+            texts=texts,
+            calibration_mask=calibration_mask,
         )
         if head is not None:
             timing["head_fit_seconds"] = time.perf_counter() - started
         return head, support_row
 
-    def build_final_head(self, generate: bool = True) -> SDMHead:
-        """The test-time verification head, fitted on the evaluation (calibration) documents
-        only: every positive, every static negative and, with ``generate``, every wrong greedy
-        generation as a further negative (gamma_gen = gamma_diversity = 1); Schmaltz 2025, SDM
-        language models, Sec. 3.4; the calibration prompts without a positive add their
-        negatives. It becomes ``self.head`` (saved by :meth:`save_sdm_model`). With several
+    def build_final_head(
+        self, generate: bool = True, calibration: str = "mixed", generations: list[str] | None = None
+    ) -> SDMHead:
+        """The test-time verification head, fitted on the evaluation (calibration) documents only.
+
+        ``calibration="mixed"`` (the papers' procedure; Schmaltz 2025, SDM language models,
+        Sec. 3.4): every positive, every static negative and, with ``generate``, every wrong
+        greedy generation as a further negative (gamma_gen = gamma_diversity = 1), pooled and
+        split 50/50 at random into the head's training and calibration rows; the calibration
+        prompts without a positive add their negatives. Its HR promise is about rows drawn like
+        that mix.
+
+        ``calibration="generations"``: the documents are split 50/50 by prompt (seeded); one half
+        trains the head on the same mix, the other half calibrates it on the model's own greedy
+        generation of each prompt, labelled Yes/No by the verifier. Calibration rows are then
+        drawn like test-time generations, so the region's class-conditional promise is about the
+        model's own outputs (as long as the model is not changed afterwards).
+
+        It becomes ``self.head`` (saved by :meth:`save_sdm_model`); the greedy generations of the
+        evaluation documents are kept in ``self.final_head_generations`` (pass them back as
+        ``generations`` to build the other head without generating again). With several
         processes every process must call it (generation and features are shared; the head is
-        fitted on the main process and sent to the others)."""
+        fitted on the main process and sent to the others).
+
+        Raises:
+            ValueError: no evaluation set, an unknown ``calibration``, ``generations`` of the wrong
+                length, or too few positives and negatives for a head.
+        """
         if not self._eval_versions.rows or self.eval_documents is None:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
+        if calibration not in ("mixed", "generations"):
+            raise ValueError(f"calibration must be 'mixed' or 'generations', got {calibration!r}")
+        documents = self.eval_documents
+        if generations is None and (generate or calibration == "generations"):
+            generations = self.generate_shared(documents)
+        if generations is not None and len(generations) != len(documents):
+            raise ValueError(
+                f"generations must hold one text per evaluation document ({len(documents)}), got {len(generations)}"
+            )
+        self.final_head_generations = generations
+        calibrating = set()
+        if calibration == "generations":
+            order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(int(self.args.seed) + 98))
+            calibrating = set(order[len(documents) // 2 :].tolist())
         extra: dict[int, list[str]] = {}
-        if generate:
-            for doc, generation in zip(self.eval_documents, self.generate_shared(self.eval_documents)):
-                negative = self.wrong_generation(doc, generation)
-                if negative is not None:
-                    extra.setdefault(doc.id, []).append(negative)
-        rows = []
-        for doc in self.eval_documents:
-            rows.append(self._encode(doc, doc.positive, True))
-            rows.extend(self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, []))
+        rows, in_calibration = [], []
+        for i, doc in enumerate(documents):
+            generation = None if generations is None else generations[i]
+            if generation is not None and i in calibrating:  # the model's own output, labelled by r
+                content = self.control_tokens.remove_suffix(generation)
+                correct = bool(self.verifier(self.control_tokens.remove_suffix(doc.positive), content))
+                rows.append(self._encode(doc, self.control_tokens.add(content, correct), correct))
+                in_calibration.append(True)
+                continue
+            negative = None if generation is None or not generate else self.wrong_generation(doc, generation)
+            if negative is not None:
+                extra.setdefault(doc.id, []).append(negative)
+            versions = [self._encode(doc, doc.positive, True)]
+            versions += [self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, [])]
+            rows.extend(versions)
+            in_calibration.extend([False] * len(versions))
         for doc in self.eval_negative_only_documents:  # calibration prompts without a positive
             rows.extend(self._encode(doc, text, False) for text in doc.negatives)
+            in_calibration.extend([False] * len(doc.negatives))
         rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
+        mask = torch.tensor(in_calibration, dtype=torch.bool) if calibration == "generations" else None
         # the final head keeps its completion texts: its nearest exemplars explain with them
-        head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99, keep_texts=True)
+        head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99, keep_texts=True, calibration_mask=mask)
         if head is None:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
         self.final_head_generated_negatives = sum(len(v) for v in extra.values())
+        self.final_head_calibration = calibration
         self.head = head
         return head
 

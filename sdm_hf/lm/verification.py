@@ -35,12 +35,13 @@ def fit_split_head(
     base_model: str | None = None,
     progress: bool = False,
     texts: list[str] | None = None,
+    calibration_mask: torch.Tensor | None = None,
 ) -> tuple[SDMHead | None, torch.Tensor]:
-    """Fit a 2-class (No/Yes) SDM head on ``features`` split 50/50 at random.
+    """Fit a 2-class (No/Yes) SDM head on ``features`` split 50/50 at random (or as given).
 
     The split is a permutation seeded by ``seed`` (the first half trains the head, the rest
-    calibrates it); the fit uses the ``head_*`` settings and ``alpha`` of ``args`` with
-    ``resplit=False``, and warnings of an empty high-reliability region, normal early in
+    calibrates it), or ``calibration_mask`` when given; the fit uses the ``head_*`` settings
+    and ``alpha`` of ``args`` with ``resplit=False``, and warnings of an empty high-reliability region, normal early in
     training, are silenced. With ``head_procedure="auto"`` and fewer than 4 rows of a class in
     the training half (too few to hold some out), that fit uses ``"fast"``'s selection instead
     (``head.selection["procedure"]`` says which).
@@ -55,6 +56,8 @@ def fit_split_head(
         progress: the fit's tqdm bar (shuffles x epochs).
         texts: ``[N]`` the documents' texts, kept with the head's support rows (the nearest
             exemplar's text explains a verdict) and calibration rows.
+        calibration_mask: ``[N]`` bool, True for the rows Algorithm 1 calibrates on (the rest
+            train the head); None: the seeded 50/50 split.
 
     Returns:
         ``(head, support_row)``: the head, or None (with a warning: beta = e) when a half has
@@ -62,9 +65,15 @@ def fit_split_head(
         row of each document in its training half and -1 for the others, so a document is
         not its own nearest neighbour when the loss reads the head.
     """
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    half = len(labels) // 2
-    train_idx, calib_idx = perm[:half], perm[half:]
+    if calibration_mask is None:
+        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        train_idx, calib_idx = perm[: len(labels) // 2], perm[len(labels) // 2 :]
+    else:
+        mask = torch.as_tensor(calibration_mask, dtype=torch.bool)
+        if mask.shape != labels.shape:
+            raise ValueError(f"calibration_mask must have shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        train_idx, calib_idx = torch.nonzero(~mask).view(-1), torch.nonzero(mask).view(-1)
+    half = len(train_idx)
     support_row = torch.full((int(document_ids.max()) + 1,), -1, dtype=torch.long)
     counts = [torch.bincount(labels[part], minlength=2) for part in (train_idx, calib_idx)]
     if any(int(c.min()) < 2 for c in counts):

@@ -11,9 +11,11 @@ __all__ = ["tiers", "nearest_exemplar", "text_result"]
 
 
 def tiers(record: dict[str, Any]) -> dict[str, Any]:
-    """``{"high_reliability_alpha": ...}`` for a head with ``SDMConfig.alphas`` (the highest alpha
-    whose HR region admits the input, None for none), else ``{}``."""
-    return {"high_reliability_alpha": record["high_reliability_alpha"]} if "high_reliability_alpha" in record else {}
+    """For a head with ``SDMConfig.alphas``: ``high_reliability_alpha`` (the highest alpha whose HR
+    region admits the input, None for none) and ``high_reliability_at`` (``{"0.9": bool, ...}``,
+    membership of each tier's region: tiers are not nested); else ``{}``."""
+    keys = ("high_reliability_alpha", "high_reliability_at")
+    return {k: record[k] for k in keys if k in record}
 
 
 def nearest_exemplar(head: SDMHead, index: int) -> dict:

@@ -38,6 +38,9 @@ def test_each_tier_equals_the_head_recalibrated_at_that_alpha(small_head):
     records = out.to_list()
     assert all("high_reliability_alpha" in r for r in records)
     assert {r["high_reliability_alpha"] for r in records} <= {None, *out.hr_alphas.tolist()}
+    for r, flags in zip(records, out.in_hr_at.tolist()):  # every tier's membership, keyed by the alpha
+        assert r["high_reliability_at"] == {"0.8": flags[0], "0.9": flags[1], "0.99": flags[2]}
+    json.dumps(records, allow_nan=False)
 
 
 def test_tiers_are_saved_with_the_head_and_old_heads_keep_format_2(small_head, tmp_path):

@@ -275,6 +275,31 @@ def test_final_head_uses_wrong_generations(tmp_path):
     assert head.support.ntotal + head.calibration_arrays["labels"].numel() == positives + negatives
 
 
+def test_final_head_calibrated_on_the_models_own_generations(tmp_path):
+    trainer = make_trainer(tmp_path, num_train_epochs=1, use_sdm_loss=False)
+    docs = trainer.eval_documents
+    control = trainer.control_tokens
+    # stand-in generations: right for even documents, wrong (content of another) for odd ones
+    generations = [d.positive if i % 2 == 0 else docs[(i + 1) % len(docs)].positive for i, d in enumerate(docs)]
+    head = trainer.build_final_head(calibration="generations", generations=generations)
+    assert trainer.final_head_calibration == "generations" and trainer.final_head_generations == generations
+    labels = head.calibration_arrays["labels"]
+    half = len(docs) - len(docs) // 2  # one calibration row per held-out prompt: its generation
+    assert labels.numel() == half
+    # the training half holds the papers' mix of the other prompts (each positive and its negatives)
+    held_out = [i for i, d in enumerate(docs) if d.positive not in head.support_texts]
+    assert len(held_out) == half and head.support.ntotal >= 2 * (len(docs) - half)
+    verdicts = [
+        trainer.verifier(control.remove_suffix(docs[i].positive), control.remove_suffix(generations[i]))
+        for i in held_out
+    ]
+    assert int(labels.sum()) == sum(verdicts) and 0 < sum(verdicts) < half
+    with pytest.raises(ValueError, match="'mixed' or 'generations'"):
+        trainer.build_final_head(calibration="own")
+    with pytest.raises(ValueError, match="one text per evaluation document"):
+        trainer.build_final_head(generations=generations[:3])
+
+
 def test_gpt2_style_model_trains_and_verifies(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
