@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,10 +49,11 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 import word_order_data as wod  # noqa: E402
 import word_order_models as wom  # noqa: E402
+import word_order_report as report  # noqa: E402
 
 from sdm_hf.fit import PROCEDURES  # noqa: E402
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
-from sdm_hf.metrics import selective_classification_report  # noqa: E402
+from sdm_hf.metrics import selective_classification_report, selective_counts  # noqa: E402
 from sdm_hf.output_dir import prepare_output_dir, seal_output_dir, unseal_output_dir  # noqa: E402
 
 RUNS = {
@@ -92,6 +94,8 @@ SETTINGS = (
     "max_new_tokens",
     "alpha",
     "extra_alphas",
+    "final_heads",
+    "split_seed",
     "gamma_gen",
     "hard_negatives_from_epoch",
     "seed",
@@ -116,7 +120,7 @@ DEFAULTS = {
     "warmup_ratio": 0.0,
     "evaluations_per_epoch": 1,
     "select_best": False,
-    "head_procedure": "paper",
+    "head_procedure": "auto",
     "max_new_tokens": 72,
     "generation_batch_size": 64,
     "bf16": False,
@@ -150,8 +154,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--head-procedure",
         choices=sorted(PROCEDURES),
-        help="settings of every verification-head fit: paper (default: 200 epochs at lr 1e-5) or fast "
-        "(lr 1e-3, early stopping)",
+        help="settings of every verification-head fit: auto (default: fit_sdm_head's default, settings chosen "
+        "on held-out training rows), paper (200 epochs at lr 1e-5) or fast (lr 1e-3, early stopping)",
     )
     p.add_argument("--head-epochs", type=int, help="epochs of every verification-head fit (default: the procedure's)")
     p.add_argument("--head-exemplar-dim", type=int, default=1000)
@@ -160,8 +164,23 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision (GPU)")
     p.add_argument("--lora-rank", type=int, help="0 = full fine-tuning (default); > 0: a LoRA adapter")
     p.add_argument("--max-steps", type=int, help="stop each run after this many optimizer steps (smoke tests)")
-    p.add_argument("--alpha", type=float, default=0.95)
-    p.add_argument("--extra-alphas", type=float, nargs="*", default=[0.9], help="also report the HR region here")
+    p.add_argument("--alpha", type=float, default=0.95, help="the heads' own alpha")
+    p.add_argument(
+        "--extra-alphas",
+        type=float,
+        nargs="*",
+        default=[0.9, 0.8, 0.7],
+        help="risk tiers: the HR region at these alphas too, from the same calibration (SDMConfig.alphas)",
+    )
+    p.add_argument(
+        "--final-heads",
+        nargs="+",
+        default=["mixed", "generations"],
+        choices=["mixed", "generations"],
+        help="test-time heads to build and compare: mixed (the papers' calibration rows: positives, static "
+        "negatives, wrong generations) and generations (calibrated on the model's own greedy generations of "
+        "held-out calibration prompts, labelled by the checker); the first one generates the test sets",
+    )
     p.add_argument("--gamma-gen", type=float, default=0.5, help="hard-negative generation rate of the +HN runs")
     p.add_argument("--hard-negatives-from-epoch", type=int, default=1, help="0-based; the paper: the second epoch")
     p.add_argument(
@@ -176,7 +195,20 @@ def parse_args(argv=None):
         nargs="+",
         help="run the search once per alpha, the head recalibrated there (default: --alpha)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed: data order, version draws, head splits")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="a seed study: one run of everything per seed (out/seed_<k>/, each resumable), then the paired "
+        "comparison over seeds (out/comparison.md, comparison.json, admitted_vs_alpha.png)",
+    )
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the data partition (0: the partition the committed base model was trained on; keep it)",
+    )
     p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier call (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
@@ -188,7 +220,10 @@ def parse_args(argv=None):
         if args.preset:
             args.out = HERE / "results" / wom.model_label(args.base_model)
         else:
-            args.out = HERE / "results" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
+            args.out = HERE / "results" / "cpu" if args.demo else HERE.parents[1] / "outputs" / "word_ordering"
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        p.error("--seeds must not repeat a seed")
+    args.final_heads = list(dict.fromkeys(args.final_heads))
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     if args.head_epochs is not None and args.head_epochs < 1:
@@ -212,7 +247,13 @@ def slug(run: str) -> str:
 
 
 def settings_of(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in SETTINGS}
+    """The settings a resumed folder must share (a seed study's folder: all but the seed)."""
+    study = getattr(args, "seeds", None) is not None
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k in SETTINGS and not (study and k == "seed")
+    }
 
 
 def prepare_folder(args) -> Path:
@@ -243,11 +284,11 @@ def data_splits(args):
     if args.corpus == "reviews":  # sized as asked: whole review pairs per split
         sizes = {"train": args.train_size, "calibration": args.calibration_size, "test": args.test_size}
         splits, summary = wod.build_splits(
-            sizes, shifted=args.shifted_size, seed=args.seed, template=template, corpus="reviews"
+            sizes, shifted=args.shifted_size, seed=args.split_seed, template=template, corpus="reviews"
         )
     else:
         sizes = {"sft": 2400, "train": 1200, "calibration": 1000, "test": -1}  # fixed partition (the base model's)
-        splits, summary = wod.build_splits(sizes, seed=args.seed, template=template)
+        splits, summary = wod.build_splits(sizes, seed=args.split_seed, template=template)
     take = {
         "train": args.train_size,
         "calibration": args.calibration_size,
@@ -325,10 +366,32 @@ def _verifier(trainer: SDMTrainer, head):
     )
 
 
-def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, list[dict]]:
-    """Greedy generation + verification with ``pipeline("sdm-verify")`` on one test set."""
+def alphas_of(args) -> list[float]:
+    """The reported alphas, highest first: the heads' own and the risk tiers."""
+    return sorted({float(args.alpha), *map(float, args.extra_alphas)}, reverse=True)
+
+
+def tier_counts(y: torch.Tensor, outputs: list[dict], args) -> dict:
+    """Per alpha (key ``repr(alpha)``): :func:`selective_counts` of the head's verdicts admitted by
+    that tier's HR region (marginal, per true class, per verdict)."""
+    verified = torch.tensor([o["verified"] for o in outputs]).long()
+    counts = {}
+    for alpha in alphas_of(args):
+        key = repr(alpha)
+        admitted = torch.tensor([bool(o.get("high_reliability_at", {}).get(key, False)) for o in outputs])
+        if alpha == float(args.alpha) and "high_reliability_at" not in (outputs[0] if outputs else {}):
+            admitted = torch.tensor([o["high_reliability"] for o in outputs])
+        counts[key] = selective_counts(y, verified, admitted, 2, {0: "No", 1: "Yes"})
+    return counts
+
+
+def verify_test_set(trainer: SDMTrainer, heads: dict, dataset, args) -> tuple[dict, list[dict]]:
+    """Greedy generation + verification with ``pipeline("sdm-verify")`` on one test set: the
+    first of ``heads`` (kind -> head, each with its risk tiers) generates and verifies; the
+    others verify the same generations (no new generation)."""
     control = trainer.control_tokens
-    verifier = _verifier(trainer, head)
+    kinds = list(heads)
+    verifier = _verifier(trainer, heads[kinds[0]])
     started = time.perf_counter()
     outputs = verifier(
         list(dataset["prompt"]), batch_size=args.generation_batch_size, max_new_tokens=args.max_new_tokens
@@ -354,6 +417,14 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
     )
     sentence_correct, exact = wod.score_generations(generations, dataset)
     n = len(generations)
+    by_kind = {kinds[0]: outputs}
+    pairs = [{"prompt": p, "completion": g} for p, g in zip(dataset["prompt"], generations)]
+    for kind in kinds[1:]:  # the same generations, verified by another head
+        by_kind[kind] = _verifier(trainer, heads[kind])(pairs, batch_size=args.generation_batch_size)
+    nothing = {"verified": False, "high_reliability": False, "high_reliability_at": {}}
+    missing = [kind for kind in args.final_heads if kind not in heads]  # a head that could not be built
+    by_kind.update({kind: [nothing] * n for kind in missing})  # admits nothing
+    kinds = list(args.final_heads)
     metrics = {
         "n": n,
         "sentence_accuracy": sum(sentence_correct) / n,
@@ -362,43 +433,75 @@ def verify_test_set(trainer: SDMTrainer, head, dataset, args) -> tuple[dict, lis
         "ood": sum(o["is_ood"] for o in outputs),
         "generate_and_verify_seconds": seconds,
         "report": report.to_dict(),
-        "hr_at": {},
+        "tiers": {kind: tier_counts(y, by_kind[kind], args) for kind in kinds},
+        "head_accuracy_no_rejection": {
+            kind: None
+            if kind in missing
+            else sum(int(o["verified"]) == int(t) for o, t in zip(by_kind[kind], y.tolist())) / n
+            for kind in kinds
+        },
     }
-    # the same generations verified by the same head recalibrated at other alphas (Algorithm 1
-    # only; nothing is regenerated)
-    pairs = [{"prompt": p, "completion": g} for p, g in zip(dataset["prompt"], generations)]
-    for alpha in args.extra_alphas:
-        head.recalibrate(alpha=alpha)
-        try:
-            again = verifier(pairs, batch_size=args.generation_batch_size)
-        finally:
-            head.recalibrate(alpha=args.alpha)
-        at = selective_classification_report(
-            y,
-            {
-                "SDM HR region": (
-                    torch.tensor([o["verified"] for o in again]).long(),
-                    torch.tensor([o["high_reliability"] for o in again]),
-                )
-            },
-            2,
-            {0: "No", 1: "Yes"},
-        )
-        metrics["hr_at"][str(alpha)] = at.rows[0]
     records = [
         {
             "sentence": s,
             "generation": g,
             "y": int(label),
-            "verified": o["verified"],
-            "probability": o["probability"],
-            "high_reliability": o["high_reliability"],
-            "q": o["q"],
-            "d": o["d"],
+            "model_said": o["model_said"],
+            "heads": {
+                kind: None
+                if kind in missing
+                else {
+                    "verified": by_kind[kind][i]["verified"],
+                    "probability": by_kind[kind][i]["probability"],
+                    "high_reliability": by_kind[kind][i]["high_reliability"],
+                    "high_reliability_at": by_kind[kind][i].get("high_reliability_at"),
+                    "q": by_kind[kind][i]["q"],
+                    "d": by_kind[kind][i]["d"],
+                }
+                for kind in kinds
+            },
         }
-        for s, g, label, o in zip(dataset["sentence"], generations, y.tolist(), outputs)
+        for i, (s, g, label, o) in enumerate(zip(dataset["sentence"], generations, y.tolist(), outputs))
     ]
     return metrics, records
+
+
+def final_heads(trainer: SDMTrainer, args) -> tuple[dict, dict]:
+    """The test-time heads of ``args.final_heads`` (one greedy generation pass over the
+    calibration prompts serves all), each with the risk tiers ``args.extra_alphas``, and their
+    calibration summaries."""
+    heads, summaries, generations = {}, {}, None
+    for kind in args.final_heads:
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an empty HR region is reported in the tables
+            try:
+                head = trainer.build_final_head(generate=True, calibration=kind, generations=generations)
+            except ValueError as error:  # e.g. too few right or wrong own generations to calibrate on
+                if not heads and kind == args.final_heads[-1]:
+                    raise
+                generations = trainer.final_head_generations
+                summaries[kind] = {"unavailable": str(error), "seconds": time.perf_counter() - started}
+                print(f"no {kind} head: {error} (it admits nothing in the tables)")
+                continue
+            head.config = replace(head.config, alphas=[a for a in args.extra_alphas if a != args.alpha] or None)
+        generations = trainer.final_head_generations
+        rows = head.calibration_report(alphas=alphas_of(args)).rows
+        heads[kind] = head
+        summaries[kind] = {
+            "q_min": head.q_min if math.isfinite(head.q_min) else None,
+            "psi": [v if math.isfinite(v) else None for v in head.thresholds.tolist()],
+            "calibration_points": sum(r["n"] for r in rows if r["alpha"] == args.alpha),
+            "calibration_hr_admitted_at": {
+                repr(a): sum(r["admitted"] for r in rows if r["alpha"] == a) for a in alphas_of(args)
+            },
+            "calibration_yes": int(head.calibration_arrays["labels"].sum()),
+            "generated_negatives": trainer.final_head_generated_negatives,
+            "support_points": int(head.support.labels.numel()),
+            "procedure": (head.selection or {}).get("procedure"),
+            "seconds": time.perf_counter() - started,
+        }
+    return heads, summaries
 
 
 def search_test_set(trainer: SDMTrainer, head, dataset, args) -> dict:
@@ -469,21 +572,12 @@ def run_one(run: str, args, out: Path, splits) -> dict:
     if RUNS[run]["train"]:
         result = trainer.train()
         train_seconds = float(result.metrics["train_runtime"])
-    head_started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # an empty HR region is reported in the tables
-        head = trainer.build_final_head(generate=True)
-    final_head_seconds = time.perf_counter() - head_started
-    calibration = head.calibration_report(alphas=args.extra_alphas)
-    admitted_at = {
-        str(a): sum(r["admitted"] for r in calibration.rows if r["alpha"] == a)
-        for a in [args.alpha, *args.extra_alphas]
-    }
-    admitted = admitted_at[str(args.alpha)]
-    cal_n = sum(r["n"] for r in calibration.rows if r["alpha"] == args.alpha)
+    heads, summaries = final_heads(trainer, args)
+    head = heads[args.final_heads[0]]
     log = trainer.epoch_log
     metrics = {
         "run": run,
+        "seed": args.seed,
         "train_runtime_seconds": train_seconds,
         "seconds": {
             "train (incl. refreshes and evaluations)": train_seconds,
@@ -491,7 +585,7 @@ def run_one(run: str, args, out: Path, splits) -> dict:
             "head refresh (features + fit)": sum(
                 e.get("head_features_seconds", 0.0) + e.get("head_fit_seconds", 0.0) for e in log
             ),
-            "final head (generation + fit)": final_head_seconds,
+            "final heads (generation + fits)": sum(h["seconds"] for h in summaries.values()),
         },
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_eval_loss": trainer.state.best_metric,
@@ -499,19 +593,11 @@ def run_one(run: str, args, out: Path, splits) -> dict:
             {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
         ],
         "epoch_log": log,
-        "final_head": {
-            "q_min": head.q_min if math.isfinite(head.q_min) else None,
-            "psi": [v if math.isfinite(v) else None for v in head.thresholds.tolist()],
-            "calibration_points": cal_n,
-            "calibration_hr_admitted": admitted,
-            "calibration_hr_admitted_at": admitted_at,
-            "generated_negatives": trainer.final_head_generated_negatives,
-            "support_points": int(head.support.labels.numel()),
-        },
+        "final_heads": summaries,
         "test": {},
     }
     for name in TEST_SETS:
-        metrics["test"][name], records = verify_test_set(trainer, head, splits[name], args)
+        metrics["test"][name], records = verify_test_set(trainer, heads, splits[name], args)
         with (folder / f"generations_{name}.jsonl").open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, allow_nan=False) + "\n")
@@ -540,160 +626,51 @@ def run_one(run: str, args, out: Path, splits) -> dict:
     return metrics
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "R"
-    return f"{value:.3f}"
-
-
-def tables(results: dict, args, summary: dict) -> str:
+def header_lines(args, title: str) -> list[str]:
+    """The settings line every table starts with."""
     tuning = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tuning"
-    lines = [
-        "# Word ordering: SDM fine-tuning vs standard fine-tuning",
+    procedure = args.head_procedure
+    epochs = args.head_epochs or PROCEDURES[procedure]["epochs"]
+    return [
+        f"# {title}",
         "",
         f"Base model `{wom.model_label(args.base_model)}` ({tuning}); {args.corpus} sentences, "
         f"train {args.train_size}, calibration {args.calibration_size}; {args.epochs} epochs, batch "
-        f"{args.batch_size} x {args.gradient_accumulation}, lr {args.learning_rate}; "
-        f"heads: procedure {args.head_procedure}, "
-        f"{args.head_epochs or PROCEDURES[args.head_procedure]['epochs']} epochs, "
-        f"M = {args.head_exemplar_dim}; alpha = {args.alpha}; device {wom.device_facts()['name']}. "
+        f"{args.batch_size} x {args.gradient_accumulation}, lr {args.learning_rate}; verification heads: "
+        f"fit_sdm_head procedure '{procedure}'{' (the default)' if procedure == 'auto' else ''}, at most {epochs} "
+        f"epochs, M = {args.head_exemplar_dim}; alpha = {args.alpha}, risk tiers "
+        f"{', '.join(map(str, args.extra_alphas)) or 'none'}; device {wom.device_facts()['name']}. "
         "y = r(positive, generation) (exact match of the sentence content).",
-        "",
-        "## HR region of the test-time head (paper Table 2)",
-        "",
-        "Accuracy of the head's verdict among admitted generations (R: nothing admitted) and the admitted "
-        "proportion n/|D|; higher n/|D| is better provided the accuracy is >= alpha.",
-        "",
-        "| test set | run | HR accuracy | n/|D| | n | |D| | worst class-cond. acc. | "
-        + " | ".join(f"at alpha {a}: HR acc. / n/|D|" for a in args.extra_alphas)
-        + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(args.extra_alphas),
     ]
-    for name in TEST_SETS:
-        for run, m in results.items():
-            t = m["test"][name]
-            hr = t["report"]["estimators"][0]
-            worst = [g["accuracy"] for g in hr["class_conditional"] if g["accuracy"] is not None]
-            extra = [t["hr_at"][str(a)]["marginal"] for a in args.extra_alphas]
-            lines.append(
-                f"| {TEST_NAMES[args.corpus][name]} | {run} | {_fmt(hr['marginal']['accuracy'])} | "
-                f"{hr['marginal']['proportion']:.3f} | {hr['marginal']['admitted']} | {t['n']} | "
-                f"{_fmt(min(worst) if worst else None)} | "
-                + " | ".join(f"{_fmt(g['accuracy'])} / {g['proportion']:.3f}" for g in extra)
-                + " |"
-            )
-    lines += [
-        "",
-        "## Generations, no selection (paper Table 3)",
-        "",
-        "| test set | run | sentence accuracy | exact match | head accuracy, no rejection | LM's own Yes/No accuracy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in TEST_SETS:
-        for run, m in results.items():
-            t = m["test"][name]
-            est = t["report"]["estimators"]
-            lines.append(
-                f"| {TEST_NAMES[args.corpus][name]} | {run} | {t['sentence_accuracy']:.3f} | "
-                f"{t['exact_match_accuracy']:.3f} | "
-                f"{_fmt(est[1]['marginal']['accuracy'])} | {_fmt(est[2]['marginal']['accuracy'])} |"
-            )
-    lines += [
-        "",
-        "## Test-time heads on the calibration set (paper Table 5)",
-        "",
-        "| run | q'_min | psi | calibration points | HR admitted (calibration) | "
-        + " | ".join(f"HR admitted at {a}" for a in args.extra_alphas)
-        + " | generated negatives | train time |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(args.extra_alphas),
-    ]
-    for run, m in results.items():
-        h = m["final_head"]
-        psi = ", ".join("inf" if v is None else f"{v:.3f}" for v in h["psi"])
-        q = "inf" if h["q_min"] is None else f"{h['q_min']:.2f}"
-        lines.append(
-            f"| {run} | {q} | {psi} | {h['calibration_points']} | {h['calibration_hr_admitted']} | "
-            + "".join(f"{h['calibration_hr_admitted_at'][str(a)]} | " for a in args.extra_alphas)
-            + f"{h['generated_negatives']} | {m['train_runtime_seconds']:.0f} s |"
-        )
-    lines += ["", f"Data: {json.dumps(summary['used'])}; skipped lines: {json.dumps(summary['skipped'])}.", ""]
-    return "\n".join(lines)
 
 
-def plots(results: dict, out: Path, alpha: float, corpus: str = "saplma") -> None:
-    try:
-        from sdm_hf.metrics import SelectiveClassificationReport
-        from sdm_hf.plots import _pyplot, plot_accuracy_vs_admission
-    except ImportError:  # pragma: no cover - plots are optional
-        return
-    reports = {}
-    for name in TEST_SETS:
-        rows = []
-        for run, m in results.items():
-            row = dict(m["test"][name]["report"]["estimators"][0])
-            row["estimator"] = run
-            rows.append(row)
-        reports[TEST_NAMES[corpus][name]] = SelectiveClassificationReport(
-            rows, results[next(iter(results))]["test"][name]["n"], ["No", "Yes"]
-        )
-    plot_accuracy_vs_admission(reports, out / "accuracy_vs_admission.png", alpha=alpha, title="HR region per run")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / max(len(results), 1)
-    for i, (run, m) in enumerate(results.items()):
-        values = [m["test"][name]["report"]["estimators"][0]["marginal"]["proportion"] for name in TEST_SETS]
-        bars = ax.bar([j + i * width for j in range(len(TEST_SETS))], values, width, label=run)
-        for bar, name in zip(bars, TEST_SETS):
-            acc = m["test"][name]["report"]["estimators"][0]["marginal"]["accuracy"]
-            ax.annotate(
-                "R" if acc is None else f"{acc:.2f}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(TEST_SETS))])
-    ax.set_xticklabels([TEST_NAMES[corpus][n] for n in TEST_SETS])
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("admitted proportion n/|D| (label: HR accuracy)")
-    ax.set_title(f"Generations in the high-reliability region (alpha = {alpha})")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "admitted.png", dpi=120)
-    plt.close(fig)
+def plot_search(results: dict, out: Path) -> None:
+    """search.png: the share of test prompts verified within n attempts, per run and alpha."""
     searched = [(run, search) for run, m in results.items() for search in m.get("search") or []]
-    if searched:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run, search in searched:
-            steps = range(1, search["depth"] + 1)
-            ax.plot(steps, search["verified_after"], marker="o", label=f"{run}, alpha = {search['alpha']}")
-            for n, share, acc in zip(steps, search["verified_after"], search["accuracy_of_verified_after"]):
-                ax.annotate("R" if acc is None else f"{acc:.2f}", (n, share), fontsize=7, va="bottom")
-        ax.set_xlabel("attempts (1 = greedy only)")
-        ax.set_ylabel("share of test prompts verified in the HR region")
-        ax.set_title("Test-time search (label: accuracy of the verified)")
-        ax.set_xticks(list(range(1, max(s["depth"] for _, s in searched) + 1)))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "search.png", dpi=120)
-        plt.close(fig)
+    if not searched:
+        return
+    from sdm_hf.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, search in searched:
+        steps = range(1, search["depth"] + 1)
+        ax.plot(steps, search["verified_after"], marker="o", label=f"{run}, alpha = {search['alpha']}")
+        for n, share, acc in zip(steps, search["verified_after"], search["accuracy_of_verified_after"]):
+            ax.annotate(report.fmt(acc, 2), (n, share), fontsize=7, va="bottom")
+    ax.set_xlabel("attempts (1 = greedy only)")
+    ax.set_ylabel("share of test prompts verified in the HR region")
+    ax.set_title("Test-time search (label: accuracy of the verified)")
+    ax.set_xticks(list(range(1, max(s["depth"] for _, s in searched) + 1)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "search.png", dpi=120)
+    plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = prepare_folder(args)
-    command = "python recipes/word_ordering/word_order_experiment.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    (out / "command.txt").write_text(command + "\n", encoding="utf-8")
-    torch.manual_seed(args.seed)
-    splits, summary = data_splits(args)
-    (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    started = time.perf_counter()
-    results = {run: run_one(run, args, out, splits) for run in args.runs}
-    text = tables(results, args, summary)
+def search_text(results: dict) -> str:
+    text = ""
     for run, m in results.items():
         for search in m.get("search") or []:
             shares = ", ".join(f"{n + 1}: {v:.1%}" for n, v in enumerate(search["verified_after"]))
@@ -701,19 +678,44 @@ def main(argv=None) -> int:
                 f"\nTest-time search ({run}, alpha = {search['alpha']}: {search['calibration_admitted']} calibration "
                 f"points in the HR region; {search['n']} test prompts, {search['attempts_made']} attempts, "
                 f"{search['seconds']:.0f} s): verified in the HR region after n attempts: {shares}; accuracy of "
-                f"the verified: {', '.join(_fmt(a) for a in search['accuracy_of_verified_after'])}. See search.png.\n"
+                f"the verified: {', '.join(report.fmt(a) for a in search['accuracy_of_verified_after'])}. "
+                "See search.png.\n"
             )
-            if search.get("per_attempt"):
-                per = search["per_attempt"]
-                text += (
-                    "Per attempt (1 = greedy): made / head says Yes / in the HR region: "
-                    + "; ".join(
-                        f"{k + 1}: {m} / {y} / {h}"
-                        for k, (m, y, h) in enumerate(zip(per["made"], per["head_yes"], per["in_hr_region"]))
-                    )
-                    + ".\n"
+            per = search["per_attempt"]
+            text += (
+                "Per attempt (1 = greedy): made / head says Yes / in the HR region: "
+                + "; ".join(
+                    f"{k + 1}: {m} / {y} / {h}"
+                    for k, (m, y, h) in enumerate(zip(per["made"], per["head_yes"], per["in_hr_region"]))
                 )
-    (out / "tables.md").write_text(text + f"\nCommand: `{command}`\n", encoding="utf-8")
+                + ".\n"
+            )
+    return text
+
+
+def command_line(argv) -> str:
+    return "python recipes/word_ordering/word_order_experiment.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def run_seed(args, command: str) -> tuple[dict, str]:
+    """Every run of ``args.runs`` at ``args.seed`` into ``args.out`` (resumable); its tables,
+    figure and results.json. Returns ``(run -> metrics, tables markdown)``."""
+    out = prepare_folder(args)
+    (out / "command.txt").write_text(command + "\n", encoding="utf-8")
+    torch.manual_seed(args.seed)
+    splits, summary = data_splits(args)
+    (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    results = {run: run_one(run, args, out, splits) for run in args.runs}
+    names = TEST_NAMES[args.corpus]
+    footer = [
+        f"Data: {json.dumps(summary['used'])}; skipped lines: {json.dumps(summary['skipped'])}.",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
+    title = f"Word ordering: SDM fine-tuning vs standard fine-tuning (seed {args.seed})"
+    text = report.seed_tables(results, header_lines(args, title), names, footer) + search_text(results)
+    (out / "tables.md").write_text(text, encoding="utf-8")
     (out / "results.json").write_text(
         json.dumps(
             {
@@ -729,10 +731,43 @@ def main(argv=None) -> int:
         + "\n",
         encoding="utf-8",
     )
-    plots(results, out, args.alpha, args.corpus)
+    one = report.study_summary({args.seed: results})
+    report.plot_admitted_vs_alpha(one, out / "admitted_vs_alpha.png", names, f"HR region vs alpha (seed {args.seed})")
+    plot_search(results, out)
     seal_output_dir(out, "word_order_experiment.py")  # a later --overwrite refuses files added by hand
+    return results, text
+
+
+def run_study(args, command: str) -> str:
+    """A seed study: :func:`run_seed` for every seed of ``args.seeds`` into ``out/seed_<k>/`` (each
+    resumable), then the paired comparison over seeds in ``out``."""
+    root = prepare_folder(args)
+    per_seed = {}
+    for seed in args.seeds:
+        one = argparse.Namespace(**vars(args))
+        one.seed, one.seeds, one.out = seed, None, root / f"seed_{seed}"
+        one.resume, one.overwrite = True, False  # the study folder was prepared (or replaced) above
+        per_seed[seed], _ = run_seed(one, command)
+        print(f"seed {seed} done")
+    names = TEST_NAMES[args.corpus]
+    footer = ["", f"Command: `{command}`", ""]
+    title = "Word ordering: SDM fine-tuning vs standard fine-tuning, paired over seeds"
+    text = report.write_study(root, per_seed, names, header_lines(args, title), footer)
+    (root / "command.txt").write_text(command + "\n", encoding="utf-8")
+    seal_output_dir(root, "word_order_experiment.py")
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = command_line(argv)
+    started = time.perf_counter()
+    if args.seeds is None:
+        _, text = run_seed(args, command)
+    else:
+        text = run_study(args, command)
     print(text)
-    print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+    print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

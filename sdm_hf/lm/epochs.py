@@ -540,6 +540,14 @@ class SDMEpochMixin:
             in_calibration.extend([False] * len(doc.negatives))
         rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
         mask = torch.tensor(in_calibration, dtype=torch.bool) if calibration == "generations" else None
+        if mask is not None:
+            right = sum(bool(r["reward"]) for r, m in zip(rows, in_calibration) if m)
+            if min(right, int(mask.sum()) - right) < 2:
+                raise ValueError(
+                    f"the model's own generations of the {int(mask.sum())} held-out calibration prompts are {right} "
+                    "right and the rest wrong; a head calibrated on them needs at least 2 of each: use more "
+                    "calibration prompts or calibration='mixed'"
+                )
         # the final head keeps its completion texts: its nearest exemplars explain with them
         head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99, keep_texts=True, calibration_mask=mask)
         if head is None:

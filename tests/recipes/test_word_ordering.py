@@ -203,18 +203,86 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
         for search in run["search"]:  # test-time search: shares within 1 and 2 attempts, never falling
             assert search["depth"] == 2 and search["n"] == 6 and 6 <= search["attempts_made"] <= 12
             assert 0.0 <= search["verified_after"][0] <= search["verified_after"][1] <= 1.0
-            assert 0 <= search["calibration_admitted"] <= run["final_head"]["calibration_points"]
+            assert 0 <= search["calibration_admitted"] <= run["final_heads"]["mixed"]["calibration_points"]
             per = search["per_attempt"]
             assert per["made"][0] == 6 and sum(per["made"]) == search["attempts_made"]
             assert all(y <= m and h <= m for m, y, h in zip(per["made"], per["head_yes"], per["in_hr_region"]))
     table = (out / "tables.md").read_text()
     assert "HR accuracy" in table and "sentence accuracy" in table and "SDM+FT(CM+HN)" in table
-    assert (out / "admitted.png").is_file() and (out / "command.txt").is_file() and (out / "search.png").is_file()
-    assert "Test-time search (SDM+FT(CM+HN), alpha = 0.6:" in table and "heads: procedure fast" in table
+    assert (out / "admitted_vs_alpha.png").is_file() and (out / "command.txt").is_file()
+    assert (out / "search.png").is_file()
+    assert "Test-time search (SDM+FT(CM+HN), alpha = 0.6:" in table and "procedure 'fast'" in table
     done = out / "runs" / "sdm_ft_cm_hn" / "metrics.json"
     stamp = done.stat().st_mtime_ns
     assert woe.main(argv + ["--resume"]) == 0  # finished runs are reused, not redone
     assert done.stat().st_mtime_ns == stamp
+
+
+def test_seed_study_reports_every_alpha_head_and_class_and_resumes(tmp_path):
+    base = tmp_path / "base"
+    train_base_model.main(
+        ["--out", str(base), "--limit", "16", "--epochs", "1", "--hidden", "32", "--layers", "1", "--heads", "2"]
+        + ["--intermediate", "64", "--vocab-size", "400", "--eval-size", "4"]
+    )
+    out = tmp_path / "study"
+    argv = ["--base-model", str(base), "--out", str(out), "--train-size", "12", "--calibration-size", "24"]
+    argv += ["--test-size", "8", "--harvard-size", "4", "--shifted-size", "4", "--epochs", "1", "--head-epochs", "2"]
+    argv += ["--max-new-tokens", "8", "--runs", "FT(CM)", "SDM+FT(CM)", "--seeds", "0", "1"]
+    argv += ["--extra-alphas", "0.9", "0.6"]
+    assert woe.main(argv) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["heads"] == ["mixed", "generations"]
+    assert summary["alphas"] == [0.95, 0.9, 0.6]
+    # every head x test set x alpha x run, and one paired comparison per head x test set x alpha
+    assert len(summary["rows"]) == 2 * 3 * 3 * 2 and len(summary["pairs"]) == 2 * 3 * 3
+    for seed in (0, 1):
+        results = json.loads((out / f"seed_{seed}" / "results.json").read_text())
+        assert results["settings"]["seed"] == seed and results["settings"]["split_seed"] == 0
+        run = results["runs"]["SDM+FT(CM)"]
+        assert set(run["final_heads"]) == {"mixed", "generations"}
+        assert set(run["final_heads"]["mixed"]["calibration_hr_admitted_at"]) == {"0.95", "0.9", "0.6"}
+        own = run["final_heads"]["generations"]  # the tiny model's generations are all wrong: no head ...
+        assert "unavailable" in own and "at least 2 of each" in own["unavailable"]
+        assert all(t["tiers"]["generations"][k]["admitted"] == 0 for t in run["test"].values() for k in ("0.9", "0.6"))
+        for name, test in run["test"].items():
+            for kind in ("mixed", "generations"):
+                for key, counts in test["tiers"][kind].items():
+                    per = counts["per_class"]
+                    assert counts["n"] == test["n"] and per["No"]["n"] + per["Yes"]["n"] == test["n"]
+                    assert counts["admitted"] == per["No"]["admitted"] + per["Yes"]["admitted"]
+                    assert counts["correct"] <= counts["admitted"]
+        records = [
+            json.loads(x) for x in (out / f"seed_{seed}" / "runs" / "sdm_ft_cm" / "generations_test.jsonl").open()
+        ]
+        assert len(records) == 8 and set(records[0]["heads"]) == {"mixed", "generations"}
+        for record in records:  # each tier's flag, per head: the counts above come from these
+            assert set(record["heads"]["mixed"]["high_reliability_at"]) == {"0.6", "0.9", "0.95"}
+            assert record["heads"]["generations"] is None  # ... which admits nothing, and the tables say why
+    assert "no head: the model's own generations" in (out / "seed_0" / "tables.md").read_text()
+    for pair in summary["pairs"]:  # per-seed differences of admitted shares, and their mean
+        assert len(pair["difference_per_seed"]) == 2 and pair["t_interval_95"] is not None
+        low, high = pair["t_interval_95"]
+        assert low <= pair["difference_mean"] <= high
+    table = (out / "comparison.md").read_text()
+    assert "SDM+FT(CM) vs FT(CM)" in table and "y=No" in table and "Seeds: 0, 1" in table
+    assert (out / "admitted_vs_alpha.png").is_file() and (out / "seed_1" / "tables.md").is_file()
+    done = out / "seed_0" / "runs" / "ft_cm" / "metrics.json"
+    stamp = done.stat().st_mtime_ns
+    assert woe.main(argv[:-5] + ["0", "1", "2", "--resume", "--extra-alphas", "0.9", "0.6"]) == 0  # one more seed
+    assert done.stat().st_mtime_ns == stamp and json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1, 2]
+
+
+def test_report_statistics():
+    import word_order_report as report
+
+    assert report.t_interval([0.1]) is None
+    mean, low, high = report.t_interval([0.0, 0.1, 0.2])
+    assert mean == pytest.approx(0.1) and high - mean == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-6)
+    assert report.verdict(0, 0, 0.9) == "R" and report.verdict(19, 20, 0.9) == "yes"
+    assert report.verdict(17, 20, 0.9) == "below (interval reaches alpha)" and report.verdict(5, 20, 0.9) == "below"
+    counts = {"per_class": {"No": {"admitted": 4, "correct": 0}, "Yes": {"admitted": 10, "correct": 10}}}
+    assert report.class_check(counts, 0.9) == "No below"
+    assert report.rate(0, 0) == "R (0)" and report.rate(9, 10).startswith("9/10 = 0.900 [0.60, 0.98]")
 
 
 def test_plain_prompt_format_for_base_models_trains_the_completion_and_eos():
