@@ -80,7 +80,8 @@ __all__ = [
     "SELECTION_KEYS",
 ]
 
-SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss", "procedure", "chosen", "reason")  # config.json keeps these
+# config.json keeps these (calibration_source: what the calibration rows were drawn from, when recorded)
+SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss", "procedure", "chosen", "reason", "calibration_source")
 
 
 # -- writing ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..collectives import gather_json
+from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
 from .data import Document, VersionDataset
 from .distributed import broadcast_head, broadcast_json, gather_lists, gather_rows, process_world
@@ -554,8 +555,19 @@ class SDMEpochMixin:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
         self.final_head_generated_negatives = sum(len(v) for v in extra.values())
         self.final_head_calibration = calibration
+        # saved with the head (config.json "selection"): which rows its promise is about
+        head.selection = head.selection if head.selection is not None else FitSelection()
+        head.selection["calibration_source"] = FINAL_HEAD_SOURCES[calibration]
         self.head = head
         return head
+
+
+#: what the test-time head's calibration rows are, per ``build_final_head(calibration=...)``
+FINAL_HEAD_SOURCES = {
+    "mixed": "calibration documents: a random half of their positives, static negatives and wrong greedy "
+    "generations (the papers' procedure)",
+    "generations": "the model's own greedy generations of half of the calibration prompts, labelled by the verifier",
+}
 
 
 def refresh_summary(entry: dict) -> str:

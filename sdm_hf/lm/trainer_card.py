@@ -79,7 +79,10 @@ class TrainerCardData:
 
 
 def render_trainer_section(
-    data: TrainerCardData, head_section: str | None = None, repo_hint: str = "path/or/repo-id"
+    data: TrainerCardData,
+    head_section: str | None = None,
+    repo_hint: str = "path/or/repo-id",
+    calibration_source: str | None = None,
 ) -> str:
     """The SDM section (markdown, between the section markers) of the trained model's card.
 
@@ -87,6 +90,8 @@ def render_trainer_section(
         repo_hint: the name the loading snippet uses.
         head_section: the head's section (:func:`~sdm_hf.head.model_card.render_section`,
             markers included) to append, or None when the model has no head yet.
+        calibration_source: what the head's calibration rows were drawn from (stated in the
+            card: the promise is about rows like them), when known.
     """
     yes, no = data.control.suffix(True), data.control.suffix(False)
     promise = (
@@ -134,6 +139,8 @@ def render_trainer_section(
             "`build_final_head()`, the test-time head calibrated on the calibration set. Its calibration "
             "points below say which; the promise holds for data like those.",
         ]
+        if calibration_source:
+            lines += ["", f"Calibration rows of this head: {calibration_source}."]
     body = "\n".join(lines)
     if head_section is not None:
         inner = head_section.split(SECTION_START, 1)[-1].rsplit(SECTION_END, 1)[0].strip()
@@ -161,7 +168,8 @@ def sdm_trainer_card(
     if head is not None:
         head_data = head_card_data(head, repo_hint=repo_hint, subfolder=subfolder)
         card = merge_model_card(existing, head_data, library_name="transformers", tags=extra)
-        section = render_trainer_section(data, render_section(head_data), repo_hint)
+        source = None if head.selection is None else head.selection.get("calibration_source")
+        section = render_trainer_section(data, render_section(head_data), repo_hint, calibration_source=source)
     else:
         if existing is None:
             new_meta = ModelCardData(library_name="transformers")

@@ -1,5 +1,6 @@
 """SDMTrainer end to end on a tiny Llama: loss, epochs, evaluation, checkpoints, PEFT."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -294,6 +295,14 @@ def test_final_head_calibrated_on_the_models_own_generations(tmp_path):
         for i in held_out
     ]
     assert int(labels.sum()) == sum(verdicts) and 0 < sum(verdicts) < half
+    # the saved head and the card say what its calibration rows were (its promise is about rows like them)
+    trainer.save_sdm_model(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "sdm_head" / "config.json").read_text())
+    assert "own greedy generations" in saved["selection"]["calibration_source"]
+    trainer.create_model_card()  # the Trainer's card (output_dir/README.md) with the SDM section
+    assert "Calibration rows of this head: the model's own greedy generations" in (
+        Path(trainer.args.output_dir) / "README.md"
+    ).read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="'mixed' or 'generations'"):
         trainer.build_final_head(calibration="own")
     with pytest.raises(ValueError, match="one text per evaluation document"):

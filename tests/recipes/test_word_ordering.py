@@ -244,9 +244,9 @@ def test_seed_study_reports_every_alpha_head_and_class_and_resumes(tmp_path):
         own = run["final_heads"]["generations"]  # the tiny model's generations are all wrong: no head ...
         assert "unavailable" in own and "at least 2 of each" in own["unavailable"]
         assert all(t["tiers"]["generations"][k]["admitted"] == 0 for t in run["test"].values() for k in ("0.9", "0.6"))
-        for name, test in run["test"].items():
+        for test in run["test"].values():
             for kind in ("mixed", "generations"):
-                for key, counts in test["tiers"][kind].items():
+                for counts in test["tiers"][kind].values():
                     per = counts["per_class"]
                     assert counts["n"] == test["n"] and per["No"]["n"] + per["Yes"]["n"] == test["n"]
                     assert counts["admitted"] == per["No"]["admitted"] + per["Yes"]["admitted"]
