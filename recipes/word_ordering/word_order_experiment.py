@@ -1,10 +1,10 @@
 """The SDM language-model experiment end to end (paper: Schmaltz, SDM language models, Tables 2-3).
 
-    make lm-demo     # = python recipes/word_ordering/word_order_experiment.py --demo --overwrite
-    python recipes/word_ordering/word_order_experiment.py --demo --resume   # continue an interrupted demo
+    make lm-demo     # = word_order_experiment.py --demo --seeds 0 --overwrite          (one seed)
+    make lm-seeds    # = word_order_experiment.py --demo --seeds 0 1 2 --resume         (the seed study)
     python recipes/word_ordering/word_order_experiment.py --out outputs/word_ordering_full --overwrite
     python recipes/word_ordering/word_order_experiment.py --base-model microsoft/Phi-3.5-mini-instruct \\
-        --out outputs/wo_phi --epochs 5 --batch-size 8 --learning-rate 1e-5 --head-epochs 200   # on a GPU
+        --out outputs/wo_phi --epochs 5 --batch-size 8 --learning-rate 1e-5   # on a GPU
 
 Starting from one base model (default: the committed CPU model in ``base_model/``, trained by
 ``train_base_model.py``), four fine-tuning runs with identical budgets (data, epochs, steps,
@@ -15,16 +15,23 @@ learning rate, seed):
 * ``SDM+FT(CM)``      the SDM next-token loss (verification head refreshed every epoch);
 * ``SDM+FT(CM+HN)``   the SDM loss plus online hard negatives;
 
-and ``base`` (no fine-tuning) for reference. For each: the final test-time head on the
-calibration set with the model's wrong greedy generations as extra negatives (paper Sec. 3.4), then
-``pipeline("sdm-verify")`` on every test set: greedy generation, ground truth
-``y = r(positive, generation)`` (exact match of the content), the head's verdict and HR flag.
-Written to ``--out``: ``tables.md`` / ``results.json`` (Table 2: HR accuracy and admitted
-proportion n/|D|; Table 3: marginal sentence and exact-match accuracy; the heads' calibration
-summaries), ``admitted.png`` and ``accuracy_vs_admission.png``, ``command.txt``, and per run
-its metrics and generations (``runs/<run>/``). ``--resume`` keeps finished runs of an
-earlier call with the same settings; without it an existing folder is refused (or replaced
-with ``--overwrite``).
+and ``base`` (no fine-tuning) for reference. For each: the test-time heads on the calibration
+set (``--final-heads``: ``mixed``, the papers' positives, static negatives and wrong greedy
+generations, Sec. 3.4; ``generations``, calibrated on the model's own greedy generations of
+held-out calibration prompts), each with risk tiers at ``--alpha`` and ``--extra-alphas`` from
+one calibration, then ``pipeline("sdm-verify")`` on every test set: greedy generation, ground
+truth ``y = r(positive, generation)`` (exact match of the content), each head's verdict and
+HR flags. Verification heads are fitted with ``fit_sdm_head``'s default procedure unless
+``--head-procedure`` says otherwise.
+
+Written to ``--out`` for one seed: ``tables.md`` / ``results.json`` (admitted share, HR
+accuracy and class-conditional accuracy per head, test set, run and alpha, with Wilson
+intervals; marginal sentence and exact-match accuracy; the heads' calibration summaries),
+``admitted_vs_alpha.png``, ``command.txt``, and per run its metrics and generations
+(``runs/<run>/``). With ``--seeds``: one such folder per seed (``seed_<k>/``) and the paired
+comparison over seeds (``comparison.md``, ``comparison.json``, ``admitted_vs_alpha.png``).
+``--resume`` keeps finished runs of an earlier call with the same settings; without it an
+existing folder is refused (or replaced with ``--overwrite``).
 """
 
 from __future__ import annotations

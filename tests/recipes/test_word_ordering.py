@@ -218,12 +218,18 @@ def test_smoke_run_of_the_whole_recipe(tmp_path):
     assert done.stat().st_mtime_ns == stamp
 
 
-def test_seed_study_reports_every_alpha_head_and_class_and_resumes(tmp_path):
+def tiny_base_model(tmp_path):
+    """A one-layer base model of the recipe, trained on 16 sentences (seconds)."""
     base = tmp_path / "base"
     train_base_model.main(
         ["--out", str(base), "--limit", "16", "--epochs", "1", "--hidden", "32", "--layers", "1", "--heads", "2"]
         + ["--intermediate", "64", "--vocab-size", "400", "--eval-size", "4"]
     )
+    return base
+
+
+def test_seed_study_reports_every_alpha_head_and_class_and_resumes(tmp_path):
+    base = tiny_base_model(tmp_path)
     out = tmp_path / "study"
     argv = ["--base-model", str(base), "--out", str(out), "--train-size", "12", "--calibration-size", "24"]
     argv += ["--test-size", "8", "--harvard-size", "4", "--shifted-size", "4", "--epochs", "1", "--head-epochs", "2"]
@@ -313,11 +319,7 @@ def test_presets_fill_only_what_the_command_line_left_unset():
 
 
 def test_smoke_run_with_lora_and_checkpoint_selection_twice_per_epoch(tmp_path):
-    base = tmp_path / "base"
-    train_base_model.main(
-        ["--out", str(base), "--limit", "16", "--epochs", "1", "--hidden", "32", "--layers", "1", "--heads", "2"]
-        + ["--intermediate", "64", "--vocab-size", "400", "--eval-size", "4"]
-    )
+    base = tiny_base_model(tmp_path)
     out = tmp_path / "exp"
     argv = ["--base-model", str(base), "--out", str(out), "--train-size", "16"]
     argv += ["--calibration-size", "12", "--test-size", "4", "--harvard-size", "4", "--shifted-size", "4"]
