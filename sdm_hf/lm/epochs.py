@@ -22,10 +22,11 @@ from ..collectives import gather_json
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
 from .data import Document, VersionDataset
-from .distributed import broadcast_head, broadcast_json, gather_lists, gather_rows, process_world
-from .encoding import ControlTokens, encode_example, generate_greedy, prefix_features
-from .state import SDMEpochState
-from .verification import fit_split_head, head_metrics
+from .distributed import broadcast_head, broadcast_json, gather_lists, process_world
+from .encoding import ControlTokens, encode_example, generate_greedy
+from .final_head import CALIBRATIONS, FINAL_HEAD_SOURCES, final_head_rows
+from .state import SDMEpochState, refresh_summary
+from .verification import fit_split_head, head_metrics, rows_verification_features
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,9 +39,8 @@ __all__ = ["SDMEpochMixin"]
 
 
 class SDMEpochMixin:
-    """Documents, their per-epoch versions, hard negatives and verification heads.
-
-    Mixed into :class:`~sdm_hf.lm.SDMTrainer`, which sets the attributes declared here."""
+    """Documents, their per-epoch versions, hard negatives and verification heads; mixed into
+    :class:`~sdm_hf.lm.SDMTrainer`, which sets the attributes declared here."""
 
     args: SDMTrainingArguments
     model: torch.nn.Module
@@ -285,14 +285,10 @@ class SDMEpochMixin:
         failure: Exception | None = None
         if world[0] == 0:
             try:
-                head, support_row = self.fit_verification_head(
-                    rows,
-                    seed=seed,
-                    timing=timing,
-                    features=feats,
-                    keep_texts=keep_texts,
-                    calibration_mask=calibration_mask,
+                options: dict[str, Any] = dict(
+                    timing=timing, features=feats, keep_texts=keep_texts, calibration_mask=calibration_mask
                 )
+                head, support_row = self.fit_verification_head(rows, seed=seed, **options)
                 if head is not None:
                     timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
             except Exception as error:  # raised below on every process
@@ -392,37 +388,20 @@ class SDMEpochMixin:
 
     # -- verification head ----------------------------------------------------------------
     def verification_features_of(self, rows: list[dict]) -> torch.Tensor:
-        """Verification-head features of encoded rows: each row cut after its ``p`` (the last
-        token of its final ``<verified>`` tag), pooled as ``concat(mean of hidden[0..p],
-        hidden[p])`` of the final layer (``verification_pooling`` / ``verification_layer``), in
-        eval mode. ``[N, 2H]`` float32 on CPU.
-
-        With several processes every process computes a block of the rows and all get every
-        row back (:func:`~sdm_hf.lm.distributed.gather_rows`): a collective call, so every
-        process must make it (as with ``Trainer.evaluate``); under FSDP / ZeRO-3 each forward
-        then has every process in it."""
-        ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
-        batch_size = max(1, self.args.per_device_eval_batch_size)
-        # sorted by length and cut into whole batches before they are shared, so every batch (its
-        # rows, its padding) is the same whatever the number of processes
-        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
-        order = torch.argsort(lengths, stable=True).tolist()
-
-        def features(part: list[int]) -> torch.Tensor:
-            return prefix_features(
-                self.model,
-                [ids[order[i]] for i in part],
-                self.pad_token_id,
-                batch_size=batch_size,
-                layer=self.args.verification_layer,
-                pooling=self.args.verification_pooling,
-                progress=self._progress,
-            )
-
-        sorted_features = gather_rows(len(ids), features, self._world(), multiple=batch_size)
-        result = torch.empty_like(sorted_features)
-        result[torch.as_tensor(order, dtype=torch.long)] = sorted_features
-        return result
+        """Verification-head features ``[N, 2H]`` of encoded rows (each cut after its final
+        ``<verified>`` tag, pooled by ``verification_pooling`` at ``verification_layer``; float32,
+        CPU; :func:`~sdm_hf.lm.verification.rows_verification_features`). With several processes
+        a collective call (as ``Trainer.evaluate``): every process must make it."""
+        return rows_verification_features(
+            self.model,
+            rows,
+            self.pad_token_id,
+            max(1, self.args.per_device_eval_batch_size),
+            self.args.verification_layer,
+            self.args.verification_pooling,
+            self._world(),
+            progress=self._progress,
+        )
 
     def fit_verification_head(
         self,
@@ -447,8 +426,7 @@ class SDMEpochMixin:
                 training text.
             calibration_mask: ``[N]`` bool, the rows that calibrate (None: a seeded 50/50 split).
 
-        Returns:
-            ``(head or None, support_row)`` as :func:`~sdm_hf.lm.verification.fit_split_head`.
+        Returns ``(head or None, support_row)`` as :func:`~sdm_hf.lm.verification.fit_split_head`.
         """
         timing = timing if timing is not None else {}
         started = time.perf_counter()
@@ -460,16 +438,9 @@ class SDMEpochMixin:
         doc_ids = torch.tensor([r["document_id"] for r in rows])
         base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         texts = [r["text"] for r in rows] if keep_texts else None
+        options: dict[str, Any] = dict(base_model=base_model, progress=self._progress, texts=texts)
         head, support_row = fit_split_head(
-            feats,
-            labels,
-            doc_ids,
-            self.args,
-            seed,
-            base_model=base_model,
-            progress=self._progress,
-            texts=texts,
-            calibration_mask=calibration_mask,
+            feats, labels, doc_ids, self.args, seed, calibration_mask=calibration_mask, **options
         )
         if head is not None:
             timing["head_fit_seconds"] = time.perf_counter() - started
@@ -478,34 +449,24 @@ class SDMEpochMixin:
     def build_final_head(
         self, generate: bool = True, calibration: str = "mixed", generations: list[str] | None = None
     ) -> SDMHead:
-        """The test-time verification head, fitted on the evaluation (calibration) documents only.
+        """The test-time verification head, fitted on the evaluation (calibration) documents only
+        (:mod:`sdm_hf.lm.final_head`): ``calibration="mixed"`` (the papers' procedure, Sec. 3.4:
+        positives, static negatives and, with ``generate``, wrong greedy generations, split at
+        random; a promise about that mix) or ``"generations"`` (half of the prompts calibrate on
+        the model's own greedy generations labelled by the verifier; a promise about its outputs).
 
-        ``calibration="mixed"`` (the papers' procedure; Schmaltz 2025, SDM language models,
-        Sec. 3.4): every positive, every static negative and, with ``generate``, every wrong
-        greedy generation as a further negative (gamma_gen = gamma_diversity = 1), pooled and
-        split 50/50 at random into the head's training and calibration rows; the calibration
-        prompts without a positive add their negatives. Its HR promise is about rows drawn like
-        that mix.
-
-        ``calibration="generations"``: the documents are split 50/50 by prompt (seeded); one half
-        trains the head on the same mix, the other half calibrates it on the model's own greedy
-        generation of each prompt, labelled Yes/No by the verifier. Calibration rows are then
-        drawn like test-time generations, so the region's class-conditional promise is about the
-        model's own outputs (as long as the model is not changed afterwards).
-
-        It becomes ``self.head`` (saved by :meth:`save_sdm_model`); the greedy generations of the
-        evaluation documents are kept in ``self.final_head_generations`` (pass them back as
-        ``generations`` to build the other head without generating again). With several
-        processes every process must call it (generation and features are shared; the head is
-        fitted on the main process and sent to the others).
+        It becomes ``self.head`` (saved by :meth:`save_sdm_model`, with ``selection`` recording
+        the calibration rows); the greedy generations are kept in ``self.final_head_generations``
+        (pass them as ``generations`` to build another head without generating again). With
+        several processes every process must call it (the head is fitted on the main process).
 
         Raises:
             ValueError: no evaluation set, an unknown ``calibration``, ``generations`` of the wrong
-                length, or too few positives and negatives for a head.
+                length, or too few positives and negatives (or right and wrong generations).
         """
         if not self._eval_versions.rows or self.eval_documents is None:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
-        if calibration not in ("mixed", "generations"):
+        if calibration not in CALIBRATIONS:  # checked before any generation
             raise ValueError(f"calibration must be 'mixed' or 'generations', got {calibration!r}")
         documents = self.eval_documents
         if generations is None and (generate or calibration == "generations"):
@@ -514,73 +475,26 @@ class SDMEpochMixin:
             raise ValueError(
                 f"generations must hold one text per evaluation document ({len(documents)}), got {len(generations)}"
             )
-        self.final_head_generations = generations
-        calibrating = set()
-        if calibration == "generations":
-            order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(int(self.args.seed) + 98))
-            calibrating = set(order[len(documents) // 2 :].tolist())
-        extra: dict[int, list[str]] = {}
-        rows, in_calibration = [], []
-        for i, doc in enumerate(documents):
-            generation = None if generations is None else generations[i]
-            if generation is not None and i in calibrating:  # the model's own output, labelled by r
-                content = self.control_tokens.remove_suffix(generation)
-                correct = bool(self.verifier(self.control_tokens.remove_suffix(doc.positive), content))
-                rows.append(self._encode(doc, self.control_tokens.add(content, correct), correct))
-                in_calibration.append(True)
-                continue
-            negative = None if generation is None or not generate else self.wrong_generation(doc, generation)
-            if negative is not None:
-                extra.setdefault(doc.id, []).append(negative)
-            versions = [self._encode(doc, doc.positive, True)]
-            versions += [self._encode(doc, text, False) for text in doc.negatives + extra.get(doc.id, [])]
-            rows.extend(versions)
-            in_calibration.extend([False] * len(versions))
-        for doc in self.eval_negative_only_documents:  # calibration prompts without a positive
-            rows.extend(self._encode(doc, text, False) for text in doc.negatives)
-            in_calibration.extend([False] * len(doc.negatives))
-        rows = [dict(row, document_id=i) for i, row in enumerate(rows)]  # each version is its own document
-        mask = torch.tensor(in_calibration, dtype=torch.bool) if calibration == "generations" else None
-        if mask is not None:
-            right = sum(bool(r["reward"]) for r, m in zip(rows, in_calibration) if m)
-            if min(right, int(mask.sum()) - right) < 2:
-                raise ValueError(
-                    f"the model's own generations of the {int(mask.sum())} held-out calibration prompts are {right} "
-                    "right and the rest wrong; a head calibrated on them needs at least 2 of each: use more "
-                    "calibration prompts or calibration='mixed'"
-                )
+        self.final_head_generations = None if generations is None else list(generations)
+        rows, mask, generated = final_head_rows(
+            documents,
+            self.eval_negative_only_documents,
+            generations,
+            calibration,
+            int(self.args.seed) + 98,
+            self.control_tokens,
+            self.verifier,
+            self._encode,
+            wrong_as_negatives=generate,
+        )
         # the final head keeps its completion texts: its nearest exemplars explain with them
         head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99, keep_texts=True, calibration_mask=mask)
         if head is None:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
-        self.final_head_generated_negatives = sum(len(v) for v in extra.values())
+        self.final_head_generated_negatives = generated
         self.final_head_calibration = calibration
         # saved with the head (config.json "selection"): which rows its promise is about
         head.selection = head.selection if head.selection is not None else FitSelection()
         head.selection["calibration_source"] = FINAL_HEAD_SOURCES[calibration]
         self.head = head
         return head
-
-
-#: what the test-time head's calibration rows are, per ``build_final_head(calibration=...)``
-FINAL_HEAD_SOURCES = {
-    "mixed": "calibration documents: a random half of their positives, static negatives and wrong greedy "
-    "generations (the papers' procedure)",
-    "generations": "the model's own greedy generations of half of the calibration prompts, labelled by the verifier",
-}
-
-
-def refresh_summary(entry: dict) -> str:
-    """One readable line for an epoch's refresh (an ``epoch_log`` entry)."""
-    text = (
-        f"SDM epoch {entry['epoch']}: {entry['generated']} generations, {entry['hard_negatives']} hard negatives "
-        f"({entry['generation_seconds']:.1f} s)"
-    )
-    if "head_hr_admission" in entry:
-        if entry.get("head_hr_empty"):
-            region = "HR region empty"
-        else:
-            admitted = f"{entry['head_hr_admission']:.1%}"
-            region = f"HR region from q' >= {entry['head_q_min']:.3g}, {admitted} of calibration admitted"
-        text += f"; verification head: {region} ({entry['head_features_seconds'] + entry['head_fit_seconds']:.1f} s)"
-    return text

@@ -1,4 +1,5 @@
-"""``SDMEpochState``: what :class:`~sdm_hf.lm.SDMTrainer` must keep between epochs.
+"""``SDMEpochState``: what :class:`~sdm_hf.lm.SDMTrainer` must keep between epochs (and
+:func:`refresh_summary`, the readable log line of an epoch's refresh).
 
 The model weights, optimizer and scheduler are checkpointed by ``transformers.Trainer``; the
 SDM side of training adds the epoch's document versions, the online hard-negative caches and
@@ -40,6 +41,7 @@ __all__ = [
     "SDMEpochState",
     "find_state_file",
     "documents_fingerprint",
+    "refresh_summary",
 ]
 
 STATE_NAME = "_sdm_trainer_state.json"
@@ -244,3 +246,19 @@ def _caches(value, name: str, fail) -> dict[int, list]:
             fail(f"{name} must map document ids to lists of texts or references (bad entry {key!r})")
         out[int(key)] = texts
     return out
+
+
+def refresh_summary(entry: dict) -> str:
+    """One readable line for an epoch's refresh (an ``epoch_log`` entry)."""
+    text = (
+        f"SDM epoch {entry['epoch']}: {entry['generated']} generations, {entry['hard_negatives']} hard negatives "
+        f"({entry['generation_seconds']:.1f} s)"
+    )
+    if "head_hr_admission" in entry:
+        if entry.get("head_hr_empty"):
+            region = "HR region empty"
+        else:
+            admitted = f"{entry['head_hr_admission']:.1%}"
+            region = f"HR region from q' >= {entry['head_q_min']:.3g}, {admitted} of calibration admitted"
+        text += f"; verification head: {region} ({entry['head_features_seconds'] + entry['head_fit_seconds']:.1f} s)"
+    return text

@@ -18,12 +18,52 @@ import torch
 from ..fit import fit_sdm_head
 from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
-from .encoding import verification_feature_pooling
+from .distributed import gather_rows
+from .encoding import prefix_features, verification_feature_pooling
 
 if TYPE_CHECKING:
     from .sdm_config import SDMTrainingArguments
 
-__all__ = ["fit_split_head", "head_metrics"]
+__all__ = ["fit_split_head", "head_metrics", "rows_verification_features"]
+
+
+def rows_verification_features(
+    model: torch.nn.Module,
+    rows: list[dict],
+    pad_token_id: int,
+    batch_size: int,
+    layer: int,
+    pooling: str,
+    world: tuple[int, int],
+    progress: bool = False,
+) -> torch.Tensor:
+    """Verification features ``[N, 2H]`` (float32, CPU) of encoded rows, each cut after its
+    ``verified_position`` and pooled by :func:`~sdm_hf.lm.encoding.prefix_features`.
+
+    The rows are sorted by length and cut into whole batches before they are shared, so every
+    batch (its rows, its padding) is the same whatever the number of processes; with several
+    (``world`` = ``(rank, size)``) each computes a block and all get every row back: a
+    collective call that every process must make.
+    """
+    ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    order = torch.argsort(lengths, stable=True).tolist()
+
+    def features(part: list[int]) -> torch.Tensor:
+        return prefix_features(
+            model,
+            [ids[order[i]] for i in part],
+            pad_token_id,
+            batch_size=batch_size,
+            layer=layer,
+            pooling=pooling,
+            progress=progress,
+        )
+
+    sorted_features = gather_rows(len(ids), features, world, multiple=batch_size)
+    result = torch.empty_like(sorted_features)
+    result[torch.as_tensor(order, dtype=torch.long)] = sorted_features
+    return result
 
 
 def fit_split_head(
