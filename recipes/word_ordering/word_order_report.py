@@ -318,6 +318,7 @@ def plot_admitted_vs_alpha(summary: dict, path: Path, test_names: dict, title: s
                     low = [min(r["share_per_seed"]) for r in rows]
                     high = [max(r["share_per_seed"]) for r in rows]
                     ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+            ax.set_ylim(bottom=0.0, top=max(0.01, ax.get_ylim()[1]))  # an empty panel still starts at 0
             ax.set_title(f"{test_names[name]}\nhead: {kind}", fontsize=9)
             ax.set_xlabel("alpha")
             ax.set_ylabel("admitted share of test generations")
