@@ -13,7 +13,7 @@ from sdm_hf.lm.epochs import SDMEpochMixin  # noqa: E402
 from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
-def failing_fit(self, rows, seed, timing=None, features=None, keep_texts=False):
+def failing_fit(self, rows, seed, timing=None, features=None, keep_texts=False, calibration_mask=None):
     raise ValueError("injected failure of the head fit")
 
 

@@ -94,8 +94,8 @@ def test_epochs_refresh_head_and_generate_hard_negatives(tmp_path):
     heads = []
     original = trainer.fit_verification_head
 
-    def spy(rows, seed, timing=None, features=None, keep_texts=False):
-        result = original(rows, seed, timing, features, keep_texts)
+    def spy(rows, seed, timing=None, features=None, keep_texts=False, calibration_mask=None):
+        result = original(rows, seed, timing, features, keep_texts, calibration_mask)
         heads.append(seed)
         return result
 
