@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 
 from sdm_hf import SDMConfig, fit_sdm_head  # noqa: E402
-from sdm_hf.calibration import high_reliability_thresholds  # noqa: E402
-from sdm_hf.index import SupportIndex  # noqa: E402
-from sdm_hf.similarity import compute_similarity, similarity_from_neighbors  # noqa: E402
+from sdm_hf.maths.calibration import high_reliability_thresholds  # noqa: E402
+from sdm_hf.maths.similarity import compute_similarity, similarity_from_neighbors  # noqa: E402
+from sdm_hf.search.index import SupportIndex  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

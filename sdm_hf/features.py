@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from .index import resolve_device
+from .search.index import resolve_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -37,8 +37,8 @@ from .head.config import SDMConfig
 from .head.fit_selection import FitSelection
 from .head.modeling import SDMHead
 from .head_training import balanced_sdm_loss, build_final_head, fit_progress_bar, train_fresh_head
-from .index import resolve_device
 from .labels import encode_labels
+from .search.index import resolve_device
 from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
 from .validation import FeaturesLike, LabelsLike
 

@@ -16,12 +16,12 @@ import math
 
 import torch
 
-from .activation import rescaled_similarity
-from .calibration import class_rescaled_lists
-from .distance import class_distance_lists, distance_quantile
 from .format_errors import SDMFormatError
 from .head.config import SDMConfig
 from .head.state import CalibrationState, SDMHeadState, SupportState, thresholds_at, weight_shapes
+from .maths.activation import rescaled_similarity
+from .maths.calibration import class_rescaled_lists
+from .maths.distance import class_distance_lists, distance_quantile
 
 __all__ = ["TensorChecker", "state_from_files", "CONFIG_NAME", "WEIGHTS_NAME"]
 

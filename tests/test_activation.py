@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdm_hf.activation import (
+from sdm_hf.maths.activation import (
     SOFTMAX_EQUIVALENT_Q,
     high_reliability_mask,
     is_out_of_distribution,

@@ -95,7 +95,12 @@ def test_persistence_never_imports_the_head_class():
 
 
 def test_the_maths_layer_imports_no_transformers_and_no_io():
-    for module in ("sdm_hf.activation", "sdm_hf.similarity", "sdm_hf.distance", "sdm_hf.calibration"):
+    for module in (
+        "sdm_hf.maths.activation",
+        "sdm_hf.maths.similarity",
+        "sdm_hf.maths.distance",
+        "sdm_hf.maths.calibration",
+    ):
         targets = {t.split(".")[0] for t, _, _ in _imports(module)}
         assert not targets & {"transformers", "huggingface_hub", "safetensors", "datasets", "faiss"}, module
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdm_hf.calibration import (
+from sdm_hf.maths.calibration import (
     class_rescaled_lists,
     effective_sample_sizes,
     explain_empty_region,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sdm_hf.distance import class_distance_lists, distance_quantile
+from sdm_hf.maths.distance import class_distance_lists, distance_quantile
 
 
 def test_lists_skip_ood_and_sort():
@@ -44,7 +44,7 @@ def test_matches_definition_on_random_data():
 
 def test_a_query_within_float_noise_of_a_reference_value_ties_with_it():
     """The same text embedded in another batch differs in its last bits; its d must not jump."""
-    from sdm_hf.distance import TIE_TOLERANCE
+    from sdm_hf.maths.distance import TIE_TOLERANCE
 
     reference = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 2.5, 6.0])]
     exact = torch.tensor([2.0, 2.5, 7.0, 0.0])

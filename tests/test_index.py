@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig
-from sdm_hf.index import SupportIndex, resolve_device
+from sdm_hf.search.index import SupportIndex, resolve_device
 
 
 def test_search_orders_ties_by_row_index():
@@ -75,7 +75,7 @@ def test_approximate_indexes_find_the_exact_neighbours(index_type, params, stora
 
 
 def test_index_parameters_are_checked():
-    from sdm_hf.index import index_parameters
+    from sdm_hf.search.index import index_parameters
 
     assert index_parameters("ivf", None, 10_000)["nlist"] == 256  # min(4 sqrt(N), N / 39)
     with pytest.raises(ValueError, match="unknown ivf index parameter"):
@@ -91,10 +91,10 @@ def test_index_parameters_are_checked():
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
 @pytest.mark.parametrize("storage", ["float32", "float16"])
 def test_exemplars_are_read_in_place_and_copies_stay_valid(storage, index_type, monkeypatch):
-    import sdm_hf.exhaustive
-    import sdm_hf.index
+    import sdm_hf.search.exhaustive
+    import sdm_hf.search.index
 
-    monkeypatch.setattr(sdm_hf.exhaustive, "STAGING_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
+    monkeypatch.setattr(sdm_hf.search.exhaustive, "STAGING_BYTES", 4 * 8 * 7)  # FAISS gets 7 rows at a time
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g)
     index = SupportIndex(x, torch.zeros(50), torch.zeros(50), storage=storage, index_type=index_type)
@@ -119,16 +119,16 @@ def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
     import faiss
     import numpy as np
 
-    import sdm_hf.exhaustive
-    import sdm_hf.index
+    import sdm_hf.search.exhaustive
+    import sdm_hf.search.index
 
     x, y = _clustered(n=700, dim=12, seed=3)
     x = torch.cat([x, x[:5]])  # exact duplicates: ties must resolve by row
     index = SupportIndex(x, torch.zeros(len(x)), torch.zeros(len(x)), storage="float16")
-    monkeypatch.setattr(sdm_hf.exhaustive, "STAGING_BYTES", 4 * 12 * 50)  # 50-row blocks
+    monkeypatch.setattr(sdm_hf.search.exhaustive, "STAGING_BYTES", 4 * 12 * 50)  # 50-row blocks
     queries = torch.cat([x[:5], torch.randn(40, 12)])
     _, scanned = index.search(queries, 9)  # fewer than _BLOCKED_MIN_QUERIES: FAISS's scan
-    monkeypatch.setattr(sdm_hf.index, "_BLOCKED_MIN_QUERIES", 1)
+    monkeypatch.setattr(sdm_hf.search.index, "_BLOCKED_MIN_QUERIES", 1)
     d, rows = index.search(queries, 9)
     assert torch.equal(rows, scanned)
     reference = faiss.IndexFlatL2(12)
@@ -143,12 +143,12 @@ def test_float16_flat_search_uses_blocks_and_matches_faiss(monkeypatch):
 def test_gpu_shard_count_spreads_only_what_does_not_fit(monkeypatch):
     import faiss
 
-    import sdm_hf.index
-    from sdm_hf.index import gpu_shard_count
+    import sdm_hf.search.index
+    from sdm_hf.search.index import gpu_shard_count
 
     cuda = torch.device("cuda", 0)
     assert gpu_shard_count(10**12, torch.device("cpu")) == 1
-    monkeypatch.setattr(sdm_hf.index, "faiss_gpu_available", lambda: True)
+    monkeypatch.setattr(sdm_hf.search.index, "faiss_gpu_available", lambda: True)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 10**9, 80 * 10**9))
     assert gpu_shard_count(4 * 10**9, cuda) == 1  # within half of the free 10 GB

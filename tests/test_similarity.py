@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdm_hf.index import SupportIndex
-from sdm_hf.similarity import compute_similarity, similarity_from_neighbors
+from sdm_hf.maths.similarity import compute_similarity, similarity_from_neighbors
+from sdm_hf.search.index import SupportIndex
 
 
 def test_run_length_on_hand_built_lists():
@@ -114,8 +114,8 @@ def test_widening_cost_follows_run_length():
 def test_dense_pass_equals_the_adaptive_search(with_self, max_q):
     """q = the number of rows ordered (distance, row index) before the nearest failing row:
     the dense pass gives what the widened k-nearest search gives, duplicates (exact ties) included."""
-    from sdm_hf.index import SupportIndex
-    from sdm_hf.similarity import dense_similarity
+    from sdm_hf.maths.similarity import dense_similarity
+    from sdm_hf.search.index import SupportIndex
 
     g = torch.Generator().manual_seed(11)
     support = torch.randn(400, 6, generator=g)

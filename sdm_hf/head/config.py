@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
 from .. import validation as check
-from ..calibration import minimum_class_points
 from ..feature_layout import check_feature_blocks
-from ..index import index_parameters
+from ..maths.calibration import minimum_class_points
 from ..metrics import label_names
+from ..search.index import index_parameters
 
 __all__ = ["SDMConfig", "NORMALIZATIONS", "FeatureRecipe"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..activation import high_reliability_mask
+from ..maths.activation import high_reliability_mask
 from ..metrics import accuracy_or_none, format_accuracy, group_counts, label_names
 from .inference import SDMOutput
 from .region_diagnosis import RegionDiagnosis, diagnose_region

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from ..activation import high_reliability_mask
-from ..calibration import effective_sample_sizes, lower_bound_margin
-from ..similarity import SimilarityResult
+from ..maths.activation import high_reliability_mask
+from ..maths.calibration import effective_sample_sizes, lower_bound_margin
+from ..maths.similarity import SimilarityResult
 from .state import CalibrationState, activate, with_alpha
 
 __all__ = ["SDMOutput", "LowerBound", "lower_bound", "hr_masks", "assemble_output", "with_alpha_levels"]

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..activation import high_reliability_mask
+from ..maths.activation import high_reliability_mask
 from ..metrics import accuracy_or_none, format_accuracy, label_names
 from ..validation import looks_like_repo_id
 from .config import SDMConfig

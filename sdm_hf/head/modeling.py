@@ -28,9 +28,9 @@ import torch
 from huggingface_hub import ModelCard
 
 from .. import validation as check
-from ..distance import distance_quantile
-from ..index import SupportIndex, resolve_device
-from ..similarity import SimilarityResult
+from ..maths.distance import distance_quantile
+from ..maths.similarity import SimilarityResult
+from ..search.index import SupportIndex, resolve_device
 from ..validation import FeaturesLike, LabelsLike
 from . import state as calibration_steps
 from .config import SDMConfig, changes_region

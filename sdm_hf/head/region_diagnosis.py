@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..activation import high_reliability_mask, is_out_of_distribution
-from ..calibration import (
+from ..maths.activation import high_reliability_mask, is_out_of_distribution
+from ..maths.calibration import (
     high_reliability_thresholds,
     minimum_class_points,
     quantile_index,

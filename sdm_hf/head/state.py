@@ -29,14 +29,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..activation import rescaled_similarity, sdm_activation
-from ..calibration import (
+from ..maths.activation import rescaled_similarity, sdm_activation
+from ..maths.calibration import (
     class_rescaled_lists,
     explain_empty_region,
     high_reliability_thresholds,
     minimum_class_points,
 )
-from ..distance import class_distance_lists, distance_quantile
+from ..maths.distance import class_distance_lists, distance_quantile
 from .config import SDMConfig
 
 __all__ = [

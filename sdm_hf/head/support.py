@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from .. import validation as check
-from ..distance import class_distance_lists
-from ..index import SupportIndex
-from ..similarity import SimilarityResult, compute_similarity
+from ..maths.distance import class_distance_lists
+from ..maths.similarity import SimilarityResult, compute_similarity
+from ..search.index import SupportIndex
 from .config import SDMConfig
 from .state import SupportState
 
@@ -36,9 +36,9 @@ def new_support_labels(y: Any, n: int, num_classes: int, ood: bool) -> torch.Ten
 
 
 class SupportSet:
-    """Exemplars ``[N, M]`` in a :class:`~sdm_hf.index.SupportIndex`, plus per-row metadata.
+    """Exemplars ``[N, M]`` in a :class:`~sdm_hf.search.index.SupportIndex`, plus per-row metadata.
 
-    It satisfies the neighbour-search protocol of :func:`sdm_hf.similarity.compute_similarity`
+    It satisfies the neighbour-search protocol of :func:`sdm_hf.maths.similarity.compute_similarity`
     (``ntotal``, ``search``, ``pair_distances``), so it can be searched directly.
 
     Example:

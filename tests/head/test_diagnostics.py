@@ -1,5 +1,5 @@
-from sdm_hf.activation import high_reliability_mask
 from sdm_hf.head.diagnostics import calibration_report, output_agreement
+from sdm_hf.maths.activation import high_reliability_mask
 
 
 def test_report_counts_agree_with_a_direct_count(small_head):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig, SDMHead
-from sdm_hf.activation import sdm_activation
+from sdm_hf.maths.activation import sdm_activation
 from tests.conftest import gaussian_mixture
 
 
@@ -185,7 +185,7 @@ def test_support_accepts_a_bare_index_and_recompute_warns_at_the_caller(small_he
     import warnings
 
     from sdm_hf.head.support import SupportSet
-    from sdm_hf.index import SupportIndex
+    from sdm_hf.search.index import SupportIndex
 
     head, x, y = small_head
     support = head.support

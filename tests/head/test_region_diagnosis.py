@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdm_hf.activation import high_reliability_mask
-from sdm_hf.calibration import high_reliability_thresholds
 from sdm_hf.head.diagnostics import calibration_report
 from sdm_hf.head.region_diagnosis import diagnose_region, points_needed
+from sdm_hf.maths.activation import high_reliability_mask
+from sdm_hf.maths.calibration import high_reliability_thresholds
 
 
 @pytest.mark.parametrize("alpha", [None, 0.8, 0.99])

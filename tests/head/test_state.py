@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sdm_hf import SDMHead
-from sdm_hf.calibration import high_reliability_thresholds
 from sdm_hf.head.state import CalibrationState, SDMHeadState, calibrate, weight_shapes, with_alpha
+from sdm_hf.maths.calibration import high_reliability_thresholds
 
 OUTPUT_FIELDS = ("prediction", "probabilities", "q", "d", "in_hr", "in_hr_lower", "nearest_index")
 

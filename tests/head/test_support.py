@@ -3,7 +3,7 @@ import torch
 
 from sdm_hf import SDMConfig
 from sdm_hf.head.support import SupportSet
-from sdm_hf.index import SupportIndex
+from sdm_hf.search.index import SupportIndex
 
 
 def _support(ids=None, texts=None, **config):

@@ -17,7 +17,7 @@ query's distances come from one search call (one kernel); the result equals a fi
 with ``k = max_q`` except at exact floating-point ties.
 
 Nothing here knows about FAISS: the search is any object with the small interface of
-:class:`NeighborSearcher` (``sdm_hf.index.SupportIndex`` is the real one).
+:class:`NeighborSearcher` (``sdm_hf.search.index.SupportIndex`` is the real one).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The SDM activation and the quantities built directly on it.
 
 Reference: Schmaltz (2025), *Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
-Notation: ``z'`` the SDM head's logits, ``q`` the similarity (see :mod:`sdm_hf.similarity`),
-``d`` the distance quantile (see :mod:`sdm_hf.distance`), ``y_hat = argmax z'``.
+Notation: ``z'`` the SDM head's logits, ``q`` the similarity (see :mod:`sdm_hf.maths.similarity`),
+``d`` the distance quantile (see :mod:`sdm_hf.maths.distance`), ``y_hat = argmax z'``.
 
 Pure tensor maths: nothing here searches neighbours, touches the disk or imports
 transformers. Every function accepts batched tensors and broadcasts ``q`` / ``d`` given
@@ -22,7 +22,7 @@ Built on it: the change-of-base loss ``-log_{2+q} sdm(z')_y`` (:func:`sdm_loss`)
 rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})`` (:func:`rescaled_similarity`),
 the out-of-distribution flag ``floor(q') <= 0`` (:func:`is_out_of_distribution`) and the
 high-reliability rule (:func:`high_reliability_mask`), whose thresholds come from Algorithm 1
-(:func:`sdm_hf.calibration.high_reliability_thresholds`).
+(:func:`sdm_hf.maths.calibration.high_reliability_thresholds`).
 """
 
 from __future__ import annotations

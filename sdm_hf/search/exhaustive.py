@@ -1,4 +1,4 @@
-"""Exhaustive (exact) neighbour search over FAISS building blocks, for :mod:`sdm_hf.index`.
+"""Exhaustive (exact) neighbour search over FAISS building blocks, for :mod:`sdm_hf.search.index`.
 
 * :func:`blocked_float16_search`: exact k-NN over a float16 support with matrix products:
   support blocks are widened to float32 one at a time and searched with FAISS's BLAS
@@ -8,7 +8,7 @@
 * :func:`add_chunked`: adding rows to FAISS in bounded float32 chunks.
 * :func:`order_rows`: (distance, row) ordering, so ties resolve the same way every time.
 
-Which backend runs where is decided in :mod:`sdm_hf.index`, not here.
+Which backend runs where is decided in :mod:`sdm_hf.search.index`, not here.
 """
 
 from __future__ import annotations
