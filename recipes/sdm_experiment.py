@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.baselines import (
+from sdm_hf.head.inference import hr_masks
+from sdm_hf.metrics import selective_counts, significantly_below
+from sdm_hf.training.baselines import (
     conformal_rule,
     conformal_threshold,
     fit_linear_probe,
@@ -45,8 +47,6 @@ from sdm_hf.baselines import (
     sdm_rules,
     softmax_rule,
 )
-from sdm_hf.head.inference import hr_masks
-from sdm_hf.metrics import selective_counts, significantly_below
 
 RAPS_PENALTY, RAPS_K = 0.01, 1
 
@@ -207,7 +207,7 @@ def _baseline_decisions(est: Estimators, x: torch.Tensor, alpha: float) -> dict[
     }
 
 
-# sdm_hf.baselines.sdm_rules' names -> summary keys
+# sdm_hf.training.baselines.sdm_rules' names -> summary keys
 SDM_RULE_KEYS = {
     "softmax(z') >= alpha": "sdm_softmax",
     "softmax(d z') >= alpha": "sdm_softmax_d",

@@ -12,7 +12,6 @@ from .cache_files import default_cache_dir
 from .classifier import SDMClassifier
 from .composition import FeatureEncoder, compose_features, extract_composed_features
 from .feature_cache import cached_features
-from .fit import fit_sdm_head
 from .head.config import SDMConfig
 from .head.diagnostics import CalibrationReport, LabelErrors
 from .head.inference import SDMOutput
@@ -21,6 +20,7 @@ from .maths.activation import log_sdm, rescaled_similarity, sdm_activation, sdm_
 from .maths.calibration import high_reliability_thresholds
 from .model_loading import load_causal_lm
 from .pipelines import register_when_transformers_pipelines_loads
+from .training.fit import fit_sdm_head
 
 # `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work; the tasks are
 # registered when transformers.pipelines loads, so importing sdm_hf does not pay for it

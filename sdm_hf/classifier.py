@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from .features import extract_features
-from .fit import fit_sdm_head
 from .head.config import SDMConfig
 from .head.modeling import SDMHead
 from .hub import DEFAULT_HEAD_SUBFOLDER, check_pairing, push_sdm_model, save_sdm_model
@@ -32,6 +31,7 @@ from .model_identity import hub_id_of, local_copy
 from .persistence import SDMFormatError
 from .pipelines.records import nearest_exemplar, text_result
 from .search.index import resolve_device
+from .training.fit import fit_sdm_head
 from .validation import explained_hub_failure
 
 __all__ = ["SDMClassifier"]

@@ -27,7 +27,7 @@ from .cli_data import CLIError, check_utf8, column, label_names_in, labels_of, l
 from .output_dir import check_output_dir, replacing_output_dir
 from .validation import explained_hub_failure
 
-# the names of sdm_hf.fit.PROCEDURES (spelled out so that --help does not import FAISS)
+# the names of sdm_hf.training.fit.PROCEDURES (spelled out so that --help does not import FAISS)
 FIT_PROCEDURES = ("auto", "fast", "paper")
 
 __all__ = ["main"]
@@ -128,8 +128,8 @@ def check_output(path: Path, overwrite: bool, inputs=()) -> None:
 # -- subcommands --------------------------------------------------------------------------
 def cmd_fit_head(args) -> int:
     from .distributed_features import launched_processes, process_state
-    from .fit import fit_sdm_head
     from .head.config import SDMConfig
+    from .training.fit import fit_sdm_head
 
     output = Path(args.output)
     inputs = [*args.train, *args.calibration]
@@ -205,9 +205,9 @@ def cmd_fit_head(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .baselines import sdm_rules
     from .head.modeling import SDMHead
     from .metrics import selective_classification_report
+    from .training.baselines import sdm_rules
 
     if args.output:  # fail before the feature pass
         check_output(Path(args.output), args.overwrite, [args.head, *args.data])

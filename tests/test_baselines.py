@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sdm_hf.baselines import (
+from sdm_hf.training.baselines import (
     conformal_rule,
     conformal_scores,
     conformal_sets,

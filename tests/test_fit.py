@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.fit import PROCEDURES
-from sdm_hf.head_training import balanced_sdm_loss, search_space, search_vectors
 from sdm_hf.maths.similarity import compute_similarity
 from sdm_hf.search.index import SupportIndex
+from sdm_hf.training.fit import PROCEDURES
+from sdm_hf.training.head_training import balanced_sdm_loss, search_space, search_vectors
 from tests.conftest import gaussian_mixture
 
 FAST = dict(procedure="paper", epochs=3, shuffles=2, learning_rate=3e-3, progress=False)

@@ -9,8 +9,8 @@ import torch
 
 from sdm_hf import SDMConfig, fit_sdm_head
 from sdm_hf.head.fit_selection import FitSelection
-from sdm_hf.head_training import fit_progress_bar
-from sdm_hf.setting_choice import AUTO_CANDIDATES, holdout_split
+from sdm_hf.training.head_training import fit_progress_bar
+from sdm_hf.training.setting_choice import AUTO_CANDIDATES, holdout_split
 from tests.conftest import gaussian_mixture
 
 QUICK = dict(epochs=8, progress=False)

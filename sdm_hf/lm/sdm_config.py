@@ -39,7 +39,7 @@ class SDMTrainingArguments(TrainingArguments):
     head_procedure: str = field(
         default="auto",
         metadata={
-            "help": "Named settings of every verification-head fit (sdm_hf.fit.PROCEDURES): 'auto' (at most "
+            "help": "Named settings of every verification-head fit (sdm_hf.training.fit.PROCEDURES): 'auto' (at most "
             "100 epochs at Adam 1e-3, early-stopped and its normalisation chosen on held-out training rows, "
             "calibration rows used by Algorithm 1 only), 'paper' (200 epochs, Adam at 1e-5, no early "
             "stopping) or 'fast' (at most 100 epochs, Adam at 1e-3, early stopping on the calibration loss). "
@@ -104,7 +104,7 @@ class SDMTrainingArguments(TrainingArguments):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        from ..fit import PROCEDURES
+        from ..training.fit import PROCEDURES
         from .encoding import verification_feature_pooling
 
         if self.hard_negative_timing not in ("epoch_start", "in_epoch"):
@@ -124,10 +124,10 @@ class SDMTrainingArguments(TrainingArguments):
 
     def head_fit_settings(self) -> dict:
         """The settings every verification-head fit uses: ``head_procedure``'s named values
-        (:data:`sdm_hf.fit.PROCEDURES`) with ``head_epochs``, ``head_shuffles``,
+        (:data:`sdm_hf.training.fit.PROCEDURES`) with ``head_epochs``, ``head_shuffles``,
         ``head_batch_size`` and ``head_learning_rate`` on top where set; keys ``procedure``,
         ``epochs``, ``shuffles``, ``batch_size``, ``learning_rate``, ``patience``."""
-        from ..fit import PROCEDURES
+        from ..training.fit import PROCEDURES
 
         named = PROCEDURES[self.head_procedure]
         return {

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..fit import fit_sdm_head
 from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
+from ..training.fit import fit_sdm_head
 from .distributed import gather_rows
 from .encoding import prefix_features, verification_feature_pooling
 

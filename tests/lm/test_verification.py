@@ -35,7 +35,7 @@ def test_too_few_of_a_class_gives_no_head(tmp_path):
 
 
 def test_head_procedure_sets_every_fit_and_explicit_values_win(tmp_path):
-    from sdm_hf.fit import PROCEDURES
+    from sdm_hf.training.fit import PROCEDURES
 
     feats, labels = features(40)
     ids = torch.arange(40)

@@ -10,7 +10,7 @@ Three named procedures (:data:`PROCEDURES`):
 * ``"auto"`` (the default): the calibration rows are exactly the rows Algorithm 1 calibrates on
   and take no part in choosing weights, normalisation statistics, epochs or settings; a share
   of the training rows is held out to early-stop and to choose between candidate settings
-  (:mod:`sdm_hf.setting_choice` states the rule and why the region's promise holds).
+  (:mod:`sdm_hf.training.setting_choice` states the rule and why the region's promise holds).
 * ``"paper"``: the papers' procedure: J = 10 shuffles, each merging training and calibration
   rows and re-splitting them 50/50, E = 200 epochs at Adam lr 1e-5, the state of lowest
   class-balanced calibration SDM loss over all shuffles and epochs, calibrated on that state's
@@ -32,15 +32,15 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from . import validation as check
-from .head.config import SDMConfig
-from .head.fit_selection import FitSelection
-from .head.modeling import SDMHead
+from .. import validation as check
+from ..head.config import SDMConfig
+from ..head.fit_selection import FitSelection
+from ..head.modeling import SDMHead
+from ..labels import encode_labels
+from ..search.index import resolve_device
+from ..validation import FeaturesLike, LabelsLike
 from .head_training import balanced_sdm_loss, build_final_head, fit_progress_bar, train_fresh_head
-from .labels import encode_labels
-from .search.index import resolve_device
 from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
-from .validation import FeaturesLike, LabelsLike
 
 __all__ = ["fit_sdm_head", "balanced_sdm_loss", "PROCEDURES", "FitSelection"]
 
@@ -145,7 +145,7 @@ def fit_sdm_head(
             its own. Because no
             calibration row takes part in any choice, calibration rows and new rows drawn like
             them are exchangeable given the head: the setting of the region's finite-sample
-            argument (the full rule: :mod:`sdm_hf.setting_choice`). ``"paper"`` is Schmaltz
+            argument (the full rule: :mod:`sdm_hf.training.setting_choice`). ``"paper"`` is Schmaltz
             (2025)'s procedure (training and calibration rows pooled and re-split 50/50 in each
             of J = 10 shuffles, E = 200 epochs at lr 1e-5, the state of lowest calibration loss);
             ``"fast"`` is the same selection at lr 1e-3, J = 2, early stopping.

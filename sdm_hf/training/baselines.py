@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .head.inference import SDMOutput
+    from ..head.inference import SDMOutput
 
 __all__ = [
     "softmax_rule",

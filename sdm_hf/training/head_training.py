@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .head.config import SDMConfig
-from .head.modeling import SDMHead
-from .maths.activation import SOFTMAX_EQUIVALENT_Q, sdm_loss
-from .maths.distance import class_distance_lists, distance_quantile
-from .maths.similarity import dense_similarity
+from ..head.config import SDMConfig
+from ..head.modeling import SDMHead
+from ..maths.activation import SOFTMAX_EQUIVALENT_Q, sdm_loss
+from ..maths.distance import class_distance_lists, distance_quantile
+from ..maths.similarity import dense_similarity
 
 __all__ = [
     "balanced_sdm_loss",

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .head.config import SDMConfig
-from .head.modeling import SDMHead
+from ..head.config import SDMConfig
+from ..head.modeling import SDMHead
 from .head_training import RunResult, train_fresh_head
 
 __all__ = [
