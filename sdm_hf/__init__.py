@@ -10,15 +10,15 @@ The public entry points::
 
 from .cache_files import default_cache_dir
 from .classifier import SDMClassifier
-from .composition import FeatureEncoder, compose_features, extract_composed_features
-from .feature_cache import cached_features
+from .features.cache import cached_features
+from .features.composition import FeatureEncoder, compose_features, extract_composed_features
+from .features.model_loading import load_causal_lm
 from .head.config import SDMConfig
 from .head.diagnostics import CalibrationReport, LabelErrors
 from .head.inference import SDMOutput
 from .head.modeling import SDMHead
 from .maths.activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .maths.calibration import high_reliability_thresholds
-from .model_loading import load_causal_lm
 from .pipelines import register_when_transformers_pipelines_loads
 from .training.fit import fit_sdm_head
 

@@ -1,7 +1,7 @@
 """``SDMClassifier``: from a Hugging Face model id and labelled texts to decisions you can trust.
 
 In the manner of SetFit's model: one object holds a model that embeds texts (any encoder, or a
-causal LM, with the pooling and layer options of :func:`sdm_hf.features.extract_features`) and
+causal LM, with the pooling and layer options of :func:`sdm_hf.features.extract.extract_features`) and
 an SDM head over its pooled features (Schmaltz 2025, *Similarity-Distance-Magnitude
 Activations*, arXiv:2509.12760). ``fit`` embeds labelled texts and fits the head with
 :func:`sdm_hf.fit_sdm_head`; ``predict`` returns, for each text, the label, the SDM
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .features import extract_features
+from .features.extract import extract_features
 from .head.config import SDMConfig
 from .head.modeling import SDMHead
 from .hub import DEFAULT_HEAD_SUBFOLDER, check_pairing, push_sdm_model, save_sdm_model

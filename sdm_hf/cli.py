@@ -77,7 +77,7 @@ def features_of(data, args, paths, head_config=None, model_bundle=None, distribu
     """Features of the rows (from a vector column or embedded text) and the model used;
     ``distributed``: the processes of an ``accelerate launch`` / ``torchrun`` run share the
     embedding (each a shard, all rows back on every process)."""
-    from .features import extract_features
+    from .features.extract import extract_features
 
     if args.vector_column:
         return vectors_of(data, args.vector_column, paths), None
@@ -127,7 +127,7 @@ def check_output(path: Path, overwrite: bool, inputs=()) -> None:
 
 # -- subcommands --------------------------------------------------------------------------
 def cmd_fit_head(args) -> int:
-    from .distributed_features import launched_processes, process_state
+    from .features.distributed import launched_processes, process_state
     from .head.config import SDMConfig
     from .training.fit import fit_sdm_head
 
@@ -290,7 +290,7 @@ def cmd_verify(args) -> int:
     else:
         recipe = head_recipe(head.config)
         bundle = load_model(args.model or recipe.model)
-        from .features import extract_features
+        from .features.extract import extract_features
 
         feats = extract_features(
             bundle[0],

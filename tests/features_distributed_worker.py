@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.torch import save_file  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 
-import sdm_hf.feature_cache as feature_cache  # noqa: E402
-from sdm_hf.feature_cache import cached_features  # noqa: E402
-from sdm_hf.features import extract_features  # noqa: E402
+import sdm_hf.features.cache as feature_cache  # noqa: E402
+from sdm_hf.features.cache import cached_features  # noqa: E402
+from sdm_hf.features.extract import extract_features  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
 TEXTS = [  # 7 texts (uneven on 2 processes) of different lengths, so batches need padding

@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from sdm_hf import SDMConfig, SDMHead
-from sdm_hf.features import extract_features
+from sdm_hf.features.extract import extract_features
 from sdm_hf.hub import save_sdm_model
 from sdm_hf.lm.encoding import ControlTokens, verification_features
 from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer

@@ -9,8 +9,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 import sdm_hf
 from sdm_hf import FeatureEncoder, SDMConfig, SDMHead, compose_features, extract_composed_features, fit_sdm_head
-from sdm_hf.feature_layout import check_feature_blocks, layout_of, split_feature_blocks
-from sdm_hf.features import extract_features
+from sdm_hf.features.extract import extract_features
+from sdm_hf.features.layout import check_feature_blocks, layout_of, split_feature_blocks
 from sdm_hf.hub import check_pairing
 from sdm_hf.persistence import FEATURE_BLOCKS_FORMAT_VERSION
 from tests.feature_helpers import Counter
@@ -175,7 +175,7 @@ def test_bad_encoders_fail_before_any_model_runs(bert, bpe, llama):
 
 
 def test_a_block_of_the_wrong_length_is_refused(bert, monkeypatch):
-    import sdm_hf.composition as composition
+    import sdm_hf.features.composition as composition
 
     monkeypatch.setattr(composition, "extract_features", lambda *a, **k: torch.zeros(len(a[2]) - 1, 4))
     with pytest.raises(ValueError, match="for 5 texts"):

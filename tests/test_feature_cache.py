@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_hf import cache_files, feature_cache, model_loading
-from sdm_hf.feature_cache import cached_features, default_cache_dir, feature_cache_key
-from sdm_hf.features import extract_features
+from sdm_hf import cache_files
+from sdm_hf.features import cache as feature_cache
+from sdm_hf.features import model_loading
+from sdm_hf.features.cache import cached_features, default_cache_dir, feature_cache_key
+from sdm_hf.features.extract import extract_features
 from tests.feature_helpers import TEXTS, Counter
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache
@@ -133,7 +135,7 @@ def test_use_cache_false_and_anonymous_models(tmp_path, bpe, llama):
 
 
 def test_the_older_import_path_still_works():
-    from sdm_hf.feature_cache import file_sha256, load_causal_lm
+    from sdm_hf.features.cache import file_sha256, load_causal_lm
 
     assert load_causal_lm is model_loading.load_causal_lm
     assert default_cache_dir is cache_files.default_cache_dir and file_sha256 is cache_files.file_sha256

@@ -1,4 +1,4 @@
-"""sdm_hf.distributed_features: one process (the plain path, no accelerate state) and two
+"""sdm_hf.features.distributed: one process (the plain path, no accelerate state) and two
 (torchrun and accelerate launch, gloo on CPU) against one."""
 
 import json
@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sdm_hf.distributed_features as distributed_features
-from sdm_hf.distributed_features import launched_processes, shard_order, texts_sha256
-from sdm_hf.feature_cache import cached_features
-from sdm_hf.features import extract_features
+import sdm_hf.features.distributed as distributed_features
+from sdm_hf.features.cache import cached_features
+from sdm_hf.features.distributed import launched_processes, shard_order, texts_sha256
+from sdm_hf.features.extract import extract_features
 from tests.features_distributed_worker import TEXTS, tiny_bert
 from tests.launch import run_worker
 

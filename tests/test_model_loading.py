@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_hf import model_loading
-from sdm_hf.feature_cache import cached_features
-from sdm_hf.model_loading import load_causal_lm
+from sdm_hf.features import model_loading
+from sdm_hf.features.cache import cached_features
+from sdm_hf.features.model_loading import load_causal_lm
 from tests.feature_helpers import TEXTS, Counter
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache

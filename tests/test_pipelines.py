@@ -8,7 +8,7 @@ from transformers import pipeline
 
 import sdm_hf  # noqa: F401  (registers the tasks)
 from sdm_hf import SDMConfig, SDMHead
-from sdm_hf.features import extract_features
+from sdm_hf.features.extract import extract_features
 from tests.pipeline_fixtures import WORDS, build_encoder_repo, build_lm_repo, random_texts
 
 

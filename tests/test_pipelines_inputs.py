@@ -11,7 +11,7 @@ from transformers import pipeline
 from transformers.pipelines.pt_utils import KeyDataset
 
 import sdm_hf  # noqa: F401  (registers the tasks)
-from sdm_hf.features import extract_features
+from sdm_hf.features.extract import extract_features
 from sdm_hf.lm.encoding import generate_greedy, verification_features
 from tests.pipeline_fixtures import build_encoder_repo, build_lm_repo, random_texts
 

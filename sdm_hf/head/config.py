@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
 from .. import validation as check
-from ..feature_layout import check_feature_blocks
+from ..features.layout import check_feature_blocks
 from ..maths.calibration import minimum_class_points
 from ..metrics import label_names
 from ..search.index import index_parameters

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..features import extract_features
+from ..features.extract import extract_features
 from ..hub import check_pairing
 from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row
 from .records import text_result
@@ -42,7 +42,7 @@ class SDMTextClassificationPipeline(SDMPipeline):
     ``q``, ``d``, ``rescaled_similarity``, ``truncated`` (the text was cut to the feature
     recipe's max length; a warning also says so) and ``nearest_exemplar``. Features follow
     the head's recorded recipe (pooling, layer, max length) and equal
-    :func:`sdm_hf.features.extract_features` of the same texts up to float rounding,
+    :func:`sdm_hf.features.extract.extract_features` of the same texts up to float rounding,
     whatever the batch size.
 
     Construction options: ``sdm_head`` (an :class:`~sdm_hf.SDMHead`, folder or Hub repo id;
@@ -98,7 +98,7 @@ class SDMTextClassificationPipeline(SDMPipeline):
 
     def _forward(self, model_inputs: dict[str, Any], **_: Any) -> dict[str, list]:
         """A batch of B texts -> the head's records (columns of B values): features of the batch
-        (:func:`~sdm_hf.features.extract_features`, ``[B, D]``), then one ``predict``."""
+        (:func:`~sdm_hf.features.extract.extract_features`, ``[B, D]``), then one ``predict``."""
         cols = as_columns(model_inputs)
         with warnings.catch_warnings():  # reported per input ('truncated') and once in postprocess
             warnings.filterwarnings("ignore", message=".*texts were longer than max_length", category=UserWarning)

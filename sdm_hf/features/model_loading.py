@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .cache_files import (
+from ..cache_files import (
     cache_root,
     file_sha256,
     json_text,
@@ -28,7 +28,7 @@ from .cache_files import (
     remove_stale_temporaries,
     staging_folder,
 )
-from .validation import explained_hub_failure, looks_like_repo_id
+from ..validation import explained_hub_failure, looks_like_repo_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -221,7 +221,7 @@ def load_causal_lm(
 
     The model is returned in eval mode. A GGUF-loaded model carries
     ``model.sdm_hf_source = {"model_id": <file name>, "revision": "sha256:<hex>"}``, which
-    :func:`~sdm_hf.feature_cache.cached_features` uses as its default model id and revision.
+    :func:`~sdm_hf.features.cache.cached_features` uses as its default model id and revision.
 
     Args:
         path_or_name: a local model folder, a Hub model name, a ``.gguf`` file, or (with

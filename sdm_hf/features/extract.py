@@ -16,7 +16,7 @@ a decoder-layer stack the forward pass stops right after that layer.
 It also accepts a ``sentence_transformers.SentenceTransformer`` (``tokenizer=None``), whose own
 pooling then applies. Texts may be a list, a tuple or a ``datasets`` column. With
 ``distributed=True`` the processes of an ``accelerate launch`` run share the texts
-(:mod:`sdm_hf.distributed_features`).
+(:mod:`sdm_hf.features.distributed`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from .search.index import resolve_device
+from ..search.index import resolve_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -367,7 +367,7 @@ def extract_features(
         progress: show a tqdm bar.
         distributed: in a run of several processes (``accelerate launch``, ``torchrun``), share
             the work: every process passes the same texts, computes a shard and gets all N
-            features back in order (see :mod:`sdm_hf.distributed_features`; ``device`` then
+            features back in order (see :mod:`sdm_hf.features.distributed`; ``device`` then
             defaults to each process's own, ``PartialState().device``). With one process it
             changes nothing. Off by default: a process computing its own texts (a pipeline's
             batch) must not wait for the others.
@@ -397,7 +397,7 @@ def extract_features(
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {distributed!r}")
     if distributed:
-        from .distributed_features import features_across_processes, launched_processes
+        from .distributed import features_across_processes, launched_processes
 
         if launched_processes() > 1:  # each process a shard (one process: the plain path below)
             shard = partial(extract_features, model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)

@@ -1,6 +1,6 @@
 """Features across the processes of one run (``accelerate launch`` / ``torchrun``).
 
-:func:`~sdm_hf.features.extract_features` and :func:`~sdm_hf.feature_cache.cached_features` come
+:func:`~sdm_hf.features.extract.extract_features` and :func:`~sdm_hf.features.cache.cached_features` come
 here when they are given ``distributed=True`` in a run of several processes; with one process
 (a plain ``python script.py``) they never do, and no accelerate state is created.
 
@@ -62,7 +62,7 @@ def launched_processes() -> int:
     """How many processes this run has: ``torch.distributed``'s world size when a process group is
     initialised, else the launcher's ``WORLD_SIZE`` (set by ``accelerate launch`` and ``torchrun``),
     else 1. Creates no accelerate state and starts no communication."""
-    from .lm.distributed import process_world
+    from ..lm.distributed import process_world
 
     _, world = process_world()
     if world > 1:
@@ -126,7 +126,7 @@ def features_across_processes(
     Args:
         texts: N strings, the same list on every process.
         compute: ``compute(shard_texts, show_progress, device) -> [n, D]`` float32 CPU tensor, the
-            features of one shard (a single-process :func:`~sdm_hf.features.extract_features`).
+            features of one shard (a single-process :func:`~sdm_hf.features.extract.extract_features`).
         device: where each process runs the model (default: the process's own device,
             ``PartialState().device``: its GPU under a multi-GPU launch, else the CPU).
         progress: show the main process's progress over its shard.
@@ -140,7 +140,7 @@ def features_across_processes(
     """
     from accelerate.utils import gather, pad_across_processes
 
-    from .collectives import gather_json
+    from ..collectives import gather_json
 
     state = process_state()
     run_on = state.device if device is None else device
@@ -214,7 +214,7 @@ def main_process_cached(
     """
     from accelerate.utils import broadcast
 
-    from .collectives import broadcast_json
+    from ..collectives import broadcast_json
 
     state = process_state()
     if state.num_processes == 1:

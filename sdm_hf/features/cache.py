@@ -1,15 +1,15 @@
 """A disk cache for language-model features, like the ``datasets`` map cache.
 
-:func:`cached_features` is :func:`~sdm_hf.features.extract_features` with a disk cache: the same
+:func:`cached_features` is :func:`~sdm_hf.features.extract.extract_features` with a disk cache: the same
 model, feature recipe and texts give back the stored features (``<cache>/features/<key>.safetensors``
 plus a ``<key>.json`` that describes them); :func:`feature_cache_key` is the key they are stored
 under. Both files of an entry are written atomically (a temporary sibling, then a rename), the JSON
 last, so an interrupted run never leaves a half-written entry that a later run trusts; an entry
 that fails its checks is recomputed. Files are safetensors and strict JSON only. In a run of several
 processes, ``distributed=True`` makes the main process the cache's only reader and writer (see
-:func:`~sdm_hf.distributed_features.main_process_cached`).
+:func:`~sdm_hf.features.distributed.main_process_cached`).
 
-:func:`~sdm_hf.model_loading.load_causal_lm`, :func:`~sdm_hf.cache_files.default_cache_dir` and
+:func:`~sdm_hf.features.model_loading.load_causal_lm`, :func:`~sdm_hf.cache_files.default_cache_dir` and
 :func:`~sdm_hf.cache_files.file_sha256` are also importable from here.
 """
 
@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cache_files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
-from .distributed_features import launched_processes, main_process_cached, texts_sha256
-from .features import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
+from ..cache_files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
+from .distributed import launched_processes, main_process_cached, texts_sha256
+from .extract import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
 from .model_loading import SOURCE_ATTRIBUTE, load_causal_lm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # load_causal_lm, default_cache_dir and file_sha256 live in model_loading / cache_files; they are
-# re-exported so that their older import path (sdm_hf.feature_cache) keeps working.
+# re-exported so that their older import path (sdm_hf.features.cache) keeps working.
 __all__ = ["cached_features", "feature_cache_key", "load_causal_lm", "default_cache_dir", "file_sha256"]
 
 FEATURES_FORMAT = 1
@@ -176,7 +176,7 @@ def cached_features(
     use_cache: bool = True,
     distributed: bool = False,
 ) -> torch.Tensor:
-    """:func:`~sdm_hf.features.extract_features` with a disk cache.
+    """:func:`~sdm_hf.features.extract.extract_features` with a disk cache.
 
     The key is a sha256 over a canonical JSON of the model id, revision, parameter dtype, layer,
     pooling, resolved max length, the tokenizer's class, padding and truncation sides, and a sha256
@@ -187,14 +187,14 @@ def cached_features(
     and recomputed.
 
     Args:
-        model, tokenizer: as for :func:`~sdm_hf.features.extract_features`.
+        model, tokenizer: as for :func:`~sdm_hf.features.extract.extract_features`.
         texts: N strings.
         pooling, layer, max_length, batch_size, device, progress: passed to ``extract_features``.
         model_id: the model's name in the key (default: the id
-            :func:`~sdm_hf.model_loading.load_causal_lm` recorded, else
+            :func:`~sdm_hf.features.model_loading.load_causal_lm` recorded, else
             ``model.config._name_or_path``; required for a model built from a config).
         revision: the weights' version in the key (default: the GGUF sha256 recorded by
-            :func:`~sdm_hf.model_loading.load_causal_lm`, else ``config._commit_hash``). Pass it
+            :func:`~sdm_hf.features.model_loading.load_causal_lm`, else ``config._commit_hash``). Pass it
             when the weights at a local path change or the model was modified in memory
             (fine-tuned, adapters merged): the cache cannot see that.
         cache_dir: the cache root (default: :func:`~sdm_hf.cache_files.default_cache_dir`).

@@ -1,13 +1,13 @@
 """Features of several models composed into one matrix, with a recorded layout.
 
-``extract_composed_features(encoders, texts)`` runs :func:`~sdm_hf.features.extract_features`
+``extract_composed_features(encoders, texts)`` runs :func:`~sdm_hf.features.extract.extract_features`
 once per encoder (each with its own pooling, layer, max length and batch size) and concatenates
 the K results along the feature axis, in the order given::
 
     x = [ block 0: model 0's D_0 columns | block 1: model 1's D_1 columns | ... ]   # [N, D_0 + ... + D_{K-1}]
 
 It returns the features and their layout, one JSON-safe dict per block (model name, revision,
-pooling, layer, max length, ``dim``, ``start``, ``stop``; see :mod:`sdm_hf.feature_layout`). Pass
+pooling, layer, max length, ``dim``, ``start``, ``stop``; see :mod:`sdm_hf.features.layout`). Pass
 the layout to ``SDMConfig(feature_blocks=...)`` so that a head fitted on composed features
 records every block. :func:`compose_features` does the same concatenation for features computed
 beforehand (cached, or not from a model at all), so both give the same matrix and layout.
@@ -34,8 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .feature_layout import DESCRIPTION_KEYS, layout_of
-from .features import (
+from .extract import (
     POOLINGS,
     as_texts,
     check_layer,
@@ -44,6 +43,7 @@ from .features import (
     num_hidden_layers,
     resolve_max_length,
 )
+from .layout import DESCRIPTION_KEYS, layout_of
 from .model_loading import SOURCE_ATTRIBUTE
 
 __all__ = ["FeatureEncoder", "ComposedFeatures", "extract_composed_features", "compose_features"]
@@ -302,7 +302,7 @@ def extract_composed_features(
             distributed=distributed,
         )
         if cache:
-            from .feature_cache import cached_features
+            from .cache import cached_features
 
             block = cached_features(
                 encoder.model,
