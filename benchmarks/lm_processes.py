@@ -41,7 +41,7 @@ def worker(name: str, out: Path) -> None:
     from run_lm import data, model_for
 
     from sdm_hf.lm import SDMTrainer, SDMTrainingArguments
-    from sdm_hf.lm.distributed import process_world
+    from sdm_hf.utils.distributed import process_world
     from tests.lm.fixtures import tiny_tokenizer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -281,7 +281,7 @@ def _(tmp: Path):
     head, _ = small_head()
     folder = tmp / "h"
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom sdm_hf.cache_files import staging_folder\n"
+        "import sys, time\nfrom pathlib import Path\nfrom sdm_hf.utils.files import staging_folder\n"
         "with staging_folder(Path(sys.argv[1]), 'model.safetensors') as s:\n"
         "    (s / 'model.safetensors').write_bytes(b'x' * 10**7)\n    print('ready', flush=True)\n    time.sleep(600)\n"
     )

@@ -8,7 +8,6 @@ The public entry points::
     pipeline("sdm-text-classification", model=...)   # registered on import
 """
 
-from .cache_files import default_cache_dir
 from .classifier import SDMClassifier
 from .features.cache import cached_features
 from .features.composition import FeatureEncoder, compose_features, extract_composed_features
@@ -21,6 +20,7 @@ from .maths.activation import log_sdm, rescaled_similarity, sdm_activation, sdm_
 from .maths.calibration import high_reliability_thresholds
 from .pipelines import register_when_transformers_pipelines_loads
 from .training.fit import fit_sdm_head
+from .utils.files import default_cache_dir
 
 # `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work; the tasks are
 # registered when transformers.pipelines loads, so importing sdm_hf does not pay for it

@@ -32,7 +32,7 @@ from .persistence import SDMFormatError
 from .pipelines.records import nearest_exemplar, text_result
 from .search.index import resolve_device
 from .training.fit import fit_sdm_head
-from .validation import explained_hub_failure
+from .utils.validation import explained_hub_failure
 
 __all__ = ["SDMClassifier"]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .cli_data import CLIError, check_utf8, column, label_names_in, labels_of, load_table, vectors_of
-from .output_dir import check_output_dir, replacing_output_dir
-from .validation import explained_hub_failure
+from .utils.output_dir import check_output_dir, replacing_output_dir
+from .utils.validation import explained_hub_failure
 
 # the names of sdm_hf.training.fit.PROCEDURES (spelled out so that --help does not import FAISS)
 FIT_PROCEDURES = ("auto", "fast", "paper")

@@ -22,7 +22,7 @@ from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
 from .model_identity import hub_id_of, same_model
 from .persistence import CARD_NAME
-from .validation import explained_hub_failure
+from .utils.validation import explained_hub_failure
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase

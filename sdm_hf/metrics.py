@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import ArrayLike, LabelsLike
+from .utils.validation import ArrayLike, LabelsLike
 
 __all__ = [
     "label_names",

@@ -40,10 +40,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save, save_file
 
-from .cache_files import STALE_SECONDS, atomic_write, atomic_write_text, loads_strict, remove_stale_temporaries
 from .format_errors import SDMFormatError
 from .head.state import SDMHeadState
 from .persistence_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
+from .utils.files import STALE_SECONDS, atomic_write, atomic_write_text, loads_strict, remove_stale_temporaries
 
 FORMAT_VERSION = 4
 # Format 3 = format 2 whose config has SDMConfig.alphas; format 4 = one whose config has
@@ -265,7 +265,7 @@ def _save_safetensors(stored: dict[str, torch.Tensor], path: Path, metadata: dic
 def remove_leftovers(directory: Path, older_than: float = STALE_SECONDS) -> None:
     """Delete what interrupted saves left in ``directory`` (``.<name>.*.tmp``): staging folders
     of killed writers at once, a save in progress in another process never (see
-    :func:`sdm_hf.cache_files.remove_stale_temporaries`)."""
+    :func:`sdm_hf.utils.files.remove_stale_temporaries`)."""
     remove_stale_temporaries(directory, older_than=older_than)
 
 

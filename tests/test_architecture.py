@@ -90,6 +90,38 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+#: the sub-packages from the bottom up: a module imports only from its own package or lower
+#: ones (type-only imports included; modules still at the top level are not ranked yet)
+LAYERS = ("utils", "maths", "search", "features", "head", "training")
+
+
+def test_packages_import_only_downward():
+    rank = {name: i for i, name in enumerate(LAYERS)}
+
+    def layer(module: str) -> int | None:
+        parts = module.split(".")
+        return rank.get(parts[1]) if len(parts) > 1 else None
+
+    upward = []
+    for module, path in MODULES.items():
+        own = layer(module)
+        if own is None:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):  # every import, type-only ones too
+            if isinstance(node, ast.ImportFrom):
+                targets = [_resolve(module, node)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                other = layer(target) if target.startswith("sdm_hf.") else None
+                if other is not None and other > own:
+                    upward.append(f"{module}:{node.lineno} imports {target}")
+    assert not upward, "upward imports between packages: " + "; ".join(upward)
+
+
 def test_persistence_never_imports_the_head_class():
     assert not {t for t in _graph()["sdm_hf.persistence"] if t in ("sdm_hf.head", "sdm_hf.head.modeling")}
 

@@ -130,14 +130,14 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_stays(small_head, t
     import subprocess
     import sys
 
-    from sdm_hf.cache_files import remove_stale_temporaries, staging_folder
+    from sdm_hf.utils.files import remove_stale_temporaries, staging_folder
 
     folder = tmp_path / "h"
     folder.mkdir()
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from sdm_hf.cache_files import staging_folder\n"
+        "from sdm_hf.utils.files import staging_folder\n"
         "with staging_folder(Path(sys.argv[1]), 'model.safetensors') as stage:\n"
         "    (stage / 'model.safetensors').write_bytes(b'x' * 1000)\n"
         "    print('ready', flush=True)\n"

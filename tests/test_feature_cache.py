@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_hf import cache_files
 from sdm_hf.features import cache as feature_cache
 from sdm_hf.features import model_loading
 from sdm_hf.features.cache import cached_features, default_cache_dir, feature_cache_key
 from sdm_hf.features.extract import extract_features
+from sdm_hf.utils import files as cache_files
 from tests.feature_helpers import TEXTS, Counter
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from sdm_hf.output_dir import (
+from sdm_hf.utils.output_dir import (
     MARKER,
     check_output_dir,
     prepare_output_dir,

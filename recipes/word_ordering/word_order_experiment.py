@@ -60,8 +60,8 @@ import word_order_report as report  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
 from sdm_hf.metrics import selective_classification_report, selective_counts  # noqa: E402
-from sdm_hf.output_dir import prepare_output_dir, seal_output_dir, unseal_output_dir  # noqa: E402
 from sdm_hf.training.fit import PROCEDURES  # noqa: E402
+from sdm_hf.utils.output_dir import prepare_output_dir, seal_output_dir, unseal_output_dir  # noqa: E402
 
 RUNS = {
     "base": {"train": False, "use_sdm_loss": False, "hard_negatives": False},

@@ -9,8 +9,8 @@ that fails its checks is recomputed. Files are safetensors and strict JSON only.
 processes, ``distributed=True`` makes the main process the cache's only reader and writer (see
 :func:`~sdm_hf.features.distributed.main_process_cached`).
 
-:func:`~sdm_hf.features.model_loading.load_causal_lm`, :func:`~sdm_hf.cache_files.default_cache_dir` and
-:func:`~sdm_hf.cache_files.file_sha256` are also importable from here.
+:func:`~sdm_hf.features.model_loading.load_causal_lm`, :func:`~sdm_hf.utils.files.default_cache_dir` and
+:func:`~sdm_hf.utils.files.file_sha256` are also importable from here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..cache_files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
+from ..utils.files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
 from .distributed import launched_processes, main_process_cached, texts_sha256
 from .extract import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
 from .model_loading import SOURCE_ATTRIBUTE, load_causal_lm
@@ -197,7 +197,7 @@ def cached_features(
             :func:`~sdm_hf.features.model_loading.load_causal_lm`, else ``config._commit_hash``). Pass it
             when the weights at a local path change or the model was modified in memory
             (fine-tuned, adapters merged): the cache cannot see that.
-        cache_dir: the cache root (default: :func:`~sdm_hf.cache_files.default_cache_dir`).
+        cache_dir: the cache root (default: :func:`~sdm_hf.utils.files.default_cache_dir`).
         use_cache: False computes without reading or writing the cache.
         distributed: in a run of several processes (``accelerate launch``, ``torchrun``), every
             process passes the same texts and gets all N features; only the main process reads

@@ -62,7 +62,7 @@ def launched_processes() -> int:
     """How many processes this run has: ``torch.distributed``'s world size when a process group is
     initialised, else the launcher's ``WORLD_SIZE`` (set by ``accelerate launch`` and ``torchrun``),
     else 1. Creates no accelerate state and starts no communication."""
-    from ..lm.distributed import process_world
+    from ..utils.distributed import process_world
 
     _, world = process_world()
     if world > 1:
@@ -140,7 +140,7 @@ def features_across_processes(
     """
     from accelerate.utils import gather, pad_across_processes
 
-    from ..collectives import gather_json
+    from ..utils.distributed import gather_json
 
     state = process_state()
     run_on = state.device if device is None else device
@@ -214,7 +214,7 @@ def main_process_cached(
     """
     from accelerate.utils import broadcast
 
-    from ..collectives import broadcast_json
+    from ..utils.distributed import broadcast_json
 
     state = process_state()
     if state.num_processes == 1:

@@ -2,7 +2,7 @@
 
 :func:`load_causal_lm` loads a causal LM and its tokenizer from a local folder, a Hub name or a
 GGUF file. A GGUF file is de-quantised once (float32) and saved with ``save_pretrained`` under
-``<cache>/models/<sha256 of the file>/`` (see :func:`~sdm_hf.cache_files.default_cache_dir`);
+``<cache>/models/<sha256 of the file>/`` (see :func:`~sdm_hf.utils.files.default_cache_dir`);
 later calls load that copy in seconds. The copy is written into a temporary sibling folder and
 renamed into place, with a marker file (``sdm_hf_converted.json``) written last, so an interrupted
 conversion never leaves a folder that a later run trusts.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..cache_files import (
+from ..utils.files import (
     cache_root,
     file_sha256,
     json_text,
@@ -28,7 +28,7 @@ from ..cache_files import (
     remove_stale_temporaries,
     staging_folder,
 )
-from ..validation import explained_hub_failure, looks_like_repo_id
+from ..utils.validation import explained_hub_failure, looks_like_repo_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -227,7 +227,7 @@ def load_causal_lm(
         path_or_name: a local model folder, a Hub model name, a ``.gguf`` file, or (with
             ``gguf_file``) the folder or Hub repo that holds the GGUF file.
         gguf_file: the GGUF file's name inside ``path_or_name``.
-        cache_dir: the cache root (default: :func:`~sdm_hf.cache_files.default_cache_dir`).
+        cache_dir: the cache root (default: :func:`~sdm_hf.utils.files.default_cache_dir`).
         progress: show progress for hashing, de-quantising and saving.
         torch_dtype: the returned model's dtype (the cached GGUF copy is always float32).
         revision: Hub revision (branch, tag or commit), passed through.

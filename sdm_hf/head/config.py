@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
-from .. import validation as check
 from ..features.layout import check_feature_blocks
 from ..maths.calibration import minimum_class_points
 from ..metrics import label_names
 from ..search.index import index_parameters
+from ..utils import validation as check
 
 __all__ = ["SDMConfig", "NORMALIZATIONS", "FeatureRecipe"]
 

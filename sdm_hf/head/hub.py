@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 
 from .. import persistence
-from ..validation import check_local_or_repo, hub_failure
+from ..utils.validation import check_local_or_repo, hub_failure
 from .state import SDMHeadState
 
 __all__ = ["SDMHubMixin", "upload_folder", "fetcher"]

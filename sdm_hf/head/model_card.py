@@ -39,7 +39,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..maths.activation import high_reliability_mask
 from ..metrics import accuracy_or_none, format_accuracy, label_names
-from ..validation import looks_like_repo_id
+from ..utils.validation import looks_like_repo_id
 from .config import SDMConfig
 from .diagnostics import calibration_report
 from .state import CalibrationState

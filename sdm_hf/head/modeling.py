@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard
 
-from .. import validation as check
 from ..maths.distance import distance_quantile
 from ..maths.similarity import SimilarityResult
 from ..search.index import SupportIndex, resolve_device
-from ..validation import FeaturesLike, LabelsLike
+from ..utils import validation as check
+from ..utils.validation import FeaturesLike, LabelsLike
 from . import state as calibration_steps
 from .config import SDMConfig, changes_region
 from .diagnostics import CalibrationReport, LabelErrors, calibration_report, label_errors, output_agreement

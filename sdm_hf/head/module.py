@@ -15,7 +15,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..validation import ArrayLike
+from ..utils.validation import ArrayLike
 from .config import HEAD_FIXED_FIELDS, SUPPORT_FIELDS, WEIGHT_FIELDS, SDMConfig, fixed_field_message
 
 __all__ = ["SDMModule"]

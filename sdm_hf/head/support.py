@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .. import validation as check
 from ..maths.distance import class_distance_lists
 from ..maths.similarity import SimilarityResult, compute_similarity
 from ..search.index import SupportIndex
+from ..utils import validation as check
 from .config import SDMConfig
 from .state import SupportState
 

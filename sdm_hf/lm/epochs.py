@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..collectives import gather_json
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
+from ..utils.distributed import broadcast_json, gather_json, gather_lists, process_world
 from .data import Document, VersionDataset
-from .distributed import broadcast_head, broadcast_json, gather_lists, process_world
+from .distributed import broadcast_head
 from .encoding import ControlTokens, encode_example, generate_greedy
 from .final_head import CALIBRATIONS, FINAL_HEAD_SOURCES, final_head_rows
 from .state import SDMEpochState, refresh_summary

@@ -36,8 +36,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_utils import HubStrategy
 
-from ..cache_files import atomic_write_text
 from ..head.modeling import SDMHead
+from ..utils.files import atomic_write_text
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
 from .data import Document, VersionDataset, encode_documents, negative_only_documents, prepare_documents

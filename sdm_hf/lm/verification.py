@@ -18,7 +18,7 @@ import torch
 from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
 from ..training.fit import fit_sdm_head
-from .distributed import gather_rows
+from ..utils.distributed import gather_rows
 from .encoding import prefix_features, verification_feature_pooling
 
 if TYPE_CHECKING:

@@ -32,13 +32,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import validation as check
 from ..head.config import SDMConfig
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
 from ..labels import encode_labels
 from ..search.index import resolve_device
-from ..validation import FeaturesLike, LabelsLike
+from ..utils import validation as check
+from ..utils.validation import FeaturesLike, LabelsLike
 from .head_training import balanced_sdm_loss, build_final_head, fit_progress_bar, train_fresh_head
 from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
 

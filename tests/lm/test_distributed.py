@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_hf.lm.distributed import broadcast_head, gather_lists, process_world
+from sdm_hf.lm.distributed import broadcast_head
+from sdm_hf.utils.distributed import gather_lists, process_world
 from tests.launch import TORCHRUN_2, run_worker
 
 ROOT = Path(__file__).resolve().parents[2]

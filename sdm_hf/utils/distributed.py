@@ -9,11 +9,25 @@ no ``torch.distributed`` call.
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["wire_device", "broadcast_bytes", "gather_bytes", "broadcast_json", "gather_lists", "gather_json"]
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = [
+    "process_world",
+    "wire_device",
+    "broadcast_bytes",
+    "gather_bytes",
+    "broadcast_json",
+    "gather_lists",
+    "gather_json",
+    "gather_rows",
+]
 
 
 def wire_device() -> torch.device:
@@ -92,3 +106,46 @@ def gather_json(value: Any, world: tuple[int, int]) -> list:
     if world[1] == 1:
         return [value]
     return [json.loads(part) for part in gather_bytes(json.dumps(value, allow_nan=False).encode("utf-8"), world)]
+
+
+def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process.
+
+    Args:
+        accelerator: the trainer's ``accelerate.Accelerator`` (``trainer.accelerator``), which
+            knows the launch even before ``torch.distributed`` is used; without it, the default
+            ``torch.distributed`` process group if one is initialised, else ``(0, 1)``.
+    """
+    if accelerator is not None:
+        world = int(getattr(accelerator, "num_processes", 1))
+        return (int(accelerator.process_index), world) if world > 1 else (0, 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_rows(
+    n: int, compute: Callable[[list[int]], torch.Tensor], world: tuple[int, int], multiple: int = 1
+) -> torch.Tensor:
+    """``compute(range(n))`` with the work shared: process ``r`` computes the rows of its
+    contiguous block (``ceil(n / P)`` rows rounded up to a ``multiple``, so that blocks hold
+    whole batches; padded with repeats of its last row, or of row 0, so every process makes
+    the same calls: under FSDP / ZeRO-3 every forward needs them all), and accelerate's
+    ``gather`` returns all ``[n, D]`` rows in order on every process.
+
+    Args:
+        compute: ``rows -> [len(rows), D]`` float CPU tensor (e.g. features of those rows).
+        world: ``(rank, world_size)`` from :func:`process_world`.
+        multiple: block sizes are multiples of it (a batch size).
+    """
+    from accelerate.utils import gather
+
+    rank, size = world
+    if size == 1:
+        return compute(list(range(n)))
+    multiple = max(1, int(multiple))
+    share = math.ceil(n / size)  # rows per process, then rounded up to whole batches
+    per = max(1, math.ceil(share / multiple) * multiple)
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    local = compute(mine + [mine[-1] if mine else 0] * (per - len(mine)))
+    return gather(local.to(wire_device())).cpu()[:n]  # block r holds rows r*per.. in order
