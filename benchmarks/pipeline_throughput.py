@@ -39,7 +39,7 @@ from run_core import machine  # noqa: E402
 
 from sdm_hf import SDMConfig, SDMHead  # noqa: E402
 from sdm_hf.features.extract import extract_features  # noqa: E402
-from sdm_hf.hub import save_sdm_model  # noqa: E402
+from sdm_hf.repository import save_sdm_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

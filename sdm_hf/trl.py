@@ -124,7 +124,7 @@ class SDMVerificationReward:
         root, the head in ``sdm_head/``); ``kwargs`` as in the constructor."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .hub import load_sdm_model
+        from .repository import load_sdm_model
 
         model, head = load_sdm_model(path, model_class=AutoModelForCausalLM)  # explains a missing path
         return cls(model, AutoTokenizer.from_pretrained(path), head, **kwargs)

@@ -177,8 +177,8 @@ def test_verify_with_a_tiny_lm_repository(tmp_path):
     import torch
 
     from sdm_hf import SDMConfig, SDMHead
-    from sdm_hf.hub import save_sdm_model
     from sdm_hf.lm.encoding import ControlTokens, verification_features
+    from sdm_hf.repository import save_sdm_model
     from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

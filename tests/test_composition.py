@@ -11,8 +11,8 @@ import sdm_hf
 from sdm_hf import FeatureEncoder, SDMConfig, SDMHead, compose_features, extract_composed_features, fit_sdm_head
 from sdm_hf.features.extract import extract_features
 from sdm_hf.features.layout import check_feature_blocks, layout_of, split_feature_blocks
-from sdm_hf.hub import check_pairing
-from sdm_hf.persistence import FEATURE_BLOCKS_FORMAT_VERSION
+from sdm_hf.head.serialization import FEATURE_BLOCKS_FORMAT_VERSION
+from sdm_hf.repository import check_pairing
 from tests.feature_helpers import Counter
 
 TEXTS = [

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_hf import SDMHead, persistence
+from sdm_hf import SDMHead
+from sdm_hf.head import serialization as persistence
 
 ROOT = Path(__file__).resolve().parents[1]
 

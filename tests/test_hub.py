@@ -12,7 +12,7 @@ from huggingface_hub.utils import _http
 from transformers import AutoModel, BertConfig, BertModel
 
 from sdm_hf import SDMConfig, SDMHead
-from sdm_hf.hub import load_sdm_model, push_sdm_model, save_sdm_model
+from sdm_hf.repository import load_sdm_model, push_sdm_model, save_sdm_model
 from tests.conftest import gaussian_mixture
 
 

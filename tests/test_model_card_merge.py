@@ -13,7 +13,7 @@ from sdm_hf.head.model_card import (
     card_data,
     merge_model_card,
 )
-from sdm_hf.hub import save_sdm_model
+from sdm_hf.repository import save_sdm_model
 
 SDM_TAGS = ["sdm", "selective-classification", "uncertainty-quantification"]
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.persistence import FORMAT_VERSION, SDMFormatError
+from sdm_hf.head.serialization import FORMAT_VERSION, SDMFormatError
 from tests.conftest import gaussian_mixture
 
 FIELDS = (
@@ -104,9 +104,9 @@ def test_loaded_head_keeps_nothing_of_the_file_mapped(heads, tmp_path, monkeypat
     gigabytes at scale) resident beside FAISS's own copy."""
     import dataclasses
 
-    import sdm_hf.persistence_checks
+    import sdm_hf.head.serialization_checks
 
-    monkeypatch.setattr(sdm_hf.persistence_checks, "_FINITE_CHUNK", 7)  # the chunked NaN check, many chunks
+    monkeypatch.setattr(sdm_hf.head.serialization_checks, "_FINITE_CHUNK", 7)  # the chunked NaN check, many chunks
     head = copy.deepcopy(heads[2][0])
     head.save_pretrained(tmp_path)
     loaded = SDMHead.from_pretrained(tmp_path)
@@ -125,7 +125,7 @@ def test_loaded_head_keeps_nothing_of_the_file_mapped(heads, tmp_path, monkeypat
 
 
 def test_saving_reads_the_exemplars_in_place(heads):
-    from sdm_hf.persistence import state_to_files
+    from sdm_hf.head.serialization import state_to_files
 
     head = heads[2][0]
     tensors = state_to_files(head)[1]  # a head is taken without copies, as saving does
@@ -135,9 +135,9 @@ def test_saving_reads_the_exemplars_in_place(heads):
 
 
 def test_nan_anywhere_in_the_exemplars_is_detected(heads, tmp_path, monkeypatch):
-    import sdm_hf.persistence_checks
+    import sdm_hf.head.serialization_checks
 
-    monkeypatch.setattr(sdm_hf.persistence_checks, "_FINITE_CHUNK", 5)
+    monkeypatch.setattr(sdm_hf.head.serialization_checks, "_FINITE_CHUNK", 5)
     head = copy.deepcopy(heads[2][0])
     head.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
@@ -216,7 +216,7 @@ def _edit_config(folder, edit):
     model.safetensors' metadata (and its config.json mirror, so the two agree)."""
     from safetensors import safe_open
 
-    from sdm_hf.persistence import EMBEDDED_CONFIG_KEY
+    from sdm_hf.head.serialization import EMBEDDED_CONFIG_KEY
 
     with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
@@ -273,7 +273,7 @@ def test_failed_save_keeps_previous_head(heads, tmp_path, monkeypatch):
     head = heads[2][0]
     head.save_pretrained(tmp_path / "h")
     before = {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()}
-    import sdm_hf.persistence as persistence
+    import sdm_hf.head.serialization as persistence
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -173,7 +173,7 @@ def test_text_classification_reports_the_highest_tier_of_a_tiered_head(encoder_r
 
     from transformers import AutoModel, AutoTokenizer
 
-    from sdm_hf.hub import save_sdm_model
+    from sdm_hf.repository import save_sdm_model
 
     path, head, texts = encoder_repo
     tiered = copy.deepcopy(head)
@@ -195,7 +195,7 @@ def test_a_head_recorded_as_one_feature_block_is_fed_by_its_recipe(encoder_repo,
     exactly those features, and pairing it with another model warns."""
     from transformers import AutoModel, AutoTokenizer
 
-    from sdm_hf.hub import save_sdm_model
+    from sdm_hf.repository import save_sdm_model
     from tests.pipeline_fixtures import head_on
 
     path, _, texts = encoder_repo

@@ -220,7 +220,7 @@ def test_a_list_is_batched_by_length_and_answered_in_order(clf, texts, expected,
 
 def test_left_padded_decoder_features_do_not_depend_on_the_batch(tmp_path):
     # a causal LM as the encoder, padded on the left: positions count from each text's first token
-    from sdm_hf.hub import save_sdm_model
+    from sdm_hf.repository import save_sdm_model
     from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
     from tests.pipeline_fixtures import head_on
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
-from sdm_hf.persistence import SDMFormatError
+from sdm_hf.head.serialization import SDMFormatError
 
 ALLOWED = (ValueError, TypeError, SDMFormatError, FileNotFoundError)
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,7 +6,7 @@ index), ``inference`` (:class:`SDMOutput` assembly), ``diagnostics`` (calibratio
 label errors, index agreement), ``model_card``, ``hub`` (Hub mixin, atomic saves, the one
 upload path) and ``modeling`` (:class:`SDMHead`, delegating to the others).
 
-The names below are imported on first use, so that :mod:`sdm_hf.persistence` can import
+The names below are imported on first use, so that :mod:`sdm_hf.head.serialization` can import
 ``sdm_hf.head.config`` and ``sdm_hf.head.state`` without importing the head class (which
 itself saves through persistence): the dependency runs one way.
 """

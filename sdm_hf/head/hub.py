@@ -28,8 +28,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects
 
-from .. import persistence
 from ..utils.validation import check_local_or_repo, hub_failure
+from . import serialization
 from .state import SDMHeadState
 
 __all__ = ["SDMHubMixin", "upload_folder", "fetcher"]
@@ -125,7 +125,7 @@ def fetcher(
     token: str | bool | None = None,
 ) -> Callable[[str], Path]:
     """``name -> local path`` of a head's file in a local folder or a Hub repo (downloaded on
-    demand); a failed download raises :class:`~sdm_hf.persistence.SDMFormatError`."""
+    demand); a failed download raises :class:`~sdm_hf.head.serialization.SDMFormatError`."""
     where = f"{source}/{subfolder + '/' if subfolder else ''}"
 
     def fetch(name: str) -> Path:
@@ -133,7 +133,7 @@ def fetcher(
         if local.is_dir():
             return local / (subfolder or "") / name
         if local.exists():
-            raise persistence.SDMFormatError(source, "is a file; pass the folder that holds config.json")
+            raise serialization.SDMFormatError(source, "is a file; pass the folder that holds config.json")
         check_local_or_repo(source, "the SDM head")  # FileNotFoundError for a missing local path
         try:
             return Path(
@@ -151,7 +151,7 @@ def fetcher(
         except (HfHubHTTPError, OSError, ValueError) as err:
             if isinstance(err, (RepositoryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled)):
                 raise hub_failure(source, f"the SDM head file {where}{name}", err) from None  # no repository
-            raise persistence.SDMFormatError(
+            raise serialization.SDMFormatError(
                 where + name, f"could not be fetched ({type(err).__name__}: {err})"
             ) from err
 
@@ -171,20 +171,21 @@ def save_state(
     target = Path(save_directory)
     if not overwrite_foreign:
         check_not_foreign(target)
-    config, tensors, documents = persistence.state_to_files(state)
-    persistence.write_files(target, config, tensors, documents, card)
+    config, tensors, documents = serialization.state_to_files(state)
+    serialization.write_files(target, config, tensors, documents, card)
     return target
 
 
 def check_not_foreign(target: Path) -> None:
     """Raise when saving a head into ``target`` would replace files sdm_hf did not write."""
-    ours = (persistence.CONFIG_NAME, persistence.WEIGHTS_NAME, persistence.DOCUMENTS_NAME, persistence.CARD_NAME)
+    names = serialization
+    ours = (names.CONFIG_NAME, names.WEIGHTS_NAME, names.DOCUMENTS_NAME, names.CARD_NAME)
     present = [name for name in ours if (target / name).exists()]
     if not present:
         return
-    config = target / persistence.CONFIG_NAME
+    config = target / serialization.CONFIG_NAME
     try:
-        is_head = config.is_file() and persistence.FORMAT_KEY in json.loads(config.read_text(encoding="utf-8"))
+        is_head = config.is_file() and serialization.FORMAT_KEY in json.loads(config.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         is_head = False
     if not is_head:
@@ -248,7 +249,7 @@ class SDMHubMixin(ModelHubMixin):
         support_documents.jsonl are readable mirrors.
 
         Save a head that belongs to a model into the model repository's ``sdm_head/``
-        subfolder (see :func:`sdm_hf.hub.save_sdm_model`): a folder with files sdm_hf did not
+        subfolder (see :func:`sdm_hf.repository.save_sdm_model`): a folder with files sdm_hf did not
         write (a model's config.json and weights) is refused, unless ``overwrite_foreign``.
 
         Returns:
@@ -284,7 +285,7 @@ class SDMHubMixin(ModelHubMixin):
     ) -> Self:
         """Load a head from a local folder or a Hub repository (strictly: a missing or
         unexpected tensor, a newer format or any inconsistency raises
-        :class:`sdm_hf.persistence.SDMFormatError` naming the file).
+        :class:`sdm_hf.head.serialization.SDMFormatError` naming the file).
 
         Args:
             pretrained_model_name_or_path: a folder, or a Hub repo id.
@@ -302,8 +303,8 @@ class SDMHubMixin(ModelHubMixin):
             local_files_only=local_files_only,
             token=token,
         )
-        config, tensors, documents, paths = persistence.read_files(fetch)
-        state = persistence.state_from_files(config, tensors, documents, paths)
+        config, tensors, documents, paths = serialization.read_files(fetch)
+        state = serialization.state_from_files(config, tensors, documents, paths)
         return cls.from_state(state, device=device).eval()
 
     def push_to_hub(  # the mixin's arguments, plus subfolder

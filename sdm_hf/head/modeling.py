@@ -67,7 +67,7 @@ class SDMHead(
 
     Persistence (huggingface_hub's ``ModelHubMixin``): :meth:`save_pretrained`,
     :meth:`from_pretrained` (local folder or Hub repo, optional ``subfolder``) and
-    :meth:`push_to_hub` store strict JSON + safetensors only (see ``sdm_hf.persistence``);
+    :meth:`push_to_hub` store strict JSON + safetensors only (see ``sdm_hf.head.serialization``);
     :meth:`to_state` / :meth:`from_state` give the same content as plain tensors.
 
     Attributes:

@@ -9,7 +9,7 @@ head keeps the support set behind a FAISS index, built from :class:`SupportState
 * :class:`SDMHeadState` — config + module weights + the two above + the training selection.
 
 :meth:`sdm_hf.SDMHead.to_state` / :meth:`sdm_hf.SDMHead.from_state` convert a head to and from
-an :class:`SDMHeadState`; :mod:`sdm_hf.persistence` converts a state to and from files, and a
+an :class:`SDMHeadState`; :mod:`sdm_hf.head.serialization` converts a state to and from files, and a
 multi-process trainer sends it between processes. No module here touches FAISS or files.
 
 Calibration, following Schmaltz (2025), *Similarity-Distance-Magnitude Activations*

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..head.modeling import SDMHead
-from ..persistence import state_from_bytes, state_to_bytes
+from ..head.serialization import state_from_bytes, state_to_bytes
 from ..utils.distributed import broadcast_bytes
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def broadcast_head(
 
     Only rank 0 fits the head (one fit instead of one per process, and no chance of
     processes disagreeing); the other ranks pass whatever they have and receive rank 0's.
-    The head travels as the bytes of its saved form (:func:`sdm_hf.persistence.state_to_bytes`:
+    The head travels as the bytes of its saved form (:func:`sdm_hf.head.serialization.state_to_bytes`:
     one safetensors buffer, never a pickled module or FAISS index; the support documents are
     left out), is checked like a loaded head and rebuilt on CPU with its training distance lists.
 

@@ -446,7 +446,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
 
     def save_sdm_model(self, output_dir: str | Path) -> Path:
         """Save model, tokenizer and the current head (``sdm_head/``) into ``output_dir``."""
-        from ..hub import save_sdm_model
+        from ..repository import save_sdm_model
 
         if self.head is None:
             raise ValueError("no verification head yet: train (use_sdm_loss=True) or call build_final_head()")

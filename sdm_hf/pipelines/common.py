@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from transformers import Pipeline
 
 from ..head.modeling import SDMHead
-from ..hub import DEFAULT_HEAD_SUBFOLDER
+from ..repository import DEFAULT_HEAD_SUBFOLDER
 from .records import nearest_exemplar, tiers
 
 __all__ = [

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..features.extract import extract_features
-from ..hub import check_pairing
+from ..repository import check_pairing
 from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row
 from .records import text_result
 

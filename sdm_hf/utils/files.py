@@ -1,5 +1,5 @@
 """File helpers shared by everything sdm_hf writes: the disk caches (:mod:`sdm_hf.features.model_loading`,
-:mod:`sdm_hf.features.cache`), the saved heads (:mod:`sdm_hf.persistence`) and the trainer's state.
+:mod:`sdm_hf.features.cache`), the saved heads (:mod:`sdm_hf.head.serialization`) and the trainer's state.
 
 * :func:`default_cache_dir` is ``$SDM_HF_CACHE``, else ``$HF_HOME/sdm_hf``; :func:`cache_root`
   is a caller's ``cache_dir`` or that default.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig, SDMHead
-from sdm_hf.persistence import ALPHAS_FORMAT_VERSION, BASE_FORMAT_VERSION
+from sdm_hf.head.serialization import ALPHAS_FORMAT_VERSION, BASE_FORMAT_VERSION
 
 
 def _with_tiers(head, alphas):

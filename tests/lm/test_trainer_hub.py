@@ -274,7 +274,7 @@ def test_an_lm_repository_loads_as_a_causal_lm_and_its_head_explains_with_text(t
     and the final head's nearest exemplars carry their completion texts through save and load."""
     from transformers import pipeline
 
-    from sdm_hf.hub import load_sdm_model
+    from sdm_hf.repository import load_sdm_model
 
     trainer = make_trainer(tmp_path)
     head = trainer.build_final_head(generate=False)

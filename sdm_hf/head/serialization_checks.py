@@ -6,7 +6,7 @@ against its own arrays: the predictions are the argmax of the stored SDM probabi
 follows from ``q`` and those probabilities, the class-wise distance lists and ``q'`` lists follow
 from the per-point arrays, and Algorithm 1 (Schmaltz 2025, *Similarity-Distance-Magnitude
 Activations*, arXiv:2509.12760) run on them at the stored alpha gives exactly the stored
-``q'_min`` and ``psi``. Every failure is an :class:`~sdm_hf.format_errors.SDMFormatError` naming
+``q'_min`` and ``psi``. Every failure is an :class:`~sdm_hf.head.format_errors.SDMFormatError` naming
 the file and the field.
 """
 
@@ -16,12 +16,12 @@ import math
 
 import torch
 
+from ..maths.activation import rescaled_similarity
+from ..maths.calibration import class_rescaled_lists
+from ..maths.distance import class_distance_lists, distance_quantile
+from .config import SDMConfig
 from .format_errors import SDMFormatError
-from .head.config import SDMConfig
-from .head.state import CalibrationState, SDMHeadState, SupportState, thresholds_at, weight_shapes
-from .maths.activation import rescaled_similarity
-from .maths.calibration import class_rescaled_lists
-from .maths.distance import class_distance_lists, distance_quantile
+from .state import CalibrationState, SDMHeadState, SupportState, thresholds_at, weight_shapes
 
 __all__ = ["TensorChecker", "state_from_files", "CONFIG_NAME", "WEIGHTS_NAME"]
 

@@ -23,7 +23,7 @@ Loading never deserialises Python objects and never calls ``torch.load``; the FA
 rebuilt from the stored exemplars. Every problem (missing file, newer format, wrong dtype,
 mismatched lengths, non-finite values, unsorted lists, unexpected or missing tensors, a
 calibration that does not follow from its arrays) raises :class:`SDMFormatError` naming the
-file and the problem (checks in :mod:`sdm_hf.persistence_checks`).
+file and the problem (checks in :mod:`sdm_hf.head.serialization_checks`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save, save_file
 
+from ..utils.files import STALE_SECONDS, atomic_write, atomic_write_text, loads_strict, remove_stale_temporaries
 from .format_errors import SDMFormatError
-from .head.state import SDMHeadState
-from .persistence_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
-from .utils.files import STALE_SECONDS, atomic_write, atomic_write_text, loads_strict, remove_stale_temporaries
+from .serialization_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
+from .state import SDMHeadState
 
 FORMAT_VERSION = 4
 # Format 3 = format 2 whose config has SDMConfig.alphas; format 4 = one whose config has

@@ -20,8 +20,8 @@ from .head.config import is_verification_pooling
 from .head.hub import upload_folder
 from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
+from .head.serialization import CARD_NAME
 from .model_identity import hub_id_of, same_model
-from .persistence import CARD_NAME
 from .utils.validation import explained_hub_failure
 
 if TYPE_CHECKING:
