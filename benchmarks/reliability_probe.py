@@ -264,7 +264,7 @@ def _(tmp: Path):
 
 @case("unclear", "SDMVerificationReward given completions=None / [None] / a string, ood_reward='zero'")
 def _(tmp: Path):
-    from sdm_hf.trl import _batch, _content
+    from sdm_hf.integrations.trl import _batch, _content
 
     seen = []
     for call in (lambda: _batch(None, "completions"), lambda: _content(None, 0), lambda: _batch("text", "completions")):

@@ -31,7 +31,7 @@ def main() -> int:
     from run_core import machine
     from trl import GRPOConfig, GRPOTrainer
 
-    from sdm_hf.trl import SDMVerificationReward
+    from sdm_hf.integrations.trl import SDMVerificationReward
     from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
     from tests.pipeline_fixtures import build_lm_repo
 

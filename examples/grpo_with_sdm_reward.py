@@ -10,7 +10,7 @@ README). The task: complete a sentence by reordering its last three words. Steps
 1. a verification head: :func:`sdm_hf.lm.verification_features` of 400 calibration prompts
    with their correct completion (``<verified>Yes``) and a wrong ordering (``No``), and
    :func:`sdm_hf.fit_sdm_head` over them;
-2. :class:`sdm_hf.trl.SDMVerificationReward` turns the verifier into a TRL reward: the SDM
+2. :class:`sdm_hf.integrations.trl.SDMVerificationReward` turns the verifier into a TRL reward: the SDM
    probability that a completion is right, shrunk towards 0.5 for completions unlike the
    calibration data (and 0 for out-of-distribution ones);
 3. TRL's ``GRPOTrainer`` trains the policy for a few steps with it; TRL logs the mean reward
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "recipes" / "word_ordering"))
 import word_order_data as wod  # noqa: E402
 
 from sdm_hf import SDMConfig, fit_sdm_head  # noqa: E402
+from sdm_hf.integrations.trl import SDMVerificationReward  # noqa: E402
 from sdm_hf.lm import verification_features  # noqa: E402
-from sdm_hf.trl import SDMVerificationReward  # noqa: E402
 
 BASE_MODEL = ROOT / "recipes" / "word_ordering" / "base_model"
 

@@ -16,9 +16,9 @@ from .head.config import SDMConfig
 from .head.diagnostics import CalibrationReport, LabelErrors
 from .head.inference import SDMOutput
 from .head.modeling import SDMHead
+from .integrations.pipelines import register_when_transformers_pipelines_loads
 from .maths.activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .maths.calibration import high_reliability_thresholds
-from .pipelines import register_when_transformers_pipelines_loads
 from .training.fit import fit_sdm_head
 from .utils.files import default_cache_dir
 

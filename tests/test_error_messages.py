@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sdm_hf import SDMHead, load_causal_lm
+from sdm_hf.integrations.trl import SDMVerificationReward
 from sdm_hf.repository import load_sdm_model
-from sdm_hf.trl import SDMVerificationReward
 
 ROOT = Path(__file__).resolve().parent.parent
 

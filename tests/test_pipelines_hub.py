@@ -105,7 +105,7 @@ def test_a_head_from_another_repository_takes_the_token_not_the_revision(hub_cac
 def test_constructed_directly_the_pipeline_uses_its_arguments_only(hub_cache, fetches):
     from transformers import AutoModel, AutoTokenizer
 
-    from sdm_hf.pipelines import SDMTextClassificationPipeline
+    from sdm_hf.integrations.pipelines import SDMTextClassificationPipeline
 
     cache, texts = hub_cache
     model = AutoModel.from_pretrained(REPO, revision="v1", cache_dir=str(cache))

@@ -186,7 +186,7 @@ def test_num_workers(clf, texts, expected):
 
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_the_batched_forward_reads_extract_features(clf, texts, batch_size, monkeypatch):
-    import sdm_hf.pipelines.text_classification as module
+    import sdm_hf.integrations.pipelines.text_classification as module
 
     seen = {}
     real = module.extract_features
@@ -204,7 +204,7 @@ def test_the_batched_forward_reads_extract_features(clf, texts, batch_size, monk
 
 
 def test_a_list_is_batched_by_length_and_answered_in_order(clf, texts, expected, monkeypatch):
-    import sdm_hf.pipelines.text_classification as module
+    import sdm_hf.integrations.pipelines.text_classification as module
 
     batches = []
     real = module.extract_features

@@ -36,7 +36,7 @@ def test_import_sdm_hf_leaves_transformers_pipelines_alone_until_it_is_used(repo
     assert lines == [
         "False False",
         "['sdm-text-classification', 'sdm-verify']",
-        "sdm_hf.pipelines.text_classification True",
+        "sdm_hf.integrations.pipelines.text_classification True",
         "False",  # the hook removed itself
     ]
 
@@ -50,16 +50,16 @@ def test_transformers_pipelines_imported_first():
 
 def test_public_names_and_explicit_registration():
     lines = _run(
-        "import sys, sdm_hf.pipelines as p\n"
+        "import sys, sdm_hf.integrations.pipelines as p\n"
         "print('transformers.pipelines' in sys.modules)\n"
-        "from sdm_hf.pipelines import SDMTextClassificationPipeline, SDMVerifyPipeline\n"
+        "from sdm_hf.integrations.pipelines import SDMTextClassificationPipeline, SDMVerifyPipeline\n"
         "print(SDMVerifyPipeline.__module__, SDMTextClassificationPipeline.__module__)\n"
         "p.register_pipelines(); p.register_pipelines()\n"
         "from transformers.pipelines import PIPELINE_REGISTRY\n" + TASKS
     )
     assert lines == [
         "False",
-        "sdm_hf.pipelines.verify sdm_hf.pipelines.text_classification",
+        "sdm_hf.integrations.pipelines.verify sdm_hf.integrations.pipelines.text_classification",
         "['sdm-text-classification', 'sdm-verify']",
     ]
 
@@ -69,7 +69,7 @@ def test_a_failed_registration_warns_and_leaves_the_import_working():
         [
             sys.executable,
             "-c",
-            "import sdm_hf, sdm_hf.pipelines.registration as r\n"
+            "import sdm_hf, sdm_hf.integrations.pipelines.registration as r\n"
             "def boom(): raise ImportError('broken')\n"
             "r.register_pipelines = boom\n"
             "import transformers.pipelines\n"

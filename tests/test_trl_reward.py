@@ -1,12 +1,12 @@
-"""sdm_hf.trl.SDMVerificationReward: TRL's reward-function contract on a tiny SDM LM."""
+"""sdm_hf.integrations.trl.SDMVerificationReward: TRL's reward-function contract on a tiny SDM LM."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from sdm_hf.integrations.trl import SDMVerificationReward
 from sdm_hf.lm import verification_features
-from sdm_hf.trl import SDMVerificationReward
 from tests.pipeline_fixtures import build_lm_repo
 
 

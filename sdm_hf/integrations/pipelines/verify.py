@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..lm.encoding import (
+from ...lm.encoding import (
     ControlTokens,
     format_document,
     generate_greedy,
@@ -19,7 +19,7 @@ from ..lm.encoding import (
     verification_features,
     verification_pooling_of,
 )
-from ..repository import check_pairing
+from ...repository import check_pairing
 from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, is_chat, tiers
 
 __all__ = ["SDMVerifyPipeline"]

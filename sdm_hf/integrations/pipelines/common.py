@@ -16,8 +16,8 @@ from typing import Any
 from torch.utils.data import Dataset, IterableDataset
 from transformers import Pipeline
 
-from ..head.modeling import SDMHead
-from ..repository import DEFAULT_HEAD_SUBFOLDER
+from ...head.modeling import SDMHead
+from ...repository import DEFAULT_HEAD_SUBFOLDER
 from .records import nearest_exemplar, tiers
 
 __all__ = [

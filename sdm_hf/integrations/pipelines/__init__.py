@@ -1,7 +1,7 @@
 """``pipeline("sdm-verify")`` and ``pipeline("sdm-text-classification")``.
 
 ``import sdm_hf`` registers both tasks with transformers' ``PIPELINE_REGISTRY`` as soon as
-``transformers.pipelines`` is imported (see :mod:`sdm_hf.pipelines.registration`). Each loads
+``transformers.pipelines`` is imported (see :mod:`sdm_hf.integrations.pipelines.registration`). Each loads
 the model as usual and its SDM head from the model repository's ``sdm_head/`` subfolder, at
 the revision the model was loaded from and with the caller's token, or from an explicit
 ``sdm_head=`` (an :class:`~sdm_hf.SDMHead`, a folder or a Hub repo id — needed for PEFT

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..head.modeling import SDMHead
+from ...head.modeling import SDMHead
 
 __all__ = ["tiers", "nearest_exemplar", "text_result"]
 

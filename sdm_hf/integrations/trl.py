@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from .head.inference import SDMOutput
-from .head.modeling import SDMHead
-from .lm.encoding import (
+from ..head.inference import SDMOutput
+from ..head.modeling import SDMHead
+from ..lm.encoding import (
     ControlTokens,
     Prompt,
     as_messages,
@@ -124,7 +124,7 @@ class SDMVerificationReward:
         root, the head in ``sdm_head/``); ``kwargs`` as in the constructor."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .repository import load_sdm_model
+        from ..repository import load_sdm_model
 
         model, head = load_sdm_model(path, model_class=AutoModelForCausalLM)  # explains a missing path
         return cls(model, AutoTokenizer.from_pretrained(path), head, **kwargs)

@@ -6,8 +6,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..features.extract import extract_features
-from ..repository import check_pairing
+from ...features.extract import extract_features
+from ...repository import check_pairing
 from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row
 from .records import text_result
 

@@ -23,8 +23,11 @@ TARGET = "transformers.pipelines"
 
 #: task -> (pipeline class as a dotted path, name of the transformers Auto class that loads its model)
 TASKS = {
-    "sdm-text-classification": ("sdm_hf.pipelines.text_classification.SDMTextClassificationPipeline", "AutoModel"),
-    "sdm-verify": ("sdm_hf.pipelines.verify.SDMVerifyPipeline", "AutoModelForCausalLM"),
+    "sdm-text-classification": (
+        "sdm_hf.integrations.pipelines.text_classification.SDMTextClassificationPipeline",
+        "AutoModel",
+    ),
+    "sdm-verify": ("sdm_hf.integrations.pipelines.verify.SDMVerifyPipeline", "AutoModelForCausalLM"),
 }
 
 
@@ -54,7 +57,7 @@ def _register_or_warn() -> None:
     except Exception as err:  # reported; the user's import of transformers goes on
         warnings.warn(
             f"sdm_hf could not register its pipeline tasks ({type(err).__name__}: {err}); "
-            "call sdm_hf.pipelines.register_pipelines() to see the full error",
+            "call sdm_hf.integrations.pipelines.register_pipelines() to see the full error",
             RuntimeWarning,
             stacklevel=2,
         )
