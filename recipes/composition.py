@@ -51,9 +51,10 @@ import sentiment_data  # noqa: E402
 from sdm_experiment import FeatureSet, FitSettings  # noqa: E402
 
 from sdm_hf import FeatureEncoder, SDMConfig, compose_features, extract_composed_features, fit_sdm_head  # noqa: E402
+from sdm_hf.evaluation.metrics import selective_counts, significantly_below  # noqa: E402
 from sdm_hf.features.layout import split_feature_blocks  # noqa: E402
-from sdm_hf.metrics import accuracy_or_none, format_accuracy, selective_counts, significantly_below  # noqa: E402
 from sdm_hf.training.baselines import fit_linear_probe, sdm_rules  # noqa: E402
+from sdm_hf.utils.counting import accuracy_or_none, format_accuracy  # noqa: E402
 from sdm_hf.utils.output_dir import check_output_dir, replacing_output_dir  # noqa: E402
 
 DEFAULT_SETS = {

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
+from sdm_hf.evaluation.metrics import selective_counts, significantly_below
 from sdm_hf.head.inference import hr_masks
-from sdm_hf.metrics import selective_counts, significantly_below
 from sdm_hf.training.baselines import (
     conformal_rule,
     conformal_threshold,

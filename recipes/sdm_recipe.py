@@ -22,7 +22,7 @@ import feature_sets  # noqa: E402
 import sdm_report  # noqa: E402
 from sdm_experiment import ESTIMATORS, FitSettings, evaluate, explain, fit_estimators  # noqa: E402
 
-from sdm_hf.plots import plot_risk_coverage, plot_similarity_distance, plot_training_history  # noqa: E402
+from sdm_hf.evaluation.plots import plot_risk_coverage, plot_similarity_distance, plot_training_history  # noqa: E402
 from sdm_hf.utils.output_dir import check_output_dir, replacing_output_dir  # noqa: E402
 
 DEFAULT_ALPHAS = (0.8, 0.85, 0.9, 0.94, 0.95, 0.97)

@@ -2,7 +2,7 @@
 
 A cell is ``accuracy (admitted share of the test set)``; ``R`` means nothing was admitted
 (there is no accuracy to show); a ``↓`` marks an accuracy more than two binomial standard
-errors below alpha (``sdm_hf.metrics.significantly_below``).
+errors below alpha (``sdm_hf.evaluation.metrics.significantly_below``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdm_experiment import ESTIMATORS, SOFTMAX_TYPE  # noqa: E402
 
-from sdm_hf.metrics import accuracy_or_none, format_accuracy, significantly_below  # noqa: E402
+from sdm_hf.evaluation.metrics import significantly_below  # noqa: E402
+from sdm_hf.utils.counting import accuracy_or_none, format_accuracy  # noqa: E402
 
 REJECTED = format_accuracy(None)  # "R": nothing admitted, no accuracy to show
 

@@ -205,8 +205,8 @@ def cmd_fit_head(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .evaluation.metrics import selective_classification_report
     from .head.modeling import SDMHead
-    from .metrics import selective_classification_report
     from .training.baselines import sdm_rules
 
     if args.output:  # fail before the feature pass
@@ -237,7 +237,7 @@ def cmd_evaluate(args) -> int:
 
 def write_evaluation(folder: Path, text: str, head, report, out) -> None:
     """The files of ``sdm-hf evaluate --output``: report.md/.json and two plots."""
-    from .plots import plot_accuracy_vs_admission, plot_similarity_distance
+    from .evaluation.plots import plot_accuracy_vs_admission, plot_similarity_distance
 
     (folder / "report.md").write_text(text, encoding="utf-8")
     payload = {"alpha": head.alpha, "q_min": head.q_min if math.isfinite(head.q_min) else None, **report.to_dict()}

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sdm_hf.metrics import selective_classification_report, wilson_interval
+from sdm_hf.evaluation.metrics import selective_classification_report, wilson_interval
 
 
 def test_report_groups_and_all_rejected():
@@ -30,7 +30,7 @@ def test_evaluate_module_loads_offline():
     import pytest
 
     evaluate = pytest.importorskip("evaluate")
-    from sdm_hf.metrics import evaluate_module_path
+    from sdm_hf.evaluation.metrics import evaluate_module_path
 
     metric = evaluate.load(evaluate_module_path())
     result = metric.compute(predictions=[0, 1, 1], references=[0, 0, 1], admitted=[True, True, False], num_classes=2)
@@ -42,7 +42,7 @@ def test_selective_counts_rejects_labels_outside_the_classes():
     import pytest
     import torch
 
-    from sdm_hf.metrics import selective_counts
+    from sdm_hf.evaluation.metrics import selective_counts
 
     with pytest.raises(ValueError, match="labels must be integers in 0..1"):
         selective_counts(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([True, True]), 2)

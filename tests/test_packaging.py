@@ -88,7 +88,7 @@ def test_wheel_holds_every_package_file(built):
     # package data that setuptools only ships when pyproject names it
     assert "sdm_hf/py.typed" in names
     assert "sdm_hf/model_cards/sdm_head.md" in names
-    assert "sdm_hf/evaluate_metrics/selective_classification/selective_classification.py" in names
+    assert "sdm_hf/evaluation/evaluate_metrics/selective_classification/selective_classification.py" in names
     missing = built["package_files"] - names
     assert not missing, f"files of sdm_hf/ left out of the wheel (add them to package-data): {sorted(missing)}"
     strays = sorted(n for n in names if not (n.startswith("sdm_hf/") or n.startswith(built["dist_info"] + "/")))

@@ -172,7 +172,7 @@ def test_progress_bar_writes_lines_to_a_log():
 
 def test_the_history_marks_the_refit_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from sdm_hf.plots import plot_training_history
+    from sdm_hf.evaluation.plots import plot_training_history
 
     head = _fit(*_data())
     runs = [h["shuffle"] for h in head.training_history]

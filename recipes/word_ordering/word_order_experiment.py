@@ -58,8 +58,8 @@ import word_order_data as wod  # noqa: E402
 import word_order_models as wom  # noqa: E402
 import word_order_report as report  # noqa: E402
 
+from sdm_hf.evaluation.metrics import selective_classification_report, selective_counts  # noqa: E402
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments, exact_match_verifier  # noqa: E402
-from sdm_hf.metrics import selective_classification_report, selective_counts  # noqa: E402
 from sdm_hf.training.fit import PROCEDURES  # noqa: E402
 from sdm_hf.utils.output_dir import prepare_output_dir, seal_output_dir, unseal_output_dir  # noqa: E402
 
@@ -656,7 +656,7 @@ def plot_search(results: dict, out: Path) -> None:
     searched = [(run, search) for run, m in results.items() for search in m.get("search") or []]
     if not searched:
         return
-    from sdm_hf.plots import _pyplot
+    from sdm_hf.evaluation.plots import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from sdm_hf.metrics import wilson_interval
+from sdm_hf.evaluation.metrics import wilson_interval
 
 #: the comparisons the SDM language-model paper makes (Schmaltz 2025, Table 2): each SDM
 #: fine-tuning run against standard fine-tuning with contrastive masking
@@ -298,7 +298,7 @@ def plot_admitted_vs_alpha(summary: dict, path: Path, test_names: dict, title: s
     """Admitted share vs alpha, one panel per (head, test set); a line per run at the seed mean,
     a band over the seeds' range (no band for one seed)."""
     try:
-        from sdm_hf.plots import _pyplot
+        from sdm_hf.evaluation.plots import _pyplot
     except ImportError:  # pragma: no cover - plots are optional
         return
     plt = _pyplot()

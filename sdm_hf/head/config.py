@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 from ..features.layout import check_feature_blocks
 from ..maths.calibration import minimum_class_points
-from ..metrics import label_names
 from ..search.index import index_parameters
 from ..utils import validation as check
+from ..utils.counting import label_names
 
 __all__ = ["SDMConfig", "NORMALIZATIONS", "FeatureRecipe"]
 

@@ -2,7 +2,7 @@
 how closely an approximate support index agrees with an exact one.
 
 All are computed from plain state (:class:`~sdm_hf.head.state.CalibrationState`,
-:class:`~sdm_hf.head.inference.SDMOutput`) with the counting core of :mod:`sdm_hf.metrics`.
+:class:`~sdm_hf.head.inference.SDMOutput`) with the counting core of :mod:`sdm_hf.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..maths.activation import high_reliability_mask
-from ..metrics import accuracy_or_none, format_accuracy, group_counts, label_names
+from ..utils.counting import accuracy_or_none, format_accuracy, group_counts, label_names
 from .inference import SDMOutput
 from .region_diagnosis import RegionDiagnosis, diagnose_region
 from .state import CalibrationState, thresholds_at

@@ -38,7 +38,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..maths.activation import high_reliability_mask
-from ..metrics import accuracy_or_none, format_accuracy, label_names
+from ..utils.counting import accuracy_or_none, format_accuracy, label_names
 from ..utils.validation import looks_like_repo_id
 from .config import SDMConfig
 from .diagnostics import calibration_report

@@ -34,7 +34,7 @@ from ..maths.calibration import (
     required_points_per_class,
     suffix_counts,
 )
-from ..metrics import label_names
+from ..utils.counting import label_names
 from .state import CalibrationState, thresholds_at
 
 __all__ = ["RegionDiagnosis", "diagnose_region", "points_needed"]

@@ -6,7 +6,7 @@ scaling, APS / RAPS conformal sets and the SDM head's own partial rules (``softm
 ``sdm >= alpha``), so a user can rerun that comparison on their own features.
 
 Every estimator ends in a ``(prediction [N], admit [N] bool)`` pair for
-:func:`sdm_hf.metrics.selective_classification_report`. All are defined on the same
+:func:`sdm_hf.evaluation.metrics.selective_classification_report`. All are defined on the same
 features and splits as the SDM head:
 
 * :func:`fit_linear_probe` — a linear softmax classifier on the raw features, trained with

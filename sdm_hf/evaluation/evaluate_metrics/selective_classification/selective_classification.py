@@ -1,10 +1,10 @@
-"""`evaluate` metric module wrapping :func:`sdm_hf.metrics.selective_classification_report`.
+"""`evaluate` metric module wrapping :func:`sdm_hf.evaluation.metrics.selective_classification_report`.
 
 Optional (``pip install 'sdm-hf[evaluate]'``); the plain function is the primary API since
 the `evaluate` package is in maintenance mode. Loads offline::
 
     import evaluate
-    from sdm_hf.metrics import evaluate_module_path
+    from sdm_hf.evaluation.metrics import evaluate_module_path
     metric = evaluate.load(evaluate_module_path())
     metric.compute(predictions=[0, 1], references=[0, 0], admitted=[True, True], num_classes=2)
 """
@@ -12,7 +12,7 @@ the `evaluate` package is in maintenance mode. Loads offline::
 import datasets
 import evaluate
 
-from sdm_hf.metrics import selective_classification_report
+from sdm_hf.evaluation.metrics import selective_classification_report
 
 _DESCRIPTION = """Selective-classification accuracy and admission: marginal, class-conditional (by
 true label) and prediction-conditional (by predicted label); accuracy is None ("R") for a

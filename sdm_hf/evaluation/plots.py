@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .head.inference import SDMOutput
+    from ..head.inference import SDMOutput
     from .metrics import SelectiveClassificationReport
 
 __all__ = ["plot_accuracy_vs_admission", "plot_similarity_distance", "plot_risk_coverage", "plot_training_history"]
@@ -53,7 +53,7 @@ def plot_accuracy_vs_admission(
     number the HR region promises). Estimators that admit nothing sit at x = 0 marked "R".
 
     Args:
-        reports: test-set name -> :class:`~sdm_hf.metrics.SelectiveClassificationReport`.
+        reports: test-set name -> :class:`~sdm_hf.evaluation.metrics.SelectiveClassificationReport`.
         path: output PNG.
         alpha: draws the target accuracy as a dashed line.
         title: optional figure title.

@@ -8,11 +8,10 @@ labelled set of ``|D|`` points this module reports, per group:
 * the marginal accuracy and admission rate.
 
 A group with nothing admitted has no accuracy: it is reported as ``"R"`` (all rejected) in
-tables and ``None`` in JSON, never as 0 or NaN. The core is :func:`group_counts` (one
-``bincount`` per quantity), :func:`accuracy_or_none`, :func:`format_accuracy` and
-:func:`label_names`; the SDM head's calibration report, the recipes' tables, the model card
-and the pipelines derive from them. These are the tables of Schmaltz (2025),
-*Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
+tables and ``None`` in JSON, never as 0 or NaN. The counting core (:mod:`sdm_hf.utils.counting`:
+``group_counts``, one ``bincount`` per quantity, ``accuracy_or_none``, ``format_accuracy``,
+``label_names``) is shared with the SDM head's calibration report and model card. These are
+the tables of Schmaltz (2025), *Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
 """
 
 from __future__ import annotations
@@ -23,13 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils.validation import ArrayLike, LabelsLike
+from ..utils.counting import accuracy_or_none, format_accuracy, group_counts, label_names
+from ..utils.validation import ArrayLike, LabelsLike
 
 __all__ = [
-    "label_names",
-    "group_counts",
-    "accuracy_or_none",
-    "format_accuracy",
     "selective_classification_report",
     "SelectiveClassificationReport",
     "evaluate_module_path",
@@ -44,59 +40,7 @@ def evaluate_module_path() -> str:
     """Folder of the optional `evaluate` metric module (``evaluate.load(evaluate_module_path())``)."""
     from importlib import resources
 
-    return str(resources.files("sdm_hf").joinpath("evaluate_metrics/selective_classification"))
-
-
-def label_names(num_classes: int, id2label: dict[int, str] | None = None) -> list:
-    """Display names of classes ``0..C-1``: ``id2label[c]``, or ``"c"`` when no names are set.
-
-    Example:
-        >>> label_names(3), label_names(2, {0: "no", 1: "yes"})
-        (['0', '1', '2'], ['no', 'yes'])
-    """
-    return [id2label[c] if id2label else str(c) for c in range(num_classes)]
-
-
-def group_counts(
-    groups: torch.Tensor, admit: torch.Tensor, correct: torch.Tensor, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group counts ``(n, admitted, correct)``, each ``[C]`` int64.
-
-    Args:
-        groups: ``[N]`` int64 group of each point (its true label, or its prediction); points
-            outside ``0..C-1`` belong to no group.
-        admit: ``[N]`` bool, True where the point is admitted.
-        correct: ``[N]`` bool, True where the prediction is right (counted only if admitted).
-        num_classes: ``C``.
-
-    Example:
-        >>> import torch
-        >>> n, a, k = group_counts(torch.tensor([0, 1, 1]), torch.tensor([True, True, False]),
-        ...                        torch.tensor([True, False, True]), 2)
-        >>> n.tolist(), a.tolist(), k.tolist()
-        ([1, 2], [1, 1], [1, 0])
-    """
-    admit, correct = admit.bool(), correct.bool()
-    member = (groups >= 0) & (groups < num_classes)
-    n = torch.bincount(groups[member], minlength=num_classes)
-    admitted = torch.bincount(groups[member & admit], minlength=num_classes)
-    right = torch.bincount(groups[member & admit & correct], minlength=num_classes)
-    return n, admitted, right
-
-
-def accuracy_or_none(correct: int, admitted: int) -> float | None:
-    """``correct / admitted``, or None ("R": all rejected) when nothing is admitted."""
-    return float(correct) / admitted if admitted else None
-
-
-def format_accuracy(accuracy: float | None, digits: int = 3) -> str:
-    """An accuracy for a table: ``"0.962"``, or ``"R"`` when the group admits nothing.
-
-    Example:
-        >>> format_accuracy(0.96153), format_accuracy(None)
-        ('0.962', 'R')
-    """
-    return "R" if accuracy is None else f"{accuracy:.{digits}f}"
+    return str(resources.files("sdm_hf.evaluation").joinpath("evaluate_metrics/selective_classification"))
 
 
 def _groups(groups: torch.Tensor, admit: torch.Tensor, correct: torch.Tensor, num_classes: int, total: int):
