@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from .features.extract import extract_features
+from .features.model_identity import hub_id_of, local_copy
 from .head.config import SDMConfig
 from .head.modeling import SDMHead
 from .head.serialization import SDMFormatError
 from .integrations.pipelines.records import nearest_exemplar, text_result
-from .labels import encode_labels
-from .model_identity import hub_id_of, local_copy
 from .repository import DEFAULT_HEAD_SUBFOLDER, check_pairing, push_sdm_model, save_sdm_model
 from .search.index import resolve_device
 from .training.fit import fit_sdm_head
+from .training.labels import encode_labels
 from .utils.validation import explained_hub_failure
 
 __all__ = ["SDMClassifier"]

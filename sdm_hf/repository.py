@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import ModelCard
 
+from .features.model_identity import hub_id_of, same_model
 from .head.config import is_verification_pooling
 from .head.hub import upload_folder
 from .head.model_card import head_card_data, merge_model_card
 from .head.modeling import SDMHead
 from .head.serialization import CARD_NAME
-from .model_identity import hub_id_of, same_model
 from .utils.validation import explained_hub_failure
 
 if TYPE_CHECKING:

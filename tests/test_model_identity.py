@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdm_hf.model_identity import hub_id_of, local_copy, same_model
+from sdm_hf.features.model_identity import hub_id_of, local_copy, same_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -35,11 +35,11 @@ import torch
 from ..head.config import SDMConfig
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
-from ..labels import encode_labels
 from ..search.index import resolve_device
 from ..utils import validation as check
 from ..utils.validation import FeaturesLike, LabelsLike
 from .head_training import balanced_sdm_loss, build_final_head, fit_progress_bar, train_fresh_head
+from .labels import encode_labels
 from .setting_choice import AUTO_CANDIDATES, check_candidates, choose_setting, holdout_split
 
 __all__ = ["fit_sdm_head", "balanced_sdm_loss", "PROCEDURES", "FitSelection"]

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any
 
-from .utils.validation import looks_like_repo_id
+from ..utils.validation import looks_like_repo_id
 
 __all__ = ["PYPI_COPIES", "hub_id_of", "local_copy", "same_model"]
 
