@@ -9,24 +9,12 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import AutoModel, BertModel
 
 from sdm_hf import SDMConfig, SDMHead
 from sdm_hf.repository import load_sdm_model, push_sdm_model, save_sdm_model
 from tests.conftest import gaussian_mixture
-
-
-def tiny_bert():
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return BertModel(config)
+from tests.helpers import tiny_bert
 
 
 def tiny_head(input_dim=16, pooling="mean", base_model=None):
