@@ -1,4 +1,4 @@
-"""The two pipelines' outputs, options and errors (see also tests/test_pipelines_*.py)."""
+"""The two pipelines' outputs, options and errors (see also tests/integrations/test_pipelines_*.py)."""
 
 import copy
 
