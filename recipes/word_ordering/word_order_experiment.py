@@ -397,8 +397,8 @@ def verify_test_set(trainer: SDMTrainer, heads: dict, dataset, args) -> tuple[di
     first of ``heads`` (kind -> head, each with its risk tiers) generates and verifies; the
     others verify the same generations (no new generation)."""
     control = trainer.control_tokens
-    kinds = list(heads)
-    verifier = _verifier(trainer, heads[kinds[0]])
+    built = list(heads)
+    verifier = _verifier(trainer, heads[built[0]])
     started = time.perf_counter()
     outputs = verifier(
         list(dataset["prompt"]), batch_size=args.generation_batch_size, max_new_tokens=args.max_new_tokens
@@ -424,14 +424,14 @@ def verify_test_set(trainer: SDMTrainer, heads: dict, dataset, args) -> tuple[di
     )
     sentence_correct, exact = wod.score_generations(generations, dataset)
     n = len(generations)
-    by_kind = {kinds[0]: outputs}
+    by_kind = {built[0]: outputs}
     pairs = [{"prompt": p, "completion": g} for p, g in zip(dataset["prompt"], generations)]
-    for kind in kinds[1:]:  # the same generations, verified by another head
+    for kind in built[1:]:  # the same generations, verified by another head
         by_kind[kind] = _verifier(trainer, heads[kind])(pairs, batch_size=args.generation_batch_size)
     nothing = {"verified": False, "high_reliability": False, "high_reliability_at": {}}
     missing = [kind for kind in args.final_heads if kind not in heads]  # a head that could not be built
     by_kind.update({kind: [nothing] * n for kind in missing})  # admits nothing
-    kinds = list(args.final_heads)
+    kinds = list(args.final_heads)  # every requested head, built or not
     metrics = {
         "n": n,
         "sentence_accuracy": sum(sentence_correct) / n,
@@ -487,12 +487,12 @@ def final_heads(trainer: SDMTrainer, args) -> tuple[dict, dict]:
             except ValueError as error:  # e.g. too few right or wrong own generations to calibrate on
                 if not heads and kind == args.final_heads[-1]:
                     raise
-                generations = trainer.final_head_generations
                 summaries[kind] = {"unavailable": str(error), "seconds": time.perf_counter() - started}
                 print(f"no {kind} head: {error} (it admits nothing in the tables)")
                 continue
+            finally:  # the next head reuses this pass's greedy generations
+                generations = trainer.final_head_generations
             head.config = replace(head.config, alphas=[a for a in args.extra_alphas if a != args.alpha] or None)
-        generations = trainer.final_head_generations
         rows = head.calibration_report(alphas=alphas_of(args)).rows
         heads[kind] = head
         summaries[kind] = {

@@ -55,9 +55,9 @@ def class_check(counts: dict, alpha: float) -> str:
     groups = {name: g for name, g in counts["per_class"].items() if g["admitted"]}
     if not groups:
         return "R"
-    below = [f"{name} {verdict(g['correct'], g['admitted'], alpha)}" for name, g in groups.items()]
-    below = [b for b in below if " yes" not in b]
-    return "yes" if not below else "; ".join(below)
+    verdicts = {name: verdict(g["correct"], g["admitted"], alpha) for name, g in groups.items()}
+    below = [f"{name} {v}" for name, v in verdicts.items() if v != "yes"]
+    return "; ".join(below) or "yes"
 
 
 def _alphas(results: dict) -> list[str]:

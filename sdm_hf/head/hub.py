@@ -178,8 +178,12 @@ def save_state(
 
 def check_not_foreign(target: Path) -> None:
     """Raise when saving a head into ``target`` would replace files sdm_hf did not write."""
-    names = serialization
-    ours = (names.CONFIG_NAME, names.WEIGHTS_NAME, names.DOCUMENTS_NAME, names.CARD_NAME)
+    ours = (
+        serialization.CONFIG_NAME,
+        serialization.WEIGHTS_NAME,
+        serialization.DOCUMENTS_NAME,
+        serialization.CARD_NAME,
+    )
     present = [name for name in ours if (target / name).exists()]
     if not present:
         return
