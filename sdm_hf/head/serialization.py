@@ -1,29 +1,21 @@
 """Safe on-disk format of an SDM head: strict JSON + safetensors, nothing else.
 
-This module converts an :class:`~sdm_hf.head.state.SDMHeadState` to and from files; it knows
-the state types only (never the head class), so saving, loading and sending a head between
-processes all go through the same plain data.
+Converts an :class:`~sdm_hf.head.state.SDMHeadState` to and from files; it knows the state types
+only (never the head class), so saving, loading and sending a head between processes share one
+path. A head folder holds (format :data:`FORMAT_VERSION`, the only one this sdm_hf reads or writes):
 
-A head directory holds (format 2):
+* ``model.safetensors``: the whole head (weights, support exemplars with labels and predictions,
+  calibration arrays, class-wise lists flattened with offsets, the support documents as a
+  ``uint8`` tensor of JSON lines) and, in its metadata, the config JSON. Loading reads only this
+  file, through one open descriptor, so a save (one rename) switches old head to new, never a mix.
+* ``config.json``: a strict-JSON mirror of that config (format version, :class:`~sdm_hf.SDMConfig`,
+  Algorithm 1's alpha, ``q'_min`` (``null`` when infinite) and ``psi``), read first to refuse
+  anything that is not a head of this format.
+* ``support_documents.jsonl`` (mirror, when the support has ids or texts) and ``README.md``.
 
-* ``model.safetensors`` — the whole head: the weights and EVERY array (support exemplars with
-  true and predicted labels, the per-point calibration arrays, the class-wise distance lists
-  and ``q'`` lists, flattened with per-class offsets), the support documents as a ``uint8``
-  tensor of JSON lines, and in its metadata the config JSON below. Replacing this one file
-  (a rename) switches the head, so a failed, killed or concurrent save leaves the old head or
-  the new one, never a mix; it is read through one open descriptor for the same reason.
-* ``config.json`` — a mirror of the embedded config, strict JSON (no ``NaN``/``Infinity``;
-  ``q'_min = inf`` is ``null``): format version, :class:`~sdm_hf.SDMConfig`, Algorithm 1's
-  result (alpha, ``q'_min``, ``psi``) and a few flags. Read first (is this an SDM head, of a
-  format this sdm_hf reads?); format-1 heads (no embedded config) are loaded from it.
-* ``support_documents.jsonl`` — optional mirror: one ``{"id": ..., "text": ...}`` per support row.
-* ``README.md`` — the model card.
-
-Loading never deserialises Python objects and never calls ``torch.load``; the FAISS index is
-rebuilt from the stored exemplars. Every problem (missing file, newer format, wrong dtype,
-mismatched lengths, non-finite values, unsorted lists, unexpected or missing tensors, a
-calibration that does not follow from its arrays) raises :class:`SDMFormatError` naming the
-file and the problem (checks in :mod:`sdm_hf.head.serialization_checks`).
+Loading never unpickles and never calls ``torch.load``; the FAISS index is rebuilt from the
+exemplars. Every problem raises :class:`SDMFormatError` naming the file (checks in
+:mod:`sdm_hf.head.serialization_checks`).
 """
 
 from __future__ import annotations
@@ -45,22 +37,11 @@ from .format_errors import SDMFormatError
 from .serialization_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
 from .state import SDMHeadState
 
-FORMAT_VERSION = 4
-# Format 3 = format 2 whose config has SDMConfig.alphas; format 4 = one whose config has
-# SDMConfig.feature_blocks (composed features). A head is written with the lowest version that
-# holds its config (heads with neither are format 2), so older sdm_hf reads every head it can
-# and says "upgrade" for the others instead of failing on an unknown config field.
-BASE_FORMAT_VERSION = 2
-ALPHAS_FORMAT_VERSION = 3
-FEATURE_BLOCKS_FORMAT_VERSION = 4
+# The one on-disk format. Earlier pre-release formats (1-4) are refused with a message to re-save.
+FORMAT_VERSION = 5
 DOCUMENTS_NAME = "support_documents.jsonl"
 CARD_NAME = "README.md"
 FORMAT_KEY = "sdm_hf_format_version"
-# Format 2: model.safetensors is self-contained (its metadata holds the config JSON, a
-# "support.documents" uint8 tensor the support documents as JSON lines), so replacing that one
-# file (an atomic rename) switches the whole head: a reader sees the old head or the new one,
-# never a mix, whatever fails or runs concurrently. config.json and support_documents.jsonl are
-# written as readable mirrors; format-1 heads (no embedded config) still load from them.
 EMBEDDED_CONFIG_KEY = "sdm_hf_config"
 DOCUMENTS_TENSOR = "support.documents"
 
@@ -70,7 +51,6 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "FORMAT_VERSION",
-    "format_version_of",
     "state_to_files",
     "state_from_files",
     "state_to_bytes",
@@ -85,14 +65,6 @@ SELECTION_KEYS = ("shuffle", "epoch", "calibration_loss", "procedure", "chosen",
 
 
 # -- writing ------------------------------------------------------------------------------
-def format_version_of(config) -> int:
-    """The format version a head with ``config`` (an :class:`~sdm_hf.SDMConfig`) is written as:
-    the lowest one whose readers know every field it sets."""
-    if config.feature_blocks is not None:
-        return FEATURE_BLOCKS_FORMAT_VERSION
-    return ALPHAS_FORMAT_VERSION if config.alphas else BASE_FORMAT_VERSION
-
-
 def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.cat([t.to(dtype) for t in lists]) if lists else torch.zeros(0, dtype=dtype)
     offsets = torch.tensor([0] + [t.numel() for t in lists], dtype=torch.long).cumsum(0)
@@ -113,7 +85,7 @@ def state_to_files(state: SDMHeadState | Any) -> tuple[dict, dict[str, torch.Ten
         raise TypeError(f"state must be an SDMHeadState or a head, got {type(state).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.weights.items()}
     config: dict = {
-        FORMAT_KEY: format_version_of(state.config),
+        FORMAT_KEY: FORMAT_VERSION,
         "library": "sdm_hf",
         "config": state.config.to_dict(),
         "support": None,
@@ -294,11 +266,15 @@ def parse_config(text: str, path) -> dict:
     if version > FORMAT_VERSION:
         raise SDMFormatError(
             path,
-            f"written by a newer sdm_hf (format version {version}; this sdm_hf reads up to "
-            f"{FORMAT_VERSION}); upgrade sdm_hf",
+            f"written by a newer sdm_hf (format version {version}; this sdm_hf reads format {FORMAT_VERSION}); "
+            "upgrade sdm_hf",
         )
-    if version < 1:
-        raise SDMFormatError(path, f"unknown format version {version}")
+    if version != FORMAT_VERSION:
+        raise SDMFormatError(
+            path,
+            f"format version {version} was written by a pre-release sdm_hf; this sdm_hf reads format "
+            f"{FORMAT_VERSION} only: fit the head again (or load it with the sdm_hf that wrote it and save it again)",
+        )
     for key in ("config", "support", "calibration"):
         if key not in config:
             raise SDMFormatError(path, f"missing key {key!r}")
@@ -343,55 +319,43 @@ def parse_documents(text: str, path, size: int) -> list[dict]:
     return documents
 
 
-def read_documents(path: Path, size: int) -> list[dict]:
-    if not path.is_file():
-        raise SDMFormatError(path, "missing: config.json says the support set stores ids/texts")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SDMFormatError(path, f"not valid JSON lines ({err})") from None
-    return parse_documents(text, path, size)
-
-
 def read_files(
     fetch: Callable[[str], Path],
 ) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None, dict[str, Path]]:
     """Read (but do not yet validate the contents of) a head's files.
 
-    ``config.json`` is read first (is this an SDM head, of a format this sdm_hf reads?); the
-    head itself is then read from ``model.safetensors`` alone when it embeds its config
-    (format 2), so that the config, tensors and documents always come from one save.
+    ``config.json`` is read first (is this an SDM head of this format?); the head itself comes
+    from ``model.safetensors`` alone (config in its metadata), so config, tensors and documents
+    always come from one save.
 
     Args:
         fetch: callable ``name -> Path`` giving the local path of one of the head's files
-            (downloading it first when the head lives on the Hub); only the files the
-            config asks for are fetched.
+            (downloading it first when the head lives on the Hub).
 
     Returns:
         ``(config, tensors, documents, paths)``.
+
+    Raises:
+        SDMFormatError: a file is missing, unreadable or of another format.
     """
     paths = {CONFIG_NAME: fetch(CONFIG_NAME)}
-    config = read_config(paths[CONFIG_NAME])
+    mirror = read_config(paths[CONFIG_NAME])
     paths[WEIGHTS_NAME] = fetch(WEIGHTS_NAME)
     tensors, metadata = read_tensors(paths[WEIGHTS_NAME])
     embedded = metadata.get(EMBEDDED_CONFIG_KEY)
-    support = config.get("support")
-    if embedded is not None:  # the authoritative copy: config.json may be mid-update
-        mirror = config
-        config, tensors, documents = _unpack(tensors, embedded, paths[WEIGHTS_NAME])
-        if mirror != config:
-            warnings.warn(
-                f"{paths[CONFIG_NAME]} differs from the config stored in {paths[WEIGHTS_NAME]} (a save in "
-                "progress or interrupted, or an edit by hand); the head is loaded from model.safetensors, "
-                "which is always one complete save",
-                UserWarning,
-                stacklevel=4,
-            )
-        paths[CONFIG_NAME] = paths[WEIGHTS_NAME]
-        return config, tensors, documents, paths
-    documents = None  # a format-1 head (or tensors rewritten without the metadata): the split files
-    tensors.pop(DOCUMENTS_TENSOR, None)
-    if isinstance(support, dict) and (support.get("has_ids") or support.get("has_texts")):
-        paths[DOCUMENTS_NAME] = fetch(DOCUMENTS_NAME)
-        documents = read_documents(paths[DOCUMENTS_NAME], int(support.get("size", -1)))
+    if embedded is None:
+        raise SDMFormatError(
+            paths[WEIGHTS_NAME],
+            f"no embedded config ({EMBEDDED_CONFIG_KEY!r} metadata): not a head of format {FORMAT_VERSION}",
+        )
+    config, tensors, documents = _unpack(tensors, embedded, paths[WEIGHTS_NAME])
+    if mirror != config:  # model.safetensors is authoritative: config.json may be mid-update
+        warnings.warn(
+            f"{paths[CONFIG_NAME]} differs from the config stored in {paths[WEIGHTS_NAME]} (a save in "
+            "progress or interrupted, or an edit by hand); the head is loaded from model.safetensors, "
+            "which is always one complete save",
+            UserWarning,
+            stacklevel=4,
+        )
+    paths[CONFIG_NAME] = paths[WEIGHTS_NAME]
     return config, tensors, documents, paths

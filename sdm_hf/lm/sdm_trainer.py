@@ -46,7 +46,7 @@ from .epochs import SDMEpochMixin
 from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
 from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
-from .state import LEGACY_STATE_NAMES, STATE_NAME, SDMEpochState, find_state_file
+from .state import STATE_NAME, SDMEpochState
 from .trainer_card import SDM_SETTINGS, TrainerCardData, sdm_trainer_card
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
@@ -315,8 +315,6 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         elif (folder / HEAD_SUBFOLDER / "model.safetensors").is_file():
             shutil.rmtree(folder / HEAD_SUBFOLDER)  # an earlier head does not belong to these weights
         atomic_write_text(folder / STATE_NAME, self.epoch_state.to_json(self.documents))  # old or new, never half
-        for legacy in LEGACY_STATE_NAMES:  # a former state file there held training texts
-            (folder / legacy).unlink(missing_ok=True)
 
     def _save_checkpoint(self, model, trial):
         # Overridden: with hard_negative_timing="in_epoch" each process generated for its own
@@ -326,9 +324,9 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         return super()._save_checkpoint(model, trial)
 
     def _read_epoch_state(self, folder: Path) -> SDMEpochState | None:
-        """The SDM state of checkpoint ``folder`` (any of its file names), or None without one."""
-        path = find_state_file(folder)
-        if path is None:
+        """The SDM state of checkpoint ``folder``, or None without one."""
+        path = Path(folder) / STATE_NAME
+        if not path.is_file():
             return None
         state = SDMEpochState.from_json(path.read_text(encoding="utf-8"), source=str(path), documents=self.documents)
         unknown = sorted({i for i, _, _ in state.versions if i >= len(self.documents)})

@@ -16,8 +16,8 @@ negative ``k - 1``), and a fingerprint of the documents (SHA-256) makes a resume
 fail instead of reading other texts. What stays literal are the hard negatives, which are the
 model's own wrong generations (model output, needed for an exact resume; never the prompt).
 The name starts with ``_``, so the Trainer's pushes of ``output_dir`` (``ignore_patterns=["_*",
-...]``) leave it out; only checkpoint pushes carry it. Files of format 1 (literal texts) under
-the former name :data:`LEGACY_STATE_NAMES` are still read.
+...]``) leave it out; only checkpoint pushes carry it. One format (:data:`STATE_FORMAT`) is read
+and written; a file of any other format is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
@@ -37,15 +36,12 @@ if TYPE_CHECKING:
 __all__ = [
     "STATE_FORMAT",
     "STATE_NAME",
-    "LEGACY_STATE_NAMES",
     "SDMEpochState",
-    "find_state_file",
     "documents_fingerprint",
     "refresh_summary",
 ]
 
 STATE_NAME = "_sdm_trainer_state.json"
-LEGACY_STATE_NAMES = ("sdm_trainer_state.json",)  # format 1, before the file left output_dir pushes
 STATE_FORMAT = 2
 _REQUIRED = {"format", "prepared_epoch", "versions", "hard_negatives", "previous_hard_negatives"}
 
@@ -103,7 +99,7 @@ class SDMEpochState:
     def from_json(
         cls, text: str, source: str = "<string>", documents: Sequence[Document] | None = None
     ) -> SDMEpochState:
-        """Parse and check :meth:`to_json` output (format 1 files, with literal texts, too).
+        """Parse and check :meth:`to_json` output.
 
         Args:
             source: the file name used in error messages.
@@ -112,7 +108,7 @@ class SDMEpochState:
 
         Raises:
             ValueError: naming ``source`` and the problem, when the text is not JSON, was
-                written by a newer format, a field has the wrong shape, a reference points
+                of another format, a field has the wrong shape, a reference points
                 outside ``documents``, or the file was written for other documents.
         """
 
@@ -136,8 +132,8 @@ class SDMEpochState:
             fail(f"format must be an integer, got {version!r}")
         if version > STATE_FORMAT:
             fail(f"format {version} is newer than this sdm_hf reads ({STATE_FORMAT}); upgrade sdm_hf")
-        if version < 1:
-            fail(f"unknown format {version}")
+        if version != STATE_FORMAT:
+            fail(f"format {version} was written by a pre-release sdm_hf; this sdm_hf reads format {STATE_FORMAT} only")
         fingerprint = data.get("documents_sha256")
         if fingerprint is not None and documents is not None and fingerprint != documents_fingerprint(documents):
             raise ValueError(
@@ -192,15 +188,6 @@ def documents_fingerprint(documents: Sequence[Document]) -> str:
     a state file refers to without holding any of it."""
     payload = [[d.prompt, d.positive, list(d.negatives)] for d in documents]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def find_state_file(folder: str | Path) -> Path | None:
-    """The SDM state file of a checkpoint folder (:data:`STATE_NAME`, else a legacy name), or None."""
-    for name in (STATE_NAME, *LEGACY_STATE_NAMES):
-        path = Path(folder) / name
-        if path.is_file():
-            return path
-    return None
 
 
 def _static_texts(documents: Sequence[Document]) -> dict[str, tuple[int, int]]:

@@ -11,7 +11,7 @@ import sdm_hf
 from sdm_hf import FeatureEncoder, SDMConfig, SDMHead, compose_features, extract_composed_features, fit_sdm_head
 from sdm_hf.features.extract import extract_features
 from sdm_hf.features.layout import check_feature_blocks, layout_of, split_feature_blocks
-from sdm_hf.head.serialization import FEATURE_BLOCKS_FORMAT_VERSION
+from sdm_hf.head.serialization import FORMAT_VERSION
 from sdm_hf.repository import check_pairing
 from tests.feature_helpers import Counter
 
@@ -121,7 +121,7 @@ def test_a_composed_head_records_every_block_and_round_trips(tmp_path, mixture):
                         resplit=False, progress=False)  # fmt: skip
     head.save_pretrained(tmp_path / "head")
     saved = json.loads((tmp_path / "head" / "config.json").read_text())
-    assert saved["sdm_hf_format_version"] == FEATURE_BLOCKS_FORMAT_VERSION == 4
+    assert saved["sdm_hf_format_version"] == FORMAT_VERSION
     assert saved["config"]["feature_blocks"] == layout
     assert (
         "Composed features" in (tmp_path / "head" / "README.md").read_text()

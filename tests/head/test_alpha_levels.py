@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig, SDMHead
-from sdm_hf.head.serialization import ALPHAS_FORMAT_VERSION, BASE_FORMAT_VERSION
+from sdm_hf.head.serialization import FORMAT_VERSION
 
 
 def _with_tiers(head, alphas):
@@ -43,15 +43,15 @@ def test_each_tier_equals_the_head_recalibrated_at_that_alpha(small_head):
     json.dumps(records, allow_nan=False)
 
 
-def test_tiers_are_saved_with_the_head_and_old_heads_keep_format_2(small_head, tmp_path):
+def test_tiers_are_saved_with_the_head(small_head, tmp_path):
     head, x, _ = small_head
     head.save_pretrained(tmp_path / "plain")
     plain = json.loads((tmp_path / "plain" / "config.json").read_text())
-    assert plain["sdm_hf_format_version"] == BASE_FORMAT_VERSION and "alphas" not in plain["config"]
+    assert plain["sdm_hf_format_version"] == FORMAT_VERSION and "alphas" not in plain["config"]
     assert SDMHead.from_pretrained(tmp_path / "plain").predict(x[:5]).in_hr_at is None
     _with_tiers(head, [0.8, 0.99]).save_pretrained(tmp_path / "tiers")
     saved = json.loads((tmp_path / "tiers" / "config.json").read_text())
-    assert saved["sdm_hf_format_version"] == ALPHAS_FORMAT_VERSION == 3 and saved["config"]["alphas"] == [0.8, 0.99]
+    assert saved["sdm_hf_format_version"] == FORMAT_VERSION and saved["config"]["alphas"] == [0.8, 0.99]
     loaded = SDMHead.from_pretrained(tmp_path / "tiers")
     assert torch.equal(loaded.predict(x[300:]).in_hr_at, head.predict(x[300:]).in_hr_at)
 

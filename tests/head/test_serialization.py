@@ -140,11 +140,13 @@ def test_nan_anywhere_in_the_exemplars_is_detected(heads, tmp_path, monkeypatch)
     monkeypatch.setattr(sdm_hf.head.serialization_checks, "_FINITE_CHUNK", 5)
     head = copy.deepcopy(heads[2][0])
     head.save_pretrained(tmp_path)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    vectors = tensors["support.vectors"].clone()
-    vectors[-1, -1] = float("nan")  # in the last chunk
-    tensors["support.vectors"] = vectors
-    save_file(tensors, str(tmp_path / "model.safetensors"))
+
+    def poison(tensors):
+        vectors = tensors["support.vectors"].clone()
+        vectors[-1, -1] = float("nan")  # in the last chunk
+        tensors["support.vectors"] = vectors
+
+    _corrupt_tensors(tmp_path, poison)
     with pytest.raises(SDMFormatError, match="NaN"):
         SDMHead.from_pretrained(tmp_path)
 
@@ -181,10 +183,15 @@ def test_loading_never_unpickles(heads, tmp_path, monkeypatch):
     SDMHead.from_pretrained(tmp_path).predict(heads[2][1][:5])
 
 
-def _corrupt_tensors(path, edit):
+def _corrupt_tensors(path, edit, keep_metadata=True):
+    """Edit a saved head's tensors in place (keeping the embedded config unless told not to)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata() if keep_metadata else None
     tensors = load_file(str(path / "model.safetensors"))
     edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
+    save_file(tensors, str(path / "model.safetensors"), metadata=metadata)
 
 
 @pytest.mark.parametrize(
@@ -263,9 +270,9 @@ def test_bad_files(heads, tmp_path):
     (tmp_path / "support_documents.jsonl").write_text("\n".join(lines[:-1]))
     # the documents load from model.safetensors (the jsonl is a mirror) ...
     assert SDMHead.from_pretrained(tmp_path).support_texts == heads[2][0].support_texts
-    # ... unless the tensors were rewritten without the embedded config (format-1 layout)
-    _corrupt_tensors(tmp_path, lambda t: None)
-    with pytest.raises(SDMFormatError, match="support_documents.jsonl"):
+    # ... and a model.safetensors without the embedded config is refused, whatever the mirrors hold
+    _corrupt_tensors(tmp_path, lambda t: None, keep_metadata=False)
+    with pytest.raises(SDMFormatError, match="no embedded config"):
         SDMHead.from_pretrained(tmp_path)
 
 
@@ -326,8 +333,14 @@ def test_config_of_one_head_beside_the_tensors_of_another_is_refused(small_head,
     with pytest.warns(UserWarning, match="differs from the config stored in"):
         loaded = SDMHead.from_pretrained(tmp_path / "b")  # model.safetensors is one complete save: b
     assert loaded.q_min == head.q_min and torch.equal(loaded.thresholds, head.thresholds)
-    # with the tensors rewritten without their embedded config, the cross-check catches the mix
-    _corrupt_tensors(tmp_path / "b", lambda t: None)
+    # with a's config embedded beside b's tensors, the cross-check catches the mix
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), framework="pt") as handle:
+        metadata_a = handle.metadata()
+    save_file(
+        load_file(str(tmp_path / "b" / "model.safetensors")), str(tmp_path / "b" / "model.safetensors"), metadata_a
+    )
     with pytest.raises(SDMFormatError, match="do not belong to the same head|does not follow"):
         SDMHead.from_pretrained(tmp_path / "b")
 
@@ -340,14 +353,18 @@ def test_missing_local_paths_say_so_instead_of_asking_the_hub(tmp_path):
         SDMHead.from_pretrained(tmp_path / "file")
 
 
-def test_format_1_heads_still_load(heads, tmp_path):
-    head, x = heads[2]
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_pre_release_formats_are_refused_with_what_to_do(heads, tmp_path, version):
+    head, _ = heads[2]
     head.save_pretrained(tmp_path)
-    _corrupt_tensors(tmp_path, lambda t: t.pop("support.documents"))  # no metadata: the split files
     config = json.loads((tmp_path / "config.json").read_text())
-    config["sdm_hf_format_version"] = 1
+    assert config["sdm_hf_format_version"] == FORMAT_VERSION
+    config["sdm_hf_format_version"] = version
     (tmp_path / "config.json").write_text(json.dumps(config))
-    _same_outputs(head, SDMHead.from_pretrained(tmp_path), x)
+    with pytest.raises(
+        SDMFormatError, match=f"format version {version} was written by a pre-release sdm_hf.*fit the head again"
+    ):
+        SDMHead.from_pretrained(tmp_path)
 
 
 def test_support_predictions_must_follow_from_the_stored_classifier(heads, tmp_path):

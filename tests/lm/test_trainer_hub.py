@@ -18,7 +18,7 @@ from sdm_hf import SDMHead
 from sdm_hf.head.model_card import SECTION_END, SECTION_START
 from sdm_hf.lm import SDMTrainer
 from sdm_hf.lm.data import prepare_documents
-from sdm_hf.lm.state import LEGACY_STATE_NAMES, STATE_NAME, SDMEpochState
+from sdm_hf.lm.state import STATE_NAME, SDMEpochState
 from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
 
 SENTENCES = harvard_sentences(48)
@@ -247,26 +247,13 @@ def test_state_file_refers_to_the_documents_instead_of_holding_their_texts():
         SDMEpochState.from_json(json.dumps(data), source="ckpt/state", documents=documents)
 
 
-def test_resume_from_a_checkpoint_with_the_former_state_file(tmp_path):
-    common = dict(num_train_epochs=2, save_strategy="epoch", gamma_gen=1.0, hard_negatives_from_epoch=1)
-    full = make_trainer(tmp_path / "a", eval_data=False, train=TRAIN[:16], **common)
-    full.train()
-    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"  # end of epoch 1 of 2
-    state = SDMEpochState.from_json((checkpoint / STATE_NAME).read_text(), documents=full.documents)
-    old = tmp_path / "old-checkpoint"
-    shutil.copytree(checkpoint, old)
-    (old / STATE_NAME).unlink()
-    (old / LEGACY_STATE_NAMES[0]).write_text(state.to_json().replace('"format": 2', '"format": 1'))
-    resumed = make_trainer(tmp_path / "b", eval_data=False, train=TRAIN[:16], seed=5, **common)
-    resumed.train(resume_from_checkpoint=str(old))
-    torch.testing.assert_close(
-        resumed.model.model.embed_tokens.weight, full.model.model.embed_tokens.weight, rtol=1e-5, atol=1e-6
-    )
-    assert resumed.epoch_state.versions == full.epoch_state.versions
-    assert resumed.hard_negatives == full.hard_negatives
-    # saving into a folder that has the former file replaces it by the text-free one
-    resumed.save_model(str(old), _internal_call=True)
-    assert (old / STATE_NAME).is_file() and not (old / LEGACY_STATE_NAMES[0]).exists()
+def test_a_state_file_of_another_format_is_refused():
+    text = SDMEpochState(prepared_epoch=0).to_json()
+    assert SDMEpochState.from_json(text).prepared_epoch == 0
+    with pytest.raises(ValueError, match="format 1 was written by a pre-release sdm_hf"):
+        SDMEpochState.from_json(text.replace('"format": 2', '"format": 1'), source="ckpt/state")
+    with pytest.raises(ValueError, match="newer than this sdm_hf reads"):
+        SDMEpochState.from_json(text.replace('"format": 2', '"format": 3'), source="ckpt/state")
 
 
 def test_an_lm_repository_loads_as_a_causal_lm_and_its_head_explains_with_text(tmp_path):
