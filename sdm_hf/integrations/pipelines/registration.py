@@ -1,114 +1,47 @@
-"""Registering ``sdm-text-classification`` and ``sdm-verify`` with transformers' ``PIPELINE_REGISTRY``.
-
-The registry lives in ``transformers.pipelines``, whose import brings in most of transformers
-(modeling, tokenization, image and video processing, torch.distributed, ...): on 2 CPU cores
-it made ``import sdm_hf`` take 5.0 s instead of 1.9 s and 382 MB of memory instead of 243 MB.
-``import sdm_hf`` therefore does not import it. It calls
-:func:`register_when_transformers_pipelines_loads`, which registers at once when
-``transformers.pipelines`` is already imported, and otherwise installs an import hook that
-registers the tasks right after ``transformers.pipelines`` finishes loading (for instance on
-``from transformers import pipeline``). Nothing here imports transformers at module level.
-"""
+"""Registering ``sdm-text-classification`` and ``sdm-verify`` with transformers' ``PIPELINE_REGISTRY``."""
 
 from __future__ import annotations
 
-import importlib.abc
-import sys
 import warnings
-from typing import Any
 
-__all__ = ["TASKS", "register_pipelines", "register_when_transformers_pipelines_loads", "RegisterOnImport"]
+import transformers
+from transformers.pipelines import PIPELINE_REGISTRY
 
-TARGET = "transformers.pipelines"
+from .text_classification import SDMTextClassificationPipeline
+from .verify import SDMVerifyPipeline
 
-#: task -> (pipeline class as a dotted path, name of the transformers Auto class that loads its model)
+__all__ = ["TASKS", "register_pipelines"]
+
+#: task -> (pipeline class, name of the transformers Auto class that loads its model)
 TASKS = {
-    "sdm-text-classification": (
-        "sdm_hf.integrations.pipelines.text_classification.SDMTextClassificationPipeline",
-        "AutoModel",
-    ),
-    "sdm-verify": ("sdm_hf.integrations.pipelines.verify.SDMVerifyPipeline", "AutoModelForCausalLM"),
+    "sdm-text-classification": (SDMTextClassificationPipeline, "AutoModel"),
+    "sdm-verify": (SDMVerifyPipeline, "AutoModelForCausalLM"),
 }
 
 
 def register_pipelines() -> None:
-    """Register ``sdm-verify`` and ``sdm-text-classification`` now (idempotent); this imports
-    ``transformers.pipelines`` but not the pipeline classes.
+    """Register both tasks with ``PIPELINE_REGISTRY.register_pipeline`` (idempotent).
 
-    The classes are registered as dotted paths, as transformers registers its own tasks: the
-    registry resolves them on ``pipeline(task)``. That keeps registration free of imports of
-    sdm_hf's pipeline modules, which itself import ``transformers.pipelines`` (registration
-    may run in the middle of that import). ``PIPELINE_REGISTRY.register_pipeline`` only takes
-    classes, so the entries are written into its ``supported_tasks`` table directly.
+    Importing :mod:`sdm_hf.integrations.pipelines` (so ``import sdm_hf``) calls it; call it again
+    after something replaced the registry's entries.
     """
-    import transformers
-    from transformers.pipelines import PIPELINE_REGISTRY
+    for task, (pipeline_class, auto_class) in TASKS.items():
+        current = PIPELINE_REGISTRY.supported_tasks.get(task, {})
+        if current.get("impl") is not pipeline_class:
+            PIPELINE_REGISTRY.register_pipeline(
+                task, pipeline_class=pipeline_class, pt_model=getattr(transformers, auto_class), type="text"
+            )
 
-    for task, (impl, auto_class) in TASKS.items():
-        entry = {"impl": impl, "pt": (getattr(transformers, auto_class),), "type": "text"}
-        if PIPELINE_REGISTRY.supported_tasks.get(task) != entry:
-            PIPELINE_REGISTRY.supported_tasks[task] = entry
 
-
-def _register_or_warn() -> None:
-    # runs inside the import of transformers.pipelines: a failure must not break that import
+def register_or_warn() -> None:
+    """:func:`register_pipelines`, with a failure reported as a ``RuntimeWarning`` so that
+    ``import sdm_hf`` keeps working without the pipeline tasks."""
     try:
         register_pipelines()
-    except Exception as err:  # reported; the user's import of transformers goes on
+    except Exception as err:  # reported; the rest of sdm_hf works without the tasks
         warnings.warn(
             f"sdm_hf could not register its pipeline tasks ({type(err).__name__}: {err}); "
             "call sdm_hf.integrations.pipelines.register_pipelines() to see the full error",
             RuntimeWarning,
             stacklevel=2,
         )
-
-
-class _RegisteringLoader(importlib.abc.Loader):
-    """Delegates to the real loader of ``transformers.pipelines``, then registers the tasks."""
-
-    def __init__(self, loader: Any):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        _remove_hooks()
-        self._loader.exec_module(module)
-        _register_or_warn()
-
-    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, is_package, ...
-        return getattr(self._loader, name)
-
-
-class RegisterOnImport(importlib.abc.MetaPathFinder):
-    """A ``sys.meta_path`` finder that only watches for ``transformers.pipelines``: it finds the
-    module with the other finders and wraps its loader so that the SDM tasks are registered
-    as soon as the module has loaded. It removes itself when that happens."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET:
-            return None
-        for finder in list(sys.meta_path):
-            if isinstance(finder, RegisterOnImport):
-                continue
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find is not None else None
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _RegisteringLoader(spec.loader)
-                return spec
-        return None
-
-
-def _remove_hooks() -> None:
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, RegisterOnImport)]
-
-
-def register_when_transformers_pipelines_loads() -> None:
-    """Register now if ``transformers.pipelines`` is imported, else as soon as it is (what
-    ``import sdm_hf`` does; idempotent)."""
-    if TARGET in sys.modules:
-        _register_or_warn()
-    elif not any(isinstance(f, RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, RegisterOnImport())
