@@ -1,17 +1,7 @@
-"""Selective-classification reporting: the one place accuracy and admission are counted.
+"""Selective-classification reports: accuracy among admitted points, marginal, per TRUE class and per PREDICTED class.
 
-A selective classifier predicts ``y_hat`` and admits (does not reject) some points. Over one
-labelled set of ``|D|`` points this module reports, per group:
-
-* class-conditional (points whose TRUE label is c) and prediction-conditional (points
-  PREDICTED c) accuracy among the admitted, and the admitted proportion ``n / |D|``;
-* the marginal accuracy and admission rate.
-
-A group with nothing admitted has no accuracy: it is reported as ``"R"`` (all rejected) in
-tables and ``None`` in JSON, never as 0 or NaN. The counting core (:mod:`sdm_hf.utils.counting`:
-``group_counts``, one ``bincount`` per quantity, ``accuracy_or_none``, ``format_accuracy``,
-``label_names``) is shared with the SDM head's calibration report and model card. These are
-the tables of Schmaltz (2025), *Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
+The tables of Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760. Proportions are over all
+points; a group with nothing admitted has no accuracy: ``"R"`` (all rejected) in tables, ``None`` in JSON.
 """
 
 from __future__ import annotations
@@ -58,18 +48,23 @@ def _groups(groups: torch.Tensor, admit: torch.Tensor, correct: torch.Tensor, nu
 
 @dataclass
 class SelectiveClassificationReport:
-    """Rows of :func:`selective_classification_report`: one dict per estimator with keys
-    ``estimator``, ``marginal`` ({admitted, proportion, accuracy}), ``class_conditional``
-    and ``prediction_conditional`` (lists over classes of the same dicts)."""
+    """Result of :func:`selective_classification_report` over ``num_points`` points and classes named ``labels``.
+
+    ``rows``: one dict per estimator with ``estimator``, ``marginal`` (``{admitted, proportion, accuracy}``, accuracy
+    None when nothing is admitted), ``class_conditional`` and ``prediction_conditional`` (``[C]`` lists of such dicts).
+    """
 
     rows: list[dict]
     num_points: int
     labels: list[str]
 
     def to_dict(self) -> dict:
+        """JSON-ready ``{"num_points", "labels", "estimators": rows}``."""
         return {"num_points": self.num_points, "labels": self.labels, "estimators": self.rows}
 
     def to_markdown(self) -> str:
+        """A markdown table: one row per estimator, cells ``accuracy (admitted share)`` or ``R``."""
+
         def cell(g):
             if g["accuracy"] is None:
                 return format_accuracy(None)
@@ -98,10 +93,13 @@ def selective_classification_report(
     """Accuracy and admission of selective classifiers on one labelled set.
 
     Args:
-        labels: ``[N]`` true labels.
-        estimators: name -> ``(prediction [N], admit [N] bool)``.
+        labels: ``[N]`` int true labels in ``0..C-1``.
+        estimators: name -> ``(prediction [N] int, admit [N] bool)``.
         num_classes: ``C``.
         id2label: optional display names.
+
+    Raises:
+        ValueError: an estimator's arrays do not have the shape of ``labels``.
 
     Example:
         >>> import torch
@@ -142,23 +140,22 @@ def selective_counts(
     num_classes: int,
     id2label: dict[int, str] | None = None,
 ) -> dict:
-    """Raw counts of one selective classifier, per true class and per predicted class.
-
-    Counts (not rates) are what later significance checks and re-aggregation need; an
-    admitted count of 0 is the "R" (all rejected) case of that group.
+    """Raw counts of one selective classifier, per true and per predicted class (for significance checks and
+    re-aggregation; ``admitted = 0`` is a group's "R").
 
     Args:
-        labels: ``[N]`` true labels ``0..C-1``.
-        prediction: ``[N]`` predicted labels.
-        admit: ``[N]`` bool, True where the estimator admits (does not reject) the point.
+        labels: ``[N]`` int true labels in ``0..C-1``.
+        prediction: ``[N]`` int predicted labels.
+        admit: ``[N]`` bool, True where the point is admitted (not rejected).
         num_classes: ``C``.
-        id2label: optional display names, used as the dict keys (default ``"0"``, ``"1"``, ...).
+        id2label: optional display names, the dict keys (default ``"0"``, ``"1"``, ...).
 
     Returns:
-        ``{"n", "admitted", "correct", "per_class": {name: {"n", "admitted", "correct"}},
-        "per_prediction": {name: {"n", "admitted", "correct"}}}`` of Python ints, where
-        ``per_class[c]`` groups the points whose TRUE label is c (class-conditional) and
-        ``per_prediction[c]`` those PREDICTED c (prediction-conditional).
+        ``{"n", "admitted", "correct", "per_class": {name: {"n", "admitted", "correct"}}, "per_prediction": {...}}``
+        of Python ints; ``per_class`` groups by TRUE label, ``per_prediction`` by PREDICTED label.
+
+    Raises:
+        ValueError: arrays not 1-D of one length, or labels outside ``0..C-1``.
 
     Example:
         >>> import torch
@@ -194,19 +191,18 @@ def selective_counts(
 
 
 def binomial_standard_error(alpha: float, n: int) -> float:
-    """``sqrt(alpha (1 - alpha) / n)``: the standard error of an accuracy over ``n`` points
-    whose true accuracy is ``alpha`` (``inf`` for ``n = 0``)."""
+    """``sqrt(alpha (1 - alpha) / n)``, the standard error of an accuracy ``alpha`` over ``n`` points (``inf`` at 0)."""
     return math.sqrt(alpha * (1.0 - alpha) / n) if n > 0 else math.inf
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """Wilson score interval of a binomial proportion ``successes / n`` (z = 1.96: 95%).
+    """Wilson (1927) score interval ``(low, high)`` of ``p = successes / n`` (z = 1.96: 95%); None for ``n = 0``.
 
-    ``(center -/+ half) / (1 + z^2 / n)`` with ``center = p + z^2 / (2n)`` and
-    ``half = z sqrt(p (1 - p) / n + z^2 / (4 n^2))``; unlike the normal approximation it stays
-    inside [0, 1] and is not empty at ``p = 0`` or ``1`` (Wilson 1927). None for ``n = 0``.
+    ``(center -/+ half) / (1 + z^2 / n)`` with ``center = p + z^2 / (2n)``, ``half = z sqrt(p (1 - p) / n + z^2 /
+    (4 n^2))``: inside [0, 1] and not empty at ``p = 0`` or ``1``, unlike the normal approximation.
 
     Raises:
+        TypeError: ``successes`` or ``n`` not an integer.
         ValueError: ``n < 0``, ``successes`` outside ``0..n`` or ``z <= 0``.
 
     Example:
@@ -230,11 +226,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def significantly_below(correct: int, admitted: int, alpha: float, z: float = 2.0) -> bool:
-    """True when an observed accuracy ``correct / admitted`` lies more than ``z`` binomial
-    standard errors below ``alpha``: ``correct / admitted < alpha - z sqrt(alpha (1 - alpha) / admitted)``.
-
-    This is the rule the statistical checks use ("more than two binomial standard errors below
-    alpha"); with few admitted points nothing is significant, and an empty group ("R") never is.
+    """Whether ``correct / admitted < alpha - z sqrt(alpha (1 - alpha) / admitted)``, the statistical checks' rule;
+    False for an empty group ("R").
 
     Example:
         >>> significantly_below(12, 16, 0.95), significantly_below(14, 16, 0.95)

@@ -1,7 +1,7 @@
-"""Figures people would rather look at than read (matplotlib, optional extra ``plots``).
+"""Figures of selective-classification results, similarity, distance and head training (optional extra ``plots``).
 
-Every function writes one PNG and returns its path; matplotlib is imported lazily with the
-non-interactive Agg backend, so nothing here needs a display.
+Each function writes one PNG with matplotlib's Agg backend (no display needed), with the optional figure ``title``,
+and returns its ``Path``; each raises ImportError when matplotlib is not installed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = ["plot_accuracy_vs_admission", "plot_similarity_distance", "plot_risk_
 
 
 def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend."""
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -48,18 +49,13 @@ def plot_accuracy_vs_admission(
     alpha: float | None = None,
     title: str | None = None,
 ) -> Path:
-    """One panel per test set: each estimator's admission rate (x) against its marginal
-    accuracy (filled marker) and its lowest class-conditional accuracy (hollow marker, the
-    number the HR region promises). Estimators that admit nothing sit at x = 0 marked "R".
+    """Plot into the PNG ``path`` (returned), per test set, each estimator's admitted share (x) against its marginal
+    accuracy (filled) and lowest class-conditional accuracy (hollow: what the HR region promises); an estimator
+    admitting nothing is an "R" at x = 0.
 
     Args:
         reports: test-set name -> :class:`~sdm_hf.evaluation.metrics.SelectiveClassificationReport`.
-        path: output PNG.
-        alpha: draws the target accuracy as a dashed line.
-        title: optional figure title.
-
-    Returns:
-        ``Path`` of the PNG written.
+        alpha: target accuracy, drawn as a dashed line.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 5.2), squeeze=False)
@@ -100,17 +96,8 @@ def plot_accuracy_vs_admission(
 
 
 def plot_similarity_distance(outputs: Mapping[str, SDMOutput], path: str | Path, title: str | None = None) -> Path:
-    """Histograms of ``q`` (log scale, ``q + 1``) and ``d`` per data set, e.g. in-distribution
-    vs shifted test data.
-
-    Args:
-        outputs: data-set name -> :class:`~sdm_hf.SDMOutput`.
-        path: output PNG.
-        title: optional figure title.
-
-    Returns:
-        ``Path`` of the PNG written.
-    """
+    """Plot into the PNG ``path`` (returned) histograms of ``q + 1`` (log scale) and ``d`` per data set of ``outputs``
+    (name -> :class:`~sdm_hf.SDMOutput`), e.g. in-distribution vs shifted test data."""
     plt = _pyplot()
     fig, (ax_q, ax_d) = plt.subplots(1, 2, figsize=(11, 4.2))
     max_q = max(int(o.q.max()) if len(o) else 0 for o in outputs.values())
@@ -136,6 +123,7 @@ def plot_similarity_distance(outputs: Mapping[str, SDMOutput], path: str | Path,
 
 
 def _worst_class_accuracy(row: dict) -> float | None:
+    """Lowest accuracy among the classes of ``row["per_class"]`` that admit something; None if none do."""
     accs = [g["correct"] / g["admitted"] for g in row["per_class"].values() if g["admitted"] > 0]
     return min(accs) if accs else None
 
@@ -143,22 +131,18 @@ def _worst_class_accuracy(row: dict) -> float | None:
 def plot_risk_coverage(
     rows: list[dict], path: str | Path, estimators: dict[str, str] | None = None, title: str | None = None
 ) -> Path:
-    """Risk-coverage curves: per (feature set, test set) panel, each estimator's admitted share
-    of the test set (x) against its lowest class-conditional accuracy (y), one point per alpha,
-    joined in order of alpha; grey dotted lines mark the alphas.
-
-    Alphas at which an estimator admits nothing ("R") have no accuracy and are NOT drawn:
-    the legend counts them instead, so a rejected estimator never looks like an accuracy.
+    """Plot into the PNG ``path`` (returned) risk-coverage curves: per (feature set, test set), each estimator's
+    admitted share (x) against its lowest class-conditional accuracy (y), one point per alpha; alphas where nothing
+    is admitted ("R") are counted in the legend, not drawn.
 
     Args:
         rows: summary rows with keys ``features``, ``test_set``, ``estimator``, ``alpha``,
             ``n``, ``admitted`` and ``per_class`` (``{label: {"n", "admitted", "correct"}}``).
-        path: output PNG.
         estimators: key -> display name (and which estimators to draw; default: all).
-        title: optional figure title (default: names the alphas).
+        title: figure title (default: names the alphas).
 
-    Returns:
-        ``Path`` of the PNG written.
+    Raises:
+        ValueError: ``rows`` is empty.
     """
     plt = _pyplot()
     panels = list(dict.fromkeys((r["features"], r["test_set"]) for r in rows))
@@ -211,20 +195,16 @@ def plot_training_history(
     selections: Mapping[str, dict | None] | None = None,
     title: str | None = None,
 ) -> Path:
-    """The SDM head's training, per feature set: the balanced SDM loss of the selection rows (the
-    model selection criterion: the calibration half for "paper"/"fast", held-out training rows for
-    "auto") and their accuracy and OOD fraction, per epoch and run (shuffle, or candidate and the
-    final refit, whose rows it was trained on).
+    """Plot into the PNG ``path`` (returned), per feature set, the selection rows' balanced SDM loss (the
+    model-selection criterion), accuracy and OOD share per epoch and run (shuffle, or candidate and refit).
 
     Args:
         histories: name -> ``head.training_history`` (dicts with ``shuffle``, ``epoch``,
             ``calibration_loss``, ``calibration_accuracy``, ``calibration_ood_fraction``).
-        path: output PNG.
         selections: name -> ``head.selection`` (marks the kept state with a star).
-        title: optional figure title.
 
-    Returns:
-        ``Path`` of the PNG written.
+    Raises:
+        ValueError: ``histories`` is empty.
     """
     plt = _pyplot()
     if not histories:

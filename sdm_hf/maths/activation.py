@@ -1,28 +1,12 @@
-"""The SDM activation and the quantities built directly on it.
+"""The SDM activation and what is built on it: its loss, the rescaled similarity ``q'``, OOD and the HR rule.
 
-Reference: Schmaltz (2025), *Similarity-Distance-Magnitude Activations* (arXiv:2509.12760).
-Notation: ``z'`` the SDM head's logits, ``q`` the similarity (see :mod:`sdm_hf.maths.similarity`),
-``d`` the distance quantile (see :mod:`sdm_hf.maths.distance`), ``y_hat = argmax z'``.
+Reference: Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760.
 
-Pure tensor maths: nothing here searches neighbours, touches the disk or imports
-transformers. Every function accepts batched tensors and broadcasts ``q`` / ``d`` given
-as ``[B]`` or ``[B, 1]`` against logits ``[B, C]``.
+    sdm(z')_i = (2 + q) ** (d z'_i) / sum_c (2 + q) ** (d z'_c) = softmax(z' d ln(2 + q))_i
 
-The activation is
-
-    sdm(z')_i = (2 + q) ** (d * z'_i) / sum_c (2 + q) ** (d * z'_c)
-
-computed as ``softmax(z' * d * ln(2 + q))`` so that it never overflows. With
-``q = e - 2`` and ``d = 1`` it is exactly the softmax; with ``d = 0`` it is uniform. The
-base ``2 + q`` grows with the number of correctly predicted neighbours that agree with the
-prediction, and ``d`` acts as an inverse temperature that shrinks towards 0 far from the
-labelled data.
-
-Built on it: the change-of-base loss ``-log_{2+q} sdm(z')_y`` (:func:`sdm_loss`), the
-rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})`` (:func:`rescaled_similarity`),
-the out-of-distribution flag ``floor(q') <= 0`` (:func:`is_out_of_distribution`) and the
-high-reliability rule (:func:`high_reliability_mask`), whose thresholds come from Algorithm 1
-(:func:`sdm_hf.maths.calibration.high_reliability_thresholds`).
+``z'`` the head's logits ``[B, C]``; ``q`` (similarity) and ``d`` (distance quantile) broadcast as a scalar, ``[B]``
+or ``[B, 1]``. Pure tensor maths, no search or I/O (derivation: docs/how_sdm_works.md, section 'Magnitude and the
+SDM activation').
 """
 
 from __future__ import annotations
@@ -66,15 +50,15 @@ def _scaled_logits(
 
 
 def sdm_activation(logits: torch.Tensor, q: torch.Tensor | float, d: torch.Tensor | float) -> torch.Tensor:
-    """SDM activation.
+    """SDM activation ``sdm(z') = softmax(z' d ln(2 + q))`` (Schmaltz 2025, arXiv:2509.12760).
 
     Args:
-        logits: ``[B, C]`` logits ``z'`` of the SDM head's classifier.
-        q: ``[B]`` or ``[B, 1]`` similarity (a count >= 0; any real value >= 0 works).
-        d: ``[B]`` or ``[B, 1]`` distance quantile in ``[0, 1]``.
+        logits: ``[B, C]`` float logits ``z'``.
+        q: scalar, ``[B]`` or ``[B, 1]`` similarity >= 0 (a count; any real works).
+        d: scalar, ``[B]`` or ``[B, 1]`` distance quantile in ``[0, 1]``.
 
     Returns:
-        ``[B, C]`` probabilities; each row sums to 1.
+        ``[B, C]`` probabilities in ``logits``' dtype, rows summing to 1.
 
     Example:
         >>> import math, torch
@@ -89,14 +73,9 @@ def sdm_activation(logits: torch.Tensor, q: torch.Tensor | float, d: torch.Tenso
 
 
 def log_sdm(logits: torch.Tensor, q: torch.Tensor | float, d: torch.Tensor | float) -> torch.Tensor:
-    """Change-of-base log of the SDM activation: ``log_{2+q} sdm(z')``.
+    """``log_{2+q} sdm(z') = log_softmax(z' d ln(2+q)) / ln(2+q)`` (Schmaltz 2025, arXiv:2509.12760).
 
-    Computed as ``log_softmax(z' d ln(2+q)) / ln(2+q)``, which is numerically stable.
-
-    Args:
-        logits: ``[B, C]``.
-        q: ``[B]`` or ``[B, 1]``, >= 0.
-        d: ``[B]`` or ``[B, 1]`` in ``[0, 1]``.
+    ``logits``, ``q`` and ``d`` as for :func:`sdm_activation`.
 
     Returns:
         ``[B, C]`` log-probabilities in base ``2 + q`` (<= 0).
@@ -112,25 +91,22 @@ def sdm_loss(
     d: torch.Tensor | float,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SDM negative log-likelihood ``-log_{2+q} sdm(z')_y``, the training loss of an SDM head.
+    """SDM head training loss ``-log_{2+q} sdm(z')_y`` (Schmaltz 2025, arXiv:2509.12760).
 
-    Equals ``-log_softmax(z' d ln(2+q))_y / ln(2+q)`` (the change-of-base formula applied to
-    the activation). ``q`` and ``d`` are treated as constants (detached): they come from a
-    neighbour search that has no gradient. Its gradient with respect to the logits is
-    ``d * (sdm(z') - onehot(y))``. With ``q = e - 2`` and ``d = 1`` it equals
-    ``torch.nn.functional.cross_entropy``. See Schmaltz (2025), *Similarity-Distance-Magnitude
-    Activations*.
+    ``q`` and ``d`` are detached (the neighbour search has no gradient); with ``q = e - 2``, ``d = 1`` this
+    is the cross-entropy.
 
     Args:
-        logits: ``[B, C]``.
-        labels: ``[B]`` integer class indices.
-        q: ``[B]`` similarity values (detached).
-        d: ``[B]`` distance quantiles (detached).
+        logits: ``[B, C]`` float.
+        labels: ``[B]`` integer classes.
+        q, d: scalar or ``[B]`` similarity and distance quantile.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Returns:
-        A scalar (``"mean"``, ``"sum"``) or the ``[B]`` per-point losses (``"none"``), >= 0;
-        each point's loss is a logarithm in its own base ``2 + q``, not in nats.
+        Scalar, or ``[B]`` for ``"none"``; >= 0, each in its own base ``2 + q`` (not nats).
+
+    Raises:
+        ValueError: unknown ``reduction``.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -146,20 +122,16 @@ def sdm_loss(
 
 
 def rescaled_similarity(q: torch.Tensor, predicted_probability: torch.Tensor) -> torch.Tensor:
-    """Rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})``.
+    """Rescaled similarity ``q' = min(q, (2 + q) ** sdm(z')_{y_hat})`` (Schmaltz 2025, arXiv:2509.12760).
 
-    ``q'`` ties the similarity to the output's own confidence: since ``sdm(z')_{y_hat}`` lies
-    in ``[1/C, 1]``, ``(2 + q) ** sdm(z')_{y_hat}`` lies between ``(2 + q) ** (1/C)`` and
-    ``2 + q``: a large ``q`` survives in ``q'`` only when the prediction is also confident,
-    and ``q' <= q`` always. Algorithm 1 thresholds ``q'`` (``q' >= q'_min``). See Schmaltz (2025),
-    *Similarity-Distance-Magnitude Activations*.
+    A large ``q`` survives only when the prediction is also confident; Algorithm 1 thresholds ``q'``.
 
     Args:
         q: ``[B]`` similarity.
-        predicted_probability: ``[B]`` SDM probability of the predicted class.
+        predicted_probability: ``[B]`` float ``sdm(z')_{y_hat}``.
 
     Returns:
-        ``[B]`` float tensor: in ``[1, q]`` when ``q >= 1`` and exactly 0 when ``q = 0``.
+        ``[B]`` in ``predicted_probability``'s dtype: in ``[1, q]`` for ``q >= 1``, exactly 0 for ``q = 0``.
     """
     q = q.to(predicted_probability.dtype)
     return torch.minimum(q, torch.pow(2.0 + q, predicted_probability))
@@ -177,16 +149,10 @@ def high_reliability_mask(
     q_min: float,
     thresholds: torch.Tensor,
 ) -> torch.Tensor:
-    """The high-reliability (HR) rule: which points the calibrated SDM estimator admits.
+    """High-reliability (HR) membership (Schmaltz 2025, arXiv:2509.12760, Algorithm 1).
 
-    A point is admitted iff calibration found a threshold (``q_min`` finite), the point is
-    not OOD, ``q' >= q_min`` and ``sdm(z')_{y_hat} >= psi_{y_hat}``. Because Algorithm 1
-    only succeeds with every ``psi_c >= alpha > 0.5``, at most one class can pass its
-    threshold, so the probability condition is the same as "the set
-    ``{c : sdm(z')_c >= psi_c}`` is exactly ``{y_hat}``". The probability comparison is made
-    in float32, as Algorithm 1's is, so that a calibration point lands on the same side of
-    ``psi`` at inference as it did during calibration.
-    See Schmaltz (2025), *Similarity-Distance-Magnitude Activations*, Algorithm 1.
+    Admitted iff ``q_min`` is finite, not OOD, ``q' >= q_min`` and ``sdm(z')_{y_hat} >= psi_{y_hat}``; the last
+    comparison is in float32, as in Algorithm 1, so calibration points fall on the same side of ``psi`` again.
 
     Args:
         predicted_probability: ``[B]`` SDM probability of the predicted class.

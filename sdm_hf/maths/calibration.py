@@ -1,49 +1,13 @@
-"""Algorithm 1 (the HR region's thresholds), effective sample sizes and lower bounds.
+"""Algorithm 1 (the high-reliability region's ``q'_min`` and class-wise ``psi``), effective sample sizes, lower bounds.
 
-Reference: Schmaltz (2025), *Similarity-Distance-Magnitude Activations*, Algorithm 1 and the
-high-reliability (HR) region it defines.
+Reference: Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760, Algorithm 1.
 
-Algorithm 1, as implemented here: OOD calibration points (``floor(q') <= 0``) are ignored.
-For each candidate threshold ``t`` (the distinct ``q'`` values of the non-OOD calibration
-points, ascending) and each class ``c``, let ``S_c(t)`` be the sorted true-class SDM
-probabilities ``sdm(z')_y`` of the class-``c`` points with ``q' >= t`` and
-``psi_c(t) = S_c(t)[min(int((1 - alpha) |S_c|), |S_c| - 1)]`` (0 if empty), i.e. roughly
-the ``(1 - alpha)`` quantile of the true-class probabilities of class ``c``. The first ``t``
-with ``psi_c(t) >= alpha`` for every class is ``q'_min``, and ``psi = psi(q'_min)`` are the
-class-wise thresholds. No such ``t``: ``q'_min = inf``, ``psi = 0`` and the HR region is
-empty (nothing is ever admitted); :func:`explain_empty_region` says why.
-
-Raising ``t`` keeps only the points with the strongest similarity, so the region
-shrinks until, within it, at least a fraction ``alpha`` of every class's points carry a
-true-class probability of at least ``alpha``. That is how the region targets an accuracy of
-at least ``alpha`` both per true class and per predicted class on data exchangeable with
-the calibration set, up to finite-sample error.
-
-Done literally, Algorithm 1 is O(N^2). Here it is O(N log N): ``psi_c(t) >= alpha`` holds exactly
-when at most ``k_c(t) = min(int((1 - alpha) n_c(t)), n_c(t) - 1)`` of the points in
-``S_c(t)`` lie below ``alpha`` (the element at sorted index ``k`` is ``>= alpha`` iff fewer
-than ``k + 1`` elements are ``< alpha``), and both ``n_c(t)`` and that count are suffix
-counts over ``q'``, read off sorted arrays with ``searchsorted``. ``psi`` itself is then
-taken once, at ``q'_min``. Comparisons with ``alpha`` are made in float32.
-
-Small-region guard (optional, off in the papers' procedure): with ``min_points = m``, a
-candidate ``t`` also needs ``n_c(t) >= m`` for every class. Because ``n_c(t)`` only falls as
-``t`` rises, the candidates the guard removes are a tail ``t > t_m``; so the guard either
-returns Algorithm 1's result unchanged (its first working ``t`` had at least ``m`` points of
-every class) or an empty region (it had fewer, and so does every later candidate). It never
-admits a point that Algorithm 1 rejects, so the region's accuracy promise is untouched; what
-it refuses are the regions whose ``(1 - alpha)`` quantiles rest on fewer than ``m`` points of
-some class. Those are the regions that fail: below ``1 / (1 - alpha)`` points the quantile
-is the class's minimum, the candidate passes whenever every one of its few points is above
-``alpha`` (probability ``alpha^n`` even when the class's true rate is only ``alpha``), and
-scanning all candidates upward picks the first tail that passes by chance.
-``min_points="auto"`` is :func:`required_points_per_class` (20 at alpha = 0.95, 10 at 0.90).
-
-Lower-bound variant (accounts for the finite-sample error): per point, the effective sample sizes
-``n_c`` (:func:`effective_sample_sizes`) give a margin
-``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))`` (:func:`lower_bound_margin`); the
-SDM head recomputes the activation with ``d_lower = clip(d - eps, 0, 1)`` and applies the
-same HR rule to it.
+Over non-OOD calibration points, with ``S_c(t)`` the sorted true-class probabilities ``sdm(z')_y`` of class ``c``
+at ``q' >= t``: ``psi_c(t) = S_c(t)[min(int((1 - alpha) |S_c(t)|), |S_c(t)| - 1)]`` (0 if empty), and ``q'_min`` is
+the smallest candidate ``t`` (a ``q'`` value) with ``psi_c(t) >= alpha`` for every class (none: ``inf``, empty
+region). Lower bound: ``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))``, ``d_lower = clip(d - eps, 0, 1)``.
+Derivations (the O(N log N) form, the small-region guard): docs/how_sdm_works.md, sections 'The high-reliability
+region (Algorithm 1)' and 'The lower-bound variant'.
 """
 
 from __future__ import annotations
@@ -85,6 +49,7 @@ def _prepare(
     num_classes: int,
     alpha: float,
 ):
+    """Validated 1-D arrays without OOD points: ``(q', [(sorted q', sorted q' below alpha, p, q') per class])``."""
     p = torch.as_tensor(true_class_probability).detach().cpu().double()
     r = torch.as_tensor(rescaled_similarity).detach().cpu().double()
     y = torch.as_tensor(labels).detach().cpu().long()
@@ -111,21 +76,23 @@ def high_reliability_thresholds(
     alpha: float,
     min_points: int = 0,
 ) -> tuple[float, torch.Tensor]:
-    """Algorithm 1: ``(q'_min, psi)`` from the calibration arrays, in O(N log N).
+    """Algorithm 1: ``(q'_min, psi)`` from the calibration arrays, in O(N log N) (Schmaltz 2025, arXiv:2509.12760).
 
     Args:
-        true_class_probability: ``[N]`` ``sdm(z')_y``, the SDM probability of the TRUE class.
-        rescaled_similarity: ``[N]`` ``q'`` (OOD points, ``floor(q') <= 0``, are ignored).
-        labels: ``[N]`` true labels in ``0..C-1``.
+        true_class_probability: ``[N]`` float ``sdm(z')_y``, the SDM probability of the TRUE class.
+        rescaled_similarity: ``[N]`` float ``q'``; OOD points (``floor(q') <= 0``) are ignored.
+        labels: ``[N]`` int true labels in ``0..C-1``.
         num_classes: ``C``.
-        alpha: target accuracy in ``(0.5, 1]``.
-        min_points: the small-region guard ``m`` (0: Algorithm 1 as published): a candidate
-            threshold also needs at least ``m`` non-OOD points of every class at or above it;
-            the result is then either the unguarded one or an empty region.
+        alpha: target accuracy in ``(0.5, 1]``; compared in float32.
+        min_points: small-region guard ``m`` (0: Algorithm 1 as published): a candidate also needs ``m`` non-OOD
+            points of every class at or above it; the result is then the unguarded one or an empty region.
 
     Returns:
-        ``(q_min, thresholds)``: ``q_min`` a float (``inf`` when no candidate works) and
-        ``thresholds`` a ``[C]`` float64 tensor (zeros when no candidate works).
+        ``(q_min, thresholds)``: float ``q_min`` (``inf`` when no candidate works) and ``[C]`` float64 ``psi``
+        (zeros when no candidate works).
+
+    Raises:
+        ValueError: the three arrays are not 1-D of one length.
 
     Example:
         >>> import torch
@@ -165,11 +132,7 @@ def explain_empty_region(
     id2label: dict[int, str] | None = None,
     min_points: int = 0,
 ) -> str:
-    """Plain-language reason why Algorithm 1 found no threshold (for warnings).
-
-    Names the classes that have no non-OOD calibration points, or whose quantile stays
-    below ``alpha`` even over all their non-OOD points, and how many calibration points per
-    class ``alpha`` needs at least.
+    """Plain-language reason why Algorithm 1 found no threshold, for the warning of an empty region.
 
     Args:
         true_class_probability, rescaled_similarity, labels, num_classes, alpha: as for
@@ -178,7 +141,11 @@ def explain_empty_region(
         min_points: the small-region guard ``m`` the thresholds were computed with.
 
     Returns:
-        One or more sentences of plain text.
+        Sentences naming the failing classes (no non-OOD point, too many below ``alpha``, too few for the guard)
+        and the minimum class size ``alpha`` needs.
+
+    Raises:
+        ValueError: as :func:`high_reliability_thresholds`.
     """
     _, per_class = _prepare(true_class_probability, rescaled_similarity, labels, num_classes, alpha)
     name = (lambda c: repr(id2label.get(c, c))) if id2label else (lambda c: str(c))
@@ -220,11 +187,8 @@ def explain_empty_region(
 
 
 def required_points_per_class(alpha: float) -> int:
-    """Smallest class size ``n`` for which ``int((1 - alpha) n) >= 1`` (20 at alpha = 0.95).
-
-    Below that the quantile index is 0: ``psi_c`` is the smallest true-class probability of
-    the class's points above a candidate threshold, so a single one of them under ``alpha``
-    rules that threshold out."""
+    """Smallest class size ``n = ceil(1 / (1 - alpha))`` with ``int((1 - alpha) n) >= 1`` (20 at alpha = 0.95; 1 at
+    alpha >= 1): below it ``psi_c`` is the class's minimum, so one point under ``alpha`` rules a threshold out."""
     if alpha >= 1.0:
         return 1
     return int(math.ceil(1.0 / (1.0 - float(alpha)) - 1e-9))
@@ -232,7 +196,11 @@ def required_points_per_class(alpha: float) -> int:
 
 def minimum_class_points(setting: int | str, alpha: float) -> int:
     """The small-region guard's ``m`` at ``alpha``: ``setting`` itself when an int (0: off),
-    :func:`required_points_per_class` when ``"auto"``."""
+    :func:`required_points_per_class` when ``"auto"``.
+
+    Raises:
+        ValueError: ``setting`` is neither ``"auto"`` nor an integer >= 0.
+    """
     if setting == "auto":
         return required_points_per_class(alpha)
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
@@ -243,12 +211,11 @@ def minimum_class_points(setting: int | str, alpha: float) -> int:
 def class_rescaled_lists(
     rescaled_similarity: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> list[torch.Tensor]:
-    """Per-class sorted ``q'`` of ALL calibration points (OOD included), for
-    :func:`effective_sample_sizes`.
+    """Per-class sorted ``q'`` of ALL calibration points (OOD included), for :func:`effective_sample_sizes`.
 
     Args:
-        rescaled_similarity: ``[N]`` calibration ``q'``.
-        labels: ``[N]`` true labels in ``0..C-1``.
+        rescaled_similarity: ``[N]`` float calibration ``q'``.
+        labels: ``[N]`` int true labels in ``0..C-1``.
         num_classes: ``C``.
 
     Returns:
@@ -260,20 +227,17 @@ def class_rescaled_lists(
 
 
 def effective_sample_sizes(rescaled: torch.Tensor, lists: list[torch.Tensor]) -> torch.Tensor:
-    """Effective sample size per class for each point, for the lower-bound variant.
+    """Effective sample sizes for the lower-bound variant (Schmaltz 2025, arXiv:2509.12760).
 
-    ``n_c(point)`` = number of class-``c`` calibration points (OOD included) whose ``q'`` is
-    strictly below the point's ``q'``, capped at ``n_c - 1`` (and at 0 from below). It
-    measures how much calibration evidence sits below the point on the ``q'`` scale: few
-    points means a loose finite-sample bound (a large margin in :func:`lower_bound_margin`).
-    See Schmaltz (2025), *Similarity-Distance-Magnitude Activations*.
+    ``n_c(point)`` = number of class-``c`` calibration points (OOD included) with ``q'`` strictly below the point's,
+    capped at ``n_c - 1`` (and at 0): the calibration evidence behind the point.
 
     Args:
-        rescaled: ``[B]`` the points' ``q'``.
+        rescaled: ``[B]`` float ``q'`` of the points.
         lists: per-class sorted calibration ``q'`` from :func:`class_rescaled_lists`.
 
     Returns:
-        ``[B, C]`` int64.
+        ``[B, C]`` int64 CPU tensor.
     """
     r = rescaled.detach().cpu().double()
     columns = []
@@ -286,14 +250,14 @@ def effective_sample_sizes(rescaled: torch.Tensor, lists: list[torch.Tensor]) ->
 
 
 def lower_bound_margin(sample_sizes: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))``; 1 where any ``n_c = 0`` or alpha = 1.
+    """Hoeffding-style margin ``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))`` (Schmaltz 2025, arXiv:2509.12760).
 
     Args:
-        sample_sizes: ``[B, C]`` effective sample sizes.
+        sample_sizes: ``[B, C]`` int effective sample sizes from :func:`effective_sample_sizes`.
         alpha: target accuracy.
 
     Returns:
-        ``[B]`` float32 margins in ``(0, 1]``.
+        ``[B]`` float32 margins in ``(0, 1]``; 1 where any ``n_c = 0`` or ``alpha >= 1``.
     """
     n = sample_sizes.double()
     if alpha >= 1.0 or n.shape[1] == 0:

@@ -1,22 +1,12 @@
-"""Distance ``d``: the query's nearest-neighbour distance placed in class-wise eCDFs.
+"""Distance ``d``: the query's nearest-neighbour distance placed in class-wise empirical CDFs.
 
-``d_nearest`` is the squared L2 distance (FAISS's convention) from the query's exemplar to
-its nearest support exemplar. For each TRUE class ``c`` the reference list holds the sorted
-``d_nearest`` values of the reference points (calibration points, or the training split,
-self excluded, during training) with label ``c`` and ``q > 0``. Per class,
+Reference: Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760 (the Distance term).
 
-    d_c = 1 - #{v in list_c : v < d_nearest} / |list_c|,
+    d = min_c d_c,    d_c = 1 - #{v in list_c : v < d_nearest} / |list_c|    (0 for an empty list)
 
-the fraction of that list that is ``>=`` the query's ``d_nearest`` (ties count in the
-query's favour); an empty list gives ``d_c = 0``. A query within a relative ``1e-5`` of a
-reference value counts as tied with it (:data:`TIE_TOLERANCE`): float32 features of the same
-text differ in their last bits with the batch they were computed in (padding changes the
-order of the sums), and without this a text equal to a calibration text would fall on either
-side of its own value. ``d = min_c d_c``, in ``[0, 1]``: 1 for a
-query at least as close as every reference point, 0 for one farther than all of them. The
-minimum is the conservative choice: a query that is unusually far for any one class gets a
-small ``d``, which flattens the SDM activation towards uniform. See Schmaltz (2025),
-*Similarity-Distance-Magnitude Activations* (the Distance term).
+``d_nearest``: squared L2 distance to the nearest support exemplar; ``list_c``: sorted ``d_nearest`` of the reference
+points of TRUE class ``c`` with ``q > 0``. ``d = 1``: as close as every reference point, ``0``: farther than all
+(derivation and :data:`TIE_TOLERANCE`: docs/how_sdm_works.md, section 'Distance d').
 """
 
 from __future__ import annotations
@@ -25,24 +15,24 @@ import torch
 
 __all__ = ["class_distance_lists", "distance_quantile", "TIE_TOLERANCE"]
 
-#: Relative distance under which a query's ``d_nearest`` counts as equal to a reference value
-#: (relative to the larger of the query's value and the list's mean).
+#: Relative difference (to the larger of the query's value and the list's mean) under which a query's
+#: ``d_nearest`` counts as equal to a reference value: float32 features shift in their last bits with the batch.
 TIE_TOLERANCE = 1e-5
 
 
 def class_distance_lists(
     d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, num_classes: int
 ) -> list[torch.Tensor]:
-    """Sorted per-class reference lists.
+    """Per-class sorted ``d_nearest`` of the reference points with ``q > 0`` (OOD points left out).
 
     Args:
-        d_nearest: ``[N]`` squared L2 distances to the nearest support exemplar.
-        labels: ``[N]`` true labels in ``0..C-1``.
-        q: ``[N]`` similarity; points with ``q = 0`` (OOD) are left out.
+        d_nearest: ``[N]`` float squared L2 distances to the nearest support exemplar.
+        labels: ``[N]`` int true labels in ``0..C-1``.
+        q: ``[N]`` similarity.
         num_classes: ``C``.
 
     Returns:
-        ``C`` sorted 1-D float tensors (possibly empty).
+        ``C`` sorted 1-D tensors in ``d_nearest``'s dtype (possibly empty).
     """
     keep = q > 0
     values = d_nearest[keep]
@@ -51,10 +41,12 @@ def class_distance_lists(
 
 
 def distance_quantile(d_nearest: torch.Tensor, lists: list[torch.Tensor]) -> torch.Tensor:
-    """``d = min_c (1 - #{list_c < d_nearest} / |list_c|)``; 0 for an empty list.
+    """``d = min_c (1 - #{list_c < d_nearest} / |list_c|)``, 0 if any list is empty (Schmaltz 2025, arXiv:2509.12760).
+
+    Values within :data:`TIE_TOLERANCE` of a list value count as equal to it.
 
     Args:
-        d_nearest: ``[B]`` query distances.
+        d_nearest: ``[B]`` float query distances (squared L2).
         lists: per-class sorted reference lists from :func:`class_distance_lists`.
 
     Returns:
@@ -73,8 +65,7 @@ def distance_quantile(d_nearest: torch.Tensor, lists: list[torch.Tensor]) -> tor
 
 
 def _snap(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``values`` with each one within :data:`TIE_TOLERANCE` of its nearest ``reference``
-    value replaced by that value (a value in the list is its own nearest: unchanged)."""
+    """``values``, each replaced by its nearest ``reference`` value when within :data:`TIE_TOLERANCE` of it."""
     n = reference.numel()
     right = torch.searchsorted(reference, values).clamp(max=n - 1)
     left = (right - 1).clamp(min=0)

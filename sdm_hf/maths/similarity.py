@@ -1,23 +1,12 @@
-"""Similarity ``q`` and the nearest-neighbour distance from a support-set search.
+"""Similarity ``q`` and the nearest-neighbour distance ``d_nearest`` from a search of the support set.
 
-The support set holds the training split's exemplar vectors (the adaptor's outputs) with
-their true labels and their predicted labels under the current weights. ``q`` counts,
-walking from the nearest support exemplar outwards in ascending L2 distance, the neighbours
-that were predicted correctly (``label == predicted``) AND share the query's prediction
-``y_hat``, stopping at the first one that does not: ``q`` is the length of that unbroken
-run, an integer in ``0..max_q``. ``q = 0`` means the nearest neighbour already fails: the
-query is treated as out of distribution (OOD). A query that is itself a support point skips
-its own row (by row index, so exact duplicates of it still count). See Schmaltz (2025),
-*Similarity-Distance-Magnitude Activations* (the Similarity term).
+Reference: Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760 (the Similarity term).
 
-The search is adaptive: a small ``k`` first, widened (x ``growth``) only for the rows whose
-run reached the end of what was searched, up to ``max_q`` (plus one slot for the query's own
-row when it is a support point). A widened row is searched again in full, so all of one
-query's distances come from one search call (one kernel); the result equals a fixed search
-with ``k = max_q`` except at exact floating-point ties.
-
-Nothing here knows about FAISS: the search is any object with the small interface of
-:class:`NeighborSearcher` (``sdm_hf.search.index.SupportIndex`` is the real one).
+``q`` = length of the unbroken run of nearest support rows (by L2 distance, ties by row index) with
+``label == predicted == y_hat(query)``, capped at ``max_q``; ``q = 0`` marks the query out of distribution. A query
+that is itself a support row skips that row (by index). The search is any :class:`NeighborSearcher`
+(``sdm_hf.search.index.SupportIndex`` in practice). Derivation and the adaptive search: docs/how_sdm_works.md,
+section 'Similarity q'.
 """
 
 from __future__ import annotations
@@ -43,26 +32,23 @@ class NeighborSearcher(Protocol):
     def ntotal(self) -> int: ...
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, D]`` queries -> ``([B, k]`` squared L2 distances, ``[B, k]`` row indices), each
-        row ordered by (distance, row index)."""
+        """``[B, D]`` queries -> (``[B, k]`` squared L2 distances, ``[B, k]`` int64 rows), by (distance, row)."""
         ...
 
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``[B]`` exact squared L2 distances between ``queries[i]`` (``[B, D]``) and support
-        row ``rows[i]`` (``[B]`` int64)."""
+        """``[B]`` exact squared L2 distances from ``queries[i]`` (``[B, D]``) to row ``rows[i]`` (``[B]`` int64)."""
         ...
 
 
 @dataclass
 class SimilarityResult:
-    """Output of :func:`compute_similarity` (all tensors on the CPU, length ``B``).
+    """Output of :func:`compute_similarity` and :func:`dense_similarity`: ``[B]`` CPU tensors.
 
     Attributes:
-        q: ``[B]`` int64 similarity, capped at ``max_q``.
-        nearest_index: ``[B]`` int64 row of the nearest support exemplar (self excluded);
-            -1 when the support holds no other row.
-        d_nearest: ``[B]`` float32 squared L2 distance to that exemplar (``inf`` when none).
-        searched_k: ``[B]`` int64 neighbours finally searched for the row (for diagnostics).
+        q: int64 similarity, capped at ``max_q``.
+        nearest_index: int64 row of the nearest support exemplar, own row excluded (-1: none).
+        d_nearest: float32 squared L2 distance to that exemplar (``inf`` when none).
+        searched_k: int64 neighbours finally searched for the row (diagnostics).
     """
 
     q: torch.Tensor
@@ -79,21 +65,18 @@ def similarity_from_neighbors(
     self_index: torch.Tensor | None = None,
     max_q: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run length ``q`` over given neighbour lists.
+    """Run length ``q`` over given neighbour lists (Schmaltz 2025, arXiv:2509.12760, the Similarity term).
 
     Args:
-        neighbor_indices: ``[B, k]`` support rows in ascending distance; -1 marks "no row".
-        query_prediction: ``[B]`` predicted class of each query.
-        support_labels: ``[N]`` true labels of the support rows.
-        support_predictions: ``[N]`` predicted labels of the support rows.
-        self_index: ``[B]`` the query's own support row (skipped wherever it appears), or
-            None / -1 for queries that are not in the support.
+        neighbor_indices: ``[B, k]`` int support rows in ascending distance; -1 marks "no row".
+        query_prediction: ``[B]`` int predicted class of each query.
+        support_labels, support_predictions: ``[N]`` int true and predicted labels of the support rows.
+        self_index: ``[B]`` each query's own support row (skipped), -1 or None for none.
         max_q: optional cap on ``q``.
 
     Returns:
-        ``(q [B] int64, nearest [B] int64, resolved [B] bool)``; ``resolved`` is True where
-        a failing neighbour was seen or the cap was reached, i.e. where searching further
-        cannot change ``q``.
+        ``(q, nearest, resolved)``, each ``[B]``: int64 run length, int64 nearest row (-1: none), and bool
+        ``resolved`` (a failing neighbour or the cap was reached: searching wider cannot change ``q``).
     """
     idx = neighbor_indices.long()
     batch, k = idx.shape
@@ -133,25 +116,24 @@ def compute_similarity(
     initial_k: int | torch.Tensor = 32,
     growth: int = 4,
 ) -> SimilarityResult:
-    """``q``, nearest exemplar and ``d_nearest`` for a batch, with adaptive widening.
+    """``q``, nearest row and ``d_nearest`` for a batch, searching ``initial_k`` neighbours and widening only rows
+    whose run reached the end of the search (Schmaltz 2025, arXiv:2509.12760, the Similarity term).
 
     Args:
-        searcher: the support index (see :class:`NeighborSearcher`).
-        queries: ``[B, D]`` vectors in the searcher's space.
-        query_prediction: ``[B]`` predicted classes.
-        support_labels: ``[N]`` true labels of the support rows.
-        support_predictions: ``[N]`` predictions of the support rows.
-        self_index: ``[B]`` own support row of each query (training split), else None.
-        max_q: cap on ``q``; the widest search is ``max_q`` neighbours (+1 with self).
-        initial_k: the first search's ``k``; or a ``[B]`` tensor of per-row first widths
-            (e.g. from a previous ``q``, as during training), rows with the same width being
-            searched together.
+        searcher: the support index.
+        queries: ``[B, D]`` float vectors in the searcher's space.
+        query_prediction: ``[B]`` int predicted classes.
+        support_labels, support_predictions: ``[N]`` int true and predicted labels of the support rows.
+        self_index: ``[B]`` each query's own support row (training split; -1: none), or None.
+        max_q: cap on ``q``; the widest search is ``max_q`` neighbours (+1 with ``self_index``).
+        initial_k: first search width, or ``[B]`` per-row first widths (e.g. the previous ``q``).
         growth: factor by which ``k`` grows for unresolved rows.
 
     Returns:
-        :class:`SimilarityResult`. ``d_nearest`` is recomputed exactly from the two vectors
-        (difference, then sum of squares), which avoids the cancellation of the
-        ``|a|^2 + |b|^2 - 2ab`` expansion used by BLAS-based search.
+        :class:`SimilarityResult` on the CPU; ``d_nearest`` recomputed exactly from the two vectors.
+
+    Raises:
+        ValueError: ``growth < 2``.
     """
     if growth < 2:
         raise ValueError(f"growth must be >= 2, got {growth}")
@@ -211,25 +193,21 @@ def dense_similarity(
     max_q: int = 2048,
     chunk_elements: int = 1 << 20,
 ) -> SimilarityResult:
-    """``q``, nearest exemplar and ``d_nearest`` from one exact pass over all support rows, no sort.
+    """``q``, nearest row and ``d_nearest`` from one exact pass over all support rows, without a k-nearest search.
 
-    With neighbours ordered by (squared distance, row index), the run that ``q`` counts ends at
-    the first *failing* row (``label != predicted`` or ``predicted != y_hat``), so ``q`` is the
-    number of rows ordered before the nearest failing row: a masked minimum and a count per
-    query instead of a k-nearest search widened until the run breaks. Cost O(B N D) for the
-    distances (as any exact search) and O(B N) on top; memory ``chunk_elements`` floats per
-    chunk of queries. Equals :func:`compute_similarity` over an exact search except at
-    floating-point near-ties (the distances come from the ``|a|^2 + |b|^2 - 2ab`` expansion).
+    ``q`` = number of rows ordered (by distance, row index) before the nearest failing row; equals
+    :func:`compute_similarity` over an exact search except at floating-point near-ties.
 
     Args:
-        queries: ``[B, D]`` vectors; support: ``[N, D]`` support vectors (same device).
-        query_prediction: ``[B]``; support_labels / support_predictions: ``[N]``.
-        self_index: ``[B]`` each query's own support row (-1: none), excluded by identity.
+        queries: ``[B, D]`` float vectors.
+        support: ``[N, D]`` float support vectors; the computation runs on their device.
+        query_prediction: ``[B]`` int; support_labels / support_predictions: ``[N]`` int.
+        self_index: ``[B]`` each query's own support row (-1: none), excluded by identity; or None.
         max_q: cap on ``q``.
-        chunk_elements: queries are processed in chunks of ``chunk_elements // N`` rows.
+        chunk_elements: distance-matrix floats per chunk of ``chunk_elements // N`` queries.
 
     Returns:
-        :class:`SimilarityResult` on the CPU (``searched_k`` = ``N`` for every row).
+        :class:`SimilarityResult` on the CPU (``searched_k = N`` for every row).
     """
     batch, n = queries.shape[0], support.shape[0]
     device = support.device
@@ -245,8 +223,7 @@ def dense_similarity(
     predictions = support_predictions.long().to(device)
     query_prediction = query_prediction.long().to(device)
     classes = int(torch.maximum(predictions.max(), query_prediction.max())) + 1
-    # [C, N]: 0 where a support row fails for a query predicted c (wrong itself, or another
-    # prediction), +inf where it continues the run; a query's row of it masks its distances
+    # [C, N]: 0 where a support row fails for a query predicted c, +inf where it continues the run
     failing = (labels != predictions).view(1, -1) | (
         predictions.view(1, -1) != torch.arange(classes, device=device)[:, None]
     )

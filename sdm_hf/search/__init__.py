@@ -1,3 +1,2 @@
-"""Neighbour search over the support set: FAISS flat / IVF / HNSW indexes, GPU placement and
-sharding (:mod:`.index`, the one place with device logic) and the exact-search building blocks
-they share (:mod:`.exhaustive`)."""
+"""Neighbour search over the support set: FAISS flat / IVF / HNSW indexes and their device placement
+(:mod:`.index`), and the exact-search building blocks they share (:mod:`.exhaustive`)."""

@@ -1,14 +1,6 @@
-"""Exhaustive (exact) neighbour search over FAISS building blocks, for :mod:`sdm_hf.search.index`.
+"""Exact neighbour-search building blocks over FAISS, for :mod:`sdm_hf.search.index` (which picks the backend).
 
-* :func:`blocked_float16_search`: exact k-NN over a float16 support with matrix products:
-  support blocks are widened to float32 one at a time and searched with FAISS's BLAS
-  ``faiss.knn`` (or ``topk`` on a CUDA device), the per-block candidates merged by FAISS's
-  ``ResultHeap``, the final k re-scored with exact pair distances.
-* :func:`build_shards`: a ``faiss.IndexShards`` holding contiguous row ranges (one per GPU).
-* :func:`add_chunked`: adding rows to FAISS in bounded float32 chunks.
-* :func:`order_rows`: (distance, row) ordering, so ties resolve the same way every time.
-
-Which backend runs where is decided in :mod:`sdm_hf.search.index`, not here.
+Blocked float16 search, GPU shards, bounded float32 staging and (distance, row) ordering of results.
 """
 
 from __future__ import annotations
@@ -50,19 +42,18 @@ def as_float32(x: torch.Tensor) -> np.ndarray:
 
 
 def add_chunked(index: Any, vectors: torch.Tensor) -> None:
-    """Add ``[n, M]`` rows to a FAISS ``index`` in float32 chunks of at most ``STAGING_BYTES``,
-    so a float16 support never exists whole in float32 (FAISS takes float32 input)."""
+    """Add ``[n, M]`` rows to a FAISS ``index`` in float32 chunks of at most ``STAGING_BYTES`` (bounded memory)."""
     step = rows_within(STAGING_BYTES, int(vectors.shape[1]))
     for start in range(0, vectors.shape[0], step):  # bounded float32 staging
         index.add(as_float32(vectors[start : start + step]))
 
 
 def build_shards(vectors: torch.Tensor, count: int, make_shard: Callable[[int], Any]) -> Any:
-    """A ``faiss.IndexShards`` over ``count`` empty indexes from ``make_shard(j)``, shard ``j``
-    filled with the ``j``-th of ``count`` contiguous row ranges of the ``[N, M]`` ``vectors``.
+    """A ``faiss.IndexShards`` whose shard ``j`` (an empty index from ``make_shard(j)``) holds the ``j``-th of
+    ``count`` contiguous row ranges of the ``[N, M]`` ``vectors``; searched in parallel, it returns global rows.
 
-    The shards are searched in parallel and their ids shifted by the rows before them, so a
-    search returns support row indices, as one index over all rows would.
+    Raises:
+        ValueError: ``count < 1``.
 
     Example:
         >>> import faiss, torch
@@ -84,8 +75,8 @@ def build_shards(vectors: torch.Tensor, count: int, make_shard: Callable[[int], 
 
 
 def order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row of ``[B, k]`` results by (distance, index). Search results are already
-    sorted by distance, so only rows with equal adjacent distances (ties) are re-sorted.
+    """Order each row of ``[B, k]`` distance-sorted results by (distance, index), so ties resolve the same way
+    every time; returns ``(distances, indices)``, only tied rows re-sorted.
 
     Example:
         >>> d, i = order_rows(torch.tensor([[0.0, 1.0, 1.0]]), torch.tensor([[4, 9, 2]]))
@@ -107,18 +98,12 @@ def order_rows(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Te
 
 
 def blocked_float16_search(stored: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours of ``[B, M]`` ``queries`` among the ``[N, M]`` float16 rows
-    ``stored``, with matrix products instead of FAISS's float16 scan (which runs without BLAS:
-    2.3x slower for 2,000 queries at 10^6 x 1000 on 2 cores).
-
-    Blocks of ``stored`` are widened to float32 one at a time (``STAGING_BYTES`` of extra
-    memory), searched exhaustively (``faiss.knn`` on the CPU, ``topk`` of the squared
-    distances on a CUDA device) and merged by ``faiss.ResultHeap``; the k survivors are
-    re-scored with exact pair distances ``|q - x|^2``.
+    """Exact k nearest neighbours of ``[B, M]`` ``queries`` among the ``[N, M]`` float16 rows ``stored``, by matrix
+    products on float32 blocks of ``STAGING_BYTES`` (faster than FAISS's float16 scan, which has no BLAS).
 
     Returns:
-        ``(distances [B, k] float32, rows [B, k] int64)`` on ``stored``'s device, sorted by
-        distance (ties in row order after :func:`order_rows`).
+        ``(distances [B, k] float32, rows [B, k] int64)`` on ``stored``'s device, squared L2 re-scored exactly
+        as ``|q - x|^2``, sorted by distance (ties: pass through :func:`order_rows`).
     """
     device = stored.device
     queries = queries.detach().to(device, torch.float32)

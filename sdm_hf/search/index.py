@@ -1,25 +1,12 @@
-"""The support set: exemplar vectors with their true and predicted labels, behind FAISS.
+"""The support set (exemplars with true and predicted labels) behind FAISS; the one place that picks the backend.
 
-This module is also the ONE place that decides where neighbour search runs:
+* CPU: ``faiss.IndexFlatL2`` (exact), or IVF / HNSW (approximate; on the CPU even for a CUDA head).
+* CUDA with a FAISS GPU build: ``GpuIndexFlatL2``, sharded in contiguous row ranges over several GPUs when a float32
+  support exceeds half the device's free memory.
+* CUDA without one: exact torch search (chunked matrix product + ``topk``).
 
-* CPU (the default): ``faiss.IndexFlatL2`` (exact).
-* CUDA, with a FAISS GPU build installed (``faiss-gpu-cu12`` / ``faiss-gpu-cuvs``):
-  ``faiss.GpuIndexFlatL2`` on the tensor's device (exact). A float32 support larger than half
-  of that device's free memory is spread, in contiguous row ranges, over as many of the GPUs
-  FAISS sees as it needs (``faiss.IndexShards`` of ``GpuIndexFlatL2``, one per GPU, searched in
-  parallel and merged by FAISS); the host then keeps the exemplars.
-* CUDA without a FAISS GPU build: exact search with torch on the GPU (chunked matrix
-  product + ``topk``).
-
-On the CPU, the FAISS index holds the only copy of the exemplars: flat and HNSW storage is
-read in place; IVF rows are decoded back through FAISS's direct map (row -> list position),
-exactly, since float32 and float16 codes are lossless for the stored values. Exemplars are
-handed to FAISS in bounded float32 chunks, so a float16 support never exists whole in
-float32.
-
-Whatever the backend, results are returned as CPU tensors and each row is ordered by
-(squared distance, support row index), so ties resolve the same way every time. The index
-is never serialised: it is rebuilt from the stored exemplars (``SupportIndex.from_arrays``).
+Results are CPU tensors, each row ordered by (squared L2 distance, row index). On the CPU the FAISS index holds the
+only copy of the exemplars. The index is never serialised: rebuild it with ``SupportIndex(vectors, labels, ...)``.
 """
 
 from __future__ import annotations
@@ -57,9 +44,8 @@ __all__ = [
 _FAISS_GPU_MAX_K = 2048
 # Bytes of distance matrix the torch fallback materialises per chunk of queries.
 _TORCH_CHUNK_BYTES = 256 * 1024 * 1024
-# Float16 flat search: from this many queries, widening blocks of exemplars to float32 for
-# matrix products beats FAISS's float16 scan (measured at 10^6 x 1000: ~3 s fixed cost per
-# call against ~70 ms per query for the scan); smaller batches use the scan.
+# Float16 flat search: from this many queries, blocked float32 matrix products (a fixed cost per call) beat
+# FAISS's float16 scan (a cost per query); smaller batches use the scan.
 _BLOCKED_MIN_QUERIES = 64
 # Exact GPU search is sharded over several GPUs when the support takes more than this fraction
 # of the target device's free memory (the rest is left to queries, distances and the model).
@@ -71,6 +57,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     otherwise ``torch.device``.
 
     Raises:
+        TypeError: ``device`` is not a string, integer, torch.device or None.
         ValueError: CUDA was asked for but is not available, or ``device`` names no device.
     """
     if device is None:
@@ -100,10 +87,9 @@ def faiss_gpu_available() -> bool:
 
 
 def gpu_shard_count(nbytes: int, device: torch.device) -> int:
-    """How many GPUs an exact float32 support of ``nbytes`` is spread over on ``device``: 1 on
-    the CPU, with one GPU or when it fits in ``_GPU_SHARE`` of the device's free memory; else
-    as many as FAISS sees up to the number it needs at that share of the least free GPU each.
-    Never in a run of several processes (each owns its GPU there)."""
+    """GPUs an exact float32 support of ``nbytes`` is sharded over on ``device``: 1 on the CPU, with one GPU, in a
+    multi-process run, or when it fits in half the device's free memory; else enough for half of the least free
+    GPU each, at most all FAISS sees."""
     if device.type != "cuda" or not faiss_gpu_available() or _several_processes():
         return 1  # with several processes each owns its GPU: shards would land on the others'
     gpus = int(faiss.get_num_gpus())
@@ -128,15 +114,17 @@ _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "ivf": {"nlist": None, "nprobe": 16},
     "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
 }
-# Upper bounds: HNSW keeps 2*M neighbour links per vector (FAISS advises M <= 64; beyond a few
-# hundred the graph no longer fits in memory and FAISS aborts with std::bad_alloc); ef and the
-# IVF sizes beyond these only cost time.
+# Upper bounds: HNSW keeps 2*M links per vector (a few hundred exhausts memory: FAISS aborts with
+# std::bad_alloc); larger ef and IVF sizes only cost time.
 _MAXIMA = {"M": 256, "efConstruction": 1 << 16, "efSearch": 1 << 16, "nlist": 1 << 20, "nprobe": 1 << 20}
 
 
 def index_parameters(index_type: str, params: dict | None, ntotal: int) -> dict:
-    """Validated parameters of an index type, defaults filled in (``nlist`` defaults to
-    about ``4 sqrt(N)``)."""
+    """Validated parameters of an index type, defaults filled in (``nlist`` defaults to about ``4 sqrt(N)``).
+
+    Raises:
+        ValueError: unknown ``index_type`` or parameter, or a value that is not an integer in its allowed range.
+    """
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
     defaults: dict[str, Any] = dict(_DEFAULT_PARAMS.get(index_type, {}))
@@ -158,17 +146,20 @@ class SupportIndex:
     """Exemplar vectors + true labels + predicted labels, searchable by L2.
 
     Args:
-        vectors: ``[N, M]`` float exemplars (kept on ``device`` in the ``storage`` dtype).
-        labels: ``[N]`` true labels.
-        predictions: ``[N]`` predicted labels under the head's current weights.
-        device: where the vectors live and the search runs (see the module docstring).
-        index_type: ``"flat"`` (exact, the default), ``"ivf"`` (FAISS IVF, parameters
-            ``nlist``, ``nprobe``) or ``"hnsw"`` (FAISS HNSW, ``M``, ``efConstruction``,
-            ``efSearch``). Approximate indexes search on the CPU even for a CUDA head; see
-            ``SDMHead.index_agreement`` for how often they change q, d and the HR decision.
+        vectors: ``[N, M]`` float exemplars.
+        labels: ``[N]`` int true labels.
+        predictions: ``[N]`` int predicted labels under the head's current weights.
+        device: where the search runs (default: ``vectors``' device).
+        index_type: ``"flat"`` (exact), ``"ivf"`` (params ``nlist``, ``nprobe``) or ``"hnsw"`` (``M``,
+            ``efConstruction``, ``efSearch``); approximate ones search on the CPU (check them with
+            ``SDMHead.index_agreement``).
         index_params: parameters of the index type.
-        storage: ``"float32"`` or ``"float16"`` (half the memory; FAISS then stores fp16
-            codes too and distances carry fp16 rounding).
+        storage: ``"float32"`` or ``"float16"`` (half the memory; distances carry fp16 rounding).
+
+    Raises:
+        ValueError: unknown ``storage``, invalid index parameters, unequal row counts, ``vectors`` not 2-D, or an
+            unavailable ``device``.
+        TypeError: ``device`` of an unsupported type.
 
     Example:
         >>> import torch
@@ -238,11 +229,9 @@ class SupportIndex:
         return stored if self._own is not None or self.index_type == "ivf" else stored.clone()
 
     def stored_vectors(self) -> torch.Tensor:
-        """``[N, M]`` exemplars in the storage dtype without a copy where possible: our own
-        tensor, a view of the FAISS index's flat storage or, for IVF, a decoded copy.
+        """``[N, M]`` exemplars in the storage dtype, a view into FAISS where possible (IVF: a decoded copy).
 
-        The view is valid only until the index changes (:meth:`add`, :meth:`to`): use it at
-        once (saving, broadcasting), never keep it. :attr:`vectors` is the safe copy."""
+        The view is valid only until :meth:`add` or :meth:`to`: use it at once; :attr:`vectors` is the safe copy."""
         if self._own is not None:
             return self._own
         index: Any = self._faiss
@@ -261,9 +250,12 @@ class SupportIndex:
         return torch.from_numpy(array)
 
     def set_search_width(self, width: int) -> None:
-        """Change how widely an approximate index searches, without rebuilding it: ``nprobe``
-        (inverted lists visited, capped at ``nlist``) for IVF, ``efSearch`` (candidate list
-        length) for HNSW. Wider is slower and closer to exact search."""
+        """Set an approximate index's search width without rebuilding: IVF ``nprobe`` (capped at ``nlist``), HNSW
+        ``efSearch``. Wider is slower and closer to exact.
+
+        Raises:
+            ValueError: ``width < 1``, or a ``"flat"`` index.
+        """
         width = int(width)
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
@@ -278,8 +270,7 @@ class SupportIndex:
 
     @property
     def owns_vectors(self) -> bool:
-        """True when the index keeps its own tensor of the exemplars (torch search, or before
-        FAISS holds them); False when they are read in place inside FAISS (no second copy)."""
+        """True when the index keeps its own exemplar tensor; False when they are read in place inside FAISS."""
         return self._own is not None
 
     @property
@@ -330,9 +321,8 @@ class SupportIndex:
             nlist = min(params["nlist"], max(self.ntotal, 1))
             if fp16:
                 index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16)
-                # codes of the vectors themselves, not of residuals to the centroid: exactly the
-                # float16 values that are saved, searched and decoded back (FAISS's default
-                # residual encoding would round differently and not decode to them)
+                # encode the vectors themselves, not residuals to the centroid, so rows decode back to exactly the
+                # stored float16 values
                 index.by_residual = False
             else:
                 index = faiss.IndexIVFFlat(self._quantizer, dim, nlist)
@@ -347,6 +337,7 @@ class SupportIndex:
         return index
 
     def _build(self) -> None:
+        """(Re)build the FAISS index (or none, for torch search) from the exemplars held in ``_own``."""
         dim = self._dim
         self._gpu_resources: list[Any] = []
         own = self.stored_vectors()  # _build runs while the index still owns its vectors
@@ -371,13 +362,11 @@ class SupportIndex:
         if self._faiss is not None and self.index_type == "ivf":
             self._faiss.make_direct_map()  # row -> (list, offset), so rows can be decoded back
         if self._faiss is not None and self.device.type == "cpu":
-            # FAISS holds exactly these values (flat/HNSW storage in place, IVF through the
-            # direct map): no second copy
+            # FAISS holds exactly these values (IVF through the direct map): no second copy
             self._own = None
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[len(rows), M]`` exemplars of ``rows`` in the storage dtype, where the stored copy
-        lives (``self.device``; the host for a support sharded over GPUs)."""
+        """``[len(rows), M]`` exemplars of ``rows`` in the storage dtype, on the device of the stored copy."""
         rows = rows.long()
         if self._own is None and self.index_type == "ivf":
             out = torch.empty((rows.numel(), self._dim), dtype=STORAGE_DTYPES[self.storage])
@@ -390,8 +379,7 @@ class SupportIndex:
         return stored[rows.to(stored.device)]
 
     def _add_chunked(self, vectors: torch.Tensor) -> None:
-        """Add to FAISS in bounded float32 chunks (:func:`add_chunked`); a sharded index grows
-        its last shard, so earlier rows keep their indices."""
+        """Add to FAISS in bounded chunks; a sharded index grows its last shard, so row indices stay."""
         if self._shards > 1:
             add_chunked(self._faiss.at(self._faiss.count() - 1), vectors)
             self._faiss.syncWithSubIndexes()
@@ -400,10 +388,12 @@ class SupportIndex:
 
     @property
     def ntotal(self) -> int:
+        """Number of support rows ``N``."""
         return int(self._own.shape[0]) if self._own is not None else int(self._faiss.ntotal)
 
     @property
     def dim(self) -> int:
+        """Exemplar width ``M``."""
         return self._dim
 
     @property
@@ -425,11 +415,12 @@ class SupportIndex:
         return self
 
     def add(self, vectors: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> None:
-        """Append rows: ``vectors`` ``[n, M]``, ``labels`` and ``predictions`` ``[n]``.
+        """Append ``[n, M]`` ``vectors`` with ``[n]`` int ``labels`` and ``predictions``, without retraining
+        (``SDMHead.add_to_support``); existing row indices do not change.
 
-        This is how a trained head's support set grows without retraining
-        (``SDMHead.add_to_support``). Existing row indices do not change, so nearest-exemplar
-        indices reported earlier still name the same rows."""
+        Raises:
+            ValueError: ``vectors`` is not ``[n, M]``.
+        """
         vectors = vectors.detach().to(self._home, STORAGE_DTYPES[self.storage])
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] vectors, got {tuple(vectors.shape)}")
@@ -442,15 +433,17 @@ class SupportIndex:
 
     # -- search ---------------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k nearest neighbours.
+        """k nearest support rows (exact for ``"flat"``, approximate for ``"ivf"`` / ``"hnsw"``).
 
         Args:
-            queries: ``[B, M]`` vectors.
+            queries: ``[B, M]`` float vectors.
             k: neighbours per query, ``1 <= k <= ntotal``.
 
         Returns:
-            ``(distances [B, k] float32, rows [B, k] int64)`` on the CPU; squared L2
-            distances; each row ordered by (distance, row index).
+            ``(distances [B, k] float32, rows [B, k] int64)`` on the CPU: squared L2, ordered by (distance, row).
+
+        Raises:
+            ValueError: ``k`` outside ``[1, ntotal]``.
         """
         k = int(k)
         if not 1 <= k <= self.ntotal:
@@ -470,6 +463,7 @@ class SupportIndex:
         return order_rows(distances.cpu(), rows.cpu())
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search by chunked matrix products and ``topk`` on the exemplars' device."""
         vectors = self.stored_vectors().float()
         queries = queries.detach().to(vectors.device, torch.float32)  # the host when sharded over GPUs
         support_norms = (vectors * vectors).sum(dim=1)
@@ -484,8 +478,7 @@ class SupportIndex:
         return torch.cat(out_d), torch.cat(out_i)
 
     def pair_distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Exact squared L2 distance ``|queries[i] - vectors[rows[i]]|^2`` for ``[B, M]``
-        queries and ``[B]`` rows; ``[B]`` float32 on the CPU."""
+        """Exact ``|queries[i] - vectors[rows[i]]|^2`` for ``[B, M]`` queries and ``[B]`` rows: ``[B]`` float32, CPU."""
         queries = queries.detach().to(self.device, torch.float32)
         diff = queries - self._rows(rows).to(self.device).float()
         return (diff * diff).sum(dim=1).float().cpu()

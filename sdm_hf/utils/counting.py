@@ -1,5 +1,5 @@
-"""Counting admitted and correct points per group, and how a table shows them: the one counting
-core of the calibration reports, the model cards and the selective-classification metrics.
+"""Counting admitted and correct points per group, shared by the calibration reports, model cards and metrics.
+
 An empty group's accuracy is None, shown as "R" (everything rejected)."""
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def group_counts(
     """Per-group counts ``(n, admitted, correct)``, each ``[C]`` int64.
 
     Args:
-        groups: ``[N]`` int64 group of each point (its true label, or its prediction); points
-            outside ``0..C-1`` belong to no group.
+        groups: ``[N]`` int64 group of each point (true label or prediction); outside ``0..C-1``: no group.
         admit: ``[N]`` bool, True where the point is admitted.
         correct: ``[N]`` bool, True where the prediction is right (counted only if admitted).
         num_classes: ``C``.

@@ -1,11 +1,7 @@
-"""`evaluate` metric module wrapping :func:`sdm_hf.evaluation.metrics.selective_classification_report`.
+"""`evaluate` metric wrapping :func:`sdm_hf.evaluation.metrics.selective_classification_report` (the primary API;
+this needs ``pip install 'sdm-hf[evaluate]'``). Loads offline::
 
-Optional (``pip install 'sdm-hf[evaluate]'``); the plain function is the primary API since
-the `evaluate` package is in maintenance mode. Loads offline::
-
-    import evaluate
-    from sdm_hf.evaluation.metrics import evaluate_module_path
-    metric = evaluate.load(evaluate_module_path())
+    metric = evaluate.load(sdm_hf.evaluation.metrics.evaluate_module_path())
     metric.compute(predictions=[0, 1], references=[0, 0], admitted=[True, True], num_classes=2)
 """
 
