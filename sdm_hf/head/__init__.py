@@ -1,14 +1,7 @@
-"""The SDM estimator over frozen features.
+"""The SDM estimator over frozen features: :class:`SDMConfig`, :class:`SDMHead`, :class:`SDMOutput` and their state.
 
-Modules, in dependency order: ``config`` (:class:`SDMConfig`), ``state`` (the head as plain
-data and the calibration steps as pure functions), ``support`` (the support set behind a FAISS
-index), ``inference`` (:class:`SDMOutput` assembly), ``diagnostics`` (calibration report,
-label errors, index agreement), ``model_card``, ``hub`` (Hub mixin, atomic saves, the one
-upload path) and ``modeling`` (:class:`SDMHead`, delegating to the others).
-
-The names below are imported on first use, so that :mod:`sdm_hf.head.serialization` can import
-``sdm_hf.head.config`` and ``sdm_hf.head.state`` without importing the head class (which
-itself saves through persistence): the dependency runs one way.
+Names are imported on first use, so that :mod:`sdm_hf.head.serialization` can import ``config`` and
+``state`` without importing the head class.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""``SDMConfig``: everything needed to rebuild an (untrained) SDM head.
+"""``SDMConfig``: every setting needed to rebuild an (untrained) SDM head.
 
-Like a PEFT config, the dataclass is the single source of the settings: each field carries
-``help`` metadata, ``__post_init__`` validates it, and :meth:`SDMConfig.to_dict` /
-:meth:`SDMConfig.from_dict` are what the head's ``config.json`` stores.
+Each field carries ``help`` metadata and is validated on construction and on assignment;
+:meth:`SDMConfig.to_dict` / :meth:`SDMConfig.from_dict` are the head's ``config.json``.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ class FeatureRecipe(NamedTuple):
 
 NORMALIZATIONS = ("scalar", "feature")
 
-# Fields a fitted head fixes: its weights' shapes, its support index and its calibration depend
-# on them, so assigning one on ``head.config`` is refused with what to do instead.
+# Fields a fitted head's weights, support index or calibration depend on: assigning one on
+# ``head.config`` is refused with what to do instead.
 WEIGHT_FIELDS = ("input_dim", "num_classes", "exemplar_dim", "normalization")
 SUPPORT_FIELDS = ("max_q", "initial_k", "index_type", "index_params", "support_storage")
 CALIBRATION_FIELDS = ("alpha", "min_class_points")
@@ -40,8 +39,7 @@ HEAD_FIXED_FIELDS = WEIGHT_FIELDS + SUPPORT_FIELDS + CALIBRATION_FIELDS
 
 
 def is_verification_pooling(feature_pooling: str | None) -> bool:
-    """Whether a head's ``feature_pooling`` says it verifies language-model documents (a head
-    fitted by :class:`sdm_hf.lm.SDMTrainer`: ``"verification"`` or ``"verification-<pooling>"``)."""
+    """Whether ``feature_pooling`` is ``"verification"`` or ``"verification-<pooling>"`` (an LM verification head)."""
     return feature_pooling is not None and str(feature_pooling).split("-", 1)[0] == "verification"
 
 
@@ -65,6 +63,9 @@ def fixed_field_message(name: str) -> str:
 @dataclass
 class SDMConfig:
     """Configuration of an SDM head; the config alone rebuilds the (untrained) module.
+
+    Raises:
+        ValueError, TypeError: a field (at construction or assignment) that does not validate.
 
     Example:
         >>> cfg = SDMConfig(input_dim=32, num_classes=2, id2label={0: "false", 1: "true"})
@@ -133,9 +134,8 @@ class SDMConfig:
     )
 
     def __setattr__(self, name, value):
-        # once built, every assignment is validated like the constructor's arguments (so a
-        # config that validates always saves and loads); a head's config also refuses the
-        # fields its weights, support and calibration depend on (see HEAD_FIXED_FIELDS)
+        # once built, every assignment is validated like a constructor argument; a head's config
+        # also refuses its HEAD_FIXED_FIELDS
         if not self.__dict__.get("_validated") or name.startswith("_"):
             object.__setattr__(self, name, value)
             return
@@ -147,8 +147,7 @@ class SDMConfig:
         object.__setattr__(self, name, getattr(checked, name))
 
     def _update(self, **values) -> None:
-        """Set fields after validating them together, fixed fields included (for the head's own
-        calibration code)."""
+        """Set fields after validating them together, fixed fields included (head-internal)."""
         checked = replace(self, **values)
         for name in values:
             object.__setattr__(self, name, getattr(checked, name))
@@ -219,8 +218,8 @@ class SDMConfig:
         object.__setattr__(self, "_validated", True)
 
     def check_saveable(self) -> None:
-        """Raise when the config no longer validates (a list field changed in place, e.g.
-        ``config.alphas.append(0.3)``), so that nothing is written that cannot be read back."""
+        """Raise ValueError / TypeError when a field changed in place (``config.alphas.append(0.3)``) no longer
+        validates, so that nothing unreadable is saved."""
         try:
             SDMConfig.from_dict(self.to_dict())
         except (TypeError, ValueError) as err:
@@ -228,10 +227,8 @@ class SDMConfig:
 
     @property
     def feature_recipe(self) -> FeatureRecipe | None:
-        """The one model, pooling, layer and max length the features come from, whether
-        recorded in the ``base_model`` / ``feature_*`` fields or as the single entry of
-        ``feature_blocks``; None for features composed from several models (no one model
-        can feed the head)."""
+        """The one model, revision, pooling, layer and max length of the features (from the
+        ``base_model`` / ``feature_*`` fields or a single ``feature_blocks`` entry); None when composed of several."""
         blocks = self.feature_blocks
         if blocks is not None and len(blocks) > 1:
             return None
@@ -247,7 +244,7 @@ class SDMConfig:
         return None if self.id2label is None else {v: k for k, v in self.id2label.items()}
 
     def label_name(self, index: int) -> str:
-        """Display name of class ``index`` (its number when no ``id2label`` is set)."""
+        """Display name of class ``index`` (its number when no ``id2label`` is set); ValueError outside 0..C-1."""
         index = int(index)
         if not 0 <= index < self.num_classes:
             raise ValueError(f"class index must be in 0..{self.num_classes - 1}, got {index}")
@@ -270,6 +267,7 @@ class SDMConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> SDMConfig:
+        """The config of a :meth:`to_dict` dict; ValueError on an unknown field."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

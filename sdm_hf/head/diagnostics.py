@@ -1,9 +1,4 @@
-"""What an SDM head can tell about itself: the calibration report, possible label errors and
-how closely an approximate support index agrees with an exact one.
-
-All are computed from plain state (:class:`~sdm_hf.head.state.CalibrationState`,
-:class:`~sdm_hf.head.inference.SDMOutput`) with the counting core of :mod:`sdm_hf.evaluation.metrics`.
-"""
+"""What an SDM head can tell about itself, from its plain state: calibration report, label errors, index agreement."""
 
 from __future__ import annotations
 
@@ -24,14 +19,12 @@ __all__ = ["CalibrationReport", "LabelErrors", "calibration_report", "label_erro
 
 @dataclass
 class CalibrationReport:
-    """Per-class summary of the HR region on the calibration set at one or more alphas.
+    """Per-class summary of the HR region on the calibration set at one or more alphas (in-sample).
 
-    ``rows`` holds one dict per (alpha, class) with keys ``alpha``, ``class``, ``label``,
-    ``n`` (calibration points of that true class), ``ood``, ``admitted`` (admitted points
-    of that true class), ``admitted_fraction`` (of ``n``), ``accuracy`` (class-conditional
-    accuracy among admitted; None when none is admitted, shown as "R"),
-    ``predicted_admitted`` and ``prediction_accuracy`` (prediction-conditional), ``psi``
-    and ``q_min``. ``str(report)`` is a markdown table.
+    ``rows``: one dict per (alpha, class): ``alpha``, ``class``, ``label``, ``n`` (points of that true
+    class), ``ood``, ``admitted``, ``admitted_fraction`` (of ``n``), ``accuracy`` (class-conditional among
+    admitted; None, shown "R", when none), ``predicted_admitted``, ``prediction_accuracy``
+    (prediction-conditional), ``psi``, ``q_min``. ``str(report)``: a markdown table plus the diagnosis.
     """
 
     rows: list[dict]
@@ -39,6 +32,8 @@ class CalibrationReport:
     diagnosis: RegionDiagnosis | None = None
 
     def to_dict(self) -> dict:
+        """JSON-ready dict (non-finite floats become None)."""
+
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -55,6 +50,7 @@ class CalibrationReport:
         return sum(r["admitted"] for r in rows), sum(r["n"] for r in rows)
 
     def to_markdown(self) -> str:
+        """The rows as a markdown table; ``*`` marks the chosen alpha."""
         head = "| alpha | class | n | OOD | q'_min | psi | HR admitted | class-cond. acc. | pred-cond. acc. |"
         lines = [head, "|" + "---|" * 9]
         for r in self.rows:
@@ -79,10 +75,9 @@ def calibration_report(
     id2label: dict[int, str] | None = None,
     selection: dict | None = None,
 ) -> CalibrationReport:
-    """Per class: calibration points, OOD count, HR admission and accuracy at the chosen alpha
-    and at each of ``alphas`` (Algorithm 1 rerun on the stored arrays for each), and the
-    :class:`RegionDiagnosis` at the chosen alpha (``selection``: the fit's ``head.selection``,
-    for training advice)."""
+    """Per class: points, OOD count, HR admission and accuracy at the chosen alpha and each of ``alphas``
+    (Algorithm 1 rerun on the stored arrays), with the :class:`RegionDiagnosis` at the chosen alpha
+    (``selection``: the fit's ``head.selection``, for training advice)."""
     cal = calibration
     num_classes = len(cal.distance_lists)
     names = label_names(num_classes, id2label)
@@ -129,10 +124,9 @@ def calibration_report(
 
 @dataclass
 class LabelErrors:
-    """Possible label errors: admitted (HR) points whose given label differs from the
-    prediction, most confident first (by ``sdm(z')_{y_hat}``, then ``q'``, descending).
+    """Admitted (HR) points whose given label differs from the prediction, most confident first.
 
-    All fields are ``[K]`` tensors; ``index`` refers to the rows of the input.
+    All fields are ``(K,)`` tensors; ``index`` refers to the rows of the input.
     """
 
     index: torch.Tensor
@@ -145,6 +139,7 @@ class LabelErrors:
         return int(self.index.numel())
 
     def to_list(self, id2label: dict[int, str] | None = None) -> list[dict]:
+        """One JSON-ready dict per candidate, with label names when ``id2label`` is given."""
         name = (lambda c: id2label[int(c)]) if id2label else (lambda c: int(c))
         return [
             {
@@ -161,7 +156,7 @@ class LabelErrors:
 
 
 def label_errors(output: SDMOutput, labels: torch.Tensor) -> LabelErrors:
-    """The admitted rows of ``output`` whose given ``labels`` [B] differ from the prediction,
+    """The admitted rows of ``output`` whose given ``labels (B,)`` int64 differ from the prediction,
     sorted by ``(sdm(z')_{y_hat}, q')`` descending."""
     candidates = (output.in_hr & (output.prediction != labels)).nonzero().squeeze(1)
     probability = output.predicted_probability[candidates]
@@ -180,8 +175,8 @@ def label_errors(output: SDMOutput, labels: torch.Tensor) -> LabelErrors:
 
 
 def output_agreement(approximate: SDMOutput, reference: SDMOutput) -> dict:
-    """Fractions of rows on which two outputs for the same points agree: ``same_q``,
-    ``same_d``, ``same_nearest``, ``same_hr``, ``same_hr_lower``, and ``n`` (1.0 when empty)."""
+    """Shares of rows on which two outputs for the same points agree (``same_q``, ``same_d``,
+    ``same_nearest``, ``same_hr``, ``same_hr_lower``; 1.0 when empty) and ``n``."""
     n = len(reference)
 
     def share(a: torch.Tensor, b: torch.Tensor) -> float:

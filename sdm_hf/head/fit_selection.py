@@ -8,12 +8,12 @@ __all__ = ["FitSelection"]
 class FitSelection(dict):
     """``head.selection``: which state a fit kept and, for ``"auto"``, which setting and why.
 
-    A dict (keys ``procedure``, ``settings``, ``shuffle``, ``epoch``, ``calibration_loss``,
-    ``support_rows``, ``calibration_rows``, ``selection_rows`` and, for ``"auto"``,
-    ``chosen`` and ``candidates``) whose printed form is a few readable lines instead of
-    thousands of row indices."""
+    A dict with keys ``procedure``, ``settings``, ``shuffle``, ``epoch``, ``calibration_loss``,
+    ``support_rows``, ``calibration_rows``, ``selection_rows`` (and for ``"auto"`` ``chosen``, ``reason``,
+    ``candidates``) that prints as a few readable lines."""
 
     def summary(self) -> str:
+        """The selection in a few lines: procedure, kept state, row counts, candidates."""
         lines = [f"procedure {self.get('procedure')!r}: kept shuffle {self.get('shuffle')} epoch {self.get('epoch')}"]
         rows = {k: len(self[k]) for k in ("support_rows", "selection_rows", "calibration_rows") if k in self}
         if rows:

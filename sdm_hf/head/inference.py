@@ -1,19 +1,9 @@
-"""Assembling an :class:`SDMOutput` from logits, similarity and a calibration state.
+"""Assembling an :class:`SDMOutput` from logits, similarity and a calibration state (pure functions).
 
-For a batch of ``B`` points with logits ``z'`` [B, C], prediction ``y_hat``, similarity ``q``
-and distance quantile ``d`` (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
-arXiv:2509.12760):
-
-* ``sdm(z')`` is the change-of-base softmax ``(2 + q)^{d z'_i} / sum_j (2 + q)^{d z'_j}``;
-  ``q'`` the rescaled similarity; a point is out of distribution (OOD) when ``q = 0``.
-* A point is in the high-reliability (HR) region when ``q' >= q'_min`` and
-  ``sdm(z')_{y_hat} >= psi_{y_hat}`` (Algorithm 1's thresholds).
-* The lower-bound variant moves ``d`` down by a margin ``eps`` that shrinks with the effective
-  sample size of the calibration points at least as similar as the point
-  (``d_lower = clip(d - eps, 0, 1)``), recomputes ``sdm`` and ``q'`` and applies the same rule.
-
-Every function is pure (tensors in, tensors out); :meth:`sdm_hf.SDMHead.predict` and the
-recipes that re-decide outputs under another ``alpha`` share them.
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760, Algorithm 1: a point is in
+the HR region iff it is not OOD (``q = 0``), ``q' >= q'_min`` and ``sdm(z')_{y_hat} >= psi_{y_hat}``; the
+lower-bound variant applies the same rule with ``d_lower = clip(d - eps, 0, 1)`` (derivation:
+docs/how_sdm_works.md, section 'The lower-bound variant').
 """
 
 from __future__ import annotations
@@ -34,30 +24,22 @@ __all__ = ["SDMOutput", "LowerBound", "lower_bound", "hr_masks", "assemble_outpu
 
 @dataclass
 class SDMOutput:
-    """Batch inference output of :meth:`sdm_hf.SDMHead.predict`. All tensors on the CPU.
+    """Batch output of :meth:`sdm_hf.SDMHead.predict`; all tensors on the CPU.
 
     Attributes:
-        logits: ``[B, C]`` ``z'``.
-        prediction: ``[B]`` ``y_hat = argmax z'``.
-        probabilities: ``[B, C]`` ``sdm(z')``.
-        q: ``[B]`` similarity (int64).
-        d: ``[B]`` distance quantile in ``[0, 1]``.
-        d_nearest: ``[B]`` squared L2 distance to the nearest support exemplar.
-        nearest_index: ``[B]`` support row of that exemplar.
-        rescaled_similarity: ``[B]`` ``q'``.
-        is_ood: ``[B]`` bool, ``q = 0``.
-        in_hr: ``[B]`` bool, admitted to the HR region.
-        effective_sample_size: ``[B, C]`` per-class effective sample sizes.
-        d_lower, d_upper: ``[B]`` ``d -/+ eps`` clipped to ``[0, 1]``.
-        probabilities_lower: ``[B, C]`` ``sdm`` recomputed with ``d_lower``.
-        rescaled_similarity_lower: ``[B]`` ``q'`` from ``probabilities_lower``.
-        in_hr_lower: ``[B]`` bool, admitted by the lower-bound variant.
+        logits: ``(B, C)`` float32 ``z'``; prediction: ``(B,)`` int64 ``argmax z'``.
+        probabilities: ``(B, C)`` ``sdm(z')``.
+        q: ``(B,)`` int64; d: ``(B,)`` in ``[0, 1]``; d_nearest: ``(B,)`` squared L2 to the nearest exemplar.
+        nearest_index: ``(B,)`` support row of that exemplar.
+        rescaled_similarity: ``(B,)`` ``q'``.
+        is_ood, in_hr: ``(B,)`` bool: ``q = 0``; admitted to the HR region.
+        effective_sample_size: ``(B, C)`` per-class effective sample sizes.
+        d_lower, d_upper: ``(B,)`` ``d -/+ eps`` clipped to ``[0, 1]``.
+        probabilities_lower, rescaled_similarity_lower, in_hr_lower: ``sdm``, ``q'`` and HR with ``d_lower``.
         nearest_id: ids of the nearest exemplars when the support stores ids, else None.
-        neighbor_indices, neighbor_distances: ``[B, k]`` when ``k_neighbors > 1`` was asked.
-        hr_alphas: ``[A]`` float64, the head's alpha and its ``SDMConfig.alphas``, ascending (None
-            without ``alphas``).
-        in_hr_at: ``[B, A]`` bool, admitted to the HR region of each of ``hr_alphas`` (each
-            column equals ``in_hr`` of the head recalibrated at that alpha).
+        neighbor_indices, neighbor_distances: ``(B, k)`` when ``k_neighbors > 1`` was asked, else None.
+        hr_alphas: ``(A,)`` float64, the head's alpha and ``SDMConfig.alphas`` ascending (None without them).
+        in_hr_at: ``(B, A)`` bool, admitted at each of ``hr_alphas`` (as if recalibrated at that alpha).
     """
 
     logits: torch.Tensor
@@ -84,10 +66,8 @@ class SDMOutput:
 
     @property
     def highest_hr_alpha(self) -> torch.Tensor | None:
-        """``[B]`` the highest alpha (of ``hr_alphas``) whose HR region admits the row, NaN for
-        none; None when the head has no ``SDMConfig.alphas``. Tiers are not nested (each
-        alpha's threshold is chosen on its own), so a row admitted at 0.95 may be outside the
-        0.9 region: this says which tier admits it, nothing about the lower ones."""
+        """``(B,)`` float64 highest of ``hr_alphas`` whose region admits the row (NaN: none); None without
+        ``SDMConfig.alphas``. Tiers are not nested: it says nothing about the lower ones."""
         if self.hr_alphas is None or self.in_hr_at is None:
             return None
         top = torch.where(self.in_hr_at, self.hr_alphas.view(1, -1), float("-inf")).max(1).values
@@ -98,19 +78,18 @@ class SDMOutput:
 
     @property
     def predicted_probability(self) -> torch.Tensor:
-        """``[B]`` ``sdm(z')_{y_hat}``."""
+        """``(B,)`` ``sdm(z')_{y_hat}``."""
         return self.probabilities.gather(1, self.prediction.view(-1, 1)).squeeze(1)
 
     def to_list(self, id2label: dict[int, str] | None = None) -> list[dict]:
-        """One plain (JSON-serialisable) dict per row, with label names when given. A head with
-        ``SDMConfig.alphas`` adds ``high_reliability_alpha`` (the highest tier admitting the row,
-        None for none) and ``high_reliability_at`` (``{"0.9": bool, ...}``: membership of every
-        tier's region, keys ``repr(alpha)``; tiers are not nested, so each is stated)."""
+        """One JSON-ready dict per row, with label names when ``id2label`` is given. With ``SDMConfig.alphas``
+        it adds ``high_reliability_alpha`` (highest admitting tier or None) and ``high_reliability_at``
+        (``{repr(alpha): bool}`` for every tier)."""
         name = (lambda c: id2label[int(c)]) if id2label else (lambda c: int(c))
         p = self.probabilities.tolist()
         p_lower = self.probabilities_lower.tolist()
         highest = self.highest_hr_alpha
-        # tier names as strings ("0.9"): JSON object keys; tiers are not nested, so each is reported
+        # tier names as strings ("0.9"): JSON object keys
         tiers = [] if self.hr_alphas is None else [repr(float(a)) for a in self.hr_alphas.tolist()]
         rows = []
         for i in range(len(self)):  # formatting output records, not a numeric hot path
@@ -142,7 +121,7 @@ class SDMOutput:
 
 @dataclass
 class LowerBound:
-    """The lower-bound variant's quantities (all ``[B]`` except ``probabilities`` ``[B, C]``)."""
+    """The lower-bound variant's quantities (all ``(B,)`` except ``probabilities`` ``(B, C)``)."""
 
     d_lower: torch.Tensor
     d_upper: torch.Tensor
@@ -159,8 +138,11 @@ def lower_bound(
     effective_sample_size: torch.Tensor,
     alpha: float,
 ) -> LowerBound:
-    """``d -/+ eps`` (``eps`` from the ``[B, C]`` effective sample sizes at ``alpha``), and
-    ``sdm`` / ``q'`` recomputed with ``d_lower``."""
+    """``d -/+ eps`` clipped to [0, 1], and ``sdm`` / ``q'`` recomputed with ``d_lower``.
+
+    ``eps = max_c sqrt(ln(2 / (1 - alpha)) / (2 n_c))`` over the ``(B, C)`` effective sample sizes ``n_c``
+    (capped at 1; 1 when some ``n_c = 0`` or ``alpha = 1``); ``logits (B, C)``, ``prediction``, ``q``, ``d`` ``(B,)``.
+    """
     eps = lower_bound_margin(effective_sample_size, alpha)
     d_lower = (d - eps).clamp(0.0, 1.0)
     probabilities, predicted, rescaled = activate(logits, prediction, q, d_lower)
@@ -170,8 +152,8 @@ def lower_bound(
 def hr_masks(
     output: SDMOutput, alpha: float, q_min: float, thresholds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(in_hr [B], in_hr_lower [B])`` of ``output`` re-decided under another ``alpha``'s
-    ``q'_min`` and ``psi`` [C], without a new neighbour search (e.g. to sweep alpha)."""
+    """``(in_hr (B,), in_hr_lower (B,))`` of ``output`` re-decided under ``alpha``'s ``q'_min`` and
+    ``psi (C,)``, without a new neighbour search."""
     in_hr = high_reliability_mask(
         output.predicted_probability, output.prediction, output.rescaled_similarity, q_min, thresholds
     )
@@ -183,9 +165,8 @@ def hr_masks(
 
 
 def with_alpha_levels(output: SDMOutput, calibration: CalibrationState, alphas: list[float] | None) -> SDMOutput:
-    """``output`` with the HR decisions at its own alpha and every one of ``alphas`` (Algorithm
-    1 rerun on the stored calibration arrays at each, no new neighbour search): ``hr_alphas``
-    ``[A]`` and ``in_hr_at`` ``[B, A]``. ``output`` itself when ``alphas`` is None."""
+    """``output`` with ``hr_alphas (A,)`` and ``in_hr_at (B, A)`` set for its own alpha and every one of
+    ``alphas`` (Algorithm 1 rerun on the stored arrays); ``output`` itself when ``alphas`` is empty."""
     if not alphas:
         return output
     levels = sorted({float(calibration.alpha), *map(float, alphas)})
@@ -207,14 +188,13 @@ def assemble_output(
     neighbor_indices: torch.Tensor | None = None,
     neighbor_distances: torch.Tensor | None = None,
 ) -> SDMOutput:
-    """The full :class:`SDMOutput` of a batch.
+    """The full :class:`SDMOutput` of a batch (``hr_alphas`` / ``in_hr_at`` unset).
 
     Args:
-        logits: ``[B, C]`` CPU float32 ``z'``; prediction: ``[B]`` ``y_hat``.
+        logits: ``(B, C)`` CPU float32 ``z'``; prediction: ``(B,)`` int64 ``y_hat``.
         similarity: the batch's ``q``, nearest rows and ``d_nearest``.
-        d: ``[B]`` distance quantiles.
-        calibration: the head's calibration (``q'_min``, ``psi``, ``alpha`` and the class-wise
-            ``q'`` lists the effective sample sizes are counted in).
+        d: ``(B,)`` float32 distance quantiles.
+        calibration: the head's calibration (``q'_min``, ``psi``, ``alpha``, class-wise ``q'`` lists).
         nearest_id, neighbor_indices, neighbor_distances: optional explanation fields.
     """
     q = similarity.q

@@ -1,28 +1,10 @@
-"""Model cards of SDM heads and of the repositories that carry one.
+"""Model cards of SDM heads (:func:`render_model_card`) and of repositories carrying one (:func:`merge_model_card`).
 
-* The head's own card (``sdm_head/README.md``, or the root of a head-only repository): a
-  dataclass of what it shows (:class:`SDMCardData`, filled from the head's state by
-  :func:`card_data`), rendered with huggingface_hub's ``ModelCard.from_template`` and the
-  packaged template ``sdm_hf/model_cards/sdm_head.md`` (:func:`render_model_card`).
-* The card of a model (or PEFT adapter) saved with a head beside it: the model's own card
-  with the SDM tags, the calibration results and a short SDM section merged in
-  (:func:`merge_model_card`, template ``sdm_hf/model_cards/sdm_section.md``). The section sits
-  between :data:`SECTION_START` and :data:`SECTION_END`, so a later save replaces it instead
-  of adding a second one.
-
-Calibration results go into the YAML metadata as Hub evaluation results (``model-index``,
-built from ``huggingface_hub.EvalResult``): the HR admission rate (metric type
-``coverage``) and the HR accuracy (``accuracy``) overall and per true class, on the
-calibration split at the head's alpha. They are in-sample for the HR thresholds (the split
-chose them), so they show the trade-off and are not a test estimate; the task name and the
-dataset name say so. ``verified`` is left unset (the Hub computes it) and no ``source`` is
-given (the Hub requires a URL for one, and these numbers have no page of their own). The
-newer ``.eval_results/*.yaml`` files are for scores on benchmark datasets hosted on the Hub,
-which a user's calibration split is not, so they are not written.
-
-License: the cards never invent one. The head's card has ``license`` only when given
-(``model_card_kwargs={"license": ...}``); a merged card keeps the model card's license unless
-one is given explicitly.
+A merged card keeps the model's own card and adds the SDM tags, results and a section between
+:data:`SECTION_START` and :data:`SECTION_END` (replaced, not duplicated, on a re-save). Calibration results go
+into the YAML ``model-index`` as Hub evaluation results: HR admission rate (``coverage``) and HR accuracy
+(``accuracy``), overall and per true class at the head's alpha, named as in-sample calibration-split figures,
+not a test estimate. No license is invented: a merged card keeps the model's unless one is given.
 """
 
 from __future__ import annotations
@@ -76,12 +58,9 @@ CARD_METADATA_KEYS = ("license", "license_name", "license_link", "language", "da
 class SDMCardData:
     """Everything the SDM head's model card shows (the template's variables).
 
-    ``classes`` holds one dict per class: ``index``, ``label``, ``support``, ``calibration``
-    (points of that true class in each set), and, once calibrated, ``admitted`` (calibration
-    points of that true class in the HR region at ``alpha``), ``admitted_fraction`` and
-    ``accuracy`` (class-conditional accuracy among them; None when none is admitted).
-    ``overall`` holds ``n``, ``admitted`` and ``accuracy`` over the whole calibration set
-    (empty before calibration).
+    ``classes``: one dict per class with ``index``, ``label``, ``support``, ``calibration`` (points of that
+    true class) and, once calibrated, ``admitted``, ``admitted_fraction``, ``accuracy`` (class-conditional
+    among admitted; None when none). ``overall``: ``n``, ``admitted``, ``accuracy`` (empty before calibration).
     """
 
     title: str
@@ -126,8 +105,8 @@ def card_data(
     subfolder: str | None = None,
     tags: Iterable[str] = HUB_TAGS,
 ) -> SDMCardData:
-    """The card's contents for a head with ``config``, current ``alpha``, support labels
-    ``[N]`` (None before ``build_support``) and calibration (None before ``calibrate``)."""
+    """The card's contents for a head with ``config``, current ``alpha``, ``support_labels (N,)`` int64
+    (None before ``build_support``) and ``calibration`` (None before ``calibrate``)."""
     c = config.num_classes
     names = label_names(c, config.id2label)
     known = None if support_labels is None else support_labels[support_labels >= 0]  # known OOD rows: -1
@@ -187,10 +166,8 @@ def card_data(
 def eval_results(data: SDMCardData, task_type: str = "text-classification") -> list[EvalResult]:
     """The calibration results of ``data`` as Hub evaluation results (empty before calibration).
 
-    Per scope (all calibration points, then each true class ``c``): the HR admission rate
-    ``admitted / n`` (metric type ``coverage``) and, when anything is admitted, the HR accuracy
-    ``correct admitted / admitted`` (``accuracy``; class-conditional for a class), rounded to
-    4 decimals, each with ``metric_args`` ``{"alpha": alpha}`` (and ``"class": label``).
+    Overall, then per true class: ``admitted / n`` (type ``coverage``) and, when any is admitted,
+    ``correct / admitted`` (``accuracy``), rounded to 4 decimals, ``metric_args`` ``{"alpha", "class"}``.
     """
     if not data.calibrated:
         return []
@@ -230,18 +207,21 @@ def eval_results(data: SDMCardData, task_type: str = "text-classification") -> l
 
 
 def hub_base_model(name: str | None) -> str | None:
-    """``name`` when it can be a Hub model id (what the ``base_model`` metadata must hold), else
-    None: a local path would make the card's metadata invalid on the Hub."""
+    """``name`` when it can be a Hub model id (valid ``base_model`` metadata), else None (e.g. a local path)."""
     if not name or not looks_like_repo_id(name) or Path(name).expanduser().exists():
         return None
     return name
 
 
 def split_card_kwargs(model_card_kwargs: Mapping[str, Any] | None) -> tuple[dict, list[str], str | None, dict]:
-    """``model_card_kwargs`` as ``(metadata, extra tags, template_str, template variables)``:
-    the keys of :data:`CARD_METADATA_KEYS` set YAML metadata, ``tags`` (a string or a list of
-    strings) are added to the SDM tags, ``template_str`` replaces the packaged template, and
-    every other key is passed to the template as a variable (as huggingface_hub's mixin does)."""
+    """``model_card_kwargs`` as ``(metadata, extra tags, template_str, template variables)``.
+
+    :data:`CARD_METADATA_KEYS` set YAML metadata, ``tags`` (str or list of str) are added, ``template_str``
+    replaces the packaged template, every other key is a template variable.
+
+    Raises:
+        TypeError: ``tags``, ``template_str`` or ``license`` of the wrong type.
+    """
     kwargs = dict(model_card_kwargs or {})
     tags = kwargs.pop("tags", None) or []
     tags = [tags] if isinstance(tags, str) else list(tags)
@@ -266,12 +246,8 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 
 def render_model_card(data: SDMCardData, **model_card_kwargs: Any) -> ModelCard:
-    """The head's own model card (YAML metadata + markdown) of ``data``.
-
-    ``model_card_kwargs`` (see :func:`split_card_kwargs`): ``license`` and the other
-    :data:`CARD_METADATA_KEYS` set metadata, ``tags`` are added, ``template_str`` replaces the
-    template, any other key is a template variable.
-    """
+    """The head's own model card (YAML metadata + markdown) of ``data``; ``model_card_kwargs`` as in
+    :func:`split_card_kwargs` (TypeError on a wrong type)."""
     metadata, extra_tags, template_str, variables = split_card_kwargs(model_card_kwargs)
     results = eval_results(data, task_type=metadata.get("pipeline_tag", "text-classification"))
     if results:
@@ -292,9 +268,7 @@ def render_model_card(data: SDMCardData, **model_card_kwargs: Any) -> ModelCard:
 
 
 def render_section(data: SDMCardData) -> str:
-    """The SDM section of a model's card (markdown between :data:`SECTION_START` and
-    :data:`SECTION_END`): alpha, HR admission, the per-class table, how to load the model and
-    the head, and a link to the head's own card in ``data.subfolder``."""
+    """The SDM section of a model's card, markers included: alpha, HR admission, per-class table, loading."""
     table = [
         f"| {row['index']} | {row['label']} | {row['calibration']} | "
         + (
@@ -313,8 +287,7 @@ def render_section(data: SDMCardData) -> str:
 
 
 def _replace_section(text: str, section: str) -> str:
-    """``text`` with its SDM section replaced by ``section``, or ``section`` inserted after the
-    first top-level heading's paragraph (at the start when there is no heading)."""
+    """``text`` with its SDM section replaced, or ``section`` inserted after the first heading's paragraph."""
     starts, ends = text.count(SECTION_START), text.count(SECTION_END)
     if starts or ends:
         if starts != 1 or ends != 1 or text.index(SECTION_START) > text.index(SECTION_END):
@@ -338,10 +311,12 @@ def _replace_section(text: str, section: str) -> str:
 
 
 def replace_section(text: str, section: str) -> str:
-    """``text`` (a card's markdown body) with its SDM section replaced by ``section`` (markers
-    included, as :func:`render_section` returns it), or ``section`` inserted after the first
-    top-level heading's paragraph; for cards that add their own content to the section (the
-    card of an SDM language model, :mod:`sdm_hf.lm.trainer_card`)."""
+    """A card's markdown ``text`` with its SDM section replaced by ``section`` (markers included), or
+    ``section`` inserted after the first top-level heading's paragraph (at the start without one).
+
+    Raises:
+        ValueError: ``text`` has a damaged section (not exactly one start and one end marker, in order).
+    """
     return _replace_section(text, section)
 
 
@@ -355,19 +330,14 @@ def merge_model_card(
 ) -> ModelCard:
     """The card of a model repository that carries an SDM head in ``data.subfolder``.
 
-    With an ``existing`` card (the one the model's ``save_pretrained`` wrote, e.g. PEFT's, or
-    the one a previous save left): its metadata and body are kept (``library_name``,
-    ``base_model``, ``pipeline_tag``, ``license``, its tags such as
-    ``base_model:adapter:...``, its own evaluation results), the SDM tags are appended, the
-    SDM evaluation results replace those of a previous save, and the SDM section is inserted,
-    or replaced when the card already has one. Without one: a new card with ``library_name``,
-    the head's base model (when it is a Hub id), the SDM tags and results, a ``title``
-    heading and the section.
+    An ``existing`` card (not modified) keeps its metadata, body, tags and own evaluation results; the SDM
+    tags are appended, the SDM results and section replace a previous save's. Without one: a new card with
+    ``library_name``, the head's Hub base model, a ``title`` heading and the section. ``model_card_kwargs``:
+    ``tags`` are added, explicit :data:`CARD_METADATA_KEYS` replace the card's, template variables are ignored.
 
-    ``model_card_kwargs``: ``tags`` are added; ``license`` and the other
-    :data:`CARD_METADATA_KEYS` given explicitly replace the card's (never invented: without
-    one, the card's license is kept, or none is set); template variables are ignored here
-    (they belong to the head's own card).
+    Raises:
+        TypeError: a ``model_card_kwargs`` value of the wrong type.
+        ValueError: the existing card's SDM section is damaged.
     """
     metadata, extra_tags, _, _ = split_card_kwargs(model_card_kwargs)
     if existing is None:
@@ -386,8 +356,7 @@ def merge_model_card(
     kept = [r for r in (card_meta.eval_results or []) if r.dataset_type != CALIBRATION_DATASET_TYPE]
     ours = eval_results(data, task_type=card_meta.pipeline_tag or "text-classification")
     merged = kept + ours
-    # a card with an empty model-index (a Trainer writes one) keeps it: dropping it would turn its
-    # name into a stray top-level `model_name` key
+    # an empty model-index (a Trainer writes one) is kept: dropping it leaves a stray `model_name` key
     card_meta.eval_results = merged if merged or card_meta.eval_results is not None else None
     if card_meta.eval_results:
         card_meta.model_name = metadata.get("model_name") or card_meta.model_name or Path(data.repo_hint).name

@@ -1,19 +1,10 @@
 """``SDMHead``: the SDM estimator over frozen features, as an ``nn.Module`` with Hub persistence.
 
-The module (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760):
-feature normalisation ``(x - mean) / std``, an affine *adaptor* ``R^D -> R^M`` whose output is
-the exemplar vector used for neighbour search, and a linear classifier ``R^M -> R^C`` giving
-the logits ``z'``. After :meth:`SDMHead.build_support` (the training exemplars behind a FAISS
-index) and :meth:`SDMHead.calibrate` (held-out points, Algorithm 1) it predicts with
-Similarity ``q``, Distance ``d`` and Magnitude ``z'``, and admits points to the
-high-reliability (HR) region.
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760:
+``sdm(z')_i = (2 + q)^{d z'_i} / sum_j (2 + q)^{d z'_j}`` from Similarity ``q``, Distance ``d`` and the
+logits ``z'``, with the high-reliability (HR) region of Algorithm 1 (derivation: docs/how_sdm_works.md).
 
-The class delegates: the support set to :mod:`.support`, the calibration to the pure functions
-of :mod:`.state`, output assembly to :mod:`.inference`, reports to :mod:`.diagnostics`, the
-card to :mod:`.model_card` and files to :mod:`.hub`.
-
-Shapes: ``B`` query rows, ``N`` support rows, ``D`` input width, ``M`` exemplar width,
-``C`` classes.
+Shapes: ``B`` query rows, ``N`` support rows, ``D`` input width, ``M`` exemplar width, ``C`` classes.
 """
 
 from __future__ import annotations
@@ -65,23 +56,18 @@ class SDMHead(
         >>> out.probabilities.shape
         torch.Size([3, 2])
 
-    Persistence (huggingface_hub's ``ModelHubMixin``): :meth:`save_pretrained`,
-    :meth:`from_pretrained` (local folder or Hub repo, optional ``subfolder``) and
-    :meth:`push_to_hub` store strict JSON + safetensors only (see ``sdm_hf.head.serialization``);
-    :meth:`to_state` / :meth:`from_state` give the same content as plain tensors.
-
-    Attributes:
-        config: the :class:`SDMConfig`.
-        support: the :class:`~sdm_hf.head.support.SupportSet` (None before ``build_support``).
-        calibration: the :class:`~sdm_hf.head.state.CalibrationState` (None before ``calibrate``).
-        training_history: per-epoch metrics of :func:`~sdm_hf.fit_sdm_head` (empty otherwise).
-        selection: which shuffle and epoch :func:`~sdm_hf.fit_sdm_head` kept (``shuffle``,
-            ``epoch``, ``calibration_loss``, and in memory ``support_rows`` /
-            ``calibration_rows``: the rows of the pooled data each split came from), or None.
+    :meth:`save_pretrained`, :meth:`from_pretrained` (folder or Hub repo, optional ``subfolder``) and
+    :meth:`push_to_hub` store JSON + safetensors only; :meth:`to_state` / :meth:`from_state` use plain tensors.
 
     Args:
         config: the :class:`SDMConfig`.
-        generator: optional ``torch.Generator`` for the initial weights (reproducible init).
+        generator: optional ``torch.Generator`` for reproducible initial weights.
+
+    Attributes:
+        support: the :class:`~sdm_hf.head.support.SupportSet` (None before ``build_support``).
+        calibration: the :class:`~sdm_hf.head.state.CalibrationState` (None before ``calibrate``).
+        training_history: per-epoch metric dicts of :func:`~sdm_hf.fit_sdm_head` (empty otherwise).
+        selection: the :class:`~sdm_hf.head.fit_selection.FitSelection` of the fit (kept state, rows), or None.
     """
 
     def __init__(self, config: SDMConfig, generator: torch.Generator | None = None):
@@ -92,7 +78,7 @@ class SDMHead(
         self.selection: FitSelection | None = None
 
     def _adopt(self, previous: SDMConfig) -> None:
-        # ``head.config = replace(...)`` with another alpha or guard: the region follows at once
+        # a new alpha or guard in ``head.config = ...``: the region follows at once
         if self.calibration is not None and changes_region(previous, self.config):
             self.recalibrate(alpha=self.config.alpha)
 
@@ -143,15 +129,15 @@ class SDMHead(
     def build_support(
         self, x: FeaturesLike, y: LabelsLike, ids: list | None = None, texts: list | None = None, batch_size: int = 8192
     ) -> None:
-        """Make ``(x, y)`` the support set: exemplars, predictions and the index.
-
-        Any previous calibration is dropped (it referred to another support set).
+        """Make ``(x, y)`` the support set (exemplars, predictions, index); drops any calibration.
 
         Args:
-            x: ``[N, D]`` training features.
-            y: ``[N]`` true labels.
-            ids, texts: optional per-row document ids / texts (for explanations).
+            x: ``(N, D)`` float training features; y: ``(N,)`` int labels ``0..C-1``.
+            ids, texts: optional per-row document ids / texts (length N, for explanations).
             batch_size: rows encoded at a time.
+
+        Raises:
+            ValueError / TypeError: bad shapes or labels, or a class with fewer than 2 rows.
         """
         x = check.as_features(x, "x", self.config.input_dim)
         y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
@@ -170,14 +156,15 @@ class SDMHead(
         texts: list | None = None,
         ood: bool = False,
     ) -> None:
-        """Append labelled points to the support set without retraining (updatability: the
-        estimator grows with new labelled data, no gradient step needed). ``ood=True`` (``y``
-        None) adds known out-of-distribution points (label -1): a query whose nearest
-        exemplar is one of them gets ``q = 0``, i.e. is flagged OOD.
+        """Append points ``x (K, D)`` with labels ``y (K,)`` to the support set, without retraining.
 
-        The calibration stays as it was (and is marked stale); call
-        ``recalibrate(recompute=True)`` to recompute the calibration ``q`` against the grown
-        support.
+        ``ood=True`` (no ``y``) adds known out-of-distribution points (label -1): a query whose nearest
+        exemplar is one of them gets ``q = 0``. The calibration is marked stale; ``recalibrate(recompute=True)``
+        recomputes it against the grown support.
+
+        Raises:
+            ValueError: no support set yet; ``y`` with ``ood=True`` or missing without it; ``ids`` / ``texts``
+                given exactly when the support stores none (or missing when it does).
         """
         support = self._require_support()
         x = check.as_features(x, "x", self.config.input_dim)
@@ -212,8 +199,7 @@ class SDMHead(
         self_index: torch.Tensor | None = None,
         support: SupportSet | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SimilarityResult]:
-        """exemplars, CPU logits, CPU predictions and the similarity of raw features ``x``
-        (``self_index``: each row's own support row, -1 for none, excluded from its search)."""
+        """Exemplars, CPU logits, CPU predictions and similarity of ``x`` (``self_index``: own rows, -1 none)."""
         support = support if support is not None else self._require_support()
         exemplars, logits = self.encode_for_inference(x, batch_size)
         prediction = logits.argmax(dim=1)
@@ -229,25 +215,24 @@ class SDMHead(
         store_features: bool = True,
         batch_size: int = 8192,
     ) -> SDMHead:
-        """Calibrate on held-out labelled points: eCDFs, ``q'`` arrays and Algorithm 1.
+        """Calibrate on held-out labelled points: distance eCDFs, ``q'`` arrays and Algorithm 1.
 
         Args:
-            x: ``[N, D]`` calibration features (not in the support set).
-            y: ``[N]`` true labels.
-            alpha: target accuracy (defaults to ``config.alpha``; stored in the config).
-            store_features: keep ``x`` so that ``recalibrate(recompute=True)`` can run
-                without being given the features again.
+            x: ``(N, D)`` float calibration features (not in the support set); y: ``(N,)`` int labels.
+            alpha: target accuracy in ``(0.5, 1]`` (default ``config.alpha``; stored in the config).
+            store_features: keep ``x`` for ``recalibrate(recompute=True)``.
             batch_size: rows encoded at a time.
 
         Returns:
-            ``self`` (so calls chain). When Algorithm 1 finds no threshold a warning says why;
-            the head then admits nothing.
+            ``self``. An empty HR region (the head admits nothing) issues a UserWarning saying why.
+
+        Raises:
+            ValueError: no support set; a bad ``alpha``, shape or label, or a class with fewer than 2 rows.
         """
         return self._calibrate(x, y, alpha, store_features, batch_size, stacklevel=4)
 
     def _calibrate(self, x, y, alpha, store_features: bool, batch_size: int, stacklevel: int) -> SDMHead:
-        # calibrate() for it and for recalibrate(recompute=True): the empty-region warning
-        # points ``stacklevel`` frames up, at the user's call of either
+        # shared by calibrate() and recalibrate(recompute=True); the warning points at the user's call
         self._require_support()
         alpha = check.check_alpha(self.config.alpha if alpha is None else alpha)
         x = check.as_features(x, "x", self.config.input_dim)
@@ -264,8 +249,7 @@ class SDMHead(
         return self
 
     def _set_calibration(self, calibration: CalibrationState, stacklevel: int = 3) -> None:
-        """Adopt ``calibration`` (its alpha becomes the config's) and warn when its HR region
-        is empty, saying why; the warning points ``stacklevel`` frames up (the user's call)."""
+        """Adopt ``calibration`` (and its alpha); warn, ``stacklevel`` frames up, when its region is empty."""
         self.calibration = calibration
         self.config._update(alpha=calibration.alpha)
         if calibration.is_empty_region:
@@ -281,16 +265,18 @@ class SDMHead(
         y: LabelsLike | None = None,
         min_class_points: int | str | None = None,
     ) -> SDMHead:
-        """Rerun calibration, e.g. at another alpha or after the support set grew; returns ``self``.
+        """Rerun calibration at another alpha or after the support set grew; returns ``self``.
 
-        ``recompute=False``: only Algorithm 1 on the stored calibration arrays at the new
-        ``alpha`` (milliseconds). ``recompute=True``: recompute the calibration points' ``q``,
-        ``d`` and ``q'`` against the current support (after :meth:`add_to_support`), from the
-        stored calibration features or ``x`` / ``y``, then Algorithm 1. ``min_class_points``
-        (when given) first replaces the small-region guard (0: off; ``"auto"``; an integer).
+        Args:
+            alpha: new target accuracy (default: the current one).
+            recompute: False reruns only Algorithm 1 on the stored arrays; True first recomputes the
+                calibration points' ``q``, ``d`` and ``q'`` against the current support.
+            x, y: ``(N, D)`` / ``(N,)`` calibration data for ``recompute=True`` (default: the stored ones).
+            min_class_points: replaces the small-region guard when given (0: off; ``"auto"``; an integer).
 
         Raises:
-            ValueError: a bad ``alpha`` or ``min_class_points``; no calibration yet.
+            ValueError: no calibration yet; a bad ``alpha`` or ``min_class_points``; ``x`` / ``y`` without
+                ``recompute=True``; ``recompute=True`` without ``x`` when no features were stored.
         """
         cal = self._require_calibration()
         alpha = check.check_alpha(cal.alpha if alpha is None else alpha)
@@ -314,6 +300,7 @@ class SDMHead(
 
     @property
     def is_calibrated(self) -> bool:
+        """Whether :meth:`calibrate` has run."""
         return self.calibration is not None
 
     @property
@@ -323,55 +310,54 @@ class SDMHead(
 
     @property
     def alpha(self) -> float:
+        """The calibrated alpha (``config.alpha`` before calibration)."""
         return self.calibration.alpha if self.calibration is not None else self.config.alpha
 
     @property
     def q_min(self) -> float:
-        """Algorithm 1's ``q'_min`` (``inf`` when the HR region is empty)."""
+        """Algorithm 1's ``q'_min`` (``inf``: empty HR region); ValueError before calibration."""
         return self._require_calibration().q_min
 
     @property
     def thresholds(self) -> torch.Tensor:
-        """``[C]`` class-wise thresholds ``psi`` (float64)."""
+        """``(C,)`` float64 class-wise thresholds ``psi`` (a copy); ValueError before calibration."""
         return self._require_calibration().thresholds.clone()
 
     @property
     def calibration_arrays(self) -> dict[str, torch.Tensor]:
-        """The stored per-point calibration arrays (copies), keyed by name."""
+        """Copies of the per-point calibration arrays (``labels``, ``q``, ``d``, ...), keyed by name."""
         return self._require_calibration().arrays()
 
     # -- inference ------------------------------------------------------------------------
     def compute_training_distance_lists(self) -> list[torch.Tensor]:
-        """Class-wise distance lists of the support set itself, each point's own row excluded:
-        a support point's ``d`` during training is read from these, not from the calibration
-        set's lists. Cached for ``predict(..., support_rows=...)`` and returned."""
+        """(Re)compute and return the C class-wise distance lists of the support points, own row excluded
+        (their ``d`` in ``predict(..., support_rows=...)``)."""
         return self._require_support().training_distance_lists(self.config, recompute=True)
 
     def predict(
         self, x: FeaturesLike, batch_size: int = 8192, k_neighbors: int = 1, support_rows: torch.Tensor | None = None
     ) -> SDMOutput:
-        """SDM inference for a batch: prediction, ``sdm(z')``, ``q``, ``d``, ``q'``, OOD, HR and
-        its lower-bound variant, and the nearest exemplar.
+        """SDM inference: prediction, ``sdm(z')``, ``q``, ``d``, ``q'``, OOD, HR (and lower bound), nearest exemplar.
 
         Args:
-            x: ``[B, D]`` raw features of new points (not support points).
+            x: ``(B, D)`` float raw features (support points among them need ``support_rows``).
             batch_size: rows encoded at a time.
-            k_neighbors: also return the ``k`` nearest support rows and distances (for
-                explanations) when > 1.
-            support_rows: ``[B]`` for points that ARE support points (training time): each
-                row's own support row (-1 for others). It is excluded from that row's search
-                by identity, and those rows' ``d`` is read from the support set's own distance
-                lists (:meth:`compute_training_distance_lists`), as during the head's training.
+            k_neighbors: when > 1, also return the ``k`` nearest support rows and distances.
+            support_rows: ``(B,)`` int, for points that are support points: each row's own support row
+                (-1: none), excluded from its search; those rows' ``d`` uses the support's own lists.
 
         Returns:
             :class:`SDMOutput` with CPU tensors.
+
+        Raises:
+            ValueError: not calibrated; a bad shape, ``k_neighbors`` or ``support_rows`` shape.
         """
         return self._predict(x, batch_size, k_neighbors, support_rows, self._require_support())
 
     def _predict(
         self, x: FeaturesLike, batch_size: int, k_neighbors: int, support_rows: torch.Tensor | None, support: SupportSet
     ) -> SDMOutput:
-        # predict() against a given support set (index_agreement compares two of them)
+        # predict() against a given support set (index_agreement compares two)
         cal = self._require_calibration()
         x = check.as_features(x, "x", self.config.input_dim)
         k_neighbors = check.check_positive_int(k_neighbors, "k_neighbors")
@@ -399,24 +385,22 @@ class SDMHead(
 
     # -- diagnostics ----------------------------------------------------------------------
     def label_errors(self, x: FeaturesLike, y: LabelsLike, batch_size: int = 8192) -> LabelErrors:
-        """Possible label errors among ``(x, y)``.
+        """Possible label errors among ``x (B, D)``, ``y (B,)`` (points not in the support set).
 
-        Returns the admitted (HR) points whose given label differs from the prediction,
-        sorted by ``(sdm(z')_{y_hat}, q')`` descending: the head is most sure that these
-        labels are wrong. Use it on points that are NOT in the support set.
+        Returns:
+            :class:`LabelErrors`: admitted points whose label differs from the prediction, sorted by
+            ``(sdm(z')_{y_hat}, q')`` descending.
         """
         x = check.as_features(x, "x", self.config.input_dim)
         y = check.as_labels(y, "y", self.config.num_classes, length=x.shape[0])
         return label_errors(self.predict(x, batch_size=batch_size), y)
 
     def index_agreement(self, x: FeaturesLike, batch_size: int = 8192) -> dict:
-        """How often this head's support index (approximate, or float16) gives the same
-        answers as an exact float32 search over the same exemplars, on points ``x``.
+        """How often this head's (approximate or float16) index answers as an exact float32 search, on ``x (B, D)``.
 
         Returns:
-            dict with the fractions of points whose ``q``, ``d``, nearest exemplar, HR and
-            HR-lower decisions are equal (``same_q``, ``same_d``, ``same_nearest``,
-            ``same_hr``, ``same_hr_lower``), ``n``, ``index_type`` and ``storage``.
+            dict: ``n``, ``index_type``, ``storage`` and the shares of equal ``q``, ``d``, nearest row, HR and
+            HR-lower (``same_q``, ``same_d``, ``same_nearest``, ``same_hr``, ``same_hr_lower``).
         """
         self._require_calibration()
         support = self._require_support()
@@ -426,13 +410,10 @@ class SDMHead(
         return {"n": agreement.pop("n"), "index_type": support.index_type, "storage": support.storage, **agreement}
 
     def calibration_report(self, alphas: Iterable[float] = (0.8, 0.9, 0.95)) -> CalibrationReport:
-        """Per class: calibration points, OOD count, HR admission and accuracy, at the chosen
-        alpha and at ``alphas`` (Algorithm 1 is rerun on the stored arrays for each).
+        """Per class: calibration points, OOD count, HR admission and accuracy at the chosen alpha and ``alphas``.
 
-        The calibration set is the one the thresholds were fitted on, so these are
-        in-sample figures: they show the trade-off, not a test estimate. ``report.diagnosis``
-        (printed with the table) names the class that limits the region, estimates what more
-        calibration data would admit and says what to try.
+        In-sample figures (the thresholds were fitted on these points); ``report.diagnosis`` names the
+        class that limits the region and what to try. ValueError on a bad alpha or before calibration.
         """
         alphas = [check.check_alpha(a) for a in alphas]
         return calibration_report(self._require_calibration(), alphas, self.config.id2label, self.selection)
@@ -447,18 +428,14 @@ class SDMHead(
 
     # -- state and persistence ------------------------------------------------------------
     def to_state(self, copy: bool = True) -> SDMHeadState:
-        """The head as plain CPU tensors: what is saved, and what rebuilds it with
-        :meth:`from_state` (``training_history`` and cached search results are not part of it).
+        """The head as plain CPU tensors, which :meth:`from_state` rebuilds (not ``training_history``).
 
         Args:
-            copy: True (default) returns an independent snapshot. False shares storage with
-                the live head where it can (weights, calibration arrays, and on the CPU the
-                support vectors as a view into the FAISS index: no copy of what can be
-                gigabytes); such a state is valid only until the head changes, so write or
-                send it at once (this is what saving does).
+            copy: True returns an independent snapshot; False shares storage with the live head (valid
+                only until the head changes: write or send it at once).
 
         Raises:
-            ValueError / TypeError: the config no longer validates (see ``check_saveable``).
+            ValueError / TypeError: the config no longer validates.
         """
         self.config.check_saveable()
         weights = {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -474,9 +451,11 @@ class SDMHead(
 
     @classmethod
     def from_state(cls, state: SDMHeadState, device: str | torch.device | None = None) -> SDMHead:
-        """A head rebuilt from ``state`` (the FAISS index from the stored exemplars) on ``device``
-        (CPU by default). The head takes over the state's calibration tensors (they are never
-        changed in place); pass ``to_state()`` (a copy) to keep the source head independent."""
+        """A head rebuilt from ``state`` on ``device`` (default CPU), sharing its calibration tensors.
+
+        Raises:
+            TypeError: ``state`` is not an SDMHeadState.
+        """
         if not isinstance(state, SDMHeadState):
             raise TypeError(f"state must be an SDMHeadState, got {type(state).__name__}")
         device = resolve_device(device)
@@ -492,9 +471,8 @@ class SDMHead(
     def generate_model_card(
         self, repo_hint: str | None = None, subfolder: str | None = None, **model_card_kwargs: Any
     ) -> ModelCard:
-        """The head's model card (Hub YAML metadata with the calibration results + summary + the
-        promise); ``model_card_kwargs`` (``license``, ``tags``, ...) as in
-        :func:`sdm_hf.head.model_card.render_model_card`. No license unless one is given."""
+        """The head's model card; ``model_card_kwargs`` (``license``, ``tags``, ...) as in
+        :func:`sdm_hf.head.model_card.render_model_card` (no license unless given)."""
         tags = self._hub_mixin_info.model_card_data.tags or HUB_TAGS  # huggingface_hub adds its own tag
         data = head_card_data(self, repo_hint, subfolder, tags)
         return render_model_card(data, **model_card_kwargs)

@@ -1,9 +1,7 @@
 """The trainable part of an SDM head: feature normalisation, adaptor and classifier.
 
-``x`` [B, D] raw features are normalised, ``(x - mean) / std`` (one scalar pair, the papers'
-choice, or per feature), mapped by the affine *adaptor* ``R^D -> R^M`` to exemplar vectors
-(the space the support set is searched in) and by a linear classifier ``R^M -> R^C`` to the
-logits ``z'`` (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760).
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760:
+``h' = W (x - mean) / std + b`` (the exemplar, ``R^D -> R^M``) and ``z' = V h' + c`` (the logits, ``R^M -> R^C``).
 """
 
 from __future__ import annotations
@@ -22,13 +20,14 @@ __all__ = ["SDMModule"]
 
 
 class SDMModule(nn.Module):
-    """Normalisation buffers + adaptor + classifier; :class:`~sdm_hf.SDMHead` adds the support
-    set and the calibration on top.
+    """Normalisation buffers + adaptor + classifier (:class:`~sdm_hf.SDMHead` adds support and calibration).
 
     Args:
-        config: the :class:`~sdm_hf.SDMConfig` (``input_dim`` D, ``exemplar_dim`` M,
-            ``num_classes`` C, ``normalization``).
-        generator: optional ``torch.Generator`` for the initial weights (reproducible init).
+        config: the :class:`~sdm_hf.SDMConfig` (``input_dim`` D, ``exemplar_dim`` M, ``num_classes`` C).
+        generator: optional ``torch.Generator`` for reproducible initial weights.
+
+    Raises:
+        TypeError: ``config`` is not an SDMConfig.
     """
 
     adaptor: nn.Linear
@@ -51,9 +50,8 @@ class SDMModule(nn.Module):
 
     @property
     def config(self) -> SDMConfig:
-        """The head's :class:`~sdm_hf.SDMConfig` (its own copy). Assigning a field is validated;
-        the fields the weights, the support set or the calibration depend on are refused with
-        what to do instead (``head.recalibrate(alpha=...)``, a new head)."""
+        """The head's own copy of its :class:`~sdm_hf.SDMConfig`. Assigned fields are validated; those the
+        weights, support or calibration depend on raise ValueError saying what to do instead."""
         return cast(SDMConfig, self._config)  # set in __init__, before anything reads it
 
     @config.setter
@@ -69,8 +67,7 @@ class SDMModule(nn.Module):
             self._adopt(previous)
 
     def _check_replacement(self, old: SDMConfig, new: SDMConfig) -> None:
-        """Raise ValueError when ``new`` changes what the weights (or, once a support set is
-        built, the support index) depend on."""
+        """Raise ValueError when ``new`` changes what the weights (or a built support index) depend on."""
         fixed = WEIGHT_FIELDS + (SUPPORT_FIELDS if getattr(self, "support", None) is not None else ())
         for name in fixed:
             if getattr(old, name) != getattr(new, name):
@@ -81,8 +78,7 @@ class SDMModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Re-initialise both linear layers like ``nn.Linear`` does (uniform with bound
-        ``1/sqrt(fan_in)``), drawing from ``generator`` when given."""
+        """Re-initialise both layers uniform in ``[-1, 1] / sqrt(fan_in)`` (as ``nn.Linear``), from ``generator``."""
         for layer in (self.adaptor, self.classifier):
             bound = 1.0 / math.sqrt(layer.in_features)
             layer.weight.uniform_(-bound, bound, generator=generator)
@@ -96,8 +92,10 @@ class SDMModule(nn.Module):
         """Set the feature normalisation ``(x - mean) / std``.
 
         Args:
-            mean, std: scalars (``normalization="scalar"``) or ``[D]`` tensors
-                (``normalization="feature"``); ``std`` must be positive.
+            mean, std: scalars (``normalization="scalar"``) or ``(D,)`` (``"feature"``), as float32.
+
+        Raises:
+            ValueError: wrong shapes, non-finite values or ``std <= 0``.
         """
         mean = torch.as_tensor(mean, dtype=torch.float32)
         std = torch.as_tensor(std, dtype=torch.float32)
@@ -114,8 +112,8 @@ class SDMModule(nn.Module):
 
     @staticmethod
     def normalization_statistics(x: torch.Tensor, normalization: str = "scalar") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, std)`` of training features: one scalar pair over all elements (unbiased
-        std), or per feature; zero std is replaced by 1."""
+        """``(mean, std)`` of training features ``x (N, D)``: scalars over all elements or ``(D,)`` per feature
+        (unbiased std; zero std replaced by 1)."""
         if normalization == "scalar":
             mean, std = x.mean(), x.std()
         else:
@@ -123,26 +121,27 @@ class SDMModule(nn.Module):
         return mean, torch.where(std > 0, std, torch.ones_like(std))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` raw features -> normalised features."""
+        """``(B, D)`` raw features -> ``(B, D)`` normalised features."""
         return (x - self.feature_mean) / self.feature_std
 
     def encode(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, D]`` normalised features -> ``(exemplars [B, M], logits [B, C])``."""
+        """``(B, D)`` normalised features -> ``(exemplars (B, M), logits (B, C))``."""
         exemplars = self.adaptor(normalized)
         return exemplars, self.classifier(exemplars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` raw features -> ``[B, C]`` logits ``z'`` (differentiable)."""
+        """``(B, D)`` raw features -> ``(B, C)`` logits ``z'`` (differentiable)."""
         return self.encode(self.normalize(x))[1]
 
     @torch.no_grad()
     def encode_for_inference(self, x: torch.Tensor, batch_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, D]`` raw features -> ``(exemplars [B, M], logits [B, C])`` float32, computed in
-        float64 and ``batch_size`` rows at a time.
+        """``(B, D)`` raw features -> ``(exemplars (B, M), logits (B, C))`` float32, ``batch_size`` rows at a time.
 
-        BLAS results depend on the batch shape in the last bits; in double precision those
-        differences vanish when rounding to float32, so a point gets the same exemplar (and
-        an exact duplicate of a support point distance 0) whatever batch it arrives in."""
+        Computed in float64 so that a point's exemplar does not depend on the batch it arrives in.
+
+        Raises:
+            ValueError: ``batch_size`` is not a positive integer.
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (rows encoded at a time), got {batch_size!r}")
         weights = [t.double() for t in (self.adaptor.weight, self.adaptor.bias)]

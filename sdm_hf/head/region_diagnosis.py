@@ -1,22 +1,10 @@
-"""Why is the HR region small? A diagnosis from the calibration arrays.
+"""Why is the HR region small? A per-class diagnosis from the calibration arrays.
 
-Algorithm 1 (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*) picks the smallest
-rescaled-similarity threshold ``t`` at which, for every class ``c``, at most
-``k_c(t) = min(int((1 - alpha) n_c(t)), n_c(t) - 1)`` of the ``n_c(t)`` non-OOD calibration
-points of class ``c`` with ``q' >= t`` have a true-class SDM probability below ``alpha``. The
-condition compares a rate with ``1 - alpha``, so the region is limited by the class whose
-points, even among the most similar ones, are too often below ``alpha`` (the *limiting*
-class). More calibration data of the same kind does not change a rate; what it changes is how
-far the in-sample rate can be trusted. With ``h`` the share of a class's points at or above
-``alpha``, telling ``h`` from ``alpha`` at two binomial standard errors takes about
-
-    n_needed = 4 h (1 - h) / (h - alpha)^2        (h > alpha; none exists when h <= alpha)
-
-points of that class (``h`` measured among the class's points inside the region its own
-condition allows); with fewer, a region the calibration set admits may hold below ``alpha`` on
-new data. :func:`diagnose_region` reports, per class, its points, accuracy,
-``h``, ``n_needed`` and the threshold its own condition needs, names the limiting class and
-says what to try.
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760, Algorithm 1 admits above the
+smallest ``q'`` threshold ``t`` at which every class ``c`` has at most ``min(floor((1 - alpha) n_c(t)), n_c(t) - 1)``
+of its ``n_c(t)`` non-OOD points with ``q' >= t`` below ``alpha`` in true-class probability; the class needing the
+highest ``t`` limits the region. Telling a class's share ``h`` of points at or above ``alpha`` from ``alpha`` at two
+binomial standard errors takes ``n_needed = 4 h (1 - h) / (h - alpha)^2`` points (``h > alpha``).
 """
 
 from __future__ import annotations
@@ -45,20 +33,15 @@ class RegionDiagnosis:
     """What limits the HR region at one alpha (in-sample, on the calibration set).
 
     Attributes:
-        alpha: the alpha diagnosed.
-        n: calibration points; ``admitted``: those in the HR region (``admitted_share = admitted / n``).
-        q_min: Algorithm 1's threshold ``q'_min`` at this alpha (``inf``: empty region).
-        limiting_class: index of the class whose own condition needs the highest threshold
-            (the first such class on a tie).
-        classes: one dict per class: ``label``, ``n`` (calibration points, as in the report's
-            table), ``non_ood`` (those not OOD), ``accuracy`` (of the head's predictions on the
-            non-OOD ones), ``hit_rate`` (share of the non-OOD ones with a true-class probability
-            ``>= alpha``), ``threshold`` (the smallest ``q'`` at which this class's own condition
-            holds; ``inf`` if none), ``region_n`` / ``region_hit_rate`` (its points with
-            ``q' >= threshold`` and their share ``>= alpha``), ``points_needed``
-            (``4 h (1 - h) / (h - alpha)^2`` rounded up with ``h = region_hit_rate``; None when the
-            condition holds nowhere or ``h <= alpha``), ``too_few`` (fewer non-OOD points than
-            ``1 / (1 - alpha)``).
+        alpha: the alpha diagnosed; q_min: Algorithm 1's ``q'_min`` there (``inf``: empty region).
+        n: calibration points; admitted: those in the HR region (``admitted_share = admitted / n``).
+        limiting_class: the class whose own condition needs the highest threshold (first on a tie).
+        classes: one dict per class: ``label``, ``n``, ``non_ood``, ``accuracy`` (on the non-OOD points),
+            ``hit_rate`` (share of non-OOD points with true-class probability ``>= alpha``), ``threshold``
+            (smallest ``q'`` where its own condition holds; ``inf``: none), ``region_n`` / ``region_hit_rate``
+            (its points with ``q' >= threshold``, their share ``>= alpha``), ``points_needed`` (``n_needed`` at
+            ``h = region_hit_rate``, rounded up; None when ``h <= alpha`` or no threshold), ``too_few``
+            (fewer non-OOD points than ``1 / (1 - alpha)``).
         advice: plain-language suggestions, most useful first.
     """
 
@@ -75,6 +58,8 @@ class RegionDiagnosis:
         return self.admitted / self.n if self.n else 0.0
 
     def to_dict(self) -> dict:
+        """JSON-ready dict (non-finite floats become None)."""
+
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -132,9 +117,8 @@ def _holds(t: float) -> str:
 
 
 def points_needed(hit_rate: float | None, alpha: float) -> int | None:
-    """``ceil(4 h (1 - h) / (h - alpha)^2)``: points of one class for a share ``h`` of them at or
-    above ``alpha`` to sit two binomial standard errors above ``alpha`` (None when ``h <= alpha``;
-    at least ``1 / (1 - alpha)``, the fewest Algorithm 1 can use)."""
+    """``ceil(4 h (1 - h) / (h - alpha)^2)`` with ``h = hit_rate``: points of one class for ``h`` to sit two
+    binomial standard errors above ``alpha``; at least ``ceil(1 / (1 - alpha))``, None when ``h <= alpha``."""
     if hit_rate is None or hit_rate <= alpha:
         return None
     return max(
@@ -148,19 +132,17 @@ def diagnose_region(
     id2label: dict[int, str] | None = None,
     selection: dict | None = None,
 ) -> RegionDiagnosis:
-    """Which class limits the HR region at ``alpha``, how many points each class would need at
-    its observed rate, and what to try.
+    """Which class limits the HR region at ``alpha``, how many points each would need, and what to try.
 
     Args:
-        calibration: the head's calibration arrays (``N`` points).
+        calibration: the head's calibration arrays.
         alpha: the alpha to diagnose (default: the calibrated one).
         id2label: class names for the text.
-        selection: ``head.selection`` of a freshly fitted head (the kept shuffle/epoch and the
-            procedure's settings), used for training advice; None skips it.
+        selection: ``head.selection`` of a freshly fitted head, for training advice; None skips it.
 
     Returns:
-        A :class:`RegionDiagnosis`; ``str()`` of it is a short plain-language paragraph. Its
-        ``admitted`` and ``q_min`` equal those of Algorithm 1 run at ``alpha``.
+        A :class:`RegionDiagnosis` (``str()``: a short paragraph) whose ``admitted`` and ``q_min`` are
+        Algorithm 1's at ``alpha``.
     """
     cal = calibration
     alpha = float(cal.alpha if alpha is None else alpha)

@@ -1,25 +1,13 @@
-"""The state of an SDM head as plain data, and the calibration steps as pure functions.
+"""The state of an SDM head as plain CPU tensors, and the calibration steps as pure functions.
 
-What a head knows beyond its config is described by three dataclasses of CPU tensors (a live
-head keeps the support set behind a FAISS index, built from :class:`SupportState`):
+:class:`SupportState`, :class:`CalibrationState` and :class:`SDMHeadState` are what
+:meth:`sdm_hf.SDMHead.to_state` / ``from_state`` convert to and from; nothing here touches FAISS or files.
 
-* :class:`SupportState` — the support set (training exemplars) as stored: vectors
-  ``[N, M]`` in the storage dtype, true labels and predictions ``[N]``, optional ids/texts.
-* :class:`CalibrationState` — the per-point calibration arrays and Algorithm 1's result.
-* :class:`SDMHeadState` — config + module weights + the two above + the training selection.
-
-:meth:`sdm_hf.SDMHead.to_state` / :meth:`sdm_hf.SDMHead.from_state` convert a head to and from
-an :class:`SDMHeadState`; :mod:`sdm_hf.head.serialization` converts a state to and from files, and a
-multi-process trainer sends it between processes. No module here touches FAISS or files.
-
-Calibration, following Schmaltz (2025), *Similarity-Distance-Magnitude Activations*
-(arXiv:2509.12760): for each held-out point with logits ``z'`` [C], similarity ``q`` and
-nearest-exemplar distance, the distance quantile ``d`` is read from the class-wise eCDFs of
-the calibration set's own nearest distances; ``sdm(z')`` is the change-of-base softmax
-``(2 + q)^{d z'_i} / sum_j (2 + q)^{d z'_j}``; the rescaled similarity ``q'`` combines ``q``
-with ``sdm(z')_{y_hat}``; Algorithm 1 then finds the smallest ``q'_min`` and class-wise
-thresholds ``psi`` [C] at which every class's true-class probabilities above ``q'_min``
-reach ``alpha`` at their ``(1 - alpha)`` quantile.
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760, Algorithm 1:
+``sdm(z')_i = (2 + q)^{d z'_i} / sum_j (2 + q)^{d z'_j}``, ``q' = min(q, (2 + q)^{sdm(z')_{y_hat}})``, and
+``(q'_min, psi)`` the smallest ``q'`` threshold above which every class's true-class probabilities reach
+``alpha`` at their ``(1 - alpha)`` quantile (derivation: docs/how_sdm_works.md, section 'The high-reliability
+region (Algorithm 1)').
 """
 
 from __future__ import annotations
@@ -56,9 +44,8 @@ class SupportState:
     """The support set as plain tensors (what is saved and what rebuilds the index).
 
     Attributes:
-        vectors: ``[N, M]`` exemplars in the storage dtype (float32 or float16).
-        labels: ``[N]`` int64 true labels.
-        predictions: ``[N]`` int64 predictions of the head for those exemplars.
+        vectors: ``(N, M)`` exemplars, float32 or float16 (the storage dtype).
+        labels, predictions: ``(N,)`` int64 true labels and the head's predictions.
         ids, texts: optional per-row document ids / texts (length ``N``), else None.
     """
 
@@ -78,21 +65,16 @@ class CalibrationState:
     """Per-point calibration arrays and Algorithm 1's result (all CPU tensors).
 
     Attributes:
-        labels, predictions: ``[N]`` int64 true labels and ``y_hat``.
-        probabilities: ``[N, C]`` float32 ``sdm(z')``.
-        q: ``[N]`` int64 similarity; d: ``[N]`` float32 distance quantile in ``[0, 1]``;
-        d_nearest: ``[N]`` float32 squared L2 distance to the nearest exemplar.
-        rescaled_similarity: ``[N]`` float32 ``q'``.
-        features: ``[N, D]`` raw features (kept so that a recompute needs no input), or None.
-        alpha: target accuracy; q_min: ``q'_min`` (``inf`` when the HR region is empty);
-        thresholds: ``[C]`` float64 ``psi``.
-        distance_lists: C sorted float32 tensors, the class-wise nearest distances (the eCDFs
-            ``d`` is read from).
-        rescaled_lists: C sorted float64 tensors of the calibration ``q'`` per class (for the
-            effective sample sizes).
-        stale: True after the support set grew and before the next recompute.
-        min_class_points: the small-region guard Algorithm 1 runs with (``SDMConfig``'s
-            ``min_class_points``: 0, an integer or ``"auto"``).
+        labels, predictions: ``(N,)`` int64 true labels and ``y_hat``.
+        probabilities: ``(N, C)`` float32 ``sdm(z')``.
+        q: ``(N,)`` int64; d: ``(N,)`` float32 in ``[0, 1]``; d_nearest: ``(N,)`` float32 squared L2.
+        rescaled_similarity: ``(N,)`` float32 ``q'``.
+        features: ``(N, D)`` raw features (for a recompute without input), or None.
+        alpha: target accuracy; q_min: ``q'_min`` (``inf``: empty HR region); thresholds: ``(C,)`` float64 ``psi``.
+        distance_lists: C sorted float32 tensors of class-wise nearest distances (the eCDFs of ``d``).
+        rescaled_lists: C sorted float64 tensors of calibration ``q'`` per class (effective sample sizes).
+        stale: True after the support set grew, until the next recompute.
+        min_class_points: the small-region guard (0, an integer or ``"auto"``).
     """
 
     labels: torch.Tensor
@@ -134,12 +116,12 @@ class CalibrationState:
 
     @property
     def true_class_probability(self) -> torch.Tensor:
-        """``[N]`` ``sdm(z')_y``."""
+        """``(N,)`` ``sdm(z')_y``."""
         return self.probabilities.gather(1, self.labels.view(-1, 1)).squeeze(1)
 
     @property
     def predicted_probability(self) -> torch.Tensor:
-        """``[N]`` ``sdm(z')_{y_hat}``."""
+        """``(N,)`` ``sdm(z')_{y_hat}``."""
         return self.probabilities.gather(1, self.predictions.view(-1, 1)).squeeze(1)
 
     def arrays(self) -> dict[str, torch.Tensor]:
@@ -150,17 +132,14 @@ class CalibrationState:
 
 @dataclass
 class SDMHeadState:
-    """A whole head as plain data: enough to rebuild its predictions exactly (the FAISS index is
-    rebuilt from ``support.vectors``; ``training_history`` and cached search results are not
-    part of it).
+    """A whole head as plain data, enough to rebuild its predictions exactly (not ``training_history``).
 
     Attributes:
         config: the :class:`~sdm_hf.SDMConfig`.
         weights: the module's ``state_dict`` (adaptor, classifier, normalisation buffers).
         support: the support set, or None before ``build_support``.
         calibration: the calibration, or None before ``calibrate``.
-        selection: which shuffle/epoch training kept (``shuffle``, ``epoch``,
-            ``calibration_loss``; in memory also ``support_rows`` / ``calibration_rows``), or None.
+        selection: what training kept (``shuffle``, ``epoch``, ``calibration_loss``, row indices), or None.
     """
 
     config: SDMConfig
@@ -171,9 +150,8 @@ class SDMHeadState:
 
 
 def weight_shapes(config: SDMConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every float32 tensor in the ``state_dict`` of a head with ``config``:
-    the adaptor ``R^D -> R^M``, the classifier ``R^M -> R^C`` and the normalisation buffers
-    (scalars, or ``[D]`` with ``normalization="feature"``)."""
+    """Name -> shape of every float32 tensor in the ``state_dict`` of a head with ``config``
+    (normalisation buffers are scalars, or ``(D,)`` with ``normalization="feature"``)."""
     d, m, c = config.input_dim, config.exemplar_dim, config.num_classes
     norm = () if config.normalization == "scalar" else (d,)
     return {
@@ -192,11 +170,10 @@ def activate(
     """The SDM activation and the rescaled similarity of a batch.
 
     Args:
-        logits: ``[B, C]`` ``z'``; prediction: ``[B]`` ``y_hat``; q: ``[B]`` int64; d: ``[B]``.
+        logits: ``(B, C)`` float ``z'``; prediction: ``(B,)`` int64 ``y_hat``; q: ``(B,)`` int64; d: ``(B,)`` float.
 
     Returns:
-        ``(probabilities [B, C], predicted_probability [B], rescaled_similarity [B])``:
-        ``sdm(z')``, ``sdm(z')_{y_hat}`` and ``q'``.
+        ``(sdm(z') (B, C), sdm(z')_{y_hat} (B,), q' (B,))``.
     """
     probabilities = sdm_activation(logits, q.float(), d)
     predicted = probabilities.gather(1, prediction.view(-1, 1)).squeeze(1)
@@ -216,10 +193,10 @@ def calibrate(
     """The calibration state of held-out points, with Algorithm 1 run at ``alpha``.
 
     Args:
-        labels: ``[N]`` true labels; logits: ``[N, C]`` ``z'``; q: ``[N]`` int64 similarity;
-        d_nearest: ``[N]`` squared distance to the nearest support exemplar.
+        labels: ``(N,)`` int64 true labels; logits: ``(N, C)`` float ``z'``; q: ``(N,)`` int64.
+        d_nearest: ``(N,)`` float squared L2 distance to the nearest support exemplar.
         num_classes: ``C``; alpha: target accuracy, ``0.5 < alpha <= 1``.
-        features: ``[N, D]`` raw features to keep for a later recompute, or None.
+        features: ``(N, D)`` raw features to keep for a later recompute, or None.
         min_class_points: the small-region guard (0: off; an integer; ``"auto"``).
 
     Returns:
@@ -249,8 +226,8 @@ def calibrate(
 
 
 def with_alpha(state: CalibrationState, alpha: float, min_class_points: int | str | None = None) -> CalibrationState:
-    """``state`` with Algorithm 1 (and its small-region guard) rerun at ``alpha`` on its stored
-    arrays (a new object); ``min_class_points`` replaces the state's guard setting when given."""
+    """A new ``state`` with Algorithm 1 rerun at ``alpha`` on its stored arrays (``min_class_points``, when
+    given, replaces its guard)."""
     if min_class_points is not None:
         state = replace(state, min_class_points=min_class_points)
     q_min, thresholds = thresholds_at(state, alpha)

@@ -1,10 +1,8 @@
-"""The support set of an SDM head: the training exemplars behind a FAISS index, with their true
-labels, the head's predictions for them and optional document ids / texts.
+"""The support set of an SDM head: training exemplars behind a FAISS index, with labels, predictions, ids, texts.
 
-Similarity ``q`` of a point (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
-arXiv:2509.12760) counts how many of its nearest exemplars, in distance order, both share the
-point's prediction and were themselves predicted correctly, stopping at the first that does
-not; the nearest exemplar's squared L2 distance feeds the Distance quantile ``d``.
+Similarity ``q`` (Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760): the
+length of the unbroken run of nearest exemplars with ``label = prediction = y_hat(query)``; the nearest
+exemplar's squared L2 distance feeds the Distance quantile ``d``.
 """
 
 from __future__ import annotations
@@ -20,26 +18,32 @@ from ..utils import validation as check
 from .config import SDMConfig
 from .state import SupportState
 
-# The label of a known out-of-distribution support row: it never equals a prediction, so a query
-# whose nearest exemplar is such a row has q = 0 (OOD), and the class-wise distance lists skip it.
+# Label of a known out-of-distribution support row: it never equals a prediction, so a query whose
+# nearest exemplar is such a row has q = 0, and the class-wise distance lists skip it.
 OOD_LABEL = -1
 
 __all__ = ["OOD_LABEL", "SupportSet"]
 
 
 def new_support_labels(y: Any, n: int, num_classes: int, ood: bool) -> torch.Tensor:
-    """``[n]`` labels of rows to add to a support set: ``y`` checked (``0..C-1``), or, with
-    ``ood=True`` and no ``y``, ``OOD_LABEL`` for known out-of-distribution rows."""
+    """``(n,)`` int64 labels of rows to add: ``y`` checked against ``0..C-1``, or ``OOD_LABEL`` with ``ood=True``.
+
+    Raises:
+        ValueError: ``y`` given with ``ood=True``, or missing without it; a bad label.
+    """
     if ood != (y is None):
         raise ValueError("pass labels y for in-distribution points, or ood=True without y for known OOD points")
     return torch.full((n,), OOD_LABEL) if ood else check.as_labels(y, "y", num_classes, length=n)
 
 
 class SupportSet:
-    """Exemplars ``[N, M]`` in a :class:`~sdm_hf.search.index.SupportIndex`, plus per-row metadata.
+    """Exemplars ``(N, M)`` in a :class:`~sdm_hf.search.index.SupportIndex`, plus per-row ids / texts.
 
-    It satisfies the neighbour-search protocol of :func:`sdm_hf.maths.similarity.compute_similarity`
-    (``ntotal``, ``search``, ``pair_distances``), so it can be searched directly.
+    Searchable directly by :func:`sdm_hf.maths.similarity.compute_similarity` (``ntotal``, ``search``,
+    ``pair_distances``).
+
+    Raises:
+        TypeError: ``index`` is not a SupportIndex. ValueError: ``ids`` / ``texts`` not one per row.
 
     Example:
         >>> import torch
@@ -73,7 +77,8 @@ class SupportSet:
         ids: list | None = None,
         texts: list | None = None,
     ) -> SupportSet:
-        """The index ``config`` asks for (type, parameters, storage) over ``exemplars`` [N, M]."""
+        """The index ``config`` asks for (type, parameters, storage) over ``exemplars`` ``(N, M)`` with
+        ``labels`` / ``predictions`` ``(N,)`` int64."""
         index = SupportIndex(
             exemplars,
             labels,
@@ -91,8 +96,8 @@ class SupportSet:
         return cls.build(state.vectors, state.labels, state.predictions, config, device, state.ids, state.texts)
 
     def to_state(self) -> SupportState:
-        """The support set as plain CPU tensors. On the CPU ``vectors`` is a view of the index's
-        own storage (no copy of what can be gigabytes): use it at once."""
+        """The support set as plain CPU tensors; on the CPU ``vectors`` is a view of the index's storage
+        (valid until the set changes)."""
         return SupportState(
             vectors=self.index.stored_vectors().detach().cpu().contiguous(),
             labels=self.labels.clone(),
@@ -108,17 +113,17 @@ class SupportSet:
 
     @property
     def labels(self) -> torch.Tensor:
-        """``[N]`` int64 true labels."""
+        """``(N,)`` int64 true labels (-1: known OOD row)."""
         return self.index.labels
 
     @property
     def predictions(self) -> torch.Tensor:
-        """``[N]`` int64 predictions of the head for the exemplars."""
+        """``(N,)`` int64 predictions of the head for the exemplars."""
         return self.index.predictions
 
     @property
     def vectors(self) -> torch.Tensor:
-        """``[N, M]`` exemplars in the storage dtype."""
+        """``(N, M)`` exemplars in the storage dtype."""
         return self.index.vectors
 
     @property
@@ -150,13 +155,11 @@ class SupportSet:
         return self.index.owns_vectors
 
     def stored_vectors(self) -> torch.Tensor:
-        """The exemplars without a copy where possible (a view into FAISS on the CPU): valid
-        only until the set changes; use :attr:`vectors` to keep them."""
+        """The exemplars without a copy where possible, valid only until the set changes (:attr:`vectors` copies)."""
         return self.index.stored_vectors()
 
     def set_search_width(self, width: int) -> None:
-        """``nprobe`` (IVF) or ``efSearch`` (HNSW) of the live index; not saved (a saved head
-        rebuilds its index from ``SDMConfig.index_params``)."""
+        """Set ``nprobe`` (IVF) or ``efSearch`` (HNSW) of the live index (not saved)."""
         self.index.set_search_width(width)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +187,11 @@ class SupportSet:
         ids: list | None = None,
         texts: list | None = None,
     ) -> None:
-        """Append rows; existing row numbers do not change. ``ids`` / ``texts`` must be given
-        exactly when the set stores them."""
+        """Append rows ``exemplars (K, M)``, ``labels`` / ``predictions (K,)``; existing row numbers stay.
+
+        Raises:
+            ValueError: ``ids`` / ``texts`` given when the set stores none (or missing when it does), or not K long.
+        """
         for values, name, stored in ((ids, "ids", self.ids), (texts, "texts", self.texts)):
             if (values is None) != (stored is None):
                 raise ValueError(
@@ -202,8 +208,7 @@ class SupportSet:
         self._training_lists = None
 
     def exact_copy(self) -> SupportSet:
-        """The same exemplars behind an exact float32 flat index (the reference an approximate
-        or float16 index is compared with)."""
+        """The same exemplars behind an exact float32 flat index (the reference for approximate ones)."""
         index = SupportIndex(self.index.vectors.float(), self.labels, self.predictions, device=self.device)
         return SupportSet(index, self.ids, self.texts)
 
@@ -215,9 +220,8 @@ class SupportSet:
         config: SDMConfig,
         self_index: torch.Tensor | None = None,
     ) -> SimilarityResult:
-        """``q``, nearest row and ``d_nearest`` of query ``exemplars`` [B, M] predicted
-        ``prediction`` [B]; ``self_index`` [B] is each row's own support row (-1: none),
-        excluded from its search."""
+        """``q``, nearest row and ``d_nearest`` of query ``exemplars (B, M)`` predicted ``prediction (B,)``;
+        ``self_index (B,)``: each row's own support row, excluded from its search (-1: none)."""
         return compute_similarity(
             self,
             exemplars,
@@ -230,9 +234,8 @@ class SupportSet:
         )
 
     def training_distance_lists(self, config: SDMConfig, recompute: bool = False) -> list[torch.Tensor]:
-        """Class-wise distance lists of the support points themselves, each point's own row
-        excluded from its search (what a support point's ``d`` is read from during training).
-        Cached until the set changes."""
+        """C sorted class-wise distance lists of the support points, own row excluded (a support point's
+        ``d`` during training); cached until the set changes."""
         if self._training_lists is None or recompute:
             rows = torch.arange(self.ntotal)
             sim = self.similarity(self.index.vectors, self.predictions, config, self_index=rows)

@@ -1,27 +1,10 @@
-"""Baseline selective classifiers to compare SDM heads against.
+"""Baseline selective classifiers to compare SDM heads against, each ending in ``(prediction (N,), admit (N,) bool)``.
 
-These are the kinds of estimator that Schmaltz (2025), *Similarity-Distance-Magnitude
-Activations*, compares with: softmax thresholds with and without the adaptor, temperature
-scaling, APS / RAPS conformal sets and the SDM head's own partial rules (``softmax(d z')``,
-``sdm >= alpha``), so a user can rerun that comparison on their own features.
-
-Every estimator ends in a ``(prediction [N], admit [N] bool)`` pair for
-:func:`sdm_hf.evaluation.metrics.selective_classification_report`. All are defined on the same
-features and splits as the SDM head:
-
-* :func:`fit_linear_probe` — a linear softmax classifier on the raw features, trained with
-  cross-entropy; admit when its max probability >= alpha.
-* CE adaptor — the SDM head's architecture trained with plain cross-entropy
-  (``fit_sdm_head(..., use_sdm_loss=False)``); admit when ``softmax(z') >= alpha``
-  (:func:`softmax_rule`).
-* :func:`fit_temperature` — temperature scaling (Guo et al., 2017) of the CE adaptor's
-  logits, fitted on the calibration split by minimising the NLL.
-* :func:`conformal_threshold` / :func:`conformal_sets` — APS (Romano et al., 2020) and RAPS
-  (Angelopoulos et al., 2021) prediction sets at coverage alpha, calibrated on the
-  calibration split; admit when the set is a singleton (non-randomised variants, so results
-  are deterministic).
-* :func:`sdm_rules` — from an SDM head's own output: ``softmax(z') >= alpha``,
-  ``softmax(d z') >= alpha``, ``sdm >= alpha``, ``sdm_HR`` and ``sdm_HR_lower``.
+The comparisons of Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760, for
+:func:`sdm_hf.evaluation.metrics.selective_classification_report`: a linear probe and the CE adaptor
+(``fit_sdm_head(..., use_sdm_loss=False)``) with :func:`softmax_rule`, temperature scaling (Guo et al., 2017),
+APS (Romano et al., 2020) and RAPS (Angelopoulos et al., 2021) singleton sets (non-randomised), and the SDM
+head's own partial rules (:func:`sdm_rules`).
 """
 
 from __future__ import annotations
@@ -48,8 +31,8 @@ __all__ = [
 
 
 def softmax_rule(logits: torch.Tensor, alpha: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(prediction [N], admit [N] bool)``: ``argmax`` and ``max softmax(logits / T) >= alpha``
-    for ``[N, C]`` logits and a temperature ``T > 0``."""
+    """``(prediction (N,), admit (N,) bool)``: ``argmax`` and ``max softmax(logits / T) >= alpha`` for
+    ``logits (N, C)`` and ``T = temperature > 0``."""
     p = torch.softmax(logits.float() / temperature, dim=1)
     confidence, prediction = p.max(dim=1)
     return prediction, confidence >= alpha
@@ -64,9 +47,8 @@ def fit_linear_probe(
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> nn.Module:
-    """Linear softmax classifier on (standardised) raw features, full-batch Adam on the
-    cross-entropy, on ``x`` ``[N, D]`` and labels ``y`` ``[N]``. Returns a module (eval mode)
-    mapping ``[N, D]`` features to ``[N, C]`` logits."""
+    """Linear softmax classifier on standardised ``x (N, D)``, labels ``y (N,)``, full-batch Adam on the
+    cross-entropy. Returns a module (eval mode) mapping ``(N, D)`` features to ``(N, C)`` logits."""
     x = torch.as_tensor(x).float()
     y = torch.as_tensor(y).long()
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
@@ -96,8 +78,8 @@ class _Standardize(nn.Module):
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """Temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` on held-out data
-    (``[N, C]`` logits, ``[N]`` labels); fitted on ``log T`` so that ``T`` stays positive."""
+    """Temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` on held-out ``logits (N, C)``,
+    ``labels (N,)`` (LBFGS on ``log T``)."""
     logits = torch.as_tensor(logits).detach().double()
     labels = torch.as_tensor(labels).long()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -114,15 +96,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
 
 def conformal_scores(probabilities: torch.Tensor, penalty: float = 0.0, k_reg: int = 1) -> torch.Tensor:
-    """Non-conformity score of every class: the probability mass of the classes ranked at or
-    above it (APS), plus ``penalty * max(0, rank - k_reg)`` (RAPS; rank is 1-based).
+    """Non-conformity score of every class: the mass of the classes ranked at or above it (APS), plus
+    ``penalty * max(0, rank - k_reg)`` (RAPS, 1-based rank; ``penalty = 0`` is APS).
 
     Args:
-        probabilities: ``[N, C]`` class probabilities (rows sum to 1).
-        penalty, k_reg: RAPS's regularisation (``penalty = 0`` is APS).
+        probabilities: ``(N, C)`` class probabilities (rows sum to 1).
 
     Returns:
-        ``[N, C]`` float64 scores; lower means more conforming.
+        ``(N, C)`` float64 scores; lower means more conforming.
     """
     p = probabilities.double()
     order = torch.argsort(p, dim=1, descending=True, stable=True)
@@ -138,10 +119,8 @@ def conformal_scores(probabilities: torch.Tensor, penalty: float = 0.0, k_reg: i
 def conformal_threshold(
     probabilities: torch.Tensor, labels: torch.Tensor, alpha: float, penalty: float = 0.0, k_reg: int = 1
 ) -> float:
-    """Split-conformal threshold at coverage ``alpha``: the ``ceil((n + 1) alpha)``-th smallest
-    calibration score of the true class (``inf`` when ``n`` is too small).
-
-    ``probabilities`` is ``[n, C]`` and ``labels`` ``[n]`` on the calibration split."""
+    """Split-conformal threshold at coverage ``alpha``: the ``ceil((n + 1) alpha)``-th smallest true-class
+    score of calibration ``probabilities (n, C)``, ``labels (n,)`` (``inf`` when ``n`` is too small)."""
     scores = conformal_scores(probabilities, penalty, k_reg).gather(1, torch.as_tensor(labels).long().view(-1, 1))
     scores = torch.sort(scores.squeeze(1)).values
     rank = math.ceil((scores.numel() + 1) * alpha)
@@ -149,15 +128,14 @@ def conformal_threshold(
 
 
 def conformal_sets(probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1) -> torch.Tensor:
-    """``[N, C]`` bool membership of each class in the prediction set, for ``[N, C]``
-    probabilities and a threshold from :func:`conformal_threshold`."""
+    """``(N, C)`` bool prediction-set membership for ``probabilities (N, C)`` and a :func:`conformal_threshold`."""
     return conformal_scores(probabilities, penalty, k_reg) <= threshold
 
 
 def conformal_rule(
     probabilities: torch.Tensor, threshold: float, penalty: float = 0.0, k_reg: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(prediction [N], admit [N] bool)``: ``argmax`` and "the set is exactly {argmax}"."""
+    """``(prediction (N,), admit (N,) bool)``: ``argmax`` and "the set is exactly {argmax}"."""
     sets = conformal_sets(probabilities, threshold, penalty, k_reg)
     prediction = probabilities.argmax(dim=1)
     singleton = (sets.sum(dim=1) == 1) & sets.gather(1, prediction.view(-1, 1)).squeeze(1)
@@ -165,12 +143,8 @@ def conformal_rule(
 
 
 def sdm_rules(output: SDMOutput, alpha: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The SDM head's own estimators from an :class:`~sdm_hf.SDMOutput`.
-
-    Returns:
-        estimator name -> ``(prediction [N], admit [N] bool)``; the prediction is always
-        ``argmax z'``.
-    """
+    """The SDM head's own rules on an :class:`~sdm_hf.SDMOutput`: ``softmax(z')``, ``softmax(d z')`` and
+    ``sdm`` at least ``alpha``, HR and HR lower, as name -> ``(argmax z' (N,), admit (N,) bool)``."""
     z = output.logits.float()
     pred = output.prediction
     return {

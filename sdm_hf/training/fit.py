@@ -1,26 +1,9 @@
 """``fit_sdm_head``: train, select and calibrate an SDM head over frozen features.
 
-The estimator of Schmaltz (2025), *Similarity-Distance-Magnitude Activations*
-(arXiv:2509.12760): the head is trained with the SDM loss (cross-entropy of the change-of-base
-activation ``sdm(z')``, whose base ``2 + q`` and exponent scale ``d`` come from the current
-support set), a state is kept, and Algorithm 1 calibrates the HR region on calibration rows.
-
-Three named procedures (:data:`PROCEDURES`):
-
-* ``"auto"`` (the default): the calibration rows are exactly the rows Algorithm 1 calibrates on
-  and take no part in choosing weights, normalisation statistics, epochs or settings; a share
-  of the training rows is held out to early-stop and to choose between candidate settings
-  (:mod:`sdm_hf.training.setting_choice` states the rule and why the region's promise holds).
-* ``"paper"``: the papers' procedure: J = 10 shuffles, each merging training and calibration
-  rows and re-splitting them 50/50, E = 200 epochs at Adam lr 1e-5, the state of lowest
-  class-balanced calibration SDM loss over all shuffles and epochs, calibrated on that state's
-  own calibration half.
-* ``"fast"``: the papers' selection rule at lr 1e-3, J = 2, early stopping.
-
-Which settings keep the HR region's promise in ``"paper"``/``"fast"``: the learning rate, the
-number of epochs and shuffles, early stopping and the batch size only change *which* weights
-are proposed; Algorithm 1 itself is untouched. ``selection_fraction > 0`` keeps the rows that
-choose the state apart from the rows that calibrate, so the latter are not used twice.
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760: the head is trained with the
+SDM loss ``-log_{2+q} sdm(z')_y``, a state is kept, and Algorithm 1 calibrates the HR region. Procedures
+(:data:`PROCEDURES`; derivation: docs/how_sdm_works.md, section 'Training the head'): ``"auto"``, ``"paper"``,
+``"fast"``.
 """
 
 from __future__ import annotations
@@ -46,19 +29,16 @@ __all__ = ["fit_sdm_head", "balanced_sdm_loss", "PROCEDURES", "FitSelection"]
 
 # Named training procedures: the settings fit_sdm_head uses for every argument left at None.
 PROCEDURES: dict[str, dict] = {
-    # settings chosen on held-out training rows (normalisation among AUTO_CANDIDATES, the epoch by
-    # early stopping); calibration rows are Algorithm 1's only (benchmarks/efficiency.py)
+    # settings chosen on held-out training rows; calibration rows are Algorithm 1's only
     "auto": dict(
         epochs=100, shuffles=1, batch_size=50, learning_rate=1e-3, patience=10, selection_fraction=0.0,
         holdout_fraction=0.25, refit=True, resplit=False,
     ),
-    # Schmaltz (2025): J = 10 shuffles x E = 200 epochs, Adam lr 1e-5, minibatches of 50, the
-    # state of lowest calibration SDM loss over all epochs and shuffles, no early stopping
+    # Schmaltz (2025): J = 10 shuffles x E = 200 epochs, the state of lowest calibration SDM loss
     "paper": dict(
         epochs=200, shuffles=10, batch_size=50, learning_rate=1e-5, patience=0, selection_fraction=0.0, resplit=True
     ),
-    # Adam lr 1e-3 with early stopping: a fraction of the cost; the kept state is still the one
-    # of lowest calibration SDM loss, and Algorithm 1 is unchanged
+    # the papers' selection rule at lr 1e-3 with early stopping
     "fast": dict(
         epochs=100, shuffles=2, batch_size=50, learning_rate=1e-3, patience=10, selection_fraction=0.0, resplit=True
     ),
@@ -68,8 +48,7 @@ _MAX_SPLIT_DRAWS = 100
 
 
 def _draw_split(n_total, labels, num_classes, generator):
-    """50/50 split of the merged data (odd element to calibration) with >= 2 points of
-    every class on each side; redrawn (seeded) when a side comes up short."""
+    """Seeded 50/50 split (odd element to calibration), redrawn until every class has >= 2 rows per side."""
     half = n_total // 2
     for _ in range(_MAX_SPLIT_DRAWS):
         perm = torch.randperm(n_total, generator=generator)
@@ -83,9 +62,8 @@ def _draw_split(n_total, labels, num_classes, generator):
 
 
 def _split_selection(calib_idx, labels, num_classes, fraction, generator):
-    """``(selection_idx, calibration_idx)``: per class, ``round(fraction * n_c)`` of the
-    calibration rows (seeded; at least 2, and at least 2 left) choose the kept state, the rest
-    are Algorithm 1's calibration set. ``fraction == 0``: both are ``calib_idx`` (no draw)."""
+    """``(selection_idx, calibration_idx)``: per class ``round(fraction * n_c)`` rows choose the state (both
+    ``calib_idx`` when ``fraction == 0``)."""
     if fraction == 0:
         return calib_idx, calib_idx
     kept, held = holdout_split(
@@ -126,68 +104,48 @@ def fit_sdm_head(
     """Train, select and calibrate an SDM head over frozen features.
 
     Args:
-        train_x: ``[N_train, D]`` training features (tensor or ndarray).
-        train_y: ``[N_train]`` integer labels ``0..C-1``.
-        calib_x: ``[N_calib, D]`` calibration features, drawn like the data the head will see.
-        calib_y: ``[N_calib]`` labels.
-        config: the head's :class:`SDMConfig`; by default ``input_dim = D`` and
-            ``num_classes = max label + 1`` with the papers' other defaults.
-        procedure: the named settings (:data:`PROCEDURES`) used for every argument left at
-            None. ``"auto"`` (default): calibration rows are Algorithm 1's only; ``holdout_fraction``
-            of the training rows (per class, seeded) are held out, every candidate setting
-            (``candidates``, by default scalar and per-feature normalisation) is trained on the
-            rest with early stopping on the held-out rows, and the candidate whose HR region,
-            estimated on the held-out rows at the config's alpha, admits most while holding its
-            accuracy is kept; that setting is retrained on all training rows for the chosen
-            number of epochs, they form the support set, and Algorithm 1 runs with the
-            small-region guard (``min_class_points="auto"``: a region resting on fewer than
-            ``1 / (1 - alpha)`` calibration points of a class is emptied) unless the config sets
-            its own. Because no
-            calibration row takes part in any choice, calibration rows and new rows drawn like
-            them are exchangeable given the head: the setting of the region's finite-sample
-            argument (the full rule: :mod:`sdm_hf.training.setting_choice`). ``"paper"`` is Schmaltz
-            (2025)'s procedure (training and calibration rows pooled and re-split 50/50 in each
-            of J = 10 shuffles, E = 200 epochs at lr 1e-5, the state of lowest calibration loss);
-            ``"fast"`` is the same selection at lr 1e-3, J = 2, early stopping.
+        train_x: ``(N_train, D)`` float training features (tensor or ndarray).
+        train_y: ``(N_train,)`` labels: class indices ``0..C-1`` or names (str).
+        calib_x: ``(N_calib, D)`` calibration features, drawn like the data the head will see.
+        calib_y: ``(N_calib,)`` labels.
+        config: the head's :class:`SDMConfig` (default: ``input_dim = D``, ``num_classes = max label + 1``).
+        procedure: the named settings (:data:`PROCEDURES`) for every argument left at None. ``"auto"``:
+            candidate settings are trained and chosen on ``holdout_fraction`` of the training rows, the
+            choice is retrained on all of them and calibrated with ``min_class_points="auto"`` unless the
+            config sets one; no calibration row takes part in any choice. ``"paper"``: J = 10 shuffles
+            re-splitting train + calibration 50/50, E = 200 epochs at lr 1e-5, the state of lowest
+            calibration loss. ``"fast"``: the same at lr 1e-3, J = 2, early stopping.
         epochs: E, the most epochs per run (epoch 0 is plain cross-entropy).
-        shuffles: J, independent restarts (``"paper"``/``"fast"``); the best state is kept.
+        shuffles: J, independent restarts (``"paper"``/``"fast"``; ``"auto"``: must be 1).
         batch_size: minibatch size.
-        learning_rate: Adam learning rate (no weight decay).
-        patience: early stopping: a run ends after this many epochs without a lower selection
-            loss than its best so far (0 runs all E epochs).
-        selection_fraction: ``"paper"``/``"fast"`` only, in ``[0, 1)``: per class, this share of
-            each shuffle's calibration rows (seeded, at least 2) chooses the kept state and only
-            the rest calibrate with Algorithm 1 (0, the papers' procedure, uses the same rows).
-        holdout_fraction: ``"auto"`` only, in ``(0, 1)``: the share of the training rows (per
-            class, at least 2) held out to early-stop and choose the setting (default 0.25).
-        candidates: ``"auto"`` only: the settings to choose between, each a dict of
-            :class:`SDMConfig` fields (e.g. ``{"normalization": "feature", "exemplar_dim": 256}``).
-        resplit: True merges train and calibration rows and re-splits them 50/50 (seeded; the
-            odd element goes to calibration): in every shuffle for ``"paper"``/``"fast"`` (their
-            default), once for ``"auto"`` (whose default, False, keeps your split).
-        seed: seeds the splits, initialisations and minibatch orders (fully reproducible).
+        learning_rate: Adam learning rate (no weight decay), > 0.
+        patience: a run ends after this many epochs without a lower selection loss (0: never).
+        selection_fraction: ``"paper"``/``"fast"`` only, in ``[0, 1)``: per class, this share of each
+            shuffle's calibration rows chooses the state and only the rest calibrate (0: the same rows).
+        holdout_fraction: ``"auto"`` only, in ``(0, 1)``: share of training rows held out per class (0.25).
+        candidates: ``"auto"`` only: dicts of :class:`SDMConfig` fields and ``learning_rate`` to choose
+            between (default: scalar and per-feature normalisation).
+        resplit: True pools train and calibration rows and re-splits them 50/50 (seeded): every shuffle for
+            ``"paper"``/``"fast"`` (their default), once for ``"auto"`` (default False).
+        seed: seeds splits, initialisations and minibatch orders, in ``[0, 2**63)``.
         device: ``None``/``"cpu"`` or ``"cuda"``; the returned head lives there.
-        progress: one tqdm bar over the whole fit with the time left (one line per 30 s in a log).
+        progress: one tqdm bar over the whole fit (one line per 30 s in a log).
         callback: called after every epoch with that epoch's metrics dict.
-        train_ids, calib_ids, train_texts, calib_texts: optional per-row document ids /
-            texts; those of the rows that end up in the support set are stored for
-            explanations.
-        use_sdm_loss: False trains the same architecture with plain cross-entropy
-            (``q = e - 2``, ``d = 1`` throughout, no per-epoch neighbour search) and selects
-            on the balanced cross-entropy: the "CE adaptor" baseline. The returned head is
-            still built and calibrated, so its SDM outputs exist too.
-        ood_x: ``[K, D]`` known out-of-distribution points (e.g. inputs the head must never
-            admit): added to the final support set with the label -1 before calibration, so a
-            query whose nearest exemplar is one of them has ``q = 0`` (OOD).
+        train_ids, calib_ids, train_texts, calib_texts: optional per-row ids / texts (both or neither);
+            the support rows' are stored for explanations.
+        use_sdm_loss: False trains and selects with plain cross-entropy (``q = e - 2``, ``d = 1``): the
+            "CE adaptor" baseline, still calibrated.
+        ood_x: ``(K, D)`` known out-of-distribution points, added to the support set with label -1 before
+            calibration (a query nearest to one has ``q = 0``).
 
     Returns:
-        A calibrated :class:`SDMHead`. ``head.training_history`` is the list of per-epoch
-        metric dicts; ``head.selection`` (a :class:`FitSelection`; print it) says which
-        procedure, setting and state were kept and why.
+        A calibrated :class:`SDMHead` with ``training_history`` (per-epoch metric dicts) and ``selection``
+        (a :class:`FitSelection`: procedure, setting and state kept, and why).
 
     Raises:
-        ValueError: bad shapes, labels, settings, or too few rows of a class to split.
-        TypeError: a config that is not an :class:`SDMConfig`, or non-numeric features.
+        ValueError: bad shapes, labels or settings, a setting for the other procedure, too few rows of a
+            class to split, or training that diverged.
+        TypeError: a config that is not an :class:`SDMConfig`, non-numeric features, or a bad ``seed``.
 
     Example:
         >>> import torch
@@ -284,8 +242,7 @@ def fit_sdm_head(
 
 
 def _inferred_classes(train_y: LabelsLike, n_rows: int) -> int:
-    """``C = max label + 1`` (at least 2), refusing a label too large for the rows to hold every
-    class twice (e.g. an id in place of a class index) before anything is allocated."""
+    """``C = max label + 1`` (at least 2); ValueError when ``n_rows`` cannot hold every class twice."""
     y = check.as_labels(train_y, "train_y", num_classes=2**62, length=n_rows)
     largest = int(y.max()) if y.numel() else 1
     limit = max(2, n_rows // 2)
@@ -386,8 +343,7 @@ class _FitRun:
 
     def _train(self, config, train_idx, select_idx, epochs, batch_size, learning_rate, patience, bar, tag,
                keep_last=False):  # fmt: skip
-        """One run of a fresh head: ``train_idx`` rows train it and are its support, ``select_idx``
-        rows choose its kept epoch (or, ``keep_last``, only report metrics); ``tag`` marks its history."""
+        """One run of a fresh head on ``train_idx``, its epoch chosen on ``select_idx`` (``keep_last``: the last)."""
         return train_fresh_head(
             config,
             self.all_x[train_idx],
@@ -406,7 +362,7 @@ class _FitRun:
         )[1]
 
     def auto(self, candidates, settings, epochs, batch_size, learning_rate, patience, fraction) -> SDMHead:
-        """``"auto"``: candidates trained and chosen on held-out training rows (module docstring)."""
+        """``"auto"``: candidates trained and chosen on held-out training rows, then refit and calibrated."""
         train_idx, calib_idx = self._user_split(settings["resplit"])
         fit_pos, held_pos = holdout_split(self.all_y[train_idx], self.config.num_classes, fraction, self.generator)
         fit_idx, held_idx = train_idx[fit_pos], train_idx[held_pos]
@@ -435,8 +391,7 @@ class _FitRun:
             state = choice.chosen.run.state
             if settings.get("refit"):
                 rate = choice.chosen.settings.get("learning_rate", learning_rate)
-                # the chosen setting retrained on every training row for the chosen number of epochs,
-                # the last state kept; its epochs are the run after the candidates (refit=True)
+                # the chosen setting retrained on every training row for the chosen number of epochs
                 bar.total += choice.chosen.run.epoch + 1
                 tag = {"shuffle": len(candidates), "refit": True}
                 state = self._train(

@@ -1,17 +1,9 @@
 """One SDM training run of a head: epochs, per-epoch refresh of ``q`` and ``d``, early stopping.
 
-The building block of every training procedure of :func:`sdm_hf.fit_sdm_head`. Epoch 0 trains
-with ``q = e - 2`` and ``d = 1`` (plain cross-entropy); after every epoch the support index is
-rebuilt from the training rows with the new weights, ``q`` and ``d`` are recomputed for the
-training rows (self excluded) and for the selection rows, and the next epoch trains with them.
-The state of lowest class-balanced SDM loss on the selection rows is kept (Schmaltz (2025),
-*Similarity-Distance-Magnitude Activations*, arXiv:2509.12760, Sec. 3).
-
-Speed: distances are computed in the D-dimensional space ``L^T x`` with ``L L^T = W^T W`` when
-``4 D <= M`` (``|W(x - x')|^2 = |L^T (x - x')|^2``; the adaptor bias cancels), which gives the
-exemplar-space distances at ``D / M`` of the cost; ``q`` comes from one dense pass per split
-(the number of support rows ordered before the nearest failing one), not from a k-nearest search
-widened until the run breaks; features are normalised once per run.
+Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760: epoch 0 trains with ``q = e - 2``,
+``d = 1`` (cross-entropy); after each epoch ``q`` and ``d`` are recomputed against the training rows and the
+state of lowest class-balanced SDM loss on the selection rows is kept (derivation: docs/how_sdm_works.md,
+section 'Training the head').
 """
 
 from __future__ import annotations
@@ -47,8 +39,7 @@ __all__ = [
 
 
 def balanced_sdm_loss(per_point_loss: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean over classes of the per-class mean loss (classes with no point are
-    skipped)."""
+    """Unweighted mean over classes of the per-class mean of ``per_point_loss (N,)`` (empty classes skipped)."""
     sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, per_point_loss.double())
     counts = torch.bincount(labels, minlength=num_classes)
     present = counts > 0
@@ -56,12 +47,9 @@ def balanced_sdm_loss(per_point_loss: torch.Tensor, labels: torch.Tensor, num_cl
 
 
 def search_space(head: SDMHead) -> torch.Tensor | None:
-    """``[D, D]`` matrix ``L`` with ``|L^T v| = |W v|`` when it pays, else None.
+    """``(D, D)`` float64 ``L`` with ``L L^T = W^T W`` (so ``|L^T v| = |W v|``) when ``4 D <= M``, else None.
 
-    Uses an eigendecomposition of ``W^T W`` (robust where a Cholesky factor would fail on a
-    near-singular Gram matrix). It costs O(M D^2 + D^3) per epoch, so it only pays when D is
-    well below M (measured: faster up to D = 128 at M = 1000, slower from D = 256), hence the
-    rule ``4 D <= M``."""
+    An eigendecomposition, robust where a Cholesky factor fails on a near-singular Gram matrix."""
     weight = head.adaptor.weight.detach().double()  # [M, D]
     if 4 * weight.shape[1] > weight.shape[0]:
         return None
@@ -70,17 +58,15 @@ def search_space(head: SDMHead) -> torch.Tensor | None:
 
 
 def search_vectors(head: SDMHead, normalized: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
-    """``[N, D or M]`` vectors whose pairwise L2 distances equal the exemplars' (the bias cancels)."""
+    """``(N, D or M)`` float32 vectors whose pairwise L2 distances equal the exemplars' (the bias cancels)."""
     if projection is None:
         return normalized @ head.adaptor.weight.detach().T
     return (normalized.double() @ projection).float()
 
 
 class RunData:
-    """One run's rows on the training device, normalised once with the head's statistics.
-
-    ``x_train [N, D]`` / ``y_train [N]`` train the weights and form the support set;
-    ``x_select [K, D]`` / ``y_select [K]`` choose the kept epoch."""
+    """One run's rows on the training device, normalised once: ``x_train (N, D)`` / ``y_train (N,)`` train
+    and form the support set, ``x_select (K, D)`` / ``y_select (K,)`` choose the kept epoch."""
 
     def __init__(self, head: SDMHead, x_train, y_train, x_select, y_select):
         self.y_train, self.y_select = y_train, y_select
@@ -103,8 +89,7 @@ class RunResult:
 
 @torch.no_grad()
 def _refresh(head: SDMHead, data: RunData, num_classes: int, max_q: int) -> dict:
-    """Recompute exemplars/predictions, the support index, ``q``, ``d`` for both parts and the
-    selection loss with the current weights (after every epoch)."""
+    """Recompute predictions, ``q`` and ``d`` of both parts and the selection metrics with the current weights."""
     logits_train = head.encode(data.x_train)[1]
     logits_select = head.encode(data.x_select)[1]
     pred_train = logits_train.argmax(1).cpu()
@@ -113,8 +98,7 @@ def _refresh(head: SDMHead, data: RunData, num_classes: int, max_q: int) -> dict
     vec_train = search_vectors(head, data.x_train, projection)
     vec_select = search_vectors(head, data.x_select, projection)
     y_train, y_select = data.y_train.cpu(), data.y_select.cpu()
-    # one exact dense pass per split (the support is the training rows, rebuilt every epoch):
-    # q is the count of rows before the nearest failing row, no k-nearest search to widen
+    # one exact dense pass per split: q is the count of rows before the nearest failing row
     own = torch.arange(vec_train.shape[0])
     sim_train = dense_similarity(vec_train, vec_train, pred_train, y_train, pred_train, self_index=own, max_q=max_q)
     sim_select = dense_similarity(vec_select, vec_train, pred_select, y_train, pred_train, max_q=max_q)
@@ -192,14 +176,17 @@ def train_run(
         epochs: the most epochs (epoch 0 is plain cross-entropy).
         batch_size: minibatch size; learning_rate: Adam's (no weight decay).
         patience: stop after this many epochs without a lower selection loss (0: never).
-        generator: the minibatch orders' seeded generator.
+        generator: seeds the minibatch orders.
         use_sdm_loss: False trains and selects with plain cross-entropy (``q = e - 2``, ``d = 1``).
-        on_epoch: called after every epoch with its metrics (``epoch``, ``train_loss``,
-            ``calibration_loss`` = the selection loss, accuracies, ``seconds``) and the best so far.
-        keep_last: return the last epoch's state instead of the best (a run of a fixed length).
+        on_epoch: called after each epoch with its metrics (``epoch``, ``train_loss``, ``calibration_loss``
+            = selection loss, accuracies, ``seconds``) and the best :class:`RunResult` so far.
+        keep_last: return the last epoch's state instead of the best.
 
     Returns:
-        The :class:`RunResult` of the lowest selection loss (ties go to the later epoch).
+        The :class:`RunResult` of the lowest selection loss (ties: the later epoch).
+
+    Raises:
+        ValueError: the loss or weights became non-finite, or ``epochs < 1``.
     """
     config = head.config
     optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=0.0, fused=True)
@@ -247,9 +234,9 @@ def train_fresh_head(
     device: torch.device,
     **run_settings,
 ) -> tuple[SDMHead, RunResult]:
-    """A head initialised from ``generator``, normalised with ``x_train [N, D]``'s statistics and
-    trained by :func:`train_run` (``run_settings``) on ``(x_train, y_train)`` with
-    ``(x_select, y_select)`` as selection rows. Returns the head (last epoch's weights) and its run."""
+    """A head initialised from ``generator``, normalised with ``x_train (N, D)``'s statistics and trained by
+    :func:`train_run` (``run_settings``), ``(x_select, y_select)`` selecting. Returns ``(head, run)``; the
+    head holds the last epoch's weights, ``run.state`` the kept ones."""
     head = SDMHead(copy.deepcopy(config), generator=generator).to(device)
     head.set_normalization(*SDMHead.normalization_statistics(x_train.cpu(), config.normalization))
     data = RunData(head, x_train.to(device), y_train.to(device), x_select.to(device), y_select.to(device))
@@ -257,8 +244,7 @@ def train_fresh_head(
 
 
 class _LineStream:
-    """A text stream for tqdm that ends every status with a newline instead of a carriage
-    return, so that a log file gets one readable line per update."""
+    """A tqdm stream that ends each status with a newline, so a log gets one line per update."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -273,10 +259,7 @@ class _LineStream:
 
 
 def fit_progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
-    """One tqdm bar over a whole fit (``total`` epochs at most), with the time left.
-
-    On a terminal it redraws in place; in a log (stderr not a TTY) it writes one line at most
-    every 30 seconds."""
+    """One tqdm bar over a whole fit (``total`` epochs at most); in a log (stderr not a TTY) one line per 30 s."""
     if not enabled:
         return tqdm(total=total, disable=True)
     stream = sys.stderr
@@ -307,13 +290,12 @@ def build_final_head(
     ood_x: torch.Tensor | None = None,
     stacklevel: int = 3,
 ) -> SDMHead:
-    """The returned head of a fit: ``state``'s weights, ``(support_x, support_y)`` as the support
-    set (with ``ood_x`` added as known OOD rows, label -1), calibrated on ``(calib_x, calib_y)``
-    by Algorithm 1. An empty-region warning is re-issued ``stacklevel`` frames up (the user's call)."""
+    """The returned head of a fit: ``state``'s weights, support ``(support_x, support_y)`` plus ``ood_x`` as
+    label -1, calibrated on ``(calib_x, calib_y)``; an empty-region warning is re-issued ``stacklevel`` up."""
     final = SDMHead(copy.deepcopy(config)).to(device)
     final.load_state_dict(state)
     final.build_support(support_x, support_y, ids=ids, texts=texts)
-    if ood_x is not None:  # known OOD rows join the support before calibration (q = 0 next to them)
+    if ood_x is not None:  # known OOD rows join the support before calibration
         n_ood = ood_x.shape[0]
         final.add_to_support(
             ood_x,

@@ -1,11 +1,7 @@
-"""Class labels as names or indices: one rule for ``fit_sdm_head``, :class:`~sdm_hf.SDMClassifier`
-and the command line.
+"""Class labels as names or indices: one rule for ``fit_sdm_head``, :class:`~sdm_hf.SDMClassifier` and the CLI.
 
-Labels may be integer class indices ``0..C-1`` or names (strings). Names are mapped to indices
-by a given ``id2label`` (a ``datasets.ClassLabel``'s names, ``SDMConfig.id2label`` or
-``--label-names``) or, when none is given, by sorting the names seen in the training and
-calibration labels (``["neg", "pos"]`` -> ``{0: "neg", 1: "pos"}``); the mapping is kept in the
-head's ``SDMConfig.id2label`` so predictions come back as names.
+Indices ``0..C-1`` pass through; names map to indices by a given ``id2label``, else by the sorted names seen
+(``["neg", "pos"]`` -> ``{0: "neg", 1: "pos"}``), and the mapping is kept in ``SDMConfig.id2label``.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ def is_named(y: Any) -> bool:
 
 
 def names_to_ids(y: Any, name: str, label2id: dict[str, int]) -> torch.Tensor:
-    """``[N]`` int64 class indices of the label names ``y``.
+    """``(N,)`` int64 class indices of the label names ``y`` (``name``: the argument's name for messages).
 
     Raises:
         TypeError: ``y`` mixes names with other values.
@@ -56,16 +52,15 @@ def encode_labels(
     """Map label names to class indices; indices pass through unchanged.
 
     Args:
-        train_y, calib_y: ``[N]`` labels: names (strings) or class indices.
+        train_y, calib_y: ``(N,)`` labels, names (str) or class indices.
         id2label: the class names by index, when known; otherwise the sorted names seen.
 
     Returns:
-        ``(train_y, calib_y, id2label)``: int64 tensors and the mapping used when names were
-        given; the inputs unchanged and ``id2label`` as given when they are indices.
+        ``(train_y, calib_y, id2label)``: int64 tensors and the mapping used for names; for indices the
+        inputs and ``id2label`` unchanged.
 
     Raises:
-        TypeError: one argument holds names and the other indices, or names are mixed with
-            other values.
+        TypeError: one argument holds names and the other indices, or names mixed with other values.
         ValueError: a name is not in ``id2label``.
     """
     named = (is_named(train_y), is_named(calib_y))

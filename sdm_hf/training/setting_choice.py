@@ -1,29 +1,10 @@
 """The ``"auto"`` training procedure: settings chosen on held-out training rows, never on calibration rows.
 
-Why the HR region keeps its promise: Algorithm 1 (Schmaltz (2025), *Similarity-Distance-Magnitude
-Activations*, arXiv:2509.12760) targets class- and prediction-conditional accuracy of at least
-alpha on data exchangeable with its calibration rows, *given a fixed head*. Here the head is
-fixed before any calibration row is looked at: the training rows are split (per class, seeded)
-into a fitting part and a held-out part; every candidate setting is trained on the fitting part,
-its epoch is chosen by early stopping on the held-out part, and the candidate is chosen on the
-held-out part too. The calibration rows enter only afterwards, as Algorithm 1's input. So, given
-the fitted head, calibration rows and new rows drawn like them are exchangeable, which is the
-split-conformal setting of the region's finite-sample argument, without the small optimism of
-the papers' procedure (which picks its epoch on the same rows it calibrates on).
-
-The choice: for each candidate, repeated random halves of the held-out rows play calibration
-set and test set (Algorithm 1 on one half, the HR region measured on the other); the estimate
-is the admitted share of the test halves and, per class, the accuracy of the admitted. A
-candidate *holds* when no class's accuracy is more than two binomial standard errors below
-alpha. The held candidate with the largest admitted share is kept (ties: the earlier one);
-when none holds or none admits anything, the one of lowest held-out SDM loss.
-
-Then (``fit_sdm_head``): the kept setting is retrained on all training rows for the number of
-epochs early stopping chose (more data for the final weights; the held-out rows, now trained
-on, choose nothing more), all training rows form the support set, and Algorithm 1 runs on the
-calibration rows with the small-region guard unless the config sets its own. None of these
-steps reads a calibration row, so the argument above is unchanged. Measured on the shipped
-feature sets: ``benchmarks/results/efficiency.md``.
+So the calibration rows of Algorithm 1 (Schmaltz (2025), Similarity-Distance-Magnitude Activations,
+arXiv:2509.12760) stay exchangeable with new rows given the head. Rule: each candidate's HR region is estimated
+on random halves of the held-out rows; it *holds* when no class's admitted accuracy is more than
+``2 sqrt(alpha (1 - alpha) / n)`` below alpha (``n``: admitted per draw); the holding candidate admitting most
+is kept, else the one of lowest held-out loss (derivation: docs/how_sdm_works.md, section 'Training the head').
 """
 
 from __future__ import annotations
@@ -50,9 +31,7 @@ __all__ = [
     "check_candidates",
 ]
 
-# SDMConfig fields the "auto" procedure chooses between (benchmarks/efficiency.py: per-feature
-# normalisation admitted far more on the fact-checking features and less on unit-length sentence
-# embeddings, so neither is right everywhere)
+# SDMConfig fields "auto" chooses between (neither is best on every feature set: benchmarks/results/efficiency.md)
 AUTO_CANDIDATES: tuple[dict, ...] = ({"normalization": "scalar"}, {"normalization": "feature"})
 ESTIMATE_DRAWS = 10
 # candidate keys that are training settings, not SDMConfig fields
@@ -63,9 +42,9 @@ TRAINING_KEYS = ("learning_rate",)
 class AdmissionEstimate:
     """A candidate's HR region estimated on held-out training rows.
 
-    ``admitted_share``: mean share of the test halves admitted; ``class_admitted [C]`` and
-    ``class_accuracy [C]`` (None where a class had no admitted point): pooled over the draws;
-    ``holds``: no class more than 2 binomial SE below alpha (SE from the per-draw count)."""
+    ``admitted_share``: mean admitted share of the test halves; ``class_admitted`` / ``class_accuracy``: C
+    values pooled over the ``draws`` (accuracy None when none admitted); ``holds``: no class more than 2
+    binomial SE (from the per-draw count) below alpha."""
 
     admitted_share: float
     class_admitted: list[int]
@@ -91,8 +70,8 @@ def holdout_split(
     rows_name: str = "training rows",
     remedy: str = "add training data or pass procedure='fast'",
 ):
-    """``(kept_rows, held_rows)`` positions in ``labels``: per class, ``round(fraction * n_c)``
-    rows (seeded; at least 2, and at least 2 left) are held out, both sorted ascending.
+    """``(kept_rows, held_rows)`` int64 positions in ``labels (N,)``, sorted: per class ``round(fraction * n_c)``
+    rows (seeded; at least 2, and 2 left) are held out.
 
     Raises:
         ValueError: a class has fewer than 4 rows (the message names ``rows_name`` and ``remedy``)."""
@@ -114,9 +93,8 @@ def holdout_split(
 def estimate_admission(
     head: SDMHead, x_held: torch.Tensor, y_held: torch.Tensor, draws: int, generator: torch.Generator
 ) -> AdmissionEstimate:
-    """The HR region of ``head`` (support set built, alpha and guard from its config) estimated
-    on the held-out rows ``x_held [K, D]``, ``y_held [K]``: ``draws`` random halves calibrate
-    (Algorithm 1) and the other halves are measured."""
+    """The HR region of ``head`` (support built) estimated on ``x_held (K, D)``, ``y_held (K,)``: in each of
+    ``draws`` random splits one half calibrates and the other is measured (recalibrates ``head``)."""
     num_classes, alpha = head.config.num_classes, head.config.alpha
     admitted = torch.zeros(num_classes, dtype=torch.long)
     correct = torch.zeros(num_classes, dtype=torch.long)
@@ -164,6 +142,7 @@ class ChoiceResult:
     reason: str = ""
 
     def config(self, base: SDMConfig) -> SDMConfig:
+        """``base`` with the chosen candidate's config fields."""
         return replace(base, **config_fields(self.chosen.settings))
 
 
@@ -190,11 +169,11 @@ def choose_setting(
     on_epoch=None,
     on_run_end=None,
 ) -> ChoiceResult:
-    """Train every candidate on ``(x_fit, y_fit)``, early-stopped and estimated on
-    ``(x_held, y_held)``, and keep one (rule in the module docstring).
+    """Train every candidate on ``x_fit (N, D)``, ``y_fit (N,)``, early-stopped and estimated on ``x_held (K, D)``,
+    ``y_held (K,)``, and keep one by the module's rule.
 
-    ``on_epoch(metrics, best)`` is called after every epoch (``metrics["shuffle"]`` is the
-    candidate's position, as the history's shuffle); ``on_run_end(epochs_run)`` after each candidate's run."""
+    ``on_epoch(metrics, best)`` runs after every epoch (``metrics["shuffle"]``: the candidate's position);
+    ``on_run_end(epochs_run)`` after each candidate."""
     trained: list[Candidate] = []
     for position, settings in enumerate(candidates):
         config = replace(base_config, **config_fields(settings))
@@ -235,11 +214,11 @@ def choose_setting(
 
 
 def check_candidates(candidates, config: SDMConfig) -> tuple[dict, ...]:
-    """``candidates`` validated: a non-empty list of dicts of :class:`SDMConfig` fields (all but
-    the fixed ones) and ``learning_rate``, each checked by building its config.
+    """``candidates`` validated as a tuple of dicts of :class:`SDMConfig` fields (not ``input_dim``,
+    ``num_classes``, ``id2label``, ``alpha``, ``alphas``) and ``learning_rate``, each built on ``config``.
 
     Raises:
-        TypeError: not a non-empty list of dicts. ValueError: an unknown key or a bad value."""
+        TypeError: not a non-empty list, or a field of the wrong type. ValueError: an unknown key or a bad value."""
     if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence) or not candidates:
         raise TypeError("candidates must be a non-empty list of dicts of SDMConfig fields")
     fixed = {"input_dim", "num_classes", "id2label", "alpha", "alphas"}
