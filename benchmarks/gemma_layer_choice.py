@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "recipes"))
 import feature_sets  # noqa: E402
 
-from sdm_hf.features.extract import model_body, pool_hidden_states  # noqa: E402
+from sdm_hf.features.pooling import pool_hidden_states  # noqa: E402
+from sdm_hf.features.settings import model_body  # noqa: E402
 from sdm_hf.training.baselines import fit_linear_probe  # noqa: E402
 
 

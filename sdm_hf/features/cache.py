@@ -8,9 +8,6 @@ last, so an interrupted run never leaves a half-written entry that a later run t
 that fails its checks is recomputed. Files are safetensors and strict JSON only. In a run of several
 processes, ``distributed=True`` makes the main process the cache's only reader and writer (see
 :func:`~sdm_hf.features.distributed.main_process_cached`).
-
-:func:`~sdm_hf.features.model_loading.load_causal_lm`, :func:`~sdm_hf.utils.files.default_cache_dir` and
-:func:`~sdm_hf.utils.files.file_sha256` are also importable from here.
 """
 
 from __future__ import annotations
@@ -24,40 +21,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..utils.files import atomic_write_bytes, cache_root, default_cache_dir, file_sha256, json_text, read_json
+from ..utils.files import atomic_write_bytes, cache_root, json_text, read_json
 from .distributed import launched_processes, main_process_cached, texts_sha256
-from .extract import as_texts, check_layer, extract_features, model_body, num_hidden_layers, resolve_max_length
-from .model_loading import SOURCE_ATTRIBUTE, load_causal_lm
+from .extract import as_texts, extract_with_settings
+from .model_identity import name_and_revision
+from .settings import FeatureSettings, resolve_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# load_causal_lm, default_cache_dir and file_sha256 live in model_loading / cache_files; they are
-# re-exported so that their older import path (sdm_hf.features.cache) keeps working.
-__all__ = ["cached_features", "feature_cache_key", "load_causal_lm", "default_cache_dir", "file_sha256"]
+__all__ = ["cached_features", "feature_cache_key", "cache_key_of"]
 
 FEATURES_FORMAT = 1
-
-
-def _model_identity(model, model_id: str | None, revision: str | None) -> tuple[str, str | None]:
-    source = getattr(model, SOURCE_ATTRIBUTE, None)
-    source = source if isinstance(source, dict) else {}
-    config = getattr(model, "config", None)
-    if model_id is None:
-        model_id = (
-            source.get("model_id")
-            or getattr(config, "_name_or_path", None)
-            or getattr(model, "name_or_path", None)
-            or None
-        )
-    if not model_id:
-        raise ValueError(
-            f"cannot tell which model this {type(model).__name__} is (its config has no _name_or_path, e.g. it "
-            "was built from a config): pass model_id= (and revision= for its weights' version) to cached_features"
-        )
-    if revision is None:
-        revision = source.get("revision") or getattr(config, "_commit_hash", None)
-    return str(model_id), None if revision is None else str(revision)
 
 
 def _parameter_dtype(model) -> str | None:
@@ -92,17 +67,38 @@ def feature_cache_key(
     Returns:
         ``(hex sha256 key, fields)``: ``fields`` is the JSON-able dict that was hashed.
     """
-    model_id, revision = _model_identity(model, model_id, revision)
-    n_layers = num_hidden_layers(model_body(model)) if tokenizer is not None else None
-    check_layer(model, layer, n_layers)
+    settings = resolve_settings(model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
+    return cache_key_of(model, tokenizer, texts, settings, model_id=model_id, revision=revision)
+
+
+def cache_key_of(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    texts: list[str],
+    settings: FeatureSettings,
+    *,
+    model_id: str | None = None,
+    revision: str | None = None,
+) -> tuple[str, dict]:
+    """:func:`feature_cache_key` with the recipe already resolved (``settings``).
+
+    Raises:
+        ValueError: the model's name is unknown (built from a config) and ``model_id`` is None.
+    """
+    model_id, revision = name_and_revision(model, model_id, revision)
+    if not model_id:
+        raise ValueError(
+            f"cannot tell which model this {type(model).__name__} is (its config has no _name_or_path, e.g. it "
+            "was built from a config): pass model_id= (and revision= for its weights' version) to cached_features"
+        )
     fields = {
         "format": FEATURES_FORMAT,
         "model_id": model_id,
         "revision": revision,
         "dtype": _parameter_dtype(model),
-        "layer": layer % (n_layers + 1) if n_layers is not None else layer,
-        "pooling": pooling,
-        "max_length": resolve_max_length(model, tokenizer, max_length) if tokenizer is not None else max_length,
+        "layer": settings.layer,
+        "pooling": settings.pooling,
+        "max_length": settings.max_length,
         "tokenizer_class": None if tokenizer is None else type(tokenizer).__name__,
         "padding_side": getattr(tokenizer, "padding_side", None),
         "truncation_side": getattr(tokenizer, "truncation_side", None),
@@ -209,18 +205,49 @@ def cached_features(
         ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
     """
     texts = as_texts(texts)
+    settings = resolve_settings(model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
+    return cached_with_settings(
+        model,
+        tokenizer,
+        texts,
+        settings,
+        batch_size=batch_size,
+        model_id=model_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        progress=progress,
+        device=device,
+        use_cache=use_cache,
+        distributed=distributed,
+    )
+
+
+def cached_with_settings(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    texts: list[str],
+    settings: FeatureSettings,
+    *,
+    batch_size: int = 32,
+    model_id: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    use_cache: bool = True,
+    distributed: bool = False,
+) -> torch.Tensor:
+    """:func:`cached_features` with the recipe already resolved (``settings``); same returns and raises."""
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {distributed!r}")
 
     def compute() -> torch.Tensor:
-        return extract_features(
+        return extract_with_settings(
             model,
             tokenizer,
             texts,
-            pooling=pooling,
-            layer=layer,
+            settings,
             batch_size=batch_size,
-            max_length=max_length,
             device=device,
             progress=progress,
             distributed=distributed,
@@ -228,16 +255,7 @@ def cached_features(
 
     if not use_cache:
         return compute()
-    key, fields = feature_cache_key(
-        model,
-        tokenizer,
-        texts,
-        pooling=pooling,
-        layer=layer,
-        max_length=max_length,
-        model_id=model_id,
-        revision=revision,
-    )
+    key, fields = cache_key_of(model, tokenizer, texts, settings, model_id=model_id, revision=revision)
     folder = cache_root(cache_dir) / "features"
     weights, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"
 

@@ -34,17 +34,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .extract import (
-    POOLINGS,
-    as_texts,
-    check_layer,
-    extract_features,
-    model_body,
-    num_hidden_layers,
-    resolve_max_length,
-)
+from .cache import cached_with_settings
+from .extract import as_texts, extract_with_settings
 from .layout import DESCRIPTION_KEYS, layout_of
-from .model_loading import SOURCE_ATTRIBUTE
+from .model_identity import name_and_revision
+from .settings import FeatureSettings, is_sentence_transformer, resolve_settings
 
 __all__ = ["FeatureEncoder", "ComposedFeatures", "extract_composed_features", "compose_features"]
 
@@ -94,10 +88,6 @@ class ComposedFeatures(NamedTuple):
 _ENCODER_FIELDS = tuple(f.name for f in fields(FeatureEncoder))
 
 
-def _is_sentence_transformer(model) -> bool:
-    return type(model).__name__ == "SentenceTransformer" and hasattr(model, "encode")
-
-
 def _as_encoder(spec, k: int) -> FeatureEncoder:
     if isinstance(spec, FeatureEncoder):
         return spec
@@ -111,7 +101,7 @@ def _as_encoder(spec, k: int) -> FeatureEncoder:
         return FeatureEncoder(**spec)
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
         return FeatureEncoder(model=spec[0], tokenizer=spec[1])
-    if _is_sentence_transformer(spec):
+    if is_sentence_transformer(spec):
         return FeatureEncoder(model=spec)
     raise TypeError(
         f"encoder {k} is {type(spec).__name__}; pass a (model, tokenizer) pair, a FeatureEncoder, a dict "
@@ -119,23 +109,8 @@ def _as_encoder(spec, k: int) -> FeatureEncoder:
     )
 
 
-def _model_identity(encoder: FeatureEncoder) -> tuple[str | None, str | None]:
-    model = encoder.model
-    source = getattr(model, SOURCE_ATTRIBUTE, None)
-    source = source if isinstance(source, dict) else {}
-    config = getattr(model, "config", None)
-    if config is None and _is_sentence_transformer(model):  # its first module wraps the transformers model
-        try:
-            config = getattr(getattr(model[0], "auto_model", None), "config", None)
-        except (TypeError, IndexError, KeyError):  # pragma: no cover - exotic SentenceTransformers
-            config = None
-    name = encoder.name or source.get("model_id") or getattr(config, "_name_or_path", None) or None
-    revision = encoder.revision or source.get("revision") or getattr(config, "_commit_hash", None)
-    return (None if name is None else str(name)), (None if revision is None else str(revision))
-
-
-def _check_encoder(encoder: FeatureEncoder, k: int) -> dict:
-    """Validate ``encoder`` before any model runs; return its block description."""
+def _check_encoder(encoder: FeatureEncoder, k: int) -> tuple[dict, FeatureSettings]:
+    """Validate ``encoder`` before any model runs; return its block description and settings."""
     where = f"encoder {k}"
     if not isinstance(encoder.model, torch.nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(encoder.model).__name__}")
@@ -146,31 +121,29 @@ def _check_encoder(encoder: FeatureEncoder, k: int) -> dict:
         value = getattr(encoder, key)
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{where}: {key} must be a string or None, got {value!r}")
-    name, revision = _model_identity(encoder)
-    if _is_sentence_transformer(encoder.model):
-        if encoder.tokenizer is not None:
-            raise ValueError(f"{where}: pass tokenizer=None with a SentenceTransformer (it has its own)")
-        limit = getattr(encoder.model, "max_seq_length", None)
-        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
-        return {"model": name, "revision": revision, "pooling": None, "layer": None, "max_length": limit}
-    if encoder.tokenizer is None:
-        raise ValueError(f"{where}: a transformers model needs its tokenizer: pass (model, tokenizer)")
-    if encoder.pooling not in POOLINGS:
-        raise ValueError(f"{where}: pooling must be one of {POOLINGS}, got {encoder.pooling!r}")
     if isinstance(encoder.layer, bool) or not isinstance(encoder.layer, int):
         raise TypeError(f"{where}: layer must be an integer, got {encoder.layer!r}")
+    if encoder.tokenizer is None and not is_sentence_transformer(encoder.model):
+        raise ValueError(f"{where}: a transformers model needs its tokenizer: pass (model, tokenizer)")
     try:
-        check_layer(encoder.model, encoder.layer, num_hidden_layers(model_body(encoder.model)))
-        limit = resolve_max_length(encoder.model, encoder.tokenizer, encoder.max_length)
+        settings = resolve_settings(
+            encoder.model,
+            encoder.tokenizer,
+            pooling=encoder.pooling,
+            layer=encoder.layer,
+            max_length=encoder.max_length,
+        )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    return {
+    name, revision = name_and_revision(encoder.model, encoder.name, encoder.revision)
+    description = {
         "model": name,
         "revision": revision,
-        "pooling": encoder.pooling,
-        "layer": encoder.layer,
-        "max_length": limit,
+        "pooling": settings.pooling,
+        "layer": None if settings.sentence_transformer else encoder.layer,
+        "max_length": settings.max_length,
     }
+    return description, settings
 
 
 def compose_features(blocks: Sequence, descriptions: Sequence[Mapping | None] | None = None) -> ComposedFeatures:
@@ -282,7 +255,8 @@ def extract_composed_features(
         raise TypeError(f"cache must be True or False, got {cache!r}")
     texts = as_texts(texts)
     specs = [_as_encoder(spec, k) for k, spec in enumerate(encoders)]
-    descriptions = [_check_encoder(e, k) for k, e in enumerate(specs)]
+    checked = [_check_encoder(e, k) for k, e in enumerate(specs)]
+    descriptions = [description for description, _ in checked]
     if cache:
         nameless = [k for k, d in enumerate(descriptions) if not d["model"]]
         if nameless:
@@ -291,30 +265,23 @@ def extract_composed_features(
                 "pass FeatureEncoder(..., name=...), or cache=False"
             )
     blocks = []
-    for k, (encoder, description) in enumerate(zip(specs, descriptions)):
+    for k, (encoder, (description, settings)) in enumerate(zip(specs, checked)):
         options: dict[str, Any] = dict(
-            pooling=encoder.pooling,
-            layer=encoder.layer,
-            batch_size=encoder.batch_size,
-            max_length=encoder.max_length,
-            device=device,
-            progress=progress,
-            distributed=distributed,
+            batch_size=encoder.batch_size, device=device, progress=progress, distributed=distributed
         )
         if cache:
-            from .cache import cached_features
-
-            block = cached_features(
+            block = cached_with_settings(
                 encoder.model,
                 encoder.tokenizer,
                 texts,
+                settings,
                 model_id=description["model"],
                 revision=description["revision"],
                 cache_dir=cache_dir,
                 **options,
             )
         else:
-            block = extract_features(encoder.model, encoder.tokenizer, texts, **options)
+            block = extract_with_settings(encoder.model, encoder.tokenizer, texts, settings, **options)
         if not isinstance(block, torch.Tensor) or block.dim() != 2 or block.shape[0] != len(texts):
             raise ValueError(
                 f"encoder {k} returned features of shape {tuple(getattr(block, 'shape', ()))} for {len(texts)} "

@@ -1,30 +1,17 @@
 """Pooled hidden-state features from any Hugging Face model (the SDM head's input).
 
-``extract_features(model, tokenizer, texts, pooling=...)`` runs the model without gradients,
-in batches, and pools one hidden-state layer:
-
-* ``"mean"``: mean over the non-padding tokens;
-* ``"last"``: the last non-padding token (decoder LMs; padding side is handled);
-* ``"cls"``: the first (non-padding) token;
-* ``"mean_last"``: ``concat(mean, last)`` (twice the hidden width).
-
-Only the model's body runs: for a model with a head (``*ForCausalLM``, ``*ForMaskedLM``,
-``*ForSequenceClassification``) that is ``model.base_model``, so a causal LM's vocabulary
-projection (for Gemma 3, 262k logits per token) is never computed. For an intermediate layer of
-a decoder-layer stack the forward pass stops right after that layer.
-
-It also accepts a ``sentence_transformers.SentenceTransformer`` (``tokenizer=None``), whose own
-pooling then applies. Texts may be a list, a tuple or a ``datasets`` column. With
-``distributed=True`` the processes of an ``accelerate launch`` run share the texts
-(:mod:`sdm_hf.features.distributed`).
+``extract_features(model, tokenizer, texts, pooling=..., layer=...)`` tokenizes once, runs the
+model's body without gradients in length-sorted batches and pools one ``hidden_states`` entry
+(:mod:`sdm_hf.features.pooling`); the vocabulary projection of a causal LM never runs, and for an
+intermediate layer the forward stops after it (:mod:`sdm_hf.features.layer_capture`). A
+``SentenceTransformer`` (``tokenizer=None``) pools by itself. ``distributed=True`` shares the texts
+among the processes of an ``accelerate launch`` run (:mod:`sdm_hf.features.distributed`).
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Iterable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,235 +20,14 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from ..search.index import resolve_device
+from .layer_capture import early_stop_layers, explicit_inputs, selects_hidden_states, stop_after
+from .pooling import pool_hidden_states
+from .settings import FeatureSettings, model_body, resolve_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = [
-    "extract_features",
-    "pool_hidden_states",
-    "model_body",
-    "num_hidden_layers",
-    "resolve_max_length",
-    "POOLINGS",
-]
-
-POOLINGS = ("mean", "last", "cls", "mean_last")
-
-
-def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool ``[B, T, H]`` hidden states with a ``[B, T]`` 0/1 attention mask.
-
-    Padding positions never reach the result (not even as NaN: they are selected out, not
-    multiplied by zero). A row without any non-padding token pools to zeros for ``"mean"``.
-
-    Returns:
-        ``[B, H]`` (or ``[B, 2H]`` for ``"mean_last"``) float32.
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    hidden = hidden.float()
-    valid = attention_mask.bool()
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
-    if pooling == "cls":  # the first non-padding position (position 0 unless the batch is left-padded)
-        first_index = torch.where(valid, positions, torch.full_like(positions, hidden.shape[1])).min(dim=1).values
-        return hidden[rows, first_index.clamp(max=hidden.shape[1] - 1)]
-    keep = valid.unsqueeze(-1)
-    mean = torch.where(keep, hidden, 0.0).sum(1) / keep.sum(1).clamp(min=1).float()
-    if pooling == "mean":
-        return mean
-    # last non-padding position, whichever side the padding is on
-    last_index = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
-    last = hidden[rows, last_index.clamp(min=0)]
-    return last if pooling == "last" else torch.cat([mean, last], dim=1)
-
-
-def _is_sentence_transformer(model) -> bool:
-    return type(model).__name__ == "SentenceTransformer" and hasattr(model, "encode")
-
-
-def model_body(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of ``model`` that computes its hidden states, without any task head.
-
-    For a transformers model with a head this is ``model.base_model`` (``Gemma3ForCausalLM.model``,
-    ``LlamaForCausalLM.model``, ``BertForSequenceClassification.bert``); a bare body
-    (``BertModel``) is returned as is. A PEFT wrapper is unwrapped first (its adapters live inside
-    the wrapped model, so they still apply). Any other module is returned unchanged.
-
-    Args:
-        model: a ``transformers.PreTrainedModel``, a PEFT model, or any ``torch.nn.Module``.
-
-    Returns:
-        The body module (possibly ``model`` itself).
-    """
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel) and hasattr(model, "get_base_model"):
-        wrapper: Any = model  # a PEFT model: nn.Module's typed attributes do not include get_base_model
-        inner = wrapper.get_base_model()
-        if isinstance(inner, PreTrainedModel):
-            model = inner
-    if isinstance(model, PreTrainedModel):
-        body = model.base_model
-        if isinstance(body, PreTrainedModel):
-            return body
-    return model
-
-
-def num_hidden_layers(model: torch.nn.Module) -> int | None:
-    """``num_hidden_layers`` of ``model``'s (text) config, or None when the config does not say.
-
-    ``output_hidden_states`` then has ``num_hidden_layers + 1`` entries: 0 is the embedding
-    output and ``num_hidden_layers`` (= -1) the final layer's output after the final norm.
-    """
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    value = getattr(config, "num_hidden_layers", None)
-    if value is None and hasattr(config, "get_text_config"):
-        try:
-            value = getattr(config.get_text_config(), "num_hidden_layers", None)
-        except (AttributeError, TypeError, ValueError):  # pragma: no cover - exotic configs
-            value = None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def resolve_max_length(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, max_length: int | None = None
-) -> int:
-    """The truncation length :func:`extract_features` uses.
-
-    Args:
-        model: the model (its ``config.max_position_embeddings`` is the fallback).
-        tokenizer: the tokenizer (its ``model_max_length`` is the default), or None.
-        max_length: an explicit limit; returned unchanged when given.
-
-    Returns:
-        ``max_length``, else the tokenizer's ``model_max_length`` when it is a real limit, else
-        the model's ``max_position_embeddings``, else 512.
-    """
-    if max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
-        return max_length
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is None or limit > 1_000_000:  # tokenizers without a limit report a huge number
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512
-    return int(limit)
-
-
-def check_layer(model, layer, n_layers: int | None) -> None:
-    """Raise unless ``layer`` indexes one of the ``n_layers + 1`` hidden states (any int when unknown)."""
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-    if n_layers is not None and not -(n_layers + 1) <= layer <= n_layers:
-        raise ValueError(
-            f"layer={layer} is out of range for {type(model).__name__} with {n_layers} hidden layers: pass "
-            f"-{n_layers + 1} <= layer <= {n_layers} (0 = embeddings, {n_layers} or -1 = final layer after the norm)"
-        )
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook once the requested layer's output is captured (ends the forward early)."""
-
-
-def _explicit_inputs(module) -> set[str]:
-    """Names ``module.forward`` declares explicitly (not through ``**kwargs``)."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return set()
-    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-
-
-def _recorded_layer_class(body):
-    """The module class (and output index) whose outputs transformers records as ``hidden_states``.
-
-    In transformers 5 a body's forward collects ``hidden_states`` with hooks on the modules named
-    by its ``_can_record_outputs["hidden_states"]``: entry 0 is the first such module's input,
-    entry ``i`` its ``i``-th call's output (the last one replaced by ``last_hidden_state``).
-    Returns ``(cls, index)`` for a plain class spec, else None (no early stop for that model).
-    """
-    specs = getattr(body, "_can_record_outputs", None)
-    if not isinstance(specs, dict):
-        return None
-    spec = specs.get("hidden_states")
-    if isinstance(spec, type):
-        return spec, 0
-    target = getattr(spec, "target_class", None)
-    if (
-        isinstance(target, type)
-        and getattr(spec, "layer_name", None) is None
-        and getattr(spec, "class_name", None) is None
-        and getattr(spec, "capture_initial_hidden_state", True)
-        and getattr(spec, "num_hidden_layers_key", "num_hidden_layers") == "num_hidden_layers"
-    ):
-        return target, int(getattr(spec, "index", 0))
-    return None
-
-
-def _early_stop_layers(body, n_layers: int | None):
-    """``(layers, output_index)`` when ``hidden_states[L]`` (0 <= L < n) is exactly ``layers[L-1]``'s
-    output (``layers[0]``'s input for L = 0), else None.
-
-    That holds when the body records its hidden states from one module class, has a ``layers``
-    ``ModuleList`` of exactly ``num_hidden_layers`` modules of that class, and no other module of
-    that class.
-    """
-    if n_layers is None:
-        return None
-    recorded = _recorded_layer_class(body)
-    layers = getattr(body, "layers", None)
-    if recorded is None or not isinstance(layers, torch.nn.ModuleList) or len(layers) != n_layers:
-        return None
-    cls, index = recorded
-    if not all(isinstance(m, cls) for m in layers):
-        return None
-    if sum(isinstance(m, cls) for m in body.modules()) != n_layers:
-        return None
-    return layers, index
-
-
-def _selects_hidden_states(body) -> bool:
-    """Whether ``output_hidden_states=[i]`` keeps only entry ``i`` (transformers' recorded outputs;
-    the other entries are returned as None), which saves holding every layer's states."""
-    specs = getattr(body, "_can_record_outputs", None)
-    if not isinstance(specs, dict) or "hidden_states" not in specs:
-        return False
-    try:
-        from transformers.utils.output_capturing import selected_hidden_states  # noqa: F401
-    except ImportError:  # pragma: no cover - older transformers: keep them all
-        return False
-    return True
-
-
-def _stop_after(layers, layer: int, index: int, run):
-    """Run ``run()`` until ``hidden_states[layer]`` is produced; return it (``[B, T, H]``)."""
-    captured = {}
-    if layer == 0:
-
-        def hook(module, args, kwargs):
-            captured["h"] = args[0] if args else kwargs.get("hidden_states")
-            raise _StopForward
-
-        handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    else:
-
-        def hook(module, args, output):
-            captured["h"] = output[index] if isinstance(output, (tuple, list)) else output
-            raise _StopForward
-
-        handle = layers[layer - 1].register_forward_hook(hook)
-    try:
-        run()
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if captured.get("h") is None:
-        raise RuntimeError(f"decoder layer {layer} did not run; pass a model whose body runs its `layers` in order")
-    return captured["h"]
+__all__ = ["extract_features", "extract_with_settings", "as_texts"]
 
 
 def _tokenize(tokenizer, texts: list[str], limit: int):
@@ -339,38 +105,27 @@ def extract_features(
 ) -> torch.Tensor:
     """Batched, no-grad pooled features of ``texts``.
 
-    Texts are tokenized once, sorted by length into batches (less padding; the result is in the
-    input order) and padded on the tokenizer's ``padding_side`` with its pad token, or with its
-    eos token when it has none (the tokenizer is not modified). Only the model's body runs (see
-    :func:`model_body`): a causal LM's vocabulary projection is skipped. For a decoder LM whose
-    body is a ``layers`` stack, an intermediate ``layer`` stops the forward after that layer; the
-    result equals ``output_hidden_states=True``'s ``hidden_states[layer]``. For left-padded
-    batches of a generative model, position ids count from each text's first token (as
-    ``generate`` does), so features do not depend on the amount of padding.
+    Texts are tokenized once, sorted by length into batches (the result is in input order) and
+    padded on the tokenizer's ``padding_side`` with its pad token, else its eos token. For
+    left-padded batches of a generative model, position ids count from each text's first token
+    (as ``generate`` does), so features do not depend on the amount of padding.
 
     Args:
-        model: a transformers model (any that returns ``hidden_states``: ``AutoModel``,
-            ``AutoModelForCausalLM`` such as Gemma 3 or Llama), or a ``SentenceTransformer`` with
-            ``tokenizer=None``.
+        model: a transformers model that returns ``hidden_states`` (``AutoModel``,
+            ``AutoModelForCausalLM``, a PEFT model), or a ``SentenceTransformer``.
         tokenizer: the model's tokenizer (None for a SentenceTransformer).
         texts: N strings (list, tuple or a ``datasets`` column).
-        pooling: one of :data:`POOLINGS`.
-        layer: which ``hidden_states`` entry to pool: 0 = the embeddings, ``i`` = the output of
-            layer ``i``, -1 (= ``num_hidden_layers``) = the final layer after the final norm;
-            negative values count from the end. Must lie in
-            ``[-(num_hidden_layers + 1), num_hidden_layers]``.
+        pooling: ``"mean"``, ``"last"``, ``"cls"`` or ``"mean_last"`` (``concat(mean, last)``).
+        layer: ``hidden_states`` index: 0 = embeddings, ``i`` = output of layer ``i``, -1 = the
+            final layer after the final norm; ``-(n + 1) <= layer <= n`` for ``n`` layers.
         batch_size: texts per forward pass.
-        max_length: truncation length (default: the tokenizer's ``model_max_length``, see
-            :func:`resolve_max_length`); longer texts are truncated and a single warning says
-            how many.
+        max_length: truncation length in tokens (default: the tokenizer's ``model_max_length``);
+            one warning says how many texts were truncated.
         device: where the model runs (default: where its parameters are).
         progress: show a tqdm bar.
-        distributed: in a run of several processes (``accelerate launch``, ``torchrun``), share
-            the work: every process passes the same texts, computes a shard and gets all N
-            features back in order (see :mod:`sdm_hf.features.distributed`; ``device`` then
-            defaults to each process's own, ``PartialState().device``). With one process it
-            changes nothing. Off by default: a process computing its own texts (a pipeline's
-            batch) must not wait for the others.
+        distributed: in an ``accelerate launch`` / ``torchrun`` run, every process passes the same
+            texts, computes a shard and gets all N rows back in order (``device`` defaults to each
+            process's own). Off by default: a pipeline's process must not wait for the others.
 
     Returns:
         ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
@@ -392,6 +147,44 @@ def extract_features(
         x = extract_features(model, tokenizer, texts, distributed=True)  # [N, H] on every process
     """
     texts = as_texts(texts)
+    settings = resolve_settings(model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
+    return extract_with_settings(
+        model,
+        tokenizer,
+        texts,
+        settings,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        distributed=distributed,
+    )
+
+
+@torch.no_grad()
+def extract_with_settings(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    texts: list[str],
+    settings: FeatureSettings,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    distributed: bool = False,
+) -> torch.Tensor:
+    """:func:`extract_features` with the recipe already resolved (:func:`~sdm_hf.features.settings.resolve_settings`).
+
+    Args:
+        texts: N strings (already checked, see :func:`as_texts`).
+        settings: what to compute; the other arguments as for :func:`extract_features`.
+
+    Returns:
+        ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
+
+    Raises:
+        ValueError: bad ``batch_size``, a model without ``hidden_states``, or padding needed with a
+            tokenizer that has neither a pad nor an eos token. TypeError: ``distributed`` not a bool.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(distributed, bool):
@@ -400,35 +193,29 @@ def extract_features(
         from .distributed import features_across_processes, launched_processes
 
         if launched_processes() > 1:  # each process a shard (one process: the plain path below)
-            shard = partial(extract_features, model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
             return features_across_processes(
                 texts,
-                lambda part, show, on: shard(part, batch_size=batch_size, device=on, progress=show),
+                lambda part, show, on: extract_with_settings(
+                    model, tokenizer, part, settings, batch_size=batch_size, device=on, progress=show
+                ),
                 device,
                 progress,
             )
-    if _is_sentence_transformer(model):
-        if tokenizer is not None:
-            raise ValueError("pass tokenizer=None with a SentenceTransformer (it has its own)")
+    if settings.sentence_transformer:
         kwargs = {"device": str(resolve_device(device))} if device is not None else {}
         encoder: Any = model  # a SentenceTransformer: nn.Module's typed attributes do not include encode
         out = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress, **kwargs)
         return out.detach().float().cpu()
-    if tokenizer is None:
-        raise ValueError("tokenizer is required for a transformers model")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if settings.pooling is None or settings.layer is None or settings.max_length is None:
+        raise ValueError("settings of a transformers model need pooling, layer and max_length: use resolve_settings")
+    pooling, layer, limit, n_layers = settings.pooling, settings.layer, settings.max_length, settings.num_layers
     body = model_body(model)
-    n_layers = num_hidden_layers(body)
-    check_layer(model, layer, n_layers)
     if device is not None:
         model = model.to(resolve_device(device))
     run_device = next(model.parameters()).device
-    limit = resolve_max_length(model, tokenizer, max_length)
-    target = layer % (n_layers + 1) if n_layers is not None else layer
-    stack = _early_stop_layers(body, n_layers) if n_layers is not None and target < n_layers else None
-    accepted = _explicit_inputs(body)
-    select = [layer] if _selects_hidden_states(body) else True
+    stack = early_stop_layers(body, n_layers) if n_layers is not None and layer < n_layers else None
+    accepted = explicit_inputs(body)
+    select = [layer] if selects_hidden_states(body) else True
     options = {"use_cache": False} if "use_cache" in accepted else {}
     left = getattr(tokenizer, "padding_side", "right") == "left"
     positions_from_mask = _can_generate(model) and "position_ids" in accepted
@@ -462,8 +249,8 @@ def extract_features(
                 inputs["position_ids"] = position_ids.to(run_device)
             if stack is not None:
                 layers, index = stack
-                hidden = _stop_after(
-                    layers, target, index, lambda inputs=inputs: body(**inputs, output_hidden_states=False, **options)
+                hidden = stop_after(
+                    layers, layer, index, lambda inputs=inputs: body(**inputs, output_hidden_states=False, **options)
                 )
             else:
                 outputs = body(**inputs, output_hidden_states=select, return_dict=True, **options)

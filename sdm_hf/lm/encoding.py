@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import torch
 from tqdm.auto import tqdm
 
-from ..features.extract import pool_hidden_states
+from ..features.pooling import pool_hidden_states
 from ..head.config import is_verification_pooling
 
 if TYPE_CHECKING:

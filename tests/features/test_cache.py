@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_hf.features import cache as feature_cache
-from sdm_hf.features import model_loading
-from sdm_hf.features.cache import cached_features, default_cache_dir, feature_cache_key
+from sdm_hf.features.cache import cached_features, feature_cache_key
 from sdm_hf.features.extract import extract_features
-from sdm_hf.utils import files as cache_files
+from sdm_hf.utils.files import default_cache_dir
 from tests.feature_helpers import TEXTS, Counter
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache
@@ -132,11 +130,3 @@ def test_use_cache_false_and_anonymous_models(tmp_path, bpe, llama):
         cached_features(llama, bpe, TEXTS, layer=7, model_id="tiny", cache_dir=cache, progress=False)
     with pytest.raises(TypeError, match="strings"):
         cached_features(llama, bpe, ["a", None], model_id="tiny", cache_dir=cache, progress=False)
-
-
-def test_the_older_import_path_still_works():
-    from sdm_hf.features.cache import file_sha256, load_causal_lm
-
-    assert load_causal_lm is model_loading.load_causal_lm
-    assert default_cache_dir is cache_files.default_cache_dir and file_sha256 is cache_files.file_sha256
-    assert set(feature_cache.__all__) >= {"cached_features", "load_causal_lm", "default_cache_dir", "file_sha256"}

@@ -177,7 +177,7 @@ def test_bad_encoders_fail_before_any_model_runs(bert, bpe, llama):
 def test_a_block_of_the_wrong_length_is_refused(bert, monkeypatch):
     import sdm_hf.features.composition as composition
 
-    monkeypatch.setattr(composition, "extract_features", lambda *a, **k: torch.zeros(len(a[2]) - 1, 4))
+    monkeypatch.setattr(composition, "extract_with_settings", lambda *a, **k: torch.zeros(len(a[2]) - 1, 4))
     with pytest.raises(ValueError, match="for 5 texts"):
         extract_composed_features([bert], TEXTS)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from sdm_hf.features.extract import extract_features, pool_hidden_states
+from sdm_hf.features.extract import extract_features
+from sdm_hf.features.pooling import pool_hidden_states
 
 
 @pytest.fixture
