@@ -1,10 +1,7 @@
-"""SDM-equipped model repositories: a base model (or PEFT adapter) at the root, the SDM head
-in a subfolder (default ``sdm_head/``) with its own full card, and the repository's
-README.md: the model's own card with the SDM head merged in.
+"""SDM-equipped model repositories: the model (or PEFT adapter) at the root, the SDM head with its own card
+in a subfolder (default ``sdm_head/``), and a README.md that is the model's card with the head merged in.
 
-The head never writes into the model's own root (huggingface_hub's mixin would replace the
-model's config.json there). The head records the base model's name/revision and the feature
-recipe; :func:`load_sdm_model` reports a mismatched pairing.
+Usage and the card merge: docs/serving.md, section 'Share it on the Hub'.
 """
 
 from __future__ import annotations
@@ -33,9 +30,8 @@ DEFAULT_HEAD_SUBFOLDER = "sdm_head"
 
 
 def expected_feature_width(model_config: PretrainedConfig | None, pooling: str | None) -> int | None:
-    """Feature width a model config produces under ``pooling``: ``mean_last`` and the
-    ``verification`` pooling of SDM language models (the mean hidden state concatenated with
-    the hidden state at the ``<verified>`` token) give twice the hidden width."""
+    """Feature width of ``model_config`` under ``pooling`` (None without ``hidden_size``): ``2 * hidden_size``
+    for ``mean_last`` and ``verification`` (two hidden states concatenated), else ``hidden_size``."""
     hidden = getattr(model_config, "hidden_size", None)
     if hidden is None:
         return None
@@ -45,11 +41,19 @@ def expected_feature_width(model_config: PretrainedConfig | None, pooling: str |
 def check_pairing(
     model: torch.nn.Module, head: SDMHead, model_name: str | None = None, same_repository: bool = False
 ) -> None:
-    """Raise when the head cannot read the model's features (its width differs, or the head reads
-    several models' features composed); warn when the recorded base model differs from the one
-    it is paired with (by Hub id where known, so a local copy of the recorded model pairs;
-    ``same_repository``: the head comes from the model's own SDM-equipped repository, saved
-    with it, and no name is compared)."""
+    """Check that ``head`` can read ``model``'s features.
+
+    Args:
+        model_name: the model's name to compare (default: ``model.config._name_or_path``).
+        same_repository: the head was saved with the model in its repository: names are not compared.
+
+    Raises:
+        ValueError: the head reads several models' features composed, or a feature width the model does
+            not produce.
+
+    Warns:
+        UserWarning: the head's recorded base model is another (compared by Hub id where known).
+    """
     cfg = head.config
     recipe = cfg.feature_recipe
     if recipe is None:
@@ -90,28 +94,24 @@ def save_sdm_model(
     license: str | None = None,
     model_card_kwargs: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``model`` (a transformers model or PEFT adapter, via its ``save_pretrained``) at
-    the root of ``save_directory``, its ``tokenizer`` beside it, the head with its own full
-    card in ``subfolder``, and the repository's README.md model card.
-
-    The repository's card is the model's own card with the SDM head merged in (see
-    :func:`sdm_hf.head.model_card.merge_model_card`): whatever README.md the model's
-    ``save_pretrained`` wrote or kept (PEFT writes one with ``library_name: peft``,
-    ``base_model`` and ``base_model:adapter:...`` tags) keeps its metadata and body, gains the
-    tags ``sdm``, ``selective-classification``, ``uncertainty-quantification``, the
-    calibration results as Hub evaluation results, and an SDM section between markers that a
-    later save replaces (never duplicates). When the model wrote no card, a new one is
-    written from the head's data, with ``library_name: transformers`` for a transformers
-    model (so the Hub shows how to load it) and ``sdm_hf`` otherwise.
+    """Save ``model`` (via its ``save_pretrained``) and ``tokenizer`` at the root of ``save_directory``, the
+    head with its own card in ``subfolder``, and README.md: the model's card with an SDM section merged in
+    (a new card when the model wrote none). Records the model's name in ``head.config.base_model`` if unset.
 
     Args:
-        license: the license id for the cards (e.g. ``"apache-2.0"``); None keeps the model
-            card's license (or sets none): sdm_hf never chooses a license for a model.
-        model_card_kwargs: ``tags`` (added), ``language``, ``datasets``, ... for both cards,
-            ``repo_hint`` (the name the loading snippets use; default: the folder's name);
-            other keys are template variables of the head's card.
+        model: a transformers model or PEFT adapter.
+        license: license id for both cards (e.g. ``"apache-2.0"``); None keeps the model card's (or none).
+        model_card_kwargs: ``tags`` (added), ``language``, ``datasets``, ... for both cards, ``repo_hint``
+            (the name the loading snippets use; default: the folder's name); other keys fill the head's card.
 
-    Records the model's name in the head's config when it has none.
+    Returns:
+        ``Path(save_directory)``.
+
+    Raises:
+        ValueError: ``subfolder`` is not a relative folder inside the repository, a mismatched pairing (as
+            :func:`check_pairing`), or an existing README.md with unreadable metadata.
+        TypeError: ``license`` is not a string.
+        FileExistsError: ``subfolder`` holds files sdm_hf did not write.
     """
     if not subfolder or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
         raise ValueError(f"subfolder must be a relative folder inside the repository, got {subfolder!r}")
@@ -156,7 +156,7 @@ def read_card(path: Path) -> ModelCard | None:
 
 
 def root_library(model: torch.nn.Module) -> str:
-    """``library_name`` for a new card of a repository whose root holds ``model``."""
+    """``library_name`` of a new card for ``model``: ``"transformers"`` for a transformers model, else ``"sdm_hf"``."""
     is_transformers = any(
         c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__
     )
@@ -174,14 +174,17 @@ def load_sdm_model(
     """Load ``(model, head)`` from an SDM-equipped repository (local folder or Hub id).
 
     Args:
-        pretrained_model_name_or_path: the repository.
-        model_class: a transformers Auto class (default: ``AutoModelForCausalLM`` for a language
-            model's verification head, so the model can ``generate``; else ``AutoModel``).
-        subfolder: where the head lives.
-        sdm_head: an SDMHead, or a path/repo id of one (for PEFT adapter repositories or
-            heads stored elsewhere); overrides ``subfolder``.
+        model_class: a transformers Auto class (default: ``AutoModelForCausalLM`` for an LM verification
+            head, so the model can ``generate``; else ``AutoModel``).
+        sdm_head: an SDMHead, or a folder or repo id of one (PEFT adapter repositories, heads stored
+            elsewhere); overrides ``subfolder``.
         device: device of the head.
         model_kwargs: passed to ``model_class.from_pretrained``.
+
+    Raises:
+        FileNotFoundError: a missing local path, or a Hub repo that cannot be fetched.
+        SDMFormatError: the head cannot be loaded.
+        ValueError: a mismatched pairing (a head of another model only warns), as :func:`check_pairing`.
     """
     if isinstance(sdm_head, SDMHead):
         head = sdm_head
@@ -219,21 +222,21 @@ def push_sdm_model(
     model_card_kwargs: dict[str, Any] | None = None,
     dry_run: str | Path | None = None,
 ) -> str:
-    """Save the model, tokenizer, head and model cards (as :func:`save_sdm_model`, with
-    ``license`` and ``model_card_kwargs``) to a temporary folder and upload it in one commit
-    through the same upload path as :meth:`SDMHead.push_to_hub`; nothing is left behind
-    locally.
+    """Upload what :func:`save_sdm_model` writes to ``repo_id`` in one commit (nothing is left locally).
 
-    ``private``, ``branch``, ``create_pr``, ``allow_patterns`` / ``ignore_patterns`` (which
-    saved files are uploaded, paths relative to the repository root such as
-    ``"sdm_head/*"``) and ``delete_patterns`` (remote files deleted in the same commit) are
-    those of huggingface_hub's ``ModelHubMixin.push_to_hub``.
-
-    ``dry_run=<new folder>``: nothing goes over the network; exactly the files that would be
-    uploaded are written there.
+    Args:
+        private, branch, create_pr, allow_patterns, ignore_patterns, delete_patterns: as in
+            huggingface_hub's ``ModelHubMixin.push_to_hub`` (patterns relative to the repository root,
+            e.g. ``"sdm_head/*"``).
+        license, model_card_kwargs: as in :func:`save_sdm_model`.
+        dry_run: a new folder: write exactly the files that would be uploaded there, no network.
 
     Returns:
         The commit URL (with ``dry_run``: the folder written).
+
+    Raises:
+        FileExistsError: ``dry_run`` exists and is not an empty folder.
+        Also those of :func:`save_sdm_model`, and huggingface_hub's (with a hint for missing credentials).
     """
     return upload_folder(
         lambda folder: save_sdm_model(

@@ -6,7 +6,10 @@ __all__ = ["SDMFormatError"]
 
 
 class SDMFormatError(ValueError):
-    """A stored SDM head is missing, corrupted, inconsistent or from a newer format."""
+    """A stored SDM head is missing, corrupted, inconsistent or of another format version.
+
+    The message is ``"<path>: <problem>"``; both are kept as attributes (``path`` as a string).
+    """
 
     def __init__(self, path, problem: str):
         super().__init__(f"{path}: {problem}")

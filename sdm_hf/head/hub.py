@@ -1,10 +1,7 @@
 """Hub integration of the SDM head: huggingface_hub's ``ModelHubMixin`` with atomic local saves,
-``subfolder`` loading and the one upload path every push in sdm_hf goes through.
+``subfolder`` loading, and the one upload path (a temporary folder, one commit) every push goes through.
 
-A head folder is written into a staging folder beside the target and moved into place file by
-file, ``config.json`` last, so a failed save never leaves a half-written head (and a folder
-with a ``config.json`` is complete). Uploads write to a temporary folder and commit it in one
-``upload_folder`` call.
+Why a save is atomic: docs/serving.md, section 'How saves stay safe'.
 """
 
 from __future__ import annotations
@@ -50,23 +47,22 @@ def upload_folder(
     delete_patterns: list[str] | str | None = None,
     dry_run: str | Path | None = None,
 ) -> str:
-    """Let ``write(folder)`` fill a temporary folder, create ``repo_id`` if needed and upload the
-    folder (into ``path_in_repo`` when given) in one commit; nothing is left behind locally, and
-    a failure while writing creates nothing on the Hub. Every push in sdm_hf goes through here.
+    """Let ``write(folder)`` fill a temporary folder, create ``repo_id`` if needed and upload the folder
+    (into ``path_in_repo``) in one commit. Nothing is left locally; a failed ``write`` creates nothing.
 
-    ``private``, ``branch`` (the revision committed to), ``create_pr``, ``allow_patterns`` /
-    ``ignore_patterns`` (which local files are uploaded) and ``delete_patterns`` (which remote
-    files the same commit deletes, relative to ``path_in_repo``) are huggingface_hub's
-    ``create_repo`` / ``HfApi.upload_folder`` arguments, as in ``ModelHubMixin.push_to_hub``.
-
-    Missing or invalid credentials re-raise the huggingface_hub error with a hint.
-
-    ``dry_run=<folder>``: nothing goes over the network; the files that would be uploaded
-    (``allow_patterns`` / ``ignore_patterns`` applied) are written into that folder, which must
-    not exist or be empty, under ``path_in_repo``.
+    Args:
+        private, branch, create_pr, allow_patterns, ignore_patterns, delete_patterns: huggingface_hub's
+            ``create_repo`` / ``HfApi.upload_folder`` arguments (``branch`` is the revision committed to;
+            ``delete_patterns`` are relative to ``path_in_repo``).
+        dry_run: a new or empty folder: write the files that would be uploaded there (patterns applied,
+            under ``path_in_repo``), no network.
 
     Returns:
         The commit URL, or with ``dry_run`` the folder written.
+
+    Raises:
+        LocalTokenNotFoundError / HfHubHTTPError: re-raised with a hint on credentials.
+        FileExistsError: ``dry_run`` exists and is not an empty folder.
     """
     if dry_run is not None:
         return _dry_run(write, Path(dry_run), path_in_repo, allow_patterns, ignore_patterns)
@@ -124,8 +120,11 @@ def fetcher(
     local_files_only: bool = False,
     token: str | bool | None = None,
 ) -> Callable[[str], Path]:
-    """``name -> local path`` of a head's file in a local folder or a Hub repo (downloaded on
-    demand); a failed download raises :class:`~sdm_hf.head.serialization.SDMFormatError`."""
+    """``name -> local path`` of a head's file in a local folder or a Hub repo (downloaded on demand).
+
+    The returned callable raises ``SDMFormatError`` when ``source`` is a file or a download fails, and
+    ``FileNotFoundError`` for a missing local path, an unknown repo or an offline miss.
+    """
     where = f"{source}/{subfolder + '/' if subfolder else ''}"
 
     def fetch(name: str) -> Path:
@@ -161,12 +160,10 @@ def fetcher(
 def save_state(
     state: SDMHeadState, card: str | None, save_directory: str | Path, overwrite_foreign: bool = False
 ) -> Path:
-    """Write a head's files into ``save_directory``.
+    """Write a head's files into ``save_directory`` atomically (it loads as the old head or the new one).
 
-    Each file goes through a temporary file and a rename, and ``model.safetensors`` (renamed
-    first) holds the whole head: at every moment the folder loads as the old head or the new
-    one. A folder whose files were not written by sdm_hf (a transformers model's config.json and
-    weights, say) is refused unless ``overwrite_foreign``.
+    Raises:
+        FileExistsError: the folder holds files sdm_hf did not write, unless ``overwrite_foreign``.
     """
     target = Path(save_directory)
     if not overwrite_foreign:
@@ -177,7 +174,7 @@ def save_state(
 
 
 def check_not_foreign(target: Path) -> None:
-    """Raise when saving a head into ``target`` would replace files sdm_hf did not write."""
+    """Raise ``FileExistsError`` when saving a head into ``target`` would replace files sdm_hf did not write."""
     ours = (
         serialization.CONFIG_NAME,
         serialization.WEIGHTS_NAME,
@@ -201,11 +198,10 @@ def check_not_foreign(target: Path) -> None:
 
 
 class SDMHubMixin(ModelHubMixin):
-    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for a class with
-    ``to_state()``, ``from_state(state, device)`` and ``generate_model_card()``.
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for a class with ``to_state()``,
+    ``from_state(state, device)`` and ``generate_model_card()``.
 
-    The mixin's own serialisation hooks are replaced: an SDM head is more than a state dict
-    (support set, calibration arrays), and it is stored as strict JSON + safetensors only.
+    The mixin's hooks are replaced: a head is more than a state dict (support set, calibration arrays).
     """
 
     def to_state(self, copy: bool = True) -> SDMHeadState:  # pragma: no cover - provided by the model class
@@ -237,27 +233,23 @@ class SDMHubMixin(ModelHubMixin):
         overwrite_foreign: bool = False,
         **push_kwargs: Any,
     ) -> str | None:
-        """Save the head (model.safetensors, config.json, optional support_documents.jsonl,
-        README.md model card) into ``save_directory``.
+        """Save the head (model.safetensors, config.json, support_documents.jsonl if any, README.md card)
+        into ``save_directory``; a failed, killed or concurrent save leaves the old head or the new one.
 
-        The arguments are those of huggingface_hub's ``ModelHubMixin.save_pretrained``:
-        ``model_card_kwargs`` go into the card (``license``, ``tags``, ``language``, ...; see
-        :func:`sdm_hf.head.model_card.render_model_card`), ``push_to_hub=True`` then pushes to
-        ``repo_id`` (default: the folder's name) with ``push_kwargs`` as in :meth:`push_to_hub`.
-        ``config`` must stay None: the head's configuration is its ``SDMConfig``.
-
-        ``model.safetensors`` holds the whole head (weights, support set, calibration, the
-        config in its metadata, the documents as a tensor) and is replaced by one atomic
-        rename, so a failed, killed or concurrent save never leaves a folder that loads as a
-        mix of two heads: it loads as the old one or the new one. config.json and
-        support_documents.jsonl are readable mirrors.
-
-        Save a head that belongs to a model into the model repository's ``sdm_head/``
-        subfolder (see :func:`sdm_hf.repository.save_sdm_model`): a folder with files sdm_hf did not
-        write (a model's config.json and weights) is refused, unless ``overwrite_foreign``.
+        Args:
+            config: must stay None (the head's configuration is ``head.config``).
+            model_card_kwargs: into the card (``license``, ``tags``, ``language``, ...).
+            push_to_hub: then push to ``repo_id`` (default: the folder's name) with ``push_kwargs`` as in
+                :meth:`push_to_hub`.
+            overwrite_foreign: replace files sdm_hf did not write (save a model's head into its
+                ``sdm_head/`` instead, see :func:`sdm_hf.repository.save_sdm_model`).
 
         Returns:
             The commit URL when ``push_to_hub=True``, else None.
+
+        Raises:
+            ValueError: ``config`` is not None.
+            FileExistsError: the folder holds files sdm_hf did not write.
         """
         reject_config(config)
         # the card's loading snippet names this folder unless told otherwise (push_to_hub names the repo)
@@ -272,8 +264,7 @@ class SDMHubMixin(ModelHubMixin):
         # huggingface_hub's hook (its default save paths hand us a folder of their own)
         save_state(self.to_state(copy=False), str(self.generate_model_card()), save_directory, overwrite_foreign=True)
 
-    # keyword-only options and a device: the head reads its own files (config, tensors,
-    # documents), not the mixin's single weights file, so the signature differs on purpose
+    # the head reads its own files, not the mixin's single weights file: the signature differs on purpose
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
@@ -287,16 +278,17 @@ class SDMHubMixin(ModelHubMixin):
         token: str | bool | None = None,
         device: str | torch.device | None = None,
     ) -> Self:
-        """Load a head from a local folder or a Hub repository (strictly: a missing or
-        unexpected tensor, a newer format or any inconsistency raises
-        :class:`sdm_hf.head.serialization.SDMFormatError` naming the file).
+        """Load a head from a local folder or a Hub repo id, checking everything before building it.
 
         Args:
-            pretrained_model_name_or_path: a folder, or a Hub repo id.
             subfolder: folder inside it, e.g. ``"sdm_head"`` in an SDM-equipped model repo.
-            revision, cache_dir, force_download, local_files_only, token: as in
-                ``huggingface_hub.hf_hub_download``.
-            device: where the head (and its rebuilt FAISS index) lives; CPU by default.
+            revision, cache_dir, force_download, local_files_only, token: as in ``hf_hub_download``.
+            device: where the head and its rebuilt FAISS index live (default CPU).
+
+        Raises:
+            SDMFormatError: a missing, unreadable, unexpected or inconsistent file or tensor, or another
+                format version (naming the file).
+            FileNotFoundError: a missing local path, or a Hub repo that cannot be fetched.
         """
         fetch = fetcher(
             str(pretrained_model_name_or_path),
@@ -328,23 +320,22 @@ class SDMHubMixin(ModelHubMixin):
         model_card_kwargs: dict[str, Any] | None = None,
         dry_run: str | Path | None = None,
     ) -> str:
-        """Upload the head to ``repo_id`` (into ``subfolder`` when given) in one commit.
+        """Upload the head to ``repo_id`` (into ``subfolder`` when given) in one commit; nothing is left locally.
 
-        The arguments are those of huggingface_hub's ``ModelHubMixin.push_to_hub``, plus
-        ``subfolder``: ``private`` (for a new repository), ``branch``, ``create_pr``,
-        ``allow_patterns`` / ``ignore_patterns`` (which of the head's files are uploaded),
-        ``delete_patterns`` (remote files deleted in the same commit, relative to
-        ``subfolder``) and ``model_card_kwargs`` (into the head's card, as in
-        :meth:`save_pretrained`). ``config`` must stay None: the head's configuration is its
-        ``SDMConfig``.
-
-        The files are written to a temporary folder that is removed afterwards; nothing is
-        left behind locally on failure. Missing or invalid credentials raise the
-        huggingface_hub error with a hint. ``dry_run=<new folder>`` writes exactly the files
-        that would be uploaded there instead (nothing goes over the network).
+        Args:
+            private, branch, create_pr, allow_patterns, ignore_patterns, delete_patterns: as in
+                huggingface_hub's ``ModelHubMixin.push_to_hub`` (``delete_patterns`` relative to ``subfolder``).
+            config: must stay None (the head's configuration is ``head.config``).
+            model_card_kwargs: into the head's card, as in :meth:`save_pretrained`.
+            dry_run: a new folder: write exactly the files that would be uploaded there, no network.
 
         Returns:
             The commit URL (with ``dry_run``: the folder written).
+
+        Raises:
+            ValueError: ``config`` is not None.
+            FileExistsError: ``dry_run`` exists and is not an empty folder.
+            LocalTokenNotFoundError / HfHubHTTPError: re-raised with a hint on credentials.
         """
         reject_config(config)
         return upload_folder(
@@ -366,8 +357,7 @@ class SDMHubMixin(ModelHubMixin):
 
 
 def reject_config(config: object) -> None:
-    """Raise for the mixin's ``config`` argument: an SDM head's configuration is its
-    ``SDMConfig`` (stored with the head), not a separate dictionary."""
+    """Raise ``ValueError`` unless ``config`` is None: a head's configuration is its stored ``SDMConfig``."""
     if config is not None:
         raise ValueError(
             "an SDM head's configuration is its SDMConfig (head.config), saved with the head; "

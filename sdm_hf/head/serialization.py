@@ -1,21 +1,14 @@
-"""Safe on-disk format of an SDM head: strict JSON + safetensors, nothing else.
+"""On-disk format of an SDM head (:data:`FORMAT_VERSION`, the only one read or written): strict JSON and
+safetensors, never pickle; converts an :class:`~sdm_hf.head.state.SDMHeadState` to and from files or bytes.
 
-Converts an :class:`~sdm_hf.head.state.SDMHeadState` to and from files; it knows the state types
-only (never the head class), so saving, loading and sending a head between processes share one
-path. A head folder holds (format :data:`FORMAT_VERSION`, the only one this sdm_hf reads or writes):
+* ``model.safetensors``: the whole head (weights, support set, calibration arrays, class-wise lists
+  flattened with offsets, support documents as a uint8 tensor of JSON lines), the config JSON in its
+  metadata. Loading reads only this file.
+* ``config.json``: a strict-JSON mirror of that config (``q_min`` null when infinite), read first to refuse
+  anything else; ``support_documents.jsonl`` (mirror, when ids or texts exist) and ``README.md``.
 
-* ``model.safetensors``: the whole head (weights, support exemplars with labels and predictions,
-  calibration arrays, class-wise lists flattened with offsets, the support documents as a
-  ``uint8`` tensor of JSON lines) and, in its metadata, the config JSON. Loading reads only this
-  file, through one open descriptor, so a save (one rename) switches old head to new, never a mix.
-* ``config.json``: a strict-JSON mirror of that config (format version, :class:`~sdm_hf.SDMConfig`,
-  Algorithm 1's alpha, ``q'_min`` (``null`` when infinite) and ``psi``), read first to refuse
-  anything that is not a head of this format.
-* ``support_documents.jsonl`` (mirror, when the support has ids or texts) and ``README.md``.
-
-Loading never unpickles and never calls ``torch.load``; the FAISS index is rebuilt from the
-exemplars. Every problem raises :class:`SDMFormatError` naming the file (checks in
-:mod:`sdm_hf.head.serialization_checks`).
+Every problem raises :class:`SDMFormatError` naming the file. Design: docs/serving.md, section 'How saves
+stay safe'.
 """
 
 from __future__ import annotations
@@ -37,7 +30,7 @@ from .format_errors import SDMFormatError
 from .serialization_checks import CONFIG_NAME, WEIGHTS_NAME, TensorChecker, state_from_files
 from .state import SDMHeadState
 
-# The one on-disk format. Earlier pre-release formats (1-4) are refused with a message to re-save.
+# The one on-disk format; any other version is refused with what to do.
 FORMAT_VERSION = 5
 DOCUMENTS_NAME = "support_documents.jsonl"
 CARD_NAME = "README.md"
@@ -72,13 +65,18 @@ def _flatten(lists: list[torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tens
 
 
 def state_to_files(state: SDMHeadState | Any) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None]:
-    """``(config_json, tensors, documents)`` describing ``state`` completely.
+    """What the files hold for ``state``.
 
     Args:
-        state: an :class:`SDMHeadState`, or a head (anything with ``to_state(copy=...)``), whose
-            state is then taken without copies.
+        state: an :class:`SDMHeadState`, or a head (anything with ``to_state(copy=...)``).
 
-    Tensors are not copied (the support vectors can be gigabytes): write them at once."""
+    Returns:
+        ``(config_json, tensors, documents or None)``; the tensors share memory with the state (the support
+        vectors can be gigabytes): write them at once.
+
+    Raises:
+        TypeError: ``state`` is neither.
+    """
     if not isinstance(state, SDMHeadState) and hasattr(state, "to_state"):
         state = state.to_state(copy=False)
     if not isinstance(state, SDMHeadState):
@@ -152,8 +150,7 @@ def documents_text(documents: list[dict]) -> str:
 def _pack(
     config: dict, tensors: dict[str, torch.Tensor], documents: list[dict] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], str, str | None]:
-    """``(tensors, metadata, config text, documents text)`` of the self-contained safetensors
-    form: the config JSON in the metadata, the documents as a uint8 tensor of JSON lines."""
+    """``(tensors, metadata, config text, documents text)`` of the self-contained safetensors form."""
     text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
     lines = None if documents is None else documents_text(documents)
     stored = dict(tensors)
@@ -184,14 +181,13 @@ def _unpack(
 
 
 def state_to_bytes(state: SDMHeadState | Any) -> bytes:
-    """The whole head as the bytes of one self-contained safetensors file (what
-    ``model.safetensors`` holds): for sending a head between processes without pickle."""
+    """The whole head as the bytes of ``model.safetensors``: for sending it between processes without pickle."""
     stored, metadata, _, _ = _pack(*state_to_files(state))
     return save(stored, metadata=metadata)
 
 
 def state_from_bytes(data: bytes, where: str = "<bytes>") -> SDMHeadState:
-    """The head stored by :func:`state_to_bytes`, checked like a head read from files."""
+    """The head stored by :func:`state_to_bytes`, checked like one read from files (``SDMFormatError``)."""
     try:
         header_length = int.from_bytes(data[:8], "little")  # the safetensors layout: u64 + JSON header
         embedded = json.loads(data[8 : 8 + header_length]).get("__metadata__", {}).get(EMBEDDED_CONFIG_KEY)
@@ -207,9 +203,12 @@ def state_from_bytes(data: bytes, where: str = "<bytes>") -> SDMHeadState:
 def write_files(
     directory: Path, config: dict, tensors: dict[str, torch.Tensor], documents: list[dict] | None, card: str | None
 ) -> None:
-    """Write a head's files into ``directory`` (created if needed), each through a temporary
-    file and a rename. ``model.safetensors`` carries everything a load needs (config in its
-    metadata, documents as a tensor), so its rename is the one switch from old to new."""
+    """Write a head's files into ``directory`` (created if needed), each atomically, ``model.safetensors``
+    first: its rename is the one switch from the old head to the new.
+
+    Raises:
+        OSError: a write failed (e.g. a full disk); the folder loads as the old head or the new one.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
     stored, metadata, text, lines = _pack(config, tensors, documents)
@@ -235,14 +234,13 @@ def _save_safetensors(stored: dict[str, torch.Tensor], path: Path, metadata: dic
 
 
 def remove_leftovers(directory: Path, older_than: float = STALE_SECONDS) -> None:
-    """Delete what interrupted saves left in ``directory`` (``.<name>.*.tmp``): staging folders
-    of killed writers at once, a save in progress in another process never (see
-    :func:`sdm_hf.utils.files.remove_stale_temporaries`)."""
+    """Delete the ``.<name>.*.tmp`` of killed saves in ``directory``, never those of a save in progress."""
     remove_stale_temporaries(directory, older_than=older_than)
 
 
 # -- reading ------------------------------------------------------------------------------
 def read_config(path: Path) -> dict:
+    """The checked head config in ``path`` (``config.json``); ``SDMFormatError`` if missing or invalid."""
     if not path.is_file():
         raise SDMFormatError(path, "missing: this is not an SDM head directory (no config.json)")
     try:
@@ -253,7 +251,7 @@ def read_config(path: Path) -> dict:
 
 
 def parse_config(text: str, path) -> dict:
-    """A head config from its JSON text, checked (strict JSON, format version, keys)."""
+    """A head config from its JSON text, checked (strict JSON, format version, keys); else ``SDMFormatError``."""
     try:
         config = loads_strict(text)
     except ValueError as err:
@@ -282,13 +280,11 @@ def parse_config(text: str, path) -> dict:
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file, both from ONE open of it (a concurrent
-    save that replaces the file cannot mix two versions)."""
+    """``(tensors, metadata)`` of a safetensors file, both from one open descriptor, so a concurrent save
+    cannot mix two versions; ``SDMFormatError`` if missing or unreadable."""
     if not path.is_file():
         raise SDMFormatError(path, "missing weights file")
-    # safetensors reopens the file BY NAME when it maps the data, after reading the header: a
-    # save replacing the file in between would pair the old header with the new bytes. Reading
-    # through /proc/self/fd/N (or /dev/fd/N) of one open descriptor pins one inode for both.
+    # safetensors reopens the file by name to map the data: /proc/self/fd/N pins one inode for header and data
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as err:
@@ -306,7 +302,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def parse_documents(text: str, path, size: int) -> list[dict]:
-    """The support documents from JSON lines, one object per support row (``size`` rows)."""
+    """The ``size`` support documents from JSON lines (one object per row); else ``SDMFormatError``."""
     documents = []
     try:
         for line in text.splitlines():
@@ -322,21 +318,20 @@ def parse_documents(text: str, path, size: int) -> list[dict]:
 def read_files(
     fetch: Callable[[str], Path],
 ) -> tuple[dict, dict[str, torch.Tensor], list[dict] | None, dict[str, Path]]:
-    """Read (but do not yet validate the contents of) a head's files.
-
-    ``config.json`` is read first (is this an SDM head of this format?); the head itself comes
-    from ``model.safetensors`` alone (config in its metadata), so config, tensors and documents
-    always come from one save.
+    """Read, but do not yet validate, a head's files: ``config.json`` first (is it a head of this format?),
+    then everything from ``model.safetensors`` alone, so all of it comes from one save.
 
     Args:
-        fetch: callable ``name -> Path`` giving the local path of one of the head's files
-            (downloading it first when the head lives on the Hub).
+        fetch: ``name -> Path``, the local path of one of the head's files (downloaded if needed).
 
     Returns:
         ``(config, tensors, documents, paths)``.
 
     Raises:
         SDMFormatError: a file is missing, unreadable or of another format.
+
+    Warns:
+        UserWarning: ``config.json`` differs from the config in ``model.safetensors`` (which is used).
     """
     paths = {CONFIG_NAME: fetch(CONFIG_NAME)}
     mirror = read_config(paths[CONFIG_NAME])

@@ -1,13 +1,10 @@
-"""Validation of a stored SDM head before anything is built from it.
+"""Validation of a stored SDM head before anything is built from it; every failure is an
+:class:`~sdm_hf.head.format_errors.SDMFormatError` naming the file and the field.
 
-Every tensor is checked against what the config declares (name, dtype, shape, finite values,
-label ranges, sorted lists) before a head is allocated, and the calibration is cross-checked
-against its own arrays: the predictions are the argmax of the stored SDM probabilities, ``q'``
-follows from ``q`` and those probabilities, the class-wise distance lists and ``q'`` lists follow
-from the per-point arrays, and Algorithm 1 (Schmaltz 2025, *Similarity-Distance-Magnitude
-Activations*, arXiv:2509.12760) run on them at the stored alpha gives exactly the stored
-``q'_min`` and ``psi``. Every failure is an :class:`~sdm_hf.head.format_errors.SDMFormatError` naming
-the file and the field.
+Tensors are checked against the config (name, dtype, shape, finiteness, label ranges, sorted lists), and the
+calibration against its own arrays: rerunning Algorithm 1 at the stored alpha must give the stored ``q'_min``
+and thresholds ``psi``. Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760,
+Algorithm 1.
 """
 
 from __future__ import annotations
@@ -37,7 +34,11 @@ def _all_finite(value: torch.Tensor) -> bool:
 
 
 class TensorChecker:
-    """Validates stored tensors against what the config says, naming the file on failure."""
+    """Validates stored tensors against what the config says, raising ``SDMFormatError`` naming ``path``.
+
+    Args:
+        tensors: name -> tensor as read from the file; :meth:`finish` refuses any not asked for.
+    """
 
     def __init__(self, path, tensors: dict[str, torch.Tensor]):
         self.path = path
@@ -45,14 +46,16 @@ class TensorChecker:
         self.used: set[str] = set()
 
     def fail(self, problem: str):
+        """Raise ``SDMFormatError(path, problem)``."""
         raise SDMFormatError(self.path, problem)
 
     def get(self, name: str, dtype: torch.dtype, shape: tuple, finite: bool = True, copy: bool = True) -> torch.Tensor:
-        """The validated tensor ``name``. ``copy=True`` returns a copy: tensors read by
-        safetensors share ONE memory map of the file, so keeping any of them (labels, say)
-        would keep the whole file mapped and its read pages resident (at 10^6 x 1000 float16
-        exemplars, 1.9 GiB beside FAISS's own copy). Pass ``copy=False`` only for a tensor
-        that is consumed and released while loading (the support vectors)."""
+        """The tensor ``name``, checked for ``dtype``, ``shape`` (None: any size) and, if ``finite``, NaN/inf.
+
+        Args:
+            copy: return a copy, so the file's memory map is not kept alive; False only for a tensor
+                released while loading (the support vectors).
+        """
         if name not in self.tensors:
             self.fail(f"missing tensor {name!r}")
         value = self.tensors[name]
@@ -66,12 +69,14 @@ class TensorChecker:
         return value.clone() if copy else value
 
     def labels(self, name: str, length: int | None, num_classes: int, lowest: int = 0) -> torch.Tensor:
+        """The ``(length,)`` int64 tensor ``name``, values in ``lowest..num_classes-1``."""
         value = self.get(name, torch.int64, (length,))
         if value.numel() and (int(value.min()) < lowest or int(value.max()) >= num_classes):
             self.fail(f"tensor {name!r} has values outside {lowest}..{num_classes - 1}")
         return value
 
     def lists(self, name: str, dtype, num_classes: int, total: int | None = None) -> list[torch.Tensor]:
+        """``num_classes`` sorted lists from ``name`` and its ``*_list_offsets`` tensor (``total`` values)."""
         values = self.get(name, dtype, (total,))
         offsets = self.get(name.replace("_lists", "_list_offsets"), torch.int64, (num_classes + 1,))
         if int(offsets[0]) != 0 or int(offsets[-1]) != values.numel() or bool((offsets[1:] < offsets[:-1]).any()):
@@ -82,6 +87,7 @@ class TensorChecker:
         return out
 
     def finish(self) -> None:
+        """Raise for any stored tensor that no check asked for."""
         unexpected = sorted(set(self.tensors) - self.used)
         if unexpected:
             self.fail(f"unexpected tensor(s) {unexpected}")
@@ -90,12 +96,13 @@ class TensorChecker:
 def state_from_files(
     config: dict, tensors: dict, documents: list[dict] | None, paths: dict | None = None
 ) -> SDMHeadState:
-    """Validate what :func:`read_files` returned and turn it into an :class:`SDMHeadState`.
+    """Validate what ``read_files`` returned (config, tensors, documents or None) as an :class:`SDMHeadState`.
 
     Args:
-        config, tensors, documents: the parsed ``config.json``, the safetensors tensors and
-            the support documents (or None).
         paths: file name -> where it came from, for error messages (default: the bare names).
+
+    Raises:
+        SDMFormatError: any field or tensor that is missing, malformed or inconsistent.
     """
     paths = paths or {}
     config_path = paths.get(CONFIG_NAME, CONFIG_NAME)
@@ -143,16 +150,14 @@ _PREDICTION_BYTES = 1 << 26  # float64 working set of the prediction check: 64 M
 
 
 def _check_support_predictions(support: SupportState, weights: dict[str, torch.Tensor], check: TensorChecker) -> None:
-    """The stored predictions must be what the stored classifier gives on the stored exemplars
-    (argmax of ``W e + b``), up to rounding: a prediction whose logit is below the row's best by
-    more than a small tolerance means the tensors come from different heads or were edited."""
+    """Fail unless the stored predictions are ``argmax(W e + b)`` on the stored exemplars, up to rounding."""
     w, b = weights["classifier.weight"].double(), weights["classifier.bias"].double()
     rows = max(1, _PREDICTION_BYTES // (8 * max(1, w.shape[1])))
     for start in range(0, support.size, rows):  # chunks of rows, each vectorised
         logits = support.vectors[start : start + rows].double() @ w.T + b
         chosen = logits.gather(1, support.predictions[start : start + rows].view(-1, 1)).squeeze(1)
         best = logits.max(dim=1).values
-        # float16 storage rounds the exemplars (relative error ~5e-4), float32 ties only at 1e-7
+        # tolerance: float16 exemplars are rounded (relative error ~5e-4)
         if bool((best - chosen > 1e-2 * (1.0 + best.abs())).any()):
             check.fail("tensor 'support.predictions' is not the classifier's argmax on 'support.vectors'")
 
@@ -160,6 +165,7 @@ def _check_support_predictions(support: SupportState, weights: dict[str, torch.T
 def _calibration_from_files(
     cal_info: dict, check: TensorChecker, config_path, c: int, d_in: int, min_class_points: int | str = 0
 ) -> CalibrationState:
+    """The checked calibration of ``cal_info`` (config entry) and its tensors."""
     try:
         alpha = float(cal_info["alpha"])
         q_min = math.inf if cal_info["q_min"] is None else float(cal_info["q_min"])
@@ -204,10 +210,8 @@ def _calibration_from_files(
 
 
 def _check_calibration_consistency(cal: CalibrationState, check: TensorChecker, config_path) -> None:
-    """Recompute what the stored calibration arrays determine and compare it with what is
-    stored: every step is deterministic, so a head whose files do not belong together (a
-    config.json of one head beside the tensors of another, or edited values) is refused
-    instead of loading with thresholds that do not describe its arrays. Cost O(N log N)."""
+    """Fail unless what the calibration arrays determine (argmax, ``q'``, class-wise lists, Algorithm 1's
+    ``q'_min`` and ``psi``) equals what is stored; O(N log N)."""
     c = len(cal.distance_lists)
     predicted = cal.probabilities.gather(1, cal.predictions.view(-1, 1)).squeeze(1)
     if bool((predicted < cal.probabilities.max(dim=1).values).any()):

@@ -1,9 +1,9 @@
-"""Messages between the processes of one run (``torchrun`` / ``accelerate launch``), as plain
-uint8 tensors through accelerate's ``broadcast`` / ``pad_across_processes`` / ``gather``: bytes,
-and strict JSON on top of them. Nothing is pickled on the wire.
+"""Messages between the processes of one run (``torchrun`` / ``accelerate launch``): bytes and strict JSON
+as uint8 tensors through accelerate's collectives, never pickle.
 
-``world`` is ``(rank, world_size)``; with one process every function is the identity and makes
-no ``torch.distributed`` call.
+``world`` is ``(rank, world_size)`` from :func:`process_world`; with one process every function is the
+identity and makes no ``torch.distributed`` call (design: docs/serving.md, section 'Design notes: pipelines
+and processes').
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ def _as_tensor(data: bytes, device: torch.device) -> torch.Tensor:
 
 
 def broadcast_bytes(data: bytes | None, world: tuple[int, int]) -> bytes:
-    """Rank 0's ``data`` on every process, as plain uint8 tensors through accelerate's
-    ``broadcast`` (no pickle on the wire)."""
+    """Rank 0's ``data`` on every process (the others pass None)."""
     from accelerate.utils import broadcast
 
     rank, size = world
@@ -62,8 +61,7 @@ def broadcast_bytes(data: bytes | None, world: tuple[int, int]) -> bytes:
 
 
 def gather_bytes(data: bytes, world: tuple[int, int]) -> list[bytes]:
-    """Every process's ``data``, in rank order, on every process: uint8 tensors padded to the
-    longest with accelerate's ``pad_across_processes``, then ``gather`` (no pickle on the wire)."""
+    """Every process's ``data``, in rank order, on every process."""
     from accelerate.utils import gather, pad_across_processes
 
     _, size = world
@@ -78,12 +76,9 @@ def gather_bytes(data: bytes, world: tuple[int, int]) -> list[bytes]:
 
 
 def gather_lists(local: list, world: tuple[int, int]) -> list:
-    """Every process's ``local`` list, concatenated in rank order (the same list on every
-    process). ``local`` must be JSON-serialisable (strings, numbers, lists of them; tuples come
-    back as lists): it travels as strict JSON between the processes of one training run.
+    """Every process's ``local`` list, concatenated in rank order, on every process.
 
-    Args:
-        world: ``(rank, world_size)`` from :func:`process_world`.
+    ``local`` travels as strict JSON: strings, finite numbers and lists of them (tuples come back as lists).
     """
     _, size = world
     if size == 1:
@@ -112,9 +107,8 @@ def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process.
 
     Args:
-        accelerator: the trainer's ``accelerate.Accelerator`` (``trainer.accelerator``), which
-            knows the launch even before ``torch.distributed`` is used; without it, the default
-            ``torch.distributed`` process group if one is initialised, else ``(0, 1)``.
+        accelerator: the trainer's ``Accelerator`` (knows the launch before ``torch.distributed`` is used);
+            without it, the initialised default process group, else ``(0, 1)``.
     """
     if accelerator is not None:
         world = int(getattr(accelerator, "num_processes", 1))
@@ -127,15 +121,14 @@ def process_world(accelerator: Accelerator | None = None) -> tuple[int, int]:
 def gather_rows(
     n: int, compute: Callable[[list[int]], torch.Tensor], world: tuple[int, int], multiple: int = 1
 ) -> torch.Tensor:
-    """``compute(range(n))`` with the work shared: process ``r`` computes the rows of its
-    contiguous block (``ceil(n / P)`` rows rounded up to a ``multiple``, so that blocks hold
-    whole batches; padded with repeats of its last row, or of row 0, so every process makes
-    the same calls: under FSDP / ZeRO-3 every forward needs them all), and accelerate's
-    ``gather`` returns all ``[n, D]`` rows in order on every process.
+    """``compute(list(range(n)))``, shared: each process computes one contiguous block of rows, and all
+    ``(n, D)`` rows come back in order on every process.
+
+    Blocks are ``ceil(n / P)`` rows rounded up to ``multiple``, padded with repeats so every process makes
+    the same calls (FSDP / ZeRO-3 forwards need all processes).
 
     Args:
-        compute: ``rows -> [len(rows), D]`` float CPU tensor (e.g. features of those rows).
-        world: ``(rank, world_size)`` from :func:`process_world`.
+        compute: ``rows -> (len(rows), D)`` float CPU tensor (e.g. features of those rows).
         multiple: block sizes are multiples of it (a batch size).
     """
     from accelerate.utils import gather

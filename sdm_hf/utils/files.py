@@ -1,16 +1,8 @@
-"""File helpers shared by everything sdm_hf writes: the disk caches (:mod:`sdm_hf.features.model_loading`,
-:mod:`sdm_hf.features.cache`), the saved heads (:mod:`sdm_hf.head.serialization`) and the trainer's state.
+"""File helpers for everything sdm_hf writes: cache location, strict JSON and atomic writes.
 
-* :func:`default_cache_dir` is ``$SDM_HF_CACHE``, else ``$HF_HOME/sdm_hf``; :func:`cache_root`
-  is a caller's ``cache_dir`` or that default.
-* :func:`file_sha256` hashes a file's content in chunks.
-* :func:`loads_strict` / :func:`read_json` / :func:`json_text` read and write strict JSON (no NaN
-  or Infinity).
-* :func:`atomic_write` (and :func:`atomic_write_bytes` / :func:`atomic_write_text`) writes a file
-  in a locked staging folder beside it, fsync and a rename, so an interrupted or killed run never
-  leaves a half-written file under the final name that a later run trusts;
-  :func:`remove_stale_temporaries` deletes what killed runs left (their locks are free).
-* :func:`progress_message` prints an ``sdm_hf: ...`` line to stderr without breaking tqdm bars.
+An atomic write goes through a locked staging folder beside the target, fsync and one rename, so a killed
+run never leaves a half-written file under the final name (design: docs/serving.md, section 'How saves
+stay safe').
 """
 
 from __future__ import annotations
@@ -48,12 +40,7 @@ _CHUNK = 8 * 1024 * 1024
 
 
 def default_cache_dir() -> Path:
-    """Where sdm_hf caches converted models and features.
-
-    Returns:
-        ``$SDM_HF_CACHE`` when that environment variable is set, else
-        ``huggingface_hub.constants.HF_HOME / "sdm_hf"`` (next to the Hugging Face caches).
-    """
+    """Where sdm_hf caches converted models and features: ``$SDM_HF_CACHE``, else ``$HF_HOME/sdm_hf``."""
     env = os.environ.get("SDM_HF_CACHE")
     if env:
         return Path(env).expanduser()
@@ -63,7 +50,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_root(cache_dir: str | Path | None) -> Path:
-    """The cache root to use: ``cache_dir`` (``~`` expanded) when given, else :func:`default_cache_dir`."""
+    """``cache_dir`` (``~`` expanded) when given, else :func:`default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
@@ -94,7 +81,7 @@ def _reject_constant(token: str) -> NoReturn:
 
 
 def loads_strict(text: str) -> Any:
-    """``json.loads`` that refuses NaN/Infinity (raises ValueError), as strict JSON readers do.
+    """``json.loads`` that refuses NaN/Infinity (``ValueError``).
 
     >>> loads_strict('{"a": 1}')
     {'a': 1}
@@ -126,8 +113,7 @@ _LOCK_NAME = ".lock"
 
 
 def _try_lock(handle) -> bool | None:
-    """Take an exclusive, non-blocking ``flock`` on ``handle``: True when taken, False when
-    another live process holds it, None where the platform has no ``flock``."""
+    """Non-blocking exclusive ``flock``: True taken, False held by a live process, None without ``flock``."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -143,10 +129,10 @@ def _try_lock(handle) -> bool | None:
 
 @contextmanager
 def staging_folder(parent: Path, name: str) -> Iterator[Path]:
-    """A fresh folder ``.<name>.<random>.tmp`` in ``parent`` to write ``name``'s new content
-    into, removed on exit. It holds a lock file locked (``flock``) for as long as the writer
-    lives, so :func:`remove_stale_temporaries` can tell the leftovers of a killed run from a
-    write in progress in another process."""
+    """A fresh folder ``.<name>.<random>.tmp`` in ``parent`` for ``name``'s new content, removed on exit.
+
+    Its lock file stays ``flock``-ed while the writer lives, so :func:`remove_stale_temporaries` spares it.
+    """
     parent = Path(parent)
     stage = parent / f".{name}.{uuid.uuid4().hex}.tmp"
     stage.mkdir(parents=True)  # the umask's mode (mkdtemp would make it private)
@@ -160,9 +146,8 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(parent: Path, name: str = "*", older_than: float = STALE_SECONDS) -> None:
-    """Delete the temporaries (``.<name>.*.tmp``) that killed writers left in ``parent``: a
-    staging folder whose lock no live process holds, and (lock-less leftovers of older
-    versions, or where ``flock`` is missing) any temporary older than ``older_than`` seconds."""
+    """Delete the ``.<name>.*.tmp`` that killed writers left in ``parent``: staging folders whose lock is free,
+    and, without a lock (or ``flock``), temporaries older than ``older_than`` seconds."""
     now = time.time()
     for leftover in Path(parent).glob(f".{name}.*.tmp"):
         try:
@@ -184,11 +169,12 @@ def remove_stale_temporaries(parent: Path, name: str = "*", older_than: float = 
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Let ``write(tmp)`` create the new file in a staging folder beside ``path`` (see
-    :func:`staging_folder`), flush it to disk and move it to ``path`` with one ``os.replace``:
-    whatever fails or is killed, ``path`` holds the old file or the new one, never part of one;
-    the staging folder is removed on failure (and after a kill, by the next
-    :func:`remove_stale_temporaries` of the folder)."""
+    """Let ``write(tmp)`` create the file in a :func:`staging_folder` beside ``path``, fsync it and
+    ``os.replace`` it onto ``path``: ``path`` holds the old file or the new one, never part of one.
+
+    Raises:
+        Whatever ``write`` raises (``OSError`` for a full disk), after removing the staging folder.
+    """
     path = Path(path)
     with staging_folder(path.parent, path.name) as stage:
         tmp = stage / path.name  # a writer's own temporaries (safetensors makes one) stay inside

@@ -1,10 +1,8 @@
 """Output folders for the command line and the recipes: nothing a user needs is ever deleted.
 
-A folder written by sdm_hf carries a marker file (``.sdm_hf_output.json``) that lists the files
-sdm_hf wrote there. ``--overwrite`` replaces such a folder only when it holds nothing else (a
-note a user added stops it) and none of the command's own inputs; :func:`replacing_output_dir`
-also writes the new results beside the old folder and swaps them in only once they are
-complete, so a failed write (a full disk, an error, Ctrl-C) leaves the old results as they were.
+A marker file (``.sdm_hf_output.json``) lists what sdm_hf wrote; ``--overwrite`` replaces only a folder
+that holds nothing else and none of the command's inputs (rules: docs/serving.md, section 'How saves
+stay safe').
 """
 
 from __future__ import annotations
@@ -40,9 +38,8 @@ def _read_marker(folder: Path) -> dict:
 
 
 def _unknown_files(folder: Path) -> list[str]:
-    """Files in a marked folder that sdm_hf did not write. A sealed marker lists sdm_hf's files;
-    an unsealed one (a run in progress or killed, or an older sdm_hf) lists the files that were
-    already foreign when the run started (``not_ours``): every other file counts as sdm_hf's."""
+    """Files in a marked folder that sdm_hf did not write (sealed marker: not in ``files``; unsealed: in
+    ``not_ours``)."""
     marker = _read_marker(folder)
     present = [name for name in _files_below(folder) if name != MARKER]
     if marker.get("files") is not None:
@@ -53,21 +50,18 @@ def _unknown_files(folder: Path) -> list[str]:
 
 
 def check_output_dir(path, overwrite: bool, inputs: Iterable = ()) -> Path:
-    """Raise now (before any long work) if the output folder would be refused; changes nothing.
+    """Raise now, before any long work, if the output folder would be refused; changes nothing.
 
     Args:
-        path: the output folder.
         overwrite: whether an existing folder written by sdm_hf may be replaced.
-        inputs: the command's own input files or folders (a Hub id, absent here, is skipped);
-            they must not be the output folder or lie inside it.
+        inputs: the command's own input files or folders (those absent here, e.g. Hub ids, are skipped).
 
     Returns:
         ``Path(path)``.
 
     Raises:
-        FileExistsError: ``path`` is a file; or it is a non-empty folder and ``overwrite`` is
-            False, or it has no sdm_hf marker, or it holds files sdm_hf did not write; or an
-            input is or lies in it.
+        FileExistsError: ``path`` is a file; or it is a non-empty folder that ``overwrite`` is False for,
+            that has no sdm_hf marker or that holds files sdm_hf did not write; or an input is or lies in it.
     """
     path = Path(path)
     target = path.resolve()
@@ -110,17 +104,14 @@ def _write_marker(folder: Path, program: str, files: list[str] | None, not_ours:
 
 
 def seal_output_dir(path, program: str = "sdm_hf") -> None:
-    """Record every file now in ``path`` as written by sdm_hf, except those that were already
-    foreign when the run started (call once a run has finished writing; a later ``--overwrite``
-    then refuses files added afterwards)."""
+    """Record every file now in ``path``, except those already foreign, as sdm_hf's (call when a run is done)."""
     path = Path(path)
     foreign = set(_unknown_files(path)) if (path / MARKER).is_file() else set()
     _write_marker(path, program, [name for name in _files_below(path) if name != MARKER and name not in foreign])
 
 
 def unseal_output_dir(path, program: str = "sdm_hf") -> None:
-    """Mark ``path`` as a run in progress (e.g. a resumed run): files it adds count as sdm_hf's
-    until :func:`seal_output_dir` lists them; files that were foreign (all files of an unmarked
+    """Mark ``path`` as a run in progress: files added count as sdm_hf's; foreign ones (all of an unmarked
     folder) stay foreign."""
     path = Path(path)
     foreign = _unknown_files(path) if (path / MARKER).is_file() else _files_below(path)
@@ -128,12 +119,10 @@ def unseal_output_dir(path, program: str = "sdm_hf") -> None:
 
 
 def prepare_output_dir(path, overwrite: bool, program: str = "sdm_hf", inputs: Iterable = ()) -> Path:
-    """Create ``path`` for results written in place (a long or resumable run) and mark it as ours.
+    """Create (emptying it if allowed) ``path`` for results written in place, marked as a run in progress.
 
-    An existing non-empty folder is deleted only under the rules of :func:`check_output_dir`.
-    Call :func:`seal_output_dir` when the run has written everything. Prefer
-    :func:`replacing_output_dir` when the results can be written at the end: it keeps the old
-    folder until the new one is complete.
+    For a long or resumable run; call :func:`seal_output_dir` at its end. Otherwise prefer
+    :func:`replacing_output_dir`, which keeps the old folder until the new one is complete.
 
     Raises:
         FileExistsError: as :func:`check_output_dir`.
@@ -147,9 +136,7 @@ def prepare_output_dir(path, overwrite: bool, program: str = "sdm_hf", inputs: I
 
 
 def _remove_leftovers(path: Path) -> None:
-    """Tidy what a run killed during :func:`replacing_output_dir` left beside ``path``: staging
-    folders are deleted; an old copy is put back when ``path`` is missing (killed between the
-    two renames of the swap), else deleted (killed after the swap)."""
+    """Delete what a killed :func:`replacing_output_dir` left beside ``path`` (an old copy goes back if it is gone)."""
     parent = path.parent
     if not parent.is_dir():
         return
@@ -169,20 +156,17 @@ def replacing_output_dir(path, overwrite: bool, program: str = "sdm_hf", inputs:
     Usage::
 
         with replacing_output_dir("out", overwrite=True, program="fit-head") as folder:
-            head.save_pretrained(folder)
-        # "out" now holds the new head; had the block raised, "out" would be unchanged
+            head.save_pretrained(folder)  # had the block raised, "out" would be unchanged
 
-    The old folder is refused or replaced under the rules of :func:`check_output_dir` (checked
-    again just before the swap). The swap is two renames on one file system; between them (a
-    few microseconds) ``path`` is absent.
+    The rules of :func:`check_output_dir` are checked before and again just before the swap (two renames;
+    ``path`` is absent between them).
 
     Yields:
-        The staging folder (``.<name>.sdm_hf-new-<random>`` beside ``path``) to write into.
+        The staging folder (``.<name>.sdm_hf-new-<random>`` beside ``path``).
 
     Raises:
         FileExistsError: as :func:`check_output_dir`.
-        Whatever the block raises (e.g. ``OSError`` for a full disk), after deleting the staging
-        folder; the old folder is untouched.
+        Whatever the block raises (``OSError`` for a full disk), after deleting the staging folder.
     """
     _remove_leftovers(Path(path))
     path = check_output_dir(path, overwrite, inputs)

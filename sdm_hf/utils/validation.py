@@ -1,14 +1,7 @@
-"""Input checks shared by the user-facing entry points.
+"""Input checks shared by the user-facing entry points, and the array types they accept.
 
-Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (wrong content) with
-a message that names the argument and says what to do, before anything reaches torch or
-FAISS.
-
-The aliases below name what the user-facing entry points accept for arrays:
-
-* :data:`ArrayLike` — a ``torch.Tensor``, a numpy array or a (nested) sequence of numbers;
-* :data:`FeaturesLike` — the same, holding ``[N, D]`` features (checked by :func:`as_features`);
-* :data:`LabelsLike` — the same, holding ``[N]`` integer labels (checked by :func:`as_labels`).
+Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (wrong content) naming the
+argument and what to do, before anything reaches torch or FAISS.
 """
 
 from __future__ import annotations
@@ -32,7 +25,12 @@ LabelsLike: TypeAlias = ArrayLike
 
 
 def as_features(x: FeaturesLike, name: str, dim: int | None = None) -> torch.Tensor:
-    """``x`` (tensor / ndarray / nested list) -> ``[N, D]`` float32 CPU-or-device tensor."""
+    """``x`` (tensor, ndarray or nested list) as an ``(N, D)`` float32 tensor on ``x``'s device (CPU otherwise).
+
+    Raises:
+        TypeError: not an array of real numbers.
+        ValueError: not 2-D, ``D != dim``, or NaN/infinite values.
+    """
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
             raise TypeError(f"{name} must hold real numbers, got numpy dtype {x.dtype}")
@@ -61,7 +59,12 @@ def as_features(x: FeaturesLike, name: str, dim: int | None = None) -> torch.Ten
 
 
 def as_labels(y: LabelsLike, name: str, num_classes: int, length: int | None = None) -> torch.Tensor:
-    """``y`` -> ``[N]`` int64 CPU tensor with values in ``0..num_classes-1``."""
+    """``y`` as an ``(N,)`` int64 CPU tensor with values in ``0..num_classes-1``.
+
+    Raises:
+        TypeError: not an array of integers (strings, bools, fractions).
+        ValueError: not 1-D, out of range, or ``N != length``.
+    """
     if isinstance(y, Sequence) and not isinstance(y, (str, bytes)):
         y = np.asarray(y)
     if isinstance(y, np.ndarray):
@@ -92,7 +95,7 @@ def as_labels(y: LabelsLike, name: str, num_classes: int, length: int | None = N
 
 
 def check_class_counts(y: torch.Tensor, name: str, num_classes: int, minimum: int = 2) -> None:
-    """Every class must have at least ``minimum`` points in ``y``."""
+    """Raise ``ValueError`` unless every class has at least ``minimum`` points in ``y`` (``(N,)`` int64)."""
     counts = torch.bincount(y, minlength=num_classes)
     short = [c for c in range(num_classes) if int(counts[c]) < minimum]
     if short:
@@ -104,6 +107,7 @@ def check_class_counts(y: torch.Tensor, name: str, num_classes: int, minimum: in
 
 
 def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float in (0.5, 1]; ``TypeError`` for a non-number, ``ValueError`` outside the range."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float in (0.5, 1], got {type(alpha).__name__}")
     alpha = float(alpha)
@@ -113,6 +117,7 @@ def check_alpha(alpha: float) -> float:
 
 
 def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; ``TypeError`` for a non-integer, ``ValueError`` below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if int(value) < minimum:
@@ -121,6 +126,7 @@ def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
 
 
 def check_optional_list(values: Iterable[Any] | None, name: str, length: int) -> list | None:
+    """``values`` as a list (None stays None); ``ValueError`` unless it has ``length`` entries."""
     if values is None:
         return None
     values = list(values)
@@ -130,15 +136,12 @@ def check_optional_list(values: Iterable[Any] | None, name: str, length: int) ->
 
 
 def looks_like_repo_id(name: str) -> bool:
-    """True when ``name`` can be a Hugging Face Hub repo id (``name`` or ``namespace/name``),
-    False for what can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``)."""
+    """Whether ``name`` can be a Hub repo id (``name`` or ``namespace/name``), not only a local path."""
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "/", "~"))
 
 
 def check_local_or_repo(name, what: str) -> None:
-    """Raise ``FileNotFoundError`` when ``name`` can only be a local path (see
-    :func:`looks_like_repo_id`) and does not exist, naming ``what`` was being loaded; a folder
-    that exists, or a name that can be a Hub repo id, passes."""
+    """Raise ``FileNotFoundError`` (naming ``what``) when ``name`` is a missing path that cannot be a repo id."""
     path = os.path.expanduser(str(name))
     if os.path.exists(path) or looks_like_repo_id(str(name)):
         return
@@ -149,9 +152,8 @@ def check_local_or_repo(name, what: str) -> None:
 
 
 def hub_failure(name, what: str, err: BaseException) -> FileNotFoundError:
-    """The error for a ``name`` that is no local folder and failed as a Hub repo id: it says both
-    readings and why the Hub repository could not be used (offline, not found or private, no
-    connection)."""
+    """The ``FileNotFoundError`` for a ``name`` that is no local folder and failed as a Hub repo id: it gives
+    both readings and why the Hub failed (offline, not found or private, no connection)."""
     text = str(err)
     kind = type(err).__name__
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or "offline" in text.lower():
@@ -170,8 +172,8 @@ def hub_failure(name, what: str, err: BaseException) -> FileNotFoundError:
 
 @contextlib.contextmanager
 def explained_hub_failure(name, what: str):
-    """Check ``name`` with :func:`check_local_or_repo`, then re-raise an ``OSError`` of the block
-    as :func:`hub_failure` when ``name`` is not an existing local path."""
+    """:func:`check_local_or_repo`, then an ``OSError`` of the block re-raised as :func:`hub_failure` when
+    ``name`` is not an existing local path."""
     check_local_or_repo(name, what)
     try:
         yield

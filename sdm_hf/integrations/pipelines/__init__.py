@@ -1,11 +1,9 @@
-"""``pipeline("sdm-verify")`` and ``pipeline("sdm-text-classification")``.
+"""``pipeline("sdm-verify")`` and ``pipeline("sdm-text-classification")``, registered with transformers'
+``PIPELINE_REGISTRY`` on import (which ``import sdm_hf`` does).
 
-Importing this package (which ``import sdm_hf`` does) registers both tasks with transformers'
-``PIPELINE_REGISTRY``. Each pipeline loads the model as usual and its SDM head from the model
-repository's ``sdm_head/`` subfolder (at the model's revision, with the caller's token), or from
-an explicit ``sdm_head=`` (an :class:`~sdm_hf.SDMHead`, a folder or a Hub repo id; needed for PEFT
-adapter repositories). Inputs, ``batch_size`` and ``num_workers`` work as in any transformers
-pipeline.
+The head comes from the model repository's ``sdm_head/`` (at the model's revision, with the caller's token) or
+from ``sdm_head=`` (an SDMHead, a folder or a Hub repo id; needed for PEFT adapter repositories).
+Usage: docs/serving.md, section 'Pipelines'.
 """
 
 from __future__ import annotations

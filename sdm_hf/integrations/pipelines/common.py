@@ -1,8 +1,7 @@
 """What both SDM pipelines share: where the head comes from, numbered inputs, batch columns.
 
-Inputs reach ``preprocess`` wrapped in :class:`Numbered` (the input and its position in the
-call), so that a bad input is reported by its index even when it arrives from a generator or
-a ``KeyDataset`` through transformers' DataLoader.
+Inputs reach ``preprocess`` wrapped in :class:`Numbered` so that an error names the input's index,
+even for a generator or a ``KeyDataset`` (design: docs/serving.md, section 'Design notes: pipelines and processes').
 """
 
 from __future__ import annotations
@@ -60,8 +59,7 @@ class Numbered:
 
 
 class NumberedDataset(Dataset):
-    """A map-style dataset (``KeyDataset`` or any ``torch.utils.data.Dataset``) whose items
-    come as :class:`Numbered`; it stays lazy, so transformers streams it as usual."""
+    """A lazy view of a map-style dataset (e.g. ``KeyDataset``) whose items come as :class:`Numbered`."""
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
@@ -93,17 +91,12 @@ def is_chat(value: Any) -> bool:
 
 
 def number_inputs(inputs: Any, chats: bool) -> tuple[Any, bool]:
-    """What to hand to ``Pipeline.__call__`` for ``inputs``, and whether that is a list.
+    """``(what to hand to Pipeline.__call__, whether it is a list)`` for ``inputs``.
 
-    * a list or tuple -> a list of :class:`Numbered` (the call returns a list), except that a
-      list of chat messages is ONE conversation when ``chats`` (as transformers reads it);
-    * a generator, an iterator, a torch ``IterableDataset`` or any other iterable without a
-      length (a streaming ``datasets.IterableDataset``) -> a generator of :class:`Numbered`,
-      and a map-style torch ``Dataset`` (``KeyDataset``) -> :class:`NumberedDataset` (the call
-      returns an iterator, streamed batch by batch);
-    * another sized sequence (a ``datasets`` column, a ``datasets.Dataset``'s rows, a numpy
-      array) -> a list of :class:`Numbered`;
-    * anything else (a string, a dict, None, a number) -> one ``Numbered(None, inputs)``.
+    A list, tuple or other sized sequence (``datasets`` column or rows, numpy array) -> a list of
+    :class:`Numbered` (but chat messages are ONE conversation when ``chats``); an iterator, torch
+    ``IterableDataset`` or unsized iterable -> a generator of :class:`Numbered`; a map-style torch
+    ``Dataset`` -> :class:`NumberedDataset`; anything else (str, dict, None, ...) -> ``Numbered(None, inputs)``.
     """
     if inputs is None or isinstance(inputs, (str, bytes, Mapping)):
         return Numbered(None, inputs), False
@@ -123,10 +116,9 @@ def number_inputs(inputs: Any, chats: bool) -> tuple[Any, bool]:
 
 
 def as_columns(model_inputs: dict[str, Any]) -> dict[str, list]:
-    """The collated inputs of one batch as equal-length columns.
+    """One batch's inputs as equal-length columns ``{key: [value per item]}``.
 
-    transformers collates a batch (``batch_size > 1``) into ``{key: [value per item]}`` but
-    hands a single item (``batch_size=1``) over as it is; ``"index"`` tells the two apart.
+    transformers collates only when ``batch_size > 1``; a list under ``"index"`` tells the two apart.
     """
     if isinstance(model_inputs["index"], list):
         return model_inputs
@@ -134,25 +126,18 @@ def as_columns(model_inputs: dict[str, Any]) -> dict[str, list]:
 
 
 def first_row(model_outputs: dict[str, Any]) -> dict[str, Any]:
-    """One input's outputs: transformers unbatches ``_forward``'s columns when it batched
-    (``batch_size > 1``), and passes the one-row columns through otherwise."""
+    """One input's outputs from ``_forward``'s columns (unbatched by transformers only when ``batch_size > 1``)."""
     if isinstance(model_outputs["index"], list):
         return {key: value[0] for key, value in model_outputs.items()}
     return model_outputs
 
 
 def pipeline_call_hub_options() -> dict[str, Any]:
-    """``revision``, ``token``, ``cache_dir`` and ``local_files_only`` of the
-    ``transformers.pipeline(...)`` call that is constructing a pipeline right now ({} when the
-    class is constructed directly).
+    """``revision``, ``token``, ``cache_dir`` and ``local_files_only`` of the ``transformers.pipeline(...)``
+    call constructing a pipeline now, read from its frame (``{}`` when constructed directly or not found).
 
-    ``pipeline()`` consumes these itself and never hands them to the pipeline class, yet the
-    head must come from the same revision of the repository as the model. They are read from
-    ``pipeline()``'s own variables (``hub_kwargs``, ``model_kwargs``); the revision is the
-    commit the model was loaded from, or the one requested when the model came from a PEFT
-    adapter repository (whose base model's revision ``hub_kwargs`` then holds). When a
-    transformers version names them differently, nothing is found and the head is loaded from
-    the default branch; ``sdm_head_kwargs`` sets them explicitly.
+    Why: ``pipeline()`` keeps these to itself, yet the head must come from the model's revision (for a PEFT
+    adapter: the revision requested of the adapter repository).
     """
     try:
         from transformers.pipelines import pipeline as factory
@@ -189,17 +174,18 @@ def resolve_head(
     call_options: dict[str, Any],
     sdm_head_kwargs: Mapping[str, Any] | None,
 ) -> SDMHead:
-    """The pipeline's head: ``sdm_head`` itself, the folder or Hub repo it names, or (None)
-    the ``subfolder`` of the model's own repository.
+    """The pipeline's head: ``sdm_head`` itself, the folder or Hub repo it names, or (None) the
+    ``subfolder`` of the model's repository (``model.config._name_or_path``).
 
     Args:
-        sdm_head: an :class:`SDMHead`, a folder or Hub repo id of one, or None.
-        model: the pipeline's model (``config._name_or_path`` is its repository).
-        subfolder: where the head lives in the model's repository.
-        call_options: :func:`pipeline_call_hub_options`; the revision only applies to the
-            model's own repository, the token, cache and offline flag to any Hub repo.
-        sdm_head_kwargs: explicit :data:`HUB_OPTIONS` for :meth:`SDMHead.from_pretrained`;
-            they override ``call_options``.
+        call_options: :func:`pipeline_call_hub_options`; its revision applies to the model's repository only.
+        sdm_head_kwargs: explicit :data:`HUB_OPTIONS`, overriding ``call_options``.
+
+    Raises:
+        TypeError: ``sdm_head`` is of another type.
+        ValueError: unknown ``sdm_head_kwargs``; the model has no repository path; a local folder has no
+            head ``config.json`` (in ``subfolder`` for the model's repository).
+        SDMFormatError: from :meth:`SDMHead.from_pretrained`.
     """
     if isinstance(sdm_head, SDMHead):
         return sdm_head
@@ -233,13 +219,14 @@ def resolve_head(
 
 
 class SDMPipeline(Pipeline):
-    """The transformers ``Pipeline`` contract for an SDM task: ``preprocess`` checks and
-    prepares one :class:`Numbered` input, ``_forward`` runs the model and the head on a batch,
-    ``postprocess`` formats one result. ``__call__`` only numbers the inputs (so errors name
-    them), checks in-memory lists before any model work and, for tasks that ask for it, hands
-    a list's items over longest first (results in the input order), then calls
-    ``Pipeline.__call__``, which batches (``batch_size``, default 8), streams generators and
-    datasets, and runs ``num_workers`` DataLoader workers as for any transformers pipeline.
+    """Base of the SDM pipelines (transformers' ``preprocess`` / ``_forward`` / ``postprocess`` contract).
+
+    ``__call__`` numbers the inputs, checks a list before any model work and may order it longest first
+    (results keep the input order); batching (``batch_size``, default 8), streaming and ``num_workers``
+    are ``Pipeline.__call__``'s.
+
+    Raises:
+        ValueError: the model has no tokenizer; as :func:`resolve_head`.
     """
 
     _load_processor = False
@@ -281,7 +268,7 @@ class SDMPipeline(Pipeline):
         raise NotImplementedError  # pragma: no cover - each task defines it
 
     def _lengths(self, values: list) -> list[int] | None:
-        """Lengths to batch a list's inputs by (longest first), or None to keep their order."""
+        """Lengths to order a list's inputs by (longest first), or None to keep their order."""
         return None
 
     def _check_options(self, kwargs: dict[str, Any]) -> None:
@@ -293,10 +280,12 @@ class SDMPipeline(Pipeline):
             )
 
     def __call__(self, inputs: Any, **kwargs: Any) -> Any:
-        """Results for ``inputs``: one dict for one input, a list for a list (``[]`` for an
-        empty one), an iterator for a generator or a dataset. ``batch_size`` and
-        ``num_workers`` work as in any transformers pipeline; other keywords are the task's
-        options."""
+        """One dict for one input, a list for a list (``[]`` for an empty one), an iterator for a
+        generator or dataset; keywords other than ``batch_size`` / ``num_workers`` are the task's options.
+
+        Raises:
+            TypeError / ValueError: naming the first bad input of a list, or an unknown option.
+        """
         numbered, is_list = number_inputs(inputs, chats=self._accepts_chats)
         if is_list:
             self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
@@ -307,8 +296,7 @@ class SDMPipeline(Pipeline):
             batch_size = kwargs.get("batch_size") or self._batch_size or 1
             lengths = self._lengths([item.value for item in numbered]) if len(numbered) > batch_size > 1 else None
             if lengths is not None:
-                # a list is consumed whole, so its batches can be formed from inputs of similar
-                # length (less padding, as extract_features does); results keep the input order
+                # a list is consumed whole: batch inputs of similar length (less padding)
                 order = sorted(range(len(numbered)), key=lambda i: -lengths[i])
                 results = super().__call__([numbered[i] for i in order], **kwargs)
                 out: list[Any] = [None] * len(order)

@@ -20,11 +20,7 @@ TASKS = {
 
 
 def register_pipelines() -> None:
-    """Register both tasks with ``PIPELINE_REGISTRY.register_pipeline`` (idempotent).
-
-    Importing :mod:`sdm_hf.integrations.pipelines` (so ``import sdm_hf``) calls it; call it again
-    after something replaced the registry's entries.
-    """
+    """Register both tasks with ``PIPELINE_REGISTRY`` (idempotent; ``import sdm_hf`` already calls it)."""
     for task, (pipeline_class, auto_class) in TASKS.items():
         current = PIPELINE_REGISTRY.supported_tasks.get(task, {})
         if current.get("impl") is not pipeline_class:
@@ -34,8 +30,7 @@ def register_pipelines() -> None:
 
 
 def register_or_warn() -> None:
-    """:func:`register_pipelines`, with a failure reported as a ``RuntimeWarning`` so that
-    ``import sdm_hf`` keeps working without the pipeline tasks."""
+    """:func:`register_pipelines`, a failure reported as a ``RuntimeWarning`` (``import sdm_hf`` still works)."""
     try:
         register_pipelines()
     except Exception as err:  # reported; the rest of sdm_hf works without the tasks

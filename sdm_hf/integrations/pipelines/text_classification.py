@@ -19,36 +19,29 @@ class SDMTextClassificationPipeline(SDMPipeline):
 
     Example::
 
-        from transformers import pipeline
-        import sdm_hf  # registers the task
-        clf = pipeline("sdm-text-classification", model="path/to/model-with-sdm_head")
+        clf = pipeline("sdm-text-classification", model="path/to/model-with-sdm_head")  # after import sdm_hf
         clf("Paris is a name of a city.")
         # {'label': 'true', 'score': 0.97, 'high_reliability': True, 'high_reliability_lower': True,
         #  'is_ood': False, 'q': 41, 'd': 0.62, 'rescaled_similarity': 2.9, 'truncated': False,
         #  'nearest_exemplar': {'index': 12, 'id': ..., 'label': 'true', 'text': ...}}
-        clf(["one text", "another"], batch_size=32)              # a list of results
-        for out in clf(KeyDataset(dataset, "text"), batch_size=32, num_workers=2):
-            ...                                                  # streamed
 
-    Input: a string, a list of strings (an empty list gives ``[]``), a ``datasets`` column,
-    a ``KeyDataset``, or a generator of strings; with ``text_column="text"``, rows (dicts), a
-    ``datasets.Dataset`` or a streaming ``datasets.IterableDataset``; anything else is a
-    ``TypeError`` naming the input's index. ``batch_size`` (default 8) texts run through the model together; the
-    texts of a list (consumed whole) are batched by token count, longest first, to pad less
-    (results come in the input order); streamed inputs are batched in arrival order.
+    Input: a string, or a list / ``datasets`` column / ``KeyDataset`` / generator of strings (``[]`` gives
+    ``[]``); with ``text_column=``, rows (dicts), a ``datasets.Dataset`` or a streaming ``IterableDataset``.
+    ``batch_size`` (default 8) texts run together; a list's texts are batched by token count.
 
-    Output per input: ``label`` (the head's ``id2label`` name), ``score`` (the SDM
-    probability of that label), ``high_reliability``, ``high_reliability_lower``, ``is_ood``,
-    ``q``, ``d``, ``rescaled_similarity``, ``truncated`` (the text was cut to the feature
-    recipe's max length; a warning also says so) and ``nearest_exemplar``. Features follow
-    the head's recorded recipe (pooling, layer, max length) and equal
-    :func:`sdm_hf.features.extract.extract_features` of the same texts up to float rounding,
-    whatever the batch size.
+    Output per input: ``label`` (``id2label`` name), ``score`` (its SDM probability), ``high_reliability``,
+    ``high_reliability_lower``, ``is_ood``, ``q``, ``d``, ``rescaled_similarity``, ``truncated`` (cut to the
+    recipe's max length; also warned) and ``nearest_exemplar``. Features follow the head's recorded recipe and
+    equal :func:`~sdm_hf.features.extract.extract_features` of the texts up to float rounding.
 
-    Construction options: ``sdm_head`` (an :class:`~sdm_hf.SDMHead`, folder or Hub repo id;
-    default: the model repository's ``sdm_head/`` subfolder, from the same revision),
-    ``head_subfolder`` and ``sdm_head_kwargs`` (``revision``, ``token``, ``cache_dir``,
-    ``local_files_only``, ``force_download`` for loading the head).
+    Construction: ``sdm_head`` (SDMHead, folder or Hub repo id; default: the model repository's ``sdm_head/``
+    at the same revision), ``head_subfolder``, ``sdm_head_kwargs`` (``revision``, ``token``, ``cache_dir``,
+    ``local_files_only``, ``force_download``).
+
+    Raises:
+        ValueError: the head reads features composed from several models, or its width differs from the
+            model's (a head from another model only warns).
+        TypeError: (per call) a non-string input, naming its index.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -62,9 +55,8 @@ class SDMTextClassificationPipeline(SDMPipeline):
         self.layer = -1 if recipe.layer is None else recipe.layer
 
     def __call__(self, inputs: Any, text_column: str | None = None, **kwargs: Any) -> Any:
-        """Results for ``inputs`` (see the class docstring); ``text_column``: the inputs are
-        rows (dicts), a ``datasets.Dataset`` or a streaming ``datasets.IterableDataset`` of
-        rows, and this column holds the texts."""
+        """Results for ``inputs`` (see the class docstring); ``text_column``: the column of rows (dicts, a
+        ``datasets.Dataset`` or streaming ``IterableDataset``) that holds the texts."""
         if text_column is not None:
             inputs = select_column(inputs, text_column)
         return super().__call__(inputs, **kwargs)
@@ -78,8 +70,7 @@ class SDMTextClassificationPipeline(SDMPipeline):
             )
 
     def _lengths(self, values: list) -> list[int]:
-        """Token counts of a list's texts (one fast batch call): its batches hold texts of
-        similar length, so they pad less."""
+        """Token counts of a list's texts, so that batches pad less."""
         tokenizer: Any = self.tokenizer
         return [len(ids) for ids in tokenizer(values, truncation=False)["input_ids"]]
 
@@ -88,8 +79,7 @@ class SDMTextClassificationPipeline(SDMPipeline):
         return {}, {}, {}
 
     def preprocess(self, inputs: Any, **_: Any) -> dict[str, Any]:
-        """One text -> ``{"index", "text", "truncated"}`` (whether it is longer than the recipe's
-        max length in tokens)."""
+        """One text -> ``{"index", "text", "truncated"}`` (longer than the recipe's max length in tokens)."""
         item = inputs if isinstance(inputs, Numbered) else Numbered(None, inputs)
         self.check_input(item)
         tokenizer: Any = self.tokenizer  # set: the base class refuses a pipeline without one
@@ -97,8 +87,7 @@ class SDMTextClassificationPipeline(SDMPipeline):
         return {"index": item.index, "text": item.value, "truncated": length > self.max_length}
 
     def _forward(self, model_inputs: dict[str, Any], **_: Any) -> dict[str, list]:
-        """A batch of B texts -> the head's records (columns of B values): features of the batch
-        (:func:`~sdm_hf.features.extract.extract_features`, ``[B, D]``), then one ``predict``."""
+        """B texts -> columns of B values: ``(B, D)`` features of the batch, then one ``predict``."""
         cols = as_columns(model_inputs)
         with warnings.catch_warnings():  # reported per input ('truncated') and once in postprocess
             warnings.filterwarnings("ignore", message=".*texts were longer than max_length", category=UserWarning)
@@ -129,10 +118,13 @@ class SDMTextClassificationPipeline(SDMPipeline):
 
 
 def select_column(inputs: Any, column: str) -> Any:
-    """The ``column`` of rows: a ``datasets.Dataset`` -> its column (a list), one row (a dict) ->
-    its value, a list of rows -> a list, any other iterable of rows (a streaming
-    ``datasets.IterableDataset``, a generator) -> a generator. A missing column raises
-    ``ValueError`` naming the row."""
+    """The ``column`` of rows: of a ``datasets.Dataset`` a list, of one dict its value, of a list of rows a
+    list, of another iterable of rows (streaming ``IterableDataset``, generator) a generator.
+
+    Raises:
+        TypeError: ``column`` is not a string, or a row is not a dict.
+        ValueError: a missing column, naming the row.
+    """
     if not isinstance(column, str):
         raise TypeError(f"text_column must be a column name, got {type(column).__name__}")
     names = getattr(inputs, "column_names", None)
