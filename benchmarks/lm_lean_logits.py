@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from run_core import machine, peak_rss_gb  # noqa: E402  (the benchmark suite's machine line and peak RSS)
 
-from sdm_hf.lm.encoding import IGNORE_INDEX  # noqa: E402
 from sdm_hf.lm.loss import sdm_next_token_loss, supervised_logit_mask  # noqa: E402
+from sdm_hf.lm.masks import IGNORE_INDEX  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -204,7 +204,7 @@ def _(tmp: Path):
 
 @case("silent wrong", "TRL reward given a chat prompt whose message lacks 'role'")
 def _(tmp: Path):
-    from sdm_hf.lm.encoding import as_messages
+    from sdm_hf.lm.control import as_messages
 
     return refused(lambda: as_messages([{"content": "hi"}], "prompts[0]"), naming="'role'")
 

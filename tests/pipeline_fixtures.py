@@ -9,7 +9,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from sdm_hf import SDMConfig, SDMHead
 from sdm_hf.features.extract import extract_features
-from sdm_hf.lm.encoding import ControlTokens, verification_features
+from sdm_hf.lm.control import ControlTokens
+from sdm_hf.lm.verification_features import verification_features
 from sdm_hf.repository import save_sdm_model
 from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import word_order_data as wod  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments  # noqa: E402
-from sdm_hf.lm.encoding import generate_greedy  # noqa: E402
+from sdm_hf.lm.generation import generate_greedy  # noqa: E402
 from sdm_hf.utils.output_dir import prepare_output_dir, seal_output_dir  # noqa: E402
 
 CHAT_TEMPLATE = (

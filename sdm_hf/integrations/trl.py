@@ -1,22 +1,9 @@
 """SDM verification as a reward for TRL's online trainers (``GRPOTrainer`` and friends).
 
-TRL calls a reward function as ``reward(prompts=..., completions=..., completion_ids=...,
-**dataset_columns, trainer_state=..., log_metric=..., ...)`` and wants one float (or None) per
-completion. :class:`SDMVerificationReward` is such a callable, built from an SDM language model
-and its document-level verification head (``trainer.save_sdm_model(...)`` of
-:class:`~sdm_hf.lm.SDMTrainer`, or any model folder with an ``sdm_head/``): it embeds each
-(prompt, completion) pair the way the head was fitted (the hidden states up to the final
-``<verified>`` tag, see :func:`~sdm_hf.lm.verification_features`), and scores it with the head.
-
-Unlike an LLM judge's Yes/No, the score is calibrated and knows when it does not know: the SDM
-probability of "Yes" shrinks towards uniform for completions unlike the head's calibration data
-(low similarity q, large distance d), an out-of-distribution completion (q = 0) gets
-``ood_reward``, and ``kind="hr"`` rewards only completions verified inside the head's
-high-reliability region, whose class-conditional accuracy is at least alpha on data like the
-calibration set (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
-arXiv:2509.12760; *SDM Language Models*, arXiv:2510.26183, Sec. 3.4).
-
-The verifier is a separate, frozen model: it is not the policy being trained.
+A pair (prompt, completion) is embedded as the head was fitted (:func:`~sdm_hf.lm.verification_features`)
+and scored by a frozen verification head, separate from the policy: calibrated, with ``ood_reward`` for
+out-of-distribution completions (q = 0). Schmaltz (2025), Similarity-Distance-Magnitude Activations, arXiv:2509.12760;
+Similarity-Distance-Magnitude Language Models, arXiv:2510.26183, §3.4. Usage: docs/language_models.md.
 """
 
 from __future__ import annotations
@@ -28,17 +15,11 @@ from typing import Any
 
 import torch
 
+from ..head.config import is_verification_pooling
 from ..head.inference import SDMOutput
 from ..head.modeling import SDMHead
-from ..lm.encoding import (
-    ControlTokens,
-    Prompt,
-    as_messages,
-    check_messages,
-    is_verification_pooling,
-    verification_features,
-    verification_pooling_of,
-)
+from ..lm.control import ControlTokens, Prompt, as_messages, check_messages
+from ..lm.verification_features import verification_features, verification_pooling_of
 
 __all__ = ["SDMVerificationReward", "REWARD_KINDS"]
 
@@ -55,33 +36,35 @@ def _content(value: Any, index: int) -> str:
 
 
 def _batch(values: Any, name: str) -> list:
-    """``values`` as a list: TRL passes lists (one item per completion); a string, None or a
-    mapping here is a mistake, not a batch of one."""
+    """``values`` as a list; a string, None or a mapping raises ``TypeError`` (a mistake, not a batch of one)."""
     if values is None or isinstance(values, (str, bytes, dict)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list (one item per completion), got {type(values).__name__}")
     return list(values)
 
 
 class SDMVerificationReward:
-    """A TRL reward function from an SDM language model and its verification head.
+    """A TRL reward function (one float or None per completion) from an SDM LM and its verification head.
 
     Args:
-        model: the causal LM the head was fitted on (frozen; kept in eval mode).
-        tokenizer: its tokenizer (with its chat template, if it was trained with one).
-        head: the document-level verification head (2 classes, 1 = "Yes").
-        kind: ``"probability"`` (default): the head's SDM probability that the completion is
-            verified, in [0, 1]; ``"hr"``: 1.0 when the head predicts "Yes" inside its
-            high-reliability region, else 0.0.
-        ood_reward: the reward of a completion the head finds out of distribution (q = 0);
-            None gives TRL a None (a NaN it leaves out of its mean). Default 0.0.
+        model: the causal LM the head was fitted on (put in eval mode).
+        tokenizer: its tokenizer (with the chat template it was trained with, if any).
+        head: the calibrated document-level verification head (2 classes, 1 = "Yes").
+        kind: ``"probability"``: the SDM probability of "Yes", in [0, 1]; ``"hr"``: 1.0 for a "Yes" inside
+            the high-reliability region, else 0.0.
+        ood_reward: reward of an out-of-distribution completion (q = 0); None gives TRL a None (left out
+            of its mean).
         batch_size: completions per forward of ``model``.
         control: the control strings the model was trained with.
+
+    Raises:
+        ValueError: an unknown ``kind``, not a 2-class verification head, an uncalibrated head, or
+            ``batch_size < 1``.
+        TypeError: ``head`` is not an SDMHead, or ``ood_reward`` is not a finite number or None.
 
     Example::
 
         reward = SDMVerificationReward.from_pretrained("out/final")    # model + sdm_head/
-        trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=GRPOConfig(...),
-                              train_dataset=prompts)
+        trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=GRPOConfig(...), train_dataset=prompts)
     """
 
     def __init__(
@@ -120,8 +103,8 @@ class SDMVerificationReward:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> SDMVerificationReward:
-        """The reward of an SDM-equipped model folder or Hub repository (the causal LM at its
-        root, the head in ``sdm_head/``); ``kwargs`` as in the constructor."""
+        """The reward of an SDM-equipped folder or Hub repo (causal LM at the root, head in ``sdm_head/``);
+        ``kwargs`` as in the constructor; a missing path raises ``FileNotFoundError``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..repository import load_sdm_model
@@ -130,12 +113,11 @@ class SDMVerificationReward:
         return cls(model, AutoTokenizer.from_pretrained(path), head, **kwargs)
 
     def verify(self, prompts: Sequence[Prompt], completions: Sequence[Any]) -> SDMOutput:
-        """The head's output for each (prompt, completion) pair (``[N]`` rows).
+        """The head's output for N (prompt, completion) pairs (N rows).
 
         Raises:
-            TypeError / ValueError: naming the first malformed prompt or completion (not a
-                string or a list of ``{"role": str, "content": str}`` messages), or lists of
-                different lengths.
+            TypeError / ValueError: the first prompt or completion that is not a string or a list of
+                ``{"role": str, "content": str}`` messages (named), or lists of different lengths.
         """
         prompts, completions = _batch(prompts, "prompts"), _batch(completions, "completions")
         if len(prompts) != len(completions):
@@ -168,9 +150,8 @@ class SDMVerificationReward:
         return rewards
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
-        """TRL's reward-function contract: one reward per completion. ``log_metric`` (given by
-        TRL's online trainers) receives the share of completions in the high-reliability region
-        verified as "Yes" (``sdm/hr_verified``) and the out-of-distribution share (``sdm/ood``)."""
+        """One reward per completion (TRL's contract); ``log_metric``, when given, receives the share verified
+        "Yes" in the HR region (``sdm/hr_verified``) and the out-of-distribution share (``sdm/ood``)."""
         if not len(_batch(completions, "completions")):
             return []
         out = self.verify(prompts, completions)

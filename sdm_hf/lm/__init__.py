@@ -6,20 +6,17 @@ Modules, in the layout of TRL's trainers: ``sdm_trainer`` (the trainer), ``sdm_c
 training arguments), ``callbacks`` (the per-epoch steps), ``state`` (what a checkpoint adds),
 ``distributed`` (what several processes share), ``modeling`` (dropout removal),
 ``verification`` (the head fit on split halves), and the trainer-free pieces ``data``,
-``encoding``, ``collator`` and ``loss``.
+``control`` (control strings, document text), ``masks`` (contrastive masking),
+``verification_features``, ``generation``, ``collator`` and ``loss``.
 """
 
 from .collator import ContrastiveMaskingCollator
+from .control import ControlTokens, format_document
 from .data import Document, prepare_documents
-from .encoding import (
-    ControlTokens,
-    encode_example,
-    format_document,
-    pool_verification_states,
-    verification_features,
-)
 from .loss import sdm_next_token_loss
+from .masks import encode_example
 from .modeling import disable_dropout
+from .verification_features import pool_verification_states, verification_features
 
 # The trainer pulls in transformers.Trainer (and through it accelerate and datasets): imported
 # on first use, so that `import sdm_hf` (which registers the pipelines, whose LM verifier needs

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from .encoding import IGNORE_INDEX
+from .masks import IGNORE_INDEX
 
 __all__ = ["ContrastiveMaskingCollator"]
 
 
 @dataclass
 class ContrastiveMaskingCollator:
-    """Pad a list of :func:`~sdm_hf.lm.encoding.encode_example` rows into a batch.
+    """Pad a list of :func:`~sdm_hf.lm.masks.encode_example` rows into a batch.
 
     Right-pads ``input_ids`` with ``pad_token_id``, ``labels`` with -100 and builds the
     ``attention_mask``; carries ``reward`` ``[B]``, ``verified_position`` ``[B]`` (``p``, the

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
-from .encoding import ControlTokens, Prompt, encode_example
+from .control import ControlTokens, Prompt
+from .masks import encode_example
 
 if TYPE_CHECKING:
     import datasets
@@ -199,7 +200,7 @@ def encode_documents(
     num_proc: int | None = None,
 ) -> dict[tuple[int, str], dict]:
     """Tokenize every static version (positive and static negatives) of ``documents`` once,
-    with :func:`~sdm_hf.lm.encoding.encode_example` run by ``datasets.Dataset.map`` (progress
+    with :func:`~sdm_hf.lm.masks.encode_example` run by ``datasets.Dataset.map`` (progress
     bar, ``num_proc`` worker processes).
 
     Returns:

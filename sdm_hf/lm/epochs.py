@@ -1,11 +1,7 @@
-"""The epoch machinery of :class:`~sdm_hf.lm.SDMTrainer`: document versions, online hard
-negatives and the verification heads (Schmaltz 2025, *Similarity-Distance-Magnitude Language
-Models*, arXiv:2510.26183, Sec. 3.2-3.4), as a mixin the trainer inherits.
-
-Every epoch begins by drawing each document's version (its positive with probability
-``gamma_pos``, else a negative), generating online hard negatives from
-``hard_negatives_from_epoch`` on (Sec. 3.3), and refitting the verification head on the
-documents split 50/50 (seeded per epoch; Sec. 3.2, "training set SDM estimator").
+"""The epoch machinery of :class:`~sdm_hf.lm.SDMTrainer` (Schmaltz 2025, *Similarity-Distance-Magnitude
+Language Models*, arXiv:2510.26183, Sec. 3.2-3.4): each epoch draws every document's version
+(positive with probability ``gamma_pos``), generates online hard negatives and refits the
+verification head on the documents split 50/50 (seeded per epoch).
 """
 
 from __future__ import annotations
@@ -21,10 +17,12 @@ import torch
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
 from ..utils.distributed import broadcast_json, gather_json, gather_lists, process_world
+from .control import ControlTokens
 from .data import Document, VersionDataset
 from .distributed import broadcast_head
-from .encoding import ControlTokens, encode_example, generate_greedy
 from .final_head import CALIBRATIONS, FINAL_HEAD_SOURCES, final_head_rows
+from .generation import generate_greedy
+from .masks import encode_example
 from .state import SDMEpochState, refresh_summary
 from .verification import fit_split_head, head_metrics, rows_verification_features
 
@@ -418,7 +416,7 @@ class SDMEpochMixin:
         own training and calibration halves) with this trainer's ``head_*`` settings.
 
         Args:
-            rows: :func:`~sdm_hf.lm.encoding.encode_example` rows with ``document_id``.
+            rows: :func:`~sdm_hf.lm.masks.encode_example` rows with ``document_id``.
             seed: seeds the split and the fit.
             timing: when given, receives ``head_features_seconds`` and ``head_fit_seconds``.
             keep_texts: store each row's completion text with the head (the final head's

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .encoding import ControlTokens
+from .control import ControlTokens
 
 __all__ = ["CALIBRATIONS", "FINAL_HEAD_SOURCES", "final_head_rows"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .encoding import IGNORE_INDEX
+from .masks import IGNORE_INDEX
 
 __all__ = ["sdm_next_token_loss", "supervised_logit_mask", "accepts_logits_to_keep"]
 

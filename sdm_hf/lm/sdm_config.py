@@ -105,7 +105,7 @@ class SDMTrainingArguments(TrainingArguments):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         from ..training.fit import PROCEDURES
-        from .encoding import verification_feature_pooling
+        from .verification_features import verification_feature_pooling
 
         if self.hard_negative_timing not in ("epoch_start", "in_epoch"):
             raise ValueError(

@@ -40,14 +40,15 @@ from ..head.modeling import SDMHead
 from ..utils.files import atomic_write_text
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
+from .control import ControlTokens
 from .data import Document, VersionDataset, encode_documents, negative_only_documents, prepare_documents
-from .encoding import ControlTokens, pool_verification_states
 from .epochs import SDMEpochMixin
 from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
 from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
 from .state import STATE_NAME, SDMEpochState
 from .trainer_card import SDM_SETTINGS, TrainerCardData, sdm_trainer_card
+from .verification_features import pool_verification_states
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
 

@@ -30,7 +30,7 @@ from ..head.model_card import (
 
 if TYPE_CHECKING:
     from ..head.modeling import SDMHead
-    from .encoding import ControlTokens
+    from .control import ControlTokens
 
 __all__ = ["LM_TAGS", "SDM_SETTINGS", "TrainerCardData", "render_trainer_section", "sdm_trainer_card"]
 

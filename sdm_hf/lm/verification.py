@@ -19,7 +19,7 @@ from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
 from ..training.fit import fit_sdm_head
 from ..utils.distributed import gather_rows
-from .encoding import prefix_features, verification_feature_pooling
+from .verification_features import prefix_features, verification_feature_pooling
 
 if TYPE_CHECKING:
     from .sdm_config import SDMTrainingArguments
@@ -38,7 +38,7 @@ def rows_verification_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """Verification features ``[N, 2H]`` (float32, CPU) of encoded rows, each cut after its
-    ``verified_position`` and pooled by :func:`~sdm_hf.lm.encoding.prefix_features`.
+    ``verified_position`` and pooled by :func:`~sdm_hf.lm.verification_features.prefix_features`.
 
     The rows are sorted by length and cut into whole batches before they are shared, so every
     batch (its rows, its padding) is the same whatever the number of processes; with several

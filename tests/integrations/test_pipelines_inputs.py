@@ -12,7 +12,8 @@ from transformers.pipelines.pt_utils import KeyDataset
 
 import sdm_hf  # noqa: F401  (registers the tasks)
 from sdm_hf.features.extract import extract_features
-from sdm_hf.lm.encoding import generate_greedy, verification_features
+from sdm_hf.lm.generation import generate_greedy
+from sdm_hf.lm.verification_features import verification_features
 from tests.pipeline_fixtures import build_encoder_repo, build_lm_repo, random_texts
 
 

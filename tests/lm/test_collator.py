@@ -1,7 +1,8 @@
 """sdm_hf.lm.collator: padding and the SDM metadata columns."""
 
 from sdm_hf.lm.collator import ContrastiveMaskingCollator
-from sdm_hf.lm.encoding import IGNORE_INDEX, ControlTokens, encode_example
+from sdm_hf.lm.control import ControlTokens
+from sdm_hf.lm.masks import IGNORE_INDEX, encode_example
 from tests.lm.fixtures import tiny_tokenizer
 
 CONTROL = ControlTokens()

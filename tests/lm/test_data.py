@@ -3,8 +3,9 @@
 import pytest
 
 from sdm_hf.lm import prepare_documents
+from sdm_hf.lm.control import ControlTokens
 from sdm_hf.lm.data import encode_documents
-from sdm_hf.lm.encoding import ControlTokens, encode_example
+from sdm_hf.lm.masks import encode_example
 from tests.lm.fixtures import tiny_tokenizer
 
 CONTROL = ControlTokens()

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from sdm_hf.lm.encoding import (
-    IGNORE_INDEX,
-    ControlTokens,
-    encode_example,
-    forward_options,
-    full_text,
-    pool_verification_states,
-    prefix_features,
-)
+from sdm_hf.lm.control import ControlTokens, full_text
+from sdm_hf.lm.masks import IGNORE_INDEX, encode_example
+from sdm_hf.lm.verification_features import forward_options, pool_verification_states, prefix_features
 from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
 CONTROL = ControlTokens()

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sdm_hf.lm.encoding import ControlTokens
+from sdm_hf.lm.control import ControlTokens
 from sdm_hf.lm.final_head import FINAL_HEAD_SOURCES, final_head_rows
 
 CONTROL = ControlTokens()

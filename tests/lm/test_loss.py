@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sdm_hf.lm.encoding import IGNORE_INDEX
 from sdm_hf.lm.loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
+from sdm_hf.lm.masks import IGNORE_INDEX
 from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
 

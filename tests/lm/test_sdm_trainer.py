@@ -17,7 +17,7 @@ from sdm_hf.lm import (
     pool_verification_states,
     verification_features,
 )
-from sdm_hf.lm.encoding import ControlTokens
+from sdm_hf.lm.control import ControlTokens
 from sdm_hf.lm.state import STATE_NAME
 from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
 

@@ -294,7 +294,7 @@ def test_report_statistics():
 def test_plain_prompt_format_for_base_models_trains_the_completion_and_eos():
     import word_order_models as wom
 
-    from sdm_hf.lm.encoding import generation_prompt
+    from sdm_hf.lm.control import generation_prompt
     from tests.lm.fixtures import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(chat_template=False)

@@ -1,9 +1,8 @@
 """``pipeline("sdm-verify")``: generate with a causal LM, then verify with its SDM head.
 
-This is the test-time use of an SDM language model (Schmaltz (2025), *Similarity-Distance-
-Magnitude Language Models*, §3.4): generate greedily, then let the verification head, not the
-LM's own ``<verified>Yes/No</verified>`` text, decide whether the completion follows the
-instructions.
+Schmaltz (2025), Similarity-Distance-Magnitude Language Models, arXiv:2510.26183, §3.4: the verification
+head, not the LM's own ``<verified>Yes/No</verified>`` text, decides whether a completion follows the
+instructions. Usage and test-time search: docs/serving.md, section 'Pipelines'.
 """
 
 from __future__ import annotations
@@ -11,20 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...lm.encoding import (
-    ControlTokens,
-    format_document,
-    generate_greedy,
-    generate_sampled,
-    verification_features,
-    verification_pooling_of,
-)
+from ...lm.control import ControlTokens, format_document
+from ...lm.generation import generate_greedy, generate_sampled
+from ...lm.verification_features import verification_features, verification_pooling_of
 from ...repository import check_pairing
 from .common import ACCEPTED, Numbered, SDMPipeline, as_columns, describe, first_row, is_chat, tiers
 
 __all__ = ["SDMVerifyPipeline"]
 
-# set by the pipeline itself: greedy decoding of max_new_tokens over the prompt's tokens
+# set by the pipeline itself (decoding of max_new_tokens over the prompt's tokens)
 RESERVED_GENERATE_KWARGS = ("max_new_tokens", "do_sample", "use_cache", "pad_token_id", "input_ids", "attention_mask")
 
 
@@ -33,53 +27,35 @@ class SDMVerifyPipeline(SDMPipeline):
 
     Example::
 
-        from transformers import pipeline
-        import sdm_hf  # registers the task
-        verify = pipeline("sdm-verify", model="path/to/sdm-lm", max_new_tokens=64)
-        verify("Repeat: the birch canoe slid on the smooth planks.")          # generate + verify
-        verify({"prompt": "Repeat: ...", "completion": "..."})               # verify only
-        for out in verify(KeyDataset(dataset, "prompt"), batch_size=16):     # streamed
-            ...
+        verify = pipeline("sdm-verify", model="path/to/sdm-lm", max_new_tokens=64)  # after import sdm_hf
+        verify("Repeat: the birch canoe slid on the smooth planks.")   # generate greedily + verify
+        verify({"prompt": "Repeat: ...", "completion": "..."})        # verify only
 
-    Input: a prompt (a string or chat messages ``[{"role", "content"}, ...]``: generate
-    greedily, then verify), a dict ``{"prompt": ..., "completion": ...}`` (verify only), or a
-    list, ``datasets`` column, ``datasets.Dataset`` (rows with ``prompt``/``completion``),
-    ``KeyDataset``, generator or streaming ``datasets.IterableDataset`` of either (an empty
-    list gives ``[]``). A wrong input is a
-    ``TypeError``/``ValueError`` naming its index. ``batch_size`` (default 8) inputs are
-    generated and verified together.
+    Input: a prompt (string or chat messages ``[{"role", "content"}, ...]``), a ``{"prompt", "completion"}``
+    dict, or a list / ``datasets`` column or Dataset / ``KeyDataset`` / generator / streaming
+    ``IterableDataset`` of either (``[]`` gives ``[]``); ``batch_size`` (default 8) inputs run together.
 
-    Output per input: ``generated_text`` (the completion), ``verified`` (the head predicts
-    class 1: the completion follows the instructions), ``probability`` (the SDM probability
-    of class 1), ``high_reliability``, ``high_reliability_lower``, ``q``, ``d``,
-    ``rescaled_similarity``, ``is_ood``, ``nearest_exemplar`` (index, id, label, text) and
-    ``model_said`` (what the LM's own trailing ``<verified>`` text claimed, or None).
+    Output per input: ``generated_text``, ``verified`` (the head predicts class 1: it follows the
+    instructions), ``probability`` (SDM probability of class 1), ``high_reliability``,
+    ``high_reliability_lower``, ``q``, ``d``, ``rescaled_similarity``, ``is_ood``, ``nearest_exemplar`` and
+    ``model_said`` (the LM's own trailing ``<verified>`` claim, or None; not trusted).
 
-    How this differs from transformers' ``decision`` pipeline, which returns the model's own
-    yes/no probabilities: the verdict here comes from a separate SDM head, its probability
-    is calibrated with a high-reliability region whose class- and prediction-conditional
-    accuracy is at least alpha on data like the calibration data, it flags inputs unlike the
-    training data (``is_ood``, small ``q`` and ``d``), and it is explained by the nearest
-    training exemplar. The LM's own Yes/No text is not trusted; ``force_decode=True``
-    rewrites the trailing control tokens of ``generated_text`` to the head's decision.
+    Options (construction or call): ``max_new_tokens`` (64), ``force_decode`` (False: True rewrites the
+    trailing control tokens to the head's verdict), ``generate_kwargs`` (decoding stays greedy),
+    ``search_depth`` (1) and ``search_kwargs``. Construction only: ``sdm_head``, ``head_subfolder``,
+    ``sdm_head_kwargs`` (as for ``sdm-text-classification``) and ``control_tokens``.
 
-    Options (at construction or per call): ``max_new_tokens`` (default 64),
-    ``force_decode`` (default False), ``generate_kwargs`` (a dict passed to ``generate``;
-    decoding stays greedy), ``search_depth`` (default 1) and ``search_kwargs``.
+    Test-time search (``search_depth=N > 1``, generated inputs only): an input not verified inside the HR
+    region gets up to N - 1 sampled attempts (``search_kwargs``, default ``temperature=1.0, top_p=0.95``;
+    attempt k seeded ``seed + k``, ``seed`` default 0); the first verified inside the region is returned,
+    else the greedy attempt with its own verdict. ``attempts`` then lists each attempt's ``generated_text``,
+    ``verified``, ``probability``, ``high_reliability``, ``q`` and ``d``. Cost: up to N generations and
+    verifications per unverified input.
 
-    Test-time search (``search_depth=N > 1``, for inputs the pipeline generates for): when the
-    greedy completion is not verified inside the high-reliability region ("Yes" and
-    ``high_reliability``), up to N - 1 further completions are sampled (``search_kwargs``,
-    default ``{"temperature": 1.0, "top_p": 0.95}``; attempt k seeded with ``seed + k``,
-    ``seed`` a ``search_kwargs`` key, default 0) for the inputs still unverified, batched, and
-    the first one verified inside the region is returned. An input none of whose attempts is
-    returns its greedy attempt with that attempt's own verdict: a search never labels an
-    unverified completion verified. The result then has ``attempts``, every attempt's
-    ``generated_text``, ``verified``, ``probability``, ``high_reliability``, ``q`` and ``d`` in
-    order. Cost: up to N generations and N verifications per unverified input.
-
-    Construction only: ``sdm_head``, ``head_subfolder``, ``sdm_head_kwargs`` (as for
-    ``sdm-text-classification``) and ``control_tokens``.
+    Raises:
+        ValueError: the head reads composed features or another width (a head of another model only warns).
+        TypeError / ValueError: (per call) a bad input, naming its index; a bad option; a document longer
+            than the model's context.
     """
 
     _pipeline_calls_generate = False  # generation is done explicitly, batched, in _forward
@@ -158,8 +134,7 @@ class SDMVerifyPipeline(SDMPipeline):
         return {"index": item.index, "prompt": list(prompt) if is_chat(prompt) else prompt, "completion": completion}
 
     def _check_lengths(self, indices: list, prompts: list, completions: list) -> None:
-        """Refuse documents longer than the model's context: truncating a prompt or completion
-        would verify a different text, so it is an error naming the input, not a silent cut."""
+        """Raise ``ValueError`` for a document longer than the model's context (a cut would verify another text)."""
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if not limit:
             return
@@ -182,10 +157,8 @@ class SDMVerifyPipeline(SDMPipeline):
         search_depth: int = 1,
         search_kwargs: dict | None = None,
     ) -> dict[str, list]:
-        """A batch of B inputs -> columns of B values: greedy generation (one batch) for the
-        inputs without a completion, verification features (``[B, 2H]``) of every
-        (prompt, completion) pair, and one ``predict`` of the head; with ``search_depth > 1``,
-        further sampled attempts for the generated inputs not verified in the HR region."""
+        """B inputs -> columns of B values: greedy generation for those without a completion,
+        verification features of every pair, one ``predict``; then the search if ``search_depth > 1``."""
         cols = as_columns(model_inputs)
         tokenizer: Any = self.tokenizer  # set: the base class refuses a pipeline without one
         prompts, completions = list(cols["prompt"]), list(cols["completion"])
@@ -215,8 +188,7 @@ class SDMVerifyPipeline(SDMPipeline):
         depth: int,
         search: dict,
     ) -> None:
-        """Test-time search over the generated inputs ``searched`` (see the class docstring):
-        ``columns`` gain ``attempts`` and take the first HR-verified attempt of each input."""
+        """Test-time search over inputs ``searched``: ``columns`` gain ``attempts`` and take the first HR-verified."""
         sampling = {"temperature": 1.0, "top_p": 0.95, **search}
         seed = int(sampling.pop("seed", 0))
         columns["attempts"] = [[] for _ in prompts]
