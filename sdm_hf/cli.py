@@ -20,15 +20,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from transformers import HfArgumentParser
+
 from .cli_data import CLIError, check_utf8, column, label_names_in, labels_of, load_table, vectors_of
+from .training.fit_config import SDMFitConfig
 from .utils.output_dir import check_output_dir, replacing_output_dir
 from .utils.validation import explained_hub_failure
-
-# the names of sdm_hf.training.fit.PROCEDURES (spelled out so that --help does not import FAISS)
-FIT_PROCEDURES = ("auto", "fast", "paper")
 
 __all__ = ["main"]
 
@@ -95,7 +96,7 @@ def features_of(data, args, paths, head_config=None, model_bundle=None, distribu
             pooling=recipe.pooling or args.pooling,
             layer=-1 if recipe.layer is None else recipe.layer,
             max_length=recipe.max_length or args.max_length,
-            batch_size=args.batch_size,
+            batch_size=args.feature_batch_size,
             device=args.device,
             distributed=distributed,
         )
@@ -176,23 +177,8 @@ def cmd_fit_head(args) -> int:
         }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        head = fit_sdm_head(
-            x_tr,
-            y_tr,
-            x_ca,
-            y_ca,
-            config,
-            procedure=args.procedure,
-            epochs=args.epochs,
-            shuffles=args.shuffles,
-            learning_rate=args.learning_rate,
-            patience=args.patience,
-            selection_fraction=args.selection_fraction,
-            seed=args.seed,
-            device=args.device,
-            resplit=False if args.keep_split else (True if args.resplit else None),
-            **texts,
-        )
+        settings = SDMFitConfig(**{f.name: getattr(args, f.name) for f in fields(SDMFitConfig)})
+        head = fit_sdm_head(x_tr, y_tr, x_ca, y_ca, config, device=args.device, **settings.to_kwargs(), **texts)
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     with output_folder(output, args.overwrite, "fit-head", inputs) as folder:
@@ -326,12 +312,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # HfArgumentParser: fit-head's training options come from SDMFitConfig's fields and help
+    parser = HfArgumentParser(
         prog="sdm-hf", description=(__doc__ or "").replace("``", "`"), formatter_class=_HelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def data_args(p, what):
+    def data_args(p, what, batch_option="--batch-size"):
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--text-column", help=f"column with the {what} texts (embedded with --model)")
         group.add_argument("--vector-column", help="column with precomputed feature vectors (lists of numbers)")
@@ -344,11 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="how tokens become one vector",
         )
         p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
-        p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass of --model")
+        p.add_argument(
+            batch_option, dest="feature_batch_size", type=int, default=32, help="texts per forward pass of --model"
+        )
         p.add_argument("--device", default=None, help="where --model runs: cpu, cuda or cuda:N (default: cpu)")
 
     fit = sub.add_parser(
         "fit-head",
+        dataclass_types=[SDMFitConfig],
         help="train and calibrate an SDM head",
         formatter_class=_HelpFormatter,
         description="Train, select and calibrate an SDM head.\n\nexample:\n  sdm-hf fit-head "
@@ -358,42 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--calibration", nargs="+", required=True, help="calibration data, drawn like the data the head will see"
     )
-    data_args(fit, "training/calibration")
+    data_args(fit, "training/calibration", batch_option="--feature-batch-size")
     fit.add_argument("--output", required=True, help="folder for the head and its model card")
     fit.add_argument("--overwrite", action="store_true", help="replace an output folder sdm_hf wrote earlier")
     fit.add_argument("--alpha", type=float, default=0.95, help="target accuracy of the high-reliability region")
-    fit.add_argument(
-        "--procedure",
-        choices=FIT_PROCEDURES,
-        default="auto",
-        help="named training settings: auto = settings chosen and early-stopped on held-out training rows, "
-        "calibration rows used by Algorithm 1 only; paper = the papers' 10 shuffles x 200 epochs at "
-        "lr 1e-5 on re-split data; fast = lr 1e-3, 2 x <= 100 epochs with early stopping (the options below "
-        "override single settings)",
-    )
-    fit.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the procedure's)")
-    fit.add_argument("--shuffles", type=int, default=None, help="training runs (default: the procedure's)")
-    fit.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: the procedure's)")
-    fit.add_argument(
-        "--patience", type=int, default=None, help="early stopping after N epochs without improvement (0: off)"
-    )
-    fit.add_argument(
-        "--selection-fraction",
-        type=float,
-        default=None,
-        help="share of the calibration rows kept apart to choose the epoch and run (default: the procedure's)",
-    )
     fit.add_argument("--exemplar-dim", type=int, default=1000, help="width of the exemplar vectors")
-    fit.add_argument("--seed", type=int, default=0, help="seeds the splits, initialisation and minibatch order")
-    split = fit.add_mutually_exclusive_group()
-    split.add_argument(
-        "--keep-split", action="store_true", help="keep the given train/calibration split (the default of auto)"
-    )
-    split.add_argument(
-        "--resplit",
-        action="store_true",
-        help="merge train and calibration and re-split them 50/50 (the default of paper and fast)",
-    )
     fit.add_argument(
         "--label-names", nargs="+", help="names of classes 0, 1, ... (with label names in the data: their order)"
     )
