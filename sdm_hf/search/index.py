@@ -1,6 +1,6 @@
 """The support set (exemplars with true and predicted labels) behind FAISS; the one place that picks the backend.
 
-* CPU: ``faiss.IndexFlatL2`` (exact), or IVF / HNSW (approximate; on the CPU even for a CUDA head).
+* CPU: ``faiss.index_factory``'s ``Flat`` (exact), or IVF / HNSW (approximate; on the CPU even for a CUDA head).
 * CUDA with a FAISS GPU build: ``GpuIndexFlatL2``, sharded in contiguous row ranges over several GPUs when a float32
   support exceeds half the device's free memory.
 * CUDA without one: exact torch search (chunked matrix product + ``topk``).
@@ -309,32 +309,24 @@ class SupportIndex:
 
     # -- construction ---------------------------------------------------------------------
     def _cpu_index(self, dim: int) -> Any:
-        fp16 = self.storage == "float16"
-        index: Any
+        """An empty CPU index from ``faiss.index_factory`` (``Flat`` / ``IVF<nlist>`` / ``HNSW<M>``, each
+        ``Flat`` or ``SQfp16`` storage), with this index's search parameters set."""
         params = self.index_params
+        codes = "SQfp16" if self.storage == "float16" else "Flat"
         if self.index_type == "flat":
-            if fp16:
-                return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-            return faiss.IndexFlatL2(dim)
+            return faiss.index_factory(dim, codes, faiss.METRIC_L2)
         if self.index_type == "ivf":
-            self._quantizer = faiss.IndexFlatL2(dim)
             nlist = min(params["nlist"], max(self.ntotal, 1))
-            if fp16:
-                index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16)
-                # encode the vectors themselves, not residuals to the centroid, so rows decode back to exactly the
-                # stored float16 values
+            index: Any = faiss.index_factory(dim, f"IVF{nlist},{codes}", faiss.METRIC_L2)
+            # float16 codes of the vectors themselves, not of residuals to the centroid, so rows decode back to
+            # exactly the stored float16 values
+            if self.storage == "float16":
                 index.by_residual = False
-            else:
-                index = faiss.IndexIVFFlat(self._quantizer, dim, nlist)
             index.nprobe = min(params["nprobe"], nlist)
             return index
-        if fp16:
-            # the stub types the quantizer argument as an object; FAISS takes the QT_* enum value
-            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, params["M"])  # type: ignore[arg-type]
-        else:
-            index = faiss.IndexHNSWFlat(dim, params["M"])
-        index.hnsw.efConstruction = params["efConstruction"]
-        return index
+        hnsw: Any = faiss.index_factory(dim, f"HNSW{params['M']},{codes}", faiss.METRIC_L2)
+        hnsw.hnsw.efConstruction = params["efConstruction"]
+        return hnsw
 
     def _build(self) -> None:
         """(Re)build the FAISS index (or none, for torch search) from the exemplars held in ``_own``."""
