@@ -177,7 +177,8 @@ def test_verify_with_a_tiny_lm_repository(tmp_path):
     import torch
 
     from sdm_hf import SDMConfig, SDMHead
-    from sdm_hf.lm.encoding import ControlTokens, verification_features
+    from sdm_hf.lm.control import ControlTokens
+    from sdm_hf.lm.verification_features import verification_features
     from sdm_hf.repository import save_sdm_model
     from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
 
@@ -341,4 +342,6 @@ def test_label_names_in_the_data_and_the_help(files):
     res = run("evaluate", "--head", head, "--data", wrong, "--vector-column", "vec")
     assert res.returncode == 2 and "label 'maybe' in column 'label' is not one of the classes" in res.stderr
     text = run("fit-head", "--help").stdout
-    assert "(default: 0.95)" in text and "--device" in text and "--batch-size" in text and "``" not in text
+    assert "(default: 0.95)" in text and "--device" in text and "--feature-batch-size" in text and "``" not in text
+    # the training options are SDMFitConfig's fields, with their help
+    assert "--learning-rate" in text and "--holdout-fraction" in text and "Adam learning rate" in text
