@@ -491,7 +491,7 @@ def final_heads(trainer: SDMTrainer, args) -> tuple[dict, dict]:
                 print(f"no {kind} head: {error} (it admits nothing in the tables)")
                 continue
             finally:  # the next head reuses this pass's greedy generations
-                generations = trainer.final_head_generations
+                generations = trainer.epochs.final_head_generations
             head.config = replace(head.config, alphas=[a for a in args.extra_alphas if a != args.alpha] or None)
         rows = head.calibration_report(alphas=alphas_of(args)).rows
         heads[kind] = head
@@ -503,7 +503,7 @@ def final_heads(trainer: SDMTrainer, args) -> tuple[dict, dict]:
                 repr(a): sum(r["admitted"] for r in rows if r["alpha"] == a) for a in alphas_of(args)
             },
             "calibration_yes": int(head.calibration_arrays["labels"].sum()),
-            "generated_negatives": trainer.final_head_generated_negatives,
+            "generated_negatives": trainer.epochs.final_head_generated_negatives,
             "support_points": int(head.support.labels.numel()),
             "procedure": (head.selection or {}).get("procedure"),
             "seconds": time.perf_counter() - started,

@@ -16,15 +16,14 @@ import torch
 
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
-from ..utils.distributed import broadcast_json, gather_json, gather_lists, process_world
+from ..utils.distributed import gather_json, gather_lists
 from .control import ControlTokens
-from .data import Document, VersionDataset
-from .distributed import broadcast_head
+from .data import Document, VersionDataset, encode_documents, negative_only_documents, prepare_documents
 from .final_head import CALIBRATIONS, FINAL_HEAD_SOURCES, final_head_rows
 from .generation import generate_greedy
+from .head_fitting import VerificationHeadFitter
 from .masks import encode_example
 from .state import SDMEpochState, refresh_summary
-from .verification import fit_split_head, head_metrics, rows_verification_features
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,38 +32,138 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SDMEpochMixin"]
+__all__ = ["SDMEpochs"]
 
 
-class SDMEpochMixin:
-    """Documents, their per-epoch versions, hard negatives and verification heads; mixed into
-    :class:`~sdm_hf.lm.SDMTrainer`, which sets the attributes declared here."""
+class SDMEpochs:
+    """The SDM side of one training run: documents, their per-epoch versions, hard negatives and
+    the verification heads. :class:`~sdm_hf.lm.SDMTrainer` builds one and hands it to its epoch
+    callbacks; it knows the trainer only through the callables it is given.
 
-    args: SDMTrainingArguments
-    model: torch.nn.Module
-    processing_class: PreTrainedTokenizerBase
-    accelerator: Any
-    control_tokens: ControlTokens
-    verifier: Callable[[str, str], bool]
-    documents: list[Document]
-    negative_only_documents: list[Document]
-    eval_negative_only_documents: list[Document]
-    eval_documents: list[Document] | None
-    eval_sets: dict[str, list[Document]]
-    epoch_state: SDMEpochState
-    epoch_log: list[dict]
-    head: SDMHead | None
-    final_head_generations: list[str] | None
-    final_head_generated_negatives: int
-    final_head_calibration: str
-    _encoded: dict[tuple[int, str], dict]
-    _head_epoch: int | None
-    _logged_epochs: set[int]
-    _loss_head: SDMHead | None
-    _loss_support_row: torch.Tensor | None
-    _train_versions: VersionDataset
-    _eval_versions: VersionDataset
-    _eval_version_sets: dict[str, VersionDataset]
+    Args:
+        args: the run's :class:`~sdm_hf.lm.SDMTrainingArguments`.
+        tokenizer: the tokenizer (its pad id is set).
+        model: returns the model being trained (the trainer's current ``model``).
+        world: returns ``(rank, size)`` of the run's processes.
+        collate: the trainer's data collator (a batch rebuilt after in-batch hard negatives).
+        log: the trainer's ``log`` (TensorBoard, W&B, ``state.log_history``).
+        control_tokens, verifier: the control strings and the verifier ``r(positive, generation)``.
+        documents: the training documents; negative_only_documents: prompts without a positive
+            (head data only); eval_sets: evaluation documents by name (the first calibrates);
+            eval_negative_only_documents: the first evaluation set's prompts without a positive.
+        encoded: every static version's :func:`~sdm_hf.lm.masks.encode_example` row by
+            ``(document id, text)``; generated versions join it.
+    """
+
+    def __init__(
+        self,
+        args: SDMTrainingArguments,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        model: Callable[[], torch.nn.Module],
+        world: Callable[[], tuple[int, int]],
+        collate: Callable[[list[dict]], dict[str, Any]],
+        log: Callable[[dict[str, float]], None],
+        control_tokens: ControlTokens,
+        verifier: Callable[[str, str], bool],
+        documents: list[Document],
+        negative_only_documents: list[Document],
+        eval_sets: dict[str, list[Document]],
+        eval_negative_only_documents: list[Document],
+        encoded: dict[tuple[int, str], dict],
+    ):
+        self.args = args
+        self.processing_class = tokenizer
+        self._model, self._world, self.collate, self.log = model, world, collate, log
+        self.control_tokens, self.verifier = control_tokens, verifier
+        self.documents, self.negative_only_documents = documents, negative_only_documents
+        self.eval_sets, self.eval_negative_only_documents = eval_sets, eval_negative_only_documents
+        self.eval_documents: list[Document] | None = next(iter(eval_sets.values()), None)
+        self._encoded = encoded
+        self.epoch_state = SDMEpochState()
+        self.epoch_log: list[dict] = []
+        self.head: SDMHead | None = None
+        # what the loss uses: the epoch's head, or the evaluation head while evaluating
+        self.loss_head: SDMHead | None = None
+        self.loss_support_row: torch.Tensor | None = None
+        self.head_epoch: int | None = None
+        self._logged_epochs: set[int] = set()
+        self.train_versions = VersionDataset()
+        self.eval_version_sets = {name: VersionDataset() for name in eval_sets}
+        self.eval_versions = next(iter(self.eval_version_sets.values()), VersionDataset())
+        self.final_head_generations: list[str] | None = None
+        self.final_head_generated_negatives = 0
+        self.final_head_calibration = "mixed"
+        self.heads = VerificationHeadFitter(args, tokenizer, model, world)
+
+    @classmethod
+    def from_datasets(
+        cls,
+        args: SDMTrainingArguments,
+        tokenizer: PreTrainedTokenizerBase,
+        train_dataset: Any,
+        eval_dataset: Any = None,
+        *,
+        control_tokens: ControlTokens,
+        append_control: bool = True,
+        **collaborators: Any,
+    ) -> SDMEpochs:
+        """The run of TRL preference datasets: documents prepared, every static version tokenized once.
+
+        Args:
+            train_dataset: the training preference dataset.
+            eval_dataset: one evaluation dataset, ``{name: dataset}`` (the first calibrates) or None.
+            append_control: add missing control suffixes (True) or reject such rows.
+            collaborators: ``model``, ``world``, ``collate``, ``log`` and ``verifier`` as for the constructor.
+
+        Raises:
+            ValueError: no training document with a positive, an empty dict, or an evaluation set
+                without a document with a positive.
+        """
+        documents, aside = prepare_documents(train_dataset, control_tokens, append_control)
+        if not documents:
+            raise ValueError(
+                "train_dataset has no trainable document (it is empty, or no prompt has a positive completion)"
+            )
+        # evaluation sets by name ("" for a single one); the first is the calibration set
+        named = (
+            eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset} if eval_dataset is not None else {}
+        )
+        if isinstance(eval_dataset, dict) and not eval_dataset:
+            raise ValueError("eval_dataset is an empty dict: pass None or {name: dataset, ...}")
+        prepared = {str(name): prepare_documents(data, control_tokens, append_control) for name, data in named.items()}
+        eval_sets: dict[str, list[Document]] = {name: docs for name, (docs, _) in prepared.items()}
+        empty = [name or "eval_dataset" for name, docs in eval_sets.items() if not docs]
+        if empty:
+            raise ValueError(f"evaluation set {empty[0]!r} has no document with a positive completion")
+        first = next(iter(prepared.values()), ([], []))
+        # prompts without a positive: verification-head data only (ids after the documents')
+        negative_only = negative_only_documents(aside, len(documents))
+        eval_negative_only = negative_only_documents(first[1], len(first[0]))
+        # every static version tokenized once (datasets.map); generated hard negatives join later
+        encoded = encode_documents(
+            tokenizer,
+            documents + negative_only + eval_negative_only + [d for docs in eval_sets.values() for d in docs],
+            control_tokens,
+            args.max_length,
+            num_proc=args.dataset_num_proc,
+        )
+        return cls(
+            args,
+            tokenizer,
+            control_tokens=control_tokens,
+            documents=documents,
+            negative_only_documents=negative_only,
+            eval_sets=eval_sets,
+            eval_negative_only_documents=eval_negative_only,
+            encoded=encoded,
+            **collaborators,
+        )
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model being trained."""
+        return self._model()
 
     @property
     def pad_token_id(self) -> int:
@@ -75,9 +174,6 @@ class SDMEpochMixin:
     def hard_negatives(self) -> dict[int, list[str]]:
         """This epoch's wrong generations per document id (suffix forced to No)."""
         return self.epoch_state.hard_negatives
-
-    def _world(self) -> tuple[int, int]:
-        return process_world(getattr(self, "accelerator", None))
 
     # -- documents and versions -----------------------------------------------------------
     def _encode(self, doc: Document, text: str, positive: bool) -> dict:
@@ -146,10 +242,10 @@ class SDMEpochMixin:
             self._generate_hard_negatives(generate, texts, rng)
         generation_seconds = time.perf_counter() - started
         state.versions = [(doc.id, text, positive) for doc, text, positive in zip(self.documents, texts, rewards)]
-        self._train_versions.rows = [self._encode(self.documents[i], t, r) for i, t, r in state.versions]
+        self.train_versions.rows = [self._encode(self.documents[i], t, r) for i, t, r in state.versions]
         for name, documents in self.eval_sets.items():
-            if not self._eval_version_sets[name].rows:
-                self._eval_version_sets[name].rows = self.evaluation_rows(documents)
+            if not self.eval_version_sets[name].rows:
+                self.eval_version_sets[name].rows = self.evaluation_rows(documents)
         self.epoch_log.append(
             {
                 "epoch": epoch,
@@ -167,7 +263,7 @@ class SDMEpochMixin:
         Each document contributes one version, drawn as in :meth:`prepare_epoch_versions`
         but from its own seed and with the previous epoch's hard negatives added to its
         negatives, and each prompt without a positive (``negative_only_documents``) one of its
-        negatives; the head is fitted on the main process (:meth:`fit_verification_head`) and
+        negatives; the head is fitted on the main process (:class:`~sdm_hf.lm.head_fitting.VerificationHeadFitter`) and
         broadcast to the others (Schmaltz 2025, SDM language models, Sec. 3.2). The timings
         go into the epoch's ``epoch_log`` entry; a second call for the same epoch does nothing.
 
@@ -175,7 +271,7 @@ class SDMEpochMixin:
             ValueError: :meth:`prepare_epoch_versions` has not prepared ``epoch`` yet (the
                 head draws from the hard negatives it moves to the previous epoch's cache).
         """
-        if self._head_epoch == epoch:
+        if self.head_epoch == epoch:
             return
         state = self.epoch_state
         if state.prepared_epoch != epoch:
@@ -183,7 +279,7 @@ class SDMEpochMixin:
                 f"epoch {epoch} has no versions yet: call prepare_epoch_versions({epoch}) first "
                 f"(or start_epoch({epoch}), which does both)"
             )
-        self._head_epoch = epoch
+        self.head_epoch = epoch
         if not self.args.use_sdm_loss:
             return
         previous = state.previous_hard_negatives
@@ -199,10 +295,10 @@ class SDMEpochMixin:
         timing: dict[str, float] = {}
         # features on every process (a block each), fitted once on the main process, shared
         seed = int(self.args.seed) * 1000 + epoch
-        self.head, state.support_row = self.fit_shared_head(rows, seed=seed, timing=timing)
+        self.head, state.support_row = self.heads.fit_shared(rows, seed=seed, timing=timing)
         if state.support_row.numel() < n_ids:  # no head: every document id maps to no support row
             state.support_row = torch.full((n_ids,), -1, dtype=torch.long)
-        self._loss_head, self._loss_support_row = self.head, state.support_row
+        self.loss_head, self.loss_support_row = self.head, state.support_row
         if self.epoch_log and self.epoch_log[-1]["epoch"] == epoch:
             self.epoch_log[-1].update(timing)
 
@@ -235,9 +331,8 @@ class SDMEpochMixin:
             self.epoch_log[-1]["generation_seconds"] += time.perf_counter() - started
         if not replaced:
             return inputs
-        trainer: Any = self  # the trainer this is mixed into: its ContrastiveMaskingCollator
-        rows = [replaced.get(d, self._train_versions.rows[d]) for d in ids]  # version rows are in id order
-        return trainer.data_collator(rows)
+        rows = [replaced.get(d, self.train_versions.rows[d]) for d in ids]  # version rows are in id order
+        return self.collate(rows)
 
     def sync_in_epoch_state(self) -> None:
         """``hard_negative_timing="in_epoch"`` with several processes: every process generated
@@ -261,47 +356,6 @@ class SDMEpochMixin:
                 merged.setdefault(int(doc_id), []).extend(n for n in negatives if n not in merged.get(int(doc_id), []))
         state.hard_negatives = dict(sorted(merged.items()))
 
-    def fit_shared_head(
-        self,
-        rows: list[dict],
-        seed: int,
-        timing: dict | None = None,
-        keep_texts: bool = False,
-        calibration_mask: torch.Tensor | None = None,
-    ) -> tuple[SDMHead | None, torch.Tensor]:
-        """:meth:`fit_verification_head` once for all processes: every process computes its block
-        of the features (:meth:`verification_features_of`), the main process fits, and the head
-        (or the main process's error, raised on every process: none is left waiting) is sent to
-        the others. With one process it is :meth:`fit_verification_head`."""
-        timing = timing if timing is not None else {}
-        world = self._world()
-        started = time.perf_counter()
-        feats = self.verification_features_of(rows)
-        timing["head_features_seconds"] = time.perf_counter() - started
-        n_ids = 1 + max((int(r["document_id"]) for r in rows), default=-1)
-        head, support_row, problem = None, torch.full((n_ids,), -1, dtype=torch.long), ""
-        failure: Exception | None = None
-        if world[0] == 0:
-            try:
-                options: dict[str, Any] = dict(
-                    timing=timing, features=feats, keep_texts=keep_texts, calibration_mask=calibration_mask
-                )
-                head, support_row = self.fit_verification_head(rows, seed=seed, **options)
-                if head is not None:
-                    timing.update({f"head_{k}": v for k, v in head_metrics(head).items()})
-            except Exception as error:  # raised below on every process
-                if world[1] == 1:
-                    raise
-                failure, problem = error, f"{type(error).__name__}: {error}"
-        problem = broadcast_json(problem, world)
-        if failure is not None:
-            raise failure
-        if problem:
-            raise RuntimeError(f"fitting the verification head failed on the main process: {problem}")
-        head, support_row = broadcast_head(head, support_row, world)
-        timing.update(broadcast_json(timing, world))  # every process logs the same figures
-        return head, support_row
-
     def generate_shared(self, documents: list[Document]) -> list[str]:
         """:meth:`generate_completions` of ``documents`` with the work shared between processes
         (process ``r`` takes documents ``r, r + P, ...``, padded with a repeat so every process
@@ -321,7 +375,7 @@ class SDMEpochMixin:
         """The encoded version of each evaluation document: drawn like a training version
         (positive with probability ``gamma_pos``) from a fixed seed, so every evaluation of a
         set sees the same versions. ``encoded``: rows by ``(document id, text)`` for documents
-        that are not this trainer's own (:func:`~sdm_hf.lm.data.encode_documents`)."""
+        that are not this run's own (:func:`~sdm_hf.lm.data.encode_documents`)."""
         rng = np.random.default_rng([self.args.seed, 2])
         texts, rewards = self._draw_versions(documents, rng, lambda d: d.negatives)
         if encoded is not None:
@@ -348,8 +402,7 @@ class SDMEpochMixin:
         self._logged_epochs.add(epoch)
         if self._world()[0] == 0:
             logger.info(refresh_summary(entry))
-        trainer: Any = self  # Trainer.log, of the trainer this is mixed into
-        trainer.log({f"sdm/{k}": float(v) for k, v in entry.items() if k != "epoch"})
+        self.log({f"sdm/{k}": float(v) for k, v in entry.items() if k != "epoch"})
 
     def generate_completions(self, documents: list[Document]) -> list[str]:
         """Greedy, batched, left-padded generation (KV cache on) from each document's prompt."""
@@ -384,66 +437,6 @@ class SDMEpochMixin:
             if rng.random() < self.args.gamma_diversity:
                 texts[i] = negative
 
-    # -- verification head ----------------------------------------------------------------
-    def verification_features_of(self, rows: list[dict]) -> torch.Tensor:
-        """Verification-head features ``[N, 2H]`` of encoded rows (each cut after its final
-        ``<verified>`` tag, pooled by ``verification_pooling`` at ``verification_layer``; float32,
-        CPU; :func:`~sdm_hf.lm.verification.rows_verification_features`). With several processes
-        a collective call (as ``Trainer.evaluate``): every process must make it."""
-        return rows_verification_features(
-            self.model,
-            rows,
-            self.pad_token_id,
-            max(1, self.args.per_device_eval_batch_size),
-            self.args.verification_layer,
-            self.args.verification_pooling,
-            self._world(),
-            progress=self._progress,
-        )
-
-    def fit_verification_head(
-        self,
-        rows: list[dict],
-        seed: int,
-        timing: dict | None = None,
-        features: torch.Tensor | None = None,
-        keep_texts: bool = False,
-        calibration_mask: torch.Tensor | None = None,
-    ) -> tuple[SDMHead | None, torch.Tensor]:
-        """Fit a verification head on encoded ``rows`` (their ``reward`` is the label): the
-        features of :meth:`verification_features_of`, then
-        :func:`~sdm_hf.lm.verification.fit_split_head` (a seeded 50/50 split into the head's
-        own training and calibration halves) with this trainer's ``head_*`` settings.
-
-        Args:
-            rows: :func:`~sdm_hf.lm.masks.encode_example` rows with ``document_id``.
-            seed: seeds the split and the fit.
-            timing: when given, receives ``head_features_seconds`` and ``head_fit_seconds``.
-            keep_texts: store each row's completion text with the head (the final head's
-                explanations); training-time heads keep none, so checkpoint pushes carry no
-                training text.
-            calibration_mask: ``[N]`` bool, the rows that calibrate (None: a seeded 50/50 split).
-
-        Returns ``(head or None, support_row)`` as :func:`~sdm_hf.lm.verification.fit_split_head`.
-        """
-        timing = timing if timing is not None else {}
-        started = time.perf_counter()
-        feats = self.verification_features_of(rows) if features is None else features
-        if features is None:
-            timing["head_features_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        labels = torch.tensor([r["reward"] for r in rows])
-        doc_ids = torch.tensor([r["document_id"] for r in rows])
-        base_model = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-        texts = [r["text"] for r in rows] if keep_texts else None
-        options: dict[str, Any] = dict(base_model=base_model, progress=self._progress, texts=texts)
-        head, support_row = fit_split_head(
-            feats, labels, doc_ids, self.args, seed, calibration_mask=calibration_mask, **options
-        )
-        if head is not None:
-            timing["head_fit_seconds"] = time.perf_counter() - started
-        return head, support_row
-
     def build_final_head(
         self, generate: bool = True, calibration: str = "mixed", generations: list[str] | None = None
     ) -> SDMHead:
@@ -462,7 +455,7 @@ class SDMEpochMixin:
             ValueError: no evaluation set, an unknown ``calibration``, ``generations`` of the wrong
                 length, or too few positives and negatives (or right and wrong generations).
         """
-        if not self._eval_versions.rows or self.eval_documents is None:
+        if not self.eval_versions.rows or self.eval_documents is None:
             raise ValueError("build_final_head needs eval_dataset (the calibration set)")
         if calibration not in CALIBRATIONS:  # checked before any generation
             raise ValueError(f"calibration must be 'mixed' or 'generations', got {calibration!r}")
@@ -486,7 +479,7 @@ class SDMEpochMixin:
             wrong_as_negatives=generate,
         )
         # the final head keeps its completion texts: its nearest exemplars explain with them
-        head, _ = self.fit_shared_head(rows, seed=int(self.args.seed) + 99, keep_texts=True, calibration_mask=mask)
+        head, _ = self.heads.fit_shared(rows, seed=int(self.args.seed) + 99, keep_texts=True, calibration_mask=mask)
         if head is None:
             raise ValueError("not enough positives and negatives in the evaluation set for a head")
         self.final_head_generated_negatives = generated

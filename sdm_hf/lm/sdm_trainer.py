@@ -1,24 +1,12 @@
-"""``SDMTrainer``: fine-tune a causal LM with the SDM next-token loss.
+"""``SDMTrainer``: fine-tune a causal LM with the SDM next-token loss (Schmaltz 2025,
+*Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3).
 
-The method is that of Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*
-(arXiv:2510.26183), Sec. 3: a ``transformers.Trainer`` subclass that overrides only what it must:
-
-* ``compute_loss`` — the change-of-base loss (Sec. 3.2, Eq. 1) with ``beta_n = 2 +
-  sdm(z')_{y_n}`` from the verification head, on features taken from the SAME forward pass
-  (hidden states up to the last ``<verified>`` of each row, detached); ``use_sdm_loss=False``
-  is plain cross-entropy over the same contrastive masks (the paper's baseline).
-* ``evaluate`` — fits a separate head on the evaluation (calibration) set first, so
-  ``eval_loss`` is the SDM loss (seeded document versions: comparable across evaluations)
-  and ``load_best_model_at_end`` / ``metric_for_best_model="eval_loss"`` select the
-  checkpoint with the lowest SDM loss over the calibration set, as the paper does.
-* ``_save`` / ``_load_from_checkpoint`` — checkpoints also carry the current verification
-  head (``sdm_head/``) and the epoch's :class:`~sdm_hf.lm.state.SDMEpochState`.
-
-Every epoch begins (through the callbacks of :mod:`sdm_hf.lm.callbacks`, and once at
-construction for epoch 0) by drawing each document's version (its positive with probability
-``gamma_pos``, else a negative), generating online hard negatives from
-``hard_negatives_from_epoch`` on (Sec. 3.3), and refitting the verification head on the
-documents split 50/50 (seeded per epoch; Sec. 3.2, "training set SDM estimator").
+A ``transformers.Trainer`` that overrides only what it must: ``compute_loss`` (the change-of-base
+loss with ``beta_n = 2 + sdm(z')_{y_n}`` from the verification head, on hidden states of the same
+forward), ``evaluate`` (``eval_loss`` is the SDM loss under a head fitted on the evaluation set, so
+``load_best_model_at_end`` picks the checkpoint as the paper does), and saving / loading / pushing
+(checkpoints carry the verification head and the epoch's :class:`~sdm_hf.lm.state.SDMEpochState`).
+The epoch steps live in :class:`~sdm_hf.lm.epochs.SDMEpochs`, driven by :mod:`sdm_hf.lm.callbacks`.
 """
 
 from __future__ import annotations
@@ -37,12 +25,13 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_utils import HubStrategy
 
 from ..head.modeling import SDMHead
+from ..utils.distributed import process_world
 from ..utils.files import atomic_write_text
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
 from .control import ControlTokens
-from .data import Document, VersionDataset, encode_documents, negative_only_documents, prepare_documents
-from .epochs import SDMEpochMixin
+from .data import Document, VersionDataset, encode_documents, prepare_documents
+from .epochs import SDMEpochs
 from .loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
 from .modeling import disable_dropout, eval_mode_hidden_states
 from .sdm_config import SDMTrainingArguments
@@ -61,7 +50,7 @@ def exact_match_verifier(positive: str, generation: str) -> bool:
     return positive.strip() == generation.strip()
 
 
-class SDMTrainer(SDMEpochMixin, Trainer):
+class SDMTrainer(Trainer):
     """Trainer for SDM language models.
 
     Args:
@@ -75,7 +64,9 @@ class SDMTrainer(SDMEpochMixin, Trainer):
             (default: exact match after stripping outer whitespace).
         append_control: add missing control suffixes (True) or reject such rows.
 
-    After construction and at every epoch start, ``epoch_log`` gains one dict: ``epoch``,
+    The SDM side of the run (documents, versions, hard negatives, heads) is ``trainer.epochs``
+    (:class:`~sdm_hf.lm.epochs.SDMEpochs`), which the epoch callbacks are given. After
+    construction and at every epoch start, ``epoch_log`` gains one dict: ``epoch``,
     ``generated`` (hard-negative generations), ``hard_negatives`` (wrong ones cached), and
     ``generation_seconds``, ``head_features_seconds`` (the feature pass of the head refresh)
     and ``head_fit_seconds``. ``epoch_state`` (:class:`~sdm_hf.lm.state.SDMEpochState`) holds
@@ -122,58 +113,30 @@ class SDMTrainer(SDMEpochMixin, Trainer):
             raise ValueError("SDMTrainer needs a train_dataset in TRL preference format")
         if processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
-        self.control_tokens = control_tokens or ControlTokens()
-        self.verifier = verifier or exact_match_verifier
-        self.documents, aside = prepare_documents(train_dataset, self.control_tokens, append_control)
-        # prompts without a positive: verification-head data only (ids after the documents')
-        self.negative_only_documents = negative_only_documents(aside, len(self.documents))
-        if not self.documents:
-            raise ValueError(
-                "train_dataset has no trainable document (it is empty, or no prompt has a positive completion)"
-            )
         self._append_control = append_control
-        # evaluation sets by name ("" for a single one); the first is the calibration set
-        named = (
-            eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset} if eval_dataset is not None else {}
+        self.epochs = SDMEpochs.from_datasets(
+            args,
+            processing_class,
+            train_dataset,
+            eval_dataset,
+            control_tokens=control_tokens or ControlTokens(),
+            verifier=verifier or exact_match_verifier,
+            append_control=append_control,
+            model=lambda: self.model,
+            world=lambda: process_world(getattr(self, "accelerator", None)),
+            collate=lambda rows: self.data_collator(rows),
+            log=lambda logs: self.log(logs),
         )
-        if isinstance(eval_dataset, dict) and not eval_dataset:
-            raise ValueError("eval_dataset is an empty dict: pass None or {name: dataset, ...}")
-        prepared = {
-            str(name): prepare_documents(data, self.control_tokens, append_control) for name, data in named.items()
-        }
-        self.eval_sets: dict[str, list[Document]] = {name: docs for name, (docs, _) in prepared.items()}
-        first = next(iter(prepared.values()), ([], []))
-        self.eval_negative_only_documents = negative_only_documents(first[1], len(first[0]))
-        empty = [name or "eval_dataset" for name, docs in self.eval_sets.items() if not docs]
-        if empty:
-            raise ValueError(f"evaluation set {empty[0]!r} has no document with a positive completion")
-        self.eval_documents: list[Document] | None = next(iter(self.eval_sets.values()), None)
-        # every static version tokenized once (datasets.map); generated hard negatives join later
-        self._encoded: dict[tuple[int, str], dict] = encode_documents(
-            processing_class, self.documents + self.negative_only_documents + self.eval_negative_only_documents
-            + [d for docs in self.eval_sets.values() for d in docs],
-            self.control_tokens, args.max_length, num_proc=args.dataset_num_proc,
-        )  # fmt: skip
-        self.epoch_state = SDMEpochState()
-        self._head_epoch: int | None = None
-        self._logged_epochs: set[int] = set()
-        self.head: SDMHead | None = None
-        # what compute_loss uses: the epoch's head, or the evaluation head while evaluating
-        self._loss_head: SDMHead | None = None
-        self._loss_support_row: torch.Tensor | None = None
-        self.epoch_log: list[dict] = []
-        self._train_versions = VersionDataset()
-        self._eval_version_sets = {name: VersionDataset() for name in self.eval_sets}
-        self._eval_versions = next(iter(self._eval_version_sets.values()), VersionDataset())
+        epochs = self.epochs
         super().__init__(
             model=model,
             args=args,
-            train_dataset=self._train_versions,
+            train_dataset=epochs.train_versions,
             eval_dataset=None
-            if not self.eval_sets
-            else self._eval_versions
-            if "" in self.eval_sets
-            else dict(self._eval_version_sets),
+            if not epochs.eval_sets
+            else epochs.eval_versions
+            if "" in epochs.eval_sets
+            else dict(epochs.eval_version_sets),
             processing_class=processing_class,
             data_collator=ContrastiveMaskingCollator(pad_token_id=processing_class.pad_token_id),
             **kwargs,
@@ -188,16 +151,63 @@ class SDMTrainer(SDMEpochMixin, Trainer):
                 "hard_negative_timing='in_epoch' generates for each process's own batch, which FSDP / DeepSpeed "
                 "cannot run (every process must join each forward); use hard_negative_timing='epoch_start'"
             )
-        self.add_callback(HardNegativeCallback(self))
-        self.add_callback(HeadRefreshCallback(self))
-        self.start_epoch(0)
+        self.add_callback(HardNegativeCallback(epochs))
+        self.add_callback(HeadRefreshCallback(epochs))
+        epochs.start_epoch(0)
+
+    # -- the SDM side of the run, for users of the trainer (trainer.epochs holds it) ---------------
+    @property
+    def head(self) -> SDMHead | None:
+        """The current verification head: the epoch's, the best checkpoint's, or :meth:`build_final_head`'s."""
+        return self.epochs.head
+
+    @head.setter
+    def head(self, head: SDMHead | None) -> None:
+        self.epochs.head = head
+
+    @property
+    def epoch_state(self) -> SDMEpochState:
+        """The epoch's versions, hard-negative caches and support rows (what checkpoints add)."""
+        return self.epochs.epoch_state
+
+    @property
+    def epoch_log(self) -> list[dict]:
+        """One dict per prepared epoch (see the class docstring)."""
+        return self.epochs.epoch_log
+
+    @property
+    def hard_negatives(self) -> dict[int, list[str]]:
+        """This epoch's wrong generations per document id (suffix forced to No)."""
+        return self.epochs.hard_negatives
+
+    @property
+    def documents(self) -> list[Document]:
+        """The training documents."""
+        return self.epochs.documents
+
+    @property
+    def eval_documents(self) -> list[Document] | None:
+        """The calibration (first evaluation) set's documents, or None."""
+        return self.epochs.eval_documents
+
+    @property
+    def control_tokens(self) -> ControlTokens:
+        """The control strings."""
+        return self.epochs.control_tokens
+
+    def build_final_head(
+        self, generate: bool = True, calibration: str = "mixed", generations: list[str] | None = None
+    ) -> SDMHead:
+        """:meth:`SDMEpochs.build_final_head <sdm_hf.lm.epochs.SDMEpochs.build_final_head>`: the test-time
+        verification head on the evaluation (calibration) documents; it becomes :attr:`head`."""
+        return self.epochs.build_final_head(generate=generate, calibration=calibration, generations=generations)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         # Overridden: with hard_negative_timing="in_epoch" the batch's scheduled documents are
         # generated for with the current weights first, and their wrong generations may replace
-        # their static negatives in this batch (SDMEpochMixin.generate_in_batch).
-        if self.epoch_state.pending_generation and "document_id" in inputs:
-            inputs = self.generate_in_batch(inputs)
+        # their static negatives in this batch (SDMEpochs.generate_in_batch).
+        if self.epochs.epoch_state.pending_generation and "document_id" in inputs:
+            inputs = self.epochs.generate_in_batch(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     # -- loss -----------------------------------------------------------------------------
@@ -215,7 +225,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         reward = inputs.pop("reward", None)
         positions = inputs.pop("verified_position", None)
         doc_ids = inputs.pop("document_id", None)
-        head = self._loss_head if self.args.use_sdm_loss else None
+        head = self.epochs.loss_head if self.args.use_sdm_loss else None
         keep = {"logits_to_keep": supervised_logit_mask(labels)} if self._lean_logits else {}
         outputs = model(**inputs, output_hidden_states=head is not None, **keep)
         beta = torch.full((labels.shape[0],), math.e, device=outputs.logits.device)
@@ -226,10 +236,11 @@ class SDMTrainer(SDMEpochMixin, Trainer):
                 hidden = eval_mode_hidden_states(model, inputs, self._lean_logits, self.args.verification_layer)
             feats = pool_verification_states(hidden, positions, self.args.verification_pooling)
             support = None
-            if self._loss_support_row is not None and doc_ids is not None:
+            support_row = self.epochs.loss_support_row
+            if support_row is not None and doc_ids is not None:
                 ids = doc_ids.cpu()
-                if int(ids.max()) < self._loss_support_row.numel():
-                    support = self._loss_support_row[ids]  # the self-excluded view for head-training documents
+                if int(ids.max()) < support_row.numel():
+                    support = support_row[ids]  # the self-excluded view for head-training documents
             out = head.predict(feats.float().cpu(), support_rows=support)
             beta = (2.0 + out.probabilities.gather(1, reward.cpu().view(-1, 1)).squeeze(1)).to(beta.device)
         loss = sdm_next_token_loss(outputs.logits, labels, beta, num_items_in_batch)
@@ -256,25 +267,27 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         # preference dataset (prepared here, its versions seeded like the constructor's), a
         # dict of them or None (the constructor's sets); with several sets every metric is
         # prefixed ``{metric_key_prefix}_{name}``, as the Trainer does.
-        if isinstance(eval_dataset, dict) or (eval_dataset is None and self.eval_sets and "" not in self.eval_sets):
-            sets = eval_dataset if isinstance(eval_dataset, dict) else {name: name for name in self.eval_sets}
+        eval_sets = self.epochs.eval_sets
+        if isinstance(eval_dataset, dict) or (eval_dataset is None and eval_sets and "" not in eval_sets):
+            sets = eval_dataset if isinstance(eval_dataset, dict) else {name: name for name in eval_sets}
             metrics: dict[str, float] = {}
             for name, data in sets.items():
                 metrics.update(self.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         if isinstance(eval_dataset, str):  # a name: the Trainer's own loop over the constructor's dict
-            if eval_dataset not in self._eval_version_sets:
-                raise ValueError(f"no evaluation set named {eval_dataset!r}; known: {sorted(self._eval_version_sets)}")
-            versions = self._eval_version_sets[eval_dataset]
+            if eval_dataset not in self.epochs.eval_version_sets:
+                known = sorted(self.epochs.eval_version_sets)
+                raise ValueError(f"no evaluation set named {eval_dataset!r}; known: {known}")
+            versions = self.epochs.eval_version_sets[eval_dataset]
         elif eval_dataset is None or isinstance(eval_dataset, VersionDataset):
-            versions = eval_dataset or self._eval_versions
+            versions = eval_dataset or self.epochs.eval_versions
         else:
             documents, _ = prepare_documents(eval_dataset, self.control_tokens, self._append_control)
             if not documents:
                 raise ValueError("eval_dataset has no document with a positive completion to evaluate on")
             encoded = encode_documents(self.processing_class, documents, self.control_tokens, self.args.max_length)
             versions = VersionDataset()
-            versions.rows = self.evaluation_rows(documents, encoded)
+            versions.rows = self.epochs.evaluation_rows(documents, encoded)
         return self._evaluate_versions(versions, ignore_keys, metric_key_prefix)
 
     def _evaluate_versions(
@@ -283,17 +296,20 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         if not versions.rows:  # no evaluation set: the Trainer's own error
             return super().evaluate(None, ignore_keys, metric_key_prefix)
         extra: dict[str, float] = {}
-        saved = (self._loss_head, self._loss_support_row)
+        epochs = self.epochs
+        saved = (epochs.loss_head, epochs.loss_support_row)
         if self.args.use_sdm_loss:
             timing: dict[str, float] = {}  # the main process's head figures, the same on every process
-            eval_head, eval_support = self.fit_shared_head(versions.rows, seed=int(self.args.seed) + 77, timing=timing)
-            self._loss_head, self._loss_support_row = eval_head, eval_support
+            eval_head, eval_support = epochs.heads.fit_shared(
+                versions.rows, seed=int(self.args.seed) + 77, timing=timing
+            )
+            epochs.loss_head, epochs.loss_support_row = eval_head, eval_support
             figures = {k: v for k, v in timing.items() if k.startswith("head_") and not k.endswith("_seconds")}
             extra = {f"{metric_key_prefix}_{k}": v for k, v in figures.items()}
         try:
             metrics = super().evaluate(versions, ignore_keys, metric_key_prefix)
         finally:
-            self._loss_head, self._loss_support_row = saved
+            epochs.loss_head, epochs.loss_support_row = saved
         metrics.update(extra)
         if extra:
             self.log(extra)
@@ -321,7 +337,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
         # Overridden: with hard_negative_timing="in_epoch" each process generated for its own
         # batches; their caches and what is still to generate are merged first (every process
         # comes here), so the checkpoint's state is the run's, not only the main process's.
-        self.sync_in_epoch_state()
+        self.epochs.sync_in_epoch_state()
         return super()._save_checkpoint(model, trial)
 
     def _read_epoch_state(self, folder: Path) -> SDMEpochState | None:
@@ -351,11 +367,12 @@ class SDMTrainer(SDMEpochMixin, Trainer):
                 stacklevel=2,
             )
             return
-        rows = [self._encode(self.documents[i], text, reward) for i, text, reward in state.versions]
+        epochs = self.epochs
+        rows = [epochs._encode(epochs.documents[i], text, reward) for i, text, reward in state.versions]
         head_dir = folder / HEAD_SUBFOLDER
-        self.head = SDMHead.from_pretrained(head_dir) if (head_dir / "config.json").is_file() else None
-        self.epoch_state, self._head_epoch, self._train_versions.rows = state, state.prepared_epoch, rows
-        self._loss_head, self._loss_support_row = self.head, state.support_row
+        epochs.head = SDMHead.from_pretrained(head_dir) if (head_dir / "config.json").is_file() else None
+        epochs.epoch_state, epochs.head_epoch, epochs.train_versions.rows = state, state.prepared_epoch, rows
+        epochs.loss_head, epochs.loss_support_row = epochs.head, state.support_row
 
     def _load_best_model(self) -> None:
         # Overridden: the Trainer restores the best checkpoint's weights only; the head saved
@@ -379,7 +396,7 @@ class SDMTrainer(SDMEpochMixin, Trainer):
                 )
             self.head, support = None, None
         self.epoch_state.support_row = support
-        self._loss_head, self._loss_support_row = self.head, support
+        self.epochs.loss_head, self.epochs.loss_support_row = self.head, support
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Overridden: the Trainer copies only the modeling files from the checkpoint into

@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sdm_hf.lm import SDMTrainer  # noqa: E402
-from sdm_hf.lm.epochs import SDMEpochMixin  # noqa: E402
+from sdm_hf.lm.head_fitting import VerificationHeadFitter  # noqa: E402
 from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
@@ -19,7 +19,7 @@ def failing_fit(self, rows, seed, timing=None, features=None, keep_texts=False, 
 
 def main(out: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    SDMEpochMixin.fit_verification_head = failing_fit  # only the main process fits
+    VerificationHeadFitter.fit = failing_fit  # only the main process fits
     tok = tiny_tokenizer()
     args = make_args(Path(out), per_device_train_batch_size=4, ddp_backend="gloo")
     try:

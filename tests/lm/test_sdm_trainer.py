@@ -92,14 +92,14 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path):
 def test_epochs_refresh_head_and_generate_hard_negatives(tmp_path):
     trainer = make_trainer(tmp_path, gamma_gen=1.0, hard_negatives_from_epoch=1, num_train_epochs=3)
     heads = []
-    original = trainer.fit_verification_head
+    original = trainer.epochs.heads.fit
 
     def spy(rows, seed, timing=None, features=None, keep_texts=False, calibration_mask=None):
         result = original(rows, seed, timing, features, keep_texts, calibration_mask)
         heads.append(seed)
         return result
 
-    trainer.fit_verification_head = spy
+    trainer.epochs.heads.fit = spy
     trainer.train()
     assert [e["epoch"] for e in trainer.epoch_log] == [0, 1, 2]
     assert all(e["head_fit_seconds"] > 0 and e["head_features_seconds"] > 0 for e in trainer.epoch_log)
@@ -247,16 +247,16 @@ def test_resume_from_a_damaged_state_file_names_it(tmp_path):
         again.train(resume_from_checkpoint=str(damaged))
 
 
-def test_callbacks_get_the_trainer_and_each_epoch_is_prepared_once(tmp_path):
+def test_callbacks_get_the_runs_epochs_and_each_epoch_is_prepared_once(tmp_path):
     trainer = make_trainer(tmp_path, eval_data=False, gamma_gen=1.0, hard_negatives_from_epoch=1)
     ours = [c for c in trainer.callback_handler.callbacks if isinstance(c, (HardNegativeCallback, HeadRefreshCallback))]
     assert [type(cb) for cb in ours] == [HardNegativeCallback, HeadRefreshCallback]  # versions before the head
-    assert all(cb.trainer is trainer for cb in ours)
+    assert all(cb.epochs is trainer.epochs for cb in ours) and not any(hasattr(cb, "trainer") for cb in ours)
     head, log = trainer.head, list(trainer.epoch_log)
-    trainer.start_epoch(0)  # already prepared at construction
+    trainer.epochs.start_epoch(0)  # already prepared at construction
     assert trainer.head is head and trainer.epoch_log == log
     with pytest.raises(ValueError, match="prepare_epoch_versions"):
-        trainer.refresh_verification_head(1)
+        trainer.epochs.refresh_verification_head(1)
     epoch_one = SimpleNamespace(epoch=1.0)
     for cb in ours:  # what the Trainer does at the start of the second epoch
         cb.on_epoch_begin(trainer.args, epoch_one, trainer.control)
@@ -271,8 +271,8 @@ def test_final_head_uses_wrong_generations(tmp_path):
     trainer = make_trainer(tmp_path, num_train_epochs=1)
     trainer.train()
     head = trainer.build_final_head(generate=True)
-    assert trainer.final_head_generated_negatives > 0  # an untrained tiny LM is wrong
-    positives, negatives = 16, 16 + trainer.final_head_generated_negatives
+    assert trainer.epochs.final_head_generated_negatives > 0  # an untrained tiny LM is wrong
+    positives, negatives = 16, 16 + trainer.epochs.final_head_generated_negatives
     assert head.support.ntotal + head.calibration_arrays["labels"].numel() == positives + negatives
 
 
@@ -283,7 +283,8 @@ def test_final_head_calibrated_on_the_models_own_generations(tmp_path):
     # stand-in generations: right for even documents, wrong (content of another) for odd ones
     generations = [d.positive if i % 2 == 0 else docs[(i + 1) % len(docs)].positive for i, d in enumerate(docs)]
     head = trainer.build_final_head(calibration="generations", generations=generations)
-    assert trainer.final_head_calibration == "generations" and trainer.final_head_generations == generations
+    epochs = trainer.epochs
+    assert epochs.final_head_calibration == "generations" and epochs.final_head_generations == generations
     labels = head.calibration_arrays["labels"]
     half = len(docs) - len(docs) // 2  # one calibration row per held-out prompt: its generation
     assert labels.numel() == half
@@ -291,7 +292,7 @@ def test_final_head_calibrated_on_the_models_own_generations(tmp_path):
     held_out = [i for i, d in enumerate(docs) if d.positive not in head.support_texts]
     assert len(held_out) == half and head.support.ntotal >= 2 * (len(docs) - half)
     verdicts = [
-        trainer.verifier(control.remove_suffix(docs[i].positive), control.remove_suffix(generations[i]))
+        trainer.epochs.verifier(control.remove_suffix(docs[i].positive), control.remove_suffix(generations[i]))
         for i in held_out
     ]
     assert int(labels.sum()) == sum(verdicts) and 0 < sum(verdicts) < half
@@ -351,7 +352,8 @@ def test_lean_logits_give_the_same_sdm_loss_and_gradients_as_full_logits(tmp_pat
     lean = make_trainer(tmp_path / "lean")
     full = make_trainer(tmp_path / "full", lean_logits=False, model=lean.model)
     assert lean._lean_logits and not full._lean_logits
-    full._loss_head, full._loss_support_row = lean._loss_head, lean._loss_support_row  # the same head
+    # the same head
+    full.epochs.loss_head, full.epochs.loss_support_row = lean.epochs.loss_head, lean.epochs.loss_support_row
     batch = lean.data_collator(lean.train_dataset.rows[:8])
     results = []
     for trainer in (lean, full):

@@ -25,7 +25,7 @@ def _trainer(tmp_path, eval_dataset, **changes):
 def test_evaluate_a_dict_of_sets_prefixes_each_and_a_given_set_equals_the_constructors(tmp_path):
     calib, other = preference(SENTENCES[24:40]), preference(SENTENCES[40:56])
     trainer = _trainer(tmp_path, {"calib": calib, "other": other}, eval_strategy="epoch", num_train_epochs=1)
-    assert trainer.eval_documents is trainer.eval_sets["calib"]  # the first set is the calibration set
+    assert trainer.eval_documents is trainer.epochs.eval_sets["calib"]  # the first set is the calibration set
     trainer.train()
     logged = {k for e in trainer.state.log_history for k in e}
     assert {"eval_calib_loss", "eval_other_loss", "eval_calib_head_hr_admission"} <= logged
@@ -91,8 +91,8 @@ def test_prompts_without_a_positive_reach_the_verification_heads_only(tmp_path):
             eval_dataset=_unpaired(SENTENCES[36:52], SENTENCES[52:56]),
             processing_class=tok,
         )
-    assert len(trainer.documents) == 30 and len(trainer.negative_only_documents) == 6
-    assert [d.id for d in trainer.negative_only_documents] == list(range(30, 36))
+    assert len(trainer.documents) == 30 and len(trainer.epochs.negative_only_documents) == 6
+    assert [d.id for d in trainer.epochs.negative_only_documents] == list(range(30, 36))
     assert len(trainer.train_dataset) == 30  # the LM trains on the 30 documents only
     head = trainer.head  # fitted on 30 + 6 versions, split in halves
     assert head is not None and head.support.ntotal + head.calibration.size == 36
@@ -120,24 +120,24 @@ def test_hard_negatives_at_epoch_start_or_in_the_epoch_with_the_current_weights(
         processing_class=tok,
     )
     weights_seen = []
-    generate = trainer.generate_completions
+    generate = trainer.epochs.generate_completions
 
     def spy(documents):
         weights_seen.append(float(sum(p.double().sum() for p in trainer.model.parameters())))
         return generate(documents)
 
-    trainer.generate_completions = spy
+    trainer.epochs.generate_completions = spy
     swapped = []
-    in_batch = trainer.generate_in_batch
+    in_batch = trainer.epochs.generate_in_batch
 
     def batch_spy(inputs):
         out = in_batch(inputs)
         swapped.append(out is not inputs)
         return out
 
-    trainer.generate_in_batch = batch_spy
+    trainer.epochs.generate_in_batch = batch_spy
     trainer.train()
-    negatives_scheduled = sum(1 for r in trainer._train_versions.rows if r["reward"] == 0)
+    negatives_scheduled = sum(1 for r in trainer.epochs.train_versions.rows if r["reward"] == 0)
     assert trainer.epoch_log[0]["generated"] == 0 and trainer.epoch_log[1]["generated"] == negatives_scheduled > 0
     assert trainer.hard_negatives and all(
         n.endswith("<verified>No</verified>") for v in trainer.hard_negatives.values() for n in v
@@ -208,8 +208,8 @@ def test_in_epoch_generation_state_survives_a_checkpoint_and_repeated_ids(tmp_pa
     assert SDMEpochState.from_json(SDMEpochState().to_json()).pending_generation == {}
     trainer = _trainer(tmp_path, None, hard_negative_timing="in_epoch")
     trainer.epoch_state.pending_generation = {2: True}
-    rows = [trainer._train_versions.rows[2], trainer._train_versions.rows[2]]  # wrapped-around batch
+    rows = [trainer.epochs.train_versions.rows[2], trainer.epochs.train_versions.rows[2]]  # wrapped-around batch
     batch = trainer.data_collator(rows)
-    out = trainer.generate_in_batch(batch)  # no KeyError: the document is generated for once
+    out = trainer.epochs.generate_in_batch(batch)  # no KeyError: the document is generated for once
     assert trainer.epoch_state.pending_generation == {} and out["input_ids"].shape[0] == 2
     assert torch.equal(out["document_id"], torch.tensor([2, 2]))

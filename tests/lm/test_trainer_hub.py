@@ -118,7 +118,7 @@ def test_best_model_at_end_restores_the_head_of_the_best_checkpoint(tmp_path):
     assert any(not torch.equal(ours[k], other[k]) for k in ours if ours[k].shape == other[k].shape)
     best_state = SDMEpochState.from_json((best / STATE_NAME).read_text(), documents=trainer.documents)
     assert torch.equal(trainer.epoch_state.support_row, best_state.support_row)
-    assert trainer._loss_head is trainer.head
+    assert trainer.epochs.loss_head is trainer.head
     # a best checkpoint without a head: no head is kept for the restored weights, and a warning says so
     shutil.rmtree(best / "sdm_head")
     with pytest.warns(UserWarning, match="has no sdm_head"):
