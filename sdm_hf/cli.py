@@ -38,7 +38,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 # -- data ---------------------------------------------------------------------------------
 def load_model(name: str | None):
-    """(model, tokenizer, recorded name) for text features."""
+    """``(model, tokenizer, recorded name)`` for text features (default: all-MiniLM-L6-v2); CLIError if unloadable."""
     from transformers import AutoModel, AutoTokenizer
 
     recorded = name
@@ -59,8 +59,8 @@ def load_model(name: str | None):
 
 
 def head_recipe(head_config):
-    """The feature recipe (model, pooling, layer, max length) a head records; a head that reads
-    several models' features composed cannot be fed from text here."""
+    """The feature recipe (model, pooling, layer, max length) a head records; CLIError for a head that reads
+    several models' features composed (not computable from text here)."""
     from .head.config import FeatureRecipe
 
     if head_config is None:
@@ -75,9 +75,8 @@ def head_recipe(head_config):
 
 
 def features_of(data, args, paths, head_config=None, model_bundle=None, distributed=False):
-    """Features of the rows (from a vector column or embedded text) and the model used;
-    ``distributed``: the processes of an ``accelerate launch`` / ``torchrun`` run share the
-    embedding (each a shard, all rows back on every process)."""
+    """``(features (N, D) float32, model bundle or None)`` of the rows, from a vector column or embedded text;
+    ``distributed``: the processes of a multi-process run share the embedding."""
     from .features.extract import extract_features
 
     if args.vector_column:
@@ -107,8 +106,8 @@ def features_of(data, args, paths, head_config=None, model_bundle=None, distribu
 
 @contextmanager
 def output_folder(path: Path, overwrite: bool, program: str, inputs=()):
-    """:func:`replacing_output_dir` with its refusals and write failures (a full disk) as
-    CLIErrors; the old folder stays as it was when the new results cannot be written."""
+    """:func:`replacing_output_dir` with its refusals and write failures as CLIErrors (the old folder is
+    kept when the new results cannot be written)."""
     try:
         with replacing_output_dir(path, overwrite, program=f"sdm-hf {program}", inputs=inputs) as folder:
             yield folder
@@ -119,7 +118,7 @@ def output_folder(path: Path, overwrite: bool, program: str, inputs=()):
 
 
 def check_output(path: Path, overwrite: bool, inputs=()) -> None:
-    """Refuse a bad output folder before any long work (see prepare_output)."""
+    """Refuse a bad output folder (CLIError) before any long work."""
     try:
         check_output_dir(path, overwrite, inputs)
     except FileExistsError as err:
@@ -128,6 +127,7 @@ def check_output(path: Path, overwrite: bool, inputs=()) -> None:
 
 # -- subcommands --------------------------------------------------------------------------
 def cmd_fit_head(args) -> int:
+    """``sdm-hf fit-head``: embed, fit, calibrate and save a head; returns the exit code."""
     from .features.distributed import launched_processes, process_state
     from .head.config import SDMConfig
     from .training.fit import fit_sdm_head
@@ -191,6 +191,7 @@ def cmd_fit_head(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """``sdm-hf evaluate``: the selective-classification report of a head on labelled data; returns 0."""
     from .evaluation.metrics import selective_classification_report
     from .head.modeling import SDMHead
     from .training.baselines import sdm_rules
@@ -247,6 +248,7 @@ def _read_inputs(path: str | None) -> list[str]:
 
 
 def cmd_verify(args) -> int:
+    """``sdm-hf verify``: one JSON line per input line (LM heads through ``pipeline("sdm-verify")``); returns 0."""
     from .head.config import is_verification_pooling
     from .head.modeling import SDMHead
 
@@ -312,6 +314,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sdm-hf`` argument parser with its three subcommands."""
     # HfArgumentParser: fit-head's training options come from SDMFitConfig's fields and help
     parser = HfArgumentParser(
         prog="sdm-hf", description=(__doc__ or "").replace("``", "`"), formatter_class=_HelpFormatter
@@ -396,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sdm-hf`` on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (2: a one-line error on stderr)."""
     from .head.serialization import SDMFormatError
 
     args = build_parser().parse_args(argv)

@@ -18,7 +18,8 @@ class CLIError(Exception):
 
 
 def load_table(paths: list[str]):
-    """Rows of one or more data files (or a saved `datasets` folder) as a Dataset."""
+    """Rows of one or more data files (JSON lines, JSON, CSV, parquet) or a saved ``datasets`` folder as a
+    Dataset; CLIError naming the file (and line where it can) otherwise."""
     import datasets
 
     for path in paths:
@@ -88,6 +89,7 @@ def _check_json_lines(path: str) -> None:
 
 
 def column(data, name: str, paths) -> list:
+    """Column ``name`` of ``data``; CLIError listing the columns when it has none."""
     if name not in data.column_names:
         raise CLIError(f"{', '.join(paths)}: no column {name!r} (columns: {data.column_names})")
     return data[name]
@@ -112,6 +114,7 @@ def vectors_of(data, name: str, paths) -> torch.Tensor:
 
 
 def describe_cell(value) -> str:
+    """A cell's type and repr, cut to 80 characters (for error messages)."""
     return f"{type(value).__name__} {value!r}"[:80]
 
 

@@ -1,7 +1,5 @@
-"""Features from Hugging Face models: pooling hidden states (:mod:`.extract`), a disk cache keyed
-by model, recipe and texts (:mod:`.cache`), several models side by side (:mod:`.composition`,
-:mod:`.layout`), loading causal LMs including GGUF files (:mod:`.model_loading`) and sharing the
-work across processes (:mod:`.distributed`)."""
+"""Features from Hugging Face models for SDM heads: pooled hidden states, a disk cache, several models
+composed, and causal-LM loading (GGUF files included)."""
 
 from .cache import cached_features
 from .composition import FeatureEncoder, compose_features, extract_composed_features

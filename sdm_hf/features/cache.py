@@ -1,13 +1,7 @@
-"""A disk cache for language-model features, like the ``datasets`` map cache.
-
-:func:`cached_features` is :func:`~sdm_hf.features.extract.extract_features` with a disk cache: the same
-model, feature recipe and texts give back the stored features (``<cache>/features/<key>.safetensors``
-plus a ``<key>.json`` that describes them); :func:`feature_cache_key` is the key they are stored
-under. Both files of an entry are written atomically (a temporary sibling, then a rename), the JSON
-last, so an interrupted run never leaves a half-written entry that a later run trusts; an entry
-that fails its checks is recomputed. Files are safetensors and strict JSON only. In a run of several
-processes, ``distributed=True`` makes the main process the cache's only reader and writer (see
-:func:`~sdm_hf.features.distributed.main_process_cached`).
+"""A disk cache for language-model features: :func:`cached_features` is
+:func:`~sdm_hf.features.extract.extract_features` storing ``<cache>/features/<key>.safetensors`` plus a
+describing ``<key>.json``, each written atomically and the JSON last, so an interrupted run leaves no entry
+that a later run trusts.
 """
 
 from __future__ import annotations
@@ -53,19 +47,18 @@ def feature_cache_key(
     model_id: str | None = None,
     revision: str | None = None,
 ) -> tuple[str, dict]:
-    """The cache key :func:`cached_features` stores ``texts``' features under, and the fields it hashes.
+    """The key :func:`cached_features` stores ``texts``' features under: a sha256 over canonical JSON of the
+    format, model id, revision, parameter dtype, resolved layer / pooling / max length, tokenizer class,
+    padding and truncation sides, N and a sha256 of the texts in order.
 
     Args:
-        model, tokenizer: as for :func:`cached_features` (``tokenizer`` None for a SentenceTransformer).
-        texts: N strings.
-        pooling, layer, max_length: the feature recipe (``layer`` is normalised to
-            ``0..num_hidden_layers``, so -1 and ``num_hidden_layers`` share a key).
-        model_id: the model's name (default: ``model.sdm_hf_source``, else ``config._name_or_path``).
-        revision: the weights' version (default: ``model.sdm_hf_source``, e.g. a GGUF file's sha256,
-            else ``config._commit_hash``).
+        model, tokenizer, texts, pooling, layer, max_length, model_id, revision: as for :func:`cached_features`.
 
     Returns:
         ``(hex sha256 key, fields)``: ``fields`` is the JSON-able dict that was hashed.
+
+    Raises:
+        ValueError: a bad recipe (:func:`~sdm_hf.features.settings.resolve_settings`), or no model name.
     """
     settings = resolve_settings(model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
     return cache_key_of(model, tokenizer, texts, settings, model_id=model_id, revision=revision)
@@ -172,37 +165,28 @@ def cached_features(
     use_cache: bool = True,
     distributed: bool = False,
 ) -> torch.Tensor:
-    """:func:`~sdm_hf.features.extract.extract_features` with a disk cache.
-
-    The key is a sha256 over a canonical JSON of the model id, revision, parameter dtype, layer,
-    pooling, resolved max length, the tokenizer's class, padding and truncation sides, and a sha256
-    over the texts in order (see :func:`feature_cache_key`). Features are stored as
-    ``cache_dir/features/<key>.safetensors`` (tensor ``"features"``) plus ``<key>.json`` (the
-    key's fields, the shape and a checksum), each written atomically. A hit loads them without
-    running the model; an entry that is unreadable or fails its checks is reported with a warning
-    and recomputed.
+    """:func:`~sdm_hf.features.extract.extract_features` with a disk cache keyed by
+    :func:`feature_cache_key`: a hit loads the features without running the model; an entry that fails its
+    checks (checksum, key, shape) is recomputed, and a failed write is skipped, each with a UserWarning.
 
     Args:
-        model, tokenizer: as for :func:`~sdm_hf.features.extract.extract_features`.
-        texts: N strings.
-        pooling, layer, max_length, batch_size, device, progress: passed to ``extract_features``.
-        model_id: the model's name in the key (default: the id
-            :func:`~sdm_hf.features.model_loading.load_causal_lm` recorded, else
-            ``model.config._name_or_path``; required for a model built from a config).
-        revision: the weights' version in the key (default: the GGUF sha256 recorded by
-            :func:`~sdm_hf.features.model_loading.load_causal_lm`, else ``config._commit_hash``). Pass it
-            when the weights at a local path change or the model was modified in memory
-            (fine-tuned, adapters merged): the cache cannot see that.
+        model, tokenizer, texts, pooling, layer, max_length, batch_size, device, progress: as for
+            ``extract_features``.
+        model_id: the model's name in the key (default: the id ``load_causal_lm`` recorded, else
+            ``config._name_or_path``; required for a model built from a config).
+        revision: the weights' version in the key (default: the GGUF sha256 ``load_causal_lm`` recorded, else
+            ``config._commit_hash``); pass it when the weights changed in place or in memory.
         cache_dir: the cache root (default: :func:`~sdm_hf.utils.files.default_cache_dir`).
         use_cache: False computes without reading or writing the cache.
-        distributed: in a run of several processes (``accelerate launch``, ``torchrun``), every
-            process passes the same texts and gets all N features; only the main process reads
-            and writes the cache: a hit is sent to the others, a miss is computed by all, each
-            a shard (``extract_features(..., distributed=True)``), and written by the main
-            process while the others wait. With one process it changes nothing.
+        distributed: in a multi-process run, every process passes the same texts and gets all N rows; the
+            main process alone reads and writes the cache, a miss is computed by all (one shard each).
 
     Returns:
-        ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
+        ``(N, H)`` float32 CPU tensor (``(N, 2H)`` for ``"mean_last"``).
+
+    Raises:
+        As :func:`~sdm_hf.features.extract.extract_features`; ValueError: no model name (``model_id``);
+        TypeError: ``distributed`` not a bool.
     """
     texts = as_texts(texts)
     settings = resolve_settings(model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)

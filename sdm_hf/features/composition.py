@@ -1,27 +1,9 @@
-"""Features of several models composed into one matrix, with a recorded layout.
+"""Features of several models composed into one matrix ``[block 0 | block 1 | ...]``, ``(N, D_0 + ... +
+D_{K-1})``, with a recorded layout (:mod:`sdm_hf.features.layout`) for ``SDMConfig(feature_blocks=...)``.
 
-``extract_composed_features(encoders, texts)`` runs :func:`~sdm_hf.features.extract.extract_features`
-once per encoder (each with its own pooling, layer, max length and batch size) and concatenates
-the K results along the feature axis, in the order given::
-
-    x = [ block 0: model 0's D_0 columns | block 1: model 1's D_1 columns | ... ]   # [N, D_0 + ... + D_{K-1}]
-
-It returns the features and their layout, one JSON-safe dict per block (model name, revision,
-pooling, layer, max length, ``dim``, ``start``, ``stop``; see :mod:`sdm_hf.features.layout`). Pass
-the layout to ``SDMConfig(feature_blocks=...)`` so that a head fitted on composed features
-records every block. :func:`compose_features` does the same concatenation for features computed
-beforehand (cached, or not from a model at all), so both give the same matrix and layout.
-
-Scale of the blocks. Nothing is rescaled here: normalisation statistics must come from the
-head's training split, never from whatever texts a call happens to see. The head's default
-``normalization="scalar"`` subtracts ONE mean and divides by ONE standard deviation over all
-elements, so a block with larger magnitudes sets that deviation and the others enter the head
-shrunk towards zero: Gemma 3 270M's middle-layer hidden states have a standard deviation of
-about 400 (single dimensions reach 2e4), MiniLM's mean-pooled embeddings about 0.3, so scalar
-normalisation passes the MiniLM block on at roughly 1/1000 of the Gemma block's scale, and a
-linear adaptor trained at a small learning rate does not undo that. Fit heads on composed
-features with ``SDMConfig(normalization="feature")`` (each column standardised by its own
-training-split mean and deviation), which makes every block's scale irrelevant.
+Nothing is rescaled here (normalisation statistics must come from the head's training split): fit heads on
+composed features with ``SDMConfig(normalization="feature")``, since blocks' scales can differ by orders of
+magnitude and one scalar deviation would shrink the small-scale blocks towards zero.
 """
 
 from __future__ import annotations
@@ -48,19 +30,16 @@ class FeatureEncoder:
     """One block of a composition: a model, its tokenizer and how its features are pooled.
 
     Args:
-        model: a transformers model (``AutoModel``, ``AutoModelForCausalLM``, ...) or a
-            ``sentence_transformers.SentenceTransformer`` (then ``tokenizer=None`` and its own
-            pooling applies; ``pooling`` and ``layer`` are not used and recorded as None).
-        tokenizer: the model's tokenizer (None for a SentenceTransformer).
+        model: a transformers model or a ``SentenceTransformer`` (``tokenizer=None``; its own pooling applies
+            and ``pooling`` / ``layer`` are recorded as None).
         pooling: ``"mean"``, ``"last"``, ``"cls"`` or ``"mean_last"`` (twice the hidden width).
         layer: hidden-state layer to pool (0 = embeddings, -1 = final layer).
         max_length: truncation length in tokens (default: the tokenizer's ``model_max_length``).
         batch_size: texts per forward pass for this model.
-        name: the model's name in the layout (default: the id recorded by
-            :func:`~sdm_hf.load_causal_lm`, else ``config._name_or_path``; required with
-            ``cache=True`` for a model built from a config).
-        revision: the weights' version in the layout (default: recorded by ``load_causal_lm``,
-            else ``config._commit_hash``).
+        name: the model's name in the layout (default: the id :func:`~sdm_hf.load_causal_lm` recorded, else
+            ``config._name_or_path``; required with ``cache=True`` for a model built from a config).
+        revision: the weights' version in the layout (default: recorded by ``load_causal_lm``, else
+            ``config._commit_hash``).
 
     Example:
         >>> FeatureEncoder(model=None, pooling="mean_last", layer=9).layer
@@ -78,8 +57,8 @@ class FeatureEncoder:
 
 
 class ComposedFeatures(NamedTuple):
-    """``features`` ``[N, D_0 + ... + D_{K-1}]`` float32 CPU and ``layout``, K JSON-safe block
-    dicts in column order (unpacks as ``x, layout = ...``)."""
+    """``features`` ``(N, D_0 + ... + D_{K-1})`` float32 CPU and ``layout``, K JSON-safe block dicts in
+    column order (unpacks as ``x, layout = ...``)."""
 
     features: torch.Tensor
     layout: list[dict]
@@ -147,12 +126,13 @@ def _check_encoder(encoder: FeatureEncoder, k: int) -> tuple[dict, FeatureSettin
 
 
 def compose_features(blocks: Sequence, descriptions: Sequence[Mapping | None] | None = None) -> ComposedFeatures:
-    """Concatenate K feature blocks ``[N, D_k]`` of the same N rows into ``[N, sum D_k]``, in order.
+    """Concatenate K feature blocks of the same N rows into ``(N, sum D_k)``, in order (features computed
+    beforehand give the same matrix and layout as :func:`extract_composed_features`).
 
     Args:
-        blocks: K tensors or numpy arrays, each ``[N, D_k]`` of real numbers.
+        blocks: K tensors or numpy arrays, each ``(N, D_k)`` of real numbers.
         descriptions: K dicts with any of ``"model"``, ``"revision"``, ``"pooling"``, ``"layer"``,
-            ``"max_length"`` (what the layout records of each block), or None.
+            ``"max_length"`` (recorded in the layout), or None.
 
     Returns:
         :class:`ComposedFeatures`: float32 CPU features and their layout.
@@ -207,9 +187,8 @@ def extract_composed_features(
 ) -> ComposedFeatures:
     """Features of ``texts`` from K models, concatenated in the given order, with their layout.
 
-    Block k equals ``extract_features(model_k, tokenizer_k, texts, pooling=..., layer=...,
-    max_length=..., batch_size=...)`` with encoder k's settings, bit for bit (it is computed
-    by that function). Every encoder is checked before the first model runs.
+    Block k is ``extract_features`` with encoder k's settings, bit for bit; every encoder is checked before
+    the first model runs.
 
     Args:
         encoders: K >= 1 encoders, each a ``(model, tokenizer)`` pair (mean pooling of the final
@@ -217,20 +196,16 @@ def extract_composed_features(
         texts: N strings (list, tuple or a ``datasets`` column).
         device: where every model runs (default: where its parameters are).
         progress: show a tqdm bar per model.
-        distributed: share the work between the processes of an ``accelerate launch`` run (as
+        distributed: share the work between the processes of a multi-process run (as
             ``extract_features(..., distributed=True)``).
-        cache: read and write each block through :func:`~sdm_hf.cached_features` (keyed by the
-            encoder's name, revision, recipe and the texts), so a model already run on these texts
-            is not run again.
+        cache: read and write each block through :func:`~sdm_hf.cached_features`.
         cache_dir: the cache root with ``cache=True`` (default: ``default_cache_dir()``).
 
     Returns:
-        :class:`ComposedFeatures` ``(features, layout)``: ``[N, D_0 + ... + D_{K-1}]`` float32 CPU
-        features and K block dicts ``{"model", "revision", "pooling", "layer", "max_length",
-        "dim", "start", "stop"}`` (JSON-safe; columns ``start:stop`` are block k; ``layer`` as
-        passed, ``max_length`` as resolved). Fit a head on them with
-        ``SDMConfig(input_dim=features.shape[1], feature_blocks=layout, normalization="feature")``:
-        per-column normalisation keeps a block with large magnitudes from drowning the others.
+        :class:`ComposedFeatures` ``(features, layout)``: ``(N, D_0 + ... + D_{K-1})`` float32 CPU features
+        and K block dicts ``{"model", "revision", "pooling", "layer", "max_length", "dim", "start", "stop"}``
+        (``layer`` as passed, ``max_length`` as resolved). Fit a head with
+        ``SDMConfig(input_dim=features.shape[1], feature_blocks=layout, normalization="feature")``.
 
     Raises:
         ValueError: no encoders, empty texts, a bad pooling / layer / batch size / max length, a

@@ -1,26 +1,8 @@
-"""Features across the processes of one run (``accelerate launch`` / ``torchrun``).
+"""Features across the processes of one run (``accelerate launch`` / ``torchrun``), used by
+``extract_features`` / ``cached_features`` with ``distributed=True`` when there are several processes.
 
-:func:`~sdm_hf.features.extract.extract_features` and :func:`~sdm_hf.features.cache.cached_features` come
-here when they are given ``distributed=True`` in a run of several processes; with one process
-(a plain ``python script.py``) they never do, and no accelerate state is created.
-
-* :func:`features_across_processes`: every process passes the same N texts; each computes the
-  features of its shard and every process gets all ``[N, D]`` features back, in the input order.
-  Shards are dealt from the texts sorted by length (longest first, round robin), so every process
-  gets a similar mix of long and short texts, and then split with accelerate's
-  ``PartialState.split_between_processes`` (contiguous, the first ``N % P`` processes one more).
-  Features travel with ``pad_across_processes`` + ``gather`` and are trimmed by the shard sizes.
-* :func:`main_process_cached`: one reader and writer of a disk cache. The main process alone
-  looks for an entry: a hit is broadcast to the others, a miss is computed by all (above) and
-  written by the main process only, the others waiting until the entry is complete. No process
-  needs to see the main process's disk.
-* :func:`launched_processes`: how many processes this run was launched with, without creating
-  any state (``torch.distributed``'s world when it is initialised, else ``WORLD_SIZE``).
-
-Every process must make the same calls (a call on the main process alone waits for the others
-forever). A failure in one process's shard is raised in every process (the failing one re-raises
-its own error, the others a RuntimeError naming it), so no process is left waiting in a
-collective. Warnings (e.g. about truncated texts) are each process's own, about its shard.
+Every process must make the same calls (a call on one process alone waits forever). A failure in one
+process's shard is raised in every process, so none is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -48,7 +30,7 @@ ShardFeatures = Callable[[list[str], bool, str | torch.device | None], torch.Ten
 
 
 def texts_sha256(texts: list[str]) -> str:
-    """sha256 over the texts, each prefixed with its UTF-8 byte length (so ["ab", "c"] != ["a", "bc"])."""
+    """Hex sha256 over the texts, each prefixed with its UTF-8 byte length (so ["ab", "c"] != ["a", "bc"])."""
     digest = hashlib.sha256()
     digest.update(len(texts).to_bytes(8, "little"))
     for text in texts:
@@ -59,9 +41,8 @@ def texts_sha256(texts: list[str]) -> str:
 
 
 def launched_processes() -> int:
-    """How many processes this run has: ``torch.distributed``'s world size when a process group is
-    initialised, else the launcher's ``WORLD_SIZE`` (set by ``accelerate launch`` and ``torchrun``),
-    else 1. Creates no accelerate state and starts no communication."""
+    """How many processes this run has: ``torch.distributed``'s world size when initialised, else the
+    launcher's ``WORLD_SIZE``, else 1; creates no state and starts no communication."""
     from ..utils.distributed import process_world
 
     _, world = process_world()
@@ -74,8 +55,7 @@ def launched_processes() -> int:
 
 
 def _use_cpu() -> bool:
-    """Whether accelerate must be told to run on CPU: ``accelerate launch --cpu``, or no accelerator
-    (without ``cpu=True`` accelerate treats a CPU-only multi-process launch as a single process)."""
+    """Whether accelerate must be told ``cpu=True`` (``accelerate launch --cpu``, or no accelerator)."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
     accelerator = getattr(torch, "accelerator", None)
@@ -85,8 +65,8 @@ def _use_cpu() -> bool:
 
 
 def process_state() -> PartialState:
-    """accelerate's ``PartialState`` of this run (the existing one, e.g. an ``Accelerator``'s; else
-    created, which initialises ``torch.distributed`` when the launcher has not: gloo on CPU)."""
+    """accelerate's ``PartialState`` of this run (the existing one, else created, which initialises
+    ``torch.distributed`` when the launcher has not: gloo on CPU)."""
     from accelerate import PartialState
 
     return PartialState(cpu=_use_cpu())
@@ -100,12 +80,10 @@ def _failure(statuses: list[tuple]) -> tuple[int, str] | None:
 
 
 def shard_order(texts: list[str], world: int) -> torch.Tensor:
-    """``[N]`` long tensor: the text indices, process 0's shard first, then process 1's, ...
+    """``(N,)`` long text indices, process 0's shard first, then process 1's, ...
 
-    Process ``p``'s shard is ``by_length[p::world]``, where ``by_length`` sorts the texts by
-    length, longest first (ties in input order): every process gets a similar mix of lengths.
-    Laid end to end, accelerate's ``split_between_processes`` (contiguous, the first
-    ``N % world`` processes one longer) hands exactly these shards out.
+    Process ``p``'s shard is ``by_length[p::world]`` (texts by length, longest first, ties in input order),
+    so every process gets a similar mix of lengths and ``split_between_processes`` hands exactly these out.
     """
     lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
     by_length = torch.argsort(lengths, descending=True, stable=True)
@@ -120,23 +98,20 @@ def features_across_processes(
 ) -> torch.Tensor:
     """The features of ``texts``, each process computing a shard; all of them on every process.
 
-    Every process must call this with the same texts (checked: a process whose texts differ
-    makes every process raise ValueError).
-
     Args:
-        texts: N strings, the same list on every process.
-        compute: ``compute(shard_texts, show_progress, device) -> [n, D]`` float32 CPU tensor, the
-            features of one shard (a single-process :func:`~sdm_hf.features.extract.extract_features`).
-        device: where each process runs the model (default: the process's own device,
-            ``PartialState().device``: its GPU under a multi-GPU launch, else the CPU).
+        texts: N strings, the same list on every process (checked).
+        compute: ``compute(shard_texts, show_progress, device) -> (n, D)`` float32 CPU tensor, one shard's
+            features (a single-process :func:`~sdm_hf.features.extract.extract_features`).
+        device: where each process runs the model (default: ``PartialState().device``).
         progress: show the main process's progress over its shard.
 
     Returns:
-        ``[N, D]`` float32 CPU tensor in the order of ``texts``, equal on every process.
+        ``(N, D)`` float32 CPU tensor in the order of ``texts``, equal on every process.
 
     Raises:
         ValueError: the processes were given different texts, or their features differ in width.
-        RuntimeError: another process failed to compute its shard (its error is named).
+        RuntimeError: another process failed to compute its shard (its error is named); the failing
+            process re-raises its own error.
     """
     from accelerate.utils import gather, pad_across_processes
 
@@ -197,7 +172,8 @@ def main_process_cached(
     compute: Callable[[], torch.Tensor],
     store: Callable[[torch.Tensor], None],
 ) -> torch.Tensor:
-    """A cached tensor with one reader and writer of the cache: the main process.
+    """A cached tensor with the main process as the cache's only reader and writer: a hit is broadcast, a miss
+    is computed by every process and stored by the main one while the others wait.
 
     Args:
         load: the cached tensor, or None on a miss (called on the main process only).

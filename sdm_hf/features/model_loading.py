@@ -1,11 +1,6 @@
-"""Loading causal language models, with GGUF files converted to safetensors once and cached.
-
-:func:`load_causal_lm` loads a causal LM and its tokenizer from a local folder, a Hub name or a
-GGUF file. A GGUF file is de-quantised once (float32) and saved with ``save_pretrained`` under
-``<cache>/models/<sha256 of the file>/`` (see :func:`~sdm_hf.utils.files.default_cache_dir`);
-later calls load that copy in seconds. The copy is written into a temporary sibling folder and
-renamed into place, with a marker file (``sdm_hf_converted.json``) written last, so an interrupted
-conversion never leaves a folder that a later run trusts.
+"""Loading causal language models, with GGUF files converted to float32 safetensors once and cached under
+``<cache>/models/<sha256 of the file>/`` (written in a staging folder and renamed into place, the marker
+``sdm_hf_converted.json`` last, so an interrupted conversion leaves no folder a later run trusts).
 """
 
 from __future__ import annotations
@@ -58,11 +53,8 @@ def _check_gguf_file(path: Path) -> None:
 
 
 def _read_gguf(path: Path):
-    """De-quantise a GGUF file with transformers: ``(float32 model, tokenizer)``.
-
-    The weights are unpacked into a plain dense model (``GgufConfig(dequantize=True)`` where
-    transformers has it): a model that keeps GGUF blocks cannot be saved with ``save_pretrained``.
-    """
+    """De-quantise a GGUF file into a dense ``(float32 model, tokenizer)`` (a model that keeps GGUF blocks
+    cannot be saved with ``save_pretrained``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = {}
@@ -115,8 +107,7 @@ def _marker_ok(folder: Path, digest: str) -> bool:
 
 
 def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool) -> None:
-    """Save ``model`` + ``tokenizer`` into ``folder`` atomically (written in a locked staging
-    folder, renamed into place); the marker JSON is written last."""
+    """Save ``model`` + ``tokenizer`` into ``folder`` atomically (locked staging folder, marker last, rename)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder.parent, folder.name)
     with staging_folder(folder.parent, folder.name) as stage:
@@ -212,16 +203,11 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, converting a GGUF file once and caching the result.
 
-    A path ending in ``.gguf`` (or ``gguf_file=`` naming a file inside the folder or Hub repo
-    ``path_or_name``) is read with transformers, which de-quantises it to float32 (about a minute
-    for Gemma 3 270M). That float32 copy is saved with ``save_pretrained`` (safetensors) under
-    ``cache_dir/models/<sha256 of the file's content>/`` and loaded from there next time (seconds);
-    a changed file has a new sha256 and is converted again. Anything else is loaded with
-    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
-
-    The model is returned in eval mode. A GGUF-loaded model carries
-    ``model.sdm_hf_source = {"model_id": <file name>, "revision": "sha256:<hex>"}``, which
-    :func:`~sdm_hf.features.cache.cached_features` uses as its default model id and revision.
+    A GGUF file is de-quantised to float32 with transformers, saved (safetensors) under
+    ``cache_dir/models/<sha256 of its content>/`` and loaded from there next time; anything else is loaded
+    with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``. A GGUF-loaded model carries
+    ``model.sdm_hf_source = {"model_id": <file name>, "revision": "sha256:<hex>"}``, the default model id
+    and revision of :func:`~sdm_hf.features.cache.cached_features`.
 
     Args:
         path_or_name: a local model folder, a Hub model name, a ``.gguf`` file, or (with
@@ -229,17 +215,17 @@ def load_causal_lm(
         gguf_file: the GGUF file's name inside ``path_or_name``.
         cache_dir: the cache root (default: :func:`~sdm_hf.utils.files.default_cache_dir`).
         progress: show progress for hashing, de-quantising and saving.
-        torch_dtype: the returned model's dtype (the cached GGUF copy is always float32).
+        torch_dtype: the returned model's dtype, or its name (the cached GGUF copy is always float32).
         revision: Hub revision (branch, tag or commit), passed through.
         local_files_only: never contact the Hub, passed through.
 
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
         FileNotFoundError: the GGUF file does not exist.
         ImportError: the ``gguf`` package (needed to read GGUF files) is not installed.
-        ValueError: the GGUF file is corrupt or incomplete.
+        ValueError: the GGUF file is corrupt or incomplete, or ``torch_dtype`` names no dtype.
 
     Example::
 

@@ -10,13 +10,16 @@ __all__ = ["pool_hidden_states"]
 
 
 def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool ``[B, T, H]`` hidden states with a ``[B, T]`` 0/1 attention mask.
-
-    Padding positions never reach the result (not even as NaN: they are selected out, not
-    multiplied by zero). A row without any non-padding token pools to zeros for ``"mean"``.
+    """Pool ``(B, T, H)`` hidden states over the positions where the ``(B, T)`` 0/1 mask is 1: ``"mean"``,
+    ``"last"`` / ``"cls"`` (last / first unmasked position, either padding side) or ``"mean_last"``
+    (``concat(mean, last)``). Padding never reaches the result, not even as NaN; a row without tokens
+    pools to zeros for ``"mean"``.
 
     Returns:
-        ``[B, H]`` (or ``[B, 2H]`` for ``"mean_last"``) float32.
+        ``(B, H)`` float32 (``(B, 2H)`` for ``"mean_last"``).
+
+    Raises:
+        ValueError: ``pooling`` not in :data:`~sdm_hf.features.settings.POOLINGS`.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")

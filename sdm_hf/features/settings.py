@@ -1,9 +1,5 @@
-"""The feature recipe of one extraction, resolved once: which model body, which hidden-state
-layer, which pooling and truncation length.
-
-:func:`resolve_settings` validates the caller's arguments against the model and tokenizer and
-returns a :class:`FeatureSettings`; extraction, the feature cache key and composed-feature
-layouts all read that one object, so they cannot disagree.
+"""The feature recipe of one extraction (hidden-state layer, pooling, truncation length), validated and
+resolved once by :func:`resolve_settings` so that extraction, cache keys and layouts cannot disagree.
 """
 
 from __future__ import annotations
@@ -36,19 +32,9 @@ def is_sentence_transformer(model) -> bool:
 
 
 def model_body(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of ``model`` that computes its hidden states, without any task head.
-
-    For a transformers model with a head this is ``model.base_model`` (``Gemma3ForCausalLM.model``,
-    ``LlamaForCausalLM.model``, ``BertForSequenceClassification.bert``); a bare body
-    (``BertModel``) is returned as is. A PEFT wrapper is unwrapped first (its adapters live inside
-    the wrapped model, so they still apply). Any other module is returned unchanged.
-
-    Args:
-        model: a ``transformers.PreTrainedModel``, a PEFT model, or any ``torch.nn.Module``.
-
-    Returns:
-        The body module (possibly ``model`` itself).
-    """
+    """The module of ``model`` that computes its hidden states, without any task head: ``model.base_model``
+    of a transformers model (e.g. ``LlamaForCausalLM.model``), after unwrapping a PEFT model (its adapters
+    still apply); a bare body or any other module is returned as is."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel) and hasattr(model, "get_base_model"):
@@ -64,11 +50,8 @@ def model_body(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def num_hidden_layers(model: torch.nn.Module) -> int | None:
-    """``num_hidden_layers`` of ``model``'s (text) config, or None when the config does not say.
-
-    ``output_hidden_states`` then has ``num_hidden_layers + 1`` entries: 0 is the embedding
-    output and ``num_hidden_layers`` (= -1) the final layer's output after the final norm.
-    """
+    """``num_hidden_layers`` of ``model``'s (text) config, or None when it does not say; ``hidden_states``
+    has that + 1 entries (0: embeddings, last = -1: the final layer after the final norm)."""
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -84,16 +67,11 @@ def num_hidden_layers(model: torch.nn.Module) -> int | None:
 def resolve_max_length(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, max_length: int | None = None
 ) -> int:
-    """The truncation length :func:`extract_features` uses.
+    """The truncation length of :func:`~sdm_hf.features.extract.extract_features`: ``max_length``, else the
+    tokenizer's ``model_max_length`` when it is a real limit, else ``config.max_position_embeddings``, else 512.
 
-    Args:
-        model: the model (its ``config.max_position_embeddings`` is the fallback).
-        tokenizer: the tokenizer (its ``model_max_length`` is the default), or None.
-        max_length: an explicit limit; returned unchanged when given.
-
-    Returns:
-        ``max_length``, else the tokenizer's ``model_max_length`` when it is a real limit, else
-        the model's ``max_position_embeddings``, else 512.
+    Raises:
+        ValueError: ``max_length`` given but not a positive int.
     """
     if max_length is not None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
@@ -106,7 +84,8 @@ def resolve_max_length(
 
 
 def check_layer(model, layer, n_layers: int | None) -> None:
-    """Raise unless ``layer`` indexes one of the ``n_layers + 1`` hidden states (any int when unknown)."""
+    """Raise TypeError (not an int) or ValueError unless ``layer`` indexes one of the ``n_layers + 1`` hidden
+    states (any int when ``n_layers`` is None)."""
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int, got {type(layer).__name__}")
     if n_layers is not None and not -(n_layers + 1) <= layer <= n_layers:

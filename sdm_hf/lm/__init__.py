@@ -1,13 +1,6 @@
 """SDM language models: contrastive masking, the change-of-base next-token loss, the
-document-level verification head and ``SDMTrainer`` (Schmaltz 2025,
-*Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183).
-
-Modules, in the layout of TRL's trainers: ``sdm_trainer`` (the trainer), ``sdm_config`` (its
-training arguments), ``callbacks`` (the per-epoch steps), ``state`` (what a checkpoint adds),
-``distributed`` (what several processes share), ``modeling`` (dropout removal),
-``verification`` (the head fit on split halves), and the trainer-free pieces ``data``,
-``control`` (control strings, document text), ``masks`` (contrastive masking),
-``verification_features``, ``generation``, ``collator`` and ``loss``.
+document-level verification head and ``SDMTrainer`` (Schmaltz 2025, *Similarity-Distance-Magnitude
+Language Models*, arXiv:2510.26183; derivation: docs/how_sdm_works.md, section 'SDM language models').
 """
 
 from .collator import ContrastiveMaskingCollator
@@ -18,10 +11,8 @@ from .masks import encode_example
 from .modeling import disable_dropout
 from .verification_features import pool_verification_states, verification_features
 
-# The trainer pulls in transformers.Trainer (and through it accelerate and datasets): imported
-# on first use, so that `import sdm_hf` (which registers the pipelines, whose LM verifier needs
-# .encoding) does not pay for it. The callbacks (transformers' callback machinery) and the
-# checkpoint state are only used with the trainer, so they load with it.
+# Imported on first use: the trainer, its arguments, callbacks and state pull in transformers.Trainer
+# (accelerate, datasets), which `import sdm_hf` (it registers the pipelines) should not pay for.
 _LAZY = {
     "SDMTrainer": ".sdm_trainer",
     "exact_match_verifier": ".sdm_trainer",

@@ -15,12 +15,10 @@ __all__ = ["ContrastiveMaskingCollator"]
 
 @dataclass
 class ContrastiveMaskingCollator:
-    """Pad a list of :func:`~sdm_hf.lm.masks.encode_example` rows into a batch.
-
-    Right-pads ``input_ids`` with ``pad_token_id``, ``labels`` with -100 and builds the
-    ``attention_mask``; carries ``reward`` ``[B]``, ``verified_position`` ``[B]`` (``p``, the
-    last token of the final ``<verified>`` tag, where the verification head reads each
-    document) and ``document_id`` ``[B]`` when the rows have them.
+    """Right-pad :func:`~sdm_hf.lm.masks.encode_example` rows into ``(B, T)`` long ``input_ids`` (with
+    ``pad_token_id``), ``labels`` (with -100) and ``attention_mask``, ``T`` rounded up to ``pad_to_multiple_of``;
+    ``reward``, ``verified_position`` and ``document_id`` ``(B,)`` long when the rows have them. Raises
+    ValueError for an empty batch or a row whose ``input_ids`` and ``labels`` differ in length.
 
     Example:
         >>> c = ContrastiveMaskingCollator(pad_token_id=0)

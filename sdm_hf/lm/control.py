@@ -1,11 +1,9 @@
-"""Control strings and the document text of SDM language models.
+"""Control strings and the document text of SDM language models (Schmaltz 2025,
+*Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.1-3.2).
 
-Every completion ends with a control suffix, ``<verified>Yes</verified>`` for a positive and
-``<verified>No</verified>`` for a negative (configurable strings, added to the text). A document
-is the chat-formatted ``(prompt, completion)``; the verification head reads it up to ``p``, the
-last token of the FINAL ``<verified>`` opening tag (Schmaltz 2025, *Similarity-Distance-Magnitude
-Language Models*, arXiv:2510.26183, Sec. 3.1-3.2), located from tokenizer offsets so that a
-control string inside the prompt is never taken for the final one.
+A completion ends with ``<verified>Yes</verified>`` (positive) or ``<verified>No</verified>``
+(negative); the verification head reads a document up to ``p``, the last token of its FINAL
+``<verified>`` opening tag.
 """
 
 from __future__ import annotations
@@ -35,8 +33,7 @@ Prompt: TypeAlias = str | Sequence[dict[str, Any]]
 
 @dataclass(frozen=True)
 class ControlTokens:
-    """The control strings: ``open + yes + close`` marks a positive, ``open + no + close`` a
-    negative."""
+    """The control strings: ``open + yes + close`` marks a positive, ``open + no + close`` a negative."""
 
     open: str = "<verified>"
     yes: str = "Yes"
@@ -44,13 +41,12 @@ class ControlTokens:
     close: str = "</verified>"
 
     def suffix(self, verified: bool) -> str:
+        """``open + (yes if verified else no) + close``."""
         return f"{self.open}{self.yes if verified else self.no}{self.close}"
 
     def remove_suffix(self, completion: str) -> str:
-        """The completion without a trailing control suffix (and the whitespace before it).
-
-        Anything from the final opening tag on is removed when it is a (possibly truncated)
-        control suffix; other text is returned unchanged."""
+        """``completion`` right-stripped, without a trailing (possibly truncated) control suffix and the
+        whitespace before it."""
         text = completion.rstrip()
         cut = text.rfind(self.open)
         if cut >= 0 and any((self.open + answer + self.close).startswith(text[cut:]) for answer in (self.yes, self.no)):
@@ -62,7 +58,7 @@ class ControlTokens:
         return self.remove_suffix(completion) + self.suffix(verified)
 
     def decision(self, completion: str) -> bool | None:
-        """What the completion's own trailing suffix says (True/False), or None if it has none."""
+        """What the completion's trailing suffix says (True/False), or None if it has none."""
         text = completion.rstrip()
         for verified in (True, False):
             if text.endswith(self.suffix(verified)):
@@ -71,9 +67,8 @@ class ControlTokens:
 
 
 def check_messages(messages: Any, name: str = "prompt") -> list[dict[str, Any]]:
-    """``messages`` as a list after checking it is a non-empty list of ``{"role": str,
-    "content": str}`` dicts (a chat template would otherwise render a missing field as an
-    empty turn). Raises TypeError / ValueError naming ``name`` and the message."""
+    """``messages`` as a list, checked to be non-empty ``{"role": str, "content": str}`` dicts (a chat
+    template would render a missing field as an empty turn). Raises TypeError / ValueError naming ``name``."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
         raise TypeError(f"{name} must be a string or a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -89,20 +84,15 @@ def check_messages(messages: Any, name: str = "prompt") -> list[dict[str, Any]]:
 
 
 def as_messages(prompt: Prompt, name: str = "prompt") -> list[dict[str, Any]]:
-    """A prompt as chat messages: a string becomes one user turn; a list is checked with
-    :func:`check_messages`."""
+    """A prompt as chat messages: a string becomes one user turn; a list is checked (:func:`check_messages`)."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return check_messages(prompt, name)
 
 
 def format_document(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> str:
-    """The text the model sees for ``(prompt, completion)``.
-
-    With a chat template the prompt (a string, or a list of messages) becomes the user
-    turn(s) and the completion the assistant turn; without one, prompt and completion are
-    concatenated.
-    """
+    """The text the model sees: the chat template with ``completion`` as the assistant turn, else
+    ``prompt + completion``. Raises TypeError for a conversational prompt without a chat template."""
     if getattr(tokenizer, "chat_template", None):
         messages = as_messages(prompt) + [{"role": "assistant", "content": completion}]
         return cast(str, tokenizer.apply_chat_template(messages, tokenize=False))  # a str with tokenize=False
@@ -112,7 +102,7 @@ def format_document(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completi
 
 
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
-    """The formatted text that precedes the completion (the generation prompt)."""
+    """The formatted text that precedes the completion. Raises TypeError as :func:`format_document`."""
     if getattr(tokenizer, "chat_template", None):
         messages = as_messages(prompt)
         return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
@@ -122,10 +112,13 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str
 
 
 def full_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> tuple[str, int]:
-    """``(text, completion_start)``: the formatted document and where its completion starts.
+    """``(text, completion_start)``: the formatted document and the character index where its completion
+    starts; without a chat template the EOS text is appended (so the document's end is trained).
 
-    Without a chat template the tokenizer's EOS text is appended (so that, as with a chat
-    template's end-of-turn tokens, the end of the document is trained)."""
+    Raises:
+        ValueError: the chat template renders the prompt differently with the assistant turn.
+        TypeError: a conversational prompt without a chat template.
+    """
     prefix = generation_prompt(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
         text = format_document(tokenizer, prompt, completion)
@@ -142,14 +135,15 @@ def full_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: st
 def verification_positions(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], control: ControlTokens, max_length: int | None = None
 ) -> tuple[list[list[int]], list[int]]:
-    """Tokenize ``texts`` (no padding) and find ``p`` in each: the last token overlapping the
-    final ``control.open`` tag.
+    """Tokenize ``texts`` (no padding, no special tokens) and find ``p``, the last token overlapping
+    the final ``control.open`` tag, located by character offsets.
 
     Returns:
-        ``(input_ids list, p list)``.
+        ``(ids, positions)``: each text's token ids cut after its ``p``, and the ``p``s.
 
     Raises:
-        ValueError: a text has no opening tag, or it lies beyond ``max_length`` tokens.
+        ValueError: a text has no opening tag, the tag maps to no token, or it lies beyond
+            ``max_length`` tokens.
     """
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False, truncation=False)
     ids_out, positions = [], []

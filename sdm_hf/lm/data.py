@@ -1,16 +1,11 @@
-"""Preference data -> documents: TRL's paired and unpaired formats.
+"""Preference data -> documents (a prompt, its positive completion and static negatives; Schmaltz 2025,
+*Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 2) from TRL's formats:
 
-A document is a prompt ``t`` with a positive completion ``s+`` (follows the instructions)
-and static negatives ``s-`` (do not), as in Schmaltz 2025, *Similarity-Distance-Magnitude
-Language Models*, arXiv:2510.26183, Sec. 2; both formats are read as they are:
+* paired ``{"prompt", "chosen", "rejected"}``: one document per row;
+* unpaired ``{"prompt", "completion", "label"}``: one document per positive row, with its prompt's
+  negative rows as static negatives; prompts without a positive are returned aside.
 
-* paired: ``{"prompt", "chosen", "rejected"}`` — one document per row (the chosen completion is
-  its positive, the rejected one a static negative);
-* unpaired: ``{"prompt", "completion", "label"}`` — rows grouped by prompt; each positive row
-  forms a document whose static negatives are that prompt's negative rows. Prompts with no
-  positive are returned aside (``negative_only``) and counted in a warning.
-
-Plain text and conversational rows (lists of ``{"role", "content"}`` messages) are accepted.
+Prompts and completions may be text or chat messages (lists of ``{"role", "content"}``).
 """
 
 from __future__ import annotations
@@ -67,8 +62,7 @@ def _prompt(value, row: int) -> Prompt:
 
 
 def _holds_prompt(row: Mapping[str, Any]) -> bool:
-    """Whether a paired row's prompt is inside its ``chosen``: no prompt column, or a chosen
-    conversation that starts before the assistant's turn."""
+    """Whether a paired row's prompt is inside ``chosen`` (no prompt column, or chosen starts before the assistant)."""
     chosen = row.get("chosen")
     if "prompt" not in row:
         return True
@@ -78,8 +72,7 @@ def _holds_prompt(row: Mapping[str, Any]) -> bool:
 
 
 def _prompt_extractor(required: bool) -> Callable[[dict], dict] | None:
-    """TRL's ``maybe_extract_prompt`` (splits the shared leading turns or text off ``chosen`` and
-    ``rejected`` when the prompt is implicit in them), or None without TRL unless ``required``."""
+    """TRL's ``maybe_extract_prompt``, or None without TRL (ValueError instead when ``required``)."""
     try:
         from trl.data_utils import maybe_extract_prompt
     except ImportError:
@@ -110,15 +103,19 @@ def prepare_documents(
     control: ControlTokens | None = None,
     append_control: bool = True,
 ) -> tuple[list[Document], list[dict]]:
-    """Documents from a TRL preference dataset (paired or unpaired).
+    """Documents from a TRL preference dataset (paired, unpaired, or paired with the prompt implicit in
+    ``chosen`` / ``rejected``, split off by TRL's ``maybe_extract_prompt``).
 
-    Paired rows may also come in TRL's implicit-prompt form (only ``chosen`` and ``rejected``,
-    each holding the whole conversation or text): TRL's ``maybe_extract_prompt`` splits their
-    shared beginning off as the prompt, as TRL's preference trainers do.
+    Args:
+        append_control: add a missing control suffix (False: a missing one raises).
 
     Returns:
-        ``(documents, negative_only)``: the trainable documents and the prompts that had only
-        negatives (usable for verification-head data only).
+        ``(documents, negative_only)``: the trainable documents, and the unpaired prompts that had only
+        negatives as ``{"prompt", "pos", "neg"}`` dicts (verification-head data only; a UserWarning counts them).
+
+    Raises:
+        ValueError: neither format's columns, a malformed prompt / completion / label, a completion ending
+            with the opposite suffix or (``append_control=False``) none, or an implicit prompt without TRL.
     """
     control = control or ControlTokens()
     columns = set(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
@@ -186,9 +183,8 @@ def _encode_row(row: dict, tokenizer, control: ControlTokens, max_length: int | 
 
 
 def negative_only_documents(groups: Sequence[Mapping[str, Any]], first_id: int) -> list[Document]:
-    """The prompts :func:`prepare_documents` returned aside (no positive completion) as
-    documents with an empty ``positive`` and ids from ``first_id`` on: verification-head data
-    only (their negatives are versions a head can be fitted on; the LM never trains on them)."""
+    """:func:`prepare_documents`' ``negative_only`` prompts as documents with an empty ``positive`` and ids
+    from ``first_id`` on (verification-head data; the LM never trains on them)."""
     return [Document(first_id + j, g["prompt"], "", list(g["neg"])) for j, g in enumerate(groups)]
 
 
@@ -199,13 +195,11 @@ def encode_documents(
     max_length: int | None = None,
     num_proc: int | None = None,
 ) -> dict[tuple[int, str], dict]:
-    """Tokenize every static version (positive and static negatives) of ``documents`` once,
-    with :func:`~sdm_hf.lm.masks.encode_example` run by ``datasets.Dataset.map`` (progress
-    bar, ``num_proc`` worker processes).
+    """Tokenize every static version (positive, static negatives) of ``documents`` once with
+    :func:`~sdm_hf.lm.masks.encode_example`, through ``datasets.Dataset.map`` (``num_proc`` workers).
 
     Returns:
-        ``{(document id, text): row}`` with the rows of ``encode_example`` plus
-        ``document_id`` and ``text``.
+        ``{(document id, text): row}``, ``encode_example``'s rows plus ``document_id`` and ``text``.
 
     Raises:
         ValueError: a version cannot be encoded (the message names the document).
@@ -239,8 +233,8 @@ def encode_documents(
 
 
 class VersionDataset(Dataset):
-    """The encoded version of each document for the current epoch (a map-style dataset whose
-    rows are replaced in place at every epoch start, so the Trainer's loader never changes)."""
+    """The encoded version of each document this epoch; ``rows`` are replaced in place at every epoch
+    start, so the Trainer's loader never changes."""
 
     def __init__(self):
         self.rows: list[dict] = []

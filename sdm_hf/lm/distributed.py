@@ -1,8 +1,5 @@
-"""The verification head across processes (accelerate / torchrun): fitted once on the main
-process and sent to the others (:func:`broadcast_head`), so the SDM loss is the same everywhere.
-Which process is which and the generic row and list collectives are in
-:mod:`sdm_hf.utils.distributed`. With one process it is the identity and touches no
-``torch.distributed`` call.
+"""The verification head across processes (accelerate / torchrun): fitted once on the main process and
+sent to the others (:func:`broadcast_head`), so the SDM loss is the same everywhere.
 """
 
 from __future__ import annotations
@@ -26,22 +23,20 @@ __all__ = ["broadcast_head"]
 def broadcast_head(
     head: SDMHead | None, support_row: torch.Tensor, world: tuple[int, int]
 ) -> tuple[SDMHead | None, torch.Tensor]:
-    """The main process's verification head and support-row map, on every process.
+    """Rank 0's verification head and support-row map, on every process (a collective call; with one
+    process the identity, no ``torch.distributed`` call).
 
-    Only rank 0 fits the head (one fit instead of one per process, and no chance of
-    processes disagreeing); the other ranks pass whatever they have and receive rank 0's.
-    The head travels as the bytes of its saved form (:func:`sdm_hf.head.serialization.state_to_bytes`:
-    one safetensors buffer, never a pickled module or FAISS index; the support documents are
-    left out), is checked like a loaded head and rebuilt on CPU with its training distance lists.
+    The head travels as its saved form (:func:`sdm_hf.head.serialization.state_to_bytes`, no pickle; support
+    texts and ids left out) and is rebuilt on CPU with its training distance lists.
 
     Args:
-        head: rank 0's head, or None when too few documents of a class allowed no fit.
-        support_row: ``[num_document_ids]`` long tensor, the support row of every document
-            id in the head's training half (-1 elsewhere).
-        world: ``(rank, world_size)`` from :func:`process_world`.
+        head: rank 0's head, or None when no fit was possible; other ranks pass anything.
+        support_row: ``(num_document_ids,)`` long, each document id's support row (-1: not in the training half).
+        world: ``(rank, world_size)`` from :func:`sdm_hf.utils.distributed.process_world`.
 
     Returns:
-        ``(head, support_row)`` as rank 0 had them.
+        ``(head, support_row)`` as rank 0 had them; ``(None, support_row)`` (the caller's own) when rank 0
+        has no head.
     """
     rank, size = world
     if size == 1:

@@ -1,15 +1,11 @@
-"""The rows of the test-time verification head: which versions train it and which calibrate it.
+"""The rows of the test-time verification head: which versions train it and which calibrate it
+(Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.4).
 
-Algorithm 1 promises class- and prediction-conditional accuracy >= alpha among future rows
-drawn like its calibration rows (Schmaltz 2025, *Similarity-Distance-Magnitude Activations*,
-arXiv:2509.12760), so the choice of calibration rows decides what the promise is about:
-
-* ``"mixed"`` (Schmaltz 2025, *SDM Language Models*, arXiv:2510.26183, Sec. 3.4): every
-  positive, static negative and wrong greedy generation of the calibration documents, pooled
-  and split 50/50 at random into training and calibration rows: a promise about that mix.
-* ``"generations"``: the calibration prompts split 50/50 (seeded); one half gives training rows
-  (the same mix), the other calibrates with the model's own greedy generation of each prompt,
-  labelled by the verifier: a promise about the model's own outputs on new prompts.
+Algorithm 1's promise is about rows drawn like its calibration rows, so the choice sets what it covers:
+``"mixed"`` (the papers'): all positives, static negatives and wrong greedy generations, split 50/50 at random;
+``"generations"``: half the prompts (seeded) calibrate with the model's own greedy generation, labelled by
+the verifier, the other half train on the mix. (Derivation: docs/how_sdm_works.md, section
+'Evaluation, checkpoints and the test-time head'.)
 """
 
 from __future__ import annotations
@@ -51,13 +47,13 @@ def final_head_rows(
         generations: the model's greedy generation per document (None: no generations).
         calibration: ``"mixed"`` or ``"generations"`` (module docstring).
         seed: seeds the split of the prompts for ``"generations"``.
-        control: the control strings; ``verifier(gold content, generated content)`` judges.
+        verifier: ``verifier(gold content, generated content) -> bool``, control suffixes removed.
         encode: ``(document, text, positive) -> encoded row``.
         wrong_as_negatives: wrong generations of training documents join as negatives.
 
     Returns:
-        ``(rows, calibration_mask, generated_negatives)``: the mask ``[N]`` (True: calibrates)
-        for ``"generations"``, None for ``"mixed"`` (the fit splits at random).
+        ``(rows, calibration_mask, generated_negatives)``: ``calibration_mask`` ``(N,)`` bool (True: calibrates)
+        for ``"generations"``, None for ``"mixed"``; ``generated_negatives`` counts the wrong generations added.
 
     Raises:
         ValueError: an unknown ``calibration``, ``"generations"`` without generations, or fewer

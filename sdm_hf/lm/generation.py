@@ -31,9 +31,10 @@ def generate_greedy(
     Args:
         prompts: strings or chat-message lists (formatted with :func:`generation_prompt`).
         progress: a tqdm bar over the batches.
+        generate_kwargs: passed to ``model.generate``.
 
     Returns:
-        The decoded new text of each prompt (special tokens skipped).
+        The decoded new text of each prompt (special tokens skipped), in order.
     """
     greedy = {"do_sample": False}
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, greedy, generate_kwargs)
@@ -48,9 +49,8 @@ def generate_sampled(
     seed: int = 0,
     **sampling: Any,
 ) -> list[str]:
-    """Like :func:`generate_greedy` but sampling (``do_sample=True``; ``sampling`` are
-    ``generate``'s sampling options, e.g. ``temperature``, ``top_p``), seeded with
-    ``torch.manual_seed(seed)`` first (the global generator), so a call is reproducible."""
+    """:func:`generate_greedy` with ``do_sample=True`` and ``generate``'s ``sampling`` options (e.g.
+    ``temperature``, ``top_p``), reproducible: the global generator is seeded with ``seed`` first."""
     torch.manual_seed(int(seed))
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, False, {"do_sample": True}, sampling)
 

@@ -1,20 +1,12 @@
-"""The SDM next-token loss: cross-entropy with a per-document change of base (Schmaltz
-2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.2, Eq. 1).
+"""The SDM next-token loss: cross-entropy with a per-document change of base (Schmaltz 2025,
+*Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.2, Eq. 1).
 
-For document ``n`` with reward label ``y_n`` and verification-head output for the current
-weights, ``beta_n = 2 + sdm(z')_{y_n}`` (detached, in [2, 3]); every unmasked position ``t``
-contributes ``-log_softmax(z_t ln beta_n)[target] / ln beta_n``. The batch loss is the sum
-over unmasked tokens divided by the token count of the whole (accumulated) batch, so
-gradient accumulation does not change it. ``beta = e`` everywhere is exactly the standard
-cross-entropy.
-
-Memory: a causal LM's vocabulary logits over a whole batch are ``[B, T, V]`` floats (for a
-262k-token vocabulary, 16 x 128 tokens are 2 GiB in float32, before the softmax copies), yet
-contrastive masking supervises only the completion (and, for a negative, only its control
-string). :func:`supervised_logit_mask` marks the positions whose logits the loss reads; passed
-to a transformers causal LM as ``logits_to_keep`` it makes the model project only those hidden
-states onto the vocabulary, and :func:`sdm_next_token_loss` accepts the resulting ``[N, V]``
-logits with the same value and gradients as from the full ``[B, T, V]``.
+Document ``n`` gets ``beta_n = 2 + sdm(z')_{y_n}`` (detached, in [2, 3]) from the verification head; each
+unmasked position ``t`` contributes ``-log_softmax(z_t ln beta_n)[w_t] / ln beta_n``, and the loss divides
+their sum by the token count of the whole accumulated batch; ``beta = e`` is the plain cross-entropy.
+Passing :func:`supervised_logit_mask` to a causal LM as ``logits_to_keep`` makes it project only the
+supervised positions onto the vocabulary, with the same loss and gradients.
+(Derivation: docs/how_sdm_works.md, section 'The SDM next-token loss (§3.2)'.)
 """
 
 from __future__ import annotations
@@ -31,11 +23,14 @@ __all__ = ["sdm_next_token_loss", "supervised_logit_mask", "accepts_logits_to_ke
 
 
 def supervised_logit_mask(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: position ``t`` is True iff its logits predict a supervised token
-    (``labels[:, t + 1] != -100``); the last position is always False.
+    """``(B, T)`` bool: True at ``t`` iff ``labels[:, t + 1] != -100`` (its logits predict a supervised
+    token); the last position is always False.
 
     Args:
-        labels: ``[B, T]`` targets aligned with the inputs, -100 = ignored.
+        labels: ``(B, T)`` long targets aligned with the inputs, -100 = ignored.
+
+    Raises:
+        ValueError: ``labels`` is not 2-D.
     """
     if labels.dim() != 2:
         raise ValueError(f"labels must be [batch, length], got shape {tuple(labels.shape)}")
@@ -45,9 +40,7 @@ def supervised_logit_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s forward (through DDP's ``.module`` and PEFT's base model) takes
-    transformers' ``logits_to_keep`` argument, so that :func:`supervised_logit_mask` can be
-    passed to it."""
+    """Whether ``model``'s forward (through DDP's ``.module`` and PEFT's base model) takes ``logits_to_keep``."""
     inner: Any = model
     for _ in range(4):  # DDP / accelerate wrappers, then PEFT's PeftModel -> LoraModel -> model
         if isinstance(getattr(inner, "module", None), torch.nn.Module):
@@ -68,19 +61,18 @@ def sdm_next_token_loss(
     beta: torch.Tensor | float = math.e,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Change-of-base next-token loss.
+    """``sum_t -log_softmax(z_t ln beta_n)[w_t] / ln beta_n`` over unmasked tokens, divided by the token count.
 
     Args:
-        logits: ``[B, T, V]`` LM logits at every position, or ``[N, V]`` logits at only the
-            positions of ``supervised_logit_mask(labels)`` (row-major order, as a transformers
-            causal LM returns them for ``logits_to_keep=<that mask>``).
-        labels: ``[B, T]`` targets aligned with the inputs (shifted here), -100 = ignored.
-        beta: ``[B]`` per-document base in [2, 3] (or a scalar); detached.
-        num_items_in_batch: unmasked target tokens in the whole accumulated batch
-            (transformers passes it); None = this batch's count.
+        logits: ``(B, T, V)`` LM logits, or ``(N, V)`` at only the positions of ``supervised_logit_mask(labels)``
+            (row-major, as a causal LM returns them for ``logits_to_keep=<that mask>``); any float dtype.
+        labels: ``(B, T)`` long targets aligned with the inputs (shifted here), -100 = ignored.
+        beta: ``(B,)`` per-document base in [2, 3], or a scalar; detached.
+        num_items_in_batch: unmasked target tokens in the whole accumulated batch (transformers passes it);
+            None = this batch's count.
 
     Returns:
-        Scalar loss.
+        Scalar float32 loss.
 
     Raises:
         ValueError: ``[N, V]`` logits whose N is not the number of supervised positions.

@@ -26,26 +26,24 @@ def encode_example(
     control: ControlTokens | None = None,
     max_length: int | None = None,
 ) -> dict:
-    """Tokenize one document and build its contrastive loss mask (Schmaltz 2025, SDM
-    language models, Sec. 3.1).
+    """Tokenize one document and build its contrastive loss mask (Schmaltz 2025, *Similarity-Distance-Magnitude
+    Language Models*, arXiv:2510.26183, Sec. 3.1).
 
-    Prompt and template positions before the completion get label -100. A positive trains
-    every completion token (and the end-of-turn/EOS text after it); a negative trains only
-    the tokens from its final control string (``<verified>No</verified>``) onward; a token
-    straddling that boundary is trained iff its character offset starts at or after it.
+    Labels are -100 before the completion; a positive trains its whole completion (and the end-of-turn/EOS
+    text after it), a negative only the tokens whose character offset starts at or after its final
+    ``<verified>No</verified>``.
 
     Args:
-        completion: must already end with its control suffix.
+        completion: ends with its control suffix (:meth:`ControlTokens.add`).
         positive: True for a positive (reward 1), False for a negative.
 
     Returns:
-        ``{"input_ids", "labels", "verified_position", "reward"}`` (lists / ints), where
-        ``verified_position`` is ``p``, the last token of the final ``control.open`` tag
-        (where the verification head reads the document).
+        ``{"input_ids": list[int], "labels": list[int], "verified_position": p, "reward": 0 | 1}``, with ``p``
+        the last token of the final ``control.open`` tag.
 
     Raises:
-        ValueError: the completion lacks its control suffix, the control string cannot be
-            located after tokenization, or ``max_length`` cuts it off.
+        ValueError: the completion lacks its control suffix, the control string cannot be located after
+            tokenization, or ``max_length`` cuts it off.
     """
     control = control or ControlTokens()
     expected = control.suffix(positive)

@@ -14,14 +14,9 @@ _DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "hidden_dropout")
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Set every dropout probability of ``model`` to 0, in place, and return it.
 
-    The verification head is fitted on eval-mode features; with dropout off, the hidden
-    states of a training forward are those same features, so the SDM loss reads them from
-    the forward that computes the loss instead of running a second one (as TRL's preference
-    trainers, this is on by default: ``SDMTrainingArguments.disable_dropout``).
-
-    Covers ``nn.Dropout`` modules (LoRA's ``lora_dropout`` included) and the float
-    attributes ``attention_dropout``, ``dropout`` and ``hidden_dropout`` that attention
-    implementations pass to ``F.dropout``. The model's config is left unchanged.
+    Covers ``nn.Dropout`` modules (LoRA's included) and the float attributes ``attention_dropout``,
+    ``dropout`` and ``hidden_dropout``; the config is unchanged. Why: a training forward's hidden states
+    then equal the eval-mode features the verification head is fitted on, so no second forward is needed.
 
     Example:
         >>> import torch
@@ -42,12 +37,8 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def eval_mode_hidden_states(
     model: torch.nn.Module, inputs: dict, lean_logits: bool = False, layer: int = -1
 ) -> torch.Tensor:
-    """``[B, T, H]`` hidden states of ``layer`` (default the final one) of ``model(**inputs)`` in
-    eval mode (dropout off), restoring the training mode afterwards.
-
-    With ``lean_logits`` (the model's forward takes ``logits_to_keep``) the vocabulary is
-    projected at one position only, since only the hidden states are wanted.
-    """
+    """``(B, T, H)`` hidden states of ``layer`` of ``model(**inputs)`` in eval mode, without gradients (the
+    training mode is restored); ``lean_logits``: pass ``logits_to_keep=1`` (the forward must accept it)."""
     was_training = model.training
     model.eval()
     try:

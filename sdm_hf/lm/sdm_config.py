@@ -11,26 +11,19 @@ __all__ = ["SDMTrainingArguments"]
 
 @dataclass
 class SDMTrainingArguments(TrainingArguments):
-    """Training arguments of :class:`~sdm_hf.lm.SDMTrainer`.
+    """Training arguments of :class:`~sdm_hf.lm.SDMTrainer`: ``TrainingArguments`` plus the SDM settings.
 
-    The SDM settings follow Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*
-    (arXiv:2510.26183): ``gamma_pos``, ``gamma_gen`` and ``gamma_diversity`` are the
-    probabilities of Sec. 3.3 (train the positive; generate on the negative branch; let a
-    wrong generation replace the static negative), generation starts at
-    ``hard_negatives_from_epoch`` (the paper: after the first epoch), and the head settings
-    default to the paper's verification layers (App. A.1: 1000 exemplar dimensions, 200
-    epochs, one shuffle, minibatch 50, Adam at 1e-5: ``head_procedure="paper"``);
-    ``head_procedure="fast"`` trains every head at Adam 1e-3 with early stopping instead
-    (the selection of the kept epoch and the calibration, Algorithm 1, are unchanged).
-    ``alpha`` is the target accuracy of the head's high-reliability region (Schmaltz 2025,
-    *Similarity-Distance-Magnitude Activations*, arXiv:2509.12760).
+    ``gamma_pos``, ``gamma_gen`` and ``gamma_diversity`` are the probabilities of Schmaltz 2025,
+    *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.3 (train the positive; generate
+    on the negative branch; let a wrong generation replace the static negative); ``alpha`` is the target
+    accuracy of the verification head's high-reliability region (Schmaltz 2025, *Similarity-Distance-Magnitude
+    Activations*, arXiv:2509.12760, Algorithm 1). ``remove_unused_columns`` is forced to False (the
+    collator's metadata columns must reach the trainer).
 
-    ``remove_unused_columns`` is forced to False (the collator's metadata columns must reach
-    the trainer) and ``prediction_loss_only`` defaults to True (evaluation needs the loss, not
-    the vocabulary logits). ``lean_logits`` (default True) makes the training forward compute
-    vocabulary logits only where the loss reads them (the completion tokens of positives, the
-    control string of negatives), through transformers' ``logits_to_keep``; the loss and its
-    gradients are those of the full ``[batch, length, vocabulary]`` logits.
+    Raises:
+        ValueError: a gamma outside [0, 1]; ``head_epochs`` (unless None), ``head_shuffles``, ``head_batch_size``,
+            ``head_exemplar_dim`` or ``max_new_tokens`` not a positive int; an unknown ``hard_negative_timing``,
+            ``verification_pooling`` or ``head_procedure``; ``head_learning_rate <= 0``; ``alpha`` outside (0.5, 1].
     """
 
     use_sdm_loss: bool = field(default=True, metadata={"help": "False: plain cross-entropy baseline, no heads."})
@@ -123,10 +116,9 @@ class SDMTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def head_fit_settings(self) -> dict:
-        """The settings every verification-head fit uses: ``head_procedure``'s named values
-        (:data:`sdm_hf.training.fit.PROCEDURES`) with ``head_epochs``, ``head_shuffles``,
-        ``head_batch_size`` and ``head_learning_rate`` on top where set; keys ``procedure``,
-        ``epochs``, ``shuffles``, ``batch_size``, ``learning_rate``, ``patience``."""
+        """Keyword arguments of every verification-head fit: ``head_procedure``'s values
+        (:data:`sdm_hf.training.fit.PROCEDURES`) overridden by the ``head_*`` settings that are set; keys
+        ``procedure``, ``epochs``, ``shuffles``, ``batch_size``, ``learning_rate``, ``patience``."""
         from ..training.fit import PROCEDURES
 
         named = PROCEDURES[self.head_procedure]

@@ -1,23 +1,11 @@
-"""``SDMEpochState``: what :class:`~sdm_hf.lm.SDMTrainer` must keep between epochs (and
-:func:`refresh_summary`, the readable log line of an epoch's refresh).
+"""``SDMEpochState``: what :class:`~sdm_hf.lm.SDMTrainer` keeps between epochs (versions, hard-negative
+caches, support rows), checkpointed as :data:`STATE_NAME` (strict JSON of format :data:`STATE_FORMAT` only,
+no pickle) so that ``resume_from_checkpoint`` continues exactly; and :func:`refresh_summary`.
 
-The model weights, optimizer and scheduler are checkpointed by ``transformers.Trainer``; the
-SDM side of training adds the epoch's document versions, the online hard-negative caches and
-the map from document ids to the verification head's support rows. A checkpoint stores them
-as :data:`STATE_NAME` (strict JSON, a format version, no pickle) so that
-``resume_from_checkpoint`` continues exactly where the run stopped.
-
-The file holds no training text, because checkpoints get uploaded (``hub_strategy="checkpoint"``
-pushes whole checkpoint folders, so that training can resume from the Hub): written with the
-training documents (:meth:`SDMEpochState.to_json` with ``documents``, as the trainer does),
-every text that is one of the documents' own (a positive or a static negative) is stored as a
-reference ``{"static": [document_id, k]}`` (``k`` = 0 the positive, ``k`` >= 1 the static
-negative ``k - 1``), and a fingerprint of the documents (SHA-256) makes a resume on other data
-fail instead of reading other texts. What stays literal are the hard negatives, which are the
-model's own wrong generations (model output, needed for an exact resume; never the prompt).
-The name starts with ``_``, so the Trainer's pushes of ``output_dir`` (``ignore_patterns=["_*",
-...]``) leave it out; only checkpoint pushes carry it. One format (:data:`STATE_FORMAT`) is read
-and written; a file of any other format is refused.
+The file holds no training text, since checkpoints may be pushed: a document's own text is written as
+``{"static": [document_id, k]}`` (``k`` = 0 the positive, ``k`` >= 1 static negative ``k - 1``) with a SHA-256
+fingerprint of the documents; only hard negatives (the model's own generations) stay literal. The ``_``
+prefix keeps the file out of the Trainer's ``output_dir`` pushes.
 """
 
 from __future__ import annotations
@@ -71,12 +59,11 @@ class SDMEpochState:
     pending_generation: dict[int, bool] = field(default_factory=dict)
 
     def to_json(self, documents: Sequence[Document] | None = None) -> str:
-        """Strict JSON text (no ``NaN``/``Infinity`` tokens; document ids as string keys).
+        """Strict JSON text (no ``NaN``/``Infinity``; document ids as string keys).
 
         Args:
-            documents: the training documents. Given, every text that is one of theirs is
-                written as a reference (see the module docstring) and their fingerprint is
-                recorded, so the file holds no training text; None writes every text literally.
+            documents: the training documents: their texts are written as references and their fingerprint
+                recorded (module docstring); None writes every text literally.
         """
         table = _static_texts(documents) if documents is not None else {}
 
@@ -103,13 +90,11 @@ class SDMEpochState:
 
         Args:
             source: the file name used in error messages.
-            documents: the training documents, which the references of a file written with
-                documents are resolved against (required for such a file).
+            documents: the training documents its references resolve against (required when it has any).
 
         Raises:
-            ValueError: naming ``source`` and the problem, when the text is not JSON, was
-                of another format, a field has the wrong shape, a reference points
-                outside ``documents``, or the file was written for other documents.
+            ValueError: naming ``source``: not JSON, another format, a field of the wrong shape, a reference
+                outside ``documents`` (or none given), or a file written for other documents.
         """
 
         def fail(problem: str) -> NoReturn:
@@ -184,8 +169,7 @@ class SDMEpochState:
 
 
 def documents_fingerprint(documents: Sequence[Document]) -> str:
-    """SHA-256 (hex) of the documents' prompts and texts, in order: identifies the training data
-    a state file refers to without holding any of it."""
+    """SHA-256 (hex) of the documents' prompts and texts, in order (identifies them without holding them)."""
     payload = [[d.prompt, d.positive, list(d.negatives)] for d in documents]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 

@@ -1,14 +1,6 @@
-"""The model card of an SDM language model trained with :class:`~sdm_hf.lm.SDMTrainer`.
-
-``SDMTrainer.create_model_card`` lets transformers write its card first (``library_name``,
-``base_model``, its tags, the training hyperparameters and results) and then merges the SDM
-part in with the repository's card machinery (:func:`sdm_hf.head.model_card.merge_model_card`):
-the tags ``sdm`` and ``sdm-language-model`` (and, with a head, the head's tags and its
-calibration results as Hub evaluation results), and one SDM section between
-:data:`~sdm_hf.head.model_card.SECTION_START` / :data:`~sdm_hf.head.model_card.SECTION_END`
-that a later card replaces. The section states the promise, the base model, the data format,
-the SDM training settings and, when there is a head, its calibration facts (the head's own
-section, linking its full card in ``sdm_head/``).
+"""The model card of an SDM language model trained with :class:`~sdm_hf.lm.SDMTrainer`: transformers' card
+with the SDM tags and one SDM section (the promise, base model, data format, SDM settings and the head's
+calibration) merged in between :data:`~sdm_hf.head.model_card.SECTION_START` / ``SECTION_END``.
 """
 
 from __future__ import annotations
@@ -35,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["LM_TAGS", "SDM_SETTINGS", "TrainerCardData", "render_trainer_section", "sdm_trainer_card"]
 
 LM_TAGS = ("sdm", "sdm-language-model")
-# the SDMTrainingArguments the card lists (the Trainer's own card lists the optimisation ones)
+# the SDMTrainingArguments the card lists (transformers' card lists the optimisation ones)
 SDM_SETTINGS = (
     "use_sdm_loss",
     "alpha",
@@ -84,14 +76,13 @@ def render_trainer_section(
     repo_hint: str = "path/or/repo-id",
     calibration_source: str | None = None,
 ) -> str:
-    """The SDM section (markdown, between the section markers) of the trained model's card.
+    """The SDM section (markdown, section markers included) of the trained model's card.
 
     Args:
+        head_section: the head's section (:func:`~sdm_hf.head.model_card.render_section`, markers
+            included) to append, or None when the model has no head yet.
         repo_hint: the name the loading snippet uses.
-        head_section: the head's section (:func:`~sdm_hf.head.model_card.render_section`,
-            markers included) to append, or None when the model has no head yet.
-        calibration_source: what the head's calibration rows were drawn from (stated in the
-            card: the promise is about rows like them), when known.
+        calibration_source: what the head's calibration rows were drawn from, when known.
     """
     yes, no = data.control.suffix(True), data.control.suffix(False)
     promise = (
@@ -157,13 +148,9 @@ def sdm_trainer_card(
     subfolder: str = "sdm_head",
     tags: list[str] | None = None,
 ) -> ModelCard:
-    """``existing`` (transformers' card, or None) with the SDM part merged in.
-
-    Everything ``existing`` has is kept (metadata such as ``library_name``, ``base_model``,
-    ``license``, its tags and evaluation results; its body); ``LM_TAGS`` and ``tags`` are
-    added; with a ``head`` (saved in ``subfolder``), :func:`merge_model_card` adds the head's
-    tags and calibration results. The SDM section is inserted, or replaces a previous one.
-    """
+    """``existing`` (transformers' card, or None) with everything it has kept, :data:`LM_TAGS` and ``tags``
+    added, with a ``head`` (saved in ``subfolder``) its tags and calibration results, and the SDM section
+    inserted or replacing a previous one."""
     extra = [*LM_TAGS, *(tags or [])]
     if head is not None:
         head_data = head_card_data(head, repo_hint=repo_hint, subfolder=subfolder)

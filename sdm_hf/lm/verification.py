@@ -1,10 +1,6 @@
-"""Fitting a document-level verification head on one set of documents split in halves.
-
-SDM fine-tuning fits such a head at every epoch start (on the training documents), before
-every evaluation (on the calibration documents) and once at the end (the test-time head):
-each time the documents are split at random into the head's own training and calibration
-halves (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183,
-Sec. 3.2 and App. A.1).
+"""Fitting a document-level verification head on one set of documents split into the head's own training
+and calibration halves (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183,
+Sec. 3.2, App. A.1): at every epoch start, before every evaluation, and for the test-time head.
 """
 
 from __future__ import annotations
@@ -37,13 +33,14 @@ def rows_verification_features(
     world: tuple[int, int],
     progress: bool = False,
 ) -> torch.Tensor:
-    """Verification features ``[N, 2H]`` (float32, CPU) of encoded rows, each cut after its
-    ``verified_position`` and pooled by :func:`~sdm_hf.lm.verification_features.prefix_features`.
+    """Verification features of N encoded rows, each cut after its ``verified_position`` and pooled by
+    :func:`~sdm_hf.lm.verification_features.prefix_features`.
 
-    The rows are sorted by length and cut into whole batches before they are shared, so every
-    batch (its rows, its padding) is the same whatever the number of processes; with several
-    (``world`` = ``(rank, size)``) each computes a block and all get every row back: a
-    collective call that every process must make.
+    A collective call with ``world = (rank, size)``: every process must make it; each computes whole
+    length-sorted batches, so the features do not depend on the number of processes.
+
+    Returns:
+        ``(N, 2H)`` float32 CPU (``(N, H)`` for ``"last"`` / ``"mean"``), on every process, in row order.
     """
     ids = [list(r["input_ids"][: int(r["verified_position"]) + 1]) for r in rows]
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
@@ -77,33 +74,29 @@ def fit_split_head(
     texts: list[str] | None = None,
     calibration_mask: torch.Tensor | None = None,
 ) -> tuple[SDMHead | None, torch.Tensor]:
-    """Fit a 2-class (No/Yes) SDM head on ``features`` split 50/50 at random (or as given).
+    """Fit a 2-class (No/Yes) SDM head on ``features`` split into training and calibration halves.
 
-    The split is a permutation seeded by ``seed`` (the first half trains the head, the rest
-    calibrates it), or ``calibration_mask`` when given; the fit uses the ``head_*`` settings
-    and ``alpha`` of ``args`` with ``resplit=False``, and warnings of an empty high-reliability region, normal early in
-    training, are silenced. With ``head_procedure="auto"`` and fewer than 4 rows of a class in
-    the training half (too few to hold some out), that fit uses ``"fast"``'s selection instead
+    The fit uses ``args``' ``head_*`` settings and ``alpha`` with ``resplit=False``, its warnings silenced;
+    ``head_procedure="auto"`` with fewer than 4 training rows of a class uses ``"fast"`` instead
     (``head.selection["procedure"]`` says which).
 
     Args:
-        features: ``[N, D]`` verification features, one row per document version.
-        labels: ``[N]`` 1 for a positive, 0 for a negative.
-        document_ids: ``[N]`` non-negative ids (each document appears once).
-        args: :class:`~sdm_hf.lm.SDMTrainingArguments`.
+        features: ``(N, D)`` float32 verification features, one row per document version.
+        labels: ``(N,)`` long, 1 for a positive, 0 for a negative.
+        document_ids: ``(N,)`` long, distinct non-negative ids.
         seed: seeds the split and the fit.
-        base_model: recorded in the head's config (which model the features come from).
-        progress: the fit's tqdm bar (shuffles x epochs).
-        texts: ``[N]`` the documents' texts, kept with the head's support rows (the nearest
-            exemplar's text explains a verdict) and calibration rows.
-        calibration_mask: ``[N]`` bool, True for the rows Algorithm 1 calibrates on (the rest
-            train the head); None: the seeded 50/50 split.
+        base_model: recorded in the head's config.
+        texts: N document texts, kept with the head's support and calibration rows.
+        calibration_mask: ``(N,)`` bool, True for the rows Algorithm 1 calibrates on; None: a 50/50 split by
+            a permutation seeded with ``seed``.
 
     Returns:
-        ``(head, support_row)``: the head, or None (with a warning: beta = e) when a half has
-        fewer than two rows of a class; ``support_row[document_id]`` is the head's support
-        row of each document in its training half and -1 for the others, so a document is
-        not its own nearest neighbour when the loss reads the head.
+        ``(head, support_row)``: the head, or None (with a UserWarning: beta = e) when a half has fewer than 2
+        rows of a class; ``support_row`` ``(max id + 1,)`` long maps each document id in the training half to
+        its support row, -1 elsewhere (so a document is not its own nearest neighbour).
+
+    Raises:
+        ValueError: ``calibration_mask`` of another shape than ``labels``.
     """
     if calibration_mask is None:
         perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
@@ -158,10 +151,9 @@ def fit_split_head(
 
 
 def head_metrics(head: SDMHead) -> dict[str, float]:
-    """What a verification head's fit and calibration say, as loggable floats: the selected
-    state's balanced calibration SDM loss and calibration accuracy (of its own 50/50 split),
-    ``hr_empty`` (1.0 when the high-reliability region is empty), ``q_min`` (only when it is
-    not) and the share of calibration documents in that region."""
+    """A verification head's fit as loggable floats: ``hr_empty`` (1.0: empty region), ``hr_admission`` (share
+    of calibration rows admitted), ``q_min`` (non-empty region only), and when recorded the selected state's
+    ``calibration_loss`` (class-balanced SDM loss) and ``calibration_accuracy``."""
     rows = head.calibration_report(alphas=()).rows
     n = sum(r["n"] for r in rows)
     selection = getattr(head, "selection", None) or {}

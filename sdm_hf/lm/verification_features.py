@@ -1,8 +1,7 @@
 """The verification head's input: hidden states pooled over a document's positions ``0..p``
 (Schmaltz 2025, *Similarity-Distance-Magnitude Language Models*, arXiv:2510.26183, Sec. 3.2).
 
-``"mean_last"`` (the paper's) is ``concat(mean over 0..p, state at p)``; ``"last"`` and ``"mean"``
-keep one half.
+``x = concat(mean_{t<=p} h_t, h_p)`` (``"mean_last"``, the paper's); ``"last"`` and ``"mean"`` keep one half.
 """
 
 from __future__ import annotations
@@ -34,9 +33,8 @@ VERIFICATION_POOLINGS = ("mean_last", "last", "mean")
 
 
 def verification_feature_pooling(pooling: str) -> str:
-    """The ``SDMConfig.feature_pooling`` a verification head records for ``pooling``:
-    ``"verification"`` for the paper's ``"mean_last"``, ``"verification-last"`` or
-    ``"verification-mean"`` otherwise.
+    """The ``SDMConfig.feature_pooling`` a verification head records for ``pooling`` (one of
+    :data:`VERIFICATION_POOLINGS`); raises ValueError for any other.
 
     Example:
         >>> verification_feature_pooling("mean_last"), verification_feature_pooling("last")
@@ -48,8 +46,8 @@ def verification_feature_pooling(pooling: str) -> str:
 
 
 def verification_pooling_of(feature_pooling: str | None) -> str:
-    """The pooling (``"mean_last"``, ``"last"`` or ``"mean"``) of a verification head's
-    recorded ``feature_pooling`` (the inverse of :func:`verification_feature_pooling`)."""
+    """The pooling of a head's recorded ``feature_pooling`` (None counts as ``"verification"``): the inverse
+    of :func:`verification_feature_pooling`; raises ValueError for a non-verification pooling."""
     if feature_pooling in (None, "verification"):
         return "mean_last"
     name = str(feature_pooling).removeprefix("verification-")
@@ -69,18 +67,16 @@ def verification_features(
     layer: int = -1,
     pooling: str = "mean_last",
 ) -> torch.Tensor:
-    """Verification-head features of ``(prompt, completion)`` pairs.
+    """Verification-head features of N ``(prompt, completion)`` pairs, in eval mode.
 
-    Each completion's control suffix is replaced by a neutral one (nothing after the opening
-    tag is read), the pair is chat-formatted, and the hidden states of ``layer`` (default the
-    final one) are pooled over positions ``0..p`` (``p``: the last token of the final
-    ``<verified>`` opening tag) as ``concat(mean over 0..p, state at p)`` (``"mean_last"``,
-    the input of the document-level SDM layer in Schmaltz 2025, *Similarity-Distance-Magnitude
-    Language Models*, arXiv:2510.26183, Sec. 3.2), or only the state at ``p`` (``"last"``) or
-    only the mean (``"mean"``). Computed in eval mode (no dropout).
+    Each pair is chat-formatted with its control suffix replaced (nothing after the opening tag is read)
+    and the hidden states of ``layer`` are pooled over ``0..p`` by ``pooling`` (module docstring).
 
     Returns:
-        ``[N, 2H]`` (``"mean_last"``) or ``[N, H]`` float32 CPU tensor.
+        ``(N, 2H)`` float32 CPU tensor (``(N, H)`` for ``"last"`` / ``"mean"``).
+
+    Raises:
+        ValueError: no pairs, an unknown ``pooling``, or a document whose tag cannot be located.
     """
     control = control or ControlTokens()
     texts = [format_document(tokenizer, p, control.add(c, True)) for p, c in zip(prompts, completions)]
@@ -92,10 +88,8 @@ def verification_features(
 
 
 def forward_options(model: torch.nn.Module) -> dict:
-    """Extra forward arguments for a features-only pass: ``{"logits_to_keep": 1}`` when the
-    model's forward takes it (transformers >= 4.50 causal LMs; through a PEFT wrapper too),
-    else ``{}``. The features need hidden states, not the ``[B, T, vocab]`` logits, which for
-    a large vocabulary are a sizeable part of a forward."""
+    """``{"logits_to_keep": 1}`` when ``model``'s forward (through a PEFT wrapper) takes it, else ``{}``:
+    a features-only pass needs hidden states, not the ``(B, T, V)`` vocabulary logits."""
     import inspect
 
     wrapper: Any = model  # maybe a PEFT model: nn.Module's typed attributes do not include get_base_model
@@ -117,16 +111,15 @@ def prefix_features(
     pooling: str = "mean_last",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Verification-head features of token sequences already cut after ``p`` (each ends at
-    its ``p``): ``concat(mean of hidden[0..p], hidden[p])`` of the final layer (or ``layer``),
-    in eval mode; ``pooling="last"`` / ``"mean"`` keep one of the two halves; ``progress``:
-    a tqdm bar over the batches.
+    """Verification-head features of N token sequences that each end at their ``p``, in eval mode.
 
-    Sequences are batched in order of length (less padding; results are returned in the
-    input order), right-padded, and the vocabulary projection is skipped where possible.
+    Batched by length (results in input order), right-padded with ``pad_token_id``; ``progress``: a tqdm bar.
 
     Returns:
-        ``[N, 2H]`` (``[N, H]`` for ``"last"`` / ``"mean"``) float32 CPU tensor.
+        ``(N, 2H)`` float32 CPU tensor (``(N, H)`` for ``"last"`` / ``"mean"``).
+
+    Raises:
+        ValueError: no sequences, or an unknown ``pooling``.
     """
     verification_feature_pooling(pooling)  # validates it
     if not ids:
@@ -160,20 +153,19 @@ def prefix_features(
 
 
 def pool_verification_states(hidden: torch.Tensor, positions: torch.Tensor, pooling: str = "mean_last") -> torch.Tensor:
-    """Verification-head features from the hidden states of whole (uncut) documents.
-
-    Row ``i`` is pooled over its positions ``0..positions[i]`` only:
-    ``concat(mean of hidden[i, 0..p], hidden[i, p])`` with ``p = positions[i]``. Because a
-    causal LM's state at ``t`` does not depend on later tokens, this equals
-    :func:`prefix_features` of the document cut after ``p``; it lets the trainer read the
-    features from the forward that computes the loss.
+    """Verification-head features from the hidden states of whole documents, row ``i`` pooled over
+    ``0..positions[i]`` only: equal to :func:`prefix_features` of the cut documents (a causal LM's state at
+    ``t`` ignores later tokens), so the trainer reads them from the loss's forward.
 
     Args:
-        hidden: ``[B, T, H]`` hidden states (right-padded batch).
-        positions: ``[B]`` each row's ``p`` (``verified_position`` of :func:`encode_example`).
+        hidden: ``(B, T, H)`` hidden states of a right-padded batch.
+        positions: ``(B,)`` long, each row's ``p`` (``verified_position`` of :func:`encode_example`).
 
     Returns:
-        ``[B, 2H]`` (``[B, H]`` for ``pooling="last"`` / ``"mean"``) float32 on ``hidden``'s device.
+        ``(B, 2H)`` float32 on ``hidden``'s device (``(B, H)`` for ``"last"`` / ``"mean"``).
+
+    Raises:
+        ValueError: ``pooling`` unknown to :func:`~sdm_hf.features.pooling.pool_hidden_states`.
     """
     steps = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
     return pool_hidden_states(hidden, (steps <= positions.to(hidden.device).view(-1, 1)).long(), pooling)
