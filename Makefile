@@ -22,7 +22,7 @@ setup: $(STAMP)
 # Gemma 3 270M, sentiment over MiniLM); --overwrite so that it can be run again. Features and the
 # de-quantised Gemma are cached (~/.cache/huggingface/sdm_hf, or $SDM_HF_CACHE): a re-run skips them.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --overwrite
+	HF_HUB_OFFLINE=1 SDM_HF_VERBOSITY=$${SDM_HF_VERBOSITY:-info} $(PY) recipes/demo.py --overwrite
 
 # the SDM language-model experiment (word ordering), one seed, reduced to < 20 min on 2 CPU cores;
 # it rewrites recipes/word_ordering/results/cpu (an interrupted run continues with `make lm-seeds`'s --resume)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from transformers import HfArgumentParser
 
 from .cli_data import CLIError, check_utf8, column, label_names_in, labels_of, load_table, vectors_of
 from .training.fit_config import SDMFitConfig
+from .utils.logging import set_verbosity_info
 from .utils.output_dir import check_output_dir, replacing_output_dir
 from .utils.validation import explained_hub_failure
 
@@ -403,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .head.serialization import SDMFormatError
 
     args = build_parser().parse_args(argv)
+    if not os.environ.get("SDM_HF_VERBOSITY"):  # a command line shows what it is doing (model loading, caches)
+        set_verbosity_info()
     try:
         return args.func(args)
     except (CLIError, SDMFormatError, ValueError, TypeError, FileNotFoundError) as err:

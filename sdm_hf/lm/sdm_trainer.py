@@ -27,6 +27,7 @@ from transformers.trainer_utils import HubStrategy
 from ..head.modeling import SDMHead
 from ..utils.distributed import process_world
 from ..utils.files import atomic_write_text
+from ..utils.logging import get_logger
 from .callbacks import HardNegativeCallback, HeadRefreshCallback
 from .collator import ContrastiveMaskingCollator
 from .control import ControlTokens
@@ -38,6 +39,8 @@ from .sdm_config import SDMTrainingArguments
 from .state import STATE_NAME, SDMEpochState
 from .trainer_card import SDM_SETTINGS, TrainerCardData, sdm_trainer_card
 from .verification_features import pool_verification_states
+
+logger = get_logger(__name__)
 
 __all__ = ["SDMTrainer", "exact_match_verifier"]
 
@@ -361,11 +364,7 @@ class SDMTrainer(Trainer):
         folder = Path(resume_from_checkpoint)
         state = self._read_epoch_state(folder)
         if state is None:
-            warnings.warn(
-                f"{folder / STATE_NAME} is missing: the SDM state restarts from the next epoch",
-                UserWarning,
-                stacklevel=2,
-            )
+            logger.warning("%s is missing: the SDM state restarts from the next epoch", folder / STATE_NAME)
             return
         epochs = self.epochs
         rows = [epochs._encode(epochs.documents[i], text, reward) for i, text, reward in state.versions]

@@ -15,7 +15,10 @@ from ..head.config import SDMConfig
 from ..head.modeling import SDMHead
 from ..training.fit import fit_sdm_head
 from ..utils.distributed import gather_rows
+from ..utils.logging import get_logger
 from .verification_features import prefix_features, verification_feature_pooling
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     from .sdm_config import SDMTrainingArguments
@@ -110,11 +113,7 @@ def fit_split_head(
     support_row = torch.full((int(document_ids.max()) + 1,), -1, dtype=torch.long)
     counts = [torch.bincount(labels[part], minlength=2) for part in (train_idx, calib_idx)]
     if any(int(c.min()) < 2 for c in counts):
-        warnings.warn(
-            "too few positives or negatives to fit a verification head this epoch: beta = e",
-            UserWarning,
-            stacklevel=3,
-        )
+        logger.warning("too few positives or negatives to fit a verification head: beta = e")
         return None, support_row
     config = SDMConfig(
         input_dim=features.shape[1],

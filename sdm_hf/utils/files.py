@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,7 +32,6 @@ __all__ = [
     "remove_stale_temporaries",
     "atomic_write_bytes",
     "atomic_write_text",
-    "progress_message",
 ]
 
 _CHUNK = 8 * 1024 * 1024
@@ -52,12 +50,6 @@ def default_cache_dir() -> Path:
 def cache_root(cache_dir: str | Path | None) -> Path:
     """``cache_dir`` (``~`` expanded) when given, else :func:`default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
-def progress_message(message: str, progress: bool) -> None:
-    """Write ``sdm_hf: <message>`` to stderr (through ``tqdm.write``) when ``progress`` is true."""
-    if progress:
-        tqdm.write(f"sdm_hf: {message}", file=sys.stderr)
 
 
 def file_sha256(path: str | Path, progress: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_texts_are_hashed_with_their_lengths(bpe, llama):
 
 
 @pytest.mark.parametrize("damage", ["junk weights", "flipped byte", "truncated json", "other rows"])
-def test_corrupt_entry_warns_and_recomputes(tmp_path, bpe, llama, damage):
+def test_corrupt_entry_is_logged_and_recomputed(tmp_path, bpe, llama, damage, caplog):
     cache = tmp_path / "cache"
     kwargs = {"model_id": "tiny", "cache_dir": cache, "progress": False}
     good = cached_features(llama, bpe, TEXTS, **kwargs)
@@ -113,9 +114,10 @@ def test_corrupt_entry_warns_and_recomputes(tmp_path, bpe, llama, damage):
         cached_features(llama, bpe, TEXTS[:2], **kwargs)
         weights.write_bytes((cache / "features" / f"{key_other}.safetensors").read_bytes())
         meta.write_text((cache / "features" / f"{key_other}.json").read_text())
-    with Counter(llama) as counter, pytest.warns(UserWarning, match="corrupt"):
+    with Counter(llama) as counter, caplog.at_level(logging.WARNING, logger="sdm_hf.features.cache"):
         again = cached_features(llama, bpe, TEXTS, **kwargs)
     assert counter.calls > 0 and torch.equal(again, good)
+    assert any("is corrupt" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     with Counter(llama) as counter:  # the entry was rewritten
         assert torch.equal(cached_features(llama, bpe, TEXTS, **kwargs), good) and counter.calls == 0
 

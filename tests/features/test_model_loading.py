@@ -4,6 +4,7 @@ of the models it loads are keyed."""
 import copy
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_gguf_conversion_is_cached(tmp_path, fake_conversion, llama):
     assert len(fake_conversion) == 2 and next(bfloat.parameters()).dtype == torch.bfloat16
 
 
-def test_half_written_or_broken_copies_are_not_trusted(tmp_path, fake_conversion):
+def test_half_written_or_broken_copies_are_not_trusted(tmp_path, fake_conversion, caplog):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"c" * 100)
     cache = tmp_path / "cache"
@@ -122,8 +123,9 @@ def test_half_written_or_broken_copies_are_not_trusted(tmp_path, fake_conversion
     assert len(fake_conversion) == 1 and (folder / "sdm_hf_converted.json").is_file()
 
     (folder / "model.safetensors").write_bytes(b"junk")  # complete marker, broken weights
-    with pytest.warns(UserWarning, match="could not be loaded"):
+    with caplog.at_level(logging.WARNING, logger="sdm_hf.features.model_loading"):
         model, _ = load_causal_lm(path, cache_dir=cache, progress=False)
+    assert any("could not be loaded" in r.getMessage() for r in caplog.records)
     assert len(fake_conversion) == 2 and not model.training
     load_causal_lm(path, cache_dir=cache, progress=False)
     assert len(fake_conversion) == 2  # repaired
