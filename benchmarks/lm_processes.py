@@ -42,7 +42,7 @@ def worker(name: str, out: Path) -> None:
 
     from sdm_hf.lm import SDMTrainer, SDMTrainingArguments
     from sdm_hf.utils.distributed import process_world
-    from tests.lm.fixtures import tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = tiny_tokenizer()

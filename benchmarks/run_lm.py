@@ -3,7 +3,7 @@
     python benchmarks/run_lm.py            # writes benchmarks/results/lm.md and lm.json
 
 Setting (fixed, documented in the output): a 4-layer, 256-wide Llama-style causal LM built
-from a config, the BPE tokenizer of tests/lm/fixtures.py (trained here on the Harvard
+from a config, the BPE tokenizer of tests/helpers.py (trained here on the Harvard
 sentences), 2,000 paired preference examples built from the SAPLMA statements ("Repeat: s"
 -> s, the negative with its last three words reversed), batch 16, one epoch each of:
 plain CE (use_sdm_loss=False), SDM loss without generation, SDM loss with hard negatives
@@ -31,7 +31,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from sdm_hf.lm import SDMTrainer, SDMTrainingArguments  # noqa: E402
-from tests.lm.fixtures import tiny_tokenizer  # noqa: E402
+from tests.helpers import tiny_tokenizer  # noqa: E402
 
 
 def data(n=2000):

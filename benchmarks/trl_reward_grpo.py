@@ -3,7 +3,7 @@ in a real online-training loop, and what does the reward curve look like?
 
     python benchmarks/trl_reward_grpo.py    # writes benchmarks/results/trl_reward_grpo.{md,json}
 
-Setting (fixed): the verifier is the tiny SDM LM of tests/pipeline_fixtures.py (a config-built
+Setting (fixed): the verifier is the tiny SDM LM of tests/helpers.py (a config-built
 Llama, a verification head fitted on 60 "Repeat: s" documents); the policy is another
 config-built Llama with the same tokenizer, trained by GRPO for a few steps on 16 "Repeat: s"
 prompts (4 generations each, 12 new tokens). Both models are untrained, so the reward is near
@@ -32,8 +32,7 @@ def main() -> int:
     from trl import GRPOConfig, GRPOTrainer
 
     from sdm_hf.integrations.trl import SDMVerificationReward
-    from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
-    from tests.pipeline_fixtures import build_lm_repo
+    from tests.helpers import build_lm_repo, harvard_sentences, tiny_causal_lm, tiny_tokenizer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +69,7 @@ def main() -> int:
     lines = [
         "# SDMVerificationReward in TRL's GRPOTrainer (CPU, toy scale)",
         "",
-        f"{machine()}. Verifier: the tiny SDM LM of tests/pipeline_fixtures.py; policy: a config-built "
+        f"{machine()}. Verifier: the tiny SDM LM of tests/helpers.py; policy: a config-built "
         "Llama; 16 prompts, 4 generations each, 12 new tokens, 6 steps. Both models are untrained: this "
         "checks the plumbing, it is not a learning curve.",
         "",

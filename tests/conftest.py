@@ -1,20 +1,8 @@
 import copy
 
 import pytest
-import torch
 
-
-def gaussian_mixture(n, num_classes=2, dim=8, separation=3.0, label_noise=0.0, seed=0):
-    """Well-separated isotropic Gaussian clusters; ``label_noise`` flips labels uniformly."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234)) * separation
-    y = torch.randint(0, num_classes, (n,), generator=g)
-    x = centers[y] + torch.randn(n, dim, generator=g)
-    if label_noise > 0:
-        flip = torch.rand(n, generator=g) < label_noise
-        shift = torch.randint(1, num_classes, (n,), generator=g)
-        y = torch.where(flip, (y + shift) % num_classes, y)
-    return x, y
+from tests.helpers import gaussian_mixture
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +64,7 @@ def small_head(_fitted_small_head):
 @pytest.fixture(scope="session")
 def _tiny_decoder():
     # built once per session (training the tokenizer is the slow part); tests get copies
-    from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
+    from tests.helpers import tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(chat_template=False)
     model = tiny_causal_lm(tokenizer, num_hidden_layers=3, num_key_value_heads=1, max_position_embeddings=64)

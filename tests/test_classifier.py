@@ -7,7 +7,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from transformers import pipeline
 
 from sdm_hf import SDMClassifier
-from tests.pipeline_fixtures import WORDS, random_texts, tiny_encoder
+from tests.helpers import WORDS, random_texts, tiny_encoder
 
 QUICK = {"procedure": "fast", "epochs": 2, "shuffles": 1, "progress": False}
 

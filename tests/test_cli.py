@@ -180,7 +180,7 @@ def test_verify_with_a_tiny_lm_repository(tmp_path):
     from sdm_hf.lm.control import ControlTokens
     from sdm_hf.lm.verification_features import verification_features
     from sdm_hf.repository import save_sdm_model
-    from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
+    from tests.helpers import tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     model = tiny_causal_lm(tokenizer)

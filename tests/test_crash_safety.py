@@ -210,7 +210,7 @@ def test_kills_and_concurrent_writers_never_leave_a_mixed_head(small_head, tmp_p
 def _big_head(seed: int) -> SDMHead:
     """A head with ~20 MB of exemplars (5,000 x 1,000 float32), built without training."""
     from sdm_hf import SDMConfig
-    from tests.conftest import gaussian_mixture
+    from tests.helpers import gaussian_mixture
 
     x, y = gaussian_mixture(6000, num_classes=2, dim=64, separation=2.0, seed=seed)
     head = SDMHead(SDMConfig(input_dim=64, exemplar_dim=1000, alpha=0.9), generator=torch.Generator().manual_seed(seed))

@@ -38,7 +38,7 @@ def expected_results(head):
 @pytest.fixture
 def adapter(tmp_path):
     peft = pytest.importorskip("peft")
-    tiny_bert(8).save_pretrained(tmp_path / "base")
+    tiny_bert(hidden=8)[0].save_pretrained(tmp_path / "base")
     return peft.get_peft_model(
         BertModel.from_pretrained(tmp_path / "base"), peft.LoraConfig(r=2, target_modules=["query", "value"])
     )
@@ -91,7 +91,7 @@ def test_resaving_replaces_the_section_instead_of_adding_one(adapter, small_head
 def test_model_without_a_card_gets_the_sdm_card(small_head, tmp_path):
     head, _, _ = small_head
     head.config.base_model = "someone/tiny-bert"
-    root = save_sdm_model(tiny_bert(8), head, tmp_path / "plain")
+    root = save_sdm_model(tiny_bert(hidden=8)[0], head, tmp_path / "plain")
     card = ModelCard.load(root / "README.md")
     assert card.data.library_name == "transformers"  # the root is a transformers model
     assert card.data.base_model == "someone/tiny-bert"
@@ -100,13 +100,13 @@ def test_model_without_a_card_gets_the_sdm_card(small_head, tmp_path):
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results == expected_results(head)
     assert card.data.model_name == "plain"
-    save_sdm_model(tiny_bert(8), head, root)
+    save_sdm_model(tiny_bert(hidden=8)[0], head, root)
     assert ModelCard.load(root / "README.md").text.count(SECTION_START) == 1
 
 
 def test_eval_results_parse_back_with_the_calibration_values(small_head, tmp_path):
     head, _, _ = small_head
-    root = save_sdm_model(tiny_bert(8), head, tmp_path / "repo")
+    root = save_sdm_model(tiny_bert(hidden=8)[0], head, tmp_path / "repo")
     for path in (root / "README.md", root / "sdm_head" / "README.md"):
         results = ModelCard.load(path).data.eval_results
         assert {r.metric_name: r.metric_value for r in results} == expected_results(head)
@@ -122,7 +122,7 @@ def test_uncalibrated_head_writes_no_results(tmp_path):
     from sdm_hf import SDMConfig, SDMHead
 
     head = SDMHead(SDMConfig(input_dim=8, exemplar_dim=4))
-    root = save_sdm_model(tiny_bert(8), head, tmp_path / "repo")
+    root = save_sdm_model(tiny_bert(hidden=8)[0], head, tmp_path / "repo")
     card = ModelCard.load(root / "README.md")
     assert card.data.eval_results is None and "model-index" not in (root / "README.md").read_text()
     assert "| 0 | 0 | 0 | - | - |" in card.text
@@ -133,18 +133,18 @@ def test_license_is_kept_or_set_explicitly_never_invented(small_head, tmp_path):
     root = tmp_path / "licensed"
     root.mkdir()
     (root / "README.md").write_text("---\nlicense: mit\nlibrary_name: transformers\n---\n\n# Mine\n\nMy words.\n")
-    save_sdm_model(tiny_bert(8), head, root)
+    save_sdm_model(tiny_bert(hidden=8)[0], head, root)
     card = ModelCard.load(root / "README.md")
     assert card.data.license == "mit" and "My words." in card.text
     assert ModelCard.load(root / "sdm_head" / "README.md").data.license == "mit"  # the repository's license
-    save_sdm_model(tiny_bert(8), head, root, license="apache-2.0", model_card_kwargs={"tags": ["demo"]})
+    save_sdm_model(tiny_bert(hidden=8)[0], head, root, license="apache-2.0", model_card_kwargs={"tags": ["demo"]})
     card = ModelCard.load(root / "README.md")
     assert card.data.license == "apache-2.0" and card.data.tags == [*SDM_TAGS, "demo"]
     assert ModelCard.load(root / "sdm_head" / "README.md").data.license == "apache-2.0"
-    save_sdm_model(tiny_bert(8), head, tmp_path / "none")
+    save_sdm_model(tiny_bert(hidden=8)[0], head, tmp_path / "none")
     assert ModelCard.load(tmp_path / "none" / "sdm_head" / "README.md").data.license is None
     with pytest.raises(TypeError, match="license"):
-        save_sdm_model(tiny_bert(8), head, tmp_path / "bad", license=2)
+        save_sdm_model(tiny_bert(hidden=8)[0], head, tmp_path / "bad", license=2)
 
 
 def test_models_own_eval_results_are_kept(small_head):

@@ -13,8 +13,7 @@ from transformers import AutoModel, BertModel
 
 from sdm_hf import SDMConfig, SDMHead
 from sdm_hf.repository import load_sdm_model, push_sdm_model, save_sdm_model
-from tests.conftest import gaussian_mixture
-from tests.helpers import tiny_bert
+from tests.helpers import gaussian_mixture, tiny_bert
 
 
 def tiny_head(input_dim=16, pooling="mean", base_model=None):
@@ -31,7 +30,7 @@ def tiny_head(input_dim=16, pooling="mean", base_model=None):
 
 
 def test_model_and_head_saved_side_by_side(tmp_path):
-    model, (head, x) = tiny_bert(), tiny_head()
+    model, (head, x) = tiny_bert()[0], tiny_head()
     save_sdm_model(model, head, tmp_path / "repo")
     root = tmp_path / "repo"
     assert (root / "config.json").is_file() and (root / "model.safetensors").is_file()
@@ -48,7 +47,7 @@ def test_model_and_head_saved_side_by_side(tmp_path):
 
 
 def test_mismatched_pairing(tmp_path):
-    model = tiny_bert()
+    model = tiny_bert()[0]
     head, _ = tiny_head(input_dim=16, pooling="mean_last")  # mean_last would need 32 dims
     with pytest.raises(ValueError, match="32"):
         save_sdm_model(model, head, tmp_path / "a")
@@ -145,7 +144,7 @@ def test_push_head_to_subfolder(fake_hub, tmp_path):
 
 def test_push_model_with_head(fake_hub):
     hub = fake_hub()
-    model, (head, _) = tiny_bert(), tiny_head()
+    model, (head, _) = tiny_bert()[0], tiny_head()
     push_sdm_model(model, head, "user/repo", token="hf_fake")
     files = sorted(_uploaded(hub.commits[0]))
     assert files == [
@@ -169,7 +168,7 @@ def test_push_without_credentials_gives_hint(fake_hub, tmp_path, monkeypatch):
 
 def test_peft_adapter_repository(tmp_path):
     peft = pytest.importorskip("peft")
-    base = tiny_bert()
+    base = tiny_bert()[0]
     base.save_pretrained(tmp_path / "base")
     model = peft.get_peft_model(
         BertModel.from_pretrained(tmp_path / "base"), peft.LoraConfig(r=2, target_modules=["query", "value"])
@@ -296,7 +295,7 @@ def test_save_pretrained_then_push_forwards_the_same(recording_api, tmp_path):
 
 
 def test_push_sdm_model_forwards_the_hub_mixin_arguments(recording_api):
-    model, (head, _) = tiny_bert(), tiny_head()
+    model, (head, _) = tiny_bert()[0], tiny_head()
     push_sdm_model(
         model,
         head,
@@ -321,7 +320,7 @@ def test_push_sdm_model_forwards_the_hub_mixin_arguments(recording_api):
 
 def test_push_patterns_filter_what_is_committed(fake_hub):
     hub = fake_hub()
-    model, (head, _) = tiny_bert(), tiny_head()
+    model, (head, _) = tiny_bert()[0], tiny_head()
     push_sdm_model(model, head, "user/repo", token="hf_fake", allow_patterns=["sdm_head/*"], ignore_patterns="*.md")
     assert sorted(_uploaded(hub.commits[0])) == ["sdm_head/config.json", "sdm_head/model.safetensors"]
     head.push_to_hub("user/repo", token="hf_fake", ignore_patterns=["README.md"])

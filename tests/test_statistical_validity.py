@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from sdm_hf import SDMConfig, fit_sdm_head
-from tests.conftest import gaussian_mixture
+from tests.helpers import gaussian_mixture
 
 pytestmark = pytest.mark.slow  # repeated fits and resampling: the HR region's promise checked statistically
 

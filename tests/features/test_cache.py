@@ -12,7 +12,7 @@ import torch
 from sdm_hf.features.cache import cached_features, feature_cache_key
 from sdm_hf.features.extract import extract_features
 from sdm_hf.utils.files import default_cache_dir
-from tests.feature_helpers import TEXTS, Counter
+from tests.helpers import TEXTS, Counter
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache
 

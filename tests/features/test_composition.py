@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
 
 import sdm_hf
 from sdm_hf import FeatureEncoder, SDMConfig, SDMHead, compose_features, extract_composed_features, fit_sdm_head
@@ -13,7 +12,7 @@ from sdm_hf.features.extract import extract_features
 from sdm_hf.features.layout import check_feature_blocks, layout_of, split_feature_blocks
 from sdm_hf.head.serialization import FORMAT_VERSION
 from sdm_hf.repository import check_pairing
-from tests.feature_helpers import Counter
+from tests.helpers import Counter, tiny_bert
 
 TEXTS = [
     "the birch canoe slid on the smooth planks",
@@ -27,20 +26,9 @@ TEXTS = [
 @pytest.fixture
 def bert(tmp_path_factory):
     """A 2-layer, 8-wide BERT with a word-level vocabulary (most words are [UNK])."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "is", "on", "in", "rice", "glue"]
-    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    path.write_text("\n".join(vocab))
-    tokenizer = BertTokenizerFast(vocab_file=str(path), model_max_length=12)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
+    return tiny_bert(
+        ["the", "a", "is", "on", "in", "rice", "glue"], hidden=8, layers=2, max_positions=16, max_length=12
     )
-    torch.manual_seed(0)
-    return BertModel(config).eval(), tokenizer
 
 
 def _pair(bert, bpe, llama):

@@ -2,28 +2,15 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from sdm_hf.features.extract import extract_features
 from sdm_hf.features.pooling import pool_hidden_states
+from tests.helpers import tiny_bert
 
 
 @pytest.fixture
 def tiny(tmp_path_factory):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30)]
-    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    path.write_text("\n".join(vocab))
-    tokenizer = BertTokenizerFast(vocab_file=str(path), model_max_length=12)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return BertModel(config).eval(), tokenizer
+    return tiny_bert([f"w{i}" for i in range(30)], hidden=8, layers=2, max_positions=16, max_length=12)
 
 
 def test_pooling_by_hand():

@@ -14,7 +14,7 @@ import torch
 from sdm_hf.features import model_loading
 from sdm_hf.features.cache import cached_features
 from sdm_hf.features.model_loading import load_causal_lm
-from tests.feature_helpers import TEXTS, Counter
+from tests.helpers import TEXTS, Counter
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # nothing a test does lands in the user's cache
 

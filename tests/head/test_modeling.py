@@ -8,7 +8,7 @@ import torch
 
 from sdm_hf import SDMConfig, SDMHead
 from sdm_hf.maths.activation import sdm_activation
-from tests.conftest import gaussian_mixture
+from tests.helpers import gaussian_mixture
 
 
 def test_predict_fields_and_consistency(small_head):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sdm_hf import SDMConfig, SDMHead, fit_sdm_head
 from sdm_hf.head.serialization import FORMAT_VERSION, SDMFormatError
-from tests.conftest import gaussian_mixture
+from tests.helpers import gaussian_mixture
 
 FIELDS = (
     "logits",

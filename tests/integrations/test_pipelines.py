@@ -9,7 +9,7 @@ from transformers import pipeline
 import sdm_hf  # noqa: F401  (registers the tasks)
 from sdm_hf import SDMConfig, SDMHead
 from sdm_hf.features.extract import extract_features
-from tests.pipeline_fixtures import WORDS, build_encoder_repo, build_lm_repo, random_texts
+from tests.helpers import WORDS, build_encoder_repo, build_lm_repo, random_texts
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_a_head_recorded_as_one_feature_block_is_fed_by_its_recipe(encoder_repo,
     from transformers import AutoModel, AutoTokenizer
 
     from sdm_hf.repository import save_sdm_model
-    from tests.pipeline_fixtures import head_on
+    from tests.helpers import head_on
 
     path, _, texts = encoder_repo
     model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)

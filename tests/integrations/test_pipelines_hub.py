@@ -9,7 +9,7 @@ from transformers import pipeline
 
 import sdm_hf  # noqa: F401  (registers the tasks)
 import sdm_hf.head.hub as head_hub
-from tests.pipeline_fixtures import build_encoder_repo
+from tests.helpers import build_encoder_repo
 
 REPO = "someone/tiny-sdm"
 MAIN, V1 = "a" * 40, "b" * 40

@@ -14,7 +14,7 @@ import sdm_hf  # noqa: F401  (registers the tasks)
 from sdm_hf.features.extract import extract_features
 from sdm_hf.lm.generation import generate_greedy
 from sdm_hf.lm.verification_features import verification_features
-from tests.pipeline_fixtures import build_encoder_repo, build_lm_repo, random_texts
+from tests.helpers import build_encoder_repo, build_lm_repo, random_texts
 
 
 def reference_classification(clf, texts, batch_size=8):
@@ -222,8 +222,7 @@ def test_a_list_is_batched_by_length_and_answered_in_order(clf, texts, expected,
 def test_left_padded_decoder_features_do_not_depend_on_the_batch(tmp_path):
     # a causal LM as the encoder, padded on the left: positions count from each text's first token
     from sdm_hf.repository import save_sdm_model
-    from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
-    from tests.pipeline_fixtures import head_on
+    from tests.helpers import harvard_sentences, head_on, tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.pipeline_fixtures import build_encoder_repo
+from tests.helpers import build_encoder_repo
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

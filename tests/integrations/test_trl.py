@@ -7,7 +7,7 @@ import torch
 
 from sdm_hf.integrations.trl import SDMVerificationReward
 from sdm_hf.lm import verification_features
-from tests.pipeline_fixtures import build_lm_repo
+from tests.helpers import build_lm_repo
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_the_reward_drives_a_tiny_grpo_run(repo, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from tests.lm.fixtures import harvard_sentences, tiny_causal_lm, tiny_tokenizer
+    from tests.helpers import harvard_sentences, tiny_causal_lm, tiny_tokenizer
 
     path, _, _ = repo
     tokenizer = tiny_tokenizer()

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sdm_hf.lm import SDMTrainer  # noqa: E402
 from sdm_hf.lm.head_fitting import VerificationHeadFitter  # noqa: E402
-from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from tests.helpers import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
 def failing_fit(self, rows, seed, timing=None, features=None, keep_texts=False, calibration_mask=None):

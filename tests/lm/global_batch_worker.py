@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sdm_hf.head.modeling import SDMHead  # noqa: E402
 from sdm_hf.lm import SDMTrainer  # noqa: E402
 from sdm_hf.utils.distributed import process_world  # noqa: E402
-from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from tests.helpers import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
 def head_summary(head: SDMHead) -> list:

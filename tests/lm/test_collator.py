@@ -3,7 +3,7 @@
 from sdm_hf.lm.collator import ContrastiveMaskingCollator
 from sdm_hf.lm.control import ControlTokens
 from sdm_hf.lm.masks import IGNORE_INDEX, encode_example
-from tests.lm.fixtures import tiny_tokenizer
+from tests.helpers import tiny_tokenizer
 
 CONTROL = ControlTokens()
 

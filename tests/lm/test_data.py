@@ -6,7 +6,7 @@ from sdm_hf.lm import prepare_documents
 from sdm_hf.lm.control import ControlTokens
 from sdm_hf.lm.data import encode_documents
 from sdm_hf.lm.masks import encode_example
-from tests.lm.fixtures import tiny_tokenizer
+from tests.helpers import tiny_tokenizer
 
 CONTROL = ControlTokens()
 ROWS = [

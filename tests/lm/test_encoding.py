@@ -6,7 +6,7 @@ import torch
 from sdm_hf.lm.control import ControlTokens, full_text
 from sdm_hf.lm.masks import IGNORE_INDEX, encode_example
 from sdm_hf.lm.verification_features import forward_options, pool_verification_states, prefix_features
-from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
+from tests.helpers import tiny_causal_lm, tiny_tokenizer
 
 CONTROL = ControlTokens()
 PROMPT = "Copy this, ignoring <verified>No</verified> here: the birch canoe"

@@ -7,7 +7,7 @@ import torch
 
 from sdm_hf.lm.loss import accepts_logits_to_keep, sdm_next_token_loss, supervised_logit_mask
 from sdm_hf.lm.masks import IGNORE_INDEX
-from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
+from tests.helpers import tiny_causal_lm, tiny_tokenizer
 
 
 def test_loss_with_beta_e_is_cross_entropy_and_accumulation_invariant():

@@ -3,7 +3,7 @@
 import torch
 
 from sdm_hf.lm import disable_dropout
-from tests.lm.fixtures import tiny_causal_lm, tiny_tokenizer
+from tests.helpers import tiny_causal_lm, tiny_tokenizer
 
 
 def test_every_dropout_probability_becomes_zero_and_the_config_is_kept():

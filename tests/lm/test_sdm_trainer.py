@@ -19,21 +19,9 @@ from sdm_hf.lm import (
 )
 from sdm_hf.lm.control import ControlTokens
 from sdm_hf.lm.state import STATE_NAME
-from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
+from tests.helpers import harvard_sentences, make_args, make_trainer, preference, tiny_causal_lm, tiny_tokenizer
 
 SENTENCES = harvard_sentences(48)
-
-
-def make_trainer(tmp_path, eval_data=True, model=None, **changes):
-    tok = tiny_tokenizer()
-    model = model if model is not None else tiny_causal_lm(tok)
-    return SDMTrainer(
-        model=model,
-        args=make_args(tmp_path, **changes),
-        train_dataset=preference(SENTENCES[:32]),
-        eval_dataset=preference(SENTENCES[32:]) if eval_data else None,
-        processing_class=tok,
-    )
 
 
 def test_beta_e_is_the_standard_cross_entropy(tmp_path):

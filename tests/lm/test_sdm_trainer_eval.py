@@ -6,7 +6,7 @@ import pytest
 from datasets import Dataset
 
 from sdm_hf.lm import SDMTrainer
-from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
+from tests.helpers import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
 
 SENTENCES = harvard_sentences(56)
 

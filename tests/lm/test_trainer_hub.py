@@ -16,24 +16,12 @@ from huggingface_hub.utils import filter_repo_objects
 
 from sdm_hf import SDMHead
 from sdm_hf.head.model_card import SECTION_END, SECTION_START
-from sdm_hf.lm import SDMTrainer
 from sdm_hf.lm.data import prepare_documents
 from sdm_hf.lm.state import STATE_NAME, SDMEpochState
-from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
+from tests.helpers import harvard_sentences, make_trainer, preference
 
 SENTENCES = harvard_sentences(48)
 TRAIN, CALIBRATION = SENTENCES[:32], SENTENCES[32:]
-
-
-def make_trainer(tmp_path, eval_data=True, train=TRAIN, seed=0, **changes):
-    tok = tiny_tokenizer()
-    return SDMTrainer(
-        model=tiny_causal_lm(tok, seed=seed),
-        args=make_args(tmp_path, **changes),
-        train_dataset=preference(train),
-        eval_dataset=preference(CALIBRATION) if eval_data else None,
-        processing_class=tok,
-    )
 
 
 def training_texts(sentences):

@@ -1,10 +1,12 @@
 """sdm_hf.lm.verification.fit_split_head: the seeded halves and the support-row map."""
 
+import logging
+
 import pytest
 import torch
 
 from sdm_hf.lm.verification import fit_split_head
-from tests.lm.fixtures import make_args
+from tests.helpers import make_args
 
 
 def features(n, seed=0):
@@ -26,12 +28,13 @@ def test_support_rows_map_the_training_half_only(tmp_path):
     torch.testing.assert_close(head.adaptor.weight, again.adaptor.weight)
 
 
-def test_too_few_of_a_class_gives_no_head(tmp_path):
+def test_too_few_of_a_class_gives_no_head(tmp_path, caplog):
     feats, _ = features(8)
     labels = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0])
-    with pytest.warns(UserWarning, match="beta = e"):
+    with caplog.at_level(logging.WARNING, logger="sdm_hf.lm.verification"):
         head, support_row = fit_split_head(feats, labels, torch.arange(8), make_args(tmp_path), seed=0)
     assert head is None and (support_row == -1).all()
+    assert any("beta = e" in r.getMessage() for r in caplog.records)
 
 
 def test_head_procedure_sets_every_fit_and_explicit_values_win(tmp_path):

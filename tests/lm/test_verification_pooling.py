@@ -8,7 +8,7 @@ from transformers import pipeline
 import sdm_hf  # noqa: F401  (registers the pipelines)
 from sdm_hf.lm import SDMTrainer, pool_verification_states, verification_features
 from sdm_hf.lm.verification_features import verification_feature_pooling, verification_pooling_of
-from tests.lm.fixtures import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
+from tests.helpers import harvard_sentences, make_args, preference, tiny_causal_lm, tiny_tokenizer
 
 SENTENCES = harvard_sentences(48)
 

@@ -295,7 +295,7 @@ def test_plain_prompt_format_for_base_models_trains_the_completion_and_eos():
     import word_order_models as wom
 
     from sdm_hf.lm.control import generation_prompt
-    from tests.lm.fixtures import tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(chat_template=False)
     tokenizer.chat_template = wom.PLAIN_PROMPT_TEMPLATE

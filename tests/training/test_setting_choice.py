@@ -11,7 +11,7 @@ from sdm_hf import SDMConfig, fit_sdm_head
 from sdm_hf.head.fit_selection import FitSelection
 from sdm_hf.training.head_training import fit_progress_bar
 from sdm_hf.training.setting_choice import AUTO_CANDIDATES, holdout_split
-from tests.conftest import gaussian_mixture
+from tests.helpers import gaussian_mixture
 
 QUICK = dict(epochs=8, progress=False)
 

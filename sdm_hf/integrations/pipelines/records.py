@@ -1,5 +1,4 @@
-"""The result records of the SDM pipelines and :class:`sdm_hf.SDMClassifier` (no transformers
-import: the classifier uses them without loading ``transformers.pipelines``)."""
+"""The result records of the SDM pipelines and :class:`sdm_hf.SDMClassifier`."""
 
 from __future__ import annotations
 

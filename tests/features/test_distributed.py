@@ -13,11 +13,11 @@ import sdm_hf.features.distributed as distributed_features
 from sdm_hf.features.cache import cached_features
 from sdm_hf.features.distributed import launched_processes, shard_order, texts_sha256
 from sdm_hf.features.extract import extract_features
-from tests.features_distributed_worker import TEXTS, tiny_bert
+from tests.features.distributed_worker import TEXTS, tiny_bert
 from tests.launch import run_worker
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "features_distributed_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
 def test_launched_processes_reads_the_launchers_world_size(monkeypatch):

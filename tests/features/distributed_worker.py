@@ -1,4 +1,4 @@
-"""Run by tests/test_features_distributed.py under a 2-process launcher (gloo, CPU) and on its own.
+"""Run by tests/features/test_distributed.py under a 2-process launcher (gloo, CPU) and on its own.
 
 Writes ``<out>/rank<r>_of<w>.safetensors`` (the features of every case) and ``.json`` (what each
 process saw: forward passes, cache reads and writes, errors, whether accelerate state exists).
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from safetensors.torch import save_file  # noqa: E402
-from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 
 import sdm_hf.features.cache as feature_cache  # noqa: E402
 from sdm_hf.features.cache import cached_features  # noqa: E402
 from sdm_hf.features.extract import extract_features  # noqa: E402
+from tests import helpers  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
 TEXTS = [  # 7 texts (uneven on 2 processes) of different lengths, so batches need padding
@@ -34,18 +34,8 @@ TEXTS = [  # 7 texts (uneven on 2 processes) of different lengths, so batches ne
 
 
 def tiny_bert():
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tokenizer = BertTokenizerFast(vocab=vocab, model_max_length=16)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return BertModel(config).eval(), tokenizer
+    """The 2-layer, 32-wide BERT over :data:`WORDS` the cases run."""
+    return helpers.tiny_bert(WORDS, hidden=32, layers=2, heads=4, max_positions=32, max_length=16)
 
 
 class Calls:
