@@ -16,11 +16,15 @@ from .head.config import SDMConfig
 from .head.diagnostics import CalibrationReport, LabelErrors
 from .head.inference import SDMOutput
 from .head.modeling import SDMHead
-from .integrations import pipelines as _pipelines  # noqa: F401  (registers the pipeline tasks)
+from .integrations.pipelines import register_when_transformers_pipelines_loads
 from .maths.activation import log_sdm, rescaled_similarity, sdm_activation, sdm_loss
 from .maths.calibration import high_reliability_thresholds
 from .training.fit import fit_sdm_head
 from .utils.files import default_cache_dir
+
+# `import sdm_hf` makes pipeline("sdm-verify") / ("sdm-text-classification") work; the tasks are
+# registered when transformers.pipelines loads, so importing sdm_hf does not pay for it
+register_when_transformers_pipelines_loads()
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
-"""`import sdm_hf` registers both pipeline tasks through transformers' public registry API."""
+"""`import sdm_hf` registers the tasks without importing transformers.pipelines: they are
+registered when transformers.pipelines loads (or at once when it already has)."""
 
 import subprocess
 import sys
@@ -8,12 +9,8 @@ import pytest
 from tests.helpers import build_encoder_repo
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-
-
-def _lines(code: str) -> list[str]:
-    done = _run(code)
+def _run(code: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.splitlines()
 
@@ -26,48 +23,60 @@ def repo(tmp_path_factory):
     return build_encoder_repo(tmp_path_factory.mktemp("enc"))[0]
 
 
-def test_import_sdm_hf_registers_the_tasks(repo):
-    lines = _lines(
+def test_import_sdm_hf_leaves_transformers_pipelines_alone_until_it_is_used(repo):
+    lines = _run(
         "import sys, sdm_hf\n"
-        "print(any(type(f).__module__.startswith('sdm_hf') for f in sys.meta_path))\n"
+        "print('transformers.pipelines' in sys.modules, 'transformers.modeling_utils' in sys.modules)\n"
         "from transformers import pipeline\n"
-        "from transformers.pipelines import PIPELINE_REGISTRY\n" + TASKS + ""
+        "from transformers.pipelines import PIPELINE_REGISTRY\n" + TASKS + "import os\n"
         f"clf = pipeline('sdm-text-classification', model={str(repo)!r}, device='cpu')\n"
         "print(type(clf).__module__, clf('w1 w2')['label'] in ('neg', 'pos'))\n"
+        "print(any(type(f).__name__ == 'RegisterOnImport' for f in sys.meta_path))\n"
     )
     assert lines == [
-        "False",  # no import hook
+        "False False",
         "['sdm-text-classification', 'sdm-verify']",
         "sdm_hf.integrations.pipelines.text_classification True",
+        "False",  # the hook removed itself
     ]
 
 
-def test_registration_is_idempotent_and_silent():
-    done = _run(
-        "import transformers.pipelines\nimport sdm_hf\nimport sdm_hf.integrations.pipelines as p\n"
+def test_transformers_pipelines_imported_first():
+    lines = _run(
+        "import transformers.pipelines\nimport sdm_hf\nfrom transformers.pipelines import PIPELINE_REGISTRY\n" + TASKS
+    )
+    assert lines == ["['sdm-text-classification', 'sdm-verify']"]
+
+
+def test_public_names_and_explicit_registration():
+    lines = _run(
+        "import sys, sdm_hf.integrations.pipelines as p\n"
+        "print('transformers.pipelines' in sys.modules)\n"
+        "from sdm_hf.integrations.pipelines import SDMTextClassificationPipeline, SDMVerifyPipeline\n"
+        "print(SDMVerifyPipeline.__module__, SDMTextClassificationPipeline.__module__)\n"
         "p.register_pipelines(); p.register_pipelines()\n"
         "from transformers.pipelines import PIPELINE_REGISTRY\n" + TASKS
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines() == ["['sdm-text-classification', 'sdm-verify']"]
-    assert "already registered" not in done.stderr
-
-
-def test_public_names():
-    lines = _lines(
-        "from sdm_hf.integrations.pipelines import SDMTextClassificationPipeline, SDMVerifyPipeline\n"
-        "print(SDMVerifyPipeline.__module__, SDMTextClassificationPipeline.__module__)\n"
-    )
-    assert lines == ["sdm_hf.integrations.pipelines.verify sdm_hf.integrations.pipelines.text_classification"]
+    assert lines == [
+        "False",
+        "sdm_hf.integrations.pipelines.verify sdm_hf.integrations.pipelines.text_classification",
+        "['sdm-text-classification', 'sdm-verify']",
+    ]
 
 
 def test_a_failed_registration_warns_and_leaves_the_import_working():
-    done = _run(
-        "import transformers.pipelines as tp\n"
-        "def boom(*args, **kwargs): raise RuntimeError('broken')\n"
-        "tp.PIPELINE_REGISTRY.register_pipeline = boom\n"
-        "import sdm_hf\n"
-        "print('imported', sdm_hf.SDMHead.__name__)\n"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sdm_hf, sdm_hf.integrations.pipelines.registration as r\n"
+            "def boom(): raise ImportError('broken')\n"
+            "r.register_pipelines = boom\n"
+            "import transformers.pipelines\n"
+            "print('imported')\n",
+        ],
+        capture_output=True,
+        text=True,
     )
-    assert done.returncode == 0 and done.stdout.strip() == "imported SDMHead", done.stderr[-3000:]
-    assert "sdm_hf could not register its pipeline tasks (RuntimeError: broken)" in done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == "imported"
+    assert "sdm_hf could not register its pipeline tasks (ImportError: broken)" in done.stderr
