@@ -169,7 +169,7 @@ def cached_features(
 ) -> torch.Tensor:
     """:func:`~sdm_hf.features.extract.extract_features` with a disk cache keyed by
     :func:`feature_cache_key`: a hit loads the features without running the model; an entry that fails its
-    checks (checksum, key, shape) is recomputed, and a failed write is skipped, each with a UserWarning.
+    checks (checksum, key, shape) is recomputed, and a failed write is skipped, each logged as a warning.
 
     Args:
         model, tokenizer, texts, pooling, layer, max_length, batch_size, device, progress: as for

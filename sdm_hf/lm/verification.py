@@ -94,7 +94,7 @@ def fit_split_head(
             a permutation seeded with ``seed``.
 
     Returns:
-        ``(head, support_row)``: the head, or None (with a UserWarning: beta = e) when a half has fewer than 2
+        ``(head, support_row)``: the head, or None (logged as a warning: beta = e) when a half has fewer than 2
         rows of a class; ``support_row`` ``(max id + 1,)`` long maps each document id in the training half to
         its support row, -1 elsewhere (so a document is not its own nearest neighbour).
 
